@@ -1,0 +1,101 @@
+//! deploy-manifest: the manifest model, its schema, the object store that holds it, and the
+//! versioned edits behind the `deploy-manifest` command. `push` and `deployer-agent`
+//! depend on this crate; it is the one place the manifest's shape lives.
+//!
+//! - [`model`]: the serde types (`Manifest`, `Service`, `Artifact`, …).
+//! - [`validate`]: the JSON Schema contract plus cross-field rules; errors name the field.
+//! - [`store`]: the [`store::ObjectStore`] trait, `file://` and `s3://` backends.
+//! - [`repo`]: versions, compare-and-swap updates, list, rollback.
+//! - [`edit`]: the service edits (`add-service`, `update-service`, …) as pure functions.
+//! - [`diff`]: what changed between two versions, env values redacted.
+//! - [`render`]: human tables for the CLI.
+
+pub mod diff;
+pub mod edit;
+pub mod model;
+pub mod render;
+pub mod repo;
+pub mod store;
+pub mod validate;
+
+pub use model::Manifest;
+pub use repo::Repo;
+pub use store::{ObjectStore, Store, StoreError};
+pub use validate::Invalid;
+
+/// Exit codes of the `deploy-manifest` command (documented in the README).
+pub mod exit {
+    pub const OK: i32 = 0;
+    /// Anything not listed below (local I/O, an unexpected server answer).
+    pub const FAILURE: i32 = 1;
+    /// Bad command line or argument.
+    pub const USAGE: i32 = 2;
+    /// The manifest (or a JSON argument) is invalid; nothing was written.
+    pub const INVALID: i32 = 3;
+    /// A version, service or the store's manifest does not exist.
+    pub const NOT_FOUND: i32 = 4;
+    /// The store cannot be used: unreachable, no credentials, access denied, no bucket.
+    pub const STORE: i32 = 5;
+    /// Concurrent writers kept winning; nothing was written.
+    pub const CONFLICT: i32 = 6;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    #[error("no manifest at {url}: run `deploy-manifest --store {url} init` first")]
+    NotInitialized { url: String },
+    #[error("unknown version {version:?} at {url}; `deploy-manifest list` shows the versions")]
+    UnknownVersion { version: String, url: String },
+    #[error(
+        "no service named {name:?} in the current manifest; `deploy-manifest show | jq '.services[].name'` lists them"
+    )]
+    UnknownService { name: String },
+    #[error(
+        "service {name:?} already exists; change it with `deploy-manifest update-service {name} '<json>'`"
+    )]
+    DuplicateService { name: String },
+    #[error("{0}")]
+    BadArgument(String),
+    #[error(
+        "gave up after {attempts} attempts: the manifest kept changing underneath; nothing was written, try again"
+    )]
+    Conflict { attempts: u32 },
+}
+
+impl Error {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Store(e) => match e {
+                StoreError::InvalidUrl { .. } | StoreError::InvalidKey { .. } => exit::USAGE,
+                StoreError::Unreachable { .. }
+                | StoreError::Credentials { .. }
+                | StoreError::AccessDenied { .. }
+                | StoreError::NoSuchBucket { .. } => exit::STORE,
+                StoreError::PreconditionFailed { .. } => exit::CONFLICT,
+                StoreError::Io { .. } | StoreError::Other { .. } => exit::FAILURE,
+            },
+            Error::Invalid(_) => exit::INVALID,
+            Error::NotInitialized { .. }
+            | Error::UnknownVersion { .. }
+            | Error::UnknownService { .. } => exit::NOT_FOUND,
+            Error::BadArgument(_) => exit::USAGE,
+            Error::DuplicateService { .. } => exit::INVALID,
+            Error::Conflict { .. } => exit::CONFLICT,
+        }
+    }
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}

@@ -1,0 +1,236 @@
+//! `deploy-manifest`: show, list, edit and roll back manifest versions. A thin layer over
+//! the library: parse arguments, open the store, call, print.
+
+use std::io::Read;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use deploy_manifest::repo::{Repo, default_author};
+use deploy_manifest::store::{DEFAULT_STORE, Store};
+use deploy_manifest::{Error, Manifest, diff, edit, exit, render, validate};
+
+#[derive(Parser)]
+#[command(
+    name = "deploy-manifest",
+    version,
+    about = "Show, list, edit and roll back deployer manifest versions",
+    after_help = "Exit codes: 0 ok, 1 failure, 2 usage, 3 invalid manifest or argument, \
+                  4 not found, 5 store unusable (unreachable, credentials, access), 6 conflict"
+)]
+struct Cli {
+    /// Where manifests live: file:///path or s3://bucket/prefix.
+    #[arg(long, global = true, env = "DEPLOY_STORE", default_value = DEFAULT_STORE)]
+    store: String,
+    /// Machine-readable output (read commands).
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the store's first, empty manifest (does nothing if one exists).
+    Init,
+    /// Print the current manifest, or VERSION, as JSON.
+    Show { version: Option<String> },
+    /// List versions, newest first.
+    List {
+        /// Show at most N versions.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Add a service: a JSON object (or - to read it from stdin).
+    AddService {
+        #[arg(value_name = "JSON")]
+        service: String,
+    },
+    /// Change a service with a JSON merge patch (null removes a field).
+    UpdateService { name: String, patch: String },
+    /// Remove a service from the manifest (hosts stop it; data is kept).
+    RemoveService { name: String },
+    /// Point a service at a new artifact: a /nix/store path or archive JSON.
+    SetArtifact { service: String, artifact: String },
+    /// Make VERSION current again (default: the version before the current one).
+    Rollback { version: Option<String> },
+    /// What changed from version A to version B (default: the current one).
+    Diff { a: String, b: Option<String> },
+    /// Validate FILE (- for stdin), or the current manifest when no file is given.
+    Validate { file: Option<String> },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DEPLOY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime starts");
+    match runtime.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("deploy-manifest: error: {e:#}");
+            let code = e
+                .downcast_ref::<Error>()
+                .map(Error::exit_code)
+                .unwrap_or(exit::FAILURE);
+            ExitCode::from(code as u8)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<i32> {
+    if let Command::Validate { file: Some(file) } = &cli.command {
+        return validate_file(file, cli.json);
+    }
+    let store = Store::open(&cli.store).await.map_err(Error::from)?;
+    let repo = Repo::new(store, default_author());
+    match cli.command {
+        Command::Init => match repo.init().await? {
+            Some(m) => println!("initialised {} with {}", cli.store, version(&m)),
+            None => println!("{} already has a manifest; nothing to do", cli.store),
+        },
+        Command::Show { version } => {
+            let m = match version {
+                Some(v) => repo.version(&v).await?,
+                None => repo.current().await?.manifest,
+            };
+            println!("{}", serde_json::to_string_pretty(&m)?);
+        }
+        Command::List { limit } => {
+            let list = repo.list(limit).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                print!("{}", render::versions(&list));
+            }
+        }
+        Command::AddService { service } => {
+            let service = edit::parse_json_arg(&arg_or_stdin(&service)?, "the service")?;
+            report(
+                repo.update(|m| edit::add_service(m, &service)).await?,
+                cli.json,
+            )?;
+        }
+        Command::UpdateService { name, patch } => {
+            let patch = edit::parse_json_arg(&arg_or_stdin(&patch)?, "the patch")?;
+            report(
+                repo.update(|m| edit::update_service(m, &name, &patch))
+                    .await?,
+                cli.json,
+            )?;
+        }
+        Command::RemoveService { name } => {
+            report(
+                repo.update(|m| edit::remove_service(m, &name)).await?,
+                cli.json,
+            )?;
+        }
+        Command::SetArtifact { service, artifact } => {
+            report(
+                repo.update(|m| edit::set_artifact(m, &service, &artifact))
+                    .await?,
+                cli.json,
+            )?;
+        }
+        Command::Rollback { version } => {
+            report(repo.rollback(version.as_deref()).await?, cli.json)?;
+        }
+        Command::Diff { a, b } => {
+            let old = repo.version(&a).await?;
+            let new = repo.version(b.as_deref().unwrap_or("current")).await?;
+            let d = diff::diff(&old, &new);
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&d)?);
+            } else {
+                print!("{}", render::diff(&d));
+            }
+        }
+        Command::Validate { file: None } => {
+            let m = repo.current().await?.manifest;
+            println!("{}: valid ({} services)", version(&m), m.services.len());
+        }
+        Command::Validate { file: Some(_) } => unreachable!("handled before opening the store"),
+    }
+    Ok(exit::OK)
+}
+
+fn version(m: &Manifest) -> &str {
+    m.version.as_deref().unwrap_or("(unversioned)")
+}
+
+/// Print what a write produced: the new version and its summary.
+fn report(m: Manifest, json: bool) -> anyhow::Result<()> {
+    if json {
+        let out = serde_json::json!({
+            "version": m.version, "parent": m.parent, "summary": m.summary,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "{}  {}",
+            version(&m),
+            m.summary.as_deref().unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+fn arg_or_stdin(arg: &str) -> anyhow::Result<String> {
+    if arg != "-" {
+        return Ok(arg.to_owned());
+    }
+    let mut s = String::new();
+    std::io::stdin()
+        .read_to_string(&mut s)
+        .context("reading standard input")?;
+    Ok(s)
+}
+
+fn validate_file(file: &str, json: bool) -> anyhow::Result<i32> {
+    let (bytes, origin) = if file == "-" {
+        let mut b = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut b)
+            .context("reading standard input")?;
+        (b, "stdin".to_owned())
+    } else {
+        let b = std::fs::read(file).with_context(|| format!("reading {file}"))?;
+        (b, file.to_owned())
+    };
+    match validate::parse_manifest(&bytes, &origin) {
+        Ok(m) => {
+            if json {
+                println!("{}", serde_json::json!({"valid": true, "problems": []}));
+            } else {
+                println!("{origin}: valid ({} services)", m.services.len());
+            }
+            Ok(exit::OK)
+        }
+        Err(invalid) if json => {
+            let problems: Vec<_> = invalid
+                .problems
+                .iter()
+                .map(|p| serde_json::json!({"field": p.field, "message": p.message}))
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({"valid": false, "problems": problems})
+            );
+            Ok(exit::INVALID)
+        }
+        Err(invalid) => {
+            for p in &invalid.problems {
+                eprintln!("{origin}: {p}");
+            }
+            Ok(exit::INVALID)
+        }
+    }
+}

@@ -1,0 +1,578 @@
+//! The manifest model: the one place its shape lives in Rust.
+//!
+//! `schemas/manifest.schema.json` is the contract; these types mirror it field for field
+//! (`#[serde(deny_unknown_fields)]` everywhere, so serde and the schema reject the same
+//! typos). The `schema_drift` test fails when the two disagree.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The schema version this build reads and writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// A whole manifest: what every host should run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Manifest {
+    pub schema_version: u32,
+    /// `manifest-YYYYMMDDTHHMMSSZ-<8hex>`; set when the version is written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// RFC 3339 UTC time the version was written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
+    /// `user@host` of whoever wrote the version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<String>,
+    /// The version that was current when this one was written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// One line saying what changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
+    /// Set on a rollback: the version that was current before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back_from: Option<String>,
+    /// Set on a rollback: the version whose content this one restores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back_to: Option<String>,
+    #[serde(default)]
+    pub services: Vec<Service>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub infrastructure: Option<Infrastructure>,
+}
+
+impl Manifest {
+    /// An empty manifest, as `deploy-manifest init` writes it.
+    pub fn empty() -> Self {
+        Manifest {
+            schema_version: SCHEMA_VERSION,
+            version: None,
+            created_at: None,
+            created_by: None,
+            parent: None,
+            summary: None,
+            rolled_back_from: None,
+            rolled_back_to: None,
+            services: Vec::new(),
+            infrastructure: None,
+        }
+    }
+
+    pub fn service(&self, name: &str) -> Option<&Service> {
+        self.services.iter().find(|s| s.name == name)
+    }
+
+    pub fn service_mut(&mut self, name: &str) -> Option<&mut Service> {
+        self.services.iter_mut().find(|s| s.name == name)
+    }
+
+    /// The manifest without its version record (version, time, author, parent, summary,
+    /// rollback fields): what a rollback restores and what `diff` compares.
+    pub fn content(&self) -> Manifest {
+        Manifest {
+            version: None,
+            created_at: None,
+            created_by: None,
+            parent: None,
+            summary: None,
+            rolled_back_from: None,
+            rolled_back_to: None,
+            ..self.clone()
+        }
+    }
+}
+
+/// One deployable service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Service {
+    pub name: String,
+    /// The build namespace `push` builds for this service, e.g. `Biz/MyService.py`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    pub artifact: Artifact,
+    pub hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<Exec>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Host-local secrets file; default `/var/lib/deployer-secrets/<name>.env`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<Http>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Health>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<Release>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub infrastructure: Option<ServiceInfrastructure>,
+}
+
+/// What to run: a Nix store path (closure in the store's binary cache) or a
+/// content-addressed archive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum Artifact {
+    StorePath(String),
+    Archive(ArchiveRef),
+}
+
+impl Artifact {
+    /// A short human label: the store path, or `<name>@<sha256 prefix>`.
+    pub fn label(&self) -> String {
+        match self {
+            Artifact::StorePath(p) => p.clone(),
+            Artifact::Archive(a) => {
+                format!("{}@{}", a.name, a.sha256.get(..12).unwrap_or(&a.sha256))
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ArchiveRef {
+    pub sha256: String,
+    pub name: String,
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<ArchiveFormat>,
+}
+
+impl ArchiveRef {
+    /// The object key under the store prefix: `artifacts/<sha256>-<name>.<ext>`.
+    pub fn key(&self) -> String {
+        let ext = self.format.unwrap_or_default().extension();
+        format!("artifacts/{}-{}.{}", self.sha256, self.name, ext)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ArchiveFormat {
+    #[default]
+    #[serde(rename = "tar.gz")]
+    TarGz,
+    #[serde(rename = "tar.zst")]
+    TarZst,
+}
+
+impl ArchiveFormat {
+    pub fn extension(self) -> &'static str {
+        match self {
+            ArchiveFormat::TarGz => "tar.gz",
+            ArchiveFormat::TarZst => "tar.zst",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Exec {
+    /// `null` means `<artifact>/bin/<name>`.
+    #[serde(default)]
+    pub command: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Http {
+    pub domain: String,
+    #[serde(default = "default_path")]
+    pub path: String,
+    pub internal_port: u16,
+}
+
+fn default_path() -> String {
+    "/".to_owned()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Health {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpProbe>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpProbe>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<ExecProbe>,
+    /// Deadline for the service to become healthy, e.g. `30s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// Time between probes, e.g. `1s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpProbe {
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TcpProbe {
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExecProbe {
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Release {
+    pub command: String,
+}
+
+/// What a service needs from the host's infrastructure (seed 001's app layer).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceInfrastructure {
+    /// A database and role named after the service in the shared Postgres; injects `DATABASE_URL`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<bool>,
+    /// A Redis DB index of its own in the shared Redis; injects `REDIS_URL`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<bool>,
+    /// Custom requirements (seed 001's `IServiceRequirement`), by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub services: BTreeMap<String, InfraService>,
+}
+
+/// The ecosystem layer: infrastructure shared by the services of a host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Infrastructure {
+    #[serde(default)]
+    pub services: BTreeMap<String, InfraService>,
+}
+
+/// One infrastructure service: a preset (`postgres`, `redis`) or a full requirement in
+/// seed 001's `IServiceRequirement` shape; either may point at an `external` server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InfraService {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<Preset>,
+    /// Preset-specific settings, passed through to the provisioner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<InfraKind>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports: BTreeMap<String, u16>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<Health>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<String>,
+    /// Logical secret name → key in the host's secrets directory.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Default true: dependants wait for it to be healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub critical: Option<bool>,
+    /// How long dependants wait, e.g. `120s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup_timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<External>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    Postgres,
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InfraKind {
+    Database,
+    Cache,
+    Daemon,
+    Gateway,
+    Storage,
+    Sidecar,
+    Tool,
+}
+
+/// An existing server to use instead of provisioning one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct External {
+    pub host: String,
+    #[serde(default)]
+    pub ports: BTreeMap<String, u16>,
+}
+
+/// The serde model and `schemas/manifest.schema.json` must describe the same documents.
+/// The maximal manifests below set every field (struct literals without `..`, so a new
+/// field does not compile until it is added here); the test then checks both directions:
+/// every field the model writes is allowed by the schema, and every property the schema
+/// defines is written by the model.
+#[cfg(test)]
+mod schema_drift {
+    use super::*;
+    use crate::validate::{MANIFEST_SCHEMA, manifest_from_value};
+    use std::collections::BTreeSet;
+
+    fn health() -> Health {
+        Health {
+            http: Some(HttpProbe {
+                path: "/healthz".into(),
+                port: Some(8080),
+                status: Some(200),
+            }),
+            tcp: Some(TcpProbe { port: 8080 }),
+            exec: Some(ExecProbe {
+                command: vec!["bin/check".into()],
+            }),
+            timeout: Some("30s".into()),
+            interval: Some("1s".into()),
+        }
+    }
+
+    fn infra_service() -> InfraService {
+        InfraService {
+            preset: Some(Preset::Postgres),
+            config: Some(serde_json::json!({"databases": {"main": {}}})),
+            description: Some("search".into()),
+            kind: Some(InfraKind::Daemon),
+            ports: [("http".to_owned(), 9200)].into(),
+            env: [(
+                "SEARCH_URL".to_owned(),
+                "http://${host}:${port:http}".to_owned(),
+            )]
+            .into(),
+            health_check: Some(health()),
+            command: Some(vec!["bin/search".into()]),
+            depends_on: vec!["db".into()],
+            secrets: [("apiKey".to_owned(), "search_api_key".to_owned())].into(),
+            version: Some("8.11".into()),
+            critical: Some(true),
+            startup_timeout: Some("120s".into()),
+            external: Some(External {
+                host: "10.0.1.5".into(),
+                ports: [("http".to_owned(), 9200)].into(),
+            }),
+        }
+    }
+
+    fn service(name: &str, artifact: Artifact) -> Service {
+        Service {
+            name: name.into(),
+            namespace: Some("Biz/MyService.py".into()),
+            artifact,
+            hosts: vec!["biz".into()],
+            exec: Some(Exec {
+                command: Some("bin/server --port 8080".into()),
+                user: Some("root".into()),
+                group: Some("root".into()),
+            }),
+            env: [("PORT".to_owned(), "8080".to_owned())].into(),
+            env_file: Some("/var/lib/deployer-secrets/my-service.env".into()),
+            http: Some(Http {
+                domain: format!("{name}.example.com"),
+                path: "/".into(),
+                internal_port: 8080,
+            }),
+            health: Some(health()),
+            release: Some(Release {
+                command: "bin/migrate".into(),
+            }),
+            infrastructure: Some(ServiceInfrastructure {
+                database: Some(true),
+                redis: Some(true),
+                services: [("search".to_owned(), infra_service())].into(),
+            }),
+        }
+    }
+
+    fn maximal() -> Manifest {
+        Manifest {
+            schema_version: SCHEMA_VERSION,
+            version: Some("manifest-20261122T140000Z-3f2a9c1d".into()),
+            created_at: Some("2026-11-22T14:00:00Z".into()),
+            created_by: Some("ben@laptop".into()),
+            parent: Some("manifest-20261121T093000Z-aa01bb02".into()),
+            summary: Some("rollback".into()),
+            rolled_back_from: Some("manifest-20261122T130000Z-00000000".into()),
+            rolled_back_to: Some("manifest-20261121T093000Z-aa01bb02".into()),
+            services: vec![
+                service("nix", Artifact::StorePath("/nix/store/abc-nix".into())),
+                service(
+                    "archive",
+                    Artifact::Archive(ArchiveRef {
+                        sha256: "0".repeat(64),
+                        name: "archive".into(),
+                        size: 42,
+                        format: Some(ArchiveFormat::TarZst),
+                    }),
+                ),
+            ],
+            infrastructure: Some(Infrastructure {
+                services: [("db".to_owned(), infra_service())].into(),
+            }),
+        }
+    }
+
+    /// Walk `instance` along `schema`; record every object schema visited and every schema
+    /// property the instance does not have.
+    fn walk(
+        root: &Value,
+        node: &Value,
+        pointer: String,
+        instance: &Value,
+        visited: &mut BTreeSet<String>,
+        missing: &mut Vec<String>,
+    ) {
+        if let Some(r) = node.get("$ref").and_then(Value::as_str) {
+            let target = r.trim_start_matches('#').to_owned();
+            let next = root.pointer(&target).expect("refs resolve");
+            return walk(root, next, target, instance, visited, missing);
+        }
+        for key in ["oneOf", "anyOf"] {
+            for (i, alt) in node
+                .get(key)
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                let fits = match alt.get("required").and_then(Value::as_array) {
+                    Some(req) => req
+                        .iter()
+                        .all(|k| instance.get(k.as_str().unwrap()).is_some()),
+                    None => alt.get("$ref").is_some() || alt.get("properties").is_some(),
+                };
+                if fits && instance.is_object() {
+                    walk(
+                        root,
+                        alt,
+                        format!("{pointer}/{key}/{i}"),
+                        instance,
+                        visited,
+                        missing,
+                    );
+                }
+            }
+        }
+        if let Some(props) = node.get("properties").and_then(Value::as_object) {
+            visited.insert(pointer.clone());
+            for (name, sub) in props {
+                match instance.get(name) {
+                    Some(v) => walk(
+                        root,
+                        sub,
+                        format!("{pointer}/properties/{name}"),
+                        v,
+                        visited,
+                        missing,
+                    ),
+                    None => missing.push(format!("{pointer}/properties/{name}")),
+                }
+            }
+        }
+        if let (Some(sub), Some(map)) = (node.get("additionalProperties"), instance.as_object())
+            && sub.is_object()
+        {
+            for v in map.values() {
+                walk(
+                    root,
+                    sub,
+                    format!("{pointer}/additionalProperties"),
+                    v,
+                    visited,
+                    missing,
+                );
+            }
+        }
+        if let (Some(sub), Some(items)) = (node.get("items"), instance.as_array()) {
+            for v in items {
+                walk(root, sub, format!("{pointer}/items"), v, visited, missing);
+            }
+        }
+    }
+
+    /// Every schema location that defines `properties`.
+    fn object_schemas(node: &Value, pointer: String, out: &mut BTreeSet<String>) {
+        match node {
+            Value::Object(map) => {
+                if map.get("properties").is_some_and(Value::is_object) {
+                    out.insert(pointer.clone());
+                }
+                for (k, v) in map {
+                    if k != "properties" || v.is_object() {
+                        object_schemas(v, format!("{pointer}/{k}"), out);
+                    }
+                }
+            }
+            Value::Array(items) => {
+                for (i, v) in items.iter().enumerate() {
+                    object_schemas(v, format!("{pointer}/{i}"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn model_and_schema_agree() {
+        let schema: Value = serde_json::from_str(MANIFEST_SCHEMA).unwrap();
+        let m = maximal();
+        let value = serde_json::to_value(&m).unwrap();
+
+        // Model → schema: everything the model writes validates (no unknown fields).
+        let parsed =
+            manifest_from_value(value.clone(), "maximal").unwrap_or_else(|e| panic!("{e}"));
+        // Round trip: nothing is lost between the model and JSON.
+        assert_eq!(parsed, m);
+
+        // Schema → model: every property the schema defines is written by the model.
+        let (mut visited, mut missing) = (BTreeSet::new(), Vec::new());
+        walk(
+            &schema,
+            &schema,
+            String::new(),
+            &value,
+            &mut visited,
+            &mut missing,
+        );
+        assert_eq!(
+            missing,
+            Vec::<String>::new(),
+            "schema properties the model never writes"
+        );
+        let mut all = BTreeSet::new();
+        object_schemas(&schema, String::new(), &mut all);
+        let unvisited: Vec<_> = all.difference(&visited).collect();
+        assert!(
+            unvisited.is_empty(),
+            "schema objects no model value reaches: {unvisited:?}"
+        );
+    }
+}

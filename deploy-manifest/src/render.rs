@@ -1,0 +1,120 @@
+//! Human output for the CLI: aligned tables and short reports. Machine output is `--json`.
+
+use std::fmt::Write;
+
+use crate::diff::{Change, Diff};
+use crate::repo::VersionInfo;
+
+/// Left-aligned columns separated by two spaces; the last column is not padded.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
+    for row in std::iter::once(&header).chain(rows) {
+        let last = row.len().saturating_sub(1);
+        for (i, cell) in row.iter().enumerate() {
+            if i == last {
+                out.push_str(cell);
+            } else {
+                let _ = write!(out, "{cell:<w$}  ", w = widths[i]);
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// `deploy-manifest list`: newest first, `*` on the current version.
+pub fn versions(list: &[VersionInfo]) -> String {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|v| {
+            let marker = if v.current {
+                "*"
+            } else if v.orphan {
+                "!"
+            } else {
+                " "
+            };
+            let mut summary = v.summary.clone().unwrap_or_default();
+            if v.orphan {
+                summary = format!("(never current) {summary}");
+            }
+            vec![
+                format!("{marker} {}", v.version),
+                v.created_at.clone().unwrap_or_default(),
+                v.created_by.clone().unwrap_or_default(),
+                v.services.to_string(),
+                summary,
+            ]
+        })
+        .collect();
+    table(
+        &["  VERSION", "CREATED", "AUTHOR", "SERVICES", "SUMMARY"],
+        &rows,
+    )
+}
+
+/// `deploy-manifest diff a b`.
+pub fn diff(d: &Diff) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{} -> {}",
+        d.from.as_deref().unwrap_or("?"),
+        d.to.as_deref().unwrap_or("?")
+    );
+    if d.is_empty() {
+        out.push_str("no changes\n");
+        return out;
+    }
+    for name in &d.added {
+        let _ = writeln!(out, "+ service {name}");
+    }
+    for name in &d.removed {
+        let _ = writeln!(out, "- service {name}");
+    }
+    for s in &d.changed {
+        let _ = writeln!(out, "~ service {}", s.name);
+        for f in &s.fields {
+            let _ = writeln!(out, "    {}", field(f));
+        }
+    }
+    for f in &d.infrastructure {
+        let _ = writeln!(out, "~ {}", field(f));
+    }
+    out
+}
+
+fn field(f: &crate::diff::FieldChange) -> String {
+    let sign = match f.change {
+        Change::Added => '+',
+        Change::Removed => '-',
+        Change::Changed => '~',
+    };
+    match (&f.old, &f.new, f.change) {
+        (Some(o), Some(n), Change::Changed) => format!("{sign} {}: {o} -> {n}", f.field),
+        (_, Some(n), Change::Added) => format!("{sign} {}: {n}", f.field),
+        (Some(o), _, Change::Removed) => format!("{sign} {}: {o}", f.field),
+        _ => format!("{sign} {} (value redacted)", f.field),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns() {
+        let t = table(
+            &["A", "LONG HEADER", "C"],
+            &[vec!["xxxx".into(), "y".into(), "z".into()]],
+        );
+        assert_eq!(t, "A     LONG HEADER  C\nxxxx  y            z\n");
+    }
+}

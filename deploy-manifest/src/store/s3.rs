@@ -1,0 +1,350 @@
+//! `s3://bucket/prefix`: any S3-compatible server through aws-sdk-s3.
+//!
+//! Region, endpoint and credentials come from the standard AWS environment (`AWS_REGION`,
+//! `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`, …).
+//! Path-style addressing is on when `DEPLOY_S3_PATH_STYLE=true`, or by default whenever a
+//! custom endpoint is set (MinIO-like servers rarely serve virtual-host buckets).
+//! Conditional writes use `If-Match` / `If-None-Match: *`; reads use `If-None-Match`.
+
+use std::time::Duration;
+
+use aws_config::BehaviorVersion;
+use aws_credential_types::provider::ProvideCredentials;
+use aws_credential_types::provider::error::CredentialsError;
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::{Credentials, Region};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
+use aws_smithy_types::timeout::TimeoutConfig;
+
+use super::{Fetched, ObjectStore, Precondition, StoreError, check_key};
+
+/// Settings that the URL does not carry. `None` means: take it from the AWS environment.
+#[derive(Debug, Clone, Default)]
+pub struct S3Options {
+    pub endpoint_url: Option<String>,
+    pub region: Option<String>,
+    pub path_style: Option<bool>,
+    /// Static access key id and secret, instead of the credential chain.
+    pub credentials: Option<(String, String)>,
+}
+
+impl S3Options {
+    /// The options an operator sets through the environment beyond the AWS SDK's own:
+    /// `DEPLOY_S3_PATH_STYLE=true|false`.
+    pub fn from_env() -> S3Options {
+        S3Options {
+            path_style: std::env::var("DEPLOY_S3_PATH_STYLE")
+                .ok()
+                .map(|v| matches!(v.as_str(), "1" | "true" | "yes")),
+            ..S3Options::default()
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct S3Store {
+    url: String,
+    bucket: String,
+    prefix: String,
+    client: Client,
+}
+
+impl S3Store {
+    /// Connect to `s3://bucket[/prefix]`. Fails early, with a message saying what to set,
+    /// when no credentials can be found.
+    pub async fn connect(url: &str, options: S3Options) -> Result<S3Store, StoreError> {
+        let (bucket, prefix) = parse_url(url)?;
+        let http_client = aws_smithy_http_client::Builder::new()
+            .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
+            .build_https();
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .http_client(http_client)
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .read_timeout(Duration::from_secs(60))
+                    .build(),
+            );
+        if let Some(endpoint) = &options.endpoint_url {
+            loader = loader.endpoint_url(endpoint);
+        }
+        if let Some(region) = &options.region {
+            loader = loader.region(Region::new(region.clone()));
+        }
+        if let Some((id, secret)) = &options.credentials {
+            loader =
+                loader.credentials_provider(Credentials::new(id, secret, None, None, "deployer"));
+        }
+        let sdk = loader.load().await;
+        let credentials_error = |detail: String| StoreError::Credentials {
+            url: url.to_owned(),
+            detail,
+        };
+        let provider = sdk
+            .credentials_provider()
+            .ok_or_else(|| credentials_error("no credential provider configured".to_owned()))?;
+        provider.provide_credentials().await.map_err(|e| {
+            credentials_error(match e {
+                CredentialsError::CredentialsNotLoaded(_) => "none found in the environment, \
+                    the AWS profile, web identity, container or instance metadata"
+                    .to_owned(),
+                other => first_line(&DisplayErrorContext(&other).to_string()),
+            })
+        })?;
+        let path_style = options
+            .path_style
+            .unwrap_or_else(|| sdk.endpoint_url().is_some());
+        let mut config = aws_sdk_s3::config::Builder::from(&sdk).force_path_style(path_style);
+        if sdk.region().is_none() {
+            // Custom endpoints rarely care; AWS itself redirects a wrong region with a clear error.
+            config = config.region(Region::new("us-east-1"));
+        }
+        Ok(S3Store {
+            url: url.to_owned(),
+            bucket,
+            prefix,
+            client: Client::from_conf(config.build()),
+        })
+    }
+
+    fn object_key(&self, key: &str) -> Result<String, StoreError> {
+        check_key(key)?;
+        Ok(format!("{}{key}", self.prefix))
+    }
+
+    /// Map an SDK error to what an operator can act on.
+    fn error<E>(
+        &self,
+        op: &'static str,
+        key: &str,
+        err: SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+    ) -> StoreError
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let detail = DisplayErrorContext(&err).to_string();
+        let status = err.raw_response().map(|r| r.status().as_u16());
+        let code = err.code().map(str::to_owned);
+        match (&err, status, code.as_deref()) {
+            (SdkError::DispatchFailure(_) | SdkError::TimeoutError(_), _, _) => {
+                StoreError::Unreachable {
+                    url: self.url.clone(),
+                    detail: first_line(&detail),
+                }
+            }
+            (_, Some(412), _)
+            | (_, _, Some("PreconditionFailed" | "ConditionalRequestConflict")) => {
+                StoreError::PreconditionFailed {
+                    key: key.to_owned(),
+                }
+            }
+            (_, _, Some("NoSuchBucket")) => StoreError::NoSuchBucket {
+                url: self.url.clone(),
+                bucket: self.bucket.clone(),
+            },
+            (_, _, Some("InvalidAccessKeyId" | "SignatureDoesNotMatch" | "ExpiredToken")) => {
+                StoreError::Credentials {
+                    url: self.url.clone(),
+                    detail: code.unwrap_or_default(),
+                }
+            }
+            (_, Some(403), _) | (_, _, Some("AccessDenied")) => StoreError::AccessDenied {
+                url: self.url.clone(),
+                key: key.to_owned(),
+                detail: code.unwrap_or_else(|| "403 Forbidden".to_owned()),
+            },
+            _ => StoreError::Other {
+                op,
+                url: self.url.clone(),
+                key: key.to_owned(),
+                detail: first_line(&detail),
+            },
+        }
+    }
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or_default().to_owned()
+}
+
+/// `s3://bucket/some/prefix` → (`bucket`, `some/prefix/`).
+fn parse_url(url: &str) -> Result<(String, String), StoreError> {
+    let invalid = |reason: &str| StoreError::invalid_url(url, reason);
+    let rest = url
+        .strip_prefix("s3://")
+        .ok_or_else(|| invalid("expected s3://bucket/prefix"))?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let bucket_ok = (3..=63).contains(&bucket.len())
+        && bucket
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    if !bucket_ok {
+        return Err(invalid(
+            "the bucket name must be 3-63 lower-case letters, digits, '-' or '.'",
+        ));
+    }
+    let prefix = prefix.trim_matches('/');
+    if !prefix.is_empty() {
+        check_key(prefix).map_err(|e| invalid(&e.to_string()))?;
+    }
+    let prefix = if prefix.is_empty() {
+        String::new()
+    } else {
+        format!("{prefix}/")
+    };
+    Ok((bucket.to_owned(), prefix))
+}
+
+impl ObjectStore for S3Store {
+    fn url(&self) -> &str {
+        &self.url
+    }
+
+    async fn get(&self, key: &str, if_none_match: Option<&str>) -> Result<Fetched, StoreError> {
+        let object_key = self.object_key(key)?;
+        let result = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&object_key)
+            .set_if_none_match(if_none_match.map(str::to_owned))
+            .send()
+            .await;
+        let output = match result {
+            Ok(output) => output,
+            Err(err) => {
+                let status = err.raw_response().map(|r| r.status().as_u16());
+                if status == Some(304) {
+                    return Ok(Fetched::NotModified);
+                }
+                if status == Some(404) && err.code() != Some("NoSuchBucket") {
+                    return Ok(Fetched::NotFound);
+                }
+                return Err(self.error("get", key, err));
+            }
+        };
+        let etag = output.e_tag().unwrap_or_default().to_owned();
+        let bytes = output
+            .body
+            .collect()
+            .await
+            .map_err(|e| StoreError::Unreachable {
+                url: self.url.clone(),
+                detail: format!("reading {key}: {e}"),
+            })?
+            .into_bytes()
+            .to_vec();
+        Ok(Fetched::Found { bytes, etag })
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        bytes: Vec<u8>,
+        precondition: Precondition,
+    ) -> Result<String, StoreError> {
+        let object_key = self.object_key(key)?;
+        let mut request = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&object_key)
+            .body(ByteStream::from(bytes));
+        request = match precondition {
+            Precondition::None => request,
+            Precondition::IfAbsent => request.if_none_match("*"),
+            Precondition::IfMatch(etag) => request.if_match(etag),
+        };
+        let output = request
+            .send()
+            .await
+            .map_err(|e| self.error("put", key, e))?;
+        Ok(output.e_tag().unwrap_or_default().to_owned())
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        let object_key = self.object_key(key)?;
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(&object_key)
+            .send()
+            .await
+        {
+            Ok(output) => Ok(Some(output.content_length().unwrap_or(0).max(0) as u64)),
+            Err(err) if err.raw_response().map(|r| r.status().as_u16()) == Some(404) => {
+                // HEAD has no body, so a missing bucket also answers a bare 404: ask once more.
+                self.check_bucket().await?;
+                Ok(None)
+            }
+            Err(err) => Err(self.error("head", key, err)),
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let mut keys = Vec::new();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(format!("{}{prefix}", self.prefix))
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| self.error("list", prefix, e))?;
+            for object in page.contents() {
+                if let Some(key) = object.key().and_then(|k| k.strip_prefix(&self.prefix)) {
+                    keys.push(key.to_owned());
+                }
+            }
+        }
+        Ok(keys)
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let object_key = self.object_key(key)?;
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(&object_key)
+            .send()
+            .await
+            .map_err(|e| self.error("delete", key, e))?;
+        Ok(())
+    }
+}
+
+impl S3Store {
+    async fn check_bucket(&self) -> Result<(), StoreError> {
+        self.client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .max_keys(1)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| self.error("list", "", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_split_into_bucket_and_prefix() {
+        assert_eq!(
+            parse_url("s3://deploy").unwrap(),
+            ("deploy".into(), "".into())
+        );
+        assert_eq!(
+            parse_url("s3://deploy/prod/eu/").unwrap(),
+            ("deploy".into(), "prod/eu/".into())
+        );
+        assert!(parse_url("s3://Bad_Bucket/x").is_err());
+        assert!(parse_url("s3://deploy/../x").is_err());
+    }
+}

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The main job on the embedded default, a file:// store: the manifest workflow of seed 004
+# (init, add-service, show | jq, set-artifact, list, diff, rollback), with every command
+# printed before it runs. Safe to re-run: the demo store is made fresh under .demo/.
+#
+#   scripts/demo.sh                      # store: file://$PWD/.demo/store
+#   DEPLOY_STORE=s3://bucket/prefix scripts/demo.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/deployer-target}"
+
+command -v jq >/dev/null || { apt-get update -qq && apt-get install -y -qq jq; }
+cargo build --quiet --workspace
+export PATH="$CARGO_TARGET_DIR/debug:$PATH"
+
+if [[ -z "${DEPLOY_STORE:-}" ]]; then
+  rm -rf .demo
+  export DEPLOY_STORE="file://$PWD/.demo/store"
+fi
+run() { printf '\n$ %s\n' "$*"; bash -c "$*"; }
+echo "store: $DEPLOY_STORE"
+
+run deploy-manifest init
+run "deploy-manifest add-service '{
+\"name\": \"my-service\",
+\"artifact\": {\"storePath\": \"/nix/store/placeholder\"},
+\"hosts\": [\"biz\"],
+\"exec\": {\"command\": null, \"user\": \"root\", \"group\": \"root\"},
+\"env\": {\"PORT\": \"8080\"},
+\"envFile\": \"/var/lib/deployer-secrets/my-service.env\",
+\"http\": {\"domain\": \"my.example.com\", \"path\": \"/\", \"internalPort\": 8080}
+}'"
+run "deploy-manifest show | jq '.services[] | select(.name == \"my-service\")'"
+run deploy-manifest set-artifact my-service /nix/store/0c0hpb5bblw0gb2k1s2a5j7bn3ldf5r8-my-service
+run "deploy-manifest update-service my-service '{\"env\": {\"LOG_LEVEL\": \"debug\"}}'"
+run "deploy-manifest show | jq '.services[] | .artifact.storePath'"
+run deploy-manifest list
+previous=$(deploy-manifest list --json | jq -r '.[2].version')
+run deploy-manifest diff "$previous"
+run deploy-manifest rollback "$previous.json"
+run "deploy-manifest show | jq '{version, parent, rolledBackFrom, rolledBackTo, summary}'"
+run deploy-manifest list
+printf '\nbad input is refused and changes nothing:\n'
+run "deploy-manifest add-service '{\"name\": \"Bad Name\", \"artifact\": {\"storePath\": \"/nix/store/x\"}, \"hosts\": [\"biz\"]}' || echo \"(exit \$?)\""

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Set up everything the tests need on a bare Debian 12 machine, then run them all:
+# format check, clippy, unit tests and the end-to-end tests against real servers.
+#
+#   scripts/test.sh            # what .ci/run runs
+#   CARGO_TARGET_DIR=...       # reuse a warm target dir (default ~/.cache/deployer-target)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/deployer-target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "system packages"
+need=()
+command -v jq >/dev/null || need+=(jq)
+command -v python3 >/dev/null || need+=(python3)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+if ((${#need[@]})); then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need[@]}"
+fi
+echo "ok"
+
+step "S3-compatible server (moto, in .venv-s3)"
+if ! .venv-s3/bin/moto_server --help >/dev/null 2>&1; then
+  rm -rf .venv-s3
+  python3 -m venv .venv-s3
+  .venv-s3/bin/pip install --quiet --disable-pip-version-check 'moto[server]==5.2.1'
+fi
+export DEPLOYER_MOTO="$PWD/.venv-s3/bin/moto_server"
+echo "ok: $DEPLOYER_MOTO"
+
+step "rust components"
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+cargo --version
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo build (the end-to-end tests run the binaries)"
+cargo build --workspace --locked
+
+step "cargo test"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace --locked 2>&1 | tee "$log"
+# One closing line for the whole run: the sum of every test binary's result line.
+awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "\ntests: %d passed, %d failed, %d skipped\n", p, f, i }' "$log"

@@ -1,0 +1,77 @@
+//! A store to test against: a `file://` directory or a bucket on a real moto server.
+
+use std::process::Output;
+
+use deployer_tests::{S3Server, run};
+
+pub struct Fixture {
+    pub url: String,
+    pub env: Vec<(String, String)>,
+    _dir: tempfile::TempDir,
+    /// Keeps the server alive for the fixture's lifetime.
+    _s3: Option<S3Server>,
+}
+
+impl Fixture {
+    pub fn file() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}/store", dir.path().display());
+        Fixture {
+            env: vec![("DEPLOY_STORE".into(), url.clone())],
+            url,
+            _dir: dir,
+            _s3: None,
+        }
+    }
+
+    pub fn s3() -> Fixture {
+        let server = S3Server::start();
+        server.create_bucket("deploy");
+        let url = "s3://deploy/prod".to_owned();
+        let mut env = server.env();
+        env.push(("DEPLOY_STORE".into(), url.clone()));
+        Fixture {
+            url,
+            env,
+            _dir: tempfile::tempdir().unwrap(),
+            _s3: Some(server),
+        }
+    }
+
+    /// Run `deploy-manifest ARGS` against this store (through `DEPLOY_STORE`).
+    pub fn dm(&self, args: &[&str]) -> Output {
+        run("deploy-manifest", args, &self.env, None)
+    }
+
+    pub fn dm_stdin(&self, args: &[&str], input: &str) -> Output {
+        run("deploy-manifest", args, &self.env, Some(input))
+    }
+
+    /// A shell pipeline with the workspace's binaries first on PATH, as an operator types it.
+    pub fn sh(&self, script: &str) -> Output {
+        let bin_dir = deployer_tests::bin("deploy-manifest")
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        let path = format!(
+            "{}:{}",
+            bin_dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let mut env = self.env.clone();
+        env.push(("PATH".into(), path));
+        std::process::Command::new("sh")
+            .args(["-c", script])
+            .env_clear()
+            .env("HOME", std::env::temp_dir())
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .envs(env)
+            .output()
+            .expect("sh runs")
+    }
+}
+
+/// Both backends, for tests that must hold for each.
+pub fn both() -> [Fixture; 2] {
+    [Fixture::file(), Fixture::s3()]
+}

@@ -1,0 +1,6 @@
+//! End-to-end tests: the workspace's binaries against real servers on loopback.
+//! One test binary (ripgrep-style); one module per capability.
+
+mod fixture;
+mod manifest_cli;
+mod manifest_concurrency;
