@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job on the embedded default, a file:// store: the manifest workflow of seed 004
-# (init, add-service, show | jq, set-artifact, list, diff, rollback), with every command
-# printed before it runs. Safe to re-run: the demo store is made fresh under .demo/.
+# The main job on the embedded default, a file:// store: seed 004's workflow as far as it is
+# built (init, add-service, push.sh of an example service, show | jq, set-artifact, list,
+# diff, rollback), with every command printed before it runs. Safe to re-run: the demo
+# store is made fresh under .demo/.
 #
 #   scripts/demo.sh                      # store: file://$PWD/.demo/store
 #   DEPLOY_STORE=s3://bucket/prefix scripts/demo.sh
@@ -11,7 +12,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/deployer-target}"
 
 command -v jq >/dev/null || { apt-get update -qq && apt-get install -y -qq jq; }
 cargo build --quiet --workspace
-export PATH="$CARGO_TARGET_DIR/debug:$PATH"
+export PATH="$CARGO_TARGET_DIR/debug:$PWD/push:$PATH"
 
 if [[ -z "${DEPLOY_STORE:-}" ]]; then
   rm -rf .demo
@@ -31,11 +32,18 @@ run "deploy-manifest add-service '{
 \"http\": {\"domain\": \"my.example.com\", \"path\": \"/\", \"internalPort\": 8080}
 }'"
 run "deploy-manifest show | jq '.services[] | select(.name == \"my-service\")'"
+
+printf '\npush.sh builds a namespace, uploads its artifact and points the manifest at it:\n'
+run "deploy-manifest add-service '{\"name\": \"hello\", \"namespace\": \"Examples/Hello.py\", \"artifact\": {\"storePath\": \"/nix/store/placeholder\"}, \"hosts\": [\"$(hostname)\"], \"http\": {\"domain\": \"hello.localhost\", \"internalPort\": 18080}}'"
+run "cd examples && push.sh Examples/Hello.py"
+run "cd examples && push.sh Examples/Hello.py   # the same build again: nothing to upload"
+run "deploy-manifest show | jq '.services[] | select(.name == \"hello\") | .artifact'"
+run "find \"\${DEPLOY_STORE#file://}/artifacts\" -type f"
 run deploy-manifest set-artifact my-service /nix/store/0c0hpb5bblw0gb2k1s2a5j7bn3ldf5r8-my-service
 run "deploy-manifest update-service my-service '{\"env\": {\"LOG_LEVEL\": \"debug\"}}'"
 run "deploy-manifest show | jq '.services[] | .artifact.storePath'"
 run deploy-manifest list
-previous=$(deploy-manifest list --json | jq -r '.[2].version')
+previous=$(deploy-manifest list --json | jq -r '.[2].version')  # before set-artifact
 run deploy-manifest diff "$previous"
 run deploy-manifest rollback "$previous.json"
 run "deploy-manifest show | jq '{version, parent, rolledBackFrom, rolledBackTo, summary}'"

@@ -16,6 +16,7 @@ need=()
 command -v jq >/dev/null || need+=(jq)
 command -v python3 >/dev/null || need+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+command -v nix-store >/dev/null || need+=(nix-bin)
 if ((${#need[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq

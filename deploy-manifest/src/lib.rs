@@ -9,7 +9,10 @@
 //! - [`edit`]: the service edits (`add-service`, `update-service`, …) as pure functions.
 //! - [`diff`]: what changed between two versions, env values redacted.
 //! - [`render`]: human tables for the CLI.
+//! - [`archive`]: deterministic, hashed packing and safe unpacking of artifact archives.
 
+pub mod archive;
+pub mod cli;
 pub mod diff;
 pub mod edit;
 pub mod model;

@@ -61,19 +61,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("DEPLOY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+    deploy_manifest::cli::init_tracing("warn");
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime starts");
-    match runtime.block_on(run(cli)) {
+    match deploy_manifest::cli::runtime().block_on(run(cli)) {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
             eprintln!("deploy-manifest: error: {e:#}");

@@ -1,4 +1,103 @@
-fn main() {
-    eprintln!("push: not built yet (issue 3)");
-    std::process::exit(1);
+//! `push <namespace>`: build, upload, update the manifest. A thin layer over the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use deploy_manifest::Error;
+use deploy_manifest::repo::{Repo, default_author};
+use deploy_manifest::store::{DEFAULT_STORE, Store};
+use deployer_push::config::Config;
+use deployer_push::progress::human_bytes;
+use deployer_push::{PushError, PushOptions, push, upload};
+
+#[derive(Parser)]
+#[command(
+    name = "push",
+    version,
+    about = "Build a namespace, upload its artifact, and point the manifest at it",
+    after_help = "Exit codes: 0 ok, 1 failure, 2 usage or config, 3 invalid manifest, 4 no such service, \
+                  5 store unusable, 6 conflict, 7 build failed"
+)]
+struct Cli {
+    /// What to build, e.g. Biz/PodcastItLater/Web.py (a key of deploy.toml's [namespaces]).
+    namespace: String,
+    /// The service to update (default: the one whose "namespace" is NAMESPACE).
+    #[arg(long)]
+    service: Option<String>,
+    /// Where manifests and artifacts live (default: deploy.toml's `store`, then file:///var/lib/deployer/store).
+    #[arg(long, env = "DEPLOY_STORE")]
+    store: Option<String>,
+    /// deploy.toml to use (default: found in this directory or a parent).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Build and show what would be uploaded and changed; upload and write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    deploy_manifest::cli::init_tracing("warn");
+    let cli = Cli::parse();
+    match deploy_manifest::cli::runtime().block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("push: error: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), PushError> {
+    let cwd = std::env::current_dir().map_err(|e| PushError::Io {
+        what: "finding the current directory".into(),
+        source: e,
+    })?;
+    let config = Config::load(cli.config.as_deref(), &cwd)?;
+    let url = cli
+        .store
+        .or_else(|| config.file.store.clone())
+        .unwrap_or_else(|| DEFAULT_STORE.to_owned());
+    let store = Store::open(&url).await.map_err(Error::from)?;
+    let repo = Repo::new(store, default_author());
+    let opts = PushOptions {
+        namespace: cli.namespace,
+        service: cli.service,
+        dry_run: cli.dry_run,
+        nix_staging: upload::default_staging(),
+    };
+    let report = push(&repo, &config, &opts).await?;
+    if cli.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("serialises")
+        );
+        return Ok(());
+    }
+    let u = &report.uploaded;
+    let sent = format!(
+        "uploaded {} objects ({}), {} already there",
+        u.objects,
+        human_bytes(u.bytes),
+        u.skipped_objects
+    );
+    let label = report.artifact.label();
+    match (&report.version, report.dry_run, report.unchanged) {
+        (_, true, _) => println!(
+            "dry run: {} -> {label}; would have {sent}; nothing written",
+            report.service
+        ),
+        (_, false, true) => println!(
+            "{} already runs {label}; {sent}; manifest unchanged",
+            report.service
+        ),
+        (Some(v), false, false) => println!("{v}  {} -> {label}; {sent}", report.service),
+        (None, false, false) => {
+            unreachable!("a real push that changed the artifact writes a version")
+        }
+    }
+    Ok(())
 }

@@ -2,6 +2,7 @@
 
 use std::process::Output;
 
+use deploy_manifest::store::{S3Options, S3Store, Store};
 use deployer_tests::{S3Server, run};
 
 pub struct Fixture {
@@ -35,6 +36,27 @@ impl Fixture {
             env,
             _dir: tempfile::tempdir().unwrap(),
             _s3: Some(server),
+        }
+    }
+
+    /// The same store, opened through the library (to look at objects directly).
+    pub async fn store(&self) -> Store {
+        match &self._s3 {
+            None => Store::open(&self.url).await.unwrap(),
+            Some(server) => Store::S3(
+                S3Store::connect(
+                    &self.url,
+                    S3Options {
+                        endpoint_url: Some(server.endpoint()),
+                        region: Some("us-east-1".into()),
+                        path_style: Some(true),
+                        credentials: Some(("test".into(), "test".into())),
+                        multipart_threshold: None,
+                    },
+                )
+                .await
+                .unwrap(),
+            ),
         }
     }
 

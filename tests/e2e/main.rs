@@ -4,3 +4,4 @@
 mod fixture;
 mod manifest_cli;
 mod manifest_concurrency;
+mod push;

@@ -198,3 +198,27 @@ impl OutputExt for Output {
         self
     }
 }
+
+/// Run `program` (a path or a name on PATH) in `dir` with a clean environment plus `env`;
+/// the workspace's binaries and `push/push.sh` come first on PATH.
+pub fn run_in(dir: &Path, program: &str, args: &[&str], env: &[(String, String)]) -> Output {
+    let bin_dir = bin("deploy-manifest").parent().unwrap().to_path_buf();
+    let path = format!(
+        "{}:{}:{}",
+        bin_dir.display(),
+        repo_root().join("push").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .env_clear()
+        .env("PATH", path)
+        .env("HOME", std::env::temp_dir())
+        .env("USER", "tester")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{program} starts: {e}"))
+}

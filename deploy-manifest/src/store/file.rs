@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::{Fetched, ObjectStore, Precondition, StoreError, check_key};
+use super::{
+    Downloaded, Fetched, ObjectStore, Precondition, Progress, StoreError, check_key, copy_hashed,
+};
 
 const LOCK_FILE: &str = ".lock";
 const TEMP_PREFIX: &str = ".tmp-";
@@ -233,6 +235,48 @@ impl ObjectStore for FileStore {
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
             Err(e) => Err(Self::io("remove", &path)(e)),
         }
+    }
+
+    async fn put_file(
+        &self,
+        key: &str,
+        path: &Path,
+        progress: &dyn Progress,
+    ) -> Result<(), StoreError> {
+        let target = self.path_of(key)?;
+        let dir = target.parent().expect("a key has a parent directory");
+        fs::create_dir_all(dir).map_err(Self::io("create directory", dir))?;
+        let tmp = tempfile::Builder::new()
+            .prefix(TEMP_PREFIX)
+            .tempfile_in(dir)
+            .map_err(Self::io("create temporary file in", dir))?;
+        let source = tokio::fs::File::open(path)
+            .await
+            .map_err(Self::io("open", path))?;
+        copy_hashed(source, tmp.path(), progress).await?;
+        tmp.as_file()
+            .set_permissions(fs::Permissions::from_mode(0o644))
+            .map_err(Self::io("chmod", tmp.path()))?;
+        tmp.persist(&target)
+            .map_err(|e| Self::io("rename into", &target)(e.error))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(Self::io("fsync", dir))
+    }
+
+    async fn get_to_file(
+        &self,
+        key: &str,
+        dest: &Path,
+        progress: &dyn Progress,
+    ) -> Result<Option<Downloaded>, StoreError> {
+        let path = self.path_of(key)?;
+        let source = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Self::io("open", &path)(e)),
+        };
+        copy_hashed(source, dest, progress).await.map(Some)
     }
 }
 

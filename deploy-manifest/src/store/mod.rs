@@ -9,6 +9,7 @@ mod file;
 mod s3;
 
 use std::future::Future;
+use std::path::Path;
 
 pub use file::FileStore;
 pub use s3::{S3Options, S3Store};
@@ -90,6 +91,22 @@ impl StoreError {
     }
 }
 
+/// Receives byte counts as a transfer goes (a progress bar, a log line, or nothing: `()`).
+pub trait Progress: Send + Sync {
+    fn advance(&self, bytes: u64);
+}
+
+impl Progress for () {
+    fn advance(&self, _bytes: u64) {}
+}
+
+/// What [`ObjectStore::get_to_file`] wrote, hashed while it streamed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Downloaded {
+    pub size: u64,
+    pub sha256: String,
+}
+
 /// The store operations everything else is built on. Implementations are cheap to share
 /// (`&self` everywhere) and safe to call from many tasks at once.
 pub trait ObjectStore: Send + Sync {
@@ -120,6 +137,24 @@ pub trait ObjectStore: Send + Sync {
 
     /// Remove an object; removing a missing object is not an error.
     fn delete(&self, key: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Upload a local file, streaming it (multipart on S3 for large files). Unconditional:
+    /// meant for content-addressed keys, whose integrity readers check by hash.
+    fn put_file(
+        &self,
+        key: &str,
+        path: &Path,
+        progress: &dyn Progress,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Download an object into `dest` (created or truncated), hashing it as it streams.
+    /// `None` when the object does not exist.
+    fn get_to_file(
+        &self,
+        key: &str,
+        dest: &Path,
+        progress: &dyn Progress,
+    ) -> impl Future<Output = Result<Option<Downloaded>, StoreError>> + Send;
 }
 
 /// A store opened from a URL: the backend the URL names.
@@ -195,6 +230,63 @@ impl ObjectStore for Store {
             Store::S3(s) => s.delete(key).await,
         }
     }
+
+    async fn put_file(
+        &self,
+        key: &str,
+        path: &Path,
+        progress: &dyn Progress,
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::File(s) => s.put_file(key, path, progress).await,
+            Store::S3(s) => s.put_file(key, path, progress).await,
+        }
+    }
+
+    async fn get_to_file(
+        &self,
+        key: &str,
+        dest: &Path,
+        progress: &dyn Progress,
+    ) -> Result<Option<Downloaded>, StoreError> {
+        match self {
+            Store::File(s) => s.get_to_file(key, dest, progress).await,
+            Store::S3(s) => s.get_to_file(key, dest, progress).await,
+        }
+    }
+}
+
+/// Stream `reader` into `dest` with progress, hashing as it goes.
+pub(crate) async fn copy_hashed(
+    mut reader: impl tokio::io::AsyncRead + Unpin,
+    dest: &Path,
+    progress: &dyn Progress,
+) -> Result<Downloaded, StoreError> {
+    use sha2::{Digest, Sha256};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let io = |op: &'static str| {
+        let path = dest.display().to_string();
+        move |source| StoreError::Io { op, path, source }
+    };
+    let mut out = tokio::fs::File::create(dest).await.map_err(io("create"))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = reader.read(&mut buf).await.map_err(io("read into"))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n]).await.map_err(io("write"))?;
+        size += n as u64;
+        progress.advance(n as u64);
+    }
+    out.sync_all().await.map_err(io("fsync"))?;
+    Ok(Downloaded {
+        size,
+        sha256: crate::hex(&hasher.finalize()),
+    })
 }
 
 /// Keys are relative paths of safe characters: no empty, `.` or `..` segment, no leading `/`.

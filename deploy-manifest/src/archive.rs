@@ -1,0 +1,525 @@
+//! Content-addressed artifact archives: `push` packs, the agent unpacks; both live here so
+//! the two sides cannot disagree on the format.
+//!
+//! Packing is deterministic: entries in byte order of their paths, mtime 0, owner 0:0, no
+//! user or group names, modes normalised to 0755 (directories and executables) or 0644.
+//! The same directory therefore always gives the same bytes and the same sha256, which is
+//! what makes a second push of an unchanged build upload nothing. The sha256 is computed
+//! while the archive is written, in the same pass.
+//!
+//! Unpacking refuses anything that could write outside the target directory: absolute
+//! paths, `..`, links whose target leaves the tree, and device or fifo entries.
+
+use std::fs::{self, File};
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Component, Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::model::ArchiveFormat;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: {reason}")]
+    Unsupported { path: String, reason: String },
+    #[error("archive entry {entry:?} refused: {reason}")]
+    Unsafe { entry: String, reason: String },
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ArchiveError {
+    let path = path.display().to_string();
+    move |source| ArchiveError::Io { op, path, source }
+}
+
+/// What [`pack`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Packed {
+    pub sha256: String,
+    pub size: u64,
+    pub files: u64,
+}
+
+/// A writer that hashes and counts what passes through it.
+pub struct HashingWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    written: u64,
+}
+
+impl<W: Write> HashingWriter<W> {
+    pub fn new(inner: W) -> Self {
+        HashingWriter {
+            inner,
+            hasher: Sha256::new(),
+            written: 0,
+        }
+    }
+
+    /// The hex sha256 and byte count of everything written, and the inner writer.
+    pub fn finish(self) -> (String, u64, W) {
+        (
+            crate::hex(&self.hasher.finalize()),
+            self.written,
+            self.inner,
+        )
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// A reader that hashes and counts what passes through it.
+pub struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+    read: u64,
+}
+
+impl<R: Read> HashingReader<R> {
+    pub fn new(inner: R) -> Self {
+        HashingReader {
+            inner,
+            hasher: Sha256::new(),
+            read: 0,
+        }
+    }
+
+    /// The hex sha256 and byte count of everything read so far.
+    pub fn finish(self) -> (String, u64) {
+        (crate::hex(&self.hasher.finalize()), self.read)
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
+/// Every entry below `root`, relative, sorted by path bytes.
+fn sorted_entries(root: &Path) -> Result<Vec<PathBuf>, ArchiveError> {
+    let mut out = Vec::new();
+    let mut pending = vec![PathBuf::new()];
+    while let Some(rel) = pending.pop() {
+        let dir = root.join(&rel);
+        let mut children: Vec<PathBuf> = fs::read_dir(&dir)
+            .map_err(io_err("read directory", &dir))?
+            .map(|e| e.map(|e| rel.join(e.file_name())))
+            .collect::<Result<_, _>>()
+            .map_err(io_err("read directory", &dir))?;
+        children.sort();
+        for child in children.into_iter().rev() {
+            let meta = fs::symlink_metadata(root.join(&child))
+                .map_err(io_err("stat", &root.join(&child)))?;
+            if meta.is_dir() {
+                pending.push(child.clone());
+            }
+            out.push(child);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Pack the directory `root` into `out` (a tar stream compressed as `format`).
+pub fn pack(root: &Path, format: ArchiveFormat, out: impl Write) -> Result<Packed, ArchiveError> {
+    let entries = sorted_entries(root)?;
+    let hashing = HashingWriter::new(BufWriter::with_capacity(1 << 20, out));
+    let out_path = Path::new("(archive)");
+    let (sha256, size, files) = match format {
+        ArchiveFormat::TarZst => {
+            let encoder = zstd::Encoder::new(hashing, 3).map_err(io_err("compress", out_path))?;
+            let (encoder, files) = write_tar(root, &entries, encoder)?;
+            let hashing = encoder.finish().map_err(io_err("compress", out_path))?;
+            finish(hashing, files, out_path)?
+        }
+        ArchiveFormat::TarGz => {
+            let encoder = flate2::GzBuilder::new()
+                .mtime(0)
+                .write(hashing, flate2::Compression::new(6));
+            let (encoder, files) = write_tar(root, &entries, encoder)?;
+            let hashing = encoder.finish().map_err(io_err("compress", out_path))?;
+            finish(hashing, files, out_path)?
+        }
+    };
+    Ok(Packed {
+        sha256,
+        size,
+        files,
+    })
+}
+
+fn finish<W: Write>(
+    hashing: HashingWriter<BufWriter<W>>,
+    files: u64,
+    out_path: &Path,
+) -> Result<(String, u64, u64), ArchiveError> {
+    let (sha, size, mut inner) = hashing.finish();
+    inner.flush().map_err(io_err("write", out_path))?;
+    Ok((sha, size, files))
+}
+
+fn write_tar<W: Write>(root: &Path, entries: &[PathBuf], out: W) -> Result<(W, u64), ArchiveError> {
+    let mut tar = tar::Builder::new(out);
+    tar.follow_symlinks(false);
+    let mut files = 0;
+    for rel in entries {
+        let path = root.join(rel);
+        let meta = fs::symlink_metadata(&path).map_err(io_err("stat", &path))?;
+        let mut header = tar::Header::new_gnu();
+        header.set_mtime(0);
+        header.set_uid(0);
+        header.set_gid(0);
+        let ft = meta.file_type();
+        let executable = meta.permissions().mode() & 0o111 != 0;
+        let tar_err = io_err("archive", &path);
+        if ft.is_dir() {
+            header.set_entry_type(tar::EntryType::Directory);
+            header.set_mode(0o755);
+            header.set_size(0);
+            tar.append_data(&mut header, rel, io::empty())
+                .map_err(tar_err)?;
+        } else if ft.is_symlink() {
+            let target = fs::read_link(&path).map_err(io_err("read link", &path))?;
+            header.set_entry_type(tar::EntryType::Symlink);
+            header.set_mode(0o777);
+            header.set_size(0);
+            tar.append_link(&mut header, rel, &target)
+                .map_err(tar_err)?;
+        } else if ft.is_file() {
+            header.set_entry_type(tar::EntryType::Regular);
+            header.set_mode(if executable { 0o755 } else { 0o644 });
+            header.set_size(meta.len());
+            let file = File::open(&path).map_err(io_err("open", &path))?;
+            tar.append_data(&mut header, rel, BufReader::new(file))
+                .map_err(tar_err)?;
+            files += 1;
+        } else {
+            return Err(ArchiveError::Unsupported {
+                path: path.display().to_string(),
+                reason: "only regular files, directories and symlinks can be archived".into(),
+            });
+        }
+    }
+    let out = tar
+        .into_inner()
+        .map_err(io_err("archive", Path::new("(archive)")))?;
+    Ok((out, files))
+}
+
+/// Is `rel` a plain relative path that stays inside its root?
+fn safe_relative(rel: &Path) -> bool {
+    let mut depth = 0usize;
+    for c in rel.components() {
+        match c {
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+            Component::ParentDir | Component::RootDir | Component::Prefix(_) => return false,
+        }
+    }
+    depth > 0
+}
+
+/// Does a symlink at `link` (relative to the root) pointing to `target` stay in the tree?
+fn link_stays_inside(link: &Path, target: &Path) -> bool {
+    if target.is_absolute() {
+        return false;
+    }
+    let mut depth = link.components().count().saturating_sub(1) as isize;
+    for c in target.components() {
+        match c {
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+            Component::ParentDir => {
+                depth -= 1;
+                if depth < 0 {
+                    return false;
+                }
+            }
+            Component::RootDir | Component::Prefix(_) => return false,
+        }
+    }
+    true
+}
+
+/// Unpack an archive read from `input` into `dest` (which must exist and should be empty).
+/// Returns the number of regular files written.
+pub fn unpack(input: impl Read, format: ArchiveFormat, dest: &Path) -> Result<u64, ArchiveError> {
+    let dest_err = io_err("unpack into", dest);
+    match format {
+        ArchiveFormat::TarZst => {
+            let decoder = zstd::Decoder::new(input).map_err(dest_err)?;
+            unpack_tar(decoder, dest)
+        }
+        ArchiveFormat::TarGz => unpack_tar(flate2::read::GzDecoder::new(input), dest),
+    }
+}
+
+fn unpack_tar(input: impl Read, dest: &Path) -> Result<u64, ArchiveError> {
+    let mut archive = tar::Archive::new(input);
+    archive.set_preserve_permissions(false);
+    archive.set_preserve_mtime(false);
+    archive.set_unpack_xattrs(false);
+    archive.set_overwrite(false);
+    let mut files = 0;
+    for entry in archive.entries().map_err(io_err("read archive", dest))? {
+        let mut entry = entry.map_err(io_err("read archive", dest))?;
+        let path = entry
+            .path()
+            .map_err(io_err("read archive", dest))?
+            .into_owned();
+        let refuse = |reason: &str| ArchiveError::Unsafe {
+            entry: path.display().to_string(),
+            reason: reason.to_owned(),
+        };
+        if !safe_relative(&path) {
+            return Err(refuse("absolute path or '..' component"));
+        }
+        let kind = entry.header().entry_type();
+        match kind {
+            tar::EntryType::Regular | tar::EntryType::Continuous => files += 1,
+            tar::EntryType::Directory => {}
+            tar::EntryType::Symlink => {
+                let target = entry
+                    .link_name()
+                    .map_err(io_err("read archive", dest))?
+                    .ok_or_else(|| refuse("symlink without a target"))?;
+                if !link_stays_inside(&path, &target) {
+                    return Err(refuse(&format!(
+                        "symlink to {} leaves the artifact",
+                        target.display()
+                    )));
+                }
+            }
+            tar::EntryType::Link => {
+                let target = entry
+                    .link_name()
+                    .map_err(io_err("read archive", dest))?
+                    .ok_or_else(|| refuse("hard link without a target"))?;
+                if !safe_relative(&target) {
+                    return Err(refuse("hard link target outside the artifact"));
+                }
+            }
+            tar::EntryType::XGlobalHeader | tar::EntryType::XHeader => continue,
+            other => return Err(refuse(&format!("entry type {other:?} is not allowed"))),
+        }
+        let executable = entry
+            .header()
+            .mode()
+            .map(|m| m & 0o111 != 0)
+            .unwrap_or(false);
+        // unpack_in also refuses entries whose parent resolves outside `dest` through a
+        // symlink unpacked earlier.
+        let written = entry
+            .unpack_in(dest)
+            .map_err(io_err("unpack", &dest.join(&path)))?;
+        if !written {
+            return Err(refuse("would be written outside the target directory"));
+        }
+        if matches!(kind, tar::EntryType::Regular | tar::EntryType::Continuous) {
+            let full = dest.join(&path);
+            let mode = if executable { 0o755 } else { 0o644 };
+            fs::set_permissions(&full, fs::Permissions::from_mode(mode))
+                .map_err(io_err("chmod", &full))?;
+        }
+    }
+    Ok(files)
+}
+
+/// Make a tree read-only (files 0444/0555, directories 0555), as an installed artifact is.
+pub fn make_read_only(root: &Path) -> Result<(), ArchiveError> {
+    for rel in sorted_entries(root)?.iter().rev() {
+        let path = root.join(rel);
+        let meta = fs::symlink_metadata(&path).map_err(io_err("stat", &path))?;
+        if meta.file_type().is_symlink() {
+            continue;
+        }
+        let mode = meta.permissions().mode();
+        let ro = if meta.is_dir() || mode & 0o111 != 0 {
+            0o555
+        } else {
+            0o444
+        };
+        fs::set_permissions(&path, fs::Permissions::from_mode(ro))
+            .map_err(io_err("chmod", &path))?;
+    }
+    fs::set_permissions(root, fs::Permissions::from_mode(0o555)).map_err(io_err("chmod", root))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn sample(dir: &Path) {
+        fs::create_dir_all(dir.join("bin")).unwrap();
+        fs::create_dir_all(dir.join("share/doc")).unwrap();
+        fs::write(dir.join("bin/app"), b"#!/bin/sh\necho hi\n").unwrap();
+        fs::set_permissions(dir.join("bin/app"), fs::Permissions::from_mode(0o700)).unwrap();
+        fs::write(dir.join("share/doc/README"), b"docs").unwrap();
+        symlink("../share/doc/README", dir.join("bin/readme")).unwrap();
+    }
+
+    fn packed(dir: &Path, format: ArchiveFormat) -> (Vec<u8>, Packed) {
+        let mut out = Vec::new();
+        let p = pack(dir, format, &mut out).unwrap();
+        (out, p)
+    }
+
+    #[test]
+    fn packing_is_deterministic_and_hashed_in_the_same_pass() {
+        for format in [ArchiveFormat::TarZst, ArchiveFormat::TarGz] {
+            let a = tempfile::tempdir().unwrap();
+            let b = tempfile::tempdir().unwrap();
+            sample(a.path());
+            sample(b.path());
+            // Different mtimes and modes that normalise the same way.
+            fs::set_permissions(b.path().join("bin/app"), fs::Permissions::from_mode(0o755))
+                .unwrap();
+            let (bytes_a, pa) = packed(a.path(), format);
+            let (bytes_b, pb) = packed(b.path(), format);
+            assert_eq!(bytes_a, bytes_b, "{format:?}");
+            assert_eq!(pa, pb);
+            assert_eq!(pa.sha256, crate::hex(&Sha256::digest(&bytes_a)));
+            assert_eq!(pa.size, bytes_a.len() as u64);
+            assert_eq!(pa.files, 2);
+            fs::write(b.path().join("share/doc/README"), b"docs!").unwrap();
+            assert_ne!(packed(b.path(), format).1.sha256, pa.sha256);
+        }
+    }
+
+    #[test]
+    fn round_trip_keeps_content_modes_and_links() {
+        let src = tempfile::tempdir().unwrap();
+        sample(src.path());
+        let (bytes, _) = packed(src.path(), ArchiveFormat::TarZst);
+        let dest = tempfile::tempdir().unwrap();
+        assert_eq!(
+            unpack(&bytes[..], ArchiveFormat::TarZst, dest.path()).unwrap(),
+            2
+        );
+        assert_eq!(
+            fs::read(dest.path().join("bin/app")).unwrap(),
+            b"#!/bin/sh\necho hi\n"
+        );
+        let mode = fs::metadata(dest.path().join("bin/app"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o755);
+        assert_eq!(fs::read(dest.path().join("bin/readme")).unwrap(), b"docs");
+        make_read_only(dest.path()).unwrap();
+        let mode = fs::metadata(dest.path().join("share/doc/README"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o444);
+        let mode = fs::metadata(dest.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o555);
+        // Let the temp dir clean up.
+        for p in [
+            dest.path().to_path_buf(),
+            dest.path().join("bin"),
+            dest.path().join("share"),
+            dest.path().join("share/doc"),
+        ] {
+            fs::set_permissions(p, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+    }
+
+    /// A hand-built tar with one entry, to craft what `pack` would never write.
+    fn evil_tar(path: &str, kind: tar::EntryType, link: Option<&str>) -> Vec<u8> {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(kind);
+        header.set_size(if kind == tar::EntryType::Regular {
+            4
+        } else {
+            0
+        });
+        header.set_mode(0o644);
+        {
+            // Write the raw name so the builder's own checks do not stop us.
+            let name = &mut header.as_old_mut().name;
+            name[..path.len()].copy_from_slice(path.as_bytes());
+        }
+        if let Some(l) = link {
+            header.set_link_name(l).unwrap();
+        }
+        header.set_cksum();
+        let mut out = Vec::new();
+        out.extend_from_slice(header.as_bytes());
+        if kind == tar::EntryType::Regular {
+            let mut block = [0u8; 512];
+            block[..4].copy_from_slice(b"evil");
+            out.extend_from_slice(&block);
+        }
+        out.extend_from_slice(&[0u8; 1024]);
+        let mut compressed = Vec::new();
+        let mut enc = flate2::write::GzEncoder::new(&mut compressed, flate2::Compression::fast());
+        enc.write_all(&out).unwrap();
+        enc.finish().unwrap();
+        compressed
+    }
+
+    #[test]
+    fn escaping_entries_are_refused() {
+        let cases = [
+            ("../escape", tar::EntryType::Regular, None),
+            ("/abs/escape", tar::EntryType::Regular, None),
+            ("a/../../escape", tar::EntryType::Regular, None),
+            ("link", tar::EntryType::Symlink, Some("/etc/passwd")),
+            ("dir/link", tar::EntryType::Symlink, Some("../../outside")),
+            ("hard", tar::EntryType::Link, Some("/etc/passwd")),
+            ("dev", tar::EntryType::Char, None),
+            ("fifo", tar::EntryType::Fifo, None),
+        ];
+        for (path, kind, link) in cases {
+            let outer = tempfile::tempdir().unwrap();
+            let dest = outer.path().join("dest");
+            fs::create_dir(&dest).unwrap();
+            let tar = evil_tar(path, kind, link);
+            let err = unpack(&tar[..], ArchiveFormat::TarGz, &dest).unwrap_err();
+            assert!(matches!(err, ArchiveError::Unsafe { .. }), "{path}: {err}");
+            assert!(!outer.path().join("escape").exists());
+            assert_eq!(
+                fs::read_dir(outer.path()).unwrap().count(),
+                1,
+                "{path}: nothing beside dest"
+            );
+        }
+    }
+
+    #[test]
+    fn a_symlink_then_a_file_through_it_is_refused() {
+        // Two entries: `d -> .` (inside, allowed) is fine, but `x -> ..` is not.
+        let outer = tempfile::tempdir().unwrap();
+        let dest = outer.path().join("dest");
+        fs::create_dir(&dest).unwrap();
+        let tar = evil_tar("x", tar::EntryType::Symlink, Some(".."));
+        assert!(unpack(&tar[..], ArchiveFormat::TarGz, &dest).is_err());
+        assert!(link_stays_inside(Path::new("d"), Path::new(".")));
+        assert!(link_stays_inside(Path::new("bin/x"), Path::new("../lib/x")));
+        assert!(!link_stays_inside(Path::new("bin/x"), Path::new("../../x")));
+    }
+}

@@ -1,0 +1,198 @@
+//! `push`: build a namespace, upload its artifact to the store, and point the manifest's
+//! service at it, through the manifest library's compare-and-swap.
+//!
+//! Order matters for "bad input changes nothing": the service is looked up before the
+//! build, the artifact is uploaded before the manifest changes, and the manifest changes
+//! in one compare-and-swap that re-checks the service exists.
+
+pub mod build;
+pub mod config;
+pub mod progress;
+pub mod upload;
+
+use std::path::PathBuf;
+
+use deploy_manifest::model::{Artifact, Manifest};
+use deploy_manifest::repo::Repo;
+use deploy_manifest::store::{ObjectStore, StoreError};
+use deploy_manifest::{archive::ArchiveError, exit};
+use serde::Serialize;
+
+use build::Built;
+use config::{Build, Config};
+use upload::Uploaded;
+
+/// Exit code for a failed build (beside `deploy_manifest::exit`).
+pub const EXIT_BUILD: i32 = 7;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    #[error("{path}: {message}")]
+    Config { path: String, message: String },
+    #[error(
+        "unknown namespace {namespace:?}: add [namespaces.\"{namespace}\"] (or [defaults]) to {config}"
+    )]
+    UnknownNamespace { namespace: String, config: String },
+    #[error(
+        "no service is built from namespace {namespace:?}: set \"namespace\": \"{namespace}\" on it (deploy-manifest update-service NAME '{{\"namespace\": \"{namespace}\"}}'), or pass --service"
+    )]
+    NoServiceForNamespace { namespace: String },
+    #[error("build of {namespace} failed: {detail}")]
+    BuildFailed { namespace: String, detail: String },
+    #[error("nix: {0}")]
+    Nix(String),
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    #[error(transparent)]
+    Manifest(#[from] deploy_manifest::Error),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl From<StoreError> for PushError {
+    fn from(e: StoreError) -> Self {
+        PushError::Manifest(e.into())
+    }
+}
+
+impl PushError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            PushError::Config { .. } | PushError::UnknownNamespace { .. } => exit::USAGE,
+            PushError::NoServiceForNamespace { .. } => exit::NOT_FOUND,
+            PushError::BuildFailed { .. } | PushError::Nix(_) => EXIT_BUILD,
+            PushError::Manifest(e) => e.exit_code(),
+            PushError::Archive(_) | PushError::Io { .. } => exit::FAILURE,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PushOptions {
+    pub namespace: String,
+    /// The service to update; default: the one whose `namespace` matches.
+    pub service: Option<String>,
+    /// Build and report, upload nothing, write nothing.
+    pub dry_run: bool,
+    /// Where `nix copy` stages the closure before upload.
+    pub nix_staging: PathBuf,
+}
+
+/// What a push did (printed with `--json`).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PushReport {
+    pub namespace: String,
+    pub service: String,
+    pub artifact: Artifact,
+    pub uploaded: Uploaded,
+    /// The new manifest version; `None` when nothing changed or on a dry run.
+    pub version: Option<String>,
+    /// The service already had this artifact.
+    pub unchanged: bool,
+    pub dry_run: bool,
+}
+
+/// The service a namespace updates.
+fn find_service(m: &Manifest, namespace: &str, service: Option<&str>) -> Result<String, PushError> {
+    if let Some(name) = service {
+        return m.service(name).map(|s| s.name.clone()).ok_or_else(|| {
+            deploy_manifest::Error::UnknownService {
+                name: name.to_owned(),
+            }
+            .into()
+        });
+    }
+    let matching: Vec<&str> = m
+        .services
+        .iter()
+        .filter(|s| s.namespace.as_deref() == Some(namespace))
+        .map(|s| s.name.as_str())
+        .collect();
+    match matching.as_slice() {
+        [one] => Ok((*one).to_owned()),
+        [] => Err(PushError::NoServiceForNamespace {
+            namespace: namespace.to_owned(),
+        }),
+        many => Err(PushError::Config {
+            path: "manifest".into(),
+            message: format!(
+                "services {} all have namespace {namespace:?}; pass --service",
+                many.join(", ")
+            ),
+        }),
+    }
+}
+
+/// Build, upload, update the manifest.
+pub async fn push<S: ObjectStore>(
+    repo: &Repo<S>,
+    config: &Config,
+    opts: &PushOptions,
+) -> Result<PushReport, PushError> {
+    let span = tracing::info_span!("push", namespace = %opts.namespace);
+    let _enter = span.enter();
+    let namespace = opts.namespace.as_str();
+    let build_plan = config.build(namespace)?;
+    let wanted = opts
+        .service
+        .clone()
+        .or_else(|| config.namespace(namespace).ok().and_then(|n| n.service));
+    // Fail before building when the manifest has no service for this namespace.
+    let current = repo.current().await?.manifest;
+    let service = find_service(&current, namespace, wanted.as_deref())?;
+
+    let (dir, plan) = (config.dir.clone(), build_plan.clone());
+    let ns = namespace.to_owned();
+    let built = tokio::task::spawn_blocking(move || build::build(&ns, &dir, &plan))
+        .await
+        .expect("the build does not panic")?;
+
+    let (artifact, uploaded) = match (&built, &build_plan) {
+        (Built::Directory(dir), Build::Archive { format, .. }) => {
+            upload::upload_archive(repo.store(), dir, &service, *format, opts.dry_run).await?
+        }
+        (Built::StorePath(path), _) => {
+            let report =
+                upload::upload_nix_closure(repo.store(), path, &opts.nix_staging, opts.dry_run)
+                    .await?;
+            (Artifact::StorePath(path.clone()), report)
+        }
+        (Built::Directory(_), _) => unreachable!("only archive builds produce directories"),
+    };
+
+    let unchanged = current.service(&service).map(|s| &s.artifact) == Some(&artifact);
+    let mut report = PushReport {
+        namespace: namespace.to_owned(),
+        service: service.clone(),
+        artifact: artifact.clone(),
+        uploaded,
+        version: None,
+        unchanged,
+        dry_run: opts.dry_run,
+    };
+    if opts.dry_run || unchanged {
+        return Ok(report);
+    }
+    let label = artifact.label();
+    let written = repo
+        .update(|m| {
+            let s =
+                m.service_mut(&service)
+                    .ok_or_else(|| deploy_manifest::Error::UnknownService {
+                        name: service.clone(),
+                    })?;
+            s.artifact = artifact.clone();
+            if s.namespace.is_none() {
+                s.namespace = Some(namespace.to_owned());
+            }
+            Ok(format!("push {namespace}: {service} -> {label}"))
+        })
+        .await?;
+    report.version = written.version;
+    Ok(report)
+}
