@@ -10,7 +10,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/deployer-target}"
 
+# The agent drives the user's systemd manager. Where there is none (systemd not PID 1, as in
+# containers and CI), run the whole demo beside a private one.
+if ! systemctl --user is-system-running >/dev/null 2>&1 && [[ -z "${SDSANDBOX_DIR:-}" ]]; then
+  command -v dbus-daemon >/dev/null || { apt-get update -qq && apt-get install -y -qq dbus systemd; }
+  echo "no user systemd manager here: running the demo beside a private one (scripts/systemd-sandbox.sh)"
+  exec bash scripts/systemd-sandbox.sh -- bash "$0" "$@"
+fi
+
 command -v jq >/dev/null || { apt-get update -qq && apt-get install -y -qq jq; }
+command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl; }
 cargo build --quiet --workspace
 export PATH="$CARGO_TARGET_DIR/debug:$PWD/push:$PATH"
 
@@ -34,11 +43,19 @@ run "deploy-manifest add-service '{
 run "deploy-manifest show | jq '.services[] | select(.name == \"my-service\")'"
 
 printf '\npush.sh builds a namespace, uploads its artifact and points the manifest at it:\n'
-run "deploy-manifest add-service '{\"name\": \"hello\", \"namespace\": \"Examples/Hello.py\", \"artifact\": {\"storePath\": \"/nix/store/placeholder\"}, \"hosts\": [\"$(hostname)\"], \"http\": {\"domain\": \"hello.localhost\", \"internalPort\": 18080}}'"
+run "deploy-manifest add-service '{\"name\": \"hello\", \"namespace\": \"Examples/Hello.py\", \"artifact\": {\"storePath\": \"/nix/store/placeholder\"}, \"hosts\": [\"$(hostname)\"], \"env\": {\"PORT\": \"18080\"}, \"http\": {\"domain\": \"hello.localhost\", \"internalPort\": 18080}, \"health\": {\"http\": {\"path\": \"/healthz\"}, \"timeout\": \"20s\"}}'"
 run "cd examples && push.sh Examples/Hello.py"
 run "cd examples && push.sh Examples/Hello.py   # the same build again: nothing to upload"
 run "deploy-manifest show | jq '.services[] | select(.name == \"hello\") | .artifact'"
-run "find \"\${DEPLOY_STORE#file://}/artifacts\" -type f"
+
+printf '\nthe agent converges this host (the user manager, state in .demo/state):\n'
+mkdir -p .demo/secrets && chmod 700 .demo/secrets
+agent="deployer-agent --user --state-dir $PWD/.demo/state --secrets-dir $PWD/.demo/secrets"
+run "$agent plan"
+run "$agent run --once"
+run "curl -s http://127.0.0.1:18080/"
+run "$agent status"
+run "$agent run --once   # nothing changed: one conditional GET"
 run deploy-manifest set-artifact my-service /nix/store/0c0hpb5bblw0gb2k1s2a5j7bn3ldf5r8-my-service
 run "deploy-manifest update-service my-service '{\"env\": {\"LOG_LEVEL\": \"debug\"}}'"
 run "deploy-manifest show | jq '.services[] | .artifact.storePath'"

@@ -17,6 +17,9 @@ command -v jq >/dev/null || need+=(jq)
 command -v python3 >/dev/null || need+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 command -v nix-store >/dev/null || need+=(nix-bin)
+command -v dbus-daemon >/dev/null || need+=(dbus)
+[[ -x /lib/systemd/systemd ]] || need+=(systemd)
+command -v curl >/dev/null || need+=(curl)
 if ((${#need[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq

@@ -15,6 +15,7 @@ pub mod archive;
 pub mod cli;
 pub mod diff;
 pub mod edit;
+pub mod fsutil;
 pub mod model;
 pub mod render;
 pub mod repo;

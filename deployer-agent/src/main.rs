@@ -1,4 +1,259 @@
-fn main() {
-    eprintln!("deployer-agent: not built yet (issue 4)");
-    std::process::exit(1);
+//! `deployer-agent`: run (once or in a loop), plan, status. A thin layer over the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use deploy_manifest::repo::hostname;
+use deploy_manifest::store::{DEFAULT_STORE, Store};
+use deploy_manifest::{exit, render};
+use deployer_agent::config::{AgentConfig, ConfigFile, default_unit_dir};
+use deployer_agent::plan::{Step, plan};
+use deployer_agent::state::State;
+use deployer_agent::systemd::Systemd;
+use deployer_agent::{AgentError, EXIT_SERVICES_FAILED, agent::Agent};
+
+#[derive(Parser)]
+#[command(
+    name = "deployer-agent",
+    version,
+    about = "Converge this host to the deployer manifest: systemd units, health, rollback",
+    after_help = "Exit codes: 0 ok, 1 failure, 2 usage, 3 invalid manifest, 4 no manifest, \
+                  5 store unusable, 8 some services failed (and were rolled back), 9 another run holds the lock"
+)]
+struct Cli {
+    /// Where manifests and artifacts live: file:///path or s3://bucket/prefix.
+    #[arg(long, global = true, env = "DEPLOY_STORE")]
+    store: Option<String>,
+    /// This host's name in the manifest's "hosts" (default: the hostname).
+    #[arg(long, global = true, env = "DEPLOYER_HOST")]
+    host: Option<String>,
+    #[arg(long, global = true, env = "DEPLOYER_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    #[arg(long, global = true, env = "DEPLOYER_SECRETS_DIR")]
+    secrets_dir: Option<PathBuf>,
+    /// Where unit files go (default /run/systemd/system; with --user $XDG_RUNTIME_DIR/systemd/user).
+    #[arg(long, global = true, env = "DEPLOYER_UNIT_DIR")]
+    unit_dir: Option<PathBuf>,
+    /// Drive the user's systemd manager on the session bus.
+    #[arg(long, global = true)]
+    user: bool,
+    /// Settings file (TOML, the same names as the flags); flags win.
+    #[arg(long, global = true, env = "DEPLOYER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Machine-readable output (plan, status, run).
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Reconcile: once (what deployer.service runs) or every --interval.
+    Run {
+        #[arg(long)]
+        once: bool,
+        /// Time between runs, e.g. 5m.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        interval: Option<Duration>,
+    },
+    /// Print what a run would do; acts on nothing.
+    Plan,
+    /// What state.json says this host runs.
+    Status,
+}
+
+fn main() -> ExitCode {
+    deploy_manifest::cli::init_tracing("info");
+    let cli = Cli::parse();
+    match deploy_manifest::cli::runtime().block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("deployer-agent: error: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+fn config(cli: &Cli, interval: Option<Duration>) -> Result<AgentConfig, AgentError> {
+    let file = match &cli.config {
+        Some(p) => ConfigFile::load(p).map_err(|e| AgentError::State {
+            path: p.display().to_string(),
+            detail: e,
+        })?,
+        None => ConfigFile::default(),
+    };
+    let duration = |s: Option<&String>, default: Duration| -> Result<Duration, AgentError> {
+        s.map(|s| humantime::parse_duration(s))
+            .transpose()
+            .map(|d| d.unwrap_or(default))
+            .map_err(|e| AgentError::State {
+                path: "config".into(),
+                detail: e.to_string(),
+            })
+    };
+    let user = cli.user || file.user.unwrap_or(false);
+    Ok(AgentConfig {
+        store: cli
+            .store
+            .clone()
+            .or(file.store)
+            .unwrap_or_else(|| DEFAULT_STORE.to_owned()),
+        host: cli.host.clone().or(file.host).unwrap_or_else(hostname),
+        state_dir: cli
+            .state_dir
+            .clone()
+            .or(file.state_dir)
+            .unwrap_or_else(|| "/var/lib/deployer".into()),
+        secrets_dir: cli
+            .secrets_dir
+            .clone()
+            .or(file.secrets_dir)
+            .unwrap_or_else(|| "/var/lib/deployer-secrets".into()),
+        unit_dir: cli
+            .unit_dir
+            .clone()
+            .or(file.unit_dir)
+            .unwrap_or_else(|| default_unit_dir(user)),
+        user,
+        interval: match interval {
+            Some(i) => i,
+            None => duration(file.interval.as_ref(), Duration::from_secs(300))?,
+        },
+        settle: duration(file.settle.as_ref(), Duration::from_secs(3))?,
+    })
+}
+
+async fn run(cli: Cli) -> Result<i32, AgentError> {
+    let interval = match &cli.command {
+        Command::Run { interval, .. } => *interval,
+        _ => None,
+    };
+    let config = config(&cli, interval)?;
+    if let Command::Status = cli.command {
+        let state = State::load(&config.state_dir, &config.host)?;
+        print_status(&state, cli.json);
+        return Ok(exit::OK);
+    }
+    let store = Store::open(&config.store)
+        .await
+        .map_err(deploy_manifest::Error::from)?;
+    if let Command::Plan = cli.command {
+        let state = State::load(&config.state_dir, &config.host)?;
+        let agent = Agent {
+            store,
+            manager: (),
+            config: config.clone(),
+        };
+        let manifest = agent.fetch_manifest().await?;
+        let steps = plan(&manifest, &state, &config.host);
+        print_plan(&steps, manifest.version.as_deref(), cli.json);
+        return Ok(exit::OK);
+    }
+    let manager = Systemd::connect(config.user).await?;
+    let agent = Agent {
+        store,
+        manager,
+        config,
+    };
+    match cli.command {
+        Command::Run { once: true, .. } => {
+            let report = agent.run_once().await?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("serialises")
+                );
+            }
+            if report.failed.is_empty() {
+                Ok(exit::OK)
+            } else {
+                for (service, error) in &report.failed {
+                    eprintln!("deployer-agent: {service}: {error} (rolled back)");
+                }
+                Ok(EXIT_SERVICES_FAILED)
+            }
+        }
+        Command::Run { once: false, .. } => agent.run_forever().await,
+        Command::Plan | Command::Status => unreachable!("handled above"),
+    }
+}
+
+fn print_plan(steps: &[Step], version: Option<&str>, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(steps).expect("serialises")
+        );
+        return;
+    }
+    println!("plan for manifest {}:", version.unwrap_or("?"));
+    if steps.is_empty() {
+        println!("  nothing to do: no service is declared for this host");
+    }
+    for step in steps {
+        let line = match step {
+            Step::Deploy {
+                service,
+                from,
+                to,
+                reason,
+            } => format!(
+                "deploy  {service}: {} -> {to} ({reason})",
+                from.as_deref().unwrap_or("(nothing)")
+            ),
+            Step::Keep { service, artifact } => format!("keep    {service}: {artifact}"),
+            Step::Skip { service, reason } => format!("skip    {service}: {reason}"),
+            Step::Remove { service } => format!("remove  {service} (data kept)"),
+        };
+        println!("  {line}");
+    }
+}
+
+fn print_status(state: &State, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(state).expect("serialises")
+        );
+        return;
+    }
+    println!(
+        "host {}  manifest {}  last poll {}  last success {}",
+        state.host,
+        state.manifest_version.as_deref().unwrap_or("-"),
+        state.last_poll.as_deref().unwrap_or("-"),
+        state.last_success.as_deref().unwrap_or("-"),
+    );
+    if let Some(e) = &state.last_error {
+        println!("last error: {e}");
+    }
+    let rows: Vec<Vec<String>> = state
+        .services
+        .iter()
+        .map(|(name, s)| {
+            vec![
+                name.clone(),
+                s.current
+                    .as_ref()
+                    .map(|g| g.artifact.label())
+                    .unwrap_or_else(|| "-".into()),
+                format!("{:?}", s.health).to_lowercase(),
+                s.current
+                    .as_ref()
+                    .map(|g| g.deployed_at.clone())
+                    .unwrap_or_else(|| "-".into()),
+                s.last_error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        render::table(
+            &["SERVICE", "ARTIFACT", "HEALTH", "DEPLOYED", "LAST ERROR"],
+            &rows
+        )
+    );
 }

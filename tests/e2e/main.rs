@@ -1,6 +1,7 @@
 //! End-to-end tests: the workspace's binaries against real servers on loopback.
 //! One test binary (ripgrep-style); one module per capability.
 
+mod agent;
 mod fixture;
 mod manifest_cli;
 mod manifest_concurrency;

@@ -222,3 +222,122 @@ pub fn run_in(dir: &Path, program: &str, args: &[&str], env: &[(String, String)]
         .output()
         .unwrap_or_else(|e| panic!("{program} starts: {e}"))
 }
+
+/// A real `systemd --user` manager with a private session bus (scripts/systemd-sandbox.sh),
+/// torn down on drop. The agent runs outside the sandbox's mount namespace and reaches the
+/// manager through the bus socket, which lives in the sandbox directory.
+pub struct SystemdSandbox {
+    child: Child,
+    pub env: Vec<(String, String)>,
+    _dir: tempfile::TempDir,
+}
+
+impl SystemdSandbox {
+    pub fn start() -> SystemdSandbox {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let env_file = dir.path().join("env");
+        let script = format!(
+            "env > {0}.tmp && mv {0}.tmp {0} && exec sleep infinity",
+            env_file.display()
+        );
+        let child = Command::new("bash")
+            .arg(repo_root().join("scripts/systemd-sandbox.sh"))
+            .args(["--", "bash", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("systemd-sandbox.sh starts");
+        let mut sandbox = SystemdSandbox {
+            child,
+            env: Vec::new(),
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !env_file.exists() {
+            if let Ok(Some(status)) = sandbox.child.try_wait() {
+                let mut err = String::new();
+                if let Some(mut e) = sandbox.child.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                panic!("systemd-sandbox.sh exited ({status}): {err}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the systemd sandbox did not start in 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let text = std::fs::read_to_string(&env_file).unwrap();
+        sandbox.env = text
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .filter(|(k, _)| {
+                matches!(
+                    *k,
+                    "DBUS_SESSION_BUS_ADDRESS"
+                        | "XDG_RUNTIME_DIR"
+                        | "XDG_CONFIG_HOME"
+                        | "SDSANDBOX_DIR"
+                )
+            })
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        sandbox
+    }
+
+    pub fn var(&self, key: &str) -> &str {
+        self.env
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_else(|| panic!("{key} is not set by the sandbox"))
+    }
+
+    /// Run `systemctl --user ARGS` against the sandbox's manager (for assertions only; the
+    /// agent itself never shells out to systemctl).
+    pub fn systemctl(&self, args: &[&str]) -> Output {
+        Command::new("systemctl")
+            .arg("--user")
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .expect("systemctl runs")
+    }
+}
+
+impl Drop for SystemdSandbox {
+    fn drop(&mut self) {
+        // SIGTERM: the sandbox script's trap stops the manager and cleans up.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// Poll `f` every 100 ms until it returns `Some`, for at most `secs` seconds.
+pub fn eventually<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// GET http://127.0.0.1:PORT/PATH with a plain socket; the status and body, or `None`.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut response = String::new();
+    s.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((status, body))
+}

@@ -6,7 +6,7 @@
 //! atomic between processes on the host. The ETag is the quoted sha256 of the content.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Write};
+use std::io::ErrorKind;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -110,7 +110,7 @@ impl FileStore {
                 }
             }
         }
-        write_atomically(&path, bytes)?;
+        crate::fsutil::write_atomically(&path, bytes, 0o644).map_err(Self::io("write", &path))?;
         Ok(etag_of(bytes))
     }
 
@@ -158,30 +158,6 @@ impl FileStore {
         }
         Ok(keys)
     }
-}
-
-/// Write `bytes` to `path` so that readers see the old content or the new, never a part:
-/// temp file in the same directory, fsync, rename, fsync the directory. Mode 0644.
-pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let dir = path.parent().expect("a file has a parent directory");
-    let mut tmp = tempfile::Builder::new()
-        .prefix(TEMP_PREFIX)
-        .tempfile_in(dir)
-        .map_err(FileStore::io("create temporary file in", dir))?;
-    tmp.write_all(bytes)
-        .map_err(FileStore::io("write", tmp.path()))?;
-    tmp.as_file()
-        .set_permissions(fs::Permissions::from_mode(0o644))
-        .map_err(FileStore::io("chmod", tmp.path()))?;
-    tmp.as_file()
-        .sync_all()
-        .map_err(FileStore::io("fsync", tmp.path()))?;
-    tmp.persist(path)
-        .map_err(|e| FileStore::io("rename into", path)(e.error))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(FileStore::io("fsync", dir))?;
-    Ok(())
 }
 
 /// The file store's ETag: the quoted sha256 of the content.

@@ -1,0 +1,508 @@
+//! One reconcile pass, and the loop around it.
+//!
+//! `run_once`: lock → one conditional GET of `manifest.json` → unchanged: repair drift from
+//! the state alone (no further store request) → changed: validate, plan, apply each step
+//! with its own error boundary, saving the state after each → remove what is no longer
+//! declared → save. A failed deploy restores the previous unit (and so the previous
+//! artifact) and records the failure so the same spec is not retried.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use deploy_manifest::model::{Manifest, Service};
+use deploy_manifest::repo::{CURRENT_KEY, rfc3339};
+use deploy_manifest::store::{Fetched, ObjectStore};
+use deploy_manifest::validate::parse_manifest;
+use serde::Serialize;
+use tracing::Instrument;
+
+use crate::AgentError;
+use crate::config::{AgentConfig, current_uid};
+use crate::health::{Probes, wait_healthy};
+use crate::plan::{Step, plan, spec_hash, unit_name};
+use crate::state::{Failure, Generation, Health, RunLock, ServiceState, State};
+use crate::systemd::ServiceManager;
+use crate::unit::{UnitSpec, check_unit_name, split_command};
+use crate::{fetch, secrets};
+
+/// What one run did.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunReport {
+    /// `manifest.json` was unchanged since the last run.
+    pub unchanged: bool,
+    pub manifest_version: Option<String>,
+    pub deployed: Vec<String>,
+    pub kept: Vec<String>,
+    pub repaired: Vec<String>,
+    pub skipped: Vec<String>,
+    pub removed: Vec<String>,
+    /// Service → why its deploy failed (it was rolled back).
+    pub failed: Vec<(String, String)>,
+    /// A failure on this host's side (secrets file, fetch) that the next run retries.
+    pub retry: bool,
+}
+
+pub struct Agent<S, M> {
+    pub store: S,
+    pub manager: M,
+    pub config: AgentConfig,
+}
+
+fn now() -> String {
+    rfc3339(SystemTime::now())
+}
+
+impl<S: ObjectStore, M> Agent<S, M> {
+    /// Fetch and validate the current manifest (for `plan`).
+    pub async fn fetch_manifest(&self) -> Result<Manifest, AgentError> {
+        match self.store.get(CURRENT_KEY, None).await? {
+            Fetched::Found { bytes, .. } => Ok(parse_manifest(&bytes, &self.manifest_origin())?),
+            _ => Err(deploy_manifest::Error::NotInitialized {
+                url: self.store.url().to_owned(),
+            }
+            .into()),
+        }
+    }
+
+    fn manifest_origin(&self) -> String {
+        format!("{}/{CURRENT_KEY}", self.store.url())
+    }
+}
+
+impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
+    fn unit_path(&self, unit: &str) -> PathBuf {
+        self.config.unit_dir.join(unit)
+    }
+
+    /// One reconcile pass.
+    pub async fn run_once(&self) -> Result<RunReport, AgentError> {
+        let span = tracing::info_span!("run", host = %self.config.host);
+        self.run_once_inner().instrument(span).await
+    }
+
+    async fn run_once_inner(&self) -> Result<RunReport, AgentError> {
+        let dir = &self.config.state_dir;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| AgentError::io(format!("creating {}", dir.display()), e))?;
+        let _lock = RunLock::acquire(dir)?;
+        let mut state = State::load(dir, &self.config.host)?;
+        state.host = self.config.host.clone();
+        state.last_poll = Some(now());
+
+        let fetched = self
+            .store
+            .get(CURRENT_KEY, state.manifest_etag.as_deref())
+            .await;
+        let (manifest, etag) = match fetched {
+            Ok(Fetched::NotModified) => {
+                let report = self.repair_drift(&mut state).await;
+                tracing::info!(
+                    kept = report.kept.len(),
+                    repaired = report.repaired.len(),
+                    "manifest unchanged"
+                );
+                state.last_error = None;
+                state.last_success = Some(now());
+                state.save(dir)?;
+                return Ok(report);
+            }
+            Ok(Fetched::Found { bytes, etag }) => {
+                match parse_manifest(&bytes, &self.manifest_origin()) {
+                    Ok(m) => (m, etag),
+                    Err(invalid) => return self.fail_run(&mut state, invalid.into()),
+                }
+            }
+            Ok(Fetched::NotFound) => {
+                let e = deploy_manifest::Error::NotInitialized {
+                    url: self.store.url().to_owned(),
+                };
+                return self.fail_run(&mut state, e.into());
+            }
+            Err(e) => return self.fail_run(&mut state, e.into()),
+        };
+
+        let mut report = RunReport {
+            manifest_version: manifest.version.clone(),
+            ..RunReport::default()
+        };
+        let steps = plan(&manifest, &state, &self.config.host);
+        for step in &steps {
+            let name = step.service().to_owned();
+            let span = tracing::info_span!("service", service = %name);
+            async {
+                match step {
+                    Step::Keep { .. } => {
+                        if self.ensure_running(&name, &mut state).await {
+                            report.repaired.push(name.clone());
+                        } else {
+                            report.kept.push(name.clone());
+                        }
+                    }
+                    Step::Skip { reason, .. } => {
+                        tracing::warn!(%reason, "not retrying a deploy that failed");
+                        report.skipped.push(name.clone());
+                    }
+                    Step::Remove { .. } => match self.remove(&name, &mut state).await {
+                        Ok(()) => report.removed.push(name.clone()),
+                        Err(e) => report.failed.push((name.clone(), e.to_string())),
+                    },
+                    Step::Deploy { .. } => {
+                        let service = manifest.service(&name).expect("planned from it");
+                        match self.deploy(service, &manifest, &mut state).await {
+                            Ok(()) => report.deployed.push(name.clone()),
+                            Err((e, retry)) => {
+                                report.retry |= retry;
+                                report.failed.push((name.clone(), e));
+                            }
+                        }
+                    }
+                }
+            }
+            .instrument(span)
+            .await;
+            // A crash after this point loses nothing that is done.
+            state.save(dir)?;
+        }
+
+        state.manifest_version = manifest.version.clone();
+        // Remembering the ETag makes the next poll a cheap 304; forget it when a host-side
+        // problem (secrets file, fetch) should be retried with a full plan.
+        state.manifest_etag = (!report.retry).then_some(etag);
+        state.last_error = None;
+        if report.failed.is_empty() {
+            state.last_success = Some(now());
+        }
+        state.save(dir)?;
+        if !report.failed.is_empty() {
+            for (service, error) in &report.failed {
+                tracing::error!(%service, %error, "deploy failed and was rolled back");
+            }
+        }
+        Ok(report)
+    }
+
+    fn fail_run(&self, state: &mut State, e: AgentError) -> Result<RunReport, AgentError> {
+        tracing::error!(error = %e, "run failed; nothing on this host was changed");
+        state.last_error = Some(e.to_string());
+        state.save(&self.config.state_dir)?;
+        Err(e)
+    }
+
+    /// With an unchanged manifest: every deployed unit is in place and running.
+    async fn repair_drift(&self, state: &mut State) -> RunReport {
+        let mut report = RunReport {
+            unchanged: true,
+            manifest_version: state.manifest_version.clone(),
+            ..RunReport::default()
+        };
+        let names: Vec<String> = state.services.keys().cloned().collect();
+        for name in names {
+            let span = tracing::info_span!("service", service = %name);
+            if self.ensure_running(&name, state).instrument(span).await {
+                report.repaired.push(name);
+            } else {
+                report.kept.push(name);
+            }
+        }
+        report
+    }
+
+    /// Make sure a deployed service's unit file is as recorded and the unit is active.
+    /// Returns whether anything had to be repaired.
+    async fn ensure_running(&self, name: &str, state: &mut State) -> bool {
+        let Some(entry) = state.services.get_mut(name) else {
+            return false;
+        };
+        let Some(current) = entry.current.clone() else {
+            return false;
+        };
+        let path = self.unit_path(&entry.unit);
+        let on_disk = std::fs::read_to_string(&path).ok();
+        let file_ok = on_disk.as_deref() == Some(current.unit_file.as_str());
+        let active = match self.manager.status(&entry.unit).await {
+            Ok(s) => s.is_active(),
+            Err(e) => {
+                entry.last_error = Some(e.to_string());
+                return false;
+            }
+        };
+        if file_ok && active {
+            return false;
+        }
+        tracing::warn!(file_ok, active, "drift: restoring the recorded generation");
+        let result = async {
+            if !file_ok {
+                self.write_unit(&entry.unit, &current.unit_file)?;
+                self.manager.reload().await?;
+            }
+            self.manager.restart(&entry.unit).await?;
+            Ok::<(), AgentError>(())
+        }
+        .await;
+        entry.last_error = result.err().map(|e| e.to_string());
+        entry.health = if entry.last_error.is_none() {
+            Health::Healthy
+        } else {
+            Health::Unhealthy
+        };
+        entry.updated_at = Some(now());
+        true
+    }
+
+    fn write_unit(&self, unit: &str, content: &str) -> Result<(), AgentError> {
+        check_unit_name(unit)?;
+        let dir = &self.config.unit_dir;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| AgentError::io(format!("creating {}", dir.display()), e))?;
+        let path = self.unit_path(unit);
+        deploy_manifest::fsutil::write_atomically(&path, content.as_bytes(), 0o644)
+            .map_err(|e| AgentError::io(format!("writing {}", path.display()), e))
+    }
+
+    /// The unit for `service` running the artifact at `artifact`.
+    fn render_unit(
+        &self,
+        service: &Service,
+        artifact: &Path,
+        env_file: Option<PathBuf>,
+    ) -> Result<String, AgentError> {
+        let exec = service.exec.as_ref();
+        let mut argv = match exec.and_then(|e| e.command.as_deref()) {
+            Some(line) => split_command(line)?,
+            None => vec![format!("bin/{}", service.name)],
+        };
+        if !argv[0].starts_with('/') {
+            argv[0] = artifact.join(&argv[0]).display().to_string();
+        }
+        let system = !self.config.user;
+        let spec = UnitSpec {
+            description: format!("deployer: {}", service.name),
+            exec_start: argv,
+            working_directory: Some(artifact.to_path_buf()),
+            user: exec.and_then(|e| e.user.clone()).filter(|_| system),
+            group: exec.and_then(|e| e.group.clone()).filter(|_| system),
+            environment: service.env.clone(),
+            environment_files: env_file.into_iter().collect(),
+            log_file: self.config.user.then(|| {
+                self.config
+                    .state_dir
+                    .join("logs")
+                    .join(format!("{}.log", service.name))
+            }),
+            hardening: system,
+        };
+        Ok(spec.render()?)
+    }
+
+    /// Deploy one service; on failure, restore what ran before and record why. A failure of
+    /// the new generation itself (it did not start or was unhealthy) marks its spec as
+    /// failed, not to be retried; a failure before anything was touched (secrets file,
+    /// fetch) is retried by the next run (`Err((why, true))`).
+    async fn deploy(
+        &self,
+        service: &Service,
+        manifest: &Manifest,
+        state: &mut State,
+    ) -> Result<(), (String, bool)> {
+        let unit = unit_name(&service.name);
+        let entry = state
+            .services
+            .entry(service.name.clone())
+            .or_insert_with(|| ServiceState {
+                unit: unit.clone(),
+                ..ServiceState::default()
+            });
+        entry.unit = unit.clone();
+        let previous = entry.current.clone();
+        let hash = spec_hash(service);
+        let outcome = self.try_deploy(service, &unit, &hash, manifest).await;
+        let entry = state
+            .services
+            .get_mut(&service.name)
+            .expect("inserted above");
+        entry.updated_at = Some(now());
+        match outcome {
+            Ok(generation) => {
+                tracing::info!(artifact = %generation.artifact.label(), "deployed and healthy");
+                entry.previous = previous;
+                entry.current = Some(generation);
+                entry.health = Health::Healthy;
+                entry.failed = None;
+                entry.last_error = None;
+                Ok(())
+            }
+            Err((error, false)) => {
+                let error = error.to_string();
+                tracing::error!(%error, "deploy not attempted; the next run retries");
+                entry.last_error = Some(error.clone());
+                Err((error, true))
+            }
+            Err((error, true)) => {
+                let error = error.to_string();
+                tracing::error!(%error, "deploy failed; restoring the previous generation");
+                let restored = self.restore(&unit, previous.as_ref()).await;
+                let mut message = error.clone();
+                entry.health = match (restored, &previous) {
+                    (Ok(()), Some(prev)) => {
+                        // Probe the restored generation (with the manifest's health settings).
+                        let probes = Probes::of(service, Path::new(&prev.path));
+                        match wait_healthy(&self.manager, &unit, &probes, self.config.settle).await
+                        {
+                            Ok(()) => Health::Healthy,
+                            Err(e) => {
+                                message = format!(
+                                    "{message}; the restored previous generation is unhealthy too: {e}"
+                                );
+                                Health::Unhealthy
+                            }
+                        }
+                    }
+                    (Ok(()), None) => Health::Unknown,
+                    (Err(e), _) => {
+                        message = format!(
+                            "{message}; restoring the previous generation also failed: {e}"
+                        );
+                        Health::Unhealthy
+                    }
+                };
+                entry.failed = Some(Failure {
+                    spec_hash: hash,
+                    artifact: service.artifact.clone(),
+                    version: manifest.version.clone(),
+                    error: message.clone(),
+                    at: now(),
+                });
+                entry.last_error = Some(message.clone());
+                Err((message, false))
+            }
+        }
+    }
+
+    /// The deploy steps. The error says whether the unit was touched (and so must be
+    /// restored).
+    async fn try_deploy(
+        &self,
+        service: &Service,
+        unit: &str,
+        hash: &str,
+        manifest: &Manifest,
+    ) -> Result<Generation, (AgentError, bool)> {
+        let untouched = |e: AgentError| (e, false);
+        let owner = if self.config.user { current_uid() } else { 0 };
+        let env_file = secrets::env_file(
+            &service.name,
+            service.env_file.as_deref(),
+            &self.config.secrets_dir,
+            owner,
+        )
+        .map_err(untouched)?;
+        let artifact = fetch::ensure(&self.store, &service.artifact, &self.config.state_dir)
+            .await
+            .map_err(untouched)?;
+        let unit_file = self
+            .render_unit(service, &artifact, env_file)
+            .map_err(untouched)?;
+        if self.config.user {
+            let logs = self.config.state_dir.join("logs");
+            std::fs::create_dir_all(&logs).map_err(|e| {
+                untouched(AgentError::io(format!("creating {}", logs.display()), e))
+            })?;
+        }
+        let touched = |e: AgentError| (e, true);
+        self.write_unit(unit, &unit_file).map_err(touched)?;
+        self.manager.reload().await.map_err(|e| touched(e.into()))?;
+        self.manager
+            .restart(unit)
+            .await
+            .map_err(|e| touched(e.into()))?;
+        let probes = Probes::of(service, &artifact);
+        wait_healthy(&self.manager, unit, &probes, self.config.settle)
+            .await
+            .map_err(|detail| touched(AgentError::Unhealthy(detail)))?;
+        Ok(Generation {
+            artifact: service.artifact.clone(),
+            path: artifact.display().to_string(),
+            spec_hash: hash.to_owned(),
+            version: manifest.version.clone(),
+            deployed_at: now(),
+            unit_file,
+        })
+    }
+
+    /// Put the previous generation back (or, for a first deploy, stop and remove the unit).
+    async fn restore(&self, unit: &str, previous: Option<&Generation>) -> Result<(), AgentError> {
+        // Stop first: a failed unit may have an automatic restart pending, which would
+        // otherwise fire after the previous generation is back.
+        let _ = self.manager.stop(unit).await;
+        match previous {
+            Some(g) => {
+                self.write_unit(unit, &g.unit_file)?;
+                self.manager.reload().await?;
+                self.manager.restart(unit).await?;
+            }
+            None => {
+                let path = self.unit_path(unit);
+                if path.exists() {
+                    std::fs::remove_file(&path)
+                        .map_err(|e| AgentError::io(format!("removing {}", path.display()), e))?;
+                }
+                self.manager.reload().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stop and remove a service no longer declared for this host. Its artifacts, data and
+    /// secrets stay.
+    async fn remove(&self, name: &str, state: &mut State) -> Result<(), AgentError> {
+        let unit = state
+            .services
+            .get(name)
+            .map(|s| s.unit.clone())
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| unit_name(name));
+        let path = self.unit_path(&unit);
+        if path.exists() {
+            self.manager.stop(&unit).await?;
+            std::fs::remove_file(&path)
+                .map_err(|e| AgentError::io(format!("removing {}", path.display()), e))?;
+            self.manager.reload().await?;
+        }
+        state.services.remove(name);
+        tracing::info!("removed (artifacts, data and secrets are kept)");
+        Ok(())
+    }
+
+    /// `deployer-agent run`: reconcile every `interval` (with up to 10 % jitter), backing
+    /// off after failures, until the process is stopped.
+    pub async fn run_forever(&self) -> ! {
+        let mut failures: u32 = 0;
+        loop {
+            let wait = match self.run_once().await {
+                Ok(report) if report.failed.is_empty() => {
+                    failures = 0;
+                    self.config.interval
+                }
+                Ok(_) => self.config.interval,
+                Err(e) => {
+                    failures += 1;
+                    let backoff = Duration::from_secs(5u64 << failures.min(6));
+                    tracing::error!(error = %e, retry_in = ?backoff.min(self.config.interval), "run failed");
+                    backoff.min(self.config.interval)
+                }
+            };
+            tokio::time::sleep(jitter(wait)).await;
+        }
+    }
+}
+
+/// `d` plus up to 10 %.
+fn jitter(d: Duration) -> Duration {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos() as u128;
+    let extra = d.as_millis() / 10 * nanos / 1_000_000_000;
+    d + Duration::from_millis(extra as u64)
+}

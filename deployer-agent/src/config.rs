@@ -1,0 +1,67 @@
+//! The agent's settings: command-line flags, the environment, or a TOML file (`--config`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub store: String,
+    pub host: String,
+    pub state_dir: PathBuf,
+    pub secrets_dir: PathBuf,
+    pub unit_dir: PathBuf,
+    /// Drive the user's manager on the session bus instead of the system manager.
+    pub user: bool,
+    pub interval: Duration,
+    /// How long a unit without health probes must stay active to count as healthy.
+    pub settle: Duration,
+}
+
+/// `--config FILE`: the same settings, kebab-case keys; flags win over the file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ConfigFile {
+    pub store: Option<String>,
+    pub host: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub secrets_dir: Option<PathBuf>,
+    pub unit_dir: Option<PathBuf>,
+    pub user: Option<bool>,
+    pub interval: Option<String>,
+    pub settle: Option<String>,
+}
+
+impl ConfigFile {
+    pub fn load(path: &std::path::Path) -> Result<ConfigFile, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| {
+            format!(
+                "{}: {}",
+                path.display(),
+                e.to_string().lines().collect::<Vec<_>>().join(" ")
+            )
+        })
+    }
+}
+
+/// The unit directory by default: the runtime directory, so NixOS's read-only /etc is
+/// never touched (`/run/systemd/system`, or `$XDG_RUNTIME_DIR/systemd/user` with --user).
+pub fn default_unit_dir(user: bool) -> PathBuf {
+    if user {
+        let runtime = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(format!("/run/user/{}", current_uid())));
+        runtime.join("systemd/user")
+    } else {
+        PathBuf::from("/run/systemd/system")
+    }
+}
+
+pub fn current_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(0)
+}

@@ -1,0 +1,211 @@
+//! Put an artifact on this host, verified, or fail without installing anything.
+//!
+//! - Archives: download to a temp dir under `<state>/store/`, hashing while streaming;
+//!   a sha256 or size mismatch is refused; unpack (escapes refused), make read-only, then
+//!   rename to `<state>/store/<sha256>-<name>`. A directory of that name was only ever
+//!   created by that rename, so it is trusted as is.
+//! - Nix store paths: used as is if the host's store has them; otherwise the closure's
+//!   narinfos and NARs are fetched from the store's `nix-cache/` into a local binary cache
+//!   and imported with `nix copy --from`, which checks every NAR's hash.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use deploy_manifest::archive;
+use deploy_manifest::model::{ArchiveRef, Artifact};
+use deploy_manifest::store::{Fetched, ObjectStore};
+
+use crate::AgentError;
+
+/// Where the artifact is (or will be) on this host.
+pub fn local_path(artifact: &Artifact, state_dir: &Path) -> PathBuf {
+    match artifact {
+        Artifact::StorePath(p) => PathBuf::from(p),
+        Artifact::Archive(a) => state_dir
+            .join("store")
+            .join(format!("{}-{}", a.sha256, a.name)),
+    }
+}
+
+pub async fn ensure(
+    store: &impl ObjectStore,
+    artifact: &Artifact,
+    state_dir: &Path,
+) -> Result<PathBuf, AgentError> {
+    match artifact {
+        Artifact::Archive(a) => ensure_archive(store, a, state_dir).await,
+        Artifact::StorePath(p) => ensure_store_path(store, p, state_dir).await,
+    }
+}
+
+async fn ensure_archive(
+    store: &impl ObjectStore,
+    a: &ArchiveRef,
+    state_dir: &Path,
+) -> Result<PathBuf, AgentError> {
+    let dest = local_path(&Artifact::Archive(a.clone()), state_dir);
+    if dest.is_dir() {
+        return Ok(dest);
+    }
+    tracing::info!(artifact = %a.key(), "fetching");
+    let store_dir = state_dir.join("store");
+    std::fs::create_dir_all(&store_dir)
+        .map_err(|e| AgentError::io(format!("creating {}", store_dir.display()), e))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempdir_in(&store_dir)
+        .map_err(|e| {
+            AgentError::io(format!("creating a temp dir in {}", store_dir.display()), e)
+        })?;
+    let file = tmp.path().join("archive");
+    let got = store
+        .get_to_file(&a.key(), &file, &())
+        .await?
+        .ok_or_else(|| AgentError::Fetch {
+            artifact: a.key(),
+            detail: "not in the store; re-run push for this service".into(),
+        })?;
+    if got.sha256 != a.sha256 || got.size != a.size {
+        return Err(AgentError::Fetch {
+            artifact: a.key(),
+            detail: format!(
+                "hash mismatch: the manifest says sha256 {} ({} bytes), the store has {} ({} bytes); refusing to install it",
+                a.sha256, a.size, got.sha256, got.size
+            ),
+        });
+    }
+    let root = tmp.path().join("root");
+    let format = a.format.unwrap_or_default();
+    let (file2, root2) = (file.clone(), root.clone());
+    tokio::task::spawn_blocking(move || -> Result<(), archive::ArchiveError> {
+        std::fs::create_dir(&root2).map_err(|e| archive::ArchiveError::Io {
+            op: "create",
+            path: root2.display().to_string(),
+            source: e,
+        })?;
+        let input = std::fs::File::open(&file2).map_err(|e| archive::ArchiveError::Io {
+            op: "open",
+            path: file2.display().to_string(),
+            source: e,
+        })?;
+        archive::unpack(std::io::BufReader::new(input), format, &root2)?;
+        archive::make_read_only(&root2)
+    })
+    .await
+    .expect("unpacking does not panic")
+    .map_err(|e| AgentError::Fetch {
+        artifact: a.key(),
+        detail: e.to_string(),
+    })?;
+    std::fs::rename(&root, &dest)
+        .map_err(|e| AgentError::io(format!("installing {}", dest.display()), e))?;
+    Ok(dest)
+}
+
+fn hash_part(store_path_or_name: &str) -> &str {
+    let base = store_path_or_name
+        .strip_prefix("/nix/store/")
+        .unwrap_or(store_path_or_name);
+    base.split('-').next().unwrap_or(base)
+}
+
+async fn ensure_store_path(
+    store: &impl ObjectStore,
+    path: &str,
+    state_dir: &Path,
+) -> Result<PathBuf, AgentError> {
+    if Path::new(path).exists() {
+        return Ok(PathBuf::from(path));
+    }
+    tracing::info!(store_path = %path, "fetching the closure");
+    let fail = |detail: String| AgentError::Fetch {
+        artifact: path.to_owned(),
+        detail,
+    };
+    let mirror = state_dir.join("nix-cache");
+    std::fs::create_dir_all(mirror.join("nar"))
+        .map_err(|e| AgentError::io(format!("creating {}", mirror.display()), e))?;
+    let info = match store.get("nix-cache/nix-cache-info", None).await? {
+        Fetched::Found { bytes, .. } => bytes,
+        _ => {
+            return Err(fail(
+                "the store has no nix-cache/; push this service with a nix builder".into(),
+            ));
+        }
+    };
+    write(&mirror.join("nix-cache-info"), &info)?;
+    let mut queue = vec![hash_part(path).to_owned()];
+    let mut seen = BTreeSet::new();
+    while let Some(hash) = queue.pop() {
+        if !seen.insert(hash.clone()) {
+            continue;
+        }
+        let key = format!("nix-cache/{hash}.narinfo");
+        let bytes = match store.get(&key, None).await? {
+            Fetched::Found { bytes, .. } => bytes,
+            _ => {
+                return Err(fail(format!(
+                    "{key} is not in the store; re-run push for this service"
+                )));
+            }
+        };
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()))
+        };
+        let url = field("URL:").ok_or_else(|| fail(format!("{key} has no URL")))?;
+        if url.contains("..") || url.starts_with('/') {
+            return Err(fail(format!("{key} has an unsafe URL {url:?}")));
+        }
+        let nar = mirror.join(&url);
+        if !nar.exists() {
+            if let Some(dir) = nar.parent() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| AgentError::io(format!("creating {}", dir.display()), e))?;
+            }
+            store
+                .get_to_file(&format!("nix-cache/{url}"), &nar, &())
+                .await?
+                .ok_or_else(|| fail(format!("nix-cache/{url} is missing; re-run push")))?;
+        }
+        write(&mirror.join(format!("{hash}.narinfo")), &bytes)?;
+        for reference in field("References:").unwrap_or_default().split_whitespace() {
+            if !Path::new("/nix/store").join(reference).exists() {
+                queue.push(hash_part(reference).to_owned());
+            }
+        }
+    }
+    let from = format!("file://{}", mirror.display());
+    let (p, f) = (path.to_owned(), from.clone());
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("nix")
+            .args([
+                "--extra-experimental-features",
+                "nix-command",
+                "copy",
+                "--no-check-sigs",
+                "--from",
+                &f,
+                &p,
+            ])
+            .stdin(Stdio::null())
+            .output()
+    })
+    .await
+    .expect("nix copy does not panic")
+    .map_err(|e| fail(format!("cannot run nix: {e}; install Nix on this host")))?;
+    if !output.status.success() || !Path::new(path).exists() {
+        return Err(fail(format!(
+            "nix copy --from {from} failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    Ok(PathBuf::from(path))
+}
+
+fn write(path: &Path, bytes: &[u8]) -> Result<(), AgentError> {
+    deploy_manifest::fsutil::write_atomically(path, bytes, 0o644)
+        .map_err(|e| AgentError::io(format!("writing {}", path.display()), e))
+}

@@ -1,0 +1,84 @@
+//! deployer-agent: the agent on each host. One run ([`agent::Agent::run_once`]) polls the
+//! manifest with one conditional GET, plans ([`plan`]), and converges the host: fetch and
+//! verify artifacts ([`fetch`]), write units ([`unit`]) and apply them over D-Bus
+//! ([`systemd`], the only module that talks to D-Bus), gate on health ([`health`]), roll
+//! back what fails, and record it all in `state.json` ([`state`]).
+
+pub mod agent;
+pub mod config;
+pub mod fetch;
+pub mod health;
+pub mod plan;
+pub mod secrets;
+pub mod state;
+pub mod systemd;
+pub mod unit;
+
+use deploy_manifest::exit;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Manifest(#[from] deploy_manifest::Error),
+    #[error(transparent)]
+    Systemd(#[from] systemd::SystemdError),
+    #[error(transparent)]
+    Unit(#[from] unit::UnitError),
+    #[error("{service}: secrets file {path}: {detail}")]
+    Secrets {
+        service: String,
+        path: String,
+        detail: String,
+    },
+    #[error("artifact {artifact}: {detail}")]
+    Fetch { artifact: String, detail: String },
+    #[error("health check failed: {0}")]
+    Unhealthy(String),
+    #[error("state {path}: {detail}")]
+    State { path: String, detail: String },
+    #[error("another run holds {lock}; try again when it is done")]
+    Busy { lock: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{failed} of {total} services failed to deploy; see `deployer-agent status`")]
+    ServicesFailed { failed: usize, total: usize },
+}
+
+impl From<deploy_manifest::StoreError> for AgentError {
+    fn from(e: deploy_manifest::StoreError) -> Self {
+        AgentError::Manifest(e.into())
+    }
+}
+
+impl From<deploy_manifest::Invalid> for AgentError {
+    fn from(e: deploy_manifest::Invalid) -> Self {
+        AgentError::Manifest(e.into())
+    }
+}
+
+/// Exit code when some services failed to deploy (the others were applied).
+pub const EXIT_SERVICES_FAILED: i32 = 8;
+/// Exit code when another run holds the lock.
+pub const EXIT_BUSY: i32 = 9;
+
+impl AgentError {
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        AgentError::Io {
+            what: what.into(),
+            source,
+        }
+    }
+
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            AgentError::Manifest(e) => e.exit_code(),
+            AgentError::ServicesFailed { .. } => EXIT_SERVICES_FAILED,
+            AgentError::Busy { .. } => EXIT_BUSY,
+            _ => exit::FAILURE,
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! `state.json`: what this host runs, as the agent last left it. Written atomically (temp
+//! file, fsync, rename), so a crash at any point leaves the old state or the new one, never
+//! a torn file. The schema is `schemas/state.schema.json`. No secret is ever stored here.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+
+use deploy_manifest::model::Artifact;
+use serde::{Deserialize, Serialize};
+
+use crate::AgentError;
+
+pub const STATE_FILE: &str = "state.json";
+
+/// The state schema, as committed in `schemas/state.schema.json`.
+pub const STATE_SCHEMA: &str = include_str!("../../schemas/state.schema.json");
+
+/// Check a state document against the schema; the problems as `pointer: message`.
+pub fn validate(state: &serde_json::Value) -> Result<(), Vec<String>> {
+    let schema: serde_json::Value = serde_json::from_str(STATE_SCHEMA).expect("the schema is JSON");
+    let validator = jsonschema::validator_for(&schema).expect("the schema is valid");
+    let problems: Vec<String> = validator
+        .iter_errors(state)
+        .map(|e| format!("{}: {e}", e.instance_path().as_str()))
+        .collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
+}
+const LOCK_FILE: &str = "agent.lock";
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct State {
+    pub schema_version: u32,
+    pub host: String,
+    /// The manifest version last applied (fully or with per-service failures).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_version: Option<String>,
+    /// The ETag `manifest.json` had then: the next poll sends it as `If-None-Match`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_etag: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_poll: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_success: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(default)]
+    pub services: BTreeMap<String, ServiceState>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceState {
+    /// The unit file, e.g. `deployer-hello.service`.
+    pub unit: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current: Option<Generation>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<Generation>,
+    pub health: Health,
+    /// A deploy that failed; its spec is not tried again until the manifest changes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<Failure>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<String>,
+}
+
+/// One deployed generation of a service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Generation {
+    pub artifact: Artifact,
+    /// Where the artifact is on this host.
+    pub path: String,
+    /// sha256 of the service's manifest entry: any change to it is a new generation.
+    pub spec_hash: String,
+    /// The manifest version it came from.
+    pub version: Option<String>,
+    pub deployed_at: String,
+    /// The generated unit file (no secrets: those stay in the env file).
+    pub unit_file: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Failure {
+    pub spec_hash: String,
+    pub artifact: Artifact,
+    pub version: Option<String>,
+    pub error: String,
+    pub at: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    Healthy,
+    Unhealthy,
+    #[default]
+    Unknown,
+}
+
+impl State {
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join(STATE_FILE)
+    }
+
+    /// Read the state; a missing file is a fresh host.
+    pub fn load(state_dir: &Path, host: &str) -> Result<State, AgentError> {
+        let path = Self::path(state_dir);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| AgentError::State {
+                path: path.display().to_string(),
+                detail: format!(
+                    "{e}; it is not valid agent state: move it aside to start fresh (running services are kept, the next run re-deploys)"
+                ),
+            }),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(State {
+                schema_version: 1,
+                host: host.to_owned(),
+                ..State::default()
+            }),
+            Err(e) => Err(AgentError::io(format!("reading {}", path.display()), e)),
+        }
+    }
+
+    /// Write the state atomically.
+    pub fn save(&self, state_dir: &Path) -> Result<(), AgentError> {
+        let path = Self::path(state_dir);
+        let mut bytes = serde_json::to_vec_pretty(self).expect("the state serialises");
+        bytes.push(b'\n');
+        deploy_manifest::fsutil::write_atomically(&path, &bytes, 0o644)
+            .map_err(|e| AgentError::io(format!("writing {}", path.display()), e))
+    }
+}
+
+/// An exclusive lock on the state directory: one run at a time. Held until dropped.
+pub struct RunLock(#[allow(dead_code)] File);
+
+impl RunLock {
+    pub fn acquire(state_dir: &Path) -> Result<RunLock, AgentError> {
+        let path = state_dir.join(LOCK_FILE);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| AgentError::io(format!("opening {}", path.display()), e))?;
+        match file.try_lock() {
+            Ok(()) => Ok(RunLock(file)),
+            Err(std::fs::TryLockError::WouldBlock) => Err(AgentError::Busy {
+                lock: path.display().to_string(),
+            }),
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(AgentError::io(format!("locking {}", path.display()), e))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use deploy_manifest::model::ArchiveRef;
+
+    /// Every field set, struct literals without `..`: a new field must be added here, and
+    /// then the schema must allow it.
+    #[test]
+    fn a_full_state_matches_the_schema() {
+        let generation = Generation {
+            artifact: Artifact::Archive(ArchiveRef {
+                sha256: "a".repeat(64),
+                name: "hello".into(),
+                size: 1,
+                format: None,
+            }),
+            path: "/var/lib/deployer/store/x".into(),
+            spec_hash: "b".repeat(64),
+            version: Some("manifest-20261122T140000Z-3f2a9c1d".into()),
+            deployed_at: "2026-11-22T14:00:00Z".into(),
+            unit_file: "[Unit]\n".into(),
+        };
+        let state = State {
+            schema_version: 1,
+            host: "biz".into(),
+            manifest_version: Some("manifest-20261122T140000Z-3f2a9c1d".into()),
+            manifest_etag: Some("\"e\"".into()),
+            last_poll: Some("2026-11-22T14:00:00Z".into()),
+            last_success: Some("2026-11-22T14:00:00Z".into()),
+            last_error: Some("x".into()),
+            services: [(
+                "hello".to_owned(),
+                ServiceState {
+                    unit: "deployer-hello.service".into(),
+                    current: Some(generation.clone()),
+                    previous: Some(generation.clone()),
+                    health: Health::Unhealthy,
+                    failed: Some(Failure {
+                        spec_hash: "c".repeat(64),
+                        artifact: Artifact::StorePath("/nix/store/x".into()),
+                        version: None,
+                        error: "unhealthy".into(),
+                        at: "2026-11-22T14:00:00Z".into(),
+                    }),
+                    last_error: Some("unhealthy".into()),
+                    updated_at: Some("2026-11-22T14:00:00Z".into()),
+                },
+            )]
+            .into(),
+        };
+        let value = serde_json::to_value(&state).unwrap();
+        assert_eq!(validate(&value), Ok(()));
+        let mut extra = value.clone();
+        extra["services"]["hello"]["typo"] = serde_json::json!(1);
+        assert!(
+            validate(&extra).is_err(),
+            "the schema rejects unknown fields"
+        );
+        assert_eq!(serde_json::from_value::<State>(value).unwrap(), state);
+    }
+}

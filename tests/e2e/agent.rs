@@ -1,0 +1,487 @@
+//! `deployer-agent` against a real systemd user manager (D-Bus), a real S3 server and
+//! file://: deploy, upgrade, a broken release rolled back and not retried, removal, drift
+//! repair, kill -9 mid-apply, bad manifests and unreachable stores.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use deployer_tests::{OutputExt, SystemdSandbox, bin, eventually, free_port, http_get, run_in};
+use serde_json::{Value, json};
+
+use crate::fixture::Fixture;
+
+const HELLO: &str = include_str!("../../examples/hello/bin/hello");
+
+/// A host: a systemd sandbox, a state dir, a secrets dir, and the store it polls.
+struct Host {
+    sandbox: SystemdSandbox,
+    dir: tempfile::TempDir,
+}
+
+impl Host {
+    fn new() -> Host {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("secrets")).unwrap();
+        std::fs::set_permissions(
+            dir.path().join("secrets"),
+            std::fs::Permissions::from_mode(0o700),
+        )
+        .unwrap();
+        Host {
+            sandbox: SystemdSandbox::start(),
+            dir,
+        }
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn env(&self, fx: &Fixture) -> Vec<(String, String)> {
+        let mut env = fx.env.clone();
+        env.extend(self.sandbox.env.iter().cloned());
+        env
+    }
+
+    fn args<'a>(&'a self, extra: &[&'a str]) -> Vec<String> {
+        let mut args = vec![
+            "--user".to_owned(),
+            "--host".to_owned(),
+            "biz".to_owned(),
+            "--state-dir".to_owned(),
+            self.state_dir().display().to_string(),
+            "--secrets-dir".to_owned(),
+            self.dir.path().join("secrets").display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+
+    fn agent(&self, fx: &Fixture, extra: &[&str]) -> Output {
+        let args = self.args(extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        deployer_tests::run("deployer-agent", &args, &self.env(fx), None)
+    }
+
+    fn run_once(&self, fx: &Fixture) -> Output {
+        self.agent(fx, &["run", "--once"])
+    }
+
+    fn state(&self) -> Value {
+        let bytes = std::fs::read(self.state_dir().join("state.json")).expect("state.json exists");
+        let state: Value = serde_json::from_slice(&bytes).expect("state.json is valid JSON");
+        // Every state the agent leaves behind matches schemas/state.schema.json.
+        if let Err(problems) = deployer_agent::state::validate(&state) {
+            panic!("state.json does not match its schema: {problems:?}\n{state:#}");
+        }
+        state
+    }
+
+    fn unit_file(&self, service: &str) -> PathBuf {
+        Path::new(self.sandbox.var("XDG_RUNTIME_DIR"))
+            .join(format!("systemd/user/deployer-{service}.service"))
+    }
+
+    fn is_active(&self, service: &str) -> String {
+        let unit = format!("deployer-{service}.service");
+        self.sandbox
+            .systemctl(&["is-active", &unit])
+            .stdout_str()
+            .trim()
+            .to_owned()
+    }
+}
+
+/// A developer's repository that builds the hello service with a given version.
+struct App {
+    dir: tempfile::TempDir,
+}
+
+impl App {
+    fn new() -> App {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("deploy.toml"),
+            "[namespaces.\"Examples/Hello.py\"]\ncommand = \"true\"\noutput = \"app\"\n",
+        )
+        .unwrap();
+        std::fs::create_dir_all(dir.path().join("app/bin")).unwrap();
+        App { dir }
+    }
+
+    /// Build `version`; `crash` makes the program exit at once (a broken release).
+    fn set_version(&self, version: &str, crash: bool) {
+        let bin = self.dir.path().join("app/bin/hello");
+        let program = if crash {
+            "#!/bin/sh\necho 'broken release' >&2\nexit 3\n".to_owned()
+        } else {
+            HELLO.to_owned()
+        };
+        std::fs::write(&bin, program).unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(self.dir.path().join("app/VERSION"), version).unwrap();
+    }
+
+    fn push(&self, fx: &Fixture) {
+        run_in(self.dir.path(), "push.sh", &["Examples/Hello.py"], &fx.env).ok();
+    }
+}
+
+fn declare_hello(fx: &Fixture, port: u16) {
+    fx.dm(&["init"]).ok();
+    let service = json!({
+        "name": "hello", "namespace": "Examples/Hello.py",
+        "artifact": {"storePath": "/nix/store/placeholder"}, "hosts": ["biz"],
+        "env": {"PORT": port.to_string()},
+        "http": {"domain": "hello.test", "internalPort": port},
+        "health": {"http": {"path": "/healthz"}, "timeout": "20s", "interval": "200ms"}
+    });
+    fx.dm(&["add-service", &service.to_string()]).ok();
+}
+
+/// A host running hello v1 from `fx`, the app that built it, and its port.
+fn hello_v1_running(fx: &Fixture) -> (Host, App, u16) {
+    let host = Host::new();
+    let app = App::new();
+    let port = free_port();
+    declare_hello(fx, port);
+    app.set_version("v1", false);
+    app.push(fx);
+    host.run_once(fx).ok();
+    (host, app, port)
+}
+
+/// Start the agent in the background (to kill it, or to let it loop).
+fn spawn_agent(host: &Host, fx: &Fixture, extra: &[&str]) -> std::process::Child {
+    Command::new(bin("deployer-agent"))
+        .args(host.args(extra))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap())
+        .envs(host.env(fx))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn body(port: u16) -> Option<String> {
+    http_get(port, "/")
+        .filter(|(s, _)| *s == 200)
+        .map(|(_, b)| b)
+}
+
+fn lifecycle(fx: &Fixture) {
+    let host = Host::new();
+    let app = App::new();
+    let port = free_port();
+    declare_hello(fx, port);
+
+    // v1: deployed, healthy, reachable.
+    app.set_version("v1", false);
+    app.push(fx);
+    host.run_once(fx).ok();
+    assert_eq!(body(port).as_deref(), Some("hello from v1\n"));
+    assert_eq!(host.is_active("hello"), "active");
+    let state = host.state();
+    assert_eq!(state["services"]["hello"]["health"], json!("healthy"));
+    let v1_artifact = state["services"]["hello"]["current"]["artifact"].clone();
+    let unit = std::fs::read_to_string(host.unit_file("hello")).unwrap();
+    assert!(unit.contains("Environment=\"PORT="), "{unit}");
+
+    // Nothing changed: one conditional GET, nothing redeployed.
+    let idle = host.agent(fx, &["--json", "run", "--once"]).ok();
+    let report: Value = serde_json::from_slice(&idle.stdout).unwrap();
+    assert_eq!(report["unchanged"], json!(true), "{report}");
+    assert_eq!(report["deployed"], json!([]));
+
+    // v2 replaces v1.
+    app.set_version("v2", false);
+    app.push(fx);
+    let plan = host.agent(fx, &["plan"]).ok().stdout_str();
+    assert!(
+        plan.contains("deploy  hello") && plan.contains("new artifact"),
+        "{plan}"
+    );
+    host.run_once(fx).ok();
+    assert_eq!(body(port).as_deref(), Some("hello from v2\n"));
+    let state = host.state();
+    assert_eq!(
+        state["services"]["hello"]["previous"]["artifact"],
+        v1_artifact
+    );
+
+    // A broken v3: fails its health check, v2 is restored and keeps serving, the failure is
+    // recorded, and v3 is not retried on the next polls.
+    app.set_version("v3", true);
+    app.push(fx);
+    let out = host.run_once(fx);
+    assert_eq!(out.code(), 8, "{}", out.stderr_str());
+    assert!(out.stderr_str().contains("hello:"), "{}", out.stderr_str());
+    assert_eq!(body(port).as_deref(), Some("hello from v2\n"));
+    let state = host.state();
+    let hello = &state["services"]["hello"];
+    assert!(
+        hello["failed"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("health check failed"),
+        "{hello}"
+    );
+    assert!(hello["current"]["path"].as_str().unwrap() != "", "{hello}");
+    assert_eq!(hello["health"], json!("healthy"), "v2 runs again: {hello}");
+    let failed_artifact = hello["failed"]["artifact"].clone();
+    assert_ne!(failed_artifact, hello["current"]["artifact"]);
+    let unit_v2 = std::fs::read_to_string(host.unit_file("hello")).unwrap();
+    assert_eq!(unit_v2, hello["current"]["unitFile"].as_str().unwrap());
+
+    // Touch the manifest (another service's change): v3 is still skipped.
+    fx.dm(&["add-service", r#"{"name": "elsewhere", "artifact": {"storePath": "/nix/store/placeholder"}, "hosts": ["other"]}"#])
+        .ok();
+    let again = host.agent(fx, &["--json", "run", "--once"]).ok();
+    let report: Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(report["skipped"], json!(["hello"]), "{report}");
+    assert_eq!(body(port).as_deref(), Some("hello from v2\n"));
+
+    // Drift: someone stops the unit; the next (idle) run starts it again.
+    host.sandbox
+        .systemctl(&["stop", "deployer-hello.service"])
+        .ok();
+    assert!(body(port).is_none());
+    let repaired = host.agent(fx, &["--json", "run", "--once"]).ok();
+    let report: Value = serde_json::from_slice(&repaired.stdout).unwrap();
+    assert_eq!(report["repaired"], json!(["hello"]), "{report}");
+    assert!(eventually(10, || body(port)).is_some());
+
+    // Removed from the manifest: unit stopped and gone, artifacts kept.
+    fx.dm(&["remove-service", "hello"]).ok();
+    host.run_once(fx).ok();
+    assert!(!host.unit_file("hello").exists());
+    assert_ne!(host.is_active("hello"), "active");
+    assert!(body(port).is_none());
+    assert!(host.state()["services"].get("hello").is_none());
+    assert!(
+        host.state_dir().join("store").read_dir().unwrap().count() >= 2,
+        "artifacts kept"
+    );
+
+    let status = host.agent(fx, &["status"]).ok().stdout_str();
+    assert!(status.contains("host biz"), "{status}");
+}
+
+#[test]
+fn lifecycle_on_file_store() {
+    lifecycle(&Fixture::file());
+}
+
+#[test]
+fn lifecycle_on_s3() {
+    lifecycle(&Fixture::s3());
+}
+
+#[test]
+fn kill_9_mid_apply_then_the_next_run_converges() {
+    let fx = Fixture::file();
+    let (host, app, port) = hello_v1_running(&fx);
+    app.set_version("v2", false);
+    app.push(&fx);
+
+    // Start a run and kill it while it waits for v2's health check (the unit is written
+    // and restarted, state.json still says v1).
+    let mut child = spawn_agent(&host, &fx, &["run", "--once"]);
+    let unit_path = host.unit_file("hello");
+    let v2_sha = artifact_sha(&fx);
+    let written = eventually(30, || {
+        std::fs::read_to_string(&unit_path)
+            .ok()
+            .filter(|u| u.contains(&v2_sha))
+    });
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(written.is_some(), "the run got as far as writing v2's unit");
+
+    // The state is still valid JSON of the old generation, and the next run converges.
+    let state = host.state();
+    assert!(state["services"]["hello"]["current"]["artifact"].is_object());
+    host.run_once(&fx).ok();
+    assert_eq!(body(port).as_deref(), Some("hello from v2\n"));
+    let state = host.state();
+    let current = &state["services"]["hello"]["current"];
+    assert!(
+        current["path"].as_str().unwrap().contains(&v2_sha),
+        "{current}"
+    );
+    assert!(state["services"]["hello"]["failed"].is_null());
+}
+
+/// The sha256 of the hello artifact the manifest names now.
+fn artifact_sha(fx: &Fixture) -> String {
+    let m: Value = serde_json::from_slice(&fx.dm(&["show"]).ok().stdout).unwrap();
+    m["services"][0]["artifact"]["archive"]["sha256"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn bad_manifests_and_unreachable_stores_change_nothing() {
+    let fx = Fixture::file();
+    let (host, _app, port) = hello_v1_running(&fx);
+    let before = host.state()["services"].clone();
+
+    // A schema-invalid manifest.json (written behind the tools' back).
+    let store_dir = PathBuf::from(fx.url.strip_prefix("file://").unwrap());
+    let good = std::fs::read(store_dir.join("manifest.json")).unwrap();
+    std::fs::write(
+        store_dir.join("manifest.json"),
+        r#"{"schemaVersion": 1, "services": [{"name": "hello", "hosts": "biz"}]}"#,
+    )
+    .unwrap();
+    let out = host.run_once(&fx);
+    assert_eq!(out.code(), 3, "{}", out.stderr_str());
+    assert!(
+        out.stderr_str().contains("services[0] (hello)"),
+        "{}",
+        out.stderr_str()
+    );
+    assert_eq!(host.state()["services"], before);
+    assert!(
+        host.state()["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("invalid manifest")
+    );
+    assert_eq!(body(port).as_deref(), Some("hello from v1\n"));
+    std::fs::write(store_dir.join("manifest.json"), good).unwrap();
+
+    // An unreachable S3 store.
+    let closed = free_port();
+    let mut env = host.sandbox.env.clone();
+    env.extend([
+        ("DEPLOY_STORE".to_owned(), "s3://deploy".to_owned()),
+        (
+            "AWS_ENDPOINT_URL".to_owned(),
+            format!("http://127.0.0.1:{closed}"),
+        ),
+        ("AWS_ACCESS_KEY_ID".to_owned(), "x".to_owned()),
+        ("AWS_SECRET_ACCESS_KEY".to_owned(), "x".to_owned()),
+    ]);
+    let args = host.args(&["run", "--once"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = deployer_tests::run("deployer-agent", &args, &env, None);
+    assert_eq!(out.code(), 5, "{}", out.stderr_str());
+    assert!(out.stderr_str().contains("cannot reach the store"));
+    assert_eq!(host.state()["services"], before);
+    assert_eq!(body(port).as_deref(), Some("hello from v1\n"));
+}
+
+#[test]
+fn secrets_file_with_wrong_mode_is_refused_with_the_fix() {
+    let fx = Fixture::file();
+    let host = Host::new();
+    let app = App::new();
+    let port = free_port();
+    declare_hello(&fx, port);
+    let secrets = host.dir.path().join("secrets/hello.env");
+    std::fs::write(&secrets, "API_TOKEN=s3cr3t-value\n").unwrap();
+    std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o644)).unwrap();
+    app.set_version("v1", false);
+    app.push(&fx);
+    let out = host.run_once(&fx);
+    assert_eq!(out.code(), 8);
+    assert!(
+        out.stderr_str().contains("chmod 600"),
+        "{}",
+        out.stderr_str()
+    );
+    assert!(!host.unit_file("hello").exists(), "nothing was installed");
+
+    // Fixed on the host, nothing changed in the manifest: the next run deploys, the unit
+    // references the file, and the value is nowhere but there.
+    std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = host.run_once(&fx).ok();
+    assert!(body(port).is_some());
+    let unit = std::fs::read_to_string(host.unit_file("hello")).unwrap();
+    assert!(
+        unit.contains(&format!("EnvironmentFile={}", secrets.display())),
+        "{unit}"
+    );
+    for text in [
+        unit,
+        std::fs::read_to_string(host.state_dir().join("state.json")).unwrap(),
+        out.stdout_str(),
+        out.stderr_str(),
+    ] {
+        assert!(!text.contains("s3cr3t-value"));
+    }
+}
+
+#[test]
+fn nix_artifact_is_fetched_from_the_store_cache_and_run() {
+    let fx = Fixture::s3();
+    let host = Host::new();
+    let port = free_port();
+    declare_hello(&fx, port);
+    // A Nix-built hello: its closure goes to the store's nix-cache/ and is then removed
+    // from this machine's /nix/store, so the agent has to fetch and import it.
+    let repo = tempfile::tempdir().unwrap();
+    let stamp = format!("{:?}", std::time::SystemTime::now());
+    std::fs::create_dir_all(repo.path().join("src/bin")).unwrap();
+    std::fs::write(repo.path().join("src/bin/hello"), HELLO).unwrap();
+    std::fs::set_permissions(
+        repo.path().join("src/bin/hello"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::write(repo.path().join("src/VERSION"), format!("nix {stamp}")).unwrap();
+    std::fs::write(
+        repo.path().join("deploy.toml"),
+        "[namespaces.\"Examples/Hello.py\"]\nbuilder = \"nix\"\ncommand = \"true\"\noutput = \"src\"\n",
+    )
+    .unwrap();
+    let mut env = fx.env.clone();
+    env.push((
+        "DEPLOY_NIX_STAGING".into(),
+        repo.path().join(".staging").display().to_string(),
+    ));
+    env.push(("NIX_CONFIG".into(), "substituters =".into()));
+    run_in(repo.path(), "push.sh", &["Examples/Hello.py"], &env).ok();
+    let m: Value = serde_json::from_slice(&fx.dm(&["show"]).ok().stdout).unwrap();
+    let path = m["services"][0]["artifact"]["storePath"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    run_in(repo.path(), "nix-store", &["--delete", &path], &[]).ok();
+    assert!(
+        !Path::new(&path).exists(),
+        "{path} is gone from this machine"
+    );
+
+    host.run_once(&fx).ok();
+    assert!(Path::new(&path).exists(), "the agent imported {path}");
+    assert_eq!(body(port), Some(format!("hello from nix {stamp}\n")));
+    let unit = std::fs::read_to_string(host.unit_file("hello")).unwrap();
+    assert!(
+        unit.contains(&format!("ExecStart=\"{path}/bin/hello\"")),
+        "{unit}"
+    );
+}
+
+#[test]
+fn the_loop_mode_polls_and_deploys_without_being_asked() {
+    let fx = Fixture::file();
+    let host = Host::new();
+    let app = App::new();
+    let port = free_port();
+    declare_hello(&fx, port);
+    app.set_version("v1", false);
+    app.push(&fx);
+    let mut agent = spawn_agent(&host, &fx, &["run", "--interval", "1s"]);
+    let v1 = eventually(60, || body(port).filter(|b| b.contains("v1")));
+    app.set_version("v2", false);
+    app.push(&fx);
+    let v2 = eventually(60, || body(port).filter(|b| b.contains("v2")));
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    assert!(v1.is_some() && v2.is_some(), "v1 {v1:?}, v2 {v2:?}");
+}
