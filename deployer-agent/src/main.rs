@@ -37,7 +37,7 @@ struct Cli {
     #[arg(long, global = true, env = "DEPLOYER_UNIT_DIR")]
     unit_dir: Option<PathBuf>,
     /// Drive the user's systemd manager on the session bus.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "DEPLOYER_USER_MANAGER")]
     user: bool,
     /// Settings file (TOML, the same names as the flags); flags win.
     #[arg(long, global = true, env = "DEPLOYER_CONFIG")]

@@ -5,4 +5,5 @@ mod agent;
 mod fixture;
 mod manifest_cli;
 mod manifest_concurrency;
+mod packaging;
 mod push;

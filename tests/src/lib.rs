@@ -9,9 +9,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// The repository root.
+/// The repository root. `cargo test` sets `CARGO_MANIFEST_DIR` when it runs a test binary;
+/// that runtime value wins over the compile-time one, which a shared target directory may
+/// have baked in from another checkout.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest_dir
         .parent()
         .expect("tests/ is inside the repository")
         .to_path_buf()

@@ -1,0 +1,137 @@
+# services.deployer: the deployer agent on a NixOS host.
+#
+#   imports = [ ./nixos-module ];            # or the flake's nixosModules.default
+#   services.deployer = {
+#     enable = true;
+#     store = "s3://my-bucket/deploy";
+#     environmentFile = "/run/keys/deployer.env";   # AWS_* credentials, kept out of the store
+#   };
+#
+# Defines deployer.service (a oneshot running `deployer-agent run --once`) and deployer.timer
+# (1 minute after boot, then every `interval`), so `systemctl start deployer` deploys at once.
+{ config, lib, pkgs, ... }:
+
+let
+  cfg = config.services.deployer;
+  inherit (lib) mkEnableOption mkIf mkOption types;
+
+  args = [
+    "--store" cfg.store
+    "--host" cfg.hostName
+    "--state-dir" cfg.stateDir
+    "--secrets-dir" cfg.secretsDir
+  ] ++ cfg.extraArgs ++ [ "run" "--once" ];
+in
+{
+  options.services.deployer = {
+    enable = mkEnableOption "the deployer agent (pull-based deploys from a manifest in S3)";
+
+    package = mkOption {
+      type = types.package;
+      defaultText = "pkgs.deployer-agent";
+      default = pkgs.deployer-agent or (throw "services.deployer.package: set it, e.g. to the flake's packages.<system>.deployer-agent");
+      description = "The package providing bin/deployer-agent.";
+    };
+
+    store = mkOption {
+      type = types.str;
+      example = "s3://my-bucket/deploy";
+      description = "Where manifests and artifacts live: s3://bucket/prefix or file:///path.";
+    };
+
+    hostName = mkOption {
+      type = types.str;
+      default = config.networking.hostName;
+      defaultText = "config.networking.hostName";
+      description = "This host's name in the manifest's hosts lists.";
+    };
+
+    interval = mkOption {
+      type = types.str;
+      default = "5min";
+      description = "Time between polls (systemd time span, used as OnUnitActiveSec).";
+    };
+
+    stateDir = mkOption {
+      type = types.str;
+      default = "/var/lib/deployer";
+      description = "state.json, fetched artifacts and logs.";
+    };
+
+    secretsDir = mkOption {
+      type = types.str;
+      default = "/var/lib/deployer-secrets";
+      description = "Per-service env files (<service>.env, mode 600, owner root).";
+    };
+
+    proxy = mkOption {
+      type = types.enum [ "caddy" "openresty" "none" ];
+      default = "none";
+      description = "Which reverse proxy the agent updates with each service's route.";
+    };
+
+    caddyAdmin = mkOption {
+      type = types.str;
+      default = "http://localhost:2019";
+      description = "Caddy's admin API, with proxy = \"caddy\".";
+    };
+
+    openrestyConfig = mkOption {
+      type = types.str;
+      default = "/run/deployer/nginx.conf";
+      description = "The generated nginx/OpenResty config file, with proxy = \"openresty\".";
+    };
+
+    environmentFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/run/keys/deployer.env";
+      description = "An env file for the agent (AWS credentials), read at runtime, never copied into the Nix store.";
+    };
+
+    extraArgs = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      description = "More deployer-agent options, placed before `run --once`.";
+    };
+  };
+
+  config = mkIf cfg.enable {
+    assertions = [{
+      assertion = cfg.proxy == "none";
+      message = "services.deployer.proxy: this deployer-agent does not drive a reverse proxy yet; use \"none\".";
+    }];
+
+    systemd.services.deployer = {
+      description = "deployer: converge this host to the manifest";
+      wants = [ "network-online.target" ];
+      after = [ "network-online.target" ];
+      path = [ pkgs.nix ];
+      serviceConfig = {
+        Type = "oneshot";
+        ExecStart = lib.escapeShellArgs ([ "${cfg.package}/bin/deployer-agent" ] ++ args);
+        SuccessExitStatus = "8";
+        TimeoutStartSec = "30min";
+      } // lib.optionalAttrs (cfg.environmentFile != null) {
+        EnvironmentFile = cfg.environmentFile;
+      };
+    };
+
+    systemd.timers.deployer = {
+      description = "deployer: poll the manifest every ${cfg.interval}";
+      wantedBy = [ "timers.target" ];
+      timerConfig = {
+        OnBootSec = "1min";
+        OnUnitActiveSec = cfg.interval;
+        RandomizedDelaySec = "15s";
+        Persistent = true;
+        Unit = "deployer.service";
+      };
+    };
+
+    systemd.tmpfiles.rules = [
+      "d ${cfg.stateDir} 0755 root root -"
+      "d ${cfg.secretsDir} 0700 root root -"
+    ];
+  };
+}
