@@ -15,12 +15,18 @@ let
   cfg = config.services.deployer;
   inherit (lib) mkEnableOption mkIf mkOption types;
 
+  proxyArgs = {
+    none = [ ];
+    caddy = [ "--proxy" "caddy" "--caddy-admin" cfg.caddyAdmin ];
+    openresty = [ "--proxy" "openresty" "--nginx-config" cfg.openrestyConfig "--nginx-reload" cfg.openrestyReload ];
+  }.${cfg.proxy};
+
   args = [
     "--store" cfg.store
     "--host" cfg.hostName
     "--state-dir" cfg.stateDir
     "--secrets-dir" cfg.secretsDir
-  ] ++ cfg.extraArgs ++ [ "run" "--once" ];
+  ] ++ proxyArgs ++ cfg.extraArgs ++ [ "run" "--once" ];
 in
 {
   options.services.deployer = {
@@ -78,8 +84,14 @@ in
 
     openrestyConfig = mkOption {
       type = types.str;
-      default = "/run/deployer/nginx.conf";
-      description = "The generated nginx/OpenResty config file, with proxy = \"openresty\".";
+      default = "/etc/nginx/conf.d/deployer.conf";
+      description = "The generated nginx/OpenResty config file (include it from the main config), with proxy = \"openresty\".";
+    };
+
+    openrestyReload = mkOption {
+      type = types.str;
+      default = "nginx -s reload";
+      description = "The command that reloads nginx/OpenResty after the new config passed `nginx -t`.";
     };
 
     environmentFile = mkOption {
@@ -98,15 +110,15 @@ in
 
   config = mkIf cfg.enable {
     assertions = [{
-      assertion = cfg.proxy == "none";
-      message = "services.deployer.proxy: this deployer-agent does not drive a reverse proxy yet; use \"none\".";
+      assertion = cfg.store != "";
+      message = "services.deployer.store: set the store URL (s3://bucket/prefix or file:///path).";
     }];
 
     systemd.services.deployer = {
       description = "deployer: converge this host to the manifest";
       wants = [ "network-online.target" ];
       after = [ "network-online.target" ];
-      path = [ pkgs.nix ];
+      path = [ pkgs.nix ] ++ lib.optional (cfg.proxy == "openresty") pkgs.openresty;
       serviceConfig = {
         Type = "oneshot";
         ExecStart = lib.escapeShellArgs ([ "${cfg.package}/bin/deployer-agent" ] ++ args);

@@ -20,6 +20,8 @@ command -v nix-store >/dev/null || need+=(nix-bin)
 command -v dbus-daemon >/dev/null || need+=(dbus)
 [[ -x /lib/systemd/systemd ]] || need+=(systemd)
 command -v curl >/dev/null || need+=(curl)
+command -v caddy >/dev/null || need+=(caddy)
+command -v nginx >/dev/null || need+=(nginx)
 if ((${#need[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq

@@ -188,6 +188,9 @@ pub struct Http {
     #[serde(default = "default_path")]
     pub path: String,
     pub internal_port: u16,
+    /// The service listens on `$PORT`: with a proxy, generations switch without downtime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zero_downtime: Option<bool>,
 }
 
 fn default_path() -> String {
@@ -399,6 +402,7 @@ mod schema_drift {
                 domain: format!("{name}.example.com"),
                 path: "/".into(),
                 internal_port: 8080,
+                zero_downtime: Some(true),
             }),
             health: Some(health()),
             release: Some(Release {

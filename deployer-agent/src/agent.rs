@@ -20,7 +20,8 @@ use crate::AgentError;
 use crate::config::{AgentConfig, current_uid};
 use crate::health::{Probes, wait_healthy};
 use crate::plan::{Step, plan, spec_hash, unit_name};
-use crate::state::{Failure, Generation, Health, RunLock, ServiceState, State};
+use crate::proxy::{Proxy, Route};
+use crate::state::{Failure, Generation, Health, RouteState, RunLock, ServiceState, State};
 use crate::systemd::ServiceManager;
 use crate::unit::{UnitSpec, check_unit_name, split_command};
 use crate::{fetch, secrets};
@@ -41,11 +42,14 @@ pub struct RunReport {
     pub failed: Vec<(String, String)>,
     /// A failure on this host's side (secrets file, fetch) that the next run retries.
     pub retry: bool,
+    /// The proxy routes could not be applied; retried on the next run.
+    pub route_error: Option<String>,
 }
 
 pub struct Agent<S, M> {
     pub store: S,
     pub manager: M,
+    pub proxy: Proxy,
     pub config: AgentConfig,
 }
 
@@ -96,14 +100,17 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             .await;
         let (manifest, etag) = match fetched {
             Ok(Fetched::NotModified) => {
-                let report = self.repair_drift(&mut state).await;
+                let mut report = self.repair_drift(&mut state).await;
+                report.route_error = self.sync_routes(&state).await;
                 tracing::info!(
                     kept = report.kept.len(),
                     repaired = report.repaired.len(),
                     "manifest unchanged"
                 );
-                state.last_error = None;
-                state.last_success = Some(now());
+                state.last_error = report.route_error.clone();
+                if report.route_error.is_none() {
+                    state.last_success = Some(now());
+                }
                 state.save(dir)?;
                 return Ok(report);
             }
@@ -165,12 +172,14 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             state.save(dir)?;
         }
 
+        // Re-assert every route: heals a proxy that lost its config, drops removed services.
+        report.route_error = self.sync_routes(&state).await;
         state.manifest_version = manifest.version.clone();
         // Remembering the ETag makes the next poll a cheap 304; forget it when a host-side
         // problem (secrets file, fetch) should be retried with a full plan.
         state.manifest_etag = (!report.retry).then_some(etag);
-        state.last_error = None;
-        if report.failed.is_empty() {
+        state.last_error = report.route_error.clone();
+        if report.failed.is_empty() && report.route_error.is_none() {
             state.last_success = Some(now());
         }
         state.save(dir)?;
@@ -180,6 +189,55 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             }
         }
         Ok(report)
+    }
+
+    /// The routes of every deployed generation, with `service`'s replaced by `route`.
+    fn routes(state: &State, service: Option<(&str, Option<&RouteState>)>) -> Vec<Route> {
+        let mut routes: Vec<Route> = state
+            .services
+            .iter()
+            .filter(|(name, _)| service.is_none_or(|(s, _)| s != name.as_str()))
+            .filter_map(|(name, s)| {
+                let r = s.current.as_ref()?.route.as_ref()?;
+                Some((name.as_str(), r))
+            })
+            .chain(service.and_then(|(name, r)| r.map(|r| (name, r))))
+            .map(|(name, r)| Route {
+                service: name.to_owned(),
+                domain: r.domain.clone(),
+                path: r.path.clone(),
+                port: r.port,
+            })
+            .collect();
+        routes.sort();
+        routes
+    }
+
+    /// Apply every route the state knows; the error, if any, for the report.
+    async fn sync_routes(&self, state: &State) -> Option<String> {
+        if self.proxy.is_none() {
+            return None;
+        }
+        let result = self.proxy.apply(&Self::routes(state, None)).await;
+        result.err().map(|e| {
+            tracing::error!(error = %e, "routes not applied; retrying on the next run");
+            e.to_string()
+        })
+    }
+
+    /// A port in the configured range that no generation uses and nothing listens on.
+    fn allocate_port(&self, state: &State) -> Result<u16, AgentError> {
+        let used: std::collections::BTreeSet<u16> = state
+            .services
+            .values()
+            .flat_map(|s| [s.current.as_ref(), s.previous.as_ref()])
+            .flatten()
+            .filter_map(|g| g.route.as_ref().map(|r| r.port))
+            .collect();
+        let (first, last) = self.config.port_range;
+        (first..=last)
+            .find(|p| !used.contains(p) && std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+            .ok_or(AgentError::NoFreePort { first, last })
     }
 
     fn fail_run(&self, state: &mut State, e: AgentError) -> Result<RunReport, AgentError> {
@@ -266,6 +324,7 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
         service: &Service,
         artifact: &Path,
         env_file: Option<PathBuf>,
+        port: Option<u16>,
     ) -> Result<String, AgentError> {
         let exec = service.exec.as_ref();
         let mut argv = match exec.and_then(|e| e.command.as_deref()) {
@@ -276,13 +335,17 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             argv[0] = artifact.join(&argv[0]).display().to_string();
         }
         let system = !self.config.user;
+        let mut environment = service.env.clone();
+        if let Some(p) = port {
+            environment.insert("PORT".to_owned(), p.to_string());
+        }
         let spec = UnitSpec {
             description: format!("deployer: {}", service.name),
             exec_start: argv,
             working_directory: Some(artifact.to_path_buf()),
             user: exec.and_then(|e| e.user.clone()).filter(|_| system),
             group: exec.and_then(|e| e.group.clone()).filter(|_| system),
-            environment: service.env.clone(),
+            environment,
             environment_files: env_file.into_iter().collect(),
             log_file: self.config.user.then(|| {
                 self.config
@@ -298,25 +361,62 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
     /// Deploy one service; on failure, restore what ran before and record why. A failure of
     /// the new generation itself (it did not start or was unhealthy) marks its spec as
     /// failed, not to be retried; a failure before anything was touched (secrets file,
-    /// fetch) is retried by the next run (`Err((why, true))`).
+    /// fetch), or of the route switch, is retried by the next run (`Err((why, true))`).
+    ///
+    /// With a proxy and `http.zeroDowntime`, the new generation starts beside the old one on
+    /// a fresh port (`$PORT`), the route switches once it is healthy, and the old one is
+    /// stopped after the drain period; a failure only stops the new one. Otherwise the unit
+    /// is restarted in place and, on failure, the previous unit file is restored.
     async fn deploy(
         &self,
         service: &Service,
         manifest: &Manifest,
         state: &mut State,
     ) -> Result<(), (String, bool)> {
-        let unit = unit_name(&service.name);
+        let default_unit = unit_name(&service.name);
+        let zero = !self.proxy.is_none()
+            && service.http.as_ref().and_then(|h| h.zero_downtime) == Some(true);
+        let port = if zero {
+            Some(
+                self.allocate_port(state)
+                    .map_err(|e| (e.to_string(), true))?,
+            )
+        } else {
+            None
+        };
+        let unit = match port {
+            Some(p) => format!("deployer-{}-{p}.service", service.name),
+            None => default_unit.clone(),
+        };
         let entry = state
             .services
             .entry(service.name.clone())
             .or_insert_with(|| ServiceState {
-                unit: unit.clone(),
+                unit: default_unit.clone(),
                 ..ServiceState::default()
             });
-        entry.unit = unit.clone();
         let previous = entry.current.clone();
+        let old_unit = entry.unit.clone();
+        let side_by_side = unit != old_unit;
         let hash = spec_hash(service);
-        let outcome = self.try_deploy(service, &unit, &hash, manifest).await;
+        let mut outcome = self.try_deploy(service, &unit, port, &hash, manifest).await;
+
+        // Switch the route to the healthy new generation (before the old one stops).
+        if let Ok(generation) = &outcome
+            && !self.proxy.is_none()
+        {
+            let routes = Self::routes(state, Some((&service.name, generation.route.as_ref())));
+            if let Err(e) = self.proxy.apply(&routes).await {
+                if side_by_side {
+                    // The old generation still has the route: give up the new one, retry later.
+                    outcome = Err((AgentError::Proxy(e), true));
+                } else {
+                    // Restarted in place: the service runs; the route is retried next run.
+                    tracing::error!(error = %e, "deployed, but the route was not applied");
+                }
+            }
+        }
+
         let entry = state
             .services
             .get_mut(&service.name)
@@ -324,7 +424,16 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
         entry.updated_at = Some(now());
         match outcome {
             Ok(generation) => {
-                tracing::info!(artifact = %generation.artifact.label(), "deployed and healthy");
+                if side_by_side && previous.is_some() {
+                    if zero {
+                        tokio::time::sleep(self.config.drain).await;
+                    }
+                    if let Err(e) = self.retire(&old_unit).await {
+                        tracing::warn!(error = %e, unit = %old_unit, "could not stop the previous generation");
+                    }
+                }
+                tracing::info!(artifact = %generation.artifact.label(), %unit, "deployed and healthy");
+                entry.unit = unit;
                 entry.previous = previous;
                 entry.current = Some(generation);
                 entry.health = Health::Healthy;
@@ -332,21 +441,32 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
                 entry.last_error = None;
                 Ok(())
             }
-            Err((error, false)) => {
+            Err((error, touched))
+                if !touched || side_by_side && matches!(error, AgentError::Proxy(_)) =>
+            {
+                if touched {
+                    let _ = self.retire(&unit).await;
+                }
                 let error = error.to_string();
-                tracing::error!(%error, "deploy not attempted; the next run retries");
+                tracing::error!(%error, "deploy not completed; the next run retries");
                 entry.last_error = Some(error.clone());
                 Err((error, true))
             }
-            Err((error, true)) => {
+            Err((error, _)) => {
                 let error = error.to_string();
                 tracing::error!(%error, "deploy failed; restoring the previous generation");
-                let restored = self.restore(&unit, previous.as_ref()).await;
                 let mut message = error.clone();
+                let restored = if side_by_side {
+                    // The old generation never stopped: only the new one goes.
+                    self.retire(&unit).await
+                } else {
+                    self.restore(&unit, previous.as_ref()).await
+                };
                 entry.health = match (restored, &previous) {
+                    (Ok(()), Some(_)) if side_by_side => Health::Healthy,
                     (Ok(()), Some(prev)) => {
                         // Probe the restored generation (with the manifest's health settings).
-                        let probes = Probes::of(service, Path::new(&prev.path));
+                        let probes = Probes::of(service, Path::new(&prev.path), None);
                         match wait_healthy(&self.manager, &unit, &probes, self.config.settle).await
                         {
                             Ok(()) => Health::Healthy,
@@ -380,11 +500,12 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
     }
 
     /// The deploy steps. The error says whether the unit was touched (and so must be
-    /// restored).
+    /// restored or retired).
     async fn try_deploy(
         &self,
         service: &Service,
         unit: &str,
+        port: Option<u16>,
         hash: &str,
         manifest: &Manifest,
     ) -> Result<Generation, (AgentError, bool)> {
@@ -401,7 +522,7 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             .await
             .map_err(untouched)?;
         let unit_file = self
-            .render_unit(service, &artifact, env_file)
+            .render_unit(service, &artifact, env_file, port)
             .map_err(untouched)?;
         if self.config.user {
             let logs = self.config.state_dir.join("logs");
@@ -416,7 +537,7 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             .restart(unit)
             .await
             .map_err(|e| touched(e.into()))?;
-        let probes = Probes::of(service, &artifact);
+        let probes = Probes::of(service, &artifact, port);
         wait_healthy(&self.manager, unit, &probes, self.config.settle)
             .await
             .map_err(|detail| touched(AgentError::Unhealthy(detail)))?;
@@ -427,7 +548,25 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             version: manifest.version.clone(),
             deployed_at: now(),
             unit_file,
+            unit: port.map(|_| unit.to_owned()),
+            route: service.http.as_ref().map(|h| RouteState {
+                domain: h.domain.clone(),
+                path: h.path.clone(),
+                port: port.unwrap_or(h.internal_port),
+            }),
         })
+    }
+
+    /// Stop a unit and remove its file.
+    async fn retire(&self, unit: &str) -> Result<(), AgentError> {
+        let _ = self.manager.stop(unit).await;
+        let path = self.unit_path(unit);
+        if path.exists() {
+            std::fs::remove_file(&path)
+                .map_err(|e| AgentError::io(format!("removing {}", path.display()), e))?;
+        }
+        self.manager.reload().await?;
+        Ok(())
     }
 
     /// Put the previous generation back (or, for a first deploy, stop and remove the unit).
@@ -441,14 +580,7 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
                 self.manager.reload().await?;
                 self.manager.restart(unit).await?;
             }
-            None => {
-                let path = self.unit_path(unit);
-                if path.exists() {
-                    std::fs::remove_file(&path)
-                        .map_err(|e| AgentError::io(format!("removing {}", path.display()), e))?;
-                }
-                self.manager.reload().await?;
-            }
+            None => self.retire(unit).await?,
         }
         Ok(())
     }
@@ -462,12 +594,8 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             .map(|s| s.unit.clone())
             .filter(|u| !u.is_empty())
             .unwrap_or_else(|| unit_name(name));
-        let path = self.unit_path(&unit);
-        if path.exists() {
-            self.manager.stop(&unit).await?;
-            std::fs::remove_file(&path)
-                .map_err(|e| AgentError::io(format!("removing {}", path.display()), e))?;
-            self.manager.reload().await?;
+        if self.unit_path(&unit).exists() {
+            self.retire(&unit).await?;
         }
         state.services.remove(name);
         tracing::info!("removed (artifacts, data and secrets are kept)");

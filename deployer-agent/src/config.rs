@@ -17,6 +17,11 @@ pub struct AgentConfig {
     pub interval: Duration,
     /// How long a unit without health probes must stay active to count as healthy.
     pub settle: Duration,
+    pub proxy: crate::proxy::ProxyConfig,
+    /// Ports for zero-downtime generations (inclusive).
+    pub port_range: (u16, u16),
+    /// How long the old generation keeps serving in-flight requests after the switch.
+    pub drain: Duration,
 }
 
 /// `--config FILE`: the same settings, kebab-case keys; flags win over the file.
@@ -31,6 +36,15 @@ pub struct ConfigFile {
     pub user: Option<bool>,
     pub interval: Option<String>,
     pub settle: Option<String>,
+    pub proxy: Option<String>,
+    pub caddy_admin: Option<String>,
+    pub caddy_server: Option<String>,
+    pub caddy_listen: Option<String>,
+    pub nginx_config: Option<PathBuf>,
+    pub nginx_listen: Option<String>,
+    pub nginx_reload: Option<String>,
+    pub port_range: Option<String>,
+    pub drain: Option<String>,
 }
 
 impl ConfigFile {
@@ -64,4 +78,23 @@ pub fn current_uid() -> u32 {
     std::fs::metadata("/proc/self")
         .map(|m| m.uid())
         .unwrap_or(0)
+}
+
+/// `20000-29999` → (20000, 29999).
+pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("port range {s:?}: expected FIRST-LAST, e.g. 20000-29999"))?;
+    let (a, b): (u16, u16) = (
+        a.trim()
+            .parse()
+            .map_err(|e| format!("port range {s:?}: {e}"))?,
+        b.trim()
+            .parse()
+            .map_err(|e| format!("port range {s:?}: {e}"))?,
+    );
+    if a == 0 || a > b {
+        return Err(format!("port range {s:?}: FIRST must be 1..=LAST"));
+    }
+    Ok((a, b))
 }

@@ -25,7 +25,9 @@ fn duration(s: Option<&str>, default: Duration) -> Duration {
 }
 
 impl Probes {
-    pub fn of(service: &Service, artifact: &std::path::Path) -> Probes {
+    /// The probes of `service` running from `artifact`; with `port`, the generation listens
+    /// there instead of `http.internalPort` (zero-downtime generations).
+    pub fn of(service: &Service, artifact: &std::path::Path, port: Option<u16>) -> Probes {
         let h = service.health.clone().unwrap_or(Health {
             http: None,
             tcp: None,
@@ -33,13 +35,19 @@ impl Probes {
             timeout: None,
             interval: None,
         });
-        let default_port = service.http.as_ref().map(|h| h.internal_port);
+        let internal = service.http.as_ref().map(|h| h.internal_port);
+        let default_port = port.or(internal);
+        // A probe aimed at the internal port follows the generation to its own port.
+        let moved = |p: u16| match port {
+            Some(new) if Some(p) == internal => new,
+            _ => p,
+        };
         Probes {
             http: h.http.as_ref().and_then(|p| {
-                let port = p.port.or(default_port)?;
+                let port = p.port.map(moved).or(default_port)?;
                 Some((port, p.path.clone(), p.status.unwrap_or(200)))
             }),
-            tcp: h.tcp.as_ref().map(|t| t.port),
+            tcp: h.tcp.as_ref().map(|t| moved(t.port)),
             exec: h.exec.as_ref().map(|e| {
                 let mut argv = e.command.clone();
                 if let Some(first) = argv.first_mut()

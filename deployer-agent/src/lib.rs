@@ -9,6 +9,7 @@ pub mod config;
 pub mod fetch;
 pub mod health;
 pub mod plan;
+pub mod proxy;
 pub mod secrets;
 pub mod state;
 pub mod systemd;
@@ -44,8 +45,10 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{failed} of {total} services failed to deploy; see `deployer-agent status`")]
-    ServicesFailed { failed: usize, total: usize },
+    #[error(transparent)]
+    Proxy(#[from] proxy::ProxyError),
+    #[error("no free port in {first}-{last} for a new generation; widen --port-range")]
+    NoFreePort { first: u16, last: u16 },
 }
 
 impl From<deploy_manifest::StoreError> for AgentError {
@@ -60,7 +63,8 @@ impl From<deploy_manifest::Invalid> for AgentError {
     }
 }
 
-/// Exit code when some services failed to deploy (the others were applied).
+/// Exit code when some services failed to deploy (the others were applied), or the proxy
+/// routes could not be applied (retried on the next run).
 pub const EXIT_SERVICES_FAILED: i32 = 8;
 /// Exit code when another run holds the lock.
 pub const EXIT_BUSY: i32 = 9;
@@ -76,7 +80,6 @@ impl AgentError {
     pub fn exit_code(&self) -> i32 {
         match self {
             AgentError::Manifest(e) => e.exit_code(),
-            AgentError::ServicesFailed { .. } => EXIT_SERVICES_FAILED,
             AgentError::Busy { .. } => EXIT_BUSY,
             _ => exit::FAILURE,
         }

@@ -8,10 +8,12 @@ use clap::{Parser, Subcommand};
 use deploy_manifest::repo::hostname;
 use deploy_manifest::store::{DEFAULT_STORE, Store};
 use deploy_manifest::{exit, render};
-use deployer_agent::config::{AgentConfig, ConfigFile, default_unit_dir};
+use deployer_agent::config::{AgentConfig, ConfigFile, default_unit_dir, parse_port_range};
 use deployer_agent::plan::{Step, plan};
+use deployer_agent::proxy::{Proxy, ProxyConfig};
 use deployer_agent::state::State;
 use deployer_agent::systemd::Systemd;
+use deployer_agent::unit::split_command;
 use deployer_agent::{AgentError, EXIT_SERVICES_FAILED, agent::Agent};
 
 #[derive(Parser)]
@@ -42,6 +44,33 @@ struct Cli {
     /// Settings file (TOML, the same names as the flags); flags win.
     #[arg(long, global = true, env = "DEPLOYER_CONFIG")]
     config: Option<PathBuf>,
+    /// The reverse proxy to route HTTP services through: none, caddy or openresty.
+    #[arg(long, global = true, env = "DEPLOYER_PROXY", value_parser = ["none", "caddy", "openresty"])]
+    proxy: Option<String>,
+    /// Caddy's admin API.
+    #[arg(long, global = true, env = "DEPLOYER_CADDY_ADMIN")]
+    caddy_admin: Option<String>,
+    /// The Caddy server (apps.http.servers.NAME) the routes go into; created if missing.
+    #[arg(long, global = true)]
+    caddy_server: Option<String>,
+    /// Listen address for that server when the agent creates it.
+    #[arg(long, global = true)]
+    caddy_listen: Option<String>,
+    /// The generated nginx/OpenResty config file (included by the main config).
+    #[arg(long, global = true, env = "DEPLOYER_NGINX_CONFIG")]
+    nginx_config: Option<PathBuf>,
+    /// `listen` of the generated server blocks.
+    #[arg(long, global = true)]
+    nginx_listen: Option<String>,
+    /// The command that reloads nginx after a new config passed `nginx -t`.
+    #[arg(long, global = true)]
+    nginx_reload: Option<String>,
+    /// Ports for zero-downtime generations, FIRST-LAST.
+    #[arg(long, global = true)]
+    port_range: Option<String>,
+    /// How long the old generation keeps serving after the route switched, e.g. 2s.
+    #[arg(long, global = true)]
+    drain: Option<String>,
     /// Machine-readable output (plan, status, run).
     #[arg(long, global = true)]
     json: bool,
@@ -95,6 +124,68 @@ fn config(cli: &Cli, interval: Option<Duration>) -> Result<AgentConfig, AgentErr
             })
     };
     let user = cli.user || file.user.unwrap_or(false);
+    let bad = |detail: String| AgentError::State {
+        path: "config".into(),
+        detail,
+    };
+    let proxy = match cli
+        .proxy
+        .clone()
+        .or(file.proxy)
+        .as_deref()
+        .unwrap_or("none")
+    {
+        "none" => ProxyConfig::None,
+        "caddy" => ProxyConfig::Caddy {
+            admin: cli
+                .caddy_admin
+                .clone()
+                .or(file.caddy_admin)
+                .unwrap_or_else(|| "http://localhost:2019".into()),
+            server: cli
+                .caddy_server
+                .clone()
+                .or(file.caddy_server)
+                .unwrap_or_else(|| "deployer".into()),
+            listen: cli
+                .caddy_listen
+                .clone()
+                .or(file.caddy_listen)
+                .unwrap_or_else(|| ":80".into()),
+        },
+        "openresty" => ProxyConfig::OpenResty {
+            config: cli
+                .nginx_config
+                .clone()
+                .or(file.nginx_config)
+                .unwrap_or_else(|| "/etc/nginx/conf.d/deployer.conf".into()),
+            listen: cli
+                .nginx_listen
+                .clone()
+                .or(file.nginx_listen)
+                .unwrap_or_else(|| "80".into()),
+            nginx: "nginx".into(),
+            reload: split_command(
+                &cli.nginx_reload
+                    .clone()
+                    .or(file.nginx_reload)
+                    .unwrap_or_else(|| "nginx -s reload".into()),
+            )
+            .map_err(|e| bad(format!("--nginx-reload: {e}")))?,
+        },
+        other => {
+            return Err(bad(format!(
+                "proxy {other:?}: expected none, caddy or openresty"
+            )));
+        }
+    };
+    let port_range = parse_port_range(
+        cli.port_range
+            .as_deref()
+            .or(file.port_range.as_deref())
+            .unwrap_or("20000-29999"),
+    )
+    .map_err(bad)?;
     Ok(AgentConfig {
         store: cli
             .store
@@ -123,6 +214,12 @@ fn config(cli: &Cli, interval: Option<Duration>) -> Result<AgentConfig, AgentErr
             None => duration(file.interval.as_ref(), Duration::from_secs(300))?,
         },
         settle: duration(file.settle.as_ref(), Duration::from_secs(3))?,
+        proxy,
+        port_range,
+        drain: duration(
+            cli.drain.as_ref().or(file.drain.as_ref()),
+            Duration::from_secs(2),
+        )?,
     })
 }
 
@@ -145,6 +242,7 @@ async fn run(cli: Cli) -> Result<i32, AgentError> {
         let agent = Agent {
             store,
             manager: (),
+            proxy: Proxy::new(ProxyConfig::None),
             config: config.clone(),
         };
         let manifest = agent.fetch_manifest().await?;
@@ -156,6 +254,7 @@ async fn run(cli: Cli) -> Result<i32, AgentError> {
     let agent = Agent {
         store,
         manager,
+        proxy: Proxy::new(config.proxy.clone()),
         config,
     };
     match cli.command {
@@ -167,12 +266,15 @@ async fn run(cli: Cli) -> Result<i32, AgentError> {
                     serde_json::to_string_pretty(&report).expect("serialises")
                 );
             }
-            if report.failed.is_empty() {
+            for (service, error) in &report.failed {
+                eprintln!("deployer-agent: {service}: {error} (rolled back)");
+            }
+            if let Some(e) = &report.route_error {
+                eprintln!("deployer-agent: {e}");
+            }
+            if report.failed.is_empty() && report.route_error.is_none() {
                 Ok(exit::OK)
             } else {
-                for (service, error) in &report.failed {
-                    eprintln!("deployer-agent: {service}: {error} (rolled back)");
-                }
                 Ok(EXIT_SERVICES_FAILED)
             }
         }

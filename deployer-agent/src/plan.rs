@@ -123,6 +123,8 @@ mod tests {
             version: None,
             deployed_at: String::new(),
             unit_file: String::new(),
+            unit: None,
+            route: None,
         }
     }
 

@@ -87,6 +87,21 @@ pub struct Generation {
     pub deployed_at: String,
     /// The generated unit file (no secrets: those stay in the env file).
     pub unit_file: String,
+    /// The unit it runs as, when not the service's default `deployer-<name>.service`
+    /// (zero-downtime generations run as `deployer-<name>-<port>.service`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    /// The proxy route to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<RouteState>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteState {
+    pub domain: String,
+    pub path: String,
+    pub port: u16,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -187,6 +202,12 @@ mod tests {
             version: Some("manifest-20261122T140000Z-3f2a9c1d".into()),
             deployed_at: "2026-11-22T14:00:00Z".into(),
             unit_file: "[Unit]\n".into(),
+            unit: Some("deployer-hello-20000.service".into()),
+            route: Some(RouteState {
+                domain: "hello.test".into(),
+                path: "/".into(),
+                port: 20000,
+            }),
         };
         let state = State {
             schema_version: 1,

@@ -10,6 +10,7 @@ let
     mkIf = condition: content: { _type = "if"; inherit condition content; };
     mkDefault = v: v;
     optionalAttrs = cond: attrs: if cond then attrs else { };
+    optional = cond: x: if cond then [ x ] else [ ];
     escapeShellArg = arg: "'" + builtins.replaceStrings [ "'" ] [ "'\\''" ] (toString arg) + "'";
     escapeShellArgs = args: builtins.concatStringsSep " " (map escapeShellArg args);
     types = {
@@ -24,6 +25,7 @@ let
   pkgs = {
     deployer-agent = "/nix/store/00000000000000000000000000000000-deployer-agent";
     nix = "/nix/store/00000000000000000000000000000000-nix";
+    openresty = "/nix/store/00000000000000000000000000000000-openresty";
   };
   module = import ../default.nix;
   evalWith = cfg: module {

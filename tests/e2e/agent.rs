@@ -14,13 +14,15 @@ use crate::fixture::Fixture;
 const HELLO: &str = include_str!("../../examples/hello/bin/hello");
 
 /// A host: a systemd sandbox, a state dir, a secrets dir, and the store it polls.
-struct Host {
-    sandbox: SystemdSandbox,
-    dir: tempfile::TempDir,
+pub(crate) struct Host {
+    pub(crate) sandbox: SystemdSandbox,
+    pub(crate) dir: tempfile::TempDir,
+    /// Extra agent flags on every run (e.g. the proxy's).
+    pub(crate) flags: Vec<String>,
 }
 
 impl Host {
-    fn new() -> Host {
+    pub(crate) fn new() -> Host {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("secrets")).unwrap();
         std::fs::set_permissions(
@@ -31,20 +33,21 @@ impl Host {
         Host {
             sandbox: SystemdSandbox::start(),
             dir,
+            flags: Vec::new(),
         }
     }
 
-    fn state_dir(&self) -> PathBuf {
+    pub(crate) fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")
     }
 
-    fn env(&self, fx: &Fixture) -> Vec<(String, String)> {
+    pub(crate) fn env(&self, fx: &Fixture) -> Vec<(String, String)> {
         let mut env = fx.env.clone();
         env.extend(self.sandbox.env.iter().cloned());
         env
     }
 
-    fn args<'a>(&'a self, extra: &[&'a str]) -> Vec<String> {
+    pub(crate) fn args<'a>(&'a self, extra: &[&'a str]) -> Vec<String> {
         let mut args = vec![
             "--user".to_owned(),
             "--host".to_owned(),
@@ -54,21 +57,22 @@ impl Host {
             "--secrets-dir".to_owned(),
             self.dir.path().join("secrets").display().to_string(),
         ];
+        args.extend(self.flags.iter().cloned());
         args.extend(extra.iter().map(|s| s.to_string()));
         args
     }
 
-    fn agent(&self, fx: &Fixture, extra: &[&str]) -> Output {
+    pub(crate) fn agent(&self, fx: &Fixture, extra: &[&str]) -> Output {
         let args = self.args(extra);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         deployer_tests::run("deployer-agent", &args, &self.env(fx), None)
     }
 
-    fn run_once(&self, fx: &Fixture) -> Output {
+    pub(crate) fn run_once(&self, fx: &Fixture) -> Output {
         self.agent(fx, &["run", "--once"])
     }
 
-    fn state(&self) -> Value {
+    pub(crate) fn state(&self) -> Value {
         let bytes = std::fs::read(self.state_dir().join("state.json")).expect("state.json exists");
         let state: Value = serde_json::from_slice(&bytes).expect("state.json is valid JSON");
         // Every state the agent leaves behind matches schemas/state.schema.json.
@@ -78,12 +82,12 @@ impl Host {
         state
     }
 
-    fn unit_file(&self, service: &str) -> PathBuf {
+    pub(crate) fn unit_file(&self, service: &str) -> PathBuf {
         Path::new(self.sandbox.var("XDG_RUNTIME_DIR"))
             .join(format!("systemd/user/deployer-{service}.service"))
     }
 
-    fn is_active(&self, service: &str) -> String {
+    pub(crate) fn is_active(&self, service: &str) -> String {
         let unit = format!("deployer-{service}.service");
         self.sandbox
             .systemctl(&["is-active", &unit])
@@ -94,12 +98,12 @@ impl Host {
 }
 
 /// A developer's repository that builds the hello service with a given version.
-struct App {
+pub(crate) struct App {
     dir: tempfile::TempDir,
 }
 
 impl App {
-    fn new() -> App {
+    pub(crate) fn new() -> App {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("deploy.toml"),
@@ -111,7 +115,7 @@ impl App {
     }
 
     /// Build `version`; `crash` makes the program exit at once (a broken release).
-    fn set_version(&self, version: &str, crash: bool) {
+    pub(crate) fn set_version(&self, version: &str, crash: bool) {
         let bin = self.dir.path().join("app/bin/hello");
         let program = if crash {
             "#!/bin/sh\necho 'broken release' >&2\nexit 3\n".to_owned()
@@ -123,12 +127,12 @@ impl App {
         std::fs::write(self.dir.path().join("app/VERSION"), version).unwrap();
     }
 
-    fn push(&self, fx: &Fixture) {
+    pub(crate) fn push(&self, fx: &Fixture) {
         run_in(self.dir.path(), "push.sh", &["Examples/Hello.py"], &fx.env).ok();
     }
 }
 
-fn declare_hello(fx: &Fixture, port: u16) {
+pub(crate) fn declare_hello(fx: &Fixture, port: u16) {
     fx.dm(&["init"]).ok();
     let service = json!({
         "name": "hello", "namespace": "Examples/Hello.py",
@@ -153,7 +157,7 @@ fn hello_v1_running(fx: &Fixture) -> (Host, App, u16) {
 }
 
 /// Start the agent in the background (to kill it, or to let it loop).
-fn spawn_agent(host: &Host, fx: &Fixture, extra: &[&str]) -> std::process::Child {
+pub(crate) fn spawn_agent(host: &Host, fx: &Fixture, extra: &[&str]) -> std::process::Child {
     Command::new(bin("deployer-agent"))
         .args(host.args(extra))
         .env_clear()
@@ -165,7 +169,7 @@ fn spawn_agent(host: &Host, fx: &Fixture, extra: &[&str]) -> std::process::Child
         .unwrap()
 }
 
-fn body(port: u16) -> Option<String> {
+pub(crate) fn body(port: u16) -> Option<String> {
     http_get(port, "/")
         .filter(|(s, _)| *s == 200)
         .map(|(_, b)| b)

@@ -6,4 +6,5 @@ mod fixture;
 mod manifest_cli;
 mod manifest_concurrency;
 mod packaging;
+mod proxy;
 mod push;

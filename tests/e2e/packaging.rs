@@ -69,6 +69,7 @@ fn module_options_defaults_and_units() {
             "hostName",
             "interval",
             "openrestyConfig",
+            "openrestyReload",
             "package",
             "proxy",
             "secretsDir",
@@ -133,13 +134,36 @@ fn module_settings_flow_into_the_units() {
     let off = eval_ok(r#"{ store = "s3://b/p"; }"#);
     assert_eq!(off["enabled"], json!(false));
     assert_eq!(off["config"], json!({}));
-    // A proxy this agent cannot drive yet is an assertion failure, not a silent no-op.
-    let proxy = eval_ok(r#"{ enable = true; store = "s3://b/p"; proxy = "caddy"; }"#);
+    // The proxy settings become agent flags.
+    let caddy = eval_ok(
+        r#"{ enable = true; store = "s3://b/p"; proxy = "caddy"; caddyAdmin = "http://127.0.0.1:2020"; }"#,
+    );
+    let exec = caddy["config"]["systemd"]["services"]["deployer"]["serviceConfig"]["ExecStart"]
+        .as_str()
+        .unwrap();
     assert!(
-        proxy["failedAssertions"][0]
+        exec.contains("'--proxy' 'caddy' '--caddy-admin' 'http://127.0.0.1:2020'"),
+        "{exec}"
+    );
+    let nginx = eval_ok(r#"{ enable = true; store = "s3://b/p"; proxy = "openresty"; }"#);
+    let service = &nginx["config"]["systemd"]["services"]["deployer"];
+    let exec = service["serviceConfig"]["ExecStart"].as_str().unwrap();
+    assert!(
+        exec.contains("'--proxy' 'openresty' '--nginx-config' '/etc/nginx/conf.d/deployer.conf' '--nginx-reload' 'nginx -s reload'"),
+        "{exec}"
+    );
+    assert_eq!(
+        service["path"].as_array().unwrap().len(),
+        2,
+        "nginx is on the agent's PATH"
+    );
+    // An empty store is an assertion failure.
+    let empty = eval_ok(r#"{ enable = true; store = ""; }"#);
+    assert!(
+        empty["failedAssertions"][0]
             .as_str()
             .unwrap()
-            .contains("proxy")
+            .contains("store")
     );
 }
 

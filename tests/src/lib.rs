@@ -337,9 +337,172 @@ pub fn eventually<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> Option<T> {
 
 /// GET http://127.0.0.1:PORT/PATH with a plain socket; the status and body, or `None`.
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    http_get_host(port, "127.0.0.1", path)
+}
+
+/// A real Caddy (Debian's package) with its admin API and one HTTP listener on loopback
+/// ports, no routes; killed on drop.
+pub struct Caddy {
+    child: Child,
+    pub admin_port: u16,
+    pub http_port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Caddy {
+    pub fn start() -> Caddy {
+        let dir = tempfile::tempdir().unwrap();
+        let (admin_port, http_port) = (free_port(), free_port());
+        let mut caddy = Caddy {
+            child: Self::spawn(dir.path(), admin_port),
+            admin_port,
+            http_port,
+            dir,
+        };
+        wait_for_port(admin_port, &mut caddy.child, "caddy");
+        caddy
+    }
+
+    fn spawn(dir: &Path, admin_port: u16) -> Child {
+        let config = dir.join("bootstrap.json");
+        std::fs::write(
+            &config,
+            format!(r#"{{"admin": {{"listen": "127.0.0.1:{admin_port}"}}}}"#),
+        )
+        .unwrap();
+        Command::new("caddy")
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("HOME", dir)
+            .env("XDG_DATA_HOME", dir.join("data"))
+            .env("XDG_CONFIG_HOME", dir.join("config"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("caddy starts (apt-get install caddy)")
+    }
+
+    /// Kill Caddy (as a crash would).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Kill Caddy and start it again with an empty config (what `caddy run` without
+    /// `--resume` does after a crash or reboot).
+    pub fn restart_empty(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::spawn(self.dir.path(), self.admin_port);
+        wait_for_port(self.admin_port, &mut self.child, "caddy");
+    }
+
+    pub fn admin(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin_port)
+    }
+
+    /// An admin API request; the status and body.
+    pub fn api(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        let mut s = TcpStream::connect(("127.0.0.1", self.admin_port)).expect("caddy admin");
+        let body = body.unwrap_or("");
+        write!(
+            s,
+            "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.admin_port,
+            body.len()
+        )
+        .unwrap();
+        let mut response = String::new();
+        s.read_to_string(&mut response).unwrap();
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    }
+}
+
+impl Drop for Caddy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A real nginx (Debian's package) on a loopback port, including `conf.d/*.conf` from its
+/// own directory; stopped on drop.
+pub struct Nginx {
+    child: Child,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    pub fn start() -> Nginx {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        std::fs::create_dir(dir.path().join("conf.d")).unwrap();
+        std::fs::create_dir(dir.path().join("logs")).unwrap();
+        std::fs::write(
+            dir.path().join("nginx.conf"),
+            format!(
+                "daemon off;\npid {0}/nginx.pid;\nerror_log {0}/logs/error.log;\nevents {{}}\nhttp {{\n    access_log off;\n    include {0}/conf.d/*.conf;\n}}\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new("nginx")
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(dir.path().join("nginx.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx starts (apt-get install nginx)");
+        let pid = dir.path().join("nginx.pid");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !pid.exists() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("nginx exited: {status}");
+            }
+            assert!(Instant::now() < deadline, "nginx did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Nginx { child, port, dir }
+    }
+
+    /// The file the agent generates.
+    pub fn config_file(&self) -> PathBuf {
+        self.dir.path().join("conf.d/deployer.conf")
+    }
+
+    /// The reload command the agent runs.
+    pub fn reload_command(&self) -> String {
+        format!(
+            "nginx -p {0} -c {0}/nginx.conf -s reload",
+            self.dir.path().display()
+        )
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// GET `path` from 127.0.0.1:`port` with a `Host` header; the status and body.
+pub fn http_get_host(port: u16, host: &str, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").ok()?;
     let mut response = String::new();
     s.read_to_string(&mut response).ok()?;
     let status = response.split_whitespace().nth(1)?.parse().ok()?;
