@@ -9,6 +9,7 @@
 //! - [`edit`]: the service edits (`add-service`, `update-service`, …) as pure functions.
 //! - [`diff`]: what changed between two versions, env values redacted.
 //! - [`render`]: human tables for the CLI.
+//! - [`status`]: host reports in the store and the fleet view of `deploy-manifest status`.
 //! - [`archive`]: deterministic, hashed packing and safe unpacking of artifact archives.
 
 pub mod archive;
@@ -19,6 +20,7 @@ pub mod fsutil;
 pub mod model;
 pub mod render;
 pub mod repo;
+pub mod status;
 pub mod store;
 pub mod validate;
 

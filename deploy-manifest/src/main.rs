@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use deploy_manifest::repo::{Repo, default_author};
 use deploy_manifest::store::{DEFAULT_STORE, Store};
-use deploy_manifest::{Error, Manifest, diff, edit, exit, render, validate};
+use deploy_manifest::{Error, Manifest, diff, edit, exit, render, status, validate};
 
 #[derive(Parser)]
 #[command(
@@ -58,6 +58,8 @@ enum Command {
     Diff { a: String, b: Option<String> },
     /// Validate FILE (- for stdin), or the current manifest when no file is given.
     Validate { file: Option<String> },
+    /// Which version runs where: every host's last report, hosts × services.
+    Status,
 }
 
 fn main() -> ExitCode {
@@ -148,6 +150,18 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             println!("{}: valid ({} services)", version(&m), m.services.len());
         }
         Command::Validate { file: Some(_) } => unreachable!("handled before opening the store"),
+        Command::Status => {
+            let reports = status::read_reports(repo.store()).await?;
+            let manifest = repo.read_current().await?.map(|c| c.manifest);
+            let view = status::fleet(&reports, manifest.as_ref(), std::time::SystemTime::now());
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else if view.is_empty() {
+                println!("no host has reported to {} yet", cli.store);
+            } else {
+                print!("{}", status::render(&view));
+            }
+        }
     }
     Ok(exit::OK)
 }

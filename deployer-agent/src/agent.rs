@@ -82,7 +82,64 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
     /// One reconcile pass.
     pub async fn run_once(&self) -> Result<RunReport, AgentError> {
         let span = tracing::info_span!("run", host = %self.config.host);
-        self.run_once_inner().instrument(span).await
+        let started = std::time::Instant::now();
+        let result = self.run_once_inner().instrument(span.clone()).await;
+        if !matches!(result, Err(AgentError::Busy { .. })) {
+            self.publish(started.elapsed()).instrument(span).await;
+        }
+        result
+    }
+
+    /// After a run: write the metrics file, and `status/<host>.json` when what it says
+    /// changed or the last one is older than two intervals (a heartbeat, so that
+    /// `deploy-manifest status` can tell a silent agent). Failures are logged, not fatal.
+    async fn publish(&self, took: Duration) {
+        let dir = &self.config.state_dir;
+        let Ok(mut state) = State::load(dir, &self.config.host) else {
+            return;
+        };
+        let mut restarts = std::collections::BTreeMap::new();
+        for (name, s) in &state.services {
+            if s.current.is_some()
+                && let Ok(status) = self.manager.status(&s.unit).await
+            {
+                restarts.insert(name.clone(), status.n_restarts);
+            }
+        }
+        if let Some(path) = &self.config.metrics_file
+            && let Err(e) = crate::report::write_metrics(path, &state, &restarts, took)
+        {
+            tracing::warn!(error = %e, path = %path.display(), "could not write metrics");
+        }
+        let report = crate::report::host_report(&state, self.config.interval);
+        let hash = crate::report::report_hash(&report);
+        let heartbeat_due = state
+            .reported_at
+            .as_deref()
+            .and_then(|t| humantime::parse_rfc3339(t).ok())
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .is_none_or(|age| age >= 2 * self.config.interval);
+        if state.report_hash.as_deref() == Some(hash.as_str()) && !heartbeat_due {
+            return;
+        }
+        let bytes = serde_json::to_vec_pretty(&report).expect("the report serialises");
+        let key = deploy_manifest::status::report_key(&self.config.host);
+        match self
+            .store
+            .put(&key, bytes, deploy_manifest::store::Precondition::None)
+            .await
+        {
+            Ok(_) => {
+                state.reported_at = Some(report.reported_at.clone());
+                state.report_hash = Some(hash);
+                if let Err(e) = state.save(dir) {
+                    tracing::warn!(error = %e, "could not record the report in state.json");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not write {key}; retrying after the next run")
+            }
+        }
     }
 
     async fn run_once_inner(&self) -> Result<RunReport, AgentError> {
@@ -436,6 +493,7 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
                 entry.unit = unit;
                 entry.previous = previous;
                 entry.current = Some(generation);
+                entry.deploys += 1;
                 entry.health = Health::Healthy;
                 entry.failed = None;
                 entry.last_error = None;
@@ -486,6 +544,7 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
                         Health::Unhealthy
                     }
                 };
+                entry.rollbacks += 1;
                 entry.failed = Some(Failure {
                     spec_hash: hash,
                     artifact: service.artifact.clone(),

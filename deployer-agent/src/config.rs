@@ -22,6 +22,8 @@ pub struct AgentConfig {
     pub port_range: (u16, u16),
     /// How long the old generation keeps serving in-flight requests after the switch.
     pub drain: Duration,
+    /// A Prometheus text file to write after every run (node_exporter textfile collector).
+    pub metrics_file: Option<PathBuf>,
 }
 
 /// `--config FILE`: the same settings, kebab-case keys; flags win over the file.
@@ -45,6 +47,7 @@ pub struct ConfigFile {
     pub nginx_reload: Option<String>,
     pub port_range: Option<String>,
     pub drain: Option<String>,
+    pub metrics_file: Option<PathBuf>,
 }
 
 impl ConfigFile {

@@ -10,6 +10,7 @@ pub mod fetch;
 pub mod health;
 pub mod plan;
 pub mod proxy;
+pub mod report;
 pub mod secrets;
 pub mod state;
 pub mod systemd;

@@ -71,6 +71,10 @@ struct Cli {
     /// How long the old generation keeps serving after the route switched, e.g. 2s.
     #[arg(long, global = true)]
     drain: Option<String>,
+    /// Write Prometheus metrics here after every run (node_exporter textfile collector),
+    /// e.g. /var/lib/prometheus/node-exporter/deployer.prom.
+    #[arg(long, global = true, env = "DEPLOYER_METRICS_FILE")]
+    metrics_file: Option<PathBuf>,
     /// Machine-readable output (plan, status, run).
     #[arg(long, global = true)]
     json: bool,
@@ -220,6 +224,7 @@ fn config(cli: &Cli, interval: Option<Duration>) -> Result<AgentConfig, AgentErr
             cli.drain.as_ref().or(file.drain.as_ref()),
             Duration::from_secs(2),
         )?,
+        metrics_file: cli.metrics_file.clone().or(file.metrics_file),
     })
 }
 

@@ -50,6 +50,12 @@ pub struct State {
     pub last_success: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// When `status/<host>.json` was last written, and a hash of what it said (without
+    /// times): it is rewritten when that changes, or as a heartbeat.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_hash: Option<String>,
     #[serde(default)]
     pub services: BTreeMap<String, ServiceState>,
 }
@@ -71,6 +77,11 @@ pub struct ServiceState {
     pub last_error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated_at: Option<String>,
+    /// Successful deploys and rolled-back ones on this host (metrics counters).
+    #[serde(default)]
+    pub deploys: u64,
+    #[serde(default)]
+    pub rollbacks: u64,
 }
 
 /// One deployed generation of a service.
@@ -217,6 +228,8 @@ mod tests {
             last_poll: Some("2026-11-22T14:00:00Z".into()),
             last_success: Some("2026-11-22T14:00:00Z".into()),
             last_error: Some("x".into()),
+            reported_at: Some("2026-11-22T14:00:00Z".into()),
+            report_hash: Some("h".into()),
             services: [(
                 "hello".to_owned(),
                 ServiceState {
@@ -233,6 +246,8 @@ mod tests {
                     }),
                     last_error: Some("unhealthy".into()),
                     updated_at: Some("2026-11-22T14:00:00Z".into()),
+                    deploys: 3,
+                    rollbacks: 1,
                 },
             )]
             .into(),

@@ -24,6 +24,10 @@ use upload::Uploaded;
 
 /// Exit code for a failed build (beside `deploy_manifest::exit`).
 pub const EXIT_BUILD: i32 = 7;
+/// `--wait`: a host reported that the new artifact failed (and was rolled back).
+pub const EXIT_WAIT_FAILED: i32 = 8;
+/// `--wait`: not every host reported the new artifact healthy in time.
+pub const EXIT_WAIT_TIMEOUT: i32 = 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PushError {
@@ -45,6 +49,17 @@ pub enum PushError {
     Archive(#[from] ArchiveError),
     #[error(transparent)]
     Manifest(#[from] deploy_manifest::Error),
+    #[error("{service} failed on {}", .failures.iter().map(|(h, e)| format!("{h}: {e}")).collect::<Vec<_>>().join("; "))]
+    WaitFailed {
+        service: String,
+        failures: Vec<(String, String)>,
+    },
+    #[error("{service}: not every host runs the new artifact healthy after {secs} s: {}", .pending.iter().map(|(h, e)| format!("{h}: {e}")).collect::<Vec<_>>().join("; "))]
+    WaitTimeout {
+        service: String,
+        secs: u64,
+        pending: Vec<(String, String)>,
+    },
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -67,6 +82,8 @@ impl PushError {
             PushError::BuildFailed { .. } | PushError::Nix(_) => EXIT_BUILD,
             PushError::Manifest(e) => e.exit_code(),
             PushError::Archive(_) | PushError::Io { .. } => exit::FAILURE,
+            PushError::WaitFailed { .. } => EXIT_WAIT_FAILED,
+            PushError::WaitTimeout { .. } => EXIT_WAIT_TIMEOUT,
         }
     }
 }
@@ -195,4 +212,68 @@ pub async fn push<S: ObjectStore>(
         .await?;
     report.version = written.version;
     Ok(report)
+}
+
+/// `push --wait`: poll the hosts' reports until every host that runs `service` reports
+/// `artifact` healthy. A host that reports this artifact failed ends the wait at once.
+pub async fn wait_for<S: ObjectStore>(
+    repo: &Repo<S>,
+    service: &str,
+    artifact: &Artifact,
+    timeout: std::time::Duration,
+) -> Result<(), PushError> {
+    let deadline = std::time::Instant::now() + timeout;
+    let manifest = repo.current().await?.manifest;
+    let hosts = manifest
+        .service(service)
+        .map(|s| s.hosts.clone())
+        .unwrap_or_default();
+    loop {
+        let reports = deploy_manifest::status::read_reports(repo.store()).await?;
+        let mut pending = Vec::new();
+        let mut failures = Vec::new();
+        for host in &hosts {
+            let Some(r) = reports.iter().find(|r| &r.host == host) else {
+                pending.push((host.clone(), "no report yet".to_owned()));
+                continue;
+            };
+            match r.services.get(service) {
+                Some(s) if s.artifact.as_ref() == Some(artifact) && s.health == "healthy" => {}
+                Some(s) if s.failed_artifact.as_ref() == Some(artifact) => failures.push((
+                    host.clone(),
+                    s.last_error.clone().unwrap_or_else(|| "failed".into()),
+                )),
+                Some(s) => pending.push((
+                    host.clone(),
+                    format!(
+                        "runs {} ({})",
+                        s.artifact
+                            .as_ref()
+                            .map(Artifact::label)
+                            .unwrap_or_else(|| "nothing".into()),
+                        s.health
+                    ),
+                )),
+                None => pending.push((host.clone(), "not deployed yet".to_owned())),
+            }
+        }
+        if !failures.is_empty() {
+            return Err(PushError::WaitFailed {
+                service: service.to_owned(),
+                failures,
+            });
+        }
+        if pending.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(PushError::WaitTimeout {
+                service: service.to_owned(),
+                secs: timeout.as_secs(),
+                pending,
+            });
+        }
+        tracing::info!(waiting_for = pending.len(), "waiting for hosts");
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
 }

@@ -9,7 +9,7 @@ use deploy_manifest::repo::{Repo, default_author};
 use deploy_manifest::store::{DEFAULT_STORE, Store};
 use deployer_push::config::Config;
 use deployer_push::progress::human_bytes;
-use deployer_push::{PushError, PushOptions, push, upload};
+use deployer_push::{PushError, PushOptions, push, upload, wait_for};
 
 #[derive(Parser)]
 #[command(
@@ -17,7 +17,8 @@ use deployer_push::{PushError, PushOptions, push, upload};
     version,
     about = "Build a namespace, upload its artifact, and point the manifest at it",
     after_help = "Exit codes: 0 ok, 1 failure, 2 usage or config, 3 invalid manifest, 4 no such service, \
-                  5 store unusable, 6 conflict, 7 build failed"
+                  5 store unusable, 6 conflict, 7 build failed, 8 (--wait) a host failed the deploy, \
+                  10 (--wait) timed out"
 )]
 struct Cli {
     /// What to build, e.g. Biz/PodcastItLater/Web.py (a key of deploy.toml's [namespaces]).
@@ -37,6 +38,12 @@ struct Cli {
     /// Print the report as JSON on stdout.
     #[arg(long)]
     json: bool,
+    /// Then wait until every host that runs the service reports the new artifact healthy.
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait waits, e.g. 10m.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
+    timeout: std::time::Duration,
 }
 
 fn main() -> ExitCode {
@@ -70,12 +77,22 @@ async fn run(cli: Cli) -> Result<(), PushError> {
         nix_staging: upload::default_staging(),
     };
     let report = push(&repo, &config, &opts).await?;
+    let waited = if cli.wait && !cli.dry_run {
+        eprintln!(
+            "push: waiting up to {} for every host running {} to report it healthy",
+            humantime::format_duration(cli.timeout),
+            report.service
+        );
+        Some(wait_for(&repo, &report.service, &report.artifact, cli.timeout).await)
+    } else {
+        None
+    };
     if cli.json {
         println!(
             "{}",
             serde_json::to_string_pretty(&report).expect("serialises")
         );
-        return Ok(());
+        return waited.unwrap_or(Ok(()));
     }
     let u = &report.uploaded;
     let sent = format!(
@@ -98,6 +115,10 @@ async fn run(cli: Cli) -> Result<(), PushError> {
         (None, false, false) => {
             unreachable!("a real push that changed the artifact writes a version")
         }
+    }
+    if let Some(result) = waited {
+        result?;
+        println!("every host running {} reports it healthy", report.service);
     }
     Ok(())
 }

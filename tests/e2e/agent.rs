@@ -19,6 +19,8 @@ pub(crate) struct Host {
     pub(crate) dir: tempfile::TempDir,
     /// Extra agent flags on every run (e.g. the proxy's).
     pub(crate) flags: Vec<String>,
+    /// Its name in the manifest's hosts.
+    pub(crate) name: String,
 }
 
 impl Host {
@@ -34,6 +36,7 @@ impl Host {
             sandbox: SystemdSandbox::start(),
             dir,
             flags: Vec::new(),
+            name: "biz".to_owned(),
         }
     }
 
@@ -51,7 +54,7 @@ impl Host {
         let mut args = vec![
             "--user".to_owned(),
             "--host".to_owned(),
-            "biz".to_owned(),
+            self.name.clone(),
             "--state-dir".to_owned(),
             self.state_dir().display().to_string(),
             "--secrets-dir".to_owned(),
@@ -125,6 +128,10 @@ impl App {
         std::fs::write(&bin, program).unwrap();
         std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::write(self.dir.path().join("app/VERSION"), version).unwrap();
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        self.dir.path()
     }
 
     pub(crate) fn push(&self, fx: &Fixture) {

@@ -3,6 +3,7 @@
 
 mod agent;
 mod fixture;
+mod fleet;
 mod manifest_cli;
 mod manifest_concurrency;
 mod packaging;
