@@ -22,6 +22,8 @@ command -v dbus-daemon >/dev/null || need+=(dbus)
 command -v curl >/dev/null || need+=(curl)
 command -v caddy >/dev/null || need+=(caddy)
 command -v nginx >/dev/null || need+=(nginx)
+ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
+command -v redis-server >/dev/null || need+=(redis-server)
 if ((${#need[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq

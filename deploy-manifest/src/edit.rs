@@ -99,6 +99,26 @@ pub fn set_artifact(m: &mut Manifest, name: &str, arg: &str) -> Result<String, E
     Ok(format!("set {name} artifact to {label}"))
 }
 
+/// `set-infrastructure '<json>'`: replace the ecosystem layer (`infrastructure`, e.g.
+/// `{"services": {"db": {"preset": "postgres"}}}`); `null` removes it.
+pub fn set_infrastructure(m: &mut Manifest, infrastructure: &Value) -> Result<String, Error> {
+    edit_value(m, "set-infrastructure", |doc| {
+        let map = doc.as_object_mut().expect("a manifest is an object");
+        if infrastructure.is_null() {
+            map.remove("infrastructure");
+        } else {
+            map.insert("infrastructure".to_owned(), infrastructure.clone());
+        }
+        Ok(())
+    })?;
+    let names: Vec<&str> = m
+        .infrastructure
+        .iter()
+        .flat_map(|i| i.services.keys().map(String::as_str))
+        .collect();
+    Ok(format!("set infrastructure ({})", names.join(", ")))
+}
+
 fn service_name(service: &Value) -> Result<String, Error> {
     match service.get("name").and_then(Value::as_str) {
         Some(n) => Ok(n.to_owned()),
@@ -234,6 +254,24 @@ mod tests {
         assert_eq!(s, "set ava artifact to ava@aaaaaaaaaaaa");
         assert!(set_artifact(&mut m, "ava", r#"{"sha256":"xyz","name":"ava","size":3}"#).is_err());
         assert!(set_artifact(&mut m, "ava", "relative/path").is_err());
+    }
+
+    #[test]
+    fn set_infrastructure_validates_and_replaces() {
+        let mut m = with_service();
+        let s = set_infrastructure(&mut m, &json!({"services": {"db": {"preset": "postgres"}}}))
+            .unwrap();
+        assert_eq!(s, "set infrastructure (db)");
+        assert!(
+            set_infrastructure(&mut m, &json!({"services": {"db": {"preset": "mysql"}}})).is_err()
+        );
+        assert_eq!(
+            m.infrastructure.as_ref().unwrap().services.len(),
+            1,
+            "unchanged after a refused edit"
+        );
+        set_infrastructure(&mut m, &Value::Null).unwrap();
+        assert!(m.infrastructure.is_none());
     }
 
     #[test]

@@ -50,6 +50,12 @@ enum Command {
     UpdateService { name: String, patch: String },
     /// Remove a service from the manifest (hosts stop it; data is kept).
     RemoveService { name: String },
+    /// Replace the shared infrastructure (the manifest's "infrastructure"), e.g.
+    /// '{"services": {"db": {"preset": "postgres"}}}'; null removes it.
+    SetInfrastructure {
+        #[arg(value_name = "JSON")]
+        infrastructure: String,
+    },
     /// Point a service at a new artifact: a /nix/store path or archive JSON.
     SetArtifact { service: String, artifact: String },
     /// Make VERSION current again (default: the version before the current one).
@@ -116,6 +122,14 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             report(
                 repo.update(|m| edit::update_service(m, &name, &patch))
                     .await?,
+                cli.json,
+            )?;
+        }
+        Command::SetInfrastructure { infrastructure } => {
+            let value =
+                edit::parse_json_arg(&arg_or_stdin(&infrastructure)?, "the infrastructure")?;
+            report(
+                repo.update(|m| edit::set_infrastructure(m, &value)).await?,
                 cli.json,
             )?;
         }

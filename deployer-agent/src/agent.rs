@@ -24,7 +24,7 @@ use crate::proxy::{Proxy, Route};
 use crate::state::{Failure, Generation, Health, RouteState, RunLock, ServiceState, State};
 use crate::systemd::ServiceManager;
 use crate::unit::{UnitSpec, check_unit_name, split_command};
-use crate::{fetch, secrets};
+use crate::{fetch, infra, secrets};
 
 /// What one run did.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -147,6 +147,12 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
         std::fs::create_dir_all(dir)
             .map_err(|e| AgentError::io(format!("creating {}", dir.display()), e))?;
         let _lock = RunLock::acquire(dir)?;
+        if self.config.user {
+            // Units of a user manager log to files here (there is no journal for them).
+            let logs = dir.join("logs");
+            std::fs::create_dir_all(&logs)
+                .map_err(|e| AgentError::io(format!("creating {}", logs.display()), e))?;
+        }
         let mut state = State::load(dir, &self.config.host)?;
         state.host = self.config.host.clone();
         state.last_poll = Some(now());
@@ -375,44 +381,249 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             .map_err(|e| AgentError::io(format!("writing {}", path.display()), e))
     }
 
-    /// The unit for `service` running the artifact at `artifact`.
+    /// The unit for `service` running the artifact at `artifact`; with `release`, the
+    /// one-shot unit that runs that release command instead.
     fn render_unit(
         &self,
         service: &Service,
         artifact: &Path,
-        env_file: Option<PathBuf>,
+        env_files: &[PathBuf],
         port: Option<u16>,
+        release: Option<&str>,
     ) -> Result<String, AgentError> {
         let exec = service.exec.as_ref();
-        let mut argv = match exec.and_then(|e| e.command.as_deref()) {
-            Some(line) => split_command(line)?,
-            None => vec![format!("bin/{}", service.name)],
+        let mut argv = match (release, exec.and_then(|e| e.command.as_deref())) {
+            (Some(line), _) | (None, Some(line)) => split_command(line)?,
+            (None, None) => vec![format!("bin/{}", service.name)],
         };
         if !argv[0].starts_with('/') {
             argv[0] = artifact.join(&argv[0]).display().to_string();
         }
         let system = !self.config.user;
-        let mut environment = service.env.clone();
+        // Values with templates are resolved into the generated env file, not written here.
+        let mut environment: std::collections::BTreeMap<String, String> = service
+            .env
+            .iter()
+            .filter(|(_, v)| !v.contains("${"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         if let Some(p) = port {
             environment.insert("PORT".to_owned(), p.to_string());
         }
+        let suffix = if release.is_some() { "-release" } else { "" };
         let spec = UnitSpec {
-            description: format!("deployer: {}", service.name),
+            description: format!("deployer: {}{suffix}", service.name),
             exec_start: argv,
             working_directory: Some(artifact.to_path_buf()),
             user: exec.and_then(|e| e.user.clone()).filter(|_| system),
             group: exec.and_then(|e| e.group.clone()).filter(|_| system),
             environment,
-            environment_files: env_file.into_iter().collect(),
+            environment_files: env_files.to_vec(),
             log_file: self.config.user.then(|| {
                 self.config
                     .state_dir
                     .join("logs")
-                    .join(format!("{}.log", service.name))
+                    .join(format!("{}{suffix}.log", service.name))
             }),
             hardening: system,
+            oneshot: release.is_some(),
         };
         Ok(spec.render()?)
+    }
+
+    /// Start (or keep) an infrastructure service and wait until it is ready; an external
+    /// one is only resolved. Its unit is restarted only when its unit file changed or it is
+    /// not running, so applying the same manifest again changes nothing.
+    async fn ensure_infra(
+        &self,
+        name: &str,
+        spec: &deploy_manifest::model::InfraService,
+        state: &mut State,
+    ) -> Result<infra::Endpoint, AgentError> {
+        let ep = infra::endpoint(name, spec);
+        let Some(unit) = ep.unit.clone() else {
+            return Ok(ep);
+        };
+        let (argv, data) = infra::prepare(name, spec, &ep, &self.config.state_dir)?;
+        let unit_file = UnitSpec {
+            description: format!("deployer infrastructure: {name}"),
+            exec_start: argv,
+            working_directory: Some(data),
+            user: None,
+            group: None,
+            environment: Default::default(),
+            environment_files: Vec::new(),
+            log_file: self.config.user.then(|| {
+                self.config
+                    .state_dir
+                    .join("logs")
+                    .join(format!("infra-{name}.log"))
+            }),
+            hardening: false,
+            oneshot: false,
+        }
+        .render()?;
+        let file_ok = std::fs::read_to_string(self.unit_path(&unit))
+            .ok()
+            .as_deref()
+            == Some(unit_file.as_str());
+        let active = self
+            .manager
+            .status(&unit)
+            .await
+            .map(|s| s.is_active())
+            .unwrap_or(false);
+        if !file_ok {
+            self.write_unit(&unit, &unit_file)?;
+            self.manager.reload().await?;
+        }
+        if !file_ok || !active {
+            tracing::info!(infra = name, "starting");
+            self.manager.restart(&unit).await?;
+        }
+        state.infra.insert(
+            name.to_owned(),
+            crate::state::InfraState {
+                unit: unit.clone(),
+                unit_file,
+            },
+        );
+        let ready_exec = match spec.preset {
+            Some(deploy_manifest::model::Preset::Postgres) => Some((
+                vec![
+                    infra::pg_bin()?.join("pg_isready").display().to_string(),
+                    "-q".into(),
+                    "-h".into(),
+                    self.config
+                        .state_dir
+                        .join("infra")
+                        .join(name)
+                        .join("run")
+                        .display()
+                        .to_string(),
+                    "-p".into(),
+                    ep.port().unwrap_or(5432).to_string(),
+                ],
+                self.config.state_dir.clone(),
+            )),
+            _ => None,
+        };
+        let probes = match &spec.health_check {
+            // A custom service's own healthCheck (seed 001's tcp / http / command).
+            Some(h) => {
+                Probes::from_health(h, ep.port(), &self.config.state_dir, ep.startup_timeout)
+            }
+            None => Probes {
+                http: None,
+                tcp: ep.port(),
+                exec: ready_exec,
+                timeout: ep.startup_timeout,
+                interval: Duration::from_millis(200),
+            },
+        };
+        // The readiness gate: a critical service must be up before dependants start.
+        if let Err(e) = wait_healthy(&self.manager, &unit, &probes, Duration::ZERO).await {
+            if ep.critical {
+                return Err(AgentError::Infra {
+                    what: name.to_owned(),
+                    detail: format!("not ready within {} s: {e}", ep.startup_timeout.as_secs()),
+                });
+            }
+            tracing::warn!(infra = name, error = %e, "not ready; it is not critical, going on");
+        }
+        Ok(ep)
+    }
+
+    /// Provision what `service` declares and write its generated env file (connection URLs,
+    /// resolved templates). Returns that file, if there is anything in it.
+    async fn infrastructure(
+        &self,
+        service: &Service,
+        manifest: &Manifest,
+        state: &mut State,
+    ) -> Result<Option<PathBuf>, AgentError> {
+        use deploy_manifest::model::Preset;
+        let eco = manifest.infrastructure.as_ref().map(|i| &i.services);
+        let mut endpoints = Vec::new();
+        for name in infra::needs(service, manifest)? {
+            let spec = eco
+                .and_then(|e| e.get(&name))
+                .ok_or_else(|| AgentError::Infra {
+                    what: name.clone(),
+                    detail: "is not declared in the manifest's infrastructure.services".into(),
+                })?;
+            endpoints.push((name.clone(), self.ensure_infra(&name, spec, state).await?));
+        }
+        let find = |preset: Preset| endpoints.iter().find(|(_, e)| e.preset == Some(preset));
+        let layer = infra::AppLayer {
+            secrets_dir: &self.config.secrets_dir,
+            state_dir: &self.config.state_dir,
+        };
+        let mut vars = std::collections::BTreeMap::new();
+        if let Some(req) = &service.infrastructure {
+            if req.database == Some(true)
+                && let Some((name, ep)) = find(Preset::Postgres)
+            {
+                vars.insert(
+                    "DATABASE_URL".to_owned(),
+                    layer.database_url(&service.name, ep, name)?,
+                );
+            }
+            if req.redis == Some(true)
+                && let Some((_, ep)) = find(Preset::Redis)
+            {
+                let index = match state.redis_indexes.get(&service.name) {
+                    Some(i) => *i,
+                    None => {
+                        let used: std::collections::BTreeSet<u32> =
+                            state.redis_indexes.values().copied().collect();
+                        let i = (1..=15).find(|i| !used.contains(i)).ok_or_else(|| {
+                            AgentError::Infra {
+                                what: "redis".into(),
+                                detail:
+                                    "all 15 DB indexes are taken (removed services keep theirs)"
+                                        .into(),
+                            }
+                        })?;
+                        state.redis_indexes.insert(service.name.clone(), i);
+                        i
+                    }
+                };
+                vars.insert(
+                    "REDIS_URL".to_owned(),
+                    infra::AppLayer::redis_url(ep, index),
+                );
+            }
+            for (rname, spec) in &req.services {
+                let full = format!("{}-{rname}", service.name);
+                let ep = self.ensure_infra(&full, spec, state).await?;
+                for (k, v) in &spec.env {
+                    let (value, _) = infra::resolve(
+                        &service.name,
+                        k,
+                        v,
+                        Some(&ep),
+                        &spec.secrets,
+                        &self.config.secrets_dir,
+                    )?;
+                    vars.insert(k.clone(), value);
+                }
+            }
+        }
+        for (k, v) in &service.env {
+            if v.contains("${") {
+                let (value, _) = infra::resolve(
+                    &service.name,
+                    k,
+                    v,
+                    None,
+                    &Default::default(),
+                    &self.config.secrets_dir,
+                )?;
+                vars.insert(k.clone(), value);
+            }
+        }
+        layer.write_env(&service.name, &vars)
     }
 
     /// Deploy one service; on failure, restore what ran before and record why. A failure of
@@ -445,6 +656,21 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             Some(p) => format!("deployer-{}-{p}.service", service.name),
             None => default_unit.clone(),
         };
+        let generated = match self.infrastructure(service, manifest, state).await {
+            Ok(g) => g,
+            Err(e) => {
+                let entry = state
+                    .services
+                    .entry(service.name.clone())
+                    .or_insert_with(|| ServiceState {
+                        unit: default_unit.clone(),
+                        ..ServiceState::default()
+                    });
+                entry.last_error = Some(e.to_string());
+                tracing::error!(error = %e, "infrastructure not ready; the next run retries");
+                return Err((e.to_string(), true));
+            }
+        };
         let entry = state
             .services
             .entry(service.name.clone())
@@ -456,7 +682,15 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
         let old_unit = entry.unit.clone();
         let side_by_side = unit != old_unit;
         let hash = spec_hash(service);
-        let mut outcome = self.try_deploy(service, &unit, port, &hash, manifest).await;
+        let run_release =
+            service.release.is_some() && entry.released.as_ref() != Some(&service.artifact);
+        let launch = Launch {
+            unit: &unit,
+            port,
+            generated_env: generated,
+            run_release,
+        };
+        let mut outcome = self.try_deploy(service, &launch, &hash, manifest).await;
 
         // Switch the route to the healthy new generation (before the old one stops).
         if let Ok(generation) = &outcome
@@ -466,7 +700,7 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             if let Err(e) = self.proxy.apply(&routes).await {
                 if side_by_side {
                     // The old generation still has the route: give up the new one, retry later.
-                    outcome = Err((AgentError::Proxy(e), true));
+                    outcome = Err((AgentError::Proxy(e), Stage::Touched));
                 } else {
                     // Restarted in place: the service runs; the route is retried next run.
                     tracing::error!(error = %e, "deployed, but the route was not applied");
@@ -494,15 +728,19 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
                 entry.previous = previous;
                 entry.current = Some(generation);
                 entry.deploys += 1;
+                if service.release.is_some() {
+                    entry.released = Some(service.artifact.clone());
+                }
                 entry.health = Health::Healthy;
                 entry.failed = None;
                 entry.last_error = None;
                 Ok(())
             }
-            Err((error, touched))
-                if !touched || side_by_side && matches!(error, AgentError::Proxy(_)) =>
+            Err((error, stage))
+                if stage == Stage::Untouched
+                    || side_by_side && matches!(error, AgentError::Proxy(_)) =>
             {
-                if touched {
+                if stage == Stage::Touched {
                     let _ = self.retire(&unit).await;
                 }
                 let error = error.to_string();
@@ -510,18 +748,23 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
                 entry.last_error = Some(error.clone());
                 Err((error, true))
             }
-            Err((error, _)) => {
+            Err((error, stage)) => {
                 let error = error.to_string();
                 tracing::error!(%error, "deploy failed; restoring the previous generation");
                 let mut message = error.clone();
-                let restored = if side_by_side {
+                let restored = if stage == Stage::ReleaseFailed {
+                    // The service's unit was never touched: what ran still runs.
+                    Ok(())
+                } else if side_by_side {
                     // The old generation never stopped: only the new one goes.
                     self.retire(&unit).await
                 } else {
                     self.restore(&unit, previous.as_ref()).await
                 };
                 entry.health = match (restored, &previous) {
-                    (Ok(()), Some(_)) if side_by_side => Health::Healthy,
+                    (Ok(()), Some(_)) if side_by_side || stage == Stage::ReleaseFailed => {
+                        entry.health
+                    }
                     (Ok(()), Some(prev)) => {
                         // Probe the restored generation (with the manifest's health settings).
                         let probes = Probes::of(service, Path::new(&prev.path), None);
@@ -558,17 +801,15 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
         }
     }
 
-    /// The deploy steps. The error says whether the unit was touched (and so must be
-    /// restored or retired).
+    /// The deploy steps. The error says how far they got (and so what must be undone).
     async fn try_deploy(
         &self,
         service: &Service,
-        unit: &str,
-        port: Option<u16>,
+        launch: &Launch<'_>,
         hash: &str,
         manifest: &Manifest,
-    ) -> Result<Generation, (AgentError, bool)> {
-        let untouched = |e: AgentError| (e, false);
+    ) -> Result<Generation, (AgentError, Stage)> {
+        let untouched = |e: AgentError| (e, Stage::Untouched);
         let owner = if self.config.user { current_uid() } else { 0 };
         let env_file = secrets::env_file(
             &service.name,
@@ -580,8 +821,15 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
         let artifact = fetch::ensure(&self.store, &service.artifact, &self.config.state_dir)
             .await
             .map_err(untouched)?;
+        // Generated settings first, the operator's secrets file last (it wins).
+        let env_files: Vec<PathBuf> = launch
+            .generated_env
+            .iter()
+            .cloned()
+            .chain(env_file)
+            .collect();
         let unit_file = self
-            .render_unit(service, &artifact, env_file, port)
+            .render_unit(service, &artifact, &env_files, launch.port, None)
             .map_err(untouched)?;
         if self.config.user {
             let logs = self.config.state_dir.join("logs");
@@ -589,14 +837,38 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
                 untouched(AgentError::io(format!("creating {}", logs.display()), e))
             })?;
         }
-        let touched = |e: AgentError| (e, true);
+        if launch.run_release
+            && let Some(release) = &service.release
+        {
+            let release_unit = format!("deployer-{}-release.service", service.name);
+            let text = self
+                .render_unit(
+                    service,
+                    &artifact,
+                    &env_files,
+                    launch.port,
+                    Some(&release.command),
+                )
+                .map_err(untouched)?;
+            self.write_unit(&release_unit, &text).map_err(untouched)?;
+            self.manager
+                .reload()
+                .await
+                .map_err(|e| untouched(e.into()))?;
+            tracing::info!(command = %release.command, "running the release command");
+            let ran = self.manager.restart(&release_unit).await;
+            let _ = self.retire(&release_unit).await;
+            ran.map_err(|e| (AgentError::Release(e.to_string()), Stage::ReleaseFailed))?;
+        }
+        let touched = |e: AgentError| (e, Stage::Touched);
+        let unit = launch.unit;
         self.write_unit(unit, &unit_file).map_err(touched)?;
         self.manager.reload().await.map_err(|e| touched(e.into()))?;
         self.manager
             .restart(unit)
             .await
             .map_err(|e| touched(e.into()))?;
-        let probes = Probes::of(service, &artifact, port);
+        let probes = Probes::of(service, &artifact, launch.port);
         wait_healthy(&self.manager, unit, &probes, self.config.settle)
             .await
             .map_err(|detail| touched(AgentError::Unhealthy(detail)))?;
@@ -607,11 +879,11 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             version: manifest.version.clone(),
             deployed_at: now(),
             unit_file,
-            unit: port.map(|_| unit.to_owned()),
+            unit: launch.port.map(|_| unit.to_owned()),
             route: service.http.as_ref().map(|h| RouteState {
                 domain: h.domain.clone(),
                 path: h.path.clone(),
-                port: port.unwrap_or(h.internal_port),
+                port: launch.port.unwrap_or(h.internal_port),
             }),
         })
     }
@@ -657,6 +929,20 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             self.retire(&unit).await?;
         }
         state.services.remove(name);
+        // Its data stays: say what is left behind.
+        let generated = self.config.secrets_dir.join("deployer");
+        if generated.join(format!("{name}.postgres-password")).exists() {
+            state.orphans.push(format!(
+                "database {name} (role {name}) of removed service {name}"
+            ));
+        }
+        if let Some(i) = state.redis_indexes.get(name) {
+            state.orphans.push(format!(
+                "redis index {i} of removed service {name} (kept reserved)"
+            ));
+        }
+        state.orphans.sort();
+        state.orphans.dedup();
         tracing::info!("removed (artifacts, data and secrets are kept)");
         Ok(())
     }
@@ -682,6 +968,26 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             tokio::time::sleep(jitter(wait)).await;
         }
     }
+}
+
+/// How far a deploy got before it failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Nothing on the host changed (secrets file, fetch, unit rendering): retried next run.
+    Untouched,
+    /// The release command failed: the spec is marked failed, the old generation never
+    /// stopped.
+    ReleaseFailed,
+    /// The unit was written and restarted: the previous generation must be put back.
+    Touched,
+}
+
+/// What a deploy launches.
+struct Launch<'a> {
+    unit: &'a str,
+    port: Option<u16>,
+    generated_env: Option<PathBuf>,
+    run_release: bool,
 }
 
 /// `d` plus up to 10 %.

@@ -63,6 +63,29 @@ impl Probes {
         }
     }
 
+    /// The probes of a health block on its own (an infrastructure service's healthCheck);
+    /// `port` fills an http probe without one.
+    pub fn from_health(
+        h: &Health,
+        port: Option<u16>,
+        dir: &std::path::Path,
+        timeout: Duration,
+    ) -> Probes {
+        Probes {
+            http: h
+                .http
+                .as_ref()
+                .and_then(|p| Some((p.port.or(port)?, p.path.clone(), p.status.unwrap_or(200)))),
+            tcp: h.tcp.as_ref().map(|t| t.port),
+            exec: h
+                .exec
+                .as_ref()
+                .map(|e| (e.command.clone(), dir.to_path_buf())),
+            timeout: duration(h.timeout.as_deref(), timeout),
+            interval: duration(h.interval.as_deref(), Duration::from_millis(200)),
+        }
+    }
+
     fn any(&self) -> bool {
         self.http.is_some() || self.tcp.is_some() || self.exec.is_some()
     }

@@ -8,6 +8,7 @@ pub mod agent;
 pub mod config;
 pub mod fetch;
 pub mod health;
+pub mod infra;
 pub mod plan;
 pub mod proxy;
 pub mod report;
@@ -48,6 +49,10 @@ pub enum AgentError {
     },
     #[error(transparent)]
     Proxy(#[from] proxy::ProxyError),
+    #[error("infrastructure {what}: {detail}")]
+    Infra { what: String, detail: String },
+    #[error("release command failed: {0}; the previous generation keeps running")]
+    Release(String),
     #[error("no free port in {first}-{last} for a new generation; widen --port-range")]
     NoFreePort { first: u16, last: u16 },
 }

@@ -58,6 +58,23 @@ pub struct State {
     pub report_hash: Option<String>,
     #[serde(default)]
     pub services: BTreeMap<String, ServiceState>,
+    /// Infrastructure services this agent runs (their unit files).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub infra: BTreeMap<String, InfraState>,
+    /// Redis DB index per service; kept after a service is removed so no other service
+    /// ever gets its data.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub redis_indexes: BTreeMap<String, u32>,
+    /// Data left behind by removed services (databases, Redis indexes): never dropped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub orphans: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InfraState {
+    pub unit: String,
+    pub unit_file: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -77,6 +94,9 @@ pub struct ServiceState {
     pub last_error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated_at: Option<String>,
+    /// The artifact whose release command last succeeded (it runs once per artifact).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub released: Option<Artifact>,
     /// Successful deploys and rolled-back ones on this host (metrics counters).
     #[serde(default)]
     pub deploys: u64,
@@ -248,9 +268,20 @@ mod tests {
                     updated_at: Some("2026-11-22T14:00:00Z".into()),
                     deploys: 3,
                     rollbacks: 1,
+                    released: Some(Artifact::StorePath("/nix/store/x".into())),
                 },
             )]
             .into(),
+            infra: [(
+                "db".to_owned(),
+                InfraState {
+                    unit: "deployer-infra-db.service".into(),
+                    unit_file: "[Unit]\n".into(),
+                },
+            )]
+            .into(),
+            redis_indexes: [("hello".to_owned(), 1)].into(),
+            orphans: vec!["database gone (in db)".into()],
         };
         let value = serde_json::to_value(&state).unwrap();
         assert_eq!(validate(&value), Ok(()));

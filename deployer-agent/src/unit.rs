@@ -36,6 +36,8 @@ pub struct UnitSpec {
     pub log_file: Option<PathBuf>,
     /// Sandboxing defaults that need privileges (system manager only).
     pub hardening: bool,
+    /// Run once to completion (a release command) instead of as a long-running service.
+    pub oneshot: bool,
 }
 
 /// A unit name: ASCII letters, digits, `:-_.\@`, at most 255 characters, with its suffix.
@@ -149,7 +151,11 @@ impl UnitSpec {
         let _ = writeln!(u, "StartLimitIntervalSec=0");
         let _ = writeln!(u);
         let _ = writeln!(u, "[Service]");
-        let _ = writeln!(u, "Type=simple");
+        let _ = writeln!(
+            u,
+            "Type={}",
+            if self.oneshot { "oneshot" } else { "simple" }
+        );
         let _ = writeln!(u, "ExecStart={exec}");
         if let Some(dir) = &self.working_directory {
             let _ = writeln!(
@@ -182,8 +188,10 @@ impl UnitSpec {
             let _ = writeln!(u, "StandardOutput=append:{log}");
             let _ = writeln!(u, "StandardError=append:{log}");
         }
-        let _ = writeln!(u, "Restart=on-failure");
-        let _ = writeln!(u, "RestartSec=1s");
+        if !self.oneshot {
+            let _ = writeln!(u, "Restart=on-failure");
+            let _ = writeln!(u, "RestartSec=1s");
+        }
         let _ = writeln!(u, "TimeoutStopSec=30s");
         if self.hardening {
             for line in [
@@ -297,6 +305,7 @@ mod tests {
             environment_files: vec!["/var/lib/deployer-secrets/my-service.env".into()],
             log_file: None,
             hardening: true,
+            oneshot: false,
         }
     }
 

@@ -4,6 +4,7 @@
 mod agent;
 mod fixture;
 mod fleet;
+mod infra;
 mod manifest_cli;
 mod manifest_concurrency;
 mod packaging;
