@@ -656,28 +656,26 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             Some(p) => format!("deployer-{}-{p}.service", service.name),
             None => default_unit.clone(),
         };
-        let generated = match self.infrastructure(service, manifest, state).await {
-            Ok(g) => g,
-            Err(e) => {
-                let entry = state
-                    .services
-                    .entry(service.name.clone())
-                    .or_insert_with(|| ServiceState {
-                        unit: default_unit.clone(),
-                        ..ServiceState::default()
-                    });
-                entry.last_error = Some(e.to_string());
-                tracing::error!(error = %e, "infrastructure not ready; the next run retries");
-                return Err((e.to_string(), true));
-            }
-        };
-        let entry = state
+        state
             .services
             .entry(service.name.clone())
             .or_insert_with(|| ServiceState {
                 unit: default_unit.clone(),
                 ..ServiceState::default()
             });
+        let generated = self.infrastructure(service, manifest, state).await;
+        let entry = state
+            .services
+            .get_mut(&service.name)
+            .expect("inserted above");
+        let generated = match generated {
+            Ok(g) => g,
+            Err(e) => {
+                entry.last_error = Some(e.to_string());
+                tracing::error!(error = %e, "infrastructure not ready; the next run retries");
+                return Err((e.to_string(), true));
+            }
+        };
         let previous = entry.current.clone();
         let old_unit = entry.unit.clone();
         let side_by_side = unit != old_unit;

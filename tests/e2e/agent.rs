@@ -417,14 +417,15 @@ fn secrets_file_with_wrong_mode_is_refused_with_the_fix() {
         unit.contains(&format!("EnvironmentFile={}", secrets.display())),
         "{unit}"
     );
-    for text in [
-        unit,
-        std::fs::read_to_string(host.state_dir().join("state.json")).unwrap(),
-        out.stdout_str(),
-        out.stderr_str(),
-    ] {
-        assert!(!text.contains("s3cr3t-value"));
-    }
+    deployer_tests::assert_not_leaked(
+        "s3cr3t-value",
+        &[
+            unit,
+            std::fs::read_to_string(host.state_dir().join("state.json")).unwrap(),
+            out.stdout_str(),
+            out.stderr_str(),
+        ],
+    );
 }
 
 #[test]

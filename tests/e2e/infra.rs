@@ -166,14 +166,15 @@ fn postgres_and_redis_for_services() {
         unit.contains(&format!("EnvironmentFile={}", env_file.display())),
         "{unit}"
     );
-    for text in [
-        unit,
-        std::fs::read_to_string(host.state_dir().join("state.json")).unwrap(),
-        out.stdout_str(),
-        out.stderr_str(),
-    ] {
-        assert!(!text.contains(&password), "the database password leaked");
-    }
+    deployer_tests::assert_not_leaked(
+        &password,
+        &[
+            unit,
+            std::fs::read_to_string(host.state_dir().join("state.json")).unwrap(),
+            out.stdout_str(),
+            out.stderr_str(),
+        ],
+    );
 
     // Apply again (a change elsewhere in the service): same role, password, index, and the
     // infrastructure units keep running untouched.
@@ -310,13 +311,14 @@ fn external_servers_and_custom_requirements_with_templates() {
         env.contains("SEARCH_API_KEY=\"s3cr3t-search-key\""),
         "{env}"
     );
-    for text in [
-        std::fs::read_to_string(host.unit_file("app2")).unwrap(),
-        std::fs::read_to_string(host.state_dir().join("state.json")).unwrap(),
-        out.stderr_str(),
-    ] {
-        assert!(!text.contains("s3cr3t-search-key"), "the secret leaked");
-    }
+    deployer_tests::assert_not_leaked(
+        "s3cr3t-search-key",
+        &[
+            std::fs::read_to_string(host.unit_file("app2")).unwrap(),
+            std::fs::read_to_string(host.state_dir().join("state.json")).unwrap(),
+            out.stderr_str(),
+        ],
+    );
 
     // An unknown placeholder is refused, naming the service and the key; nothing changes.
     fx.dm(&[

@@ -509,3 +509,10 @@ pub fn http_get_host(port: u16, host: &str, path: &str) -> Option<(u16, String)>
     let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
     Some((status, body))
 }
+
+/// Assert that `secret` appears in none of `texts` (unit files, state, logs, output).
+pub fn assert_not_leaked(secret: &str, texts: &[String]) {
+    for (i, text) in texts.iter().enumerate() {
+        assert!(!text.contains(secret), "the secret leaked into text #{i}");
+    }
+}
