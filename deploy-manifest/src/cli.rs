@@ -2,8 +2,11 @@
 
 /// Log to stderr (journald picks it up) with the filter in `DEPLOY_LOG`, default `default`.
 pub fn init_tracing(default: &str) {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: journald and log files get plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("DEPLOY_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),

@@ -44,6 +44,10 @@ pub struct RunReport {
     pub retry: bool,
     /// The proxy routes could not be applied; retried on the next run.
     pub route_error: Option<String>,
+    /// Requests this run made to the store (an idle poll: 1), where counted.
+    pub store_requests: Option<u64>,
+    /// systemd calls this run made that change something (reload, restart, stop).
+    pub systemd_changes: u64,
 }
 
 pub struct Agent<S, M> {
@@ -83,9 +87,18 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
     pub async fn run_once(&self) -> Result<RunReport, AgentError> {
         let span = tracing::info_span!("run", host = %self.config.host);
         let started = std::time::Instant::now();
-        let result = self.run_once_inner().instrument(span.clone()).await;
+        let (requests, changes) = (self.store.requests(), self.manager.changes());
+        let mut result = self.run_once_inner().instrument(span.clone()).await;
         if !matches!(result, Err(AgentError::Busy { .. })) {
             self.publish(started.elapsed()).instrument(span).await;
+        }
+        if let Ok(report) = &mut result {
+            report.store_requests = self
+                .store
+                .requests()
+                .zip(requests)
+                .map(|(after, before)| after - before);
+            report.systemd_changes = self.manager.changes() - changes;
         }
         result
     }
@@ -192,6 +205,7 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             Err(e) => return self.fail_run(&mut state, e.into()),
         };
 
+        crate::fault::point("manifest");
         let mut report = RunReport {
             manifest_version: manifest.version.clone(),
             ..RunReport::default()
@@ -233,6 +247,7 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             .await;
             // A crash after this point loses nothing that is done.
             state.save(dir)?;
+            crate::fault::point("saved");
         }
 
         // Re-assert every route: heals a proxy that lost its config, drops removed services.
@@ -819,6 +834,7 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
         let artifact = fetch::ensure(&self.store, &service.artifact, &self.config.state_dir)
             .await
             .map_err(untouched)?;
+        crate::fault::point("fetched");
         // Generated settings first, the operator's secrets file last (it wins).
         let env_files: Vec<PathBuf> = launch
             .generated_env
@@ -861,15 +877,18 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
         let touched = |e: AgentError| (e, Stage::Touched);
         let unit = launch.unit;
         self.write_unit(unit, &unit_file).map_err(touched)?;
+        crate::fault::point("unit-written");
         self.manager.reload().await.map_err(|e| touched(e.into()))?;
         self.manager
             .restart(unit)
             .await
             .map_err(|e| touched(e.into()))?;
+        crate::fault::point("restarted");
         let probes = Probes::of(service, &artifact, launch.port);
         wait_healthy(&self.manager, unit, &probes, self.config.settle)
             .await
             .map_err(|detail| touched(AgentError::Unhealthy(detail)))?;
+        crate::fault::point("healthy");
         Ok(Generation {
             artifact: service.artifact.clone(),
             path: artifact.display().to_string(),

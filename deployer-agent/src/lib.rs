@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod config;
+pub mod fault;
 pub mod fetch;
 pub mod health;
 pub mod infra;

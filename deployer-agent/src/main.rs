@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use deploy_manifest::repo::hostname;
-use deploy_manifest::store::{DEFAULT_STORE, Store};
+use deploy_manifest::store::{Counted, DEFAULT_STORE, Store};
 use deploy_manifest::{exit, render};
 use deployer_agent::config::{AgentConfig, ConfigFile, default_unit_dir, parse_port_range};
 use deployer_agent::plan::{Step, plan};
@@ -94,6 +94,9 @@ enum Command {
     },
     /// Print what a run would do; acts on nothing.
     Plan,
+    /// Download and verify the artifacts of this host's services ahead of a deploy;
+    /// installs nothing else (no unit, no restart).
+    Fetch,
     /// What state.json says this host runs.
     Status,
 }
@@ -255,9 +258,25 @@ async fn run(cli: Cli) -> Result<i32, AgentError> {
         print_plan(&steps, manifest.version.as_deref(), cli.json);
         return Ok(exit::OK);
     }
+    if let Command::Fetch = cli.command {
+        let agent = Agent {
+            store,
+            manager: (),
+            proxy: Proxy::new(ProxyConfig::None),
+            config: config.clone(),
+        };
+        let manifest = agent.fetch_manifest().await?;
+        for service in deployer_agent::plan::desired(&manifest, &config.host) {
+            let path =
+                deployer_agent::fetch::ensure(&agent.store, &service.artifact, &config.state_dir)
+                    .await?;
+            println!("{}\t{}", service.name, path.display());
+        }
+        return Ok(exit::OK);
+    }
     let manager = Systemd::connect(config.user).await?;
     let agent = Agent {
-        store,
+        store: Counted::new(store),
         manager,
         proxy: Proxy::new(config.proxy.clone()),
         config,
@@ -284,7 +303,7 @@ async fn run(cli: Cli) -> Result<i32, AgentError> {
             }
         }
         Command::Run { once: false, .. } => agent.run_forever().await,
-        Command::Plan | Command::Status => unreachable!("handled above"),
+        Command::Plan | Command::Status | Command::Fetch => unreachable!("handled above"),
     }
 }
 

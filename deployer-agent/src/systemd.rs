@@ -108,10 +108,15 @@ pub trait ServiceManager {
     /// Stop a unit and wait for its job to finish.
     fn stop(&self, unit: &str) -> impl Future<Output = Result<(), SystemdError>>;
     fn status(&self, unit: &str) -> impl Future<Output = Result<UnitStatus, SystemdError>>;
+    /// Calls so far that change something (reload, restart, stop), where counted.
+    fn changes(&self) -> u64 {
+        0
+    }
 }
 
 /// A connection to a systemd manager.
 pub struct Systemd {
+    changes: std::sync::atomic::AtomicU64,
     conn: zbus::Connection,
     manager: ManagerProxy<'static>,
     job_timeout: Duration,
@@ -146,6 +151,7 @@ impl Systemd {
             .map_err(connect_err)?;
         manager.subscribe().await.map_err(connect_err)?;
         Ok(Systemd {
+            changes: Default::default(),
             conn,
             manager,
             job_timeout: Duration::from_secs(120),
@@ -196,8 +202,20 @@ impl Systemd {
     }
 }
 
+impl Systemd {
+    fn changed(&self) {
+        self.changes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 impl ServiceManager for Systemd {
+    fn changes(&self) -> u64 {
+        self.changes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     async fn reload(&self) -> Result<(), SystemdError> {
+        self.changed();
         self.manager
             .reload()
             .await
@@ -209,6 +227,7 @@ impl ServiceManager for Systemd {
     }
 
     async fn restart(&self, unit: &str) -> Result<(), SystemdError> {
+        self.changed();
         // A unit that hit its start limit or failed stays "failed" until reset.
         let _ = self.manager.reset_failed_unit(unit).await;
         self.job("RestartUnit", unit, || {
@@ -218,6 +237,7 @@ impl ServiceManager for Systemd {
     }
 
     async fn stop(&self, unit: &str) -> Result<(), SystemdError> {
+        self.changed();
         self.job("StopUnit", unit, || self.manager.stop_unit(unit, "replace"))
             .await
     }

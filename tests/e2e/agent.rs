@@ -25,7 +25,14 @@ pub(crate) struct Host {
 
 impl Host {
     pub(crate) fn new() -> Host {
+        Self::new_with(|_| {})
+    }
+
+    /// A host whose directory `setup` prepares before its systemd manager starts (a mount
+    /// made later would not be seen inside the manager's private mount namespace).
+    pub(crate) fn new_with(setup: impl FnOnce(&Path)) -> Host {
         let dir = tempfile::tempdir().unwrap();
+        setup(dir.path());
         std::fs::create_dir(dir.path().join("secrets")).unwrap();
         std::fs::set_permissions(
             dir.path().join("secrets"),
@@ -205,10 +212,24 @@ fn lifecycle(fx: &Fixture) {
     let report: Value = serde_json::from_slice(&idle.stdout).unwrap();
     assert_eq!(report["unchanged"], json!(true), "{report}");
     assert_eq!(report["deployed"], json!([]));
+    assert_eq!(
+        report["storeRequests"],
+        json!(1),
+        "an idle poll is one request: {report}"
+    );
+    assert_eq!(report["systemdChanges"], json!(0), "{report}");
 
     // v2 replaces v1.
     app.set_version("v2", false);
     app.push(fx);
+    // Pre-fetch: the new artifact is downloaded and verified, nothing else changes.
+    let fetched = host.agent(fx, &["fetch"]).ok().stdout_str();
+    let path = fetched
+        .trim()
+        .strip_prefix("hello\t")
+        .expect("one line per service");
+    assert!(Path::new(path).join("bin/hello").exists(), "{fetched}");
+    assert_eq!(body(port).as_deref(), Some("hello from v1\n"));
     let plan = host.agent(fx, &["plan"]).ok().stdout_str();
     assert!(
         plan.contains("deploy  hello") && plan.contains("new artifact"),
@@ -252,6 +273,11 @@ fn lifecycle(fx: &Fixture) {
     let again = host.agent(fx, &["--json", "run", "--once"]).ok();
     let report: Value = serde_json::from_slice(&again.stdout).unwrap();
     assert_eq!(report["skipped"], json!(["hello"]), "{report}");
+    assert_eq!(
+        report["systemdChanges"],
+        json!(0),
+        "nothing to change: {report}"
+    );
     assert_eq!(body(port).as_deref(), Some("hello from v2\n"));
 
     // Drift: someone stops the unit; the next (idle) run starts it again.

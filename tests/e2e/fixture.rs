@@ -39,6 +39,11 @@ impl Fixture {
         }
     }
 
+    /// Stop the S3 server (the store becomes unreachable).
+    pub fn stop_s3(&mut self) {
+        self._s3 = None;
+    }
+
     /// The same store, opened through the library (to look at objects directly).
     pub async fn store(&self) -> Store {
         match &self._s3 {

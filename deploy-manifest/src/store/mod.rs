@@ -155,6 +155,92 @@ pub trait ObjectStore: Send + Sync {
         dest: &Path,
         progress: &dyn Progress,
     ) -> impl Future<Output = Result<Option<Downloaded>, StoreError>> + Send;
+
+    /// Requests made so far, where counted ([`Counted`]).
+    fn requests(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// A store that counts the requests made through it (the agent reports them: an idle
+/// poll must cost one).
+#[derive(Debug)]
+pub struct Counted<S> {
+    inner: S,
+    n: std::sync::atomic::AtomicU64,
+}
+
+impl<S> Counted<S> {
+    pub fn new(inner: S) -> Self {
+        Counted {
+            inner,
+            n: Default::default(),
+        }
+    }
+
+    fn count(&self) {
+        self.n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl<S: ObjectStore> ObjectStore for Counted<S> {
+    fn url(&self) -> &str {
+        self.inner.url()
+    }
+
+    async fn get(&self, key: &str, if_none_match: Option<&str>) -> Result<Fetched, StoreError> {
+        self.count();
+        self.inner.get(key, if_none_match).await
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        bytes: Vec<u8>,
+        precondition: Precondition,
+    ) -> Result<String, StoreError> {
+        self.count();
+        self.inner.put(key, bytes, precondition).await
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        self.count();
+        self.inner.head(key).await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        self.count();
+        self.inner.list(prefix).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.count();
+        self.inner.delete(key).await
+    }
+
+    async fn put_file(
+        &self,
+        key: &str,
+        path: &Path,
+        progress: &dyn Progress,
+    ) -> Result<(), StoreError> {
+        self.count();
+        self.inner.put_file(key, path, progress).await
+    }
+
+    async fn get_to_file(
+        &self,
+        key: &str,
+        dest: &Path,
+        progress: &dyn Progress,
+    ) -> Result<Option<Downloaded>, StoreError> {
+        self.count();
+        self.inner.get_to_file(key, dest, progress).await
+    }
+
+    fn requests(&self) -> Option<u64> {
+        Some(self.n.load(std::sync::atomic::Ordering::Relaxed))
+    }
 }
 
 /// A store opened from a URL: the backend the URL names.
