@@ -159,7 +159,7 @@ pub(crate) fn declare_hello(fx: &Fixture, port: u16) {
 }
 
 /// A host running hello v1 from `fx`, the app that built it, and its port.
-fn hello_v1_running(fx: &Fixture) -> (Host, App, u16) {
+pub(crate) fn hello_v1_running(fx: &Fixture) -> (Host, App, u16) {
     let host = Host::new();
     let app = App::new();
     let port = free_port();
@@ -352,7 +352,7 @@ fn kill_9_mid_apply_then_the_next_run_converges() {
 }
 
 /// The sha256 of the hello artifact the manifest names now.
-fn artifact_sha(fx: &Fixture) -> String {
+pub(crate) fn artifact_sha(fx: &Fixture) -> String {
     let m: Value = serde_json::from_slice(&fx.dm(&["show"]).ok().stdout).unwrap();
     m["services"][0]["artifact"]["archive"]["sha256"]
         .as_str()

@@ -7,7 +7,7 @@ use std::process::{Command, Output, Stdio};
 use deployer_tests::{OutputExt, bin, eventually, free_port, run_in};
 use serde_json::{Value, json};
 
-use crate::agent::{App, Host, body, declare_hello};
+use crate::agent::{App, Host, artifact_sha, body, declare_hello, hello_v1_running};
 use crate::fixture::Fixture;
 
 /// `deployer-agent run --once` with `DEPLOYER_FAULT` set.
@@ -26,24 +26,10 @@ fn current_sha(host: &Host) -> String {
         .to_owned()
 }
 
-fn manifest_sha(fx: &Fixture) -> String {
-    let m: Value = serde_json::from_slice(&fx.dm(&["show"]).ok().stdout).unwrap();
-    m["services"][0]["artifact"]["archive"]["sha256"]
-        .as_str()
-        .unwrap()
-        .to_owned()
-}
-
 #[test]
 fn killed_at_every_apply_step_the_next_run_converges() {
     let fx = Fixture::file();
-    let host = Host::new();
-    let app = App::new();
-    let port = free_port();
-    declare_hello(&fx, port);
-    app.set_version("v0", false);
-    app.push(&fx);
-    host.run_once(&fx).ok();
+    let (host, app, port) = hello_v1_running(&fx);
     for (i, step) in [
         "manifest",
         "fetched",
@@ -55,7 +41,7 @@ fn killed_at_every_apply_step_the_next_run_converges() {
     .iter()
     .enumerate()
     {
-        let version = format!("v{}", i + 1);
+        let version = format!("v{}", i + 2);
         app.set_version(&version, false);
         app.push(&fx);
         let out = run_with_fault(&host, &fx, &format!("{step}:kill"));
@@ -77,20 +63,14 @@ fn killed_at_every_apply_step_the_next_run_converges() {
             Some(format!("hello from {version}\n")),
             "after {step}"
         );
-        assert_eq!(current_sha(&host), manifest_sha(&fx), "after {step}");
+        assert_eq!(current_sha(&host), artifact_sha(&fx), "after {step}");
     }
 }
 
 #[test]
 fn store_cut_mid_run_keeps_the_running_version() {
     let mut fx = Fixture::s3();
-    let host = Host::new();
-    let app = App::new();
-    let port = free_port();
-    declare_hello(&fx, port);
-    app.set_version("v1", false);
-    app.push(&fx);
-    host.run_once(&fx).ok();
+    let (host, app, port) = hello_v1_running(&fx);
     app.set_version("v2", false);
     app.push(&fx);
 
