@@ -20,6 +20,7 @@ pub mod fsutil;
 pub mod model;
 pub mod render;
 pub mod repo;
+pub mod sign;
 pub mod status;
 pub mod store;
 pub mod validate;
@@ -44,6 +45,9 @@ pub mod exit {
     pub const STORE: i32 = 5;
     /// Concurrent writers kept winning; nothing was written.
     pub const CONFLICT: i32 = 6;
+    /// A signing key is unusable, or (agent) a manifest is unsigned, wrongly signed or older
+    /// than the one applied.
+    pub const UNTRUSTED: i32 = 11;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +70,8 @@ pub enum Error {
     DuplicateService { name: String },
     #[error("{0}")]
     BadArgument(String),
+    #[error(transparent)]
+    Trust(#[from] sign::TrustError),
     #[error(
         "gave up after {attempts} attempts: the manifest kept changing underneath; nothing was written, try again"
     )]
@@ -89,6 +95,7 @@ impl Error {
             | Error::UnknownVersion { .. }
             | Error::UnknownService { .. } => exit::NOT_FOUND,
             Error::BadArgument(_) => exit::USAGE,
+            Error::Trust(_) => exit::UNTRUSTED,
             Error::DuplicateService { .. } => exit::INVALID,
             Error::Conflict { .. } => exit::CONFLICT,
         }

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use deploy_manifest::repo::{Repo, default_author};
+use deploy_manifest::sign::SecretKey;
 use deploy_manifest::store::{DEFAULT_STORE, Store};
 use deploy_manifest::{Error, Manifest, diff, edit, exit, render, status, validate};
 
@@ -16,12 +17,16 @@ use deploy_manifest::{Error, Manifest, diff, edit, exit, render, status, validat
     version,
     about = "Show, list, edit and roll back deployer manifest versions",
     after_help = "Exit codes: 0 ok, 1 failure, 2 usage, 3 invalid manifest or argument, \
-                  4 not found, 5 store unusable (unreachable, credentials, access), 6 conflict"
+                  4 not found, 5 store unusable (unreachable, credentials, access), 6 conflict, \
+                  11 signing key unusable"
 )]
 struct Cli {
     /// Where manifests live: file:///path or s3://bucket/prefix.
     #[arg(long, global = true, env = "DEPLOY_STORE", default_value = DEFAULT_STORE)]
     store: String,
+    /// Sign every version written with this ed25519 key file (see `keygen`).
+    #[arg(long, global = true, env = "DEPLOY_SIGNING_KEY")]
+    signing_key: Option<std::path::PathBuf>,
     /// Machine-readable output (read commands).
     #[arg(long, global = true)]
     json: bool,
@@ -33,6 +38,13 @@ struct Cli {
 enum Command {
     /// Create the store's first, empty manifest (does nothing if one exists).
     Init,
+    /// Make an ed25519 signing key: the secret goes to FILE (mode 600, keep it off the
+    /// store), the public key (NAME:BASE64, for agents' --trusted-keys) is printed.
+    Keygen {
+        name: String,
+        #[arg(long, value_name = "FILE")]
+        out: std::path::PathBuf,
+    },
     /// Print the current manifest, or VERSION, as JSON.
     Show { version: Option<String> },
     /// List versions, newest first.
@@ -88,8 +100,17 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
     if let Command::Validate { file: Some(file) } = &cli.command {
         return validate_file(file, cli.json);
     }
+    if let Command::Keygen { name, out } = &cli.command {
+        return keygen(name, out);
+    }
+    let signing_key = cli
+        .signing_key
+        .as_deref()
+        .map(SecretKey::load)
+        .transpose()
+        .map_err(Error::from)?;
     let store = Store::open(&cli.store).await.map_err(Error::from)?;
-    let repo = Repo::new(store, default_author());
+    let repo = Repo::new(store, default_author()).with_signing_key(signing_key);
     match cli.command {
         Command::Init => match repo.init().await? {
             Some(m) => println!("initialised {} with {}", cli.store, version(&m)),
@@ -163,7 +184,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             let m = repo.current().await?.manifest;
             println!("{}: valid ({} services)", version(&m), m.services.len());
         }
-        Command::Validate { file: Some(_) } => unreachable!("handled before opening the store"),
+        Command::Validate { file: Some(_) } | Command::Keygen { .. } => {
+            unreachable!("handled before opening the store")
+        }
         Command::Status => {
             let reports = status::read_reports(repo.store()).await?;
             let manifest = repo.read_current().await?.map(|c| c.manifest);
@@ -199,6 +222,26 @@ fn report(m: Manifest, json: bool) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+fn keygen(name: &str, out: &std::path::Path) -> anyhow::Result<i32> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let key = SecretKey::generate(name).context("reading /dev/urandom")?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .with_context(|| {
+            format!(
+                "creating {} (an existing key is never overwritten)",
+                out.display()
+            )
+        })?;
+    writeln!(file, "{}", key.to_text()).with_context(|| format!("writing {}", out.display()))?;
+    println!("{}", key.public().to_text());
+    Ok(exit::OK)
 }
 
 fn arg_or_stdin(arg: &str) -> anyhow::Result<String> {

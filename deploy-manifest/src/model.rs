@@ -42,6 +42,18 @@ pub struct Manifest {
     pub services: Vec<Service>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub infrastructure: Option<Infrastructure>,
+    /// ed25519 signature over the manifest without this field (see `sign`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<ManifestSignature>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ManifestSignature {
+    /// The signing key's name (`name` of `name:base64`).
+    pub key: String,
+    /// Base64 of the 64-byte ed25519 signature.
+    pub value: String,
 }
 
 impl Manifest {
@@ -58,6 +70,7 @@ impl Manifest {
             rolled_back_to: None,
             services: Vec::new(),
             infrastructure: None,
+            signature: None,
         }
     }
 
@@ -80,6 +93,7 @@ impl Manifest {
             summary: None,
             rolled_back_from: None,
             rolled_back_to: None,
+            signature: None,
             ..self.clone()
         }
     }
@@ -440,6 +454,10 @@ mod schema_drift {
             ],
             infrastructure: Some(Infrastructure {
                 services: [("db".to_owned(), infra_service())].into(),
+            }),
+            signature: Some(ManifestSignature {
+                key: "ci-2026".into(),
+                value: "c2lnbmF0dXJl".into(),
             }),
         }
     }

@@ -150,6 +150,7 @@ fn compact_timestamp(t: SystemTime) -> String {
 pub struct Repo<S> {
     store: S,
     author: String,
+    signing_key: Option<crate::sign::SecretKey>,
 }
 
 impl<S: ObjectStore> Repo<S> {
@@ -157,7 +158,14 @@ impl<S: ObjectStore> Repo<S> {
         Repo {
             store,
             author: author.into(),
+            signing_key: None,
         }
+    }
+
+    /// Sign every version this repo writes.
+    pub fn with_signing_key(mut self, key: Option<crate::sign::SecretKey>) -> Self {
+        self.signing_key = key;
+        self
     }
 
     pub fn store(&self) -> &S {
@@ -347,9 +355,15 @@ impl<S: ObjectStore> Repo<S> {
         let now = SystemTime::now();
         let content = serde_json::to_vec(&m.content()).expect("the model serialises");
         m.version = Some(new_version_name(now, &content));
-        m.created_at = Some(rfc3339(now));
+        // Milliseconds: versions written within one second still have an order (the agent's
+        // anti-downgrade check compares them).
+        m.created_at = Some(humantime::format_rfc3339_millis(now).to_string());
         m.created_by = Some(self.author.clone());
         m.parent = parent;
+        match &self.signing_key {
+            Some(key) => key.sign(m),
+            None => m.signature = None,
+        }
     }
 
     /// Write the immutable version object; returns the bytes written.

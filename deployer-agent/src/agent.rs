@@ -65,7 +65,14 @@ impl<S: ObjectStore, M> Agent<S, M> {
     /// Fetch and validate the current manifest (for `plan`).
     pub async fn fetch_manifest(&self) -> Result<Manifest, AgentError> {
         match self.store.get(CURRENT_KEY, None).await? {
-            Fetched::Found { bytes, .. } => Ok(parse_manifest(&bytes, &self.manifest_origin())?),
+            Fetched::Found { bytes, .. } => {
+                let m = parse_manifest(&bytes, &self.manifest_origin())?;
+                if !self.config.trusted_keys.is_empty() {
+                    deploy_manifest::sign::verify(&m, &self.config.trusted_keys)
+                        .map_err(|e| AgentError::Manifest(e.into()))?;
+                }
+                Ok(m)
+            }
             _ => Err(deploy_manifest::Error::NotInitialized {
                 url: self.store.url().to_owned(),
             }
@@ -75,6 +82,24 @@ impl<S: ObjectStore, M> Agent<S, M> {
 
     fn manifest_origin(&self) -> String {
         format!("{}/{CURRENT_KEY}", self.store.url())
+    }
+
+    /// With trusted keys configured: the manifest must be signed by one of them, and not
+    /// older than the one this host applied (a replayed old version).
+    fn trust(&self, m: &Manifest, state: &State) -> Result<(), AgentError> {
+        if self.config.trusted_keys.is_empty() {
+            return Ok(());
+        }
+        use deploy_manifest::sign;
+        sign::verify(m, &self.config.trusted_keys)
+            .and_then(|()| {
+                sign::check_not_older(
+                    m,
+                    state.manifest_version.as_deref(),
+                    state.manifest_created_at.as_deref(),
+                )
+            })
+            .map_err(|e| AgentError::Manifest(e.into()))
     }
 }
 
@@ -191,9 +216,12 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
                 return Ok(report);
             }
             Ok(Fetched::Found { bytes, etag }) => {
-                match parse_manifest(&bytes, &self.manifest_origin()) {
+                match parse_manifest(&bytes, &self.manifest_origin())
+                    .map_err(AgentError::from)
+                    .and_then(|m| self.trust(&m, &state).map(|()| m))
+                {
                     Ok(m) => (m, etag),
-                    Err(invalid) => return self.fail_run(&mut state, invalid.into()),
+                    Err(e) => return self.fail_run(&mut state, e),
                 }
             }
             Ok(Fetched::NotFound) => {
@@ -253,6 +281,7 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
         // Re-assert every route: heals a proxy that lost its config, drops removed services.
         report.route_error = self.sync_routes(&state).await;
         state.manifest_version = manifest.version.clone();
+        state.manifest_created_at = manifest.created_at.clone();
         // Remembering the ETag makes the next poll a cheap 304; forget it when a host-side
         // problem (secrets file, fetch) should be retried with a full plan.
         state.manifest_etag = (!report.retry).then_some(etag);

@@ -24,6 +24,8 @@ pub struct AgentConfig {
     pub drain: Duration,
     /// A Prometheus text file to write after every run (node_exporter textfile collector).
     pub metrics_file: Option<PathBuf>,
+    /// Public keys whose signatures this host accepts; empty = signatures not checked.
+    pub trusted_keys: Vec<deploy_manifest::sign::PublicKey>,
 }
 
 /// `--config FILE`: the same settings, kebab-case keys; flags win over the file.
@@ -48,6 +50,7 @@ pub struct ConfigFile {
     pub port_range: Option<String>,
     pub drain: Option<String>,
     pub metrics_file: Option<PathBuf>,
+    pub trusted_keys: Option<PathBuf>,
 }
 
 impl ConfigFile {

@@ -22,7 +22,8 @@ use deployer_agent::{AgentError, EXIT_SERVICES_FAILED, agent::Agent};
     version,
     about = "Converge this host to the deployer manifest: systemd units, health, rollback",
     after_help = "Exit codes: 0 ok, 1 failure, 2 usage, 3 invalid manifest, 4 no manifest, \
-                  5 store unusable, 8 some services failed (and were rolled back), 9 another run holds the lock"
+                  5 store unusable, 8 some services failed (and were rolled back), 9 another run holds the lock, \
+                  11 manifest refused: unsigned, wrongly signed or older than the applied one"
 )]
 struct Cli {
     /// Where manifests and artifacts live: file:///path or s3://bucket/prefix.
@@ -75,6 +76,10 @@ struct Cli {
     /// e.g. /var/lib/prometheus/node-exporter/deployer.prom.
     #[arg(long, global = true, env = "DEPLOYER_METRICS_FILE")]
     metrics_file: Option<PathBuf>,
+    /// Accept only manifests signed by a key in FILE (one NAME:BASE64 per line), and never
+    /// one older than the manifest already applied.
+    #[arg(long, global = true, env = "DEPLOYER_TRUSTED_KEYS")]
+    trusted_keys: Option<PathBuf>,
     /// Machine-readable output (plan, status, run).
     #[arg(long, global = true)]
     json: bool,
@@ -228,6 +233,11 @@ fn config(cli: &Cli, interval: Option<Duration>) -> Result<AgentConfig, AgentErr
             Duration::from_secs(2),
         )?,
         metrics_file: cli.metrics_file.clone().or(file.metrics_file),
+        trusted_keys: match cli.trusted_keys.clone().or(file.trusted_keys) {
+            Some(path) => deploy_manifest::sign::PublicKey::load_all(&path)
+                .map_err(deploy_manifest::Error::from)?,
+            None => Vec::new(),
+        },
     })
 }
 

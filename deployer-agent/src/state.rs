@@ -41,6 +41,9 @@ pub struct State {
     /// The manifest version last applied (fully or with per-service failures).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest_version: Option<String>,
+    /// When that manifest was written (anti-downgrade with signed manifests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_created_at: Option<String>,
     /// The ETag `manifest.json` had then: the next poll sends it as `If-None-Match`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest_etag: Option<String>,
@@ -245,6 +248,7 @@ mod tests {
             host: "biz".into(),
             manifest_version: Some("manifest-20261122T140000Z-3f2a9c1d".into()),
             manifest_etag: Some("\"e\"".into()),
+            manifest_created_at: Some("2026-11-22T14:00:00Z".into()),
             last_poll: Some("2026-11-22T14:00:00Z".into()),
             last_success: Some("2026-11-22T14:00:00Z".into()),
             last_error: Some("x".into()),

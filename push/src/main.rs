@@ -69,7 +69,11 @@ async fn run(cli: Cli) -> Result<(), PushError> {
         .or_else(|| config.file.store.clone())
         .unwrap_or_else(|| DEFAULT_STORE.to_owned());
     let store = Store::open(&url).await.map_err(Error::from)?;
-    let repo = Repo::new(store, default_author());
+    let signing_key = std::env::var_os("DEPLOY_SIGNING_KEY")
+        .map(|p| deploy_manifest::sign::SecretKey::load(std::path::Path::new(&p)))
+        .transpose()
+        .map_err(Error::from)?;
+    let repo = Repo::new(store, default_author()).with_signing_key(signing_key);
     let opts = PushOptions {
         namespace: cli.namespace,
         service: cli.service,

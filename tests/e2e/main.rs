@@ -11,3 +11,4 @@ mod manifest_concurrency;
 mod packaging;
 mod proxy;
 mod push;
+mod trust;

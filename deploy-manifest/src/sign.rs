@@ -1,0 +1,302 @@
+//! Signed manifests: a bucket write alone must not be enough to run code on every host.
+//!
+//! Keys use Nix's text format: `name:base64`. A secret key file holds the 32-byte ed25519
+//! seed (mode 600, never uploaded); a public key is what agents are told to trust. Every
+//! version written with a signing key carries `"signature": {"key": NAME, "value": BASE64}`
+//! over the manifest's canonical JSON without the signature itself.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
+
+use crate::model::{Manifest, ManifestSignature};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TrustError {
+    #[error("{what}: {detail}")]
+    BadKey { what: String, detail: String },
+    #[error(
+        "manifest {version} is not signed; this host only accepts manifests signed by {trusted}: write it with DEPLOY_SIGNING_KEY set"
+    )]
+    Unsigned { version: String, trusted: String },
+    #[error(
+        "manifest {version} is signed by {key:?}, which this host does not trust (trusted: {trusted})"
+    )]
+    UnknownKey {
+        version: String,
+        key: String,
+        trusted: String,
+    },
+    #[error(
+        "manifest {version}: the signature by {key:?} does not match its content (tampered with, or corrupted); refusing it"
+    )]
+    BadSignature { version: String, key: String },
+    #[error(
+        "manifest {version} was written at {created}, before the applied {applied} ({applied_created}): refusing a downgrade; to go back, write a new version with `deploy-manifest rollback`"
+    )]
+    Downgrade {
+        version: String,
+        created: String,
+        applied: String,
+        applied_created: String,
+    },
+}
+
+/// Anti-downgrade: refuse `m` if it was written before the manifest this host applied
+/// (a rollback is a new version, written now, so it passes).
+pub fn check_not_older(
+    m: &Manifest,
+    applied_version: Option<&str>,
+    applied_created: Option<&str>,
+) -> Result<(), TrustError> {
+    let parse = |t: &str| humantime::parse_rfc3339(t).ok();
+    let (Some(created), Some(applied)) = (m.created_at.as_deref(), applied_created) else {
+        return Ok(());
+    };
+    let older = match (parse(created), parse(applied)) {
+        (Some(c), Some(a)) => c < a || (c == a && m.version.as_deref() != applied_version),
+        _ => false,
+    };
+    if older {
+        return Err(TrustError::Downgrade {
+            version: m.version.clone().unwrap_or_default(),
+            created: created.to_owned(),
+            applied: applied_version.unwrap_or("?").to_owned(),
+            applied_created: applied.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+pub struct SecretKey {
+    pub name: String,
+    key: SigningKey,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicKey {
+    pub name: String,
+    key: VerifyingKey,
+}
+
+fn split_key(text: &str, what: &str) -> Result<(String, [u8; 32]), TrustError> {
+    let bad = |detail: &str| TrustError::BadKey {
+        what: what.to_owned(),
+        detail: detail.to_owned(),
+    };
+    let (name, b64) = text
+        .trim()
+        .split_once(':')
+        .ok_or_else(|| bad("expected NAME:BASE64"))?;
+    if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(bad("the key name must be non-empty, without spaces"));
+    }
+    let bytes = STANDARD
+        .decode(b64.trim())
+        .map_err(|e| bad(&format!("not base64: {e}")))?;
+    let bytes: [u8; 32] = bytes
+        .try_into()
+        .map_err(|_| bad("an ed25519 key is 32 bytes"))?;
+    Ok((name.to_owned(), bytes))
+}
+
+impl SecretKey {
+    /// A new key named `name`, from the kernel's random source.
+    pub fn generate(name: &str) -> std::io::Result<SecretKey> {
+        let mut seed = [0u8; 32];
+        std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut seed)?;
+        Ok(SecretKey {
+            name: name.to_owned(),
+            key: SigningKey::from_bytes(&seed),
+        })
+    }
+
+    pub fn parse(text: &str, what: &str) -> Result<SecretKey, TrustError> {
+        let (name, seed) = split_key(text, what)?;
+        Ok(SecretKey {
+            name,
+            key: SigningKey::from_bytes(&seed),
+        })
+    }
+
+    /// Read a secret key file, refusing one that others can read.
+    pub fn load(path: &std::path::Path) -> Result<SecretKey, TrustError> {
+        use std::os::unix::fs::MetadataExt;
+        let what = path.display().to_string();
+        let meta = std::fs::metadata(path).map_err(|e| TrustError::BadKey {
+            what: what.clone(),
+            detail: e.to_string(),
+        })?;
+        if meta.mode() & 0o077 != 0 {
+            return Err(TrustError::BadKey {
+                what,
+                detail: format!(
+                    "mode {:o} lets others read the signing key; fix: chmod 600 {}",
+                    meta.mode() & 0o777,
+                    path.display()
+                ),
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| TrustError::BadKey {
+            what: what.clone(),
+            detail: e.to_string(),
+        })?;
+        Self::parse(&text, &what)
+    }
+
+    pub fn to_text(&self) -> String {
+        format!("{}:{}", self.name, STANDARD.encode(self.key.to_bytes()))
+    }
+
+    pub fn public(&self) -> PublicKey {
+        PublicKey {
+            name: self.name.clone(),
+            key: self.key.verifying_key(),
+        }
+    }
+
+    /// Sign `m` (replacing any signature it had).
+    pub fn sign(&self, m: &mut Manifest) {
+        m.signature = None;
+        let sig = self.key.sign(&signing_bytes(m));
+        m.signature = Some(ManifestSignature {
+            key: self.name.clone(),
+            value: STANDARD.encode(sig.to_bytes()),
+        });
+    }
+}
+
+impl PublicKey {
+    pub fn parse(text: &str, what: &str) -> Result<PublicKey, TrustError> {
+        let (name, bytes) = split_key(text, what)?;
+        let key = VerifyingKey::from_bytes(&bytes).map_err(|e| TrustError::BadKey {
+            what: what.to_owned(),
+            detail: e.to_string(),
+        })?;
+        Ok(PublicKey { name, key })
+    }
+
+    /// Every key in a file, one `NAME:BASE64` per line (`#` comments and blank lines allowed).
+    pub fn load_all(path: &std::path::Path) -> Result<Vec<PublicKey>, TrustError> {
+        let what = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| TrustError::BadKey {
+            what: what.clone(),
+            detail: e.to_string(),
+        })?;
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(|l| Self::parse(l, &what))
+            .collect()
+    }
+
+    pub fn to_text(&self) -> String {
+        format!("{}:{}", self.name, STANDARD.encode(self.key.to_bytes()))
+    }
+}
+
+/// What a signature covers: the manifest's JSON without its signature.
+pub fn signing_bytes(m: &Manifest) -> Vec<u8> {
+    let mut unsigned = m.clone();
+    unsigned.signature = None;
+    serde_json::to_vec(&unsigned).expect("the model serialises")
+}
+
+/// Accept `m` only if a trusted key signed exactly this content.
+pub fn verify(m: &Manifest, trusted: &[PublicKey]) -> Result<(), TrustError> {
+    let version = m.version.clone().unwrap_or_else(|| "(unversioned)".into());
+    let names = trusted
+        .iter()
+        .map(|k| k.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sig = m.signature.as_ref().ok_or_else(|| TrustError::Unsigned {
+        version: version.clone(),
+        trusted: names.clone(),
+    })?;
+    let key = trusted
+        .iter()
+        .find(|k| k.name == sig.key)
+        .ok_or_else(|| TrustError::UnknownKey {
+            version: version.clone(),
+            key: sig.key.clone(),
+            trusted: names,
+        })?;
+    let bad = || TrustError::BadSignature {
+        version: version.clone(),
+        key: sig.key.clone(),
+    };
+    let bytes: [u8; 64] = STANDARD
+        .decode(&sig.value)
+        .map_err(|_| bad())?
+        .try_into()
+        .map_err(|_| bad())?;
+    key.key
+        .verify_strict(
+            &signing_bytes(m),
+            &ed25519_dalek::Signature::from_bytes(&bytes),
+        )
+        .map_err(|_| bad())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signed_manifests_verify_and_tampering_is_caught() {
+        let key = SecretKey::generate("ci-2026").unwrap();
+        let other = SecretKey::generate("ci-2026").unwrap();
+        let trusted = vec![PublicKey::parse(&key.public().to_text(), "test").unwrap()];
+        let mut m = Manifest::empty();
+        m.version = Some("manifest-20261122T140000Z-3f2a9c1d".into());
+        assert!(matches!(
+            verify(&m, &trusted),
+            Err(TrustError::Unsigned { .. })
+        ));
+        key.sign(&mut m);
+        assert_eq!(verify(&m, &trusted), Ok(()));
+        let mut tampered = m.clone();
+        tampered.summary = Some("evil".into());
+        assert!(matches!(
+            verify(&tampered, &trusted),
+            Err(TrustError::BadSignature { .. })
+        ));
+        let mut forged = m.clone();
+        other.sign(&mut forged);
+        assert!(matches!(
+            verify(&forged, &trusted),
+            Err(TrustError::BadSignature { .. })
+        ));
+        let round = SecretKey::parse(&key.to_text(), "t").unwrap();
+        assert_eq!(round.public(), key.public());
+        assert!(PublicKey::parse("nocolon", "t").is_err());
+        assert!(PublicKey::parse("k:AAAA", "t").is_err());
+    }
+
+    #[test]
+    fn older_manifests_are_downgrades() {
+        let at = |version: &str, created: &str| {
+            let mut m = Manifest::empty();
+            m.version = Some(version.into());
+            m.created_at = Some(created.into());
+            m
+        };
+        let applied = (Some("manifest-b"), Some("2026-11-22T14:00:00.500Z"));
+        let check = |m: &Manifest| check_not_older(m, applied.0, applied.1);
+        assert!(
+            check(&at("manifest-a", "2026-11-22T14:00:00Z")).is_err(),
+            "mixed precision compares as times"
+        );
+        assert!(
+            check(&at("manifest-a", "2026-11-22T14:00:00.500Z")).is_err(),
+            "same instant, other version"
+        );
+        assert!(
+            check(&at("manifest-b", "2026-11-22T14:00:00.500Z")).is_ok(),
+            "the applied one itself"
+        );
+        assert!(check(&at("manifest-c", "2026-11-22T14:00:01Z")).is_ok());
+        assert!(check_not_older(&at("manifest-a", "2026-11-22T14:00:00Z"), None, None).is_ok());
+    }
+}
