@@ -26,7 +26,10 @@ let
     "--host" cfg.hostName
     "--state-dir" cfg.stateDir
     "--secrets-dir" cfg.secretsDir
-  ] ++ proxyArgs ++ cfg.extraArgs ++ [ "run" "--once" ];
+  ] ++ proxyArgs
+    ++ lib.optionals (cfg.trustedKeysFile != null) [ "--trusted-keys" cfg.trustedKeysFile ]
+    ++ lib.optionals (cfg.nixTrustedKeysFile != null) [ "--nix-trusted-keys" cfg.nixTrustedKeysFile ]
+    ++ cfg.extraArgs ++ [ "run" "--once" ];
 in
 {
   options.services.deployer = {
@@ -99,6 +102,19 @@ in
       default = null;
       example = "/run/keys/deployer.env";
       description = "An env file for the agent (AWS credentials), read at runtime, never copied into the Nix store.";
+    };
+
+    trustedKeysFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/etc/deployer/trusted-keys";
+      description = "Accept only manifests signed by a key in this file (one NAME:BASE64 per line), never an older one than applied.";
+    };
+
+    nixTrustedKeysFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      description = "Import Nix closures only if their narinfos are signed by a key in this file (trusted-public-keys format).";
     };
 
     extraArgs = mkOption {

@@ -195,6 +195,77 @@ impl PublicKey {
     }
 }
 
+/// Keys in Nix's `trusted-public-keys` format: `name:base64` separated by white space
+/// (lines, `#` comments allowed).
+pub fn load_nix_keys(path: &std::path::Path) -> Result<Vec<PublicKey>, TrustError> {
+    let what = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| TrustError::BadKey {
+        what: what.clone(),
+        detail: e.to_string(),
+    })?;
+    text.lines()
+        .map(|l| l.split('#').next().unwrap_or_default())
+        .flat_map(str::split_whitespace)
+        .map(|k| PublicKey::parse(k, &what))
+        .collect()
+}
+
+/// Check a narinfo's `Sig:` lines: at least one by a trusted key over Nix's fingerprint
+/// `1;<StorePath>;<NarHash>;<NarSize>;<References as full paths, comma-separated>`.
+pub fn verify_narinfo(text: &str, trusted: &[PublicKey]) -> Result<(), String> {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()))
+    };
+    let store_path = field("StorePath:").ok_or("no StorePath")?;
+    let nar_hash = field("NarHash:").ok_or("no NarHash")?;
+    let nar_size = field("NarSize:").ok_or("no NarSize")?;
+    let refs: Vec<String> = field("References:")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|r| format!("/nix/store/{r}"))
+        .collect();
+    let fingerprint = format!("1;{store_path};{nar_hash};{nar_size};{}", refs.join(","));
+    let sigs: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("Sig:"))
+        .map(str::trim)
+        .collect();
+    for sig in &sigs {
+        let Some((name, b64)) = sig.split_once(':') else {
+            continue;
+        };
+        let Some(key) = trusted.iter().find(|k| k.name == name) else {
+            continue;
+        };
+        let Ok(bytes) = STANDARD.decode(b64) else {
+            continue;
+        };
+        let Ok(bytes) = <[u8; 64]>::try_from(bytes) else {
+            continue;
+        };
+        if key
+            .key
+            .verify_strict(
+                fingerprint.as_bytes(),
+                &ed25519_dalek::Signature::from_bytes(&bytes),
+            )
+            .is_ok()
+        {
+            return Ok(());
+        }
+    }
+    let names: Vec<&str> = trusted.iter().map(|k| k.name.as_str()).collect();
+    Err(if sigs.is_empty() {
+        format!("{store_path} is not signed (trusted: {})", names.join(", "))
+    } else {
+        format!(
+            "no valid signature on {store_path} by a trusted key ({})",
+            names.join(", ")
+        )
+    })
+}
+
 /// What a signature covers: the manifest's JSON without its signature.
 pub fn signing_bytes(m: &Manifest) -> Vec<u8> {
     let mut unsigned = m.clone();
@@ -272,6 +343,30 @@ mod tests {
         assert_eq!(round.public(), key.public());
         assert!(PublicKey::parse("nocolon", "t").is_err());
         assert!(PublicKey::parse("k:AAAA", "t").is_err());
+    }
+
+    #[test]
+    fn narinfo_signatures_follow_nix() {
+        // Made with `nix-store --generate-binary-cache-key test-1` and
+        // `nix copy --to 'file://…?secret-key=…'` (Nix 2.8).
+        let narinfo = "StorePath: /nix/store/rpp4ph3lc124p3flarywga0ry0358g6r-out\nURL: nar/1pl3xz0rfb20gdgkff0phrxynncxr8a1xcvk401y9zvjy11yi5hz.nar.xz\nCompression: xz\nFileHash: sha256:1pl3xz0rfb20gdgkff0phrxynncxr8a1xcvk401y9zvjy11yi5hz\nFileSize: 184\nNarHash: sha256:140v0py67gd2ppzz8rp0lp82kfqnfzf52h3jdw5642k3hyaqbbjb\nNarSize: 304\nReferences: \nSig: test-1:0jij/T8u9zEb9cSUV9INxiWQYiG4JM5QcjCWNz3UBmaOffKhqjdfJ26us79JGcUPSroTemvj7UHQrpryZfOaBA==\n";
+        let key =
+            PublicKey::parse("test-1:ihvSwSZy6VMtDpfPHLMVvcSbMLugCnbIFH4vy/v/8As=", "t").unwrap();
+        assert_eq!(verify_narinfo(narinfo, std::slice::from_ref(&key)), Ok(()));
+        let tampered = narinfo.replace("NarSize: 304", "NarSize: 305");
+        assert!(verify_narinfo(&tampered, std::slice::from_ref(&key)).is_err());
+        let other = SecretKey::generate("test-1").unwrap().public();
+        assert!(verify_narinfo(narinfo, &[other]).is_err());
+        let unsigned: String = narinfo
+            .lines()
+            .filter(|l| !l.starts_with("Sig:"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(
+            verify_narinfo(&unsigned, &[key])
+                .unwrap_err()
+                .contains("not signed")
+        );
     }
 
     #[test]

@@ -860,9 +860,14 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             owner,
         )
         .map_err(untouched)?;
-        let artifact = fetch::ensure(&self.store, &service.artifact, &self.config.state_dir)
-            .await
-            .map_err(untouched)?;
+        let artifact = fetch::ensure(
+            &self.store,
+            &service.artifact,
+            &self.config.state_dir,
+            &self.config.nix_trusted_keys,
+        )
+        .await
+        .map_err(untouched)?;
         crate::fault::point("fetched");
         // Generated settings first, the operator's secrets file last (it wins).
         let env_files: Vec<PathBuf> = launch

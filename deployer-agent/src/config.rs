@@ -26,6 +26,9 @@ pub struct AgentConfig {
     pub metrics_file: Option<PathBuf>,
     /// Public keys whose signatures this host accepts; empty = signatures not checked.
     pub trusted_keys: Vec<deploy_manifest::sign::PublicKey>,
+    /// Nix binary-cache keys a fetched closure's narinfos must be signed by; empty = not
+    /// checked.
+    pub nix_trusted_keys: Vec<deploy_manifest::sign::PublicKey>,
 }
 
 /// `--config FILE`: the same settings, kebab-case keys; flags win over the file.
@@ -51,6 +54,7 @@ pub struct ConfigFile {
     pub drain: Option<String>,
     pub metrics_file: Option<PathBuf>,
     pub trusted_keys: Option<PathBuf>,
+    pub nix_trusted_keys: Option<PathBuf>,
 }
 
 impl ConfigFile {

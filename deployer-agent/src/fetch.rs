@@ -28,14 +28,17 @@ pub fn local_path(artifact: &Artifact, state_dir: &Path) -> PathBuf {
     }
 }
 
+/// Put `artifact` on this host. With `nix_trusted` keys, every narinfo fetched must carry a
+/// valid signature by one of them (Nix's `trusted-public-keys` semantics).
 pub async fn ensure(
     store: &impl ObjectStore,
     artifact: &Artifact,
     state_dir: &Path,
+    nix_trusted: &[deploy_manifest::sign::PublicKey],
 ) -> Result<PathBuf, AgentError> {
     match artifact {
         Artifact::Archive(a) => ensure_archive(store, a, state_dir).await,
-        Artifact::StorePath(p) => ensure_store_path(store, p, state_dir).await,
+        Artifact::StorePath(p) => ensure_store_path(store, p, state_dir, nix_trusted).await,
     }
 }
 
@@ -114,6 +117,7 @@ async fn ensure_store_path(
     store: &impl ObjectStore,
     path: &str,
     state_dir: &Path,
+    nix_trusted: &[deploy_manifest::sign::PublicKey],
 ) -> Result<PathBuf, AgentError> {
     if Path::new(path).exists() {
         return Ok(PathBuf::from(path));
@@ -151,6 +155,10 @@ async fn ensure_store_path(
             }
         };
         let text = String::from_utf8_lossy(&bytes).into_owned();
+        if !nix_trusted.is_empty() {
+            deploy_manifest::sign::verify_narinfo(&text, nix_trusted)
+                .map_err(|e| fail(format!("{key}: {e}; refusing to import it")))?;
+        }
         let field = |name: &str| {
             text.lines()
                 .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()))

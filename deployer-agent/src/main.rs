@@ -80,6 +80,10 @@ struct Cli {
     /// one older than the manifest already applied.
     #[arg(long, global = true, env = "DEPLOYER_TRUSTED_KEYS")]
     trusted_keys: Option<PathBuf>,
+    /// Import Nix closures only if their narinfos are signed by a key in FILE (Nix's
+    /// trusted-public-keys format).
+    #[arg(long, global = true, env = "DEPLOYER_NIX_TRUSTED_KEYS")]
+    nix_trusted_keys: Option<PathBuf>,
     /// Machine-readable output (plan, status, run).
     #[arg(long, global = true)]
     json: bool,
@@ -238,6 +242,12 @@ fn config(cli: &Cli, interval: Option<Duration>) -> Result<AgentConfig, AgentErr
                 .map_err(deploy_manifest::Error::from)?,
             None => Vec::new(),
         },
+        nix_trusted_keys: match cli.nix_trusted_keys.clone().or(file.nix_trusted_keys) {
+            Some(path) => {
+                deploy_manifest::sign::load_nix_keys(&path).map_err(deploy_manifest::Error::from)?
+            }
+            None => Vec::new(),
+        },
     })
 }
 
@@ -277,9 +287,13 @@ async fn run(cli: Cli) -> Result<i32, AgentError> {
         };
         let manifest = agent.fetch_manifest().await?;
         for service in deployer_agent::plan::desired(&manifest, &config.host) {
-            let path =
-                deployer_agent::fetch::ensure(&agent.store, &service.artifact, &config.state_dir)
-                    .await?;
+            let path = deployer_agent::fetch::ensure(
+                &agent.store,
+                &service.artifact,
+                &config.state_dir,
+                &config.nix_trusted_keys,
+            )
+            .await?;
             println!("{}\t{}", service.name, path.display());
         }
         return Ok(exit::OK);

@@ -11,6 +11,7 @@ let
     mkDefault = v: v;
     optionalAttrs = cond: attrs: if cond then attrs else { };
     optional = cond: x: if cond then [ x ] else [ ];
+    optionals = cond: xs: if cond then xs else [ ];
     escapeShellArg = arg: "'" + builtins.replaceStrings [ "'" ] [ "'\\''" ] (toString arg) + "'";
     escapeShellArgs = args: builtins.concatStringsSep " " (map escapeShellArg args);
     types = {

@@ -95,7 +95,12 @@ pub async fn upload_nix_closure(
     staging: &Path,
     dry_run: bool,
 ) -> Result<Uploaded, PushError> {
-    let staging_url = format!("file://{}", staging.display());
+    // With DEPLOY_NIX_SECRET_KEY (a `nix-store --generate-binary-cache-key` secret), the
+    // narinfos nix copy writes are signed, for hosts that check --nix-trusted-keys.
+    let staging_url = match std::env::var("DEPLOY_NIX_SECRET_KEY") {
+        Ok(key) if !key.is_empty() => format!("file://{}?secret-key={key}", staging.display()),
+        _ => format!("file://{}", staging.display()),
+    };
     let (path, url) = (store_path.to_owned(), staging_url.clone());
     tokio::task::spawn_blocking(move || {
         let status = Command::new("nix")

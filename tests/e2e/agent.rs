@@ -523,3 +523,83 @@ fn the_loop_mode_polls_and_deploys_without_being_asked() {
     agent.wait().unwrap();
     assert!(v1.is_some() && v2.is_some(), "v1 {v1:?}, v2 {v2:?}");
 }
+
+#[test]
+fn nix_closures_must_be_signed_by_a_trusted_key() {
+    let fx = Fixture::file();
+    let mut host = Host::new();
+    let port = free_port();
+    declare_hello(&fx, port);
+    let repo = tempfile::tempdir().unwrap();
+    let keys = repo.path().join("keys");
+    std::fs::create_dir(&keys).unwrap();
+    for name in ["good", "other"] {
+        run_in(
+            &keys,
+            "nix-store",
+            &[
+                "--generate-binary-cache-key",
+                &format!("{name}-1"),
+                &format!("{name}.sk"),
+                &format!("{name}.pk"),
+            ],
+            &[],
+        )
+        .ok();
+    }
+    let stamp = format!("{:?}", std::time::SystemTime::now());
+    std::fs::create_dir_all(repo.path().join("src/bin")).unwrap();
+    std::fs::write(repo.path().join("src/bin/hello"), HELLO).unwrap();
+    std::fs::set_permissions(
+        repo.path().join("src/bin/hello"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::write(repo.path().join("src/VERSION"), format!("signed {stamp}")).unwrap();
+    std::fs::write(
+        repo.path().join("deploy.toml"),
+        "[namespaces.\"Examples/Hello.py\"]\nbuilder = \"nix\"\ncommand = \"true\"\noutput = \"src\"\n",
+    )
+    .unwrap();
+    let mut env = fx.env.clone();
+    env.push((
+        "DEPLOY_NIX_STAGING".into(),
+        repo.path().join(".staging").display().to_string(),
+    ));
+    env.push((
+        "DEPLOY_NIX_SECRET_KEY".into(),
+        keys.join("good.sk").display().to_string(),
+    ));
+    env.push(("NIX_CONFIG".into(), "substituters =".into()));
+    run_in(repo.path(), "push.sh", &["Examples/Hello.py"], &env).ok();
+    let m: Value = serde_json::from_slice(&fx.dm(&["show"]).ok().stdout).unwrap();
+    let path = m["services"][0]["artifact"]["storePath"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    run_in(repo.path(), "nix-store", &["--delete", &path], &[]).ok();
+
+    // Trusting another key: the closure is refused and nothing is imported.
+    host.flags = vec![
+        "--nix-trusted-keys".into(),
+        keys.join("other.pk").display().to_string(),
+    ];
+    let out = host.run_once(&fx);
+    assert_eq!(out.code(), 8, "{}", out.stderr_str());
+    assert!(
+        out.stderr_str().contains("no valid signature"),
+        "{}",
+        out.stderr_str()
+    );
+    assert!(!Path::new(&path).exists(), "nothing was imported");
+    assert!(body(port).is_none());
+
+    // Trusting the signer: imported and serving.
+    host.flags = vec![
+        "--nix-trusted-keys".into(),
+        keys.join("good.pk").display().to_string(),
+    ];
+    host.run_once(&fx).ok();
+    assert!(Path::new(&path).exists());
+    assert_eq!(body(port), Some(format!("hello from signed {stamp}\n")));
+}

@@ -68,13 +68,15 @@ fn module_options_defaults_and_units() {
             "extraArgs",
             "hostName",
             "interval",
+            "nixTrustedKeysFile",
             "openrestyConfig",
             "openrestyReload",
             "package",
             "proxy",
             "secretsDir",
             "stateDir",
-            "store"
+            "store",
+            "trustedKeysFile"
         ]
     );
     let d = &v["defaults"];
@@ -156,6 +158,17 @@ fn module_settings_flow_into_the_units() {
         service["path"].as_array().unwrap().len(),
         2,
         "nginx is on the agent's PATH"
+    );
+    // Trust settings become flags.
+    let signed = eval_ok(
+        r#"{ enable = true; store = "s3://b/p"; trustedKeysFile = "/etc/deployer/keys"; nixTrustedKeysFile = "/etc/deployer/nix-keys"; }"#,
+    );
+    let exec = signed["config"]["systemd"]["services"]["deployer"]["serviceConfig"]["ExecStart"]
+        .as_str()
+        .unwrap();
+    assert!(
+        exec.contains("'--trusted-keys' '/etc/deployer/keys' '--nix-trusted-keys' '/etc/deployer/nix-keys' 'run' '--once'"),
+        "{exec}"
     );
     // An empty store is an assertion failure.
     let empty = eval_ok(r#"{ enable = true; store = ""; }"#);
