@@ -57,5 +57,9 @@ step "cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked 2>&1 | tee "$log"
+
+step "fuzz (a short run of each target; scripts/fuzz.sh SECONDS for longer)"
+bash scripts/fuzz.sh "${FUZZ_SECONDS:-10}"
+
 # One closing line for the whole run: the sum of every test binary's result line.
 awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "\ntests: %d passed, %d failed, %d skipped\n", p, f, i }' "$log"

@@ -23,6 +23,7 @@ pub mod repo;
 pub mod sign;
 pub mod status;
 pub mod store;
+pub mod template;
 pub mod validate;
 
 pub use model::Manifest;

@@ -471,52 +471,37 @@ pub fn resolve(
     secrets: &BTreeMap<String, String>,
     secrets_dir: &Path,
 ) -> Result<(String, bool), AgentError> {
-    let bad = |detail: String| err(&format!("{service}: env {key}"), detail);
-    let mut out = String::new();
-    let mut rest = value;
-    let mut secret = false;
-    while let Some(start) = rest.find("${") {
-        out.push_str(&rest[..start]);
-        let end = rest[start..]
-            .find('}')
-            .ok_or_else(|| bad("unterminated ${".into()))?;
-        let token = &rest[start + 2..start + end];
-        let resolved = match token.split_once(':') {
-            None if token == "host" => ep
+    use deploy_manifest::template::{Placeholder, expand};
+    let mut lookup = |p: Placeholder<'_>| -> Result<String, String> {
+        match p {
+            Placeholder::Host => ep
                 .map(|e| e.host.clone())
-                .ok_or_else(|| bad("${host} has no infrastructure service here".into()))?,
-            Some(("port", name)) => ep
+                .ok_or_else(|| "${host} has no infrastructure service here".to_owned()),
+            Placeholder::Port(name) => ep
                 .and_then(|e| e.ports.get(name))
                 .map(u16::to_string)
-                .ok_or_else(|| bad(format!("unknown port {name:?}")))?,
-            Some(("secret", name)) => {
+                .ok_or_else(|| format!("unknown port {name:?}")),
+            Placeholder::Secret(name) => {
                 let file = secrets
                     .get(name)
                     .cloned()
                     .unwrap_or_else(|| name.to_owned());
                 if file.contains('/') || file.starts_with('.') {
-                    return Err(bad(format!(
-                        "secret {name:?} names an unsafe file {file:?}"
-                    )));
+                    return Err(format!("secret {name:?} names an unsafe file {file:?}"));
                 }
-                secret = true;
                 let path = secrets_dir.join(&file);
                 std::fs::read_to_string(&path)
                     .map(|s| s.trim_end_matches('\n').to_owned())
                     .map_err(|e| {
-                        bad(format!(
+                        format!(
                             "secret {name:?}: {}: {e}; create it (mode 600)",
                             path.display()
-                        ))
-                    })?
+                        )
+                    })
             }
-            _ => return Err(bad(format!("unknown placeholder ${{{token}}}"))),
-        };
-        out.push_str(&resolved);
-        rest = &rest[start + end + 1..];
-    }
-    out.push_str(rest);
-    Ok((out, secret))
+        }
+    };
+    expand(value, &mut lookup).map_err(|detail| err(&format!("{service}: env {key}"), detail))
 }
 
 #[cfg(test)]

@@ -443,11 +443,14 @@ fn secrets_file_with_wrong_mode_is_refused_with_the_fix() {
         unit.contains(&format!("EnvironmentFile={}", secrets.display())),
         "{unit}"
     );
+    // Every place the agent writes: unit file, state, its host report in the store, output.
+    let store = PathBuf::from(fx.url.strip_prefix("file://").unwrap());
     deployer_tests::assert_not_leaked(
         "s3cr3t-value",
         &[
             unit,
             std::fs::read_to_string(host.state_dir().join("state.json")).unwrap(),
+            std::fs::read_to_string(store.join("status/biz.json")).unwrap(),
             out.stdout_str(),
             out.stderr_str(),
         ],

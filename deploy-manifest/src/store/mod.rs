@@ -6,12 +6,14 @@
 //! `manifests/manifest-….json`, `artifacts/…`).
 
 mod file;
+#[cfg(feature = "s3")]
 mod s3;
 
 use std::future::Future;
 use std::path::Path;
 
 pub use file::FileStore;
+#[cfg(feature = "s3")]
 pub use s3::{S3Options, S3Store};
 
 /// The default store: a local directory, for one machine and for demos.
@@ -247,19 +249,26 @@ impl<S: ObjectStore> ObjectStore for Counted<S> {
 #[derive(Debug, Clone)]
 pub enum Store {
     File(FileStore),
+    #[cfg(feature = "s3")]
     S3(S3Store),
 }
 
 impl Store {
     /// Open `file:///path` or `s3://bucket[/prefix]`. S3 settings come from the standard
-    /// AWS environment (see [`S3Options::from_env`]).
+    /// AWS environment (see `S3Options::from_env`).
     pub async fn open(url: &str) -> Result<Store, StoreError> {
         if url.starts_with("file://") {
             return Ok(Store::File(FileStore::open(url)?));
         }
         if url.starts_with("s3://") {
+            #[cfg(feature = "s3")]
             return Ok(Store::S3(
                 S3Store::connect(url, S3Options::from_env()).await?,
+            ));
+            #[cfg(not(feature = "s3"))]
+            return Err(StoreError::invalid_url(
+                url,
+                "this build has no S3 support (cargo feature \"s3\")",
             ));
         }
         Err(StoreError::invalid_url(
@@ -273,6 +282,7 @@ impl ObjectStore for Store {
     fn url(&self) -> &str {
         match self {
             Store::File(s) => s.url(),
+            #[cfg(feature = "s3")]
             Store::S3(s) => s.url(),
         }
     }
@@ -280,6 +290,7 @@ impl ObjectStore for Store {
     async fn get(&self, key: &str, if_none_match: Option<&str>) -> Result<Fetched, StoreError> {
         match self {
             Store::File(s) => s.get(key, if_none_match).await,
+            #[cfg(feature = "s3")]
             Store::S3(s) => s.get(key, if_none_match).await,
         }
     }
@@ -292,6 +303,7 @@ impl ObjectStore for Store {
     ) -> Result<String, StoreError> {
         match self {
             Store::File(s) => s.put(key, bytes, precondition).await,
+            #[cfg(feature = "s3")]
             Store::S3(s) => s.put(key, bytes, precondition).await,
         }
     }
@@ -299,6 +311,7 @@ impl ObjectStore for Store {
     async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
         match self {
             Store::File(s) => s.head(key).await,
+            #[cfg(feature = "s3")]
             Store::S3(s) => s.head(key).await,
         }
     }
@@ -306,6 +319,7 @@ impl ObjectStore for Store {
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         match self {
             Store::File(s) => s.list(prefix).await,
+            #[cfg(feature = "s3")]
             Store::S3(s) => s.list(prefix).await,
         }
     }
@@ -313,6 +327,7 @@ impl ObjectStore for Store {
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         match self {
             Store::File(s) => s.delete(key).await,
+            #[cfg(feature = "s3")]
             Store::S3(s) => s.delete(key).await,
         }
     }
@@ -325,6 +340,7 @@ impl ObjectStore for Store {
     ) -> Result<(), StoreError> {
         match self {
             Store::File(s) => s.put_file(key, path, progress).await,
+            #[cfg(feature = "s3")]
             Store::S3(s) => s.put_file(key, path, progress).await,
         }
     }
@@ -337,6 +353,7 @@ impl ObjectStore for Store {
     ) -> Result<Option<Downloaded>, StoreError> {
         match self {
             Store::File(s) => s.get_to_file(key, dest, progress).await,
+            #[cfg(feature = "s3")]
             Store::S3(s) => s.get_to_file(key, dest, progress).await,
         }
     }
