@@ -466,33 +466,7 @@ fn nix_artifact_is_fetched_from_the_store_cache_and_run() {
     // A Nix-built hello: its closure goes to the store's nix-cache/ and is then removed
     // from this machine's /nix/store, so the agent has to fetch and import it.
     let repo = tempfile::tempdir().unwrap();
-    let stamp = format!("{:?}", std::time::SystemTime::now());
-    std::fs::create_dir_all(repo.path().join("src/bin")).unwrap();
-    std::fs::write(repo.path().join("src/bin/hello"), HELLO).unwrap();
-    std::fs::set_permissions(
-        repo.path().join("src/bin/hello"),
-        std::fs::Permissions::from_mode(0o755),
-    )
-    .unwrap();
-    std::fs::write(repo.path().join("src/VERSION"), format!("nix {stamp}")).unwrap();
-    std::fs::write(
-        repo.path().join("deploy.toml"),
-        "[namespaces.\"Examples/Hello.py\"]\nbuilder = \"nix\"\ncommand = \"true\"\noutput = \"src\"\n",
-    )
-    .unwrap();
-    let mut env = fx.env.clone();
-    env.push((
-        "DEPLOY_NIX_STAGING".into(),
-        repo.path().join(".staging").display().to_string(),
-    ));
-    env.push(("NIX_CONFIG".into(), "substituters =".into()));
-    run_in(repo.path(), "push.sh", &["Examples/Hello.py"], &env).ok();
-    let m: Value = serde_json::from_slice(&fx.dm(&["show"]).ok().stdout).unwrap();
-    let path = m["services"][0]["artifact"]["storePath"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    run_in(repo.path(), "nix-store", &["--delete", &path], &[]).ok();
+    let (path, stamp) = push_nix_hello(&fx, repo.path(), "nix", &[]);
     assert!(
         !Path::new(&path).exists(),
         "{path} is gone from this machine"
@@ -500,7 +474,7 @@ fn nix_artifact_is_fetched_from_the_store_cache_and_run() {
 
     host.run_once(&fx).ok();
     assert!(Path::new(&path).exists(), "the agent imported {path}");
-    assert_eq!(body(port), Some(format!("hello from nix {stamp}\n")));
+    assert_eq!(body(port), Some(format!("hello from {stamp}\n")));
     let unit = std::fs::read_to_string(host.unit_file("hello")).unwrap();
     assert!(
         unit.contains(&format!("ExecStart=\"{path}/bin/hello\"")),
@@ -550,37 +524,13 @@ fn nix_closures_must_be_signed_by_a_trusted_key() {
         )
         .ok();
     }
-    let stamp = format!("{:?}", std::time::SystemTime::now());
-    std::fs::create_dir_all(repo.path().join("src/bin")).unwrap();
-    std::fs::write(repo.path().join("src/bin/hello"), HELLO).unwrap();
-    std::fs::set_permissions(
-        repo.path().join("src/bin/hello"),
-        std::fs::Permissions::from_mode(0o755),
-    )
-    .unwrap();
-    std::fs::write(repo.path().join("src/VERSION"), format!("signed {stamp}")).unwrap();
-    std::fs::write(
-        repo.path().join("deploy.toml"),
-        "[namespaces.\"Examples/Hello.py\"]\nbuilder = \"nix\"\ncommand = \"true\"\noutput = \"src\"\n",
-    )
-    .unwrap();
-    let mut env = fx.env.clone();
-    env.push((
-        "DEPLOY_NIX_STAGING".into(),
-        repo.path().join(".staging").display().to_string(),
-    ));
-    env.push((
-        "DEPLOY_NIX_SECRET_KEY".into(),
-        keys.join("good.sk").display().to_string(),
-    ));
-    env.push(("NIX_CONFIG".into(), "substituters =".into()));
-    run_in(repo.path(), "push.sh", &["Examples/Hello.py"], &env).ok();
-    let m: Value = serde_json::from_slice(&fx.dm(&["show"]).ok().stdout).unwrap();
-    let path = m["services"][0]["artifact"]["storePath"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    run_in(repo.path(), "nix-store", &["--delete", &path], &[]).ok();
+    let secret = keys.join("good.sk").display().to_string();
+    let (path, stamp) = push_nix_hello(
+        &fx,
+        repo.path(),
+        "signed",
+        &[("DEPLOY_NIX_SECRET_KEY", &secret)],
+    );
 
     // Trusting another key: the closure is refused and nothing is imported.
     host.flags = vec![
@@ -604,5 +554,45 @@ fn nix_closures_must_be_signed_by_a_trusted_key() {
     ];
     host.run_once(&fx).ok();
     assert!(Path::new(&path).exists());
-    assert_eq!(body(port), Some(format!("hello from signed {stamp}\n")));
+    assert_eq!(body(port), Some(format!("hello from {stamp}\n")));
+}
+
+/// Build hello with the nix builder in `repo` (content unique to this run), push it with
+/// `env`, then delete the store path from this machine so an agent has to fetch it.
+/// Returns the store path and the version the service will answer with.
+fn push_nix_hello(
+    fx: &Fixture,
+    repo: &Path,
+    label: &str,
+    env: &[(&str, &str)],
+) -> (String, String) {
+    let stamp = format!("{label} {:?}", std::time::SystemTime::now());
+    std::fs::create_dir_all(repo.join("src/bin")).unwrap();
+    std::fs::write(repo.join("src/bin/hello"), HELLO).unwrap();
+    std::fs::set_permissions(
+        repo.join("src/bin/hello"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::write(repo.join("src/VERSION"), &stamp).unwrap();
+    std::fs::write(
+        repo.join("deploy.toml"),
+        "[namespaces.\"Examples/Hello.py\"]\nbuilder = \"nix\"\ncommand = \"true\"\noutput = \"src\"\n",
+    )
+    .unwrap();
+    let mut all = fx.env.clone();
+    all.push((
+        "DEPLOY_NIX_STAGING".into(),
+        repo.join(".staging").display().to_string(),
+    ));
+    all.push(("NIX_CONFIG".into(), "substituters =".into()));
+    all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    run_in(repo, "push.sh", &["Examples/Hello.py"], &all).ok();
+    let m: Value = serde_json::from_slice(&fx.dm(&["show"]).ok().stdout).unwrap();
+    let path = m["services"][0]["artifact"]["storePath"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    run_in(repo, "nix-store", &["--delete", &path], &[]).ok();
+    (path, stamp)
 }
