@@ -122,6 +122,15 @@ fn main() -> ExitCode {
     }
 }
 
+/// A setting: the flag, else the config file, else the default.
+fn pick<T: Clone + From<&'static str>>(
+    flag: &Option<T>,
+    file: Option<T>,
+    default: &'static str,
+) -> T {
+    flag.clone().or(file).unwrap_or_else(|| default.into())
+}
+
 fn config(cli: &Cli, interval: Option<Duration>) -> Result<AgentConfig, AgentError> {
     let file = match &cli.config {
         Some(p) => ConfigFile::load(p).map_err(|e| AgentError::State {
@@ -153,40 +162,23 @@ fn config(cli: &Cli, interval: Option<Duration>) -> Result<AgentConfig, AgentErr
     {
         "none" => ProxyConfig::None,
         "caddy" => ProxyConfig::Caddy {
-            admin: cli
-                .caddy_admin
-                .clone()
-                .or(file.caddy_admin)
-                .unwrap_or_else(|| "http://localhost:2019".into()),
-            server: cli
-                .caddy_server
-                .clone()
-                .or(file.caddy_server)
-                .unwrap_or_else(|| "deployer".into()),
-            listen: cli
-                .caddy_listen
-                .clone()
-                .or(file.caddy_listen)
-                .unwrap_or_else(|| ":80".into()),
+            admin: pick(&cli.caddy_admin, file.caddy_admin, "http://localhost:2019"),
+            server: pick(&cli.caddy_server, file.caddy_server, "deployer"),
+            listen: pick(&cli.caddy_listen, file.caddy_listen, ":80"),
         },
         "openresty" => ProxyConfig::OpenResty {
-            config: cli
-                .nginx_config
-                .clone()
-                .or(file.nginx_config)
-                .unwrap_or_else(|| "/etc/nginx/conf.d/deployer.conf".into()),
-            listen: cli
-                .nginx_listen
-                .clone()
-                .or(file.nginx_listen)
-                .unwrap_or_else(|| "80".into()),
+            config: pick(
+                &cli.nginx_config,
+                file.nginx_config,
+                "/etc/nginx/conf.d/deployer.conf",
+            ),
+            listen: pick(&cli.nginx_listen, file.nginx_listen, "80"),
             nginx: "nginx".into(),
-            reload: split_command(
-                &cli.nginx_reload
-                    .clone()
-                    .or(file.nginx_reload)
-                    .unwrap_or_else(|| "nginx -s reload".into()),
-            )
+            reload: split_command(&pick(
+                &cli.nginx_reload,
+                file.nginx_reload,
+                "nginx -s reload",
+            ))
             .map_err(|e| bad(format!("--nginx-reload: {e}")))?,
         },
         other => {
@@ -209,16 +201,12 @@ fn config(cli: &Cli, interval: Option<Duration>) -> Result<AgentConfig, AgentErr
             .or(file.store)
             .unwrap_or_else(|| DEFAULT_STORE.to_owned()),
         host: cli.host.clone().or(file.host).unwrap_or_else(hostname),
-        state_dir: cli
-            .state_dir
-            .clone()
-            .or(file.state_dir)
-            .unwrap_or_else(|| "/var/lib/deployer".into()),
-        secrets_dir: cli
-            .secrets_dir
-            .clone()
-            .or(file.secrets_dir)
-            .unwrap_or_else(|| "/var/lib/deployer-secrets".into()),
+        state_dir: pick(&cli.state_dir, file.state_dir, "/var/lib/deployer"),
+        secrets_dir: pick(
+            &cli.secrets_dir,
+            file.secrets_dir,
+            "/var/lib/deployer-secrets",
+        ),
         unit_dir: cli
             .unit_dir
             .clone()
