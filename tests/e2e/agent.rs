@@ -190,15 +190,8 @@ pub(crate) fn body(port: u16) -> Option<String> {
 }
 
 fn lifecycle(fx: &Fixture) {
-    let host = Host::new();
-    let app = App::new();
-    let port = free_port();
-    declare_hello(fx, port);
-
     // v1: deployed, healthy, reachable.
-    app.set_version("v1", false);
-    app.push(fx);
-    host.run_once(fx).ok();
+    let (host, app, port) = hello_v1_running(fx);
     assert_eq!(body(port).as_deref(), Some("hello from v1\n"));
     assert_eq!(host.is_active("hello"), "active");
     let state = host.state();

@@ -3,10 +3,10 @@
 
 use std::os::unix::fs::PermissionsExt;
 
-use deployer_tests::{OutputExt, eventually, free_port, http_get, run_in};
+use deployer_tests::{OutputExt, eventually, free_port, run_in};
 use serde_json::{Value, json};
 
-use crate::agent::{App, Host, spawn_agent};
+use crate::agent::{App, Host, body, spawn_agent};
 use crate::fixture::Fixture;
 
 fn host(name: &str, port: u16) -> Host {
@@ -35,12 +35,6 @@ fn status(fx: &Fixture) -> Vec<Value> {
         .as_array()
         .unwrap()
         .clone()
-}
-
-fn body(port: u16) -> Option<String> {
-    http_get(port, "/")
-        .filter(|(s, _)| *s == 200)
-        .map(|(_, b)| b)
 }
 
 #[test]
