@@ -24,6 +24,8 @@ command -v caddy >/dev/null || need+=(caddy)
 command -v nginx >/dev/null || need+=(nginx)
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
 command -v redis-server >/dev/null || need+=(redis-server)
+# libfaketime: the trust tests run writers and agents with a clock that is off.
+ls /usr/lib/*-linux-gnu/faketime/libfaketime.so.1 >/dev/null 2>&1 || need+=(faketime)
 if ((${#need[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq

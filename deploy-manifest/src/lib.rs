@@ -20,6 +20,7 @@ pub mod fsutil;
 pub mod model;
 pub mod render;
 pub mod repo;
+pub mod seen;
 pub mod sign;
 pub mod status;
 pub mod store;
@@ -46,8 +47,9 @@ pub mod exit {
     pub const STORE: i32 = 5;
     /// Concurrent writers kept winning; nothing was written.
     pub const CONFLICT: i32 = 6;
-    /// A signing key is unusable, or (agent) a manifest is unsigned, wrongly signed or older
-    /// than the one applied.
+    /// A signing key is unusable; a version does not verify against the trusted keys (a
+    /// writer refuses to build on it); or (agent) a manifest is unsigned, wrongly signed,
+    /// not newer than the one applied, or expired.
     pub const UNTRUSTED: i32 = 11;
 }
 
@@ -73,6 +75,12 @@ pub enum Error {
     BadArgument(String),
     #[error(transparent)]
     Trust(#[from] sign::TrustError),
+    #[error("{version} does not verify: {problem}; nothing was written. {remedy}")]
+    UntrustedBase {
+        version: String,
+        problem: String,
+        remedy: String,
+    },
     #[error(
         "gave up after {attempts} attempts: the manifest kept changing underneath; nothing was written, try again"
     )]
@@ -96,7 +104,7 @@ impl Error {
             | Error::UnknownVersion { .. }
             | Error::UnknownService { .. } => exit::NOT_FOUND,
             Error::BadArgument(_) => exit::USAGE,
-            Error::Trust(_) => exit::UNTRUSTED,
+            Error::Trust(_) | Error::UntrustedBase { .. } => exit::UNTRUSTED,
             Error::DuplicateService { .. } => exit::INVALID,
             Error::Conflict { .. } => exit::CONFLICT,
         }

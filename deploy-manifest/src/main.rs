@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use deploy_manifest::repo::{Repo, default_author};
+use deploy_manifest::repo::default_author;
 use deploy_manifest::sign::SecretKey;
 use deploy_manifest::store::{DEFAULT_STORE, Store};
 use deploy_manifest::{Error, Manifest, diff, edit, exit, render, status, validate};
@@ -24,9 +24,8 @@ struct Cli {
     /// Where manifests live: file:///path or s3://bucket/prefix.
     #[arg(long, global = true, env = "DEPLOY_STORE", default_value = DEFAULT_STORE)]
     store: String,
-    /// Sign every version written with this ed25519 key file (see `keygen`).
-    #[arg(long, global = true, env = "DEPLOY_SIGNING_KEY")]
-    signing_key: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    trust: deploy_manifest::cli::WriterTrust,
     /// Machine-readable output (read commands).
     #[arg(long, global = true)]
     json: bool,
@@ -78,6 +77,20 @@ enum Command {
     Validate { file: Option<String> },
     /// Which version runs where: every host's last report, hosts × services.
     Status,
+    /// Check the current version (or, with --all, every version) against the trusted keys.
+    /// Exit 0 when the current version verifies and has not expired, 11 otherwise.
+    Verify {
+        #[arg(long)]
+        all: bool,
+    },
+    /// Sign the current content again as a new version with a fresh expiry (run it from a
+    /// timer well within --expires, so agents never see an expired manifest).
+    Refresh {
+        /// Adopt a current manifest that does not verify, as it is: the one-time step when
+        /// signing is enabled on an existing store. Review `deploy-manifest show` first.
+        #[arg(long)]
+        accept_unverified: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -103,14 +116,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
     if let Command::Keygen { name, out } = &cli.command {
         return keygen(name, out);
     }
-    let signing_key = cli
-        .signing_key
-        .as_deref()
-        .map(SecretKey::load)
-        .transpose()
-        .map_err(Error::from)?;
     let store = Store::open(&cli.store).await.map_err(Error::from)?;
-    let repo = Repo::new(store, default_author()).with_signing_key(signing_key);
+    let repo = cli.trust.repo(store, default_author())?;
     match cli.command {
         Command::Init => match repo.init().await? {
             Some(m) => println!("initialised {} with {}", cli.store, version(&m)),
@@ -169,6 +176,37 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Rollback { version } => {
             report(repo.rollback(version.as_deref()).await?, cli.json)?;
+        }
+        Command::Refresh { accept_unverified } => {
+            let m = repo.refresh(accept_unverified).await?;
+            if m.signature.is_none() {
+                eprintln!(
+                    "deploy-manifest: warning: no signing key (DEPLOY_SIGNING_KEY): the new version is unsigned and has no expiry"
+                );
+            }
+            report(m, cli.json)?;
+        }
+        Command::Verify { all } => {
+            if repo.trusted_keys().is_empty() {
+                return Err(Error::BadArgument(
+                    "nothing to verify against: give --trusted-keys FILE (or DEPLOY_TRUSTED_KEYS, or a signing key)".into(),
+                )
+                .into());
+            }
+            let current = repo.verify_current().await?;
+            let rows = if all {
+                repo.verify_all().await?
+            } else {
+                vec![current.clone()]
+            };
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", render::verified(&rows));
+            }
+            if !current.verified || current.expired {
+                return Ok(exit::UNTRUSTED);
+            }
         }
         Command::Diff { a, b } => {
             let old = repo.version(&a).await?;

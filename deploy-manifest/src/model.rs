@@ -29,6 +29,14 @@ pub struct Manifest {
     /// The version that was current when this one was written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
+    /// Signed order of versions: the parent's sequence + 1. Agents refuse a manifest whose
+    /// sequence is not above the one they applied (clocks play no part).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<u64>,
+    /// RFC 3339 UTC time after which agents that check signatures refuse this version for
+    /// any change (a frozen view of the store cannot be served forever); see `refresh`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<String>,
     /// One line saying what changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<String>,
@@ -65,6 +73,8 @@ impl Manifest {
             created_at: None,
             created_by: None,
             parent: None,
+            sequence: None,
+            expires: None,
             summary: None,
             rolled_back_from: None,
             rolled_back_to: None,
@@ -82,14 +92,16 @@ impl Manifest {
         self.services.iter_mut().find(|s| s.name == name)
     }
 
-    /// The manifest without its version record (version, time, author, parent, summary,
-    /// rollback fields): what a rollback restores and what `diff` compares.
+    /// The manifest without its version record (version, time, author, parent, sequence,
+    /// expiry, summary, rollback fields): what a rollback restores and what `diff` compares.
     pub fn content(&self) -> Manifest {
         Manifest {
             version: None,
             created_at: None,
             created_by: None,
             parent: None,
+            sequence: None,
+            expires: None,
             summary: None,
             rolled_back_from: None,
             rolled_back_to: None,
@@ -437,6 +449,8 @@ mod schema_drift {
             created_at: Some("2026-11-22T14:00:00Z".into()),
             created_by: Some("ben@laptop".into()),
             parent: Some("manifest-20261121T093000Z-aa01bb02".into()),
+            sequence: Some(7),
+            expires: Some("2026-12-22T14:00:00Z".into()),
             summary: Some("rollback".into()),
             rolled_back_from: Some("manifest-20261122T130000Z-00000000".into()),
             rolled_back_to: Some("manifest-20261121T093000Z-aa01bb02".into()),

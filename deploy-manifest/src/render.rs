@@ -60,6 +60,33 @@ pub fn versions(list: &[VersionInfo]) -> String {
     )
 }
 
+/// `deploy-manifest verify`: one row per version, `*` on the current one.
+pub fn verified(rows: &[crate::repo::Verified]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let status = match (&r.problem, r.expired) {
+                (Some(p), _) => format!("NOT VERIFIED: {p}"),
+                (None, true) => format!(
+                    "verified, EXPIRED at {}: run `deploy-manifest refresh`",
+                    r.expires.as_deref().unwrap_or("?")
+                ),
+                (None, false) => "verified".to_owned(),
+            };
+            vec![
+                format!("{} {}", if r.current { "*" } else { " " }, r.version),
+                r.sequence
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                r.key.clone().unwrap_or_else(|| "-".into()),
+                r.expires.clone().unwrap_or_else(|| "-".into()),
+                status,
+            ]
+        })
+        .collect();
+    table(&["  VERSION", "SEQ", "KEY", "EXPIRES", "STATUS"], &rows)
+}
+
 /// `deploy-manifest diff a b`.
 pub fn diff(d: &Diff) -> String {
     let mut out = String::new();

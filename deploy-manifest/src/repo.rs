@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 
 use crate::Error;
 use crate::model::Manifest;
+use crate::sign::{self, PublicKey, SecretKey};
 use crate::store::{Fetched, ObjectStore, Precondition, StoreError};
 use crate::validate::{check_manifest, parse_manifest};
 
@@ -146,11 +147,49 @@ fn compact_timestamp(t: SystemTime) -> String {
     rfc3339(t).replace(['-', ':'], "")
 }
 
+/// How long a signed version stays acceptable to agents by default (`--expires`).
+pub const DEFAULT_EXPIRY: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// A manifest repository: the versions under one store URL.
 pub struct Repo<S> {
     store: S,
     author: String,
-    signing_key: Option<crate::sign::SecretKey>,
+    signing_key: Option<SecretKey>,
+    trusted: Vec<PublicKey>,
+    expires_in: Duration,
+    seen: Option<crate::seen::Seen>,
+}
+
+/// What a write builds on.
+#[derive(Debug, Clone)]
+enum Base {
+    /// The current manifest, which must verify (when keys are trusted).
+    Current,
+    /// Recovery from a current manifest that does not verify: the new version continues
+    /// the newest verified version (`parent`, `sequence`) instead.
+    Recover {
+        parent: Option<String>,
+        sequence: u64,
+    },
+}
+
+/// One row of `deploy-manifest verify`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Verified {
+    pub version: String,
+    pub sequence: Option<u64>,
+    /// The key that signed it, if signed.
+    pub key: Option<String>,
+    pub current: bool,
+    pub verified: bool,
+    /// Why it does not verify.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires: Option<String>,
+    /// Its expiry has passed (only said of verified versions).
+    pub expired: bool,
 }
 
 impl<S: ObjectStore> Repo<S> {
@@ -159,13 +198,44 @@ impl<S: ObjectStore> Repo<S> {
             store,
             author: author.into(),
             signing_key: None,
+            trusted: Vec::new(),
+            expires_in: DEFAULT_EXPIRY,
+            seen: None,
         }
     }
 
     /// Sign every version this repo writes.
-    pub fn with_signing_key(mut self, key: Option<crate::sign::SecretKey>) -> Self {
+    pub fn with_signing_key(mut self, key: Option<SecretKey>) -> Self {
         self.signing_key = key;
         self
+    }
+
+    /// Verify what every write builds on against these keys. Without any, a repo with a
+    /// signing key trusts that key alone; a repo with neither verifies nothing.
+    pub fn with_trusted_keys(mut self, keys: Vec<PublicKey>) -> Self {
+        self.trusted = keys;
+        self
+    }
+
+    /// How long the versions this repo signs stay acceptable to agents.
+    pub fn with_expiry(mut self, expires_in: Duration) -> Self {
+        self.expires_in = expires_in;
+        self
+    }
+
+    /// Remember the newest sequence this writer has seen of the store, in `seen` (a local
+    /// file), and refuse a current manifest older than that (a replayed `manifest.json`).
+    pub fn with_seen(mut self, seen: Option<crate::seen::Seen>) -> Self {
+        self.seen = seen;
+        self
+    }
+
+    /// The keys writes verify against (see [`Repo::with_trusted_keys`]).
+    pub fn trusted_keys(&self) -> Vec<PublicKey> {
+        match (&self.signing_key, self.trusted.is_empty()) {
+            (Some(key), true) => vec![key.public()],
+            _ => self.trusted.clone(),
+        }
     }
 
     pub fn store(&self) -> &S {
@@ -179,7 +249,7 @@ impl<S: ObjectStore> Repo<S> {
         }
         let mut manifest = Manifest::empty();
         manifest.summary = Some("init".to_owned());
-        self.stamp(&mut manifest, None);
+        self.stamp(&mut manifest, None, 0);
         let bytes = self.write_version(&manifest).await?;
         match self
             .store
@@ -249,21 +319,42 @@ impl<S: ObjectStore> Repo<S> {
     /// Apply `edit` to the current manifest and write the result as a new version, by
     /// compare-and-swap. `edit` may run several times (once per attempt) and returns the
     /// one-line summary recorded with the version; an error from it ends the update with
-    /// nothing written.
+    /// nothing written. With trusted keys, the current manifest must verify first: a
+    /// writer never signs what it has not checked.
     pub async fn update<F>(&self, edit: F) -> Result<Manifest, Error>
+    where
+        F: Fn(&mut Manifest) -> Result<String, Error>,
+    {
+        self.write_next(Base::Current, edit).await
+    }
+
+    async fn write_next<F>(&self, base: Base, edit: F) -> Result<Manifest, Error>
     where
         F: Fn(&mut Manifest) -> Result<String, Error>,
     {
         for attempt in 0..MAX_ATTEMPTS {
             let current = self.current().await?;
+            let (parent, sequence) = match &base {
+                Base::Current => {
+                    self.check_base(&current.manifest).await?;
+                    (
+                        current.manifest.version.clone(),
+                        current.manifest.sequence.unwrap_or(0),
+                    )
+                }
+                Base::Recover { parent, sequence } => (parent.clone(), *sequence),
+            };
             let mut next = current.manifest.clone();
             next.rolled_back_from = None;
             next.rolled_back_to = None;
             let summary = edit(&mut next)?;
             next.summary = Some(summary);
-            self.stamp(&mut next, current.manifest.version.clone());
+            self.stamp(&mut next, parent, sequence);
             match self.commit(&next, &current.etag).await {
-                Ok(()) => return Ok(next),
+                Ok(()) => {
+                    self.remember(&next);
+                    return Ok(next);
+                }
                 Err(Error::Store(StoreError::PreconditionFailed { .. })) => {
                     tracing::debug!(attempt, "manifest.json changed underneath; retrying");
                     backoff(attempt).await;
@@ -276,22 +367,180 @@ impl<S: ObjectStore> Repo<S> {
         })
     }
 
+    /// With trusted keys: `m` (the current manifest) verifies and is not older than what
+    /// this writer saw before. Otherwise the error names the newest version that verifies
+    /// and the command that restores it.
+    async fn check_base(&self, m: &Manifest) -> Result<(), Error> {
+        let trusted = self.trusted_keys();
+        if trusted.is_empty() {
+            return Ok(());
+        }
+        let version = m.version.clone().unwrap_or_else(|| "(unversioned)".into());
+        let problem = match sign::verify(m, &trusted) {
+            Err(e) => e.to_string(),
+            Ok(()) => match self
+                .seen
+                .as_ref()
+                .and_then(|s| s.check(self.store.url(), m))
+            {
+                Some(newer) => format!(
+                    "it has sequence {}, but this writer already saw {} (sequence {}) current: manifest.json was replaced with an older version",
+                    m.sequence.unwrap_or(0),
+                    newer.version,
+                    newer.sequence
+                ),
+                None => {
+                    self.remember(m);
+                    return Ok(());
+                }
+            },
+        };
+        let remedy = match self.newest_verified().await {
+            Ok(Some(good)) => format!(
+                "the newest version that verifies is {v} (sequence {n}): review it with `deploy-manifest show {v}`, then restore it with `deploy-manifest rollback {v}`",
+                v = good.version,
+                n = good.sequence.unwrap_or(0)
+            ),
+            Ok(None) => "no version in the store verifies; if this store was written before signing was enabled, review `deploy-manifest show`, then adopt it with `deploy-manifest refresh --accept-unverified`".to_owned(),
+            Err(e) => format!("(listing the versions to find one that verifies failed: {e})"),
+        };
+        Err(Error::UntrustedBase {
+            version,
+            problem,
+            remedy,
+        })
+    }
+
+    fn remember(&self, m: &Manifest) {
+        // Only verified sequences are worth remembering.
+        if let Some(seen) = self
+            .seen
+            .as_ref()
+            .filter(|_| !self.trusted_keys().is_empty())
+        {
+            seen.record(self.store.url(), m);
+        }
+    }
+
+    /// Every version in the store, checked against the trusted keys: newest sequence
+    /// first. Versions that cannot be read are listed with the reason.
+    pub async fn verify_all(&self) -> Result<Vec<Verified>, Error> {
+        let trusted = self.trusted_keys();
+        let head = self.current().await?.manifest.version;
+        let names = self.version_names().await?;
+        let now = SystemTime::now();
+        let rows: Vec<Verified> = stream::iter(names.into_iter().map(|name| {
+            let trusted = &trusted;
+            let head = head.as_deref();
+            async move {
+                let mut row = Verified {
+                    current: head == Some(name.as_str()),
+                    version: name.clone(),
+                    sequence: None,
+                    key: None,
+                    verified: false,
+                    problem: None,
+                    expires: None,
+                    expired: false,
+                };
+                match self.version(&name).await {
+                    Ok(m) => {
+                        row.sequence = m.sequence;
+                        row.key = m.signature.as_ref().map(|s| s.key.clone());
+                        row.expires = m.expires.clone();
+                        let checked = if m.version.as_deref() != Some(name.as_str()) {
+                            Err(format!(
+                                "stored as {name} but says it is {}: moved or copied",
+                                m.version.as_deref().unwrap_or("(unversioned)")
+                            ))
+                        } else {
+                            sign::verify(&m, trusted).map_err(|e| e.to_string())
+                        };
+                        row.verified = checked.is_ok();
+                        row.problem = checked.err();
+                        row.expired = row.verified && sign::expired_at(&m, now).is_some();
+                    }
+                    Err(e) => row.problem = Some(e.to_string()),
+                }
+                row
+            }
+        }))
+        .buffer_unordered(16)
+        .collect()
+        .await;
+        let mut rows = rows;
+        rows.sort_by(|a, b| (b.sequence, &b.version).cmp(&(a.sequence, &a.version)));
+        Ok(rows)
+    }
+
+    /// The verified version with the highest sequence, if any.
+    pub async fn newest_verified(&self) -> Result<Option<Verified>, Error> {
+        Ok(self.verify_all().await?.into_iter().find(|r| r.verified))
+    }
+
+    /// Check the current manifest alone against the trusted keys (and its expiry).
+    pub async fn verify_current(&self) -> Result<Verified, Error> {
+        let m = self.current().await?.manifest;
+        let checked = sign::verify(&m, &self.trusted_keys()).map_err(|e| e.to_string());
+        Ok(Verified {
+            version: m.version.clone().unwrap_or_default(),
+            sequence: m.sequence,
+            key: m.signature.as_ref().map(|s| s.key.clone()),
+            current: true,
+            verified: checked.is_ok(),
+            expired: checked.is_ok() && sign::expired_at(&m, SystemTime::now()).is_some(),
+            problem: checked.err(),
+            expires: m.expires.clone(),
+        })
+    }
+
     /// Make the content of `target` current again (default: the parent of the current
-    /// version), as a new version that records where it came from.
+    /// version), as a new version that records where it came from. With trusted keys the
+    /// target must verify; when the current manifest does not, only a named target is
+    /// accepted (the restore the error of every other write suggests), and the new version
+    /// continues the newest verified one.
     pub async fn rollback(&self, target: Option<&str>) -> Result<Manifest, Error> {
         let current = self.current().await?.manifest;
+        let trusted = self.trusted_keys();
+        let head_verifies = trusted.is_empty() || sign::verify(&current, &trusted).is_ok();
         let target_name = match target {
             Some(t) => normalize_version(t),
-            None => current.parent.clone().ok_or_else(|| {
-                Error::BadArgument(
-                    "the current version has no parent to roll back to; name a version (see `deploy-manifest list`)"
-                        .to_owned(),
-                )
-            })?,
+            None => {
+                // The parent pointer is only as good as the manifest that holds it.
+                self.check_base(&current).await?;
+                current.parent.clone().ok_or_else(|| {
+                    Error::BadArgument(
+                        "the current version has no parent to roll back to; name a version (see `deploy-manifest list`)"
+                            .to_owned(),
+                    )
+                })?
+            }
         };
         let target = self.version(&target_name).await?;
+        if !trusted.is_empty() {
+            let checked = if target.version.as_deref() != Some(target_name.as_str()) {
+                Err(format!(
+                    "it is stored as {target_name} but says it is {}",
+                    target.version.as_deref().unwrap_or("(unversioned)")
+                ))
+            } else {
+                sign::verify(&target, &trusted).map_err(|e| e.to_string())
+            };
+            if let Err(problem) = checked {
+                return Err(Error::UntrustedBase {
+                    version: target_name,
+                    problem,
+                    remedy: "nothing was written; pick a version that verifies: `deploy-manifest verify --all`".into(),
+                });
+            }
+        }
+        let base = if head_verifies {
+            Base::Current
+        } else {
+            self.recovery_base().await?
+        };
         let content = target.content();
-        self.update(|m| {
+        self.write_next(base, |m| {
             let from = m.version.take();
             *m = content.clone();
             m.rolled_back_from = from;
@@ -299,6 +548,51 @@ impl<S: ObjectStore> Repo<S> {
             Ok(format!("rollback to {target_name}"))
         })
         .await
+    }
+
+    /// Sign the current content again as a new version with a fresh expiry. With
+    /// `accept_unverified`, a current manifest that does not verify is adopted as it is
+    /// (the one-time step when signing is enabled on an existing store; review it first).
+    pub async fn refresh(&self, accept_unverified: bool) -> Result<Manifest, Error> {
+        let base = if accept_unverified {
+            self.recovery_base().await?
+        } else {
+            Base::Current
+        };
+        self.write_next(base, |_| Ok("refresh".to_owned())).await
+    }
+
+    /// Continue from the newest verified version (or from nothing, sequence 0).
+    async fn recovery_base(&self) -> Result<Base, Error> {
+        let good = if self.trusted_keys().is_empty() {
+            None
+        } else {
+            self.newest_verified().await?
+        };
+        Ok(match good {
+            Some(g) => Base::Recover {
+                parent: Some(g.version),
+                sequence: g.sequence.unwrap_or(0),
+            },
+            None => Base::Recover {
+                parent: None,
+                sequence: 0,
+            },
+        })
+    }
+
+    async fn version_names(&self) -> Result<Vec<String>, Error> {
+        Ok(self
+            .store
+            .list(VERSIONS_PREFIX)
+            .await?
+            .into_iter()
+            .filter_map(|k| {
+                k.strip_prefix(VERSIONS_PREFIX)
+                    .and_then(|k| k.strip_suffix(".json"))
+                    .map(str::to_owned)
+            })
+            .collect())
     }
 
     /// Versions newest first: the current one, its parent, and so on down the chain (clock
@@ -317,17 +611,7 @@ impl<S: ObjectStore> Repo<S> {
             }
             return Ok(out);
         }
-        let names: Vec<String> = self
-            .store
-            .list(VERSIONS_PREFIX)
-            .await?
-            .into_iter()
-            .filter_map(|k| {
-                k.strip_prefix(VERSIONS_PREFIX)
-                    .and_then(|k| k.strip_suffix(".json"))
-                    .map(str::to_owned)
-            })
-            .collect();
+        let names = self.version_names().await?;
         let manifests: Vec<Manifest> = stream::iter(names.iter().map(|n| self.version(n)))
             .buffered(16)
             .try_collect()
@@ -351,18 +635,26 @@ impl<S: ObjectStore> Repo<S> {
         Ok(out)
     }
 
-    fn stamp(&self, m: &mut Manifest, parent: Option<String>) {
+    /// Give `m` its version record: name, time, author, parent, sequence (the base's + 1),
+    /// and with a signing key an expiry and the signature over all of it.
+    fn stamp(&self, m: &mut Manifest, parent: Option<String>, base_sequence: u64) {
         let now = SystemTime::now();
         let content = serde_json::to_vec(&m.content()).expect("the model serialises");
         m.version = Some(new_version_name(now, &content));
-        // Milliseconds: versions written within one second still have an order (the agent's
-        // anti-downgrade check compares them).
+        // Information only: agents order versions by `sequence`, never by clocks.
         m.created_at = Some(humantime::format_rfc3339_millis(now).to_string());
         m.created_by = Some(self.author.clone());
         m.parent = parent;
+        m.sequence = Some(base_sequence + 1);
         match &self.signing_key {
-            Some(key) => key.sign(m),
-            None => m.signature = None,
+            Some(key) => {
+                m.expires = Some(rfc3339(now + self.expires_in));
+                key.sign(m)
+            }
+            None => {
+                m.expires = None;
+                m.signature = None
+            }
         }
     }
 

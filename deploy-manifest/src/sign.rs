@@ -32,40 +32,70 @@ pub enum TrustError {
     )]
     BadSignature { version: String, key: String },
     #[error(
-        "manifest {version} was written at {created}, before the applied {applied} ({applied_created}): refusing a downgrade; to go back, write a new version with `deploy-manifest rollback`"
+        "manifest {version} has sequence {sequence}, not above {applied} (sequence {applied_sequence}) which this host already applied: refusing a replay or downgrade; to go back, write a new version with `deploy-manifest rollback`"
     )]
     Downgrade {
         version: String,
-        created: String,
+        sequence: u64,
         applied: String,
-        applied_created: String,
+        applied_sequence: u64,
     },
+    #[error(
+        "manifest {version} expired at {expires}: refusing it for any change (this host keeps running what it runs); a writer refreshes it with `deploy-manifest refresh` (run it from a timer well within the expiry)"
+    )]
+    Expired { version: String, expires: String },
 }
 
-/// Anti-downgrade: refuse `m` if it was written before the manifest this host applied
-/// (a rollback is a new version, written now, so it passes).
-pub fn check_not_older(
-    m: &Manifest,
-    applied_version: Option<&str>,
-    applied_created: Option<&str>,
-) -> Result<(), TrustError> {
-    let parse = |t: &str| humantime::parse_rfc3339(t).ok();
-    let (Some(created), Some(applied)) = (m.created_at.as_deref(), applied_created) else {
+/// What a host last accepted: the floor for the next manifest's sequence.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Applied {
+    pub version: String,
+    pub sequence: u64,
+}
+
+/// Anti-replay: refuse `m` unless its signed sequence is above the one this host applied.
+/// The applied manifest itself (same version and sequence) passes: reading it again is
+/// not a change. A manifest without a sequence (written before sequences existed) counts
+/// as sequence 0.
+pub fn check_sequence(m: &Manifest, applied: Option<&Applied>) -> Result<(), TrustError> {
+    let Some(applied) = applied else {
         return Ok(());
     };
-    let older = match (parse(created), parse(applied)) {
-        (Some(c), Some(a)) => c < a || (c == a && m.version.as_deref() != applied_version),
-        _ => false,
-    };
-    if older {
-        return Err(TrustError::Downgrade {
-            version: m.version.clone().unwrap_or_default(),
-            created: created.to_owned(),
-            applied: applied_version.unwrap_or("?").to_owned(),
-            applied_created: applied.to_owned(),
-        });
+    let sequence = m.sequence.unwrap_or(0);
+    let same =
+        m.version.as_deref() == Some(applied.version.as_str()) && sequence == applied.sequence;
+    if sequence > applied.sequence || same {
+        return Ok(());
     }
-    Ok(())
+    Err(TrustError::Downgrade {
+        version: m.version.clone().unwrap_or_default(),
+        sequence,
+        applied: applied.version.clone(),
+        applied_sequence: applied.sequence,
+    })
+}
+
+/// Freeze: refuse `m` once its signed expiry has passed. A manifest without `expires`
+/// (written before expiry existed) never expires.
+pub fn check_expiry(m: &Manifest, now: std::time::SystemTime) -> Result<(), TrustError> {
+    match expired_at(m, now) {
+        Some(expires) => Err(TrustError::Expired {
+            version: m.version.clone().unwrap_or_default(),
+            expires,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// `m`'s expiry if it has passed at `now`.
+pub fn expired_at(m: &Manifest, now: std::time::SystemTime) -> Option<String> {
+    let expires = m.expires.as_deref()?;
+    // The schema checked the format; an unparsable time is treated as expired.
+    match humantime::parse_rfc3339_weak(expires) {
+        Ok(t) if t > now => None,
+        _ => Some(expires.to_owned()),
+    }
 }
 
 pub struct SecretKey {
@@ -370,28 +400,35 @@ mod tests {
     }
 
     #[test]
-    fn older_manifests_are_downgrades() {
-        let at = |version: &str, created: &str| {
+    fn sequences_order_versions_and_expiry_freezes() {
+        let at = |version: &str, sequence: Option<u64>| {
             let mut m = Manifest::empty();
             m.version = Some(version.into());
-            m.created_at = Some(created.into());
+            m.sequence = sequence;
             m
         };
-        let applied = (Some("manifest-b"), Some("2026-11-22T14:00:00.500Z"));
-        let check = |m: &Manifest| check_not_older(m, applied.0, applied.1);
+        let applied = Applied {
+            version: "manifest-b".into(),
+            sequence: 5,
+        };
+        let check = |m: &Manifest| check_sequence(m, Some(&applied));
+        assert!(check(&at("manifest-a", Some(4))).is_err(), "lower");
         assert!(
-            check(&at("manifest-a", "2026-11-22T14:00:00Z")).is_err(),
-            "mixed precision compares as times"
+            check(&at("manifest-c", Some(5))).is_err(),
+            "same, other version"
         );
-        assert!(
-            check(&at("manifest-a", "2026-11-22T14:00:00.500Z")).is_err(),
-            "same instant, other version"
-        );
-        assert!(
-            check(&at("manifest-b", "2026-11-22T14:00:00.500Z")).is_ok(),
-            "the applied one itself"
-        );
-        assert!(check(&at("manifest-c", "2026-11-22T14:00:01Z")).is_ok());
-        assert!(check_not_older(&at("manifest-a", "2026-11-22T14:00:00Z"), None, None).is_ok());
+        assert!(check(&at("manifest-b", Some(5))).is_ok(), "the applied one");
+        assert!(check(&at("manifest-c", Some(6))).is_ok());
+        assert!(check(&at("manifest-old", None)).is_err(), "unsequenced = 0");
+        assert!(check_sequence(&at("manifest-a", Some(1)), None).is_ok());
+
+        let now = humantime::parse_rfc3339("2026-11-23T12:00:00Z").unwrap();
+        let mut m = at("manifest-e", Some(1));
+        assert!(check_expiry(&m, now).is_ok(), "no expiry: never");
+        m.expires = Some("2026-11-23T12:00:01Z".into());
+        assert!(check_expiry(&m, now).is_ok());
+        m.expires = Some("2026-11-23T12:00:00Z".into());
+        let e = check_expiry(&m, now).unwrap_err().to_string();
+        assert!(e.contains("deploy-manifest refresh"), "{e}");
     }
 }

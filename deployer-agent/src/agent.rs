@@ -62,15 +62,15 @@ fn now() -> String {
 }
 
 impl<S: ObjectStore, M> Agent<S, M> {
-    /// Fetch and validate the current manifest (for `plan`).
+    /// Fetch the current manifest and check it exactly as `run` does (for `plan` and
+    /// `fetch`): valid, and with trusted keys signed, newer than the applied one and not
+    /// expired.
     pub async fn fetch_manifest(&self) -> Result<Manifest, AgentError> {
         match self.store.get(CURRENT_KEY, None).await? {
             Fetched::Found { bytes, .. } => {
                 let m = parse_manifest(&bytes, &self.manifest_origin())?;
-                if !self.config.trusted_keys.is_empty() {
-                    deploy_manifest::sign::verify(&m, &self.config.trusted_keys)
-                        .map_err(|e| AgentError::Manifest(e.into()))?;
-                }
+                let state = State::load(&self.config.state_dir, &self.config.host)?;
+                self.trust(&m, &state)?;
                 Ok(m)
             }
             _ => Err(deploy_manifest::Error::NotInitialized {
@@ -84,22 +84,35 @@ impl<S: ObjectStore, M> Agent<S, M> {
         format!("{}/{CURRENT_KEY}", self.store.url())
     }
 
-    /// With trusted keys configured: the manifest must be signed by one of them, and not
-    /// older than the one this host applied (a replayed old version).
+    /// With trusted keys configured: the manifest must be signed by one of them, its
+    /// sequence above the one this host applied (a replayed old version is not), and its
+    /// expiry not passed (a frozen view of the store is not served forever).
     fn trust(&self, m: &Manifest, state: &State) -> Result<(), AgentError> {
         if self.config.trusted_keys.is_empty() {
             return Ok(());
         }
         use deploy_manifest::sign;
+        let floor = crate::state::applied_floor(&self.config.state_dir, state)?;
         sign::verify(m, &self.config.trusted_keys)
-            .and_then(|()| {
-                sign::check_not_older(
-                    m,
-                    state.manifest_version.as_deref(),
-                    state.manifest_created_at.as_deref(),
-                )
-            })
+            .and_then(|()| sign::check_sequence(m, floor.as_ref()))
+            .and_then(|()| sign::check_expiry(m, SystemTime::now()))
             .map_err(|e| AgentError::Manifest(e.into()))
+    }
+
+    /// Accept `m`: raise this host's sequence floor to it before anything is applied, so
+    /// that no older manifest is ever accepted again, even if `state.json` is lost.
+    fn accept(&self, m: &Manifest, state: &mut State) -> Result<(), AgentError> {
+        state.expired = None;
+        if self.config.trusted_keys.is_empty() {
+            return Ok(());
+        }
+        let (Some(version), sequence) = (m.version.clone(), m.sequence.unwrap_or(0)) else {
+            return Ok(());
+        };
+        crate::state::record_applied(
+            &self.config.state_dir,
+            &deploy_manifest::sign::Applied { version, sequence },
+        )
     }
 }
 
@@ -201,6 +214,14 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             .await;
         let (manifest, etag) = match fetched {
             Ok(Fetched::NotModified) => {
+                if !self.config.trusted_keys.is_empty() {
+                    state.expired = state.manifest_expires.clone().filter(|e| {
+                        humantime::parse_rfc3339_weak(e).map_or(true, |t| t <= SystemTime::now())
+                    });
+                    if let Some(e) = &state.expired {
+                        tracing::warn!(expires = %e, "the applied manifest has expired: no newer one will be accepted until a writer runs `deploy-manifest refresh`");
+                    }
+                }
                 let mut report = self.repair_drift(&mut state).await;
                 report.route_error = self.sync_routes(&state).await;
                 tracing::info!(
@@ -219,18 +240,27 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
                 match parse_manifest(&bytes, &self.manifest_origin())
                     .map_err(AgentError::from)
                     .and_then(|m| self.trust(&m, &state).map(|()| m))
+                    .and_then(|m| self.accept(&m, &mut state).map(|()| m))
                 {
                     Ok(m) => (m, etag),
-                    Err(e) => return self.fail_run(&mut state, e),
+                    Err(e) => {
+                        if let AgentError::Manifest(deploy_manifest::Error::Trust(
+                            deploy_manifest::sign::TrustError::Expired { expires, .. },
+                        )) = &e
+                        {
+                            state.expired = Some(expires.clone());
+                        }
+                        return self.fail_run(&mut state, e).await;
+                    }
                 }
             }
             Ok(Fetched::NotFound) => {
                 let e = deploy_manifest::Error::NotInitialized {
                     url: self.store.url().to_owned(),
                 };
-                return self.fail_run(&mut state, e.into());
+                return self.fail_run(&mut state, e.into()).await;
             }
-            Err(e) => return self.fail_run(&mut state, e.into()),
+            Err(e) => return self.fail_run(&mut state, e.into()).await,
         };
 
         crate::fault::point("manifest");
@@ -282,6 +312,8 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
         report.route_error = self.sync_routes(&state).await;
         state.manifest_version = manifest.version.clone();
         state.manifest_created_at = manifest.created_at.clone();
+        state.manifest_sequence = manifest.sequence;
+        state.manifest_expires = manifest.expires.clone();
         // Remembering the ETag makes the next poll a cheap 304; forget it when a host-side
         // problem (secrets file, fetch) should be retried with a full plan.
         state.manifest_etag = (!report.retry).then_some(etag);
@@ -347,8 +379,15 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             .ok_or(AgentError::NoFreePort { first, last })
     }
 
-    fn fail_run(&self, state: &mut State, e: AgentError) -> Result<RunReport, AgentError> {
-        tracing::error!(error = %e, "run failed; nothing on this host was changed");
+    /// No manifest to act on (unreachable store, invalid or refused manifest): nothing new
+    /// is applied; what runs keeps running (drift repaired from the state alone).
+    async fn fail_run(&self, state: &mut State, e: AgentError) -> Result<RunReport, AgentError> {
+        tracing::error!(error = %e, "run failed; nothing new was applied, keeping what runs");
+        let repaired = self.repair_drift(state).await.repaired;
+        if !repaired.is_empty() {
+            tracing::warn!(?repaired, "restored services that had drifted");
+        }
+        let _ = self.sync_routes(state).await;
         state.last_error = Some(e.to_string());
         state.save(&self.config.state_dir)?;
         Err(e)

@@ -41,9 +41,19 @@ pub struct State {
     /// The manifest version last applied (fully or with per-service failures).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest_version: Option<String>,
-    /// When that manifest was written (anti-downgrade with signed manifests).
+    /// When that manifest was written (information only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest_created_at: Option<String>,
+    /// Its signed sequence (see also `applied.json`, which outlives this file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_sequence: Option<u64>,
+    /// Its signed expiry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_expires: Option<String>,
+    /// Set while the newest manifest this host saw has expired (with trusted keys): the
+    /// expiry that passed. The host keeps running what it runs and reports `expired`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expired: Option<String>,
     /// The ETag `manifest.json` had then: the next poll sends it as `If-None-Match`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest_etag: Option<String>,
@@ -191,6 +201,60 @@ impl State {
     }
 }
 
+/// `applied.json`, beside `state.json`: the newest manifest sequence this host accepted
+/// with trusted keys. It is the floor for the next one (anti-replay) and is kept apart so
+/// that moving a corrupt `state.json` aside does not lower it.
+pub const APPLIED_FILE: &str = "applied.json";
+
+/// The floor a manifest's sequence must exceed: the higher of `applied.json` and the
+/// state's record.
+pub fn applied_floor(
+    state_dir: &Path,
+    state: &State,
+) -> Result<Option<deploy_manifest::sign::Applied>, AgentError> {
+    let path = state_dir.join(APPLIED_FILE);
+    let file = match std::fs::read(&path) {
+        Ok(bytes) => Some(
+            serde_json::from_slice::<deploy_manifest::sign::Applied>(&bytes).map_err(|e| {
+                AgentError::State {
+                    path: path.display().to_string(),
+                    detail: format!(
+                        "{e}; it holds the newest manifest sequence this host accepted (replay protection): restore it from a backup, or write {{\"version\": \"<applied version>\", \"sequence\": <its sequence>}} from `deploy-manifest verify --all`"
+                    ),
+                }
+            })?,
+        ),
+        Err(e) if e.kind() == ErrorKind::NotFound => None,
+        Err(e) => return Err(AgentError::io(format!("reading {}", path.display()), e)),
+    };
+    let from_state = state
+        .manifest_version
+        .clone()
+        .zip(state.manifest_sequence)
+        .map(|(version, sequence)| deploy_manifest::sign::Applied { version, sequence });
+    Ok([file, from_state]
+        .into_iter()
+        .flatten()
+        .max_by_key(|a| a.sequence))
+}
+
+/// Raise the floor to `applied` (never lowers it).
+pub fn record_applied(
+    state_dir: &Path,
+    applied: &deploy_manifest::sign::Applied,
+) -> Result<(), AgentError> {
+    let path = state_dir.join(APPLIED_FILE);
+    let current = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<deploy_manifest::sign::Applied>(&b).ok());
+    if current.is_some_and(|c| c.sequence >= applied.sequence) {
+        return Ok(());
+    }
+    let bytes = serde_json::to_vec_pretty(applied).expect("serialises");
+    deploy_manifest::fsutil::write_atomically(&path, &bytes, 0o644)
+        .map_err(|e| AgentError::io(format!("writing {}", path.display()), e))
+}
+
 /// An exclusive lock on the state directory: one run at a time. Held until dropped.
 pub struct RunLock(#[allow(dead_code)] File);
 
@@ -249,6 +313,9 @@ mod tests {
             manifest_version: Some("manifest-20261122T140000Z-3f2a9c1d".into()),
             manifest_etag: Some("\"e\"".into()),
             manifest_created_at: Some("2026-11-22T14:00:00Z".into()),
+            manifest_sequence: Some(7),
+            manifest_expires: Some("2026-12-22T14:00:00Z".into()),
+            expired: Some("2026-12-22T14:00:00Z".into()),
             last_poll: Some("2026-11-22T14:00:00Z".into()),
             last_success: Some("2026-11-22T14:00:00Z".into()),
             last_error: Some("x".into()),

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use deploy_manifest::Error;
-use deploy_manifest::repo::{Repo, default_author};
+use deploy_manifest::repo::default_author;
 use deploy_manifest::store::{DEFAULT_STORE, Store};
 use deployer_push::config::Config;
 use deployer_push::progress::human_bytes;
@@ -44,6 +44,8 @@ struct Cli {
     /// How long --wait waits, e.g. 10m.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
     timeout: std::time::Duration,
+    #[command(flatten)]
+    trust: deploy_manifest::cli::WriterTrust,
 }
 
 fn main() -> ExitCode {
@@ -69,11 +71,7 @@ async fn run(cli: Cli) -> Result<(), PushError> {
         .or_else(|| config.file.store.clone())
         .unwrap_or_else(|| DEFAULT_STORE.to_owned());
     let store = Store::open(&url).await.map_err(Error::from)?;
-    let signing_key = std::env::var_os("DEPLOY_SIGNING_KEY")
-        .map(|p| deploy_manifest::sign::SecretKey::load(std::path::Path::new(&p)))
-        .transpose()
-        .map_err(Error::from)?;
-    let repo = Repo::new(store, default_author()).with_signing_key(signing_key);
+    let repo = cli.trust.repo(store, default_author())?;
     let opts = PushOptions {
         namespace: cli.namespace,
         service: cli.service,

@@ -18,7 +18,10 @@ impl Fixture {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("file://{}/store", dir.path().display());
         Fixture {
-            env: vec![("DEPLOY_STORE".into(), url.clone())],
+            env: vec![
+                ("DEPLOY_STORE".into(), url.clone()),
+                writer_state(dir.path()),
+            ],
             url,
             _dir: dir,
             _s3: None,
@@ -29,12 +32,14 @@ impl Fixture {
         let server = S3Server::start();
         server.create_bucket("deploy");
         let url = "s3://deploy/prod".to_owned();
+        let dir = tempfile::tempdir().unwrap();
         let mut env = server.env();
         env.push(("DEPLOY_STORE".into(), url.clone()));
+        env.push(writer_state(dir.path()));
         Fixture {
             url,
             env,
-            _dir: tempfile::tempdir().unwrap(),
+            _dir: dir,
             _s3: Some(server),
         }
     }
@@ -96,6 +101,15 @@ impl Fixture {
             .output()
             .expect("sh runs")
     }
+}
+
+/// The writers' local state (what they have seen of the store): one per fixture, as each
+/// fixture stands for one team's store.
+fn writer_state(dir: &std::path::Path) -> (String, String) {
+    (
+        "DEPLOY_STATE_DIR".into(),
+        dir.join("writer-state").display().to_string(),
+    )
 }
 
 /// Both backends, for tests that must hold for each.
