@@ -266,6 +266,23 @@ pub struct ExecProbe {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Release {
     pub command: String,
+    /// Longest the command may run, e.g. `10m` (default [`Release::DEFAULT_TIMEOUT`], at
+    /// least 1 s); still running then, it is killed and the release fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+}
+
+impl Release {
+    pub const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+    /// `timeout`, or the default; never under 1 s (systemd reads 0 as "no timeout").
+    pub fn timeout(&self) -> std::time::Duration {
+        self.timeout
+            .as_deref()
+            .and_then(|t| humantime::parse_duration(t).ok())
+            .unwrap_or(Self::DEFAULT_TIMEOUT)
+            .max(std::time::Duration::from_secs(1))
+    }
 }
 
 /// What a service needs from the host's infrastructure (seed 001's app layer).
@@ -433,6 +450,7 @@ mod schema_drift {
             health: Some(health()),
             release: Some(Release {
                 command: "bin/migrate".into(),
+                timeout: Some("10m".into()),
             }),
             infrastructure: Some(ServiceInfrastructure {
                 database: Some(true),

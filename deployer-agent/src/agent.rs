@@ -18,11 +18,11 @@ use tracing::Instrument;
 
 use crate::AgentError;
 use crate::config::{AgentConfig, current_uid};
-use crate::health::{Probes, wait_healthy};
+use crate::health::{ExecProbe, Probes, wait_healthy};
 use crate::plan::{Step, plan, spec_hash, unit_name};
 use crate::proxy::{Proxy, Route};
 use crate::state::{Failure, Generation, Health, RouteState, RunLock, ServiceState, State};
-use crate::systemd::ServiceManager;
+use crate::systemd::{JobResult, ServiceManager};
 use crate::unit::{UnitSpec, check_unit_name, split_command};
 use crate::{fetch, infra, secrets};
 
@@ -472,10 +472,25 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
         artifact: &Path,
         env_files: &[PathBuf],
         port: Option<u16>,
-        release: Option<&str>,
+        release: Option<&deploy_manifest::model::Release>,
     ) -> Result<String, AgentError> {
+        Ok(self
+            .unit_spec(service, artifact, env_files, port, release)?
+            .render()?)
+    }
+
+    /// What [`Self::render_unit`] writes; also the sandbox of the service's exec probes.
+    fn unit_spec(
+        &self,
+        service: &Service,
+        artifact: &Path,
+        env_files: &[PathBuf],
+        port: Option<u16>,
+        release: Option<&deploy_manifest::model::Release>,
+    ) -> Result<UnitSpec, AgentError> {
         let exec = service.exec.as_ref();
-        let mut argv = match (release, exec.and_then(|e| e.command.as_deref())) {
+        let command = release.map(|r| r.command.as_str());
+        let mut argv = match (command, exec.and_then(|e| e.command.as_deref())) {
             (Some(line), _) | (None, Some(line)) => split_command(line)?,
             (None, None) => vec![format!("bin/{}", service.name)],
         };
@@ -494,7 +509,7 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             environment.insert("PORT".to_owned(), p.to_string());
         }
         let suffix = if release.is_some() { "-release" } else { "" };
-        let spec = UnitSpec {
+        Ok(UnitSpec {
             description: format!("deployer: {}{suffix}", service.name),
             exec_start: argv,
             working_directory: Some(artifact.to_path_buf()),
@@ -510,8 +525,22 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             }),
             hardening: system,
             oneshot: release.is_some(),
-        };
-        Ok(spec.render()?)
+            start_timeout: release.map(|r| r.timeout()),
+        })
+    }
+
+    /// The probes of a restored previous generation: its exec probe runs in the service's
+    /// sandbox with the environment files its own unit file names.
+    fn restored_probes(&self, service: &Service, prev: &Generation) -> Result<Probes, AgentError> {
+        let env_files: Vec<PathBuf> = prev
+            .unit_file
+            .lines()
+            .filter_map(|l| l.strip_prefix("EnvironmentFile="))
+            .map(PathBuf::from)
+            .collect();
+        let artifact = Path::new(&prev.path);
+        let spec = self.unit_spec(service, artifact, &env_files, None, None)?;
+        Ok(Probes::of(service, artifact, None, &spec))
     }
 
     /// Start (or keep) an infrastructure service and wait until it is ready; an external
@@ -544,6 +573,7 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             }),
             hardening: false,
             oneshot: false,
+            start_timeout: None,
         }
         .render()?;
         let file_ok = std::fs::read_to_string(self.unit_path(&unit))
@@ -572,7 +602,8 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             },
         );
         let ready_exec = match spec.preset {
-            Some(deploy_manifest::model::Preset::Postgres) => Some((
+            Some(deploy_manifest::model::Preset::Postgres) => Some(ExecProbe::infrastructure(
+                name,
                 vec![
                     infra::pg_bin()?.join("pg_isready").display().to_string(),
                     "-q".into(),
@@ -587,15 +618,19 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
                     "-p".into(),
                     ep.port().unwrap_or(5432).to_string(),
                 ],
-                self.config.state_dir.clone(),
+                &self.config.state_dir,
             )),
             _ => None,
         };
         let probes = match &spec.health_check {
             // A custom service's own healthCheck (seed 001's tcp / http / command).
-            Some(h) => {
-                Probes::from_health(h, ep.port(), &self.config.state_dir, ep.startup_timeout)
-            }
+            Some(h) => Probes::from_health(
+                name,
+                h,
+                ep.port(),
+                &self.config.state_dir,
+                ep.startup_timeout,
+            ),
             None => Probes {
                 http: None,
                 tcp: ep.port(),
@@ -848,9 +883,14 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
                     }
                     (Ok(()), Some(prev)) => {
                         // Probe the restored generation (with the manifest's health settings).
-                        let probes = Probes::of(service, Path::new(&prev.path), None);
-                        match wait_healthy(&self.manager, &unit, &probes, self.config.settle).await
-                        {
+                        let healthy = match self.restored_probes(service, prev) {
+                            Ok(probes) => {
+                                wait_healthy(&self.manager, &unit, &probes, self.config.settle)
+                                    .await
+                            }
+                            Err(e) => Err(e.to_string()),
+                        };
+                        match healthy {
                             Ok(()) => Health::Healthy,
                             Err(e) => {
                                 message = format!(
@@ -915,9 +955,10 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             .cloned()
             .chain(env_file)
             .collect();
-        let unit_file = self
-            .render_unit(service, &artifact, &env_files, launch.port, None)
+        let spec = self
+            .unit_spec(service, &artifact, &env_files, launch.port, None)
             .map_err(untouched)?;
+        let unit_file = spec.render().map_err(|e| untouched(e.into()))?;
         if self.config.user {
             let logs = self.config.state_dir.join("logs");
             std::fs::create_dir_all(&logs).map_err(|e| {
@@ -929,23 +970,41 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
         {
             let release_unit = format!("deployer-{}-release.service", service.name);
             let text = self
-                .render_unit(
-                    service,
-                    &artifact,
-                    &env_files,
-                    launch.port,
-                    Some(&release.command),
-                )
+                .render_unit(service, &artifact, &env_files, launch.port, Some(release))
                 .map_err(untouched)?;
             self.write_unit(&release_unit, &text).map_err(untouched)?;
             self.manager
                 .reload()
                 .await
                 .map_err(|e| untouched(e.into()))?;
-            tracing::info!(command = %release.command, "running the release command");
-            let ran = self.manager.restart(&release_unit).await;
+            let timeout = release.timeout();
+            tracing::info!(command = %release.command, ?timeout, "running the release command");
+            // systemd kills it at TimeoutStartSec=; waiting longer than that plus its
+            // TimeoutStopSec= (30 s) is only for a manager that does not answer.
+            let wait = timeout + Duration::from_secs(45);
+            let ran = self.manager.run_oneshot(&release_unit, wait).await;
             let _ = self.retire(&release_unit).await;
-            ran.map_err(|e| (AgentError::Release(e.to_string()), Stage::ReleaseFailed))?;
+            let failed = |why: String| (AgentError::Release(why), Stage::ReleaseFailed);
+            match ran {
+                Ok(JobResult::Done) => {}
+                Ok(JobResult::Failed(how)) => {
+                    return Err(failed(format!("{:?} {how}", release.command)));
+                }
+                Ok(JobResult::Timeout) => {
+                    return Err(failed(format!(
+                        "{:?} was still running after its timeout of {} and was killed",
+                        release.command,
+                        humantime::format_duration(timeout)
+                    )));
+                }
+                Ok(JobResult::Other(result)) => {
+                    return Err(failed(format!(
+                        "{:?}: its systemd job ended with {result:?}",
+                        release.command
+                    )));
+                }
+                Err(e) => return Err(failed(e.to_string())),
+            }
         }
         let touched = |e: AgentError| (e, Stage::Touched);
         let unit = launch.unit;
@@ -957,7 +1016,7 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             .await
             .map_err(|e| touched(e.into()))?;
         crate::fault::point("restarted");
-        let probes = Probes::of(service, &artifact, launch.port);
+        let probes = Probes::of(service, &artifact, launch.port, &spec);
         wait_healthy(&self.manager, unit, &probes, self.config.settle)
             .await
             .map_err(|detail| touched(AgentError::Unhealthy(detail)))?;

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use zbus::proxy::CacheProperties;
-use zbus::zvariant::OwnedObjectPath;
+use zbus::zvariant::{OwnedObjectPath, Value};
+
+use crate::unit::{PROBE_STOP_TIMEOUT, Property, TransientSpec, UnitError};
 
 #[zbus::proxy(
     interface = "org.freedesktop.systemd1.Manager",
@@ -19,6 +21,14 @@ trait Manager {
     fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     fn load_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
     fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
+    fn get_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+    fn start_transient_unit(
+        &self,
+        name: &str,
+        mode: &str,
+        properties: &[(&str, Value<'_>)],
+        aux: &[(&str, &[(&str, Value<'_>)])],
+    ) -> zbus::Result<OwnedObjectPath>;
     #[zbus(signal)]
     fn job_removed(
         &self,
@@ -40,6 +50,7 @@ trait Unit {
     fn sub_state(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn load_state(&self) -> zbus::Result<String>;
+    fn unref(&self) -> zbus::Result<()>;
 }
 
 #[zbus::proxy(
@@ -51,6 +62,10 @@ trait Service {
     fn n_restarts(&self) -> zbus::Result<u32>;
     #[zbus(property, name = "MainPID")]
     fn main_pid(&self) -> zbus::Result<u32>;
+    #[zbus(property)]
+    fn result(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn exec_main_status(&self) -> zbus::Result<i32>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +96,25 @@ pub enum SystemdError {
         unit: String,
         secs: u64,
     },
+    #[error("transient unit {unit}: {source}")]
+    Spec {
+        unit: String,
+        #[source]
+        source: UnitError,
+    },
+}
+
+/// How the run of a one-shot unit (a probe, a release command) ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobResult {
+    /// It ran to completion and exited 0.
+    Done,
+    /// It failed; how (`exited with status 3`, `killed by signal 9`, …).
+    Failed(String),
+    /// It was still running at its start timeout and was killed.
+    Timeout,
+    /// The job ended otherwise (systemd's job result: `canceled`, `dependency`, …).
+    Other(String),
 }
 
 /// What systemd says about a unit.
@@ -108,6 +142,20 @@ pub trait ServiceManager {
     /// Stop a unit and wait for its job to finish.
     fn stop(&self, unit: &str) -> impl Future<Output = Result<(), SystemdError>>;
     fn status(&self, unit: &str) -> impl Future<Output = Result<UnitStatus, SystemdError>>;
+    /// Start a transient one-shot unit (`StartTransientUnit`) and wait until it has finished
+    /// or was killed at its timeout (a stuck one is stopped). systemd collects it afterwards.
+    fn run_transient(
+        &self,
+        spec: &TransientSpec,
+    ) -> impl Future<Output = Result<JobResult, SystemdError>>;
+    /// Start the one-shot `unit` (from its unit file, with its own `TimeoutStartSec=`) and
+    /// wait for it for up to `wait`; still running then, it is stopped. A failed unit is
+    /// reset, so it does not linger as `failed`.
+    fn run_oneshot(
+        &self,
+        unit: &str,
+        wait: Duration,
+    ) -> impl Future<Output = Result<JobResult, SystemdError>>;
     /// Calls so far that change something (reload, restart, stop), where counted.
     fn changes(&self) -> u64 {
         0
@@ -170,6 +218,34 @@ impl Systemd {
         F: FnOnce() -> Fut,
         Fut: Future<Output = zbus::Result<OwnedObjectPath>>,
     {
+        match self.job_result(call, unit, self.job_timeout, start).await? {
+            Some(result) if result == "done" => Ok(()),
+            Some(result) => Err(SystemdError::Job {
+                call,
+                unit: unit.to_owned(),
+                result,
+            }),
+            None => Err(SystemdError::Timeout {
+                call,
+                unit: unit.to_owned(),
+                secs: self.job_timeout.as_secs(),
+            }),
+        }
+    }
+
+    /// Run a job-returning call and wait up to `wait` for its JobRemoved signal: the job's
+    /// result (`done`, `failed`, …), or `None` without one in time.
+    async fn job_result<F, Fut>(
+        &self,
+        call: &'static str,
+        unit: &str,
+        wait: Duration,
+        start: F,
+    ) -> Result<Option<String>, SystemdError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = zbus::Result<OwnedObjectPath>>,
+    {
         let call_err = |source| SystemdError::Call {
             call,
             unit: unit.to_owned(),
@@ -177,7 +253,7 @@ impl Systemd {
         };
         let mut removed = self.manager.receive_job_removed().await.map_err(call_err)?;
         let job = start().await.map_err(call_err)?;
-        let wait = async {
+        let removed = async {
             while let Some(signal) = removed.next().await {
                 let Ok(args) = signal.args() else { continue };
                 if args.job.as_str() == job.as_str() {
@@ -186,19 +262,73 @@ impl Systemd {
             }
             None
         };
-        match tokio::time::timeout(self.job_timeout, wait).await {
-            Ok(Some(result)) if result == "done" => Ok(()),
-            Ok(Some(result)) => Err(SystemdError::Job {
-                call,
-                unit: unit.to_owned(),
-                result,
-            }),
-            Ok(None) | Err(_) => Err(SystemdError::Timeout {
-                call,
-                unit: unit.to_owned(),
-                secs: self.job_timeout.as_secs(),
-            }),
+        Ok(tokio::time::timeout(wait, removed).await.ok().flatten())
+    }
+
+    /// A finished one-shot unit's job result, told apart: a failed start is a timeout when
+    /// the unit's `Result` says so (the unit must still be loaded: referenced or failed).
+    async fn outcome(&self, unit: &str, job_result: &str) -> JobResult {
+        match job_result {
+            "done" => JobResult::Done,
+            "timeout" => JobResult::Timeout,
+            "failed" => match self.service_result(unit).await {
+                Some((result, _)) if result == "timeout" => JobResult::Timeout,
+                Some((result, status)) => JobResult::Failed(match result.as_str() {
+                    "exit-code" if status == 203 => {
+                        "could not be executed (status 203/EXEC)".to_owned()
+                    }
+                    "exit-code" => format!("exited with status {status}"),
+                    "signal" | "core-dump" => format!("killed by signal {status}"),
+                    other => other.to_owned(),
+                }),
+                None => JobResult::Failed("failed".to_owned()),
+            },
+            other => JobResult::Other(other.to_owned()),
         }
+    }
+
+    /// A loaded service unit's `Result` and `ExecMainStatus`.
+    async fn service_result(&self, unit: &str) -> Option<(String, i32)> {
+        let path = self.manager.get_unit(unit).await.ok()?;
+        let s = ServiceProxy::builder(&self.conn)
+            .path(path)
+            .ok()?
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await
+            .ok()?;
+        let result = s.result().await.ok()?;
+        Some((result, s.exec_main_status().await.unwrap_or(0)))
+    }
+
+    /// Stop a unit that is still running past its wait (errors are logged: the caller
+    /// already reports the timeout).
+    async fn stop_stuck(&self, unit: &str) {
+        tracing::warn!(%unit, "still running past its timeout; stopping it");
+        if let Err(e) = self
+            .job("StopUnit", unit, || self.manager.stop_unit(unit, "replace"))
+            .await
+        {
+            tracing::warn!(%unit, error = %e, "could not stop it");
+        }
+    }
+}
+
+/// A property as a D-Bus value of the type systemd expects.
+fn dbus_value(p: &Property) -> Value<'_> {
+    match p {
+        Property::Bool(b) => Value::from(*b),
+        Property::Str(s) => Value::from(s.as_str()),
+        Property::Strs(v) => Value::from(v.clone()),
+        Property::Exec(argv) => Value::from(vec![(
+            argv.first().cloned().unwrap_or_default(),
+            argv.clone(),
+            false,
+        )]),
+        Property::Files(files) => {
+            Value::from(files.iter().map(|f| (f.clone(), false)).collect::<Vec<_>>())
+        }
+        Property::Micros(us) => Value::from(*us),
     }
 }
 
@@ -240,6 +370,63 @@ impl ServiceManager for Systemd {
         self.changed();
         self.job("StopUnit", unit, || self.manager.stop_unit(unit, "replace"))
             .await
+    }
+
+    async fn run_transient(&self, spec: &TransientSpec) -> Result<JobResult, SystemdError> {
+        let unit = spec.name.as_str();
+        let properties = spec.properties().map_err(|source| SystemdError::Spec {
+            unit: unit.to_owned(),
+            source,
+        })?;
+        // AddRef: this connection holds a reference, so the finished unit stays loaded until
+        // its result is read (then Unref; CollectMode= lets systemd collect it, even failed).
+        let values: Vec<(&str, Value<'_>)> = properties
+            .iter()
+            .map(|(k, v)| (*k, dbus_value(v)))
+            .chain([("AddRef", Value::from(true))])
+            .collect();
+        // systemd kills the probe at its timeout; this wait is only the belt to its braces.
+        let wait = spec.timeout + PROBE_STOP_TIMEOUT + Duration::from_secs(5);
+        let result = self
+            .job_result("StartTransientUnit", unit, wait, || {
+                self.manager
+                    .start_transient_unit(unit, "fail", &values, &[])
+            })
+            .await?;
+        let outcome = match result {
+            Some(result) => self.outcome(unit, &result).await,
+            None => {
+                self.stop_stuck(unit).await;
+                JobResult::Timeout
+            }
+        };
+        if let Ok(path) = self.manager.get_unit(unit).await
+            && let Ok(u) = UnitProxy::builder(&self.conn).path(path)
+            && let Ok(u) = u.cache_properties(CacheProperties::No).build().await
+            && let Err(e) = u.unref().await
+        {
+            tracing::warn!(%unit, error = %e, "could not release the transient unit");
+        }
+        Ok(outcome)
+    }
+
+    async fn run_oneshot(&self, unit: &str, wait: Duration) -> Result<JobResult, SystemdError> {
+        self.changed();
+        let _ = self.manager.reset_failed_unit(unit).await;
+        let result = self
+            .job_result("RestartUnit", unit, wait, || {
+                self.manager.restart_unit(unit, "replace")
+            })
+            .await?;
+        let outcome = match result {
+            Some(result) => self.outcome(unit, &result).await,
+            None => {
+                self.stop_stuck(unit).await;
+                JobResult::Timeout
+            }
+        };
+        let _ = self.manager.reset_failed_unit(unit).await;
+        Ok(outcome)
     }
 
     async fn status(&self, unit: &str) -> Result<UnitStatus, SystemdError> {

@@ -9,6 +9,7 @@ mod infra;
 mod manifest_cli;
 mod manifest_concurrency;
 mod packaging;
+mod probes;
 mod proxy;
 mod push;
 mod trust;
