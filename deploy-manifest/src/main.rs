@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use deploy_manifest::repo::default_author;
-use deploy_manifest::sign::SecretKey;
+use deploy_manifest::sign::{PublicKey, SecretKey};
 use deploy_manifest::store::{DEFAULT_STORE, Store};
 use deploy_manifest::{Error, Manifest, diff, edit, exit, render, status, validate};
 
@@ -76,7 +76,13 @@ enum Command {
     /// Validate FILE (- for stdin), or the current manifest when no file is given.
     Validate { file: Option<String> },
     /// Which version runs where: every host's last report, hosts × services.
-    Status,
+    Status {
+        /// Check each report's signature against the hosts' public keys in FILE (one
+        /// HOST:BASE64 per line, as `deployer-agent host-key` prints; `#` comments). Without
+        /// it, reports are shown as "unchecked".
+        #[arg(long, env = "DEPLOY_HOST_KEYS", value_name = "FILE")]
+        host_keys: Option<std::path::PathBuf>,
+    },
     /// Check the current version (or, with --all, every version) against the trusted keys.
     /// Exit 0 when the current version verifies and has not expired, 11 otherwise.
     Verify {
@@ -225,8 +231,13 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Validate { file: Some(_) } | Command::Keygen { .. } => {
             unreachable!("handled before opening the store")
         }
-        Command::Status => {
-            let reports = status::read_reports(repo.store()).await?;
+        Command::Status { host_keys } => {
+            let host_keys = host_keys
+                .as_deref()
+                .map(PublicKey::load_all)
+                .transpose()
+                .map_err(Error::from)?;
+            let reports = status::read_stored_reports(repo.store(), host_keys.as_deref()).await?;
             let manifest = repo.read_current().await?.map(|c| c.manifest);
             let view = status::fleet(&reports, manifest.as_ref(), std::time::SystemTime::now());
             if cli.json {

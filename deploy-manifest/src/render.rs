@@ -1,21 +1,56 @@
 //! Human output for the CLI: aligned tables and short reports. Machine output is `--json`.
 
+use std::borrow::Cow;
 use std::fmt::Write;
 
 use crate::diff::{Change, Diff};
 use crate::repo::VersionInfo;
 
-/// Left-aligned columns separated by two spaces; the last column is not padded.
+/// Text someone else wrote (a host report, the store) made safe to print on a terminal:
+/// control characters are escaped (ESC as `\x1b`, newline as `\n`, tab as `\t`, C1
+/// controls as `\u{9b}`), and so are the bidirectional overrides that reorder what a
+/// terminal shows (`\u{202e}`). Everything else is kept as is.
+pub fn escape(text: &str) -> Cow<'_, str> {
+    fn unsafe_char(c: char) -> bool {
+        c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    }
+    if !text.chars().any(unsafe_char) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x80 && c.is_control() => {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
+            c if unsafe_char(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Left-aligned columns separated by two spaces; the last column is not padded. Cells are
+/// [`escape`]d: a cell never breaks the line or reaches the terminal as a control sequence.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<Cow<'_, str>>> = rows
+        .iter()
+        .map(|row| row.iter().map(|cell| escape(cell)).collect())
+        .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
+    for row in &rows {
         for (i, cell) in row.iter().enumerate() {
             widths[i] = widths[i].max(cell.chars().count());
         }
     }
     let mut out = String::new();
-    let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
-    for row in std::iter::once(&header).chain(rows) {
+    let header: Vec<Cow<'_, str>> = header.iter().map(|h| Cow::Borrowed(*h)).collect();
+    for row in std::iter::once(&header).chain(&rows) {
         let last = row.len().saturating_sub(1);
         for (i, cell) in row.iter().enumerate() {
             if i == last {
@@ -143,5 +178,21 @@ mod tests {
             &[vec!["xxxx".into(), "y".into(), "z".into()]],
         );
         assert_eq!(t, "A     LONG HEADER  C\nxxxx  y            z\n");
+    }
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert!(matches!(escape("plain, ünïcode ok"), Cow::Borrowed(_)));
+        assert_eq!(
+            escape("\u{1b}[31mred\nline2\r\tx\u{7}\u{7f}"),
+            "\\x1b[31mred\\nline2\\r\\tx\\x07\\x7f"
+        );
+        assert_eq!(escape("a\u{9b}31m\u{202e}b"), "a\\u{9b}31m\\u{202e}b");
+        let t = table(&["H", "E"], &[vec!["h\u{1b}".into(), "x\ny".into()]]);
+        assert_eq!(
+            t, "H      E\nh\\x1b  x\\ny\n",
+            "widths count the escaped text"
+        );
+        assert!(!t.contains('\u{1b}'));
     }
 }

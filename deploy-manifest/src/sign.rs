@@ -240,6 +240,78 @@ pub fn load_nix_keys(path: &std::path::Path) -> Result<Vec<PublicKey>, TrustErro
         .collect()
 }
 
+/// The signature object every signed JSON document here carries (manifests, host reports).
+pub type Signature = ManifestSignature;
+
+/// A JSON document that carries its own signature, `"signature": {"key": NAME, "value":
+/// BASE64}`, over its JSON without that field: the scheme of manifests, shared by host
+/// reports. The bytes come from re-serialising the model, so signer and verifier agree.
+pub trait SignedJson: serde::Serialize + Clone {
+    fn signature(&self) -> Option<&Signature>;
+    fn signature_mut(&mut self) -> &mut Option<Signature>;
+
+    /// What the signature covers: the document's JSON without its signature.
+    fn unsigned_bytes(&self) -> Vec<u8> {
+        let mut unsigned = self.clone();
+        *unsigned.signature_mut() = None;
+        serde_json::to_vec(&unsigned).expect("the model serialises")
+    }
+}
+
+impl SignedJson for Manifest {
+    fn signature(&self) -> Option<&Signature> {
+        self.signature.as_ref()
+    }
+    fn signature_mut(&mut self) -> &mut Option<Signature> {
+        &mut self.signature
+    }
+}
+
+/// Why [`verify_json`] did not accept a document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JsonSignatureError {
+    /// It carries no signature.
+    Unsigned,
+    /// None of the given keys has the name its signature names.
+    UnknownKey,
+    /// A key of that name exists, but none of them made this signature over this content.
+    BadSignature,
+}
+
+impl SecretKey {
+    /// Sign `doc` (replacing any signature it had), as [`SignedJson`] says.
+    pub fn sign_json<T: SignedJson>(&self, doc: &mut T) {
+        *doc.signature_mut() = None;
+        let sig = self.key.sign(&doc.unsigned_bytes());
+        *doc.signature_mut() = Some(Signature {
+            key: self.name.clone(),
+            value: STANDARD.encode(sig.to_bytes()),
+        });
+    }
+}
+
+/// Accept `doc` if one of `keys` named as its signature says signed exactly this content
+/// (several keys may share a name while one is replaced by another).
+pub fn verify_json<T: SignedJson>(doc: &T, keys: &[PublicKey]) -> Result<(), JsonSignatureError> {
+    let sig = doc.signature().ok_or(JsonSignatureError::Unsigned)?;
+    let named: Vec<&PublicKey> = keys.iter().filter(|k| k.name == sig.key).collect();
+    if named.is_empty() {
+        return Err(JsonSignatureError::UnknownKey);
+    }
+    let bytes: [u8; 64] = STANDARD
+        .decode(&sig.value)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or(JsonSignatureError::BadSignature)?;
+    let sig = ed25519_dalek::Signature::from_bytes(&bytes);
+    let content = doc.unsigned_bytes();
+    named
+        .iter()
+        .any(|k| k.key.verify_strict(&content, &sig).is_ok())
+        .then_some(())
+        .ok_or(JsonSignatureError::BadSignature)
+}
+
 /// Check a narinfo's `Sig:` lines: at least one by a trusted key over Nix's fingerprint
 /// `1;<StorePath>;<NarHash>;<NarSize>;<References as full paths, comma-separated>`.
 pub fn verify_narinfo(text: &str, trusted: &[PublicKey]) -> Result<(), String> {
@@ -373,6 +445,43 @@ mod tests {
         assert_eq!(round.public(), key.public());
         assert!(PublicKey::parse("nocolon", "t").is_err());
         assert!(PublicKey::parse("k:AAAA", "t").is_err());
+    }
+
+    #[test]
+    fn the_generic_scheme_is_the_manifests_own() {
+        let key = SecretKey::generate("ci-2026").unwrap();
+        let mut m = Manifest::empty();
+        m.version = Some("manifest-20261122T140000Z-3f2a9c1d".into());
+        assert_eq!(m.unsigned_bytes(), signing_bytes(&m));
+        assert_eq!(
+            verify_json(&m, &[key.public()]),
+            Err(JsonSignatureError::Unsigned)
+        );
+        key.sign_json(&mut m);
+        assert_eq!(verify(&m, &[key.public()]), Ok(()), "a manifest verifies");
+        assert_eq!(verify_json(&m, &[key.public()]), Ok(()));
+        let mut by_sign = m.clone();
+        key.sign(&mut by_sign);
+        assert_eq!(
+            by_sign, m,
+            "ed25519 is deterministic: both ways sign the same"
+        );
+        let other = SecretKey::generate("ci-2026").unwrap();
+        let renamed =
+            SecretKey::parse(&key.to_text().replacen("ci-2026", "other", 1), "t").unwrap();
+        assert_eq!(
+            verify_json(&m, &[renamed.public()]),
+            Err(JsonSignatureError::UnknownKey)
+        );
+        assert_eq!(
+            verify_json(&m, &[other.public()]),
+            Err(JsonSignatureError::BadSignature)
+        );
+        assert_eq!(
+            verify_json(&m, &[other.public(), key.public()]),
+            Ok(()),
+            "any key of that name (a rotation) may verify"
+        );
     }
 
     #[test]

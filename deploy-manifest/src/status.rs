@@ -1,6 +1,10 @@
 //! Fleet visibility through the store: every agent writes `status/<host>.json` (a
 //! [`HostReport`], schema `schemas/status.schema.json`), and `deploy-manifest status` reads
 //! them all. No server of our own: which version runs where is in the bucket.
+//!
+//! Anyone who can write the bucket can write a report, so each agent signs its own with a
+//! host key named after the host (`<state dir>/host.key`); readers given the hosts' public
+//! keys ([`verify_report`]) tell a report the host wrote from one written in its name.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
@@ -10,6 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 use crate::model::{Artifact, Manifest};
+use crate::render::escape;
+use crate::sign::{JsonSignatureError, PublicKey, Signature, SignedJson, verify_json};
 use crate::store::{Fetched, ObjectStore};
 
 pub const STATUS_PREFIX: &str = "status/";
@@ -38,6 +44,18 @@ pub struct HostReport {
     pub last_error: Option<String>,
     #[serde(default)]
     pub services: BTreeMap<String, ServiceReport>,
+    /// The host key's signature over this report without the signature (see `sign.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<Signature>,
+}
+
+impl SignedJson for HostReport {
+    fn signature(&self) -> Option<&Signature> {
+        self.signature.as_ref()
+    }
+    fn signature_mut(&mut self) -> &mut Option<Signature> {
+        &mut self.signature
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -63,8 +81,123 @@ pub fn report_key(host: &str) -> String {
     format!("{STATUS_PREFIX}{host}.json")
 }
 
+/// Is this report the host's own? Checked against the host keys readers were given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verification {
+    /// Signed by a key named after the host it claims to be, found at that host's object.
+    Verified,
+    /// No host keys were given: nothing was checked.
+    Unchecked,
+    /// Not signed.
+    Unsigned,
+    /// The host keys hold no key for the host it claims to be.
+    NoHostKey,
+    /// Signed by a key named after some other host (or no host).
+    WrongKey,
+    /// Found at another host's object (`status/<other>.json`).
+    WrongObject,
+    /// The signature does not match the content (tampered with) or was made by another key
+    /// of the host's name.
+    BadSignature,
+}
+
+impl Verification {
+    pub fn is_verified(self) -> bool {
+        self == Verification::Verified
+    }
+}
+
+/// Check one report read from `object` against `host_keys` (`None`: none given).
+pub fn verify_report(
+    object: &str,
+    r: &HostReport,
+    host_keys: Option<&[PublicKey]>,
+) -> Verification {
+    let Some(keys) = host_keys else {
+        return Verification::Unchecked;
+    };
+    if object != report_key(&r.host) {
+        return Verification::WrongObject;
+    }
+    let Some(sig) = &r.signature else {
+        return Verification::Unsigned;
+    };
+    if sig.key != r.host {
+        return Verification::WrongKey;
+    }
+    match verify_json(r, keys) {
+        Ok(()) => Verification::Verified,
+        Err(JsonSignatureError::Unsigned) => Verification::Unsigned,
+        Err(JsonSignatureError::UnknownKey) => Verification::NoHostKey,
+        Err(JsonSignatureError::BadSignature) => Verification::BadSignature,
+    }
+}
+
+impl std::fmt::Display for Verification {
+    /// What `deploy-manifest status` shows in its VERIFIED column.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Verification::Verified => "yes",
+            Verification::Unchecked => "unchecked",
+            Verification::Unsigned => "NO: unsigned",
+            Verification::NoHostKey => "NO: no key for this host",
+            Verification::WrongKey => "NO: not signed by the host's key",
+            Verification::WrongObject => "NO: not at status/<host>.json",
+            Verification::BadSignature => "NO: bad signature",
+        })
+    }
+}
+
+/// A report as found in the store, with how it was judged.
+#[derive(Debug, Clone)]
+pub struct StoredReport {
+    /// Its object key, `status/<host>.json`.
+    pub object: String,
+    pub report: HostReport,
+    pub verification: Verification,
+}
+
+impl StoredReport {
+    /// Why this report is not counted as its host's own, for messages (not escaped).
+    pub fn why_unverified(&self) -> String {
+        let r = &self.report;
+        match self.verification {
+            Verification::Verified | Verification::Unchecked => self.verification.to_string(),
+            Verification::Unsigned => format!("{} is not signed", self.object),
+            Verification::NoHostKey => format!("the host keys hold no key named {}", r.host),
+            Verification::WrongKey => format!(
+                "{} is signed by key {:?}, not by {}'s",
+                self.object,
+                r.signature.as_ref().map(|s| s.key.as_str()).unwrap_or(""),
+                r.host
+            ),
+            Verification::WrongObject => {
+                format!("{} claims to be host {}", self.object, r.host)
+            }
+            Verification::BadSignature => format!(
+                "{}: its signature does not match its content (not written by {})",
+                self.object, r.host
+            ),
+        }
+    }
+}
+
 /// Every host's last report (unreadable ones are skipped with a warning).
 pub async fn read_reports(store: &impl ObjectStore) -> Result<Vec<HostReport>, Error> {
+    Ok(read_stored_reports(store, None)
+        .await?
+        .into_iter()
+        .map(|s| s.report)
+        .collect())
+}
+
+/// Every host's last report with its object key, each checked against `host_keys`
+/// (`None`: not checked), sorted by host.
+pub async fn read_stored_reports(
+    store: &impl ObjectStore,
+    host_keys: Option<&[PublicKey]>,
+) -> Result<Vec<StoredReport>, Error> {
     let keys: Vec<String> = store
         .list(STATUS_PREFIX)
         .await?
@@ -78,20 +211,34 @@ pub async fn read_reports(store: &impl ObjectStore) -> Result<Vec<HostReport>, E
     .buffer_unordered(32)
     .try_collect()
     .await?;
-    let mut reports: Vec<HostReport> = fetched
+    // Each report is checked against its host's keys only (a fleet has many).
+    let mut by_host: BTreeMap<&str, Vec<PublicKey>> = BTreeMap::new();
+    for k in host_keys.unwrap_or_default() {
+        by_host.entry(k.name.as_str()).or_default().push(k.clone());
+    }
+    let keys_of = |host: &str| host_keys.map(|_| by_host.get(host).map_or(&[][..], |v| &v[..]));
+    let mut reports: Vec<StoredReport> = fetched
         .into_iter()
         .filter_map(|(key, f)| match f {
-            Fetched::Found { bytes, .. } => match serde_json::from_slice(&bytes) {
-                Ok(r) => Some(r),
+            Fetched::Found { bytes, .. } => match serde_json::from_slice::<HostReport>(&bytes) {
+                Ok(report) => Some(StoredReport {
+                    verification: verify_report(&key, &report, keys_of(&report.host)),
+                    object: key,
+                    report,
+                }),
                 Err(e) => {
-                    tracing::warn!(%key, error = %e, "skipping an unreadable host report");
+                    tracing::warn!(
+                        key = %escape(&key),
+                        error = %escape(&e.to_string()),
+                        "skipping an unreadable host report"
+                    );
                     None
                 }
             },
             _ => None,
         })
         .collect();
-    reports.sort_by(|a, b| a.host.cmp(&b.host));
+    reports.sort_by(|a, b| (&a.report.host, &a.object).cmp(&(&b.report.host, &b.object)));
     Ok(reports)
 }
 
@@ -113,6 +260,12 @@ pub enum HostState {
 #[serde(rename_all = "camelCase")]
 pub struct HostView {
     pub host: String,
+    /// Where the report was found, `status/<host>.json`.
+    pub object: String,
+    /// Whether the report is the host's own (`unchecked` without host keys).
+    pub verification: Verification,
+    /// The name of the key that signed it, if signed.
+    pub signed_by: Option<String>,
     pub state: HostState,
     /// Seconds since the report was written.
     pub age_seconds: u64,
@@ -143,13 +296,14 @@ fn age(reported_at: &str, now: SystemTime) -> u64 {
 
 /// Hosts × services, judged against `manifest` at `now`.
 pub fn fleet(
-    reports: &[HostReport],
+    reports: &[StoredReport],
     manifest: Option<&Manifest>,
     now: SystemTime,
 ) -> Vec<HostView> {
     reports
         .iter()
-        .map(|r| {
+        .map(|stored| {
+            let r = &stored.report;
             let age_seconds = age(&r.reported_at, now);
             let services: Vec<ServiceView> = r
                 .services
@@ -175,6 +329,9 @@ pub fn fleet(
                 || manifest.is_some_and(|m| r.manifest_version != m.version);
             HostView {
                 host: r.host.clone(),
+                object: stored.object.clone(),
+                verification: stored.verification,
+                signed_by: r.signature.as_ref().map(|s| s.key.clone()),
                 state: if silent {
                     HostState::Silent
                 } else if failing {
@@ -193,10 +350,12 @@ pub fn fleet(
         .collect()
 }
 
-/// `deploy-manifest status`: one line per host and service.
+/// `deploy-manifest status`: one line per host and service. Every cell is escaped
+/// (`render::table`): text from a report never reaches the terminal as control characters.
 pub fn render(view: &[HostView]) -> String {
     let mut rows = Vec::new();
     for h in view {
+        let verified = h.verification.to_string();
         let state = format!("{:?}", h.state).to_lowercase();
         let age =
             humantime::format_duration(Duration::from_secs(h.age_seconds.min(10 * 365 * 86400)))
@@ -205,6 +364,7 @@ pub fn render(view: &[HostView]) -> String {
         if h.services.is_empty() {
             rows.push(vec![
                 h.host.clone(),
+                verified.clone(),
                 state.clone(),
                 age.clone(),
                 "-".into(),
@@ -216,6 +376,7 @@ pub fn render(view: &[HostView]) -> String {
         for s in &h.services {
             rows.push(vec![
                 h.host.clone(),
+                verified.clone(),
                 state.clone(),
                 age.clone(),
                 s.service.clone(),
@@ -234,7 +395,7 @@ pub fn render(view: &[HostView]) -> String {
     }
     crate::render::table(
         &[
-            "HOST", "STATE", "REPORTED", "SERVICE", "ARTIFACT", "HEALTH", "ERROR",
+            "HOST", "VERIFIED", "STATE", "REPORTED", "SERVICE", "ARTIFACT", "HEALTH", "ERROR",
         ],
         &rows,
     )
@@ -268,6 +429,15 @@ mod tests {
                 },
             )]
             .into(),
+            signature: None,
+        }
+    }
+
+    fn stored(r: HostReport) -> StoredReport {
+        StoredReport {
+            object: report_key(&r.host),
+            report: r,
+            verification: Verification::Unchecked,
         }
     }
 
@@ -286,7 +456,8 @@ mod tests {
             report("b", 10, "unhealthy", "/nix/store/new"),
             report("c", 10, "healthy", "/nix/store/old"),
             report("d", 3 * 300 + 1, "healthy", "/nix/store/new"),
-        ];
+        ]
+        .map(stored);
         let view = fleet(&reports, Some(&m), SystemTime::now());
         let states: Vec<HostState> = view.iter().map(|h| h.state).collect();
         assert_eq!(
@@ -300,6 +471,88 @@ mod tests {
         );
         let text = render(&view);
         assert!(text.contains("(not current)"), "{text}");
+        assert!(text.starts_with("HOST  VERIFIED   STATE"), "{text}");
+        assert!(text.contains("a     unchecked  ok"), "{text}");
+    }
+
+    #[test]
+    fn signed_reports_verify_and_spoofs_do_not() {
+        let key = crate::sign::SecretKey::generate("host-a").unwrap();
+        let keys = [key.public()];
+        let check = |object: &str, r: &HostReport| verify_report(object, r, Some(&keys));
+        let mut r = report("host-a", 0, "healthy", "/nix/store/new");
+        let object = report_key("host-a");
+        assert_eq!(check(&object, &r), Verification::Unsigned);
+        key.sign_json(&mut r);
+        assert_eq!(check(&object, &r), Verification::Verified, "round trip");
+        assert_eq!(
+            verify_report(&object, &r, None),
+            Verification::Unchecked,
+            "no host keys: nothing checked"
+        );
+        // Through JSON, as readers see it.
+        let json = serde_json::to_vec_pretty(&r).unwrap();
+        let read: HostReport = serde_json::from_slice(&json).unwrap();
+        assert_eq!(check(&object, &read), Verification::Verified);
+
+        // Tampered: healthy at another artifact, or any other field.
+        let mut tampered = r.clone();
+        tampered.services.get_mut("ava").unwrap().artifact =
+            Some(Artifact::StorePath("/nix/store/evil".into()));
+        assert_eq!(check(&object, &tampered), Verification::BadSignature);
+        let mut tampered = r.clone();
+        tampered.last_error = Some("x".into());
+        assert_eq!(check(&object, &tampered), Verification::BadSignature);
+
+        // Moved to another host's object, or claiming another host.
+        assert_eq!(check("status/host-b.json", &r), Verification::WrongObject);
+        let mut renamed = r.clone();
+        renamed.host = "host-b".into();
+        assert_eq!(
+            check("status/host-b.json", &renamed),
+            Verification::WrongKey,
+            "signed by host-a's key but claims host-b"
+        );
+
+        // A key not named after the host is refused even if the readers trust it.
+        let wrong = crate::sign::SecretKey::generate("ops").unwrap();
+        let mut by_wrong = r.clone();
+        wrong.sign_json(&mut by_wrong);
+        let both = [key.public(), wrong.public()];
+        assert_eq!(
+            verify_report(&object, &by_wrong, Some(&both)),
+            Verification::WrongKey
+        );
+
+        // Signed by another key that claims the host's name (the attacker's own "host-a").
+        let forger = crate::sign::SecretKey::generate("host-a").unwrap();
+        let mut forged = r.clone();
+        forger.sign_json(&mut forged);
+        assert_eq!(check(&object, &forged), Verification::BadSignature);
+
+        // No key for this host among the readers'.
+        let other = [crate::sign::SecretKey::generate("host-b").unwrap().public()];
+        assert_eq!(
+            verify_report(&object, &r, Some(&other)),
+            Verification::NoHostKey
+        );
+    }
+
+    #[test]
+    fn report_text_is_escaped_in_the_table() {
+        let mut r = report("h\u{1b}]0;x\u{7}", 0, "healthy", "/nix/store/new");
+        r.last_error = Some("\u{1b}[31mred\nsecond line".into());
+        let svc = r.services.remove("ava").unwrap();
+        r.services.insert("a\u{1b}[2Jva".into(), svc);
+        let view = fleet(&[stored(r)], None, SystemTime::now());
+        let text = render(&view);
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\u{7}'),
+            "{text:?}"
+        );
+        assert_eq!(text.lines().count(), 2, "{text:?}");
+        assert!(text.contains("\\x1b[31mred\\nsecond line"), "{text}");
+        assert!(text.contains("a\\x1b[2Jva"), "{text}");
     }
 
     #[test]
@@ -315,6 +568,9 @@ mod tests {
         s.deployed_at = Some(r.reported_at.clone());
         s.failed_artifact = Some(Artifact::StorePath("/nix/store/y".into()));
         s.last_error = Some("e".into());
+        crate::sign::SecretKey::generate("a")
+            .unwrap()
+            .sign_json(&mut r);
         let value = serde_json::to_value(&r).unwrap();
         let problems: Vec<String> = validator
             .iter_errors(&value)
@@ -323,6 +579,9 @@ mod tests {
         assert_eq!(problems, Vec::<String>::new());
         let mut extra = value.clone();
         extra["services"]["ava"]["typo"] = serde_json::json!(1);
+        assert!(!validator.is_valid(&extra));
+        let mut extra = value.clone();
+        extra["signature"]["typo"] = serde_json::json!(1);
         assert!(!validator.is_valid(&extra));
     }
 }

@@ -162,7 +162,14 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
         {
             tracing::warn!(error = %e, path = %path.display(), "could not write metrics");
         }
-        let report = crate::report::host_report(&state, self.config.interval);
+        let mut report = crate::report::host_report(&state, self.config.interval);
+        match crate::report::host_key(dir, &self.config.host) {
+            Ok(key) => key.sign_json(&mut report),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "publishing this report unsigned: readers given host keys will not count it"
+            ),
+        }
         let hash = crate::report::report_hash(&report);
         let heartbeat_due = state
             .reported_at

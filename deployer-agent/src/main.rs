@@ -108,6 +108,9 @@ enum Command {
     Fetch,
     /// What state.json says this host runs.
     Status,
+    /// Print the public half of this host's report signing key, HOST:BASE64 (for readers'
+    /// --host-keys); makes the key, <state-dir>/host.key, if it does not exist yet.
+    HostKey,
 }
 
 fn main() -> ExitCode {
@@ -245,6 +248,11 @@ async fn run(cli: Cli) -> Result<i32, AgentError> {
         _ => None,
     };
     let config = config(&cli, interval)?;
+    if let Command::HostKey = cli.command {
+        let key = deployer_agent::report::host_key(&config.state_dir, &config.host)?;
+        println!("{}", key.public().to_text());
+        return Ok(exit::OK);
+    }
     if let Command::Status = cli.command {
         let state = State::load(&config.state_dir, &config.host)?;
         print_status(&state, cli.json);
@@ -315,7 +323,9 @@ async fn run(cli: Cli) -> Result<i32, AgentError> {
             }
         }
         Command::Run { once: false, .. } => agent.run_forever().await,
-        Command::Plan | Command::Status | Command::Fetch => unreachable!("handled above"),
+        Command::Plan | Command::Status | Command::Fetch | Command::HostKey => {
+            unreachable!("handled above")
+        }
     }
 }
 
@@ -366,7 +376,7 @@ fn print_status(state: &State, json: bool) {
         state.last_success.as_deref().unwrap_or("-"),
     );
     if let Some(e) = &state.last_error {
-        println!("last error: {e}");
+        println!("last error: {}", render::escape(e));
     }
     let rows: Vec<Vec<String>> = state
         .services

@@ -1,5 +1,9 @@
 //! What the agent tells the outside after a run: `status/<host>.json` in the store and a
 //! Prometheus text file. Both are built from `state.json`, which holds no secret.
+//!
+//! The report is signed with this host's key, `<state dir>/host.key` (made on first use,
+//! mode 600, named after the host), so that readers given its public half
+//! (`deployer-agent host-key`) can tell it from one written in the host's name.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -7,10 +11,92 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use deploy_manifest::repo::rfc3339;
+use deploy_manifest::sign::{SecretKey, TrustError};
 use deploy_manifest::status::{HostReport, ServiceReport};
 use sha2::{Digest, Sha256};
 
+use crate::AgentError;
 use crate::state::{Health, State};
+
+/// The host key's file name in the state directory.
+pub const HOST_KEY_FILE: &str = "host.key";
+
+/// This host's report signing key, `<state_dir>/host.key`, named `host`; made (mode 600,
+/// never replaced) when missing. Refused: a key others can read or write, a file not owned
+/// by this user, a symlink, or a key named after another host.
+pub fn host_key(state_dir: &Path, host: &str) -> Result<SecretKey, AgentError> {
+    use std::os::unix::fs::MetadataExt;
+    let path = state_dir.join(HOST_KEY_FILE);
+    let bad = |detail: String| {
+        AgentError::Manifest(
+            TrustError::BadKey {
+                what: format!("host key {}", path.display()),
+                detail,
+            }
+            .into(),
+        )
+    };
+    let meta = match std::fs::symlink_metadata(&path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            match generate_host_key(state_dir, &path, host) {
+                Ok(key) => return Ok(key),
+                // Another process made it first: use theirs.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    std::fs::symlink_metadata(&path).map_err(|e| bad(e.to_string()))?
+                }
+                Err(e) => {
+                    return Err(AgentError::io(
+                        format!("making this host's key {}", path.display()),
+                        e,
+                    ));
+                }
+            }
+        }
+        Err(e) => return Err(bad(e.to_string())),
+    };
+    if !meta.file_type().is_file() {
+        return Err(bad("not a regular file (a symlink is not accepted)".into()));
+    }
+    let uid = crate::config::current_uid();
+    if meta.uid() != uid {
+        return Err(bad(format!(
+            "owned by uid {}, not by this agent's uid {uid}; fix: chown {uid} {}",
+            meta.uid(),
+            path.display()
+        )));
+    }
+    // Refuses a mode that lets others read it, with the chmod that fixes it.
+    let key = SecretKey::load(&path).map_err(|e| AgentError::Manifest(e.into()))?;
+    if key.name != host {
+        return Err(bad(format!(
+            "it is named {name:?}, but this host is {host:?}: readers verify a report only by the key named after its host; move it aside (mv {path} {path}.old) so that a new key is made, and give readers the new public key (deployer-agent host-key)",
+            name = key.name,
+            path = path.display()
+        )));
+    }
+    Ok(key)
+}
+
+/// Make the key in a temporary file (mode 600) and link it into place: a crash never leaves
+/// half a key, and an existing key is never replaced (`AlreadyExists`).
+fn generate_host_key(state_dir: &Path, path: &Path, host: &str) -> std::io::Result<SecretKey> {
+    use std::io::Write;
+    std::fs::create_dir_all(state_dir)?;
+    let key = SecretKey::generate(host)?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".host.key.")
+        .tempfile_in(state_dir)?;
+    writeln!(tmp, "{}", key.to_text())?;
+    tmp.as_file().sync_all()?;
+    tmp.persist_noclobber(path).map_err(|e| e.error)?;
+    tracing::info!(
+        public_key = %key.public().to_text(),
+        path = %path.display(),
+        "made this host's key for signing its reports; give the public key to readers (deploy-manifest status --host-keys, push --wait --host-keys)"
+    );
+    Ok(key)
+}
 
 fn health(h: Health) -> &'static str {
     match h {
@@ -48,6 +134,7 @@ pub fn host_report(state: &State, interval: Duration) -> HostReport {
                 )
             })
             .collect(),
+        signature: None,
     }
 }
 
@@ -57,6 +144,11 @@ pub fn report_hash(r: &HostReport) -> String {
     r.reported_at.clear();
     r.last_poll = None;
     r.last_success = None;
+    // Which key signed it counts (a newly signed report is news); the value changes with
+    // the times and does not.
+    if let Some(sig) = &mut r.signature {
+        sig.value.clear();
+    }
     let bytes = serde_json::to_vec(&r).expect("the report serialises");
     deploy_manifest::hex(&Sha256::digest(bytes))
 }
@@ -130,4 +222,59 @@ pub fn write_metrics(
         std::fs::create_dir_all(dir)?;
     }
     deploy_manifest::fsutil::write_atomically(path, m.as_bytes(), 0o644)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn refused(state_dir: &Path, host: &str) -> String {
+        match host_key(state_dir, host) {
+            Ok(_) => panic!("the key at {} was accepted", state_dir.display()),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn the_host_key_is_made_once_private_and_named_after_the_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = dir.path().join("state");
+        let key = host_key(&state_dir, "host-a").unwrap();
+        assert_eq!(key.name, "host-a");
+        let path = state_dir.join(HOST_KEY_FILE);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let again = host_key(&state_dir, "host-a").unwrap();
+        assert_eq!(again.public(), key.public(), "kept, not replaced");
+
+        // Signs reports that verify with its public half, named after the host.
+        let state = State::load(&state_dir, "host-a").unwrap();
+        let mut report = host_report(&state, Duration::from_secs(300));
+        let unsigned_hash = report_hash(&report);
+        key.sign_json(&mut report);
+        assert_ne!(report_hash(&report), unsigned_hash, "signing is news");
+        let keys = [key.public()];
+        assert_eq!(
+            deploy_manifest::status::verify_report("status/host-a.json", &report, Some(&keys)),
+            deploy_manifest::status::Verification::Verified
+        );
+
+        let err = refused(&state_dir, "host-b");
+        assert!(
+            err.contains("named \"host-a\"") && err.contains("mv "),
+            "{err}"
+        );
+
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let err = refused(&state_dir, "host-a");
+        assert!(err.contains("chmod 600"), "{err}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+        let link_dir = dir.path().join("other");
+        std::fs::create_dir(&link_dir).unwrap();
+        std::os::unix::fs::symlink(&path, link_dir.join(HOST_KEY_FILE)).unwrap();
+        let err = refused(&link_dir, "host-a");
+        assert!(err.contains("symlink"), "{err}");
+    }
 }

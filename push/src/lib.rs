@@ -14,6 +14,7 @@ use std::path::PathBuf;
 
 use deploy_manifest::model::{Artifact, Manifest};
 use deploy_manifest::repo::Repo;
+use deploy_manifest::sign::PublicKey;
 use deploy_manifest::store::{ObjectStore, StoreError};
 use deploy_manifest::{archive::ArchiveError, exit};
 use serde::Serialize;
@@ -216,43 +217,72 @@ pub async fn push<S: ObjectStore>(
 
 /// `push --wait`: poll the hosts' reports until every host that runs `service` reports
 /// `artifact` healthy. A host that reports this artifact failed ends the wait at once.
+///
+/// Given `host_keys`, only a report the host signed itself counts (see
+/// [`deploy_manifest::status::verify_report`]): any other is as if the host had not
+/// reported, and is named in the progress and in the timeout's message. Text from reports
+/// is escaped in every message.
 pub async fn wait_for<S: ObjectStore>(
     repo: &Repo<S>,
     service: &str,
     artifact: &Artifact,
     timeout: std::time::Duration,
+    host_keys: Option<&[PublicKey]>,
 ) -> Result<(), PushError> {
+    use deploy_manifest::render::escape;
+    use deploy_manifest::status::{StoredReport, report_key};
     let deadline = std::time::Instant::now() + timeout;
     let manifest = repo.current().await?.manifest;
     let hosts = manifest
         .service(service)
         .map(|s| s.hosts.clone())
         .unwrap_or_default();
+    // Hosts whose report was not counted, and why (said once per change, not every poll).
+    let mut unverified: std::collections::BTreeMap<String, String> = Default::default();
     loop {
-        let reports = deploy_manifest::status::read_reports(repo.store()).await?;
+        let reports = deploy_manifest::status::read_stored_reports(repo.store(), host_keys).await?;
         let mut pending = Vec::new();
         let mut failures = Vec::new();
         for host in &hosts {
-            let Some(r) = reports.iter().find(|r| &r.host == host) else {
+            let found: Option<&StoredReport> = match host_keys {
+                None => reports.iter().find(|s| &s.report.host == host),
+                // With keys, a host's report is the one at its own object.
+                Some(_) => reports.iter().find(|s| s.object == report_key(host)),
+            };
+            let Some(stored) = found else {
                 pending.push((host.clone(), "no report yet".to_owned()));
                 continue;
             };
+            if host_keys.is_some() && !stored.verification.is_verified() {
+                let why = escape(&stored.why_unverified()).into_owned();
+                if unverified.get(host) != Some(&why) {
+                    tracing::warn!(
+                        "{host}: report not verified, not counted ({why}); waiting for one the host signed"
+                    );
+                    unverified.insert(host.clone(), why.clone());
+                }
+                pending.push((host.clone(), format!("report not verified: {why}")));
+                continue;
+            }
+            unverified.remove(host);
+            let r = &stored.report;
             match r.services.get(service) {
                 Some(s) if s.artifact.as_ref() == Some(artifact) && s.health == "healthy" => {}
                 Some(s) if s.failed_artifact.as_ref() == Some(artifact) => failures.push((
                     host.clone(),
-                    s.last_error.clone().unwrap_or_else(|| "failed".into()),
+                    escape(s.last_error.as_deref().unwrap_or("failed")).into_owned(),
                 )),
                 Some(s) => pending.push((
                     host.clone(),
-                    format!(
+                    escape(&format!(
                         "runs {} ({})",
                         s.artifact
                             .as_ref()
                             .map(Artifact::label)
                             .unwrap_or_else(|| "nothing".into()),
                         s.health
-                    ),
+                    ))
+                    .into_owned(),
                 )),
                 None => pending.push((host.clone(), "not deployed yet".to_owned())),
             }

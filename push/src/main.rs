@@ -18,7 +18,7 @@ use deployer_push::{PushError, PushOptions, push, upload, wait_for};
     about = "Build a namespace, upload its artifact, and point the manifest at it",
     after_help = "Exit codes: 0 ok, 1 failure, 2 usage or config, 3 invalid manifest, 4 no such service, \
                   5 store unusable, 6 conflict, 7 build failed, 8 (--wait) a host failed the deploy, \
-                  10 (--wait) timed out"
+                  10 (--wait) timed out (with --host-keys: also when a host's report is not verified)"
 )]
 struct Cli {
     /// What to build, e.g. Biz/PodcastItLater/Web.py (a key of deploy.toml's [namespaces]).
@@ -44,6 +44,10 @@ struct Cli {
     /// How long --wait waits, e.g. 10m.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
     timeout: std::time::Duration,
+    /// --wait counts only host reports signed by the host's own key in FILE (one
+    /// HOST:BASE64 per line, as `deployer-agent host-key` prints; `#` comments).
+    #[arg(long, env = "DEPLOY_HOST_KEYS", value_name = "FILE")]
+    host_keys: Option<PathBuf>,
     #[command(flatten)]
     trust: deploy_manifest::cli::WriterTrust,
 }
@@ -66,6 +70,13 @@ async fn run(cli: Cli) -> Result<(), PushError> {
         source: e,
     })?;
     let config = Config::load(cli.config.as_deref(), &cwd)?;
+    // Read before anything is built or written: a bad key file changes nothing.
+    let host_keys = cli
+        .host_keys
+        .as_deref()
+        .map(deploy_manifest::sign::PublicKey::load_all)
+        .transpose()
+        .map_err(Error::from)?;
     let url = cli
         .store
         .or_else(|| config.file.store.clone())
@@ -81,11 +92,25 @@ async fn run(cli: Cli) -> Result<(), PushError> {
     let report = push(&repo, &config, &opts).await?;
     let waited = if cli.wait && !cli.dry_run {
         eprintln!(
-            "push: waiting up to {} for every host running {} to report it healthy",
+            "push: waiting up to {} for every host running {} to report it healthy{}",
             humantime::format_duration(cli.timeout),
-            report.service
+            report.service,
+            if host_keys.is_some() {
+                " (counting only reports signed by the host's key)"
+            } else {
+                ""
+            }
         );
-        Some(wait_for(&repo, &report.service, &report.artifact, cli.timeout).await)
+        Some(
+            wait_for(
+                &repo,
+                &report.service,
+                &report.artifact,
+                cli.timeout,
+                host_keys.as_deref(),
+            )
+            .await,
+        )
     } else {
         None
     };

@@ -142,3 +142,274 @@ fn fleet_status_push_wait_silent_hosts_and_metrics() {
     agents[1].kill().unwrap();
     agents[1].wait().unwrap();
 }
+
+/// An object of the store as JSON (what anyone with read access sees).
+fn get_json(fx: &Fixture, key: &str) -> Value {
+    use deploy_manifest::store::{Fetched, ObjectStore};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        match fx.store().await.get(key, None).await.unwrap() {
+            Fetched::Found { bytes, .. } => serde_json::from_slice(&bytes).unwrap(),
+            _ => panic!("{key} is not in the store"),
+        }
+    })
+}
+
+/// Write an object straight into the store, as anyone with write access can.
+fn put_json(fx: &Fixture, key: &str, value: &Value) {
+    use deploy_manifest::store::{ObjectStore, Precondition};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let bytes = serde_json::to_vec_pretty(value).unwrap();
+        fx.store()
+            .await
+            .put(key, bytes, Precondition::None)
+            .await
+            .unwrap();
+    });
+}
+
+fn status_with_keys(fx: &Fixture, keys: &std::path::Path) -> Vec<Value> {
+    let out = fx
+        .dm(&["status", "--json", "--host-keys", keys.to_str().unwrap()])
+        .ok();
+    serde_json::from_slice::<Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// `deployer-agent host-key` of `h`: its public key, HOST:BASE64.
+fn host_key(h: &Host, fx: &Fixture) -> String {
+    h.agent(fx, &["host-key"])
+        .ok()
+        .stdout_str()
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn signed_host_reports_count_and_spoofed_ones_do_not() {
+    let fx = Fixture::s3();
+    let (pa, pb) = (free_port(), free_port());
+    let (a, b) = (host("host-a", pa), host("host-b", pb));
+    fx.dm(&["init"]).ok();
+    fx.dm(&[
+        "add-service",
+        r#"{"name": "hello", "namespace": "Examples/Hello.py", "artifact": {"storePath": "/nix/store/placeholder"}, "hosts": ["host-a", "host-b"]}"#,
+    ])
+    .ok();
+    let app = App::new();
+    app.set_version("v1", false);
+    app.push(&fx);
+
+    // host-a's key is made by `host-key` before its first run, host-b's by its first run.
+    let key_a = host_key(&a, &fx);
+    assert!(key_a.starts_with("host-a:"), "{key_a}");
+    let key_file = a.state_dir().join("host.key");
+    let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{}", key_file.display());
+    assert_eq!(host_key(&a, &fx), key_a, "the key is made once, then kept");
+    a.run_once(&fx).ok();
+    let first_run = b.run_once(&fx).ok();
+    let key_b = host_key(&b, &fx);
+    assert!(key_b.starts_with("host-b:"), "{key_b}");
+    assert!(
+        first_run.stderr_str().contains(&key_b),
+        "the run that made the key logs its public half: {}",
+        first_run.stderr_str()
+    );
+    assert_eq!(body(pb).as_deref(), Some("hello from v1\n"));
+    let report = get_json(&fx, "status/host-a.json");
+    assert_eq!(report["signature"]["key"], json!("host-a"), "{report}");
+
+    let keys_dir = tempfile::tempdir().unwrap();
+    let keys = keys_dir.path().join("host-keys");
+    std::fs::write(
+        &keys,
+        format!("# what `deployer-agent host-key` printed on each host\n{key_a}\n\n{key_b}\n"),
+    )
+    .unwrap();
+    let keys_arg = keys.to_str().unwrap();
+    for h in status_with_keys(&fx, &keys) {
+        assert_eq!(h["verification"], json!("verified"), "{h}");
+        assert_eq!(h["signedBy"], h["host"], "{h}");
+    }
+    for h in status(&fx) {
+        assert_eq!(h["verification"], json!("unchecked"), "{h}");
+    }
+    let table = fx
+        .dm(&["status", "--host-keys", keys_arg])
+        .ok()
+        .stdout_str();
+    assert!(table.starts_with("HOST    VERIFIED"), "{table}");
+    assert!(table.contains("host-a  yes"), "{table}");
+    assert!(table.contains("host-b  yes"), "{table}");
+
+    // v2 is pushed; host-a's agent runs it, host-b's agent is down.
+    let mut agent_a = spawn_agent(&a, &fx, &["run", "--interval", "1s"]);
+    app.set_version("v2", false);
+    app.push(&fx);
+    let manifest: Value = serde_json::from_slice(&fx.dm(&["show"]).ok().stdout).unwrap();
+    let v2 = manifest["services"][0]["artifact"].clone();
+
+    // The attacker copies host-b's real report and edits it to say host-b runs v2 healthy.
+    let mut spoof = get_json(&fx, "status/host-b.json");
+    spoof["manifestVersion"] = manifest["version"].clone();
+    spoof["services"]["hello"]["artifact"] = v2.clone();
+    spoof["services"]["hello"]["version"] = manifest["version"].clone();
+    spoof["services"]["hello"]["health"] = json!("healthy");
+    put_json(&fx, "status/host-b.json", &spoof);
+    // And plants another object claiming to be host-b.
+    let mut planted = spoof.clone();
+    planted.as_object_mut().unwrap().remove("signature");
+    put_json(&fx, "status/host-b-copy.json", &planted);
+
+    // Without host keys the spoof is believed (the attack, as before): exit 0.
+    let out = run_in(
+        app.path(),
+        "push.sh",
+        &["Examples/Hello.py", "--wait", "--timeout", "90s"],
+        &fx.env,
+    );
+    assert_eq!(out.code(), 0, "{}", out.stderr_str());
+    assert_eq!(body(pa).as_deref(), Some("hello from v2\n"));
+    assert_eq!(
+        body(pb).as_deref(),
+        Some("hello from v1\n"),
+        "host-b never ran v2"
+    );
+
+    // With the hosts' keys it is not counted: the wait times out on host-b alone.
+    let out = run_in(
+        app.path(),
+        "push.sh",
+        &[
+            "Examples/Hello.py",
+            "--wait",
+            "--timeout",
+            "5s",
+            "--host-keys",
+            keys_arg,
+        ],
+        &fx.env,
+    );
+    assert_eq!(out.code(), 10, "{}", out.stderr_str());
+    let err = out.stderr_str();
+    assert!(
+        err.contains("host-b: report not verified: status/host-b.json: its signature does not match its content"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("host-a: "),
+        "host-a's own report counts: {err}"
+    );
+
+    let hosts = status_with_keys(&fx, &keys);
+    let verification = |object: &str| by_object(&hosts, object)["verification"].clone();
+    assert_eq!(verification("status/host-a.json"), json!("verified"));
+    assert_eq!(verification("status/host-b.json"), json!("bad-signature"));
+    assert_eq!(
+        verification("status/host-b-copy.json"),
+        json!("wrong-object")
+    );
+    let table = fx
+        .dm(&["status", "--host-keys", keys_arg])
+        .ok()
+        .stdout_str();
+    assert!(table.contains("host-b  NO: bad signature"), "{table}");
+
+    // The honest path: host-b's agent runs v2 and signs its report; the wait succeeds.
+    b.run_once(&fx).ok();
+    assert_eq!(body(pb).as_deref(), Some("hello from v2\n"));
+    let mut env = fx.env.clone();
+    env.push(("DEPLOY_HOST_KEYS".into(), keys_arg.to_owned()));
+    let out = run_in(
+        app.path(),
+        "push.sh",
+        &["Examples/Hello.py", "--wait", "--timeout", "90s"],
+        &env,
+    )
+    .ok();
+    assert!(
+        out.stdout_str()
+            .contains("every host running hello reports it healthy"),
+        "{}",
+        out.stdout_str()
+    );
+    assert_eq!(
+        by_object(&status_with_keys(&fx, &keys), "status/host-b.json")["verification"],
+        json!("verified")
+    );
+    agent_a.kill().unwrap();
+    agent_a.wait().unwrap();
+}
+
+/// The entry of `deploy-manifest status --json` read from `object`.
+fn by_object(hosts: &[Value], object: &str) -> Value {
+    hosts
+        .iter()
+        .find(|h| h["object"] == json!(object))
+        .unwrap_or_else(|| panic!("{object} in {hosts:?}"))
+        .clone()
+}
+
+#[test]
+fn report_text_reaches_the_terminal_escaped() {
+    let fx = Fixture::file();
+    fx.dm(&["init"]).ok();
+    fx.dm(&[
+        "add-service",
+        r#"{"name": "hello", "namespace": "Examples/Hello.py", "artifact": {"storePath": "/nix/store/placeholder"}, "hosts": ["host-c"]}"#,
+    ])
+    .ok();
+    let app = App::new();
+    app.set_version("v1", false);
+    app.push(&fx);
+    let manifest: Value = serde_json::from_slice(&fx.dm(&["show"]).ok().stdout).unwrap();
+    let artifact = manifest["services"][0]["artifact"].clone();
+
+    // A report, written into the store, whose errors carry a colour code and a newline.
+    let evil = "\u{1b}[31mred\nsecond line";
+    let report = json!({
+        "schemaVersion": 1, "host": "host-c", "agentVersion": "0.1.0",
+        "reportedAt": deploy_manifest::repo::rfc3339(std::time::SystemTime::now()),
+        "intervalSeconds": 300, "lastError": evil,
+        "services": {"hello": {
+            "artifact": artifact, "health": "unhealthy", "failedArtifact": artifact,
+            "lastError": evil
+        }}
+    });
+    put_json(&fx, "status/host-c.json", &report);
+
+    let out = fx.dm(&["status"]).ok();
+    assert!(!out.stdout.contains(&0x1b), "{:?}", out.stdout_str());
+    let text = out.stdout_str();
+    assert_eq!(text.lines().count(), 2, "a header and one row: {text:?}");
+    let row = text.lines().find(|l| l.starts_with("host-c")).unwrap();
+    assert!(
+        row.ends_with("\\x1b[31mred\\nsecond line"),
+        "the field is escaped on its own line: {row:?}"
+    );
+    // JSON keeps the exact text, escaped by JSON itself.
+    let out = fx.dm(&["status", "--json"]).ok();
+    assert!(!out.stdout.contains(&0x1b));
+    let hosts: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(hosts[0]["lastError"], json!(evil));
+
+    // push --wait's message about the failed host.
+    let out = run_in(
+        app.path(),
+        "push.sh",
+        &["Examples/Hello.py", "--wait", "--timeout", "30s"],
+        &fx.env,
+    );
+    assert_eq!(out.code(), 8, "{}", out.stderr_str());
+    assert!(!out.stderr.contains(&0x1b) && !out.stdout.contains(&0x1b));
+    let err = out.stderr_str();
+    assert!(
+        err.contains("hello failed on host-c: \\x1b[31mred\\nsecond line"),
+        "{err}"
+    );
+}
