@@ -539,6 +539,14 @@ impl AppLayer<'_> {
             "-d",
             "postgres",
         ]);
+        // A server that does not answer, or a statement stuck on a lock, does not hold the
+        // run (the admin credentials file may set its own).
+        if cmd.get_envs().all(|(k, _)| k != "PGCONNECT_TIMEOUT") {
+            cmd.env("PGCONNECT_TIMEOUT", "10");
+        }
+        if cmd.get_envs().all(|(k, _)| k != "PGOPTIONS") {
+            cmd.env("PGOPTIONS", "-c statement_timeout=60s -c lock_timeout=30s");
+        }
         Ok(cmd)
     }
 
