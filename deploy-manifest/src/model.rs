@@ -440,7 +440,7 @@ mod schema_drift {
                 group: Some("root".into()),
             }),
             env: [("PORT".to_owned(), "8080".to_owned())].into(),
-            env_file: Some("/var/lib/deployer-secrets/my-service.env".into()),
+            env_file: Some(format!("/var/lib/deployer-secrets/{name}.env")),
             http: Some(Http {
                 domain: format!("{name}.example.com"),
                 path: "/".into(),

@@ -207,6 +207,7 @@ fn check_rules(m: &Manifest, origin: &str) -> Result<(), Invalid> {
                 }
             }
         }
+        isolation_rules(s, &at, &mut problems);
         if let Some(infra) = &s.infrastructure {
             for (name, req) in &infra.services {
                 for dep in &req.depends_on {
@@ -233,6 +234,149 @@ fn check_rules(m: &Manifest, origin: &str) -> Result<(), Invalid> {
         }
     }
     Invalid::check(origin, problems)
+}
+
+/// Why a service may not be called `name`, if it may not: `deployer` is the directory of the
+/// agent's generated files (`<secrets>/deployer/`), `infra-*` the infrastructure's admin
+/// credentials (`<secrets>/infra-<name>.env`) and units (`deployer-infra-<name>.service`).
+pub fn reserved_service_name(name: &str) -> Option<&'static str> {
+    if name == "deployer" {
+        Some(
+            "\"deployer\" is reserved: it names the agent's own generated files (<secrets>/deployer/)",
+        )
+    } else if name.starts_with("infra-") {
+        Some(
+            "names starting with \"infra-\" are reserved: they name the infrastructure's admin credentials (<secrets>/infra-<name>.env) and units (deployer-infra-<name>.service)",
+        )
+    } else {
+        None
+    }
+}
+
+/// Why a service with `database: true` may not be called `name` (its role and database are
+/// named after it), if it may not: Postgres's own role and databases.
+pub fn reserved_database_name(name: &str) -> Option<&'static str> {
+    if name == "postgres" {
+        Some("\"postgres\" is the PostgreSQL superuser and its maintenance database")
+    } else if name.starts_with("template") {
+        Some("names starting with \"template\" are PostgreSQL's template databases")
+    } else if name.starts_with("pg_") {
+        Some("names starting with \"pg_\" are reserved by PostgreSQL")
+    } else {
+        None
+    }
+}
+
+/// A plain file name for a secret: `[A-Za-z0-9_.-]+`, not starting with `.` (so no `..`, no
+/// hidden file, no path).
+pub fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// Whether `path` is absolute and normalised: `/` then non-empty segments, none `.` or `..`,
+/// no trailing `/`.
+pub fn is_normalised_absolute(path: &str) -> bool {
+    path.strip_prefix('/').is_some_and(|rest| {
+        rest.split('/')
+            .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+    })
+}
+
+/// Whether `path` can be the secrets file of `service` as far as the manifest shows:
+/// absolute, normalised, named `<service>.env` or directly in a directory named `<service>`.
+/// (The agent checks the rest: that it is in its secrets directory.)
+pub fn env_file_fits(service: &str, path: &str) -> bool {
+    if !is_normalised_absolute(path) {
+        return false;
+    }
+    let mut segments = path.rsplit('/');
+    let file = segments.next().unwrap_or_default();
+    let parent = segments.next().unwrap_or_default();
+    file == format!("{service}.env") || parent == service
+}
+
+/// The names of the `${secret:NAME}` placeholders in `value` (a malformed placeholder is
+/// the agent's to report; this only looks for secrets).
+fn secret_names(value: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = value;
+    while let Some(start) = rest.find("${secret:") {
+        let after = &rest[start + "${secret:".len()..];
+        let end = after.find('}').unwrap_or(after.len());
+        out.push(&after[..end]);
+        rest = &after[end..];
+    }
+    out
+}
+
+/// One service may reach only its own secrets, database and files: its name is not
+/// reserved, its `envFile` is its own, every `${secret:…}` names a plain file.
+fn isolation_rules(s: &crate::model::Service, at: &str, problems: &mut Vec<Problem>) {
+    let mut problem = |field: String, message: String| problems.push(Problem { field, message });
+    if let Some(why) = reserved_service_name(&s.name) {
+        problem(
+            format!("{at}.name"),
+            format!(
+                "service name {:?} is not allowed: {why}; rename the service",
+                s.name
+            ),
+        );
+    }
+    let database = s.infrastructure.as_ref().and_then(|i| i.database) == Some(true);
+    if database && let Some(why) = reserved_database_name(&s.name) {
+        problem(
+            format!("{at}.infrastructure.database"),
+            format!(
+                "a service named {:?} cannot have \"database\": true: {why}; rename the service",
+                s.name
+            ),
+        );
+    }
+    if let Some(path) = &s.env_file
+        && !env_file_fits(&s.name, path)
+    {
+        problem(
+            format!("{at}.envFile"),
+            format!(
+                "{path:?} is not this service's own secrets file: it must be an absolute, normalised path (no '.', '..' or '//') named {name}.env or inside a directory named {name}, e.g. /var/lib/deployer-secrets/{name}.env or /var/lib/deployer-secrets/{name}/env (or leave envFile out for the default)",
+                name = s.name
+            ),
+        );
+    }
+    let mut check_secret = |field: String, name: &str, what: &str| {
+        if !is_plain_file_name(name) {
+            problem(
+                field,
+                format!(
+                    "{what} {name:?} is not a plain file name ([A-Za-z0-9_.-], not starting with '.'): a secret is a file in the service's own directory <secrets>/{}/",
+                    s.name
+                ),
+            );
+        }
+    };
+    for (key, value) in &s.env {
+        for name in secret_names(value) {
+            check_secret(format!("{at}.env.{key}"), name, "secret");
+        }
+    }
+    for (rname, req) in s.infrastructure.iter().flat_map(|i| &i.services) {
+        let base = format!("{at}.infrastructure.services.{rname}");
+        for (logical, file) in &req.secrets {
+            check_secret(format!("{base}.secrets.{logical}"), file, "secret file");
+        }
+        for (key, value) in &req.env {
+            for name in secret_names(value) {
+                if !req.secrets.contains_key(name) {
+                    check_secret(format!("{base}.env.{key}"), name, "secret");
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -346,6 +490,155 @@ mod tests {
             p[0].contains("infrastructure.services.db.dependsOn"),
             "{p:?}"
         );
+    }
+
+    /// Problems of the seed service after `edit`, as `field: message` strings.
+    fn problems_after(edit: impl FnOnce(&mut Value)) -> Vec<String> {
+        let mut s = seed_service();
+        edit(&mut s);
+        problems(manifest_with(s))
+    }
+
+    #[test]
+    fn env_file_must_be_the_services_own() {
+        for bad in [
+            "/var/lib/deployer-secrets/other.env",
+            "/var/lib/deployer-secrets/infra-db.env",
+            "/var/lib/deployer-secrets/deployer/other.env",
+            "/var/lib/deployer-secrets/deployer/my-service.postgres-password",
+            "/etc/shadow",
+            "/var/lib/deployer-secrets/my-service.env/../other.env",
+            "/var/lib/deployer-secrets/./my-service.env",
+            "/var/lib/deployer-secrets//my-service.env",
+            "/var/lib/deployer-secrets/my-service/",
+            "var/lib/deployer-secrets/my-service.env",
+            "/var/lib/deployer-secrets/my-service.env.bak",
+            "/var/lib/deployer-secrets/my-service-2.env",
+        ] {
+            let p = problems_after(|s| s["envFile"] = json!(bad));
+            assert!(
+                p.iter()
+                    .any(|m| m.starts_with("services[0] (my-service).envFile")),
+                "{bad} was accepted: {p:?}"
+            );
+        }
+        // The rule itself, without the schema's pattern in front of it.
+        for bad in [
+            "/a/./my-service.env",
+            "/a//my-service.env",
+            "/a/../my-service/x",
+            "x/my-service.env",
+            "/a/my-service/",
+        ] {
+            assert!(!env_file_fits("my-service", bad), "{bad}");
+        }
+        let p = problems_after(|s| s["envFile"] = json!("/var/lib/deployer-secrets/other.env"));
+        assert!(
+            p[0].contains("my-service.env"),
+            "says what is expected: {p:?}"
+        );
+        for good in [
+            "/var/lib/deployer-secrets/my-service.env",
+            "/var/lib/deployer-secrets/my-service/env",
+            "/var/lib/deployer-secrets/my-service/app.env",
+            "/run/keys/my-service.env",
+        ] {
+            assert_eq!(
+                problems_after(|s| s["envFile"] = json!(good)),
+                Vec::<String>::new(),
+                "{good}"
+            );
+        }
+    }
+
+    #[test]
+    fn secret_names_are_plain_file_names() {
+        for bad in ["../a.env", "a/b", ".hidden", "..", "/etc/shadow", "a b"] {
+            let p = problems_after(|s| s["env"]["K"] = json!(format!("x${{secret:{bad}}}")));
+            assert!(
+                p.iter()
+                    .any(|m| m.starts_with("services[0] (my-service).env.K: secret")),
+                "{bad} was accepted: {p:?}"
+            );
+            let p = problems_after(|s| {
+                s["infrastructure"] = json!({"services": {"search": {
+                    "command": ["/bin/true"],
+                    "env": {"KEY": format!("${{secret:{bad}}}")}
+                }}})
+            });
+            assert!(
+                p.iter()
+                    .any(|m| m.contains("infrastructure.services.search.env.KEY")),
+                "{bad} was accepted in a requirement: {p:?}"
+            );
+        }
+        // The secrets map's file names: the schema's pattern and the rule.
+        for bad in ["../a.env", ".a", "a/b"] {
+            let p = problems_after(|s| {
+                s["infrastructure"] = json!({"services": {"search": {
+                    "command": ["/bin/true"],
+                    "env": {"KEY": "${secret:apiKey}"},
+                    "secrets": {"apiKey": bad}
+                }}})
+            });
+            assert!(
+                p.iter()
+                    .any(|m| m.contains("infrastructure.services.search.secrets.apiKey")),
+                "{bad} was accepted: {p:?}"
+            );
+        }
+        for good in ["api_key", "a.env", "infra-db.env", "KEY-1"] {
+            assert!(is_plain_file_name(good), "{good}");
+        }
+        assert_eq!(
+            problems_after(|s| {
+                s["env"]["K"] = json!("${secret:api_key}:${secret:other.env}");
+                s["infrastructure"] = json!({"services": {"search": {
+                    "command": ["/bin/true"],
+                    "env": {"KEY": "${secret:apiKey}", "K2": "${secret:plain}"},
+                    "secrets": {"apiKey": "search_api_key"}
+                }}});
+            }),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn reserved_names_are_refused() {
+        for name in ["deployer", "infra-db", "infra-x"] {
+            let p = problems_after(|s| s["name"] = json!(name));
+            assert!(
+                p.iter()
+                    .any(|m| m.contains(".name: service name") && m.contains("reserved")),
+                "{name}: {p:?}"
+            );
+        }
+        for name in ["postgres", "template1", "template0", "pg_monitor", "pg_x"] {
+            let p = problems_after(|s| {
+                s["name"] = json!(name);
+                s["envFile"] = json!(format!("/var/lib/deployer-secrets/{name}.env"));
+                s["infrastructure"] = json!({"database": true});
+            });
+            assert!(
+                p.iter()
+                    .any(|m| m.contains(&format!("services[0] ({name}).infrastructure.database"))),
+                "{name}: {p:?}"
+            );
+            // Without a database, the name is only a unit name.
+            let p = problems_after(|s| {
+                s["name"] = json!(name);
+                s["envFile"] = json!(format!("/var/lib/deployer-secrets/{name}.env"));
+            });
+            assert_eq!(p, Vec::<String>::new(), "{name}");
+        }
+        for name in ["deployers", "my-infra-db", "postgres-app", "pgx"] {
+            let p = problems_after(|s| {
+                s["name"] = json!(name);
+                s["envFile"] = json!(format!("/var/lib/deployer-secrets/{name}.env"));
+                s["infrastructure"] = json!({"database": true});
+            });
+            assert_eq!(p, Vec::<String>::new(), "{name}");
+        }
     }
 
     #[test]

@@ -668,6 +668,8 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
         state: &mut State,
     ) -> Result<Option<PathBuf>, AgentError> {
         use deploy_manifest::model::Preset;
+        // A reserved name (`deployer`, `infra-*`) would reach the agent's own files.
+        secrets::check_service_name(&service.name, &self.config.secrets_dir)?;
         let eco = manifest.infrastructure.as_ref().map(|i| &i.services);
         let mut endpoints = Vec::new();
         for name in infra::needs(service, manifest)? {
@@ -680,9 +682,12 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             endpoints.push((name.clone(), self.ensure_infra(&name, spec, state).await?));
         }
         let find = |preset: Preset| endpoints.iter().find(|(_, e)| e.preset == Some(preset));
+        // Secret files must be owned by root (by the agent's own user with --user).
+        let owner_uid = if self.config.user { current_uid() } else { 0 };
         let layer = infra::AppLayer {
             secrets_dir: &self.config.secrets_dir,
             state_dir: &self.config.state_dir,
+            owner_uid,
         };
         let mut vars = std::collections::BTreeMap::new();
         if let Some(req) = &service.infrastructure {
@@ -697,23 +702,14 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             if req.redis == Some(true)
                 && let Some((_, ep)) = find(Preset::Redis)
             {
-                let index = match state.redis_indexes.get(&service.name) {
-                    Some(i) => *i,
-                    None => {
-                        let used: std::collections::BTreeSet<u32> =
-                            state.redis_indexes.values().copied().collect();
-                        let i = (1..=15).find(|i| !used.contains(i)).ok_or_else(|| {
-                            AgentError::Infra {
-                                what: "redis".into(),
-                                detail:
-                                    "all 15 DB indexes are taken (removed services keep theirs)"
-                                        .into(),
-                            }
-                        })?;
-                        state.redis_indexes.insert(service.name.clone(), i);
-                        i
+                // Kept in Redis itself; state.json holds a copy (Redis wins).
+                let (index, in_redis) =
+                    infra::redis_index(ep, &service.name, &state.redis_indexes)?;
+                for (name, i) in in_redis {
+                    if name == service.name || state.redis_indexes.contains_key(&name) {
+                        state.redis_indexes.insert(name, i);
                     }
-                };
+                }
                 vars.insert(
                     "REDIS_URL".to_owned(),
                     infra::AppLayer::redis_url(ep, index),
@@ -730,6 +726,7 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
                         Some(&ep),
                         &spec.secrets,
                         &self.config.secrets_dir,
+                        owner_uid,
                     )?;
                     vars.insert(k.clone(), value);
                 }
@@ -744,6 +741,7 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
                     None,
                     &Default::default(),
                     &self.config.secrets_dir,
+                    owner_uid,
                 )?;
                 vars.insert(k.clone(), value);
             }

@@ -1,9 +1,11 @@
 //! Declared infrastructure (seed 001, on systemd): the shared Postgres and Redis presets and
 //! custom daemons run as `deployer-infra-<name>.service` with their data under
 //! `<state>/infra/<name>`, or point at an `external` server; and the app layer on top:
-//! `database: true` (a role and a database per service, its password generated once and kept
-//! in the secrets directory), `redis: true` (a Redis DB index per service, never reused), and
-//! env templates (`${host}`, `${port:name}`, `${secret:name}`).
+//! `database: true` (a role and a database per service, marked as deployer's with a comment,
+//! its password generated once and kept in the secrets directory; a role or database deployer
+//! did not create is never touched), `redis: true` (a Redis DB index per service, never
+//! reused, recorded in Redis itself), and env templates (`${host}`, `${port:name}`,
+//! `${secret:name}`, the latter from the service's own secrets directory only).
 //!
 //! Everything an app gets from here goes into its generated env file
 //! (`<secrets>/deployer/<service>.env`, mode 600), never into a unit file, a log or the state.
@@ -316,6 +318,146 @@ pub fn prepare(
 pub struct AppLayer<'a> {
     pub secrets_dir: &'a Path,
     pub state_dir: &'a Path,
+    /// Who must own the secret files the agent reads: root (the agent's own user with
+    /// `--user`).
+    pub owner_uid: u32,
+}
+
+/// The comment that marks a role or database as created by deployer for `service`.
+pub fn ownership_mark(service: &str) -> String {
+    format!("deployer:{service}")
+}
+
+fn sql_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+fn sql_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// A role of a service's name, as found in the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoleFound {
+    Absent,
+    /// Carries deployer's mark for this service.
+    Ours,
+    /// Exists without the mark.
+    Unmarked,
+    Superuser,
+}
+
+/// A database of a service's name, as found in the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatabaseFound {
+    Absent,
+    Ours,
+    /// No mark, but owned by the role of the same name.
+    OwnedByRole,
+    Foreign,
+}
+
+/// What to do in the cluster for one service (none of it carries the password).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DatabasePlan {
+    pub create_role: bool,
+    pub mark_role: bool,
+    pub create_database: bool,
+    pub mark_database: bool,
+}
+
+/// Decide what may be done for `service`, given what the cluster holds under its name and
+/// whether this host already keeps a password the agent generated for it (then an unmarked
+/// role was made by an earlier agent, before roles were marked). Never touches a role or
+/// database deployer did not create: `Err` says why and what the operator can do.
+pub fn plan_database(
+    service: &str,
+    role: RoleFound,
+    database: DatabaseFound,
+    has_password: bool,
+) -> Result<DatabasePlan, String> {
+    let mark = ownership_mark(service);
+    let (q, m) = (sql_ident(service), sql_literal(&mark));
+    match role {
+        RoleFound::Superuser => {
+            return Err(format!(
+                "role {service:?} exists and is a superuser; the agent never hands a superuser to a service or changes its password; rename the service"
+            ));
+        }
+        RoleFound::Unmarked if !has_password => {
+            return Err(format!(
+                "role {service:?} exists and was not created by deployer (no {mark:?} comment on it); the agent leaves it alone. Rename the service, or drop the role, or adopt it yourself (the agent then gives it a new password): COMMENT ON ROLE {q} IS {m}"
+            ));
+        }
+        _ => {}
+    }
+    let ours = role == RoleFound::Ours || has_password;
+    match database {
+        DatabaseFound::Foreign => {
+            return Err(format!(
+                "database {service:?} exists and was not created by deployer (no {mark:?} comment, owned by another role); the agent leaves it alone. Rename the service, or drop the database, or adopt it yourself: ALTER DATABASE {q} OWNER TO {q}; COMMENT ON DATABASE {q} IS {m}"
+            ));
+        }
+        DatabaseFound::OwnedByRole if !ours => {
+            return Err(format!(
+                "database {service:?} exists and was not created by deployer (no {mark:?} comment); the agent leaves it alone. Rename the service, or drop the database, or adopt it yourself: COMMENT ON DATABASE {q} IS {m}"
+            ));
+        }
+        _ => {}
+    }
+    Ok(DatabasePlan {
+        create_role: role == RoleFound::Absent,
+        mark_role: matches!(role, RoleFound::Absent | RoleFound::Unmarked),
+        create_database: database == DatabaseFound::Absent,
+        mark_database: matches!(database, DatabaseFound::Absent | DatabaseFound::OwnedByRole),
+    })
+}
+
+/// The query that tells what the cluster holds under `service`'s name: lines
+/// `role:<ours|unmarked|superuser>` and `database:<ours|owned|foreign>`, none when absent.
+fn probe_sql(service: &str) -> String {
+    let (n, m) = (sql_literal(service), sql_literal(&ownership_mark(service)));
+    format!(
+        "SELECT 'role:' || CASE WHEN rolsuper THEN 'superuser' WHEN shobj_description(oid, 'pg_authid') = {m} THEN 'ours' ELSE 'unmarked' END FROM pg_roles WHERE rolname = {n};\n\
+         SELECT 'database:' || CASE WHEN shobj_description(oid, 'pg_database') = {m} THEN 'ours' WHEN pg_get_userbyid(datdba) = {n} THEN 'owned' ELSE 'foreign' END FROM pg_database WHERE datname = {n};\n"
+    )
+}
+
+fn parse_probe(out: &str) -> Result<(RoleFound, DatabaseFound), String> {
+    let (mut role, mut database) = (RoleFound::Absent, DatabaseFound::Absent);
+    for line in out.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        match line {
+            "role:ours" => role = RoleFound::Ours,
+            "role:unmarked" => role = RoleFound::Unmarked,
+            "role:superuser" => role = RoleFound::Superuser,
+            "database:ours" => database = DatabaseFound::Ours,
+            "database:owned" => database = DatabaseFound::OwnedByRole,
+            "database:foreign" => database = DatabaseFound::Foreign,
+            other => return Err(format!("unexpected answer from psql: {other:?}")),
+        }
+    }
+    Ok((role, database))
+}
+
+/// The statements that carry out `plan` (no password in any of them). A new role gets its
+/// mark in the same transaction, so a crash never leaves an unmarked role of ours.
+fn plan_sql(service: &str, plan: &DatabasePlan) -> String {
+    let (q, m) = (sql_ident(service), sql_literal(&ownership_mark(service)));
+    let mut sql = String::new();
+    if plan.create_role {
+        sql.push_str(&format!(
+            "BEGIN;\nCREATE ROLE {q} LOGIN;\nCOMMENT ON ROLE {q} IS {m};\nCOMMIT;\n"
+        ));
+    } else if plan.mark_role {
+        sql.push_str(&format!("COMMENT ON ROLE {q} IS {m};\n"));
+    }
+    if plan.create_database {
+        sql.push_str(&format!("CREATE DATABASE {q} OWNER {q};\n"));
+    }
+    if plan.mark_database {
+        sql.push_str(&format!("COMMENT ON DATABASE {q} IS {m};\n"));
+    }
+    sql
 }
 
 impl AppLayer<'_> {
@@ -327,53 +469,31 @@ impl AppLayer<'_> {
         Ok(dir)
     }
 
-    /// The service's database password: generated once, kept in the secrets directory.
-    fn password(&self, service: &str) -> Result<(String, bool), AgentError> {
-        let path = self
+    fn password_file(&self, service: &str) -> Result<PathBuf, AgentError> {
+        Ok(self
             .generated_dir()?
-            .join(format!("{service}.postgres-password"));
-        if let Ok(p) = std::fs::read_to_string(&path) {
-            let p = p.trim().to_owned();
-            if !p.is_empty() {
-                return Ok((p, false));
-            }
-        }
-        let mut bytes = [0u8; 24];
-        std::fs::File::open("/dev/urandom")
-            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
-            .map_err(|e| err(service, format!("reading /dev/urandom: {e}")))?;
-        let password = deploy_manifest::hex(&bytes);
-        deploy_manifest::fsutil::write_atomically(&path, password.as_bytes(), 0o600)
-            .map_err(|e| err(service, format!("{}: {e}", path.display())))?;
-        Ok((password, true))
+            .join(format!("{service}.postgres-password")))
     }
 
-    /// Create (idempotently) the role and database named after `service` in `ep`.
-    pub fn database_url(
-        &self,
-        service: &str,
-        ep: &Endpoint,
-        infra_name: &str,
-    ) -> Result<String, AgentError> {
-        let (password, fresh) = self.password(service)?;
-        let port = ep.port().unwrap_or(5432);
-        let lit = |s: &str| format!("'{}'", s.replace('\'', "''"));
-        let mut sql = format!(
-            "SELECT format('CREATE ROLE %I LOGIN PASSWORD %L', {n}, {p}) WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {n})\\gexec\n",
-            n = lit(service),
-            p = lit(&password)
-        );
-        if fresh {
-            sql.push_str(&format!(
-                "SELECT format('ALTER ROLE %I PASSWORD %L', {n}, {p})\\gexec\n",
-                n = lit(service),
-                p = lit(&password)
-            ));
+    /// The password this host's agent generated for `service`, if it keeps one.
+    fn kept_password(&self, service: &str) -> Result<Option<String>, AgentError> {
+        let path = self.password_file(service)?;
+        match crate::secrets::read_checked(&path, self.owner_uid) {
+            Ok(p) => Ok(Some(p.trim().to_owned()).filter(|p| !p.is_empty())),
+            Err(crate::secrets::Refusal::Missing) => Ok(None),
+            Err(r) => Err(err(
+                service,
+                format!("{}: {}", path.display(), r.explain(&path, self.owner_uid)),
+            )),
         }
-        sql.push_str(&format!(
-            "SELECT format('CREATE DATABASE %I OWNER %I', {n}, {n}) WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = {n})\\gexec\n",
-            n = lit(service)
-        ));
+    }
+
+    /// psql connected as the cluster's administrator to the `postgres` database: peer
+    /// authentication over the preset's socket, or, for an external server, the admin
+    /// credentials in `<secrets>/infra-<name>.env` (checked like every secret file; no
+    /// service can name that file).
+    fn psql(&self, ep: &Endpoint, infra_name: &str) -> Result<Command, AgentError> {
+        let port = ep.port().unwrap_or(5432).to_string();
         let mut cmd = match &ep.unit {
             Some(_) => {
                 let run_dir = self.state_dir.join("infra").join(infra_name).join("run");
@@ -381,36 +501,123 @@ impl AppLayer<'_> {
                 c.args(["-u", "postgres", "--", "psql", "-h"])
                     .arg(run_dir)
                     .arg("-p")
-                    .arg(port.to_string());
+                    .arg(&port);
                 c
             }
             None => {
                 // External: admin credentials (PGUSER, PGPASSWORD, …) from the secrets dir.
                 let admin = self.secrets_dir.join(format!("infra-{infra_name}.env"));
-                let text = std::fs::read_to_string(&admin).map_err(|e| {
-                    err(infra_name, format!("admin credentials {}: {e}; write PGUSER=… and PGPASSWORD=… there (mode 600)", admin.display()))
+                let text = crate::secrets::read_checked(&admin, self.owner_uid).map_err(|r| {
+                    err(
+                        infra_name,
+                        format!(
+                            "admin credentials {}: {}; write PGUSER=… and PGPASSWORD=… there (mode 600)",
+                            admin.display(),
+                            r.explain(&admin, self.owner_uid)
+                        ),
+                    )
                 })?;
                 let mut c = Command::new("psql");
                 for line in text.lines() {
                     if let Some((k, v)) = line.split_once('=')
-                        && k.starts_with("PG")
+                        && k.trim().starts_with("PG")
                     {
                         c.env(k.trim(), v.trim().trim_matches('"'));
                     }
                 }
-                c.args(["-h", &ep.host, "-p", &port.to_string()]);
+                c.args(["-h", &ep.host, "-p", &port]);
                 c
             }
         };
-        cmd.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", "postgres"]);
-        run(
-            &format!("{service}: database"),
-            &mut cmd,
-            Some(sql.as_bytes()),
+        cmd.args([
+            "-X",
+            "-q",
+            "-t",
+            "-A",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            "postgres",
+        ]);
+        // A server that does not answer, or a statement stuck on a lock, does not hold the
+        // run (the admin credentials file may set its own).
+        if cmd.get_envs().all(|(k, _)| k != "PGCONNECT_TIMEOUT") {
+            cmd.env("PGCONNECT_TIMEOUT", "10");
+        }
+        if cmd.get_envs().all(|(k, _)| k != "PGOPTIONS") {
+            cmd.env("PGOPTIONS", "-c statement_timeout=60s -c lock_timeout=30s");
+        }
+        Ok(cmd)
+    }
+
+    /// Create (idempotently) the role and database named after `service` in `ep`, and only
+    /// if deployer created them: a role or database of that name made by someone else is
+    /// refused, and so are Postgres's own names. The checks run first, in statements
+    /// without the password; the password is sent once, to a role known to be ours, and
+    /// kept in `<secrets>/deployer/<service>.postgres-password` only after it was set.
+    pub fn database_url(
+        &self,
+        service: &str,
+        ep: &Endpoint,
+        infra_name: &str,
+    ) -> Result<String, AgentError> {
+        let what = format!("{service}: database");
+        if let Some(why) = deploy_manifest::validate::reserved_database_name(service) {
+            return Err(err(
+                &what,
+                format!(
+                    "a service named {service:?} cannot have a database: {why}; rename the service"
+                ),
+            ));
+        }
+        let kept = self.kept_password(service)?;
+        let found = run(
+            &what,
+            &mut self.psql(ep, infra_name)?,
+            Some(probe_sql(service).as_bytes()),
         )?;
+        let (role, database) = parse_probe(&found).map_err(|e| err(&what, e))?;
+        let plan = plan_database(service, role, database, kept.is_some())
+            .map_err(|e| err(&what, format!("in {infra_name}: {e}")))?;
+        if plan != DatabasePlan::default() {
+            tracing::info!(?plan, "creating or marking the service's role and database");
+            run(
+                &what,
+                &mut self.psql(ep, infra_name)?,
+                Some(plan_sql(service, &plan).as_bytes()),
+            )?;
+        }
+        // A password is sent only to a role known to be ours: one just created (with the
+        // kept password if there is one) or one whose password file was lost.
+        let password = match kept {
+            Some(p) if !plan.create_role => p,
+            kept => {
+                let password = match kept {
+                    Some(p) => p,
+                    None => {
+                        let mut bytes = [0u8; 24];
+                        std::fs::File::open("/dev/urandom")
+                            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+                            .map_err(|e| err(service, format!("reading /dev/urandom: {e}")))?;
+                        deploy_manifest::hex(&bytes)
+                    }
+                };
+                let sql = format!(
+                    "ALTER ROLE {} PASSWORD {};\n",
+                    sql_ident(service),
+                    sql_literal(&password)
+                );
+                run(&what, &mut self.psql(ep, infra_name)?, Some(sql.as_bytes()))?;
+                let path = self.password_file(service)?;
+                deploy_manifest::fsutil::write_atomically(&path, password.as_bytes(), 0o600)
+                    .map_err(|e| err(service, format!("{}: {e}", path.display())))?;
+                password
+            }
+        };
         Ok(format!(
-            "postgres://{service}:{password}@{}:{port}/{service}",
-            ep.host
+            "postgres://{service}:{password}@{}:{}/{service}",
+            ep.host,
+            ep.port().unwrap_or(5432)
         ))
     }
 
@@ -441,6 +648,129 @@ impl AppLayer<'_> {
     }
 }
 
+/// The hash in Redis's DB 0 that holds the DB index of every service: field = service
+/// name, value = index. It lives beside the data it protects, so losing `state.json` cannot
+/// hand one service's index to another.
+pub const REDIS_INDEX_KEY: &str = "deployer:db-index";
+/// The indexes given to services (DB 0 holds [`REDIS_INDEX_KEY`]).
+pub const REDIS_INDEXES: std::ops::RangeInclusive<u32> = 1..=15;
+const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Decide `service`'s index from what Redis holds (`in_redis`, which wins) and the copy in
+/// `state.json` (`known`): an assignment only the state knows (made by an older agent) is
+/// written to Redis first, unless Redis already gives that index to another service; a
+/// service without one gets the lowest index neither holds. Returns the index and the
+/// assignments to write.
+pub fn assign_redis_index(
+    service: &str,
+    in_redis: &BTreeMap<String, u32>,
+    known: &BTreeMap<String, u32>,
+) -> Result<(u32, Vec<(String, u32)>), String> {
+    let mut used: std::collections::BTreeSet<u32> = in_redis.values().copied().collect();
+    let mut writes = Vec::new();
+    for (name, &i) in known {
+        if !in_redis.contains_key(name) && REDIS_INDEXES.contains(&i) && used.insert(i) {
+            writes.push((name.clone(), i));
+        }
+    }
+    if let Some(&i) = in_redis.get(service) {
+        return Ok((i, writes));
+    }
+    if let Some(&(_, i)) = writes.iter().find(|(n, _)| n == service) {
+        return Ok((i, writes));
+    }
+    used.extend(known.values().copied());
+    let i = REDIS_INDEXES.clone().find(|i| !used.contains(i)).ok_or_else(|| {
+        format!(
+            "all {} DB indexes are taken (removed services keep theirs; see HGETALL {REDIS_INDEX_KEY} in DB 0)",
+            REDIS_INDEXES.count()
+        )
+    })?;
+    writes.push((service.to_owned(), i));
+    Ok((i, writes))
+}
+
+fn parse_index_hash(reply: crate::resp::Reply) -> Result<BTreeMap<String, u32>, String> {
+    use crate::resp::Reply;
+    let Reply::Array(Some(items)) = reply else {
+        return Err(format!(
+            "HGETALL {REDIS_INDEX_KEY} did not answer with an array"
+        ));
+    };
+    let text = |r: &Reply| match r {
+        Reply::Bulk(Some(b)) => String::from_utf8(b.clone()).ok(),
+        _ => None,
+    };
+    let mut out = BTreeMap::new();
+    for pair in items.chunks(2) {
+        let (Some(field), Some(value)) = (pair.first().and_then(text), pair.get(1).and_then(text))
+        else {
+            return Err(format!(
+                "HGETALL {REDIS_INDEX_KEY}: an odd or non-text answer"
+            ));
+        };
+        let index = value
+            .parse::<u32>()
+            .ok()
+            .filter(|i| REDIS_INDEXES.contains(i))
+            .ok_or_else(|| {
+                format!(
+                    "{REDIS_INDEX_KEY} gives {field:?} the index {value:?}, not one of 1-15; fix it in DB 0 (HSET {REDIS_INDEX_KEY} {field} <index>)"
+                )
+            })?;
+        out.insert(field, index);
+    }
+    Ok(out)
+}
+
+/// The Redis DB index of `service`, kept in Redis itself ([`REDIS_INDEX_KEY`] in DB 0), and
+/// every assignment Redis holds (for the copy in `state.json`). Allocation is optimistic:
+/// `WATCH` the hash, read it, and write with `HSETNX` inside `MULTI`/`EXEC`, which Redis
+/// aborts if anyone changed the hash in between (then it is read again); so two writers
+/// never give one index twice. Every connect, read and write has a timeout.
+pub fn redis_index(
+    ep: &Endpoint,
+    service: &str,
+    known: &BTreeMap<String, u32>,
+) -> Result<(u32, BTreeMap<String, u32>), AgentError> {
+    use crate::resp::{Conn, Reply};
+    let port = ep.port().unwrap_or(6379);
+    let fail = |detail: String| err(&format!("{service}: redis index"), detail);
+    let mut conn = Conn::connect(&ep.host, port, REDIS_TIMEOUT).map_err(|e| fail(e.to_string()))?;
+    let mut call = |args: &[&str]| conn.call(args).map_err(|e| fail(e.to_string()));
+    for _ in 0..10 {
+        call(&["WATCH", REDIS_INDEX_KEY])?;
+        let mut in_redis = parse_index_hash(call(&["HGETALL", REDIS_INDEX_KEY])?).map_err(fail)?;
+        let (index, writes) = assign_redis_index(service, &in_redis, known).map_err(fail)?;
+        if writes.is_empty() {
+            call(&["UNWATCH"])?;
+            return Ok((index, in_redis));
+        }
+        call(&["MULTI"])?;
+        for (name, i) in &writes {
+            call(&["HSETNX", REDIS_INDEX_KEY, name, &i.to_string()])?;
+        }
+        match call(&["EXEC"])? {
+            // Someone changed the hash meanwhile: read it again.
+            Reply::Array(None) => continue,
+            Reply::Array(Some(results)) if results.iter().all(|r| *r == Reply::Int(1)) => {
+                for (name, i) in writes {
+                    tracing::info!(service = %name, index = i, "Redis DB index recorded in {REDIS_INDEX_KEY}");
+                    in_redis.insert(name, i);
+                }
+                return Ok((index, in_redis));
+            }
+            // A field appeared although the hash was watched (it cannot, but then the
+            // next round reads what is there).
+            Reply::Array(Some(_)) => continue,
+            other => return Err(fail(format!("EXEC answered {other:?}"))),
+        }
+    }
+    Err(fail(format!(
+        "{REDIS_INDEX_KEY} kept changing while this agent allocated an index; the next run retries"
+    )))
+}
+
 /// A value for a systemd EnvironmentFile: double-quoted, `\ " $` and backtick escaped; a
 /// control character is refused.
 fn env_file_quote(v: &str) -> Result<String, AgentError> {
@@ -462,7 +792,10 @@ fn env_file_quote(v: &str) -> Result<String, AgentError> {
 }
 
 /// Resolve `${host}`, `${port:name}` and `${secret:name}` in `value`. `ep` gives host and
-/// ports (absent for a service's own env); secrets are read from the secrets directory.
+/// ports (absent for a service's own env). `${secret:name}` is the file
+/// `<secrets>/<service>/<file>`, where `file` is what the requirement's `secrets` map gives
+/// for `name` (or `name` itself): only the service's own secrets, checked like every secret
+/// file ([`crate::secrets::read_secret`]).
 pub fn resolve(
     service: &str,
     key: &str,
@@ -470,6 +803,7 @@ pub fn resolve(
     ep: Option<&Endpoint>,
     secrets: &BTreeMap<String, String>,
     secrets_dir: &Path,
+    owner_uid: u32,
 ) -> Result<(String, bool), AgentError> {
     use deploy_manifest::template::{Placeholder, expand};
     let mut lookup = |p: Placeholder<'_>| -> Result<String, String> {
@@ -482,22 +816,9 @@ pub fn resolve(
                 .map(u16::to_string)
                 .ok_or_else(|| format!("unknown port {name:?}")),
             Placeholder::Secret(name) => {
-                let file = secrets
-                    .get(name)
-                    .cloned()
-                    .unwrap_or_else(|| name.to_owned());
-                if file.contains('/') || file.starts_with('.') {
-                    return Err(format!("secret {name:?} names an unsafe file {file:?}"));
-                }
-                let path = secrets_dir.join(&file);
-                std::fs::read_to_string(&path)
-                    .map(|s| s.trim_end_matches('\n').to_owned())
-                    .map_err(|e| {
-                        format!(
-                            "secret {name:?}: {}: {e}; create it (mode 600)",
-                            path.display()
-                        )
-                    })
+                let file = secrets.get(name).map(String::as_str).unwrap_or(name);
+                crate::secrets::read_secret(service, file, secrets_dir, owner_uid)
+                    .map_err(|e| format!("secret {name:?}: {e}"))
             }
         }
     };
@@ -511,7 +832,20 @@ mod tests {
     #[test]
     fn templates_resolve_or_name_what_is_wrong() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("search_api_key"), "k3y\n").unwrap();
+        let uid = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(dir.path()).unwrap());
+        std::fs::create_dir(dir.path().join("app")).unwrap();
+        for (file, text) in [
+            ("app/search_api_key", "k3y\n"),
+            ("other.env", "x\n"),
+            ("infra-db.env", "PGPASSWORD=x\n"),
+        ] {
+            std::fs::write(dir.path().join(file), text).unwrap();
+            std::fs::set_permissions(
+                dir.path().join(file),
+                std::fs::Permissions::from_mode(0o600),
+            )
+            .unwrap();
+        }
         let ep = Endpoint {
             name: "search".into(),
             host: "127.0.0.1".into(),
@@ -522,28 +856,186 @@ mod tests {
             startup_timeout: Duration::from_secs(1),
         };
         let secrets = [("apiKey".to_owned(), "search_api_key".to_owned())].into();
-        let r = |v: &str| resolve("app", "K", v, Some(&ep), &secrets, dir.path());
+        let r = |v: &str| resolve("app", "K", v, Some(&ep), &secrets, dir.path(), uid);
         assert_eq!(
             r("http://${host}:${port:http}").unwrap(),
             ("http://127.0.0.1:9200".into(), false)
         );
         assert_eq!(r("${secret:apiKey}").unwrap(), ("k3y".into(), true));
-        for bad in ["${port:grpc}", "${nope}", "${secret:missing}", "${host"] {
+        for bad in [
+            "${port:grpc}",
+            "${nope}",
+            "${secret:missing}",
+            "${host",
+            // Another service's or the infrastructure's secrets, however they are named.
+            "${secret:other.env}",
+            "${secret:infra-db.env}",
+            "${secret:../other.env}",
+            "${secret:../app/search_api_key}",
+        ] {
             let e = r(bad).unwrap_err().to_string();
             assert!(e.contains("app: env K"), "{bad}: {e}");
         }
-        assert!(resolve("app", "K", "${host}", None, &secrets, dir.path()).is_err());
-        assert!(
-            resolve(
+        assert!(resolve("app", "K", "${host}", None, &secrets, dir.path(), uid).is_err());
+        for file in ["../other.env", "../infra-db.env", ".hidden"] {
+            let e = resolve(
                 "app",
                 "K",
-                "${secret:../x}",
+                "${secret:x}",
                 None,
-                &[("../x".to_owned(), "../x".to_owned())].into(),
-                dir.path()
+                &[("x".to_owned(), file.to_owned())].into(),
+                dir.path(),
+                uid,
             )
-            .is_err()
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("plain file name"), "{file}: {e}");
+        }
+    }
+
+    #[test]
+    fn database_plans_touch_only_what_deployer_made() {
+        use DatabaseFound as D;
+        use RoleFound as R;
+        let all = DatabasePlan {
+            create_role: true,
+            mark_role: true,
+            create_database: true,
+            mark_database: true,
+        };
+        // New: create both, marked.
+        assert_eq!(plan_database("app", R::Absent, D::Absent, false), Ok(all));
+        // Ours already: nothing to do.
+        assert_eq!(
+            plan_database("app", R::Ours, D::Ours, true),
+            Ok(DatabasePlan::default())
         );
+        assert_eq!(
+            plan_database("app", R::Ours, D::Ours, false),
+            Ok(DatabasePlan::default())
+        );
+        // Made by an earlier agent (it keeps the password): mark both.
+        assert_eq!(
+            plan_database("app", R::Unmarked, D::OwnedByRole, true),
+            Ok(DatabasePlan {
+                mark_role: true,
+                mark_database: true,
+                ..Default::default()
+            })
+        );
+        // Someone else's role or database: refused, saying what to do.
+        let e = plan_database("alice", R::Unmarked, D::Absent, false).unwrap_err();
+        assert!(
+            e.contains("role \"alice\" exists and was not created by deployer")
+                && e.contains("Rename the service")
+                && e.contains("COMMENT ON ROLE \"alice\" IS 'deployer:alice'"),
+            "{e}"
+        );
+        for (role, db, kept) in [
+            (R::Absent, D::Foreign, false),
+            (R::Ours, D::Foreign, true),
+            (R::Unmarked, D::Foreign, true),
+            (R::Absent, D::OwnedByRole, false),
+        ] {
+            let e = plan_database("app", role, db, kept).unwrap_err();
+            assert!(
+                e.contains("database \"app\" exists and was not created by deployer"),
+                "{e}"
+            );
+        }
+        for kept in [false, true] {
+            let e = plan_database("app", R::Superuser, D::Absent, kept).unwrap_err();
+            assert!(e.contains("superuser"), "{e}");
+        }
+        // No statement of a plan carries anything but names and the mark.
+        let sql = plan_sql("app", &all);
+        assert!(sql.contains("CREATE ROLE \"app\" LOGIN;"), "{sql}");
+        assert!(!sql.to_ascii_uppercase().contains("PASSWORD"), "{sql}");
+        assert!(
+            sql.contains("COMMENT ON DATABASE \"app\" IS 'deployer:app'"),
+            "{sql}"
+        );
+    }
+
+    #[test]
+    fn probe_answers_parse() {
+        assert_eq!(
+            parse_probe(""),
+            Ok((RoleFound::Absent, DatabaseFound::Absent))
+        );
+        assert_eq!(
+            parse_probe("role:unmarked\ndatabase:owned\n"),
+            Ok((RoleFound::Unmarked, DatabaseFound::OwnedByRole))
+        );
+        assert_eq!(
+            parse_probe("role:superuser\n"),
+            Ok((RoleFound::Superuser, DatabaseFound::Absent))
+        );
+        assert!(parse_probe("role:what\n").is_err());
+        assert!(!probe_sql("app").to_ascii_uppercase().contains("PASSWORD"));
+    }
+
+    #[test]
+    fn redis_indexes_come_from_redis_first() {
+        let map = |pairs: &[(&str, u32)]| -> BTreeMap<String, u32> {
+            pairs.iter().map(|(n, i)| (n.to_string(), *i)).collect()
+        };
+        // Redis knows: its answer, whatever the state says.
+        assert_eq!(
+            assign_redis_index(
+                "a",
+                &map(&[("a", 1), ("b", 2)]),
+                &map(&[("a", 2), ("b", 1)])
+            ),
+            Ok((1, vec![]))
+        );
+        // State lost: Redis still knows.
+        assert_eq!(
+            assign_redis_index("b", &map(&[("a", 1), ("b", 2)]), &map(&[])),
+            Ok((2, vec![]))
+        );
+        // An older agent's assignments (state only) go to Redis first.
+        assert_eq!(
+            assign_redis_index("b", &map(&[]), &map(&[("a", 1), ("b", 2)])),
+            Ok((2, vec![("a".into(), 1), ("b".into(), 2)]))
+        );
+        // New: the lowest index nobody holds (removed services keep theirs).
+        assert_eq!(
+            assign_redis_index("c", &map(&[("a", 1)]), &map(&[("gone", 2)])),
+            Ok((3, vec![("gone".into(), 2), ("c".into(), 3)]))
+        );
+        // The state's copy disagrees with Redis: Redis wins, the clash is not written.
+        assert_eq!(
+            assign_redis_index("c", &map(&[("a", 1)]), &map(&[("x", 1)])),
+            Ok((2, vec![("c".into(), 2)]))
+        );
+        let full: BTreeMap<String, u32> = (1..=15).map(|i| (format!("s{i}"), i)).collect();
+        assert!(
+            assign_redis_index("new", &full, &map(&[]))
+                .unwrap_err()
+                .contains("taken")
+        );
+    }
+
+    #[test]
+    fn the_index_hash_is_read_strictly() {
+        use crate::resp::Reply;
+        let bulk = |s: &str| Reply::Bulk(Some(s.as_bytes().to_vec()));
+        assert_eq!(
+            parse_index_hash(Reply::Array(Some(vec![bulk("a"), bulk("3")]))),
+            Ok([("a".to_owned(), 3)].into())
+        );
+        for bad in [
+            vec![bulk("a"), bulk("0")],
+            vec![bulk("a"), bulk("16")],
+            vec![bulk("a")],
+            vec![bulk("a"), bulk("x")],
+        ] {
+            assert!(
+                parse_index_hash(Reply::Array(Some(bad.clone()))).is_err(),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod infra;
 pub mod plan;
 pub mod proxy;
 pub mod report;
+pub mod resp;
 pub mod secrets;
 pub mod state;
 pub mod systemd;

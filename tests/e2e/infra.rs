@@ -264,11 +264,8 @@ fn external_servers_and_custom_requirements_with_templates() {
         .unwrap();
     deployer_tests::eventually(10, || std::net::TcpStream::connect(("127.0.0.1", rp)).ok())
         .unwrap();
-    std::fs::write(
-        host.dir.path().join("secrets/search_key"),
-        "s3cr3t-search-key\n",
-    )
-    .unwrap();
+    // The service's own secret: <secrets>/<service>/<file>, mode 600.
+    put_secret(&host, "app2/search_key", "s3cr3t-search-key\n");
     let (sp, p2) = (free_port(), free_port());
     fx.dm(&["init"]).ok();
     fx.dm(&[
@@ -337,4 +334,548 @@ fn external_servers_and_custom_requirements_with_templates() {
     assert_eq!(body(p2).as_deref(), Some("hello from v1\n"));
     let _ = redis.kill();
     let _ = redis.wait();
+}
+
+/// A hello service named `name` on `port` (the artifact is set later or given).
+fn hello(name: &str, port: u16, artifact: &Value) -> Value {
+    json!({
+        "name": name, "namespace": "Examples/Hello.py",
+        "artifact": artifact, "hosts": ["biz"],
+        "exec": {"command": "bin/hello"},
+        "env": {"PORT": port.to_string()},
+        "http": {"domain": format!("{}.test", name.replace('_', "-")), "internalPort": port},
+        "health": {"http": {"path": "/healthz"}, "timeout": "30s", "interval": "200ms"}
+    })
+}
+
+fn placeholder() -> Value {
+    json!({"storePath": "/nix/store/placeholder"})
+}
+
+/// The artifact of the first service in the current manifest.
+fn first_artifact(fx: &Fixture) -> Value {
+    let m: Value = serde_json::from_slice(&fx.dm(&["show"]).ok().stdout).unwrap();
+    m["services"][0]["artifact"].clone()
+}
+
+/// The store's `manifest.json` (a `file://` fixture), as a bucket writer sees it.
+fn head_path(fx: &Fixture) -> std::path::PathBuf {
+    Path::new(fx.url.strip_prefix("file://").unwrap()).join("manifest.json")
+}
+
+/// Write `manifest.json` straight into the store, bypassing deploy-manifest's validation.
+fn tamper(fx: &Fixture, edit: impl FnOnce(&mut Value)) {
+    let path = head_path(fx);
+    let mut m: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    edit(&mut m);
+    std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+}
+
+/// A secret file of the operator's: mode 600 (its directory 700).
+fn put_secret(host: &Host, rel: &str, text: &str) -> std::path::PathBuf {
+    let path = host.dir.path().join("secrets").join(rel);
+    let dir = path.parent().unwrap();
+    if !dir.exists() {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+fn read_or_empty(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// A bucket writer adds service `b` reaching for service `a`'s secrets (its env file, its
+/// secret files, its generated env file) or the infrastructure's admin credentials, through
+/// `envFile` or `${secret:…}`: each is refused (by validation where the manifest shows it,
+/// else by the agent), nothing of `a`'s reaches `b`, `a` keeps running, and `b` with its own
+/// secrets deploys.
+#[test]
+fn a_service_reads_only_its_own_secrets() {
+    let fx = Fixture::file();
+    let host = Host::new();
+    let app = crate::agent::App::new();
+    let secrets = host.dir.path().join("secrets");
+    put_secret(&host, "a.env", "A_TOKEN=a-env-secret-4f1d\n");
+    put_secret(&host, "a/token", "a-file-secret-77c2\n");
+    put_secret(
+        &host,
+        "infra-db.env",
+        "PGUSER=postgres\nPGPASSWORD=admin-secret-9e3b\n",
+    );
+    put_secret(&host, "b/token", "b-own-token-51aa\n");
+    let stolen = [
+        "a-env-secret-4f1d",
+        "a-file-secret-77c2",
+        "admin-secret-9e3b",
+    ];
+    let (pa, pb) = (free_port(), free_port());
+    fx.dm(&["init"]).ok();
+    let mut a = hello("a", pa, &placeholder());
+    a["env"]["A_FILE"] = json!("${secret:token}");
+    fx.dm(&["add-service", &a.to_string()]).ok();
+    app.set_version("v1", false);
+    app.push(&fx);
+    host.run_once(&fx).ok();
+    assert_eq!(body(pa).as_deref(), Some("hello from v1\n"));
+    // The honest path: a's own secret file resolved into a's generated env.
+    let a_env = read_or_empty(&secrets.join("deployer/a.env"));
+    assert!(a_env.contains("A_FILE=\"a-file-secret-77c2\""), "{a_env}");
+    let artifact = first_artifact(&fx);
+    let good = std::fs::read(head_path(&fx)).unwrap();
+
+    // A file outside the secrets dir with a name that fits b (a copy of a's secrets).
+    let outside = host.dir.path().join("elsewhere/b.env");
+    std::fs::create_dir_all(outside.parent().unwrap()).unwrap();
+    std::fs::write(&outside, "A_TOKEN=a-env-secret-4f1d\n").unwrap();
+    std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let path = |p: &Path| p.display().to_string();
+    let with_env_file = |file: String| {
+        let mut b = hello("b", pb, &artifact);
+        b["envFile"] = json!(file);
+        b
+    };
+    let with_template = |template: &str| {
+        let mut b = hello("b", pb, &artifact);
+        b["env"]["STOLEN"] = json!(template);
+        b
+    };
+    let mut through_map = hello("b", pb, &artifact);
+    through_map["infrastructure"] = json!({"services": {"sidecar": {
+        "command": ["/bin/sleep", "600"],
+        "env": {"STOLEN": "${secret:k}"},
+        "secrets": {"k": "../a.env"}
+    }}});
+    // (b, the field validation names, or None when only the agent can tell)
+    let cases: Vec<(Value, Option<&str>)> = vec![
+        (
+            with_env_file(path(&secrets.join("a.env"))),
+            Some("services[1] (b).envFile"),
+        ),
+        (
+            with_env_file(path(&secrets.join("a/token"))),
+            Some("services[1] (b).envFile"),
+        ),
+        (
+            with_env_file(path(&secrets.join("infra-db.env"))),
+            Some("services[1] (b).envFile"),
+        ),
+        (
+            with_env_file(path(&secrets.join("deployer/a.env"))),
+            Some("services[1] (b).envFile"),
+        ),
+        (
+            with_env_file("/etc/shadow".into()),
+            Some("services[1] (b).envFile"),
+        ),
+        (
+            with_template("${secret:../a.env}"),
+            Some("services[1] (b).env.STOLEN"),
+        ),
+        (
+            with_template("${secret:../a/token}"),
+            Some("services[1] (b).env.STOLEN"),
+        ),
+        (
+            through_map,
+            Some("services[1] (b).infrastructure.services.sidecar.secrets.k"),
+        ),
+        (with_template("${secret:infra-db.env}"), None),
+        (with_template("${secret:a.env}"), None),
+        (with_env_file(path(&outside)), None),
+    ];
+    for (b, field) in cases {
+        let what = b.to_string();
+        tamper(&fx, |m| {
+            m["services"].as_array_mut().unwrap().push(b.clone())
+        });
+        let out = host.run_once(&fx);
+        match field {
+            // The whole manifest is refused before anything acts on it.
+            Some(field) => {
+                assert_ne!(out.code(), 0, "{what}");
+                assert!(
+                    out.stderr_str().contains(field),
+                    "{field}: {}",
+                    out.stderr_str()
+                );
+            }
+            // The agent refuses service b; a is left as it is.
+            None => {
+                assert_eq!(out.code(), 8, "{what}: {}", out.stderr_str());
+                let error = host.state()["services"]["b"]["lastError"].to_string();
+                assert!(
+                    error.contains(&path(&secrets.join("b"))),
+                    "says where b's secrets live: {error}"
+                );
+            }
+        }
+        assert!(!host.unit_file("b").exists(), "{what}");
+        let texts = [
+            read_or_empty(&host.unit_file("b")),
+            read_or_empty(&secrets.join("deployer/b.env")),
+            read_or_empty(&host.state_dir().join("state.json")),
+            out.stdout_str(),
+            out.stderr_str(),
+        ];
+        for secret in stolen {
+            deployer_tests::assert_not_leaked(secret, &texts);
+        }
+        assert!(!out.stderr_str().contains("chmod"), "{}", out.stderr_str());
+        assert_eq!(body(pa).as_deref(), Some("hello from v1\n"), "{what}");
+        assert_eq!(host.is_active("a"), "active");
+        // The same service through an honest writer's command: refused, naming the field.
+        std::fs::write(head_path(&fx), &good).unwrap();
+        if let Some(field) = field {
+            let out = fx.dm(&["add-service", &what]);
+            assert_ne!(out.code(), 0, "{what}");
+            assert!(
+                out.stderr_str().contains(field),
+                "{field}: {}",
+                out.stderr_str()
+            );
+            assert_eq!(
+                std::fs::read(head_path(&fx)).unwrap(),
+                good,
+                "nothing written"
+            );
+        }
+    }
+
+    // b with its own secret file deploys, and gets only its own.
+    let mut b = hello("b", pb, &artifact);
+    b["env"]["B_TOKEN"] = json!("${secret:token}");
+    fx.dm(&["add-service", &b.to_string()]).ok();
+    host.run_once(&fx).ok();
+    assert_eq!(body(pb).as_deref(), Some("hello from v1\n"));
+    let b_env = read_or_empty(&secrets.join("deployer/b.env"));
+    assert!(b_env.contains("B_TOKEN=\"b-own-token-51aa\""), "{b_env}");
+    for secret in stolen {
+        deployer_tests::assert_not_leaked(secret, std::slice::from_ref(&b_env));
+    }
+    assert_eq!(body(pa).as_deref(), Some("hello from v1\n"));
+}
+
+/// `psql` as `user` with `password` over TCP (the preset's scram-sha-256 host auth).
+fn login(pg: u16, user: &str, password: &str) -> Output {
+    Command::new("psql")
+        .env("PGPASSWORD", password)
+        .args(["-X", "-h", "127.0.0.1", "-p", &pg.to_string(), "-U", user])
+        .args(["-d", "postgres", "-tAc", "select 1"])
+        .output()
+        .unwrap()
+}
+
+/// The operator's own role `alice` and database `bob`, and Postgres's superuser: a service of
+/// that name with `database: true` is refused (by validation for reserved names, else by the
+/// agent, before it changes anything); the operator's passwords still work. A role and
+/// database an earlier agent made (unmarked) are adopted.
+#[test]
+fn the_database_layer_touches_only_what_it_created() {
+    let fx = Fixture::file();
+    let host = Host::new();
+    let app = crate::agent::App::new();
+    let (pg, pw) = (free_port(), free_port());
+    fx.dm(&["init"]).ok();
+    fx.dm(&[
+        "set-infrastructure",
+        &json!({"services": {"db": {"preset": "postgres", "ports": {"tcp": pg}}}}).to_string(),
+    ])
+    .ok();
+    let with_db = |mut s: Value| {
+        s["infrastructure"] = json!({"database": true});
+        s
+    };
+    fx.dm(&[
+        "add-service",
+        &with_db(hello("web", pw, &placeholder())).to_string(),
+    ])
+    .ok();
+    app.set_version("v1", false);
+    app.push(&fx);
+    host.run_once(&fx).ok();
+    assert_eq!(body(pw).as_deref(), Some("hello from v1\n"));
+    let sql = |q: &str| {
+        psql(&host, pg, "postgres", q)
+            .ok()
+            .stdout_str()
+            .trim()
+            .to_owned()
+    };
+    let marks = || {
+        (
+            sql("select shobj_description(oid, 'pg_authid') from pg_roles where rolname = 'web'"),
+            sql(
+                "select shobj_description(oid, 'pg_database') from pg_database where datname = 'web'",
+            ),
+        )
+    };
+    assert_eq!(marks(), ("deployer:web".into(), "deployer:web".into()));
+    let secrets = host.dir.path().join("secrets");
+    let web_password =
+        std::fs::read_to_string(secrets.join("deployer/web.postgres-password")).unwrap();
+    assert_eq!(
+        login(pg, "web", &web_password).ok().stdout_str().trim(),
+        "1"
+    );
+    let artifact = first_artifact(&fx);
+
+    // The operator's own role and database, and a password for the superuser.
+    sql("CREATE ROLE alice LOGIN PASSWORD 'alice-operator-pw'");
+    sql("CREATE DATABASE bob");
+    sql("ALTER ROLE postgres PASSWORD 'pg-admin-pw'");
+    for name in ["alice", "bob"] {
+        fx.dm(&[
+            "add-service",
+            &with_db(hello(name, free_port(), &artifact)).to_string(),
+        ])
+        .ok();
+    }
+    let out = host.run_once(&fx);
+    assert_eq!(out.code(), 8, "{}", out.stderr_str());
+    for needle in [
+        "role \"alice\" exists and was not created by deployer",
+        "database \"bob\" exists and was not created by deployer",
+        "Rename the service",
+    ] {
+        assert!(
+            out.stderr_str().contains(needle),
+            "{needle}: {}",
+            out.stderr_str()
+        );
+    }
+    // alice still logs in with the operator's password; no role bob was made on the way.
+    assert_eq!(
+        login(pg, "alice", "alice-operator-pw")
+            .ok()
+            .stdout_str()
+            .trim(),
+        "1"
+    );
+    assert_eq!(
+        sql("select count(*) from pg_roles where rolname = 'bob'"),
+        "0"
+    );
+    assert_eq!(
+        sql("select shobj_description(oid, 'pg_authid') from pg_roles where rolname = 'alice'"),
+        ""
+    );
+    for name in ["alice", "bob"] {
+        assert!(
+            !secrets
+                .join(format!("deployer/{name}.postgres-password"))
+                .exists()
+        );
+        assert!(
+            !read_or_empty(&secrets.join(format!("deployer/{name}.env"))).contains("DATABASE_URL")
+        );
+        assert!(!host.unit_file(name).exists());
+    }
+    assert_eq!(body(pw).as_deref(), Some("hello from v1\n"));
+    fx.dm(&["remove-service", "alice"]).ok();
+    fx.dm(&["remove-service", "bob"]).ok();
+    host.run_once(&fx).ok();
+    let good = std::fs::read(head_path(&fx)).unwrap();
+
+    // postgres (and template*, pg_*): refused by validation when written...
+    for name in ["postgres", "template1", "pg_monitor"] {
+        let out = fx.dm(&[
+            "add-service",
+            &with_db(hello(name, free_port(), &artifact)).to_string(),
+        ]);
+        assert_ne!(out.code(), 0);
+        let field = format!("services[1] ({name}).infrastructure.database");
+        assert!(
+            out.stderr_str().contains(&field),
+            "{field}: {}",
+            out.stderr_str()
+        );
+        assert_eq!(
+            std::fs::read(head_path(&fx)).unwrap(),
+            good,
+            "nothing written"
+        );
+    }
+    // ... and by the agent when written straight into the store.
+    tamper(&fx, |m| {
+        m["services"].as_array_mut().unwrap().push(with_db(hello(
+            "postgres",
+            free_port(),
+            &artifact,
+        )))
+    });
+    let out = host.run_once(&fx);
+    assert_ne!(out.code(), 0);
+    assert!(
+        out.stderr_str()
+            .contains("services[1] (postgres).infrastructure.database"),
+        "{}",
+        out.stderr_str()
+    );
+    // The superuser's password is the operator's: no ALTER ran, no URL was handed out.
+    assert_eq!(
+        login(pg, "postgres", "pg-admin-pw")
+            .ok()
+            .stdout_str()
+            .trim(),
+        "1"
+    );
+    assert!(!secrets.join("deployer/postgres.postgres-password").exists());
+    assert!(!secrets.join("deployer/postgres.env").exists());
+    assert!(!host.unit_file("postgres").exists());
+    assert_eq!(body(pw).as_deref(), Some("hello from v1\n"));
+    std::fs::write(head_path(&fx), &good).unwrap();
+
+    // An earlier agent's role and database (no marks, the password kept here): adopted.
+    sql("COMMENT ON ROLE web IS NULL");
+    sql("COMMENT ON DATABASE web IS NULL");
+    assert_eq!(marks(), (String::new(), String::new()));
+    fx.dm(&["update-service", "web", r#"{"env": {"AGAIN": "1"}}"#])
+        .ok();
+    let out = host.run_once(&fx).ok();
+    assert_eq!(marks(), ("deployer:web".into(), "deployer:web".into()));
+    assert_eq!(
+        std::fs::read_to_string(secrets.join("deployer/web.postgres-password")).unwrap(),
+        web_password
+    );
+    assert_eq!(
+        login(pg, "web", &web_password).ok().stdout_str().trim(),
+        "1"
+    );
+    assert_eq!(body(pw).as_deref(), Some("hello from v1\n"));
+    // The password never reached the server's log, a unit file, the state or the output.
+    deployer_tests::assert_not_leaked(
+        &web_password,
+        &[
+            read_or_empty(&host.state_dir().join("logs/infra-db.log")),
+            read_or_empty(&host.unit_file("web")),
+            read_or_empty(&host.state_dir().join("state.json")),
+            out.stdout_str(),
+            out.stderr_str(),
+        ],
+    );
+}
+
+/// `REDIS_URL` from a service's generated env file.
+fn redis_url(host: &Host, service: &str) -> String {
+    let env = read_or_empty(
+        &host
+            .dir
+            .path()
+            .join(format!("secrets/deployer/{service}.env")),
+    );
+    env.lines()
+        .find_map(|l| l.strip_prefix("REDIS_URL="))
+        .unwrap_or_else(|| panic!("no REDIS_URL for {service}: {env}"))
+        .trim_matches('"')
+        .to_owned()
+}
+
+fn redis_cli(args: &[&str]) -> String {
+    Command::new("redis-cli")
+        .args(args)
+        .output()
+        .unwrap()
+        .ok()
+        .stdout_str()
+        .trim()
+        .to_owned()
+}
+
+/// Two services with `redis: true`; the operator moves `state.json` aside and the manifest
+/// changes (reordering them): each keeps its index (kept in Redis), so neither sees the
+/// other's data. Assignments only an older agent's state knows are written back to Redis.
+#[test]
+fn redis_indexes_survive_the_loss_of_state() {
+    let fx = Fixture::file();
+    let host = Host::new();
+    let app = crate::agent::App::new();
+    let (rp, pz, pa) = (free_port(), free_port(), free_port());
+    fx.dm(&["init"]).ok();
+    fx.dm(&[
+        "set-infrastructure",
+        &json!({"services": {"cache": {"preset": "redis", "ports": {"tcp": rp}}}}).to_string(),
+    ])
+    .ok();
+    let with_redis = |mut s: Value| {
+        s["infrastructure"] = json!({"redis": true});
+        s
+    };
+    // zed first, then abe: zed gets the lower index.
+    fx.dm(&[
+        "add-service",
+        &with_redis(hello("zed", pz, &placeholder())).to_string(),
+    ])
+    .ok();
+    app.set_version("v1", false);
+    app.push(&fx);
+    host.run_once(&fx).ok();
+    let artifact = first_artifact(&fx);
+    fx.dm(&[
+        "add-service",
+        &with_redis(hello("abe", pa, &artifact)).to_string(),
+    ])
+    .ok();
+    host.run_once(&fx).ok();
+    let (zed, abe) = (redis_url(&host, "zed"), redis_url(&host, "abe"));
+    assert_ne!(zed, abe);
+    redis_cli(&["-u", &zed, "set", "owner", "zed"]);
+    redis_cli(&["-u", &abe, "set", "owner", "abe"]);
+    let index = |url: &str| url.rsplit('/').next().unwrap().to_owned();
+    let recorded = || {
+        redis_cli(&["-p", &rp.to_string(), "hgetall", "deployer:db-index"])
+            .lines()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+            .chunks(2)
+            .map(|kv| (kv[0].clone(), kv[1].clone()))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let expected: std::collections::BTreeMap<String, String> = [
+        ("abe".to_owned(), index(&abe)),
+        ("zed".to_owned(), index(&zed)),
+    ]
+    .into();
+    assert_eq!(recorded(), expected);
+
+    // The operator moves a corrupt state aside; the manifest changes and reorders them.
+    let state = host.state_dir().join("state.json");
+    std::fs::rename(&state, host.state_dir().join("state.json.corrupt")).unwrap();
+    fx.dm(&["remove-service", "zed"]).ok();
+    let mut zed2 = with_redis(hello("zed", pz, &artifact));
+    zed2["env"]["CHANGED"] = json!("1");
+    fx.dm(&["add-service", &zed2.to_string()]).ok();
+    host.run_once(&fx).ok();
+    assert!(
+        read_or_empty(&host.unit_file("zed")).contains("CHANGED"),
+        "zed was deployed again"
+    );
+    assert_eq!(
+        redis_url(&host, "zed"),
+        zed,
+        "same index after losing state.json"
+    );
+    assert_eq!(
+        redis_url(&host, "abe"),
+        abe,
+        "same index after losing state.json"
+    );
+    assert_eq!(redis_cli(&["-u", &zed, "get", "owner"]), "zed");
+    assert_eq!(redis_cli(&["-u", &abe, "get", "owner"]), "abe");
+    let copy = host.state()["redisIndexes"].clone();
+    assert_eq!(copy["zed"].to_string(), index(&zed));
+    assert_eq!(copy["abe"].to_string(), index(&abe));
+    assert_eq!(body(pz).as_deref(), Some("hello from v1\n"));
+
+    // An older agent's assignments (in state.json only) are written to Redis first.
+    redis_cli(&["-p", &rp.to_string(), "del", "deployer:db-index"]);
+    fx.dm(&["update-service", "abe", r#"{"env": {"AGAIN": "1"}}"#])
+        .ok();
+    host.run_once(&fx).ok();
+    assert_eq!(recorded(), expected);
+    assert_eq!(redis_url(&host, "abe"), abe);
+    assert_eq!(redis_cli(&["-u", &abe, "get", "owner"]), "abe");
 }
