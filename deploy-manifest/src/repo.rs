@@ -281,6 +281,35 @@ impl<S: ObjectStore> Repo<S> {
         }
     }
 
+    /// The current manifest as the base of a write. One that no longer passes validation
+    /// (written before a rule existed, e.g. an `envFile` outside the service's secrets) is
+    /// still read, with a warning, so that an edit can fix it: what is written is always
+    /// validated in full, and with trusted keys the base must verify all the same.
+    async fn current_for_write(&self) -> Result<Current, Error> {
+        let (bytes, etag) = match self.store.get(CURRENT_KEY, None).await? {
+            Fetched::Found { bytes, etag } => (bytes, etag),
+            _ => {
+                return Err(Error::NotInitialized {
+                    url: self.store.url().to_owned(),
+                });
+            }
+        };
+        let origin = format!("{}/{CURRENT_KEY}", self.store.url());
+        let manifest = match parse_manifest(&bytes, &origin) {
+            Ok(m) => m,
+            Err(invalid) => match serde_json::from_slice::<Manifest>(&bytes) {
+                Ok(m) => {
+                    tracing::warn!(
+                        "{invalid}; building on it anyway: the new version must fix this"
+                    );
+                    m
+                }
+                Err(_) => return Err(invalid.into()),
+            },
+        };
+        Ok(Current { manifest, etag })
+    }
+
     /// The current manifest; an uninitialised store is an error that says what to run.
     pub async fn current(&self) -> Result<Current, Error> {
         self.read_current()
@@ -333,7 +362,7 @@ impl<S: ObjectStore> Repo<S> {
         F: Fn(&mut Manifest) -> Result<String, Error>,
     {
         for attempt in 0..MAX_ATTEMPTS {
-            let current = self.current().await?;
+            let current = self.current_for_write().await?;
             let (parent, sequence) = match &base {
                 Base::Current => {
                     self.check_base(&current.manifest).await?;
@@ -500,7 +529,7 @@ impl<S: ObjectStore> Repo<S> {
     /// accepted (the restore the error of every other write suggests), and the new version
     /// continues the newest verified one.
     pub async fn rollback(&self, target: Option<&str>) -> Result<Manifest, Error> {
-        let current = self.current().await?.manifest;
+        let current = self.current_for_write().await?.manifest;
         let trusted = self.trusted_keys();
         let head_verifies = trusted.is_empty() || sign::verify(&current, &trusted).is_ok();
         let target_name = match target {

@@ -390,3 +390,42 @@ fn list_marks_versions_that_never_became_current_and_honours_limit() {
     // The orphan can still be inspected and even rolled back to on purpose.
     fx.dm(&["show", "manifest-20991231T235959Z-deadbeef"]).ok();
 }
+
+/// A manifest written before a validation rule existed (here: an `envFile` outside the
+/// service's own secrets) is refused by readers, but a writer can still build on it, so
+/// the edit that fixes it is possible; an edit that does not fix it writes nothing.
+#[test]
+fn a_head_that_breaks_a_newer_rule_can_be_fixed_by_an_edit() {
+    let fx = Fixture::file();
+    fx.dm(&["init"]).ok();
+    fx.dm(&[
+        "add-service",
+        r#"{"name": "web", "artifact": {"storePath": "/nix/store/placeholder"}, "hosts": ["biz"]}"#,
+    ])
+    .ok();
+    let store = std::path::PathBuf::from(fx.url.strip_prefix("file://").unwrap());
+    let mut head: Value =
+        serde_json::from_slice(&std::fs::read(store.join("manifest.json")).unwrap()).unwrap();
+    head["services"][0]["envFile"] = json!("/run/keys/web-secrets");
+    std::fs::write(store.join("manifest.json"), head.to_string()).unwrap();
+    let out = fx.dm(&["show"]);
+    assert_eq!(out.code(), 3, "{}", out.stderr_str());
+    assert!(out.stderr_str().contains("envFile"), "{}", out.stderr_str());
+
+    let out = fx.dm(&["update-service", "web", r#"{"env": {"A": "1"}}"#]);
+    assert_eq!(
+        out.code(),
+        3,
+        "an edit that keeps the problem: {}",
+        out.stderr_str()
+    );
+    let out = fx.dm(&["update-service", "web", r#"{"envFile": null}"#]);
+    assert_eq!(out.code(), 0, "{}", out.stderr_str());
+    assert!(
+        out.stderr_str().contains("envFile"),
+        "warned: {}",
+        out.stderr_str()
+    );
+    let shown = json_out(&fx.dm(&["show"]).ok());
+    assert!(shown["services"][0].get("envFile").is_none(), "{shown}");
+}
