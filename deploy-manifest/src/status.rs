@@ -42,6 +42,10 @@ pub struct HostReport {
     pub last_success: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Set while the newest manifest this host saw has expired (signed manifests): the
+    /// expiry that passed. Nothing new is applied until a writer runs `deploy-manifest refresh`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expired: Option<String>,
     #[serde(default)]
     pub services: BTreeMap<String, ServiceReport>,
     /// The host key's signature over this report without the signature (see `sign.rs`).
@@ -254,6 +258,9 @@ pub enum HostState {
     Behind,
     /// No report for more than 3 poll intervals: the agent is down or cut off.
     Silent,
+    /// The newest signed manifest it saw has expired: it applies nothing new until a
+    /// writer runs `deploy-manifest refresh`.
+    Expired,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -334,6 +341,8 @@ pub fn fleet(
                 signed_by: r.signature.as_ref().map(|s| s.key.clone()),
                 state: if silent {
                     HostState::Silent
+                } else if r.expired.is_some() {
+                    HostState::Expired
                 } else if failing {
                     HostState::Failing
                 } else if behind {
@@ -417,6 +426,7 @@ mod tests {
             last_poll: None,
             last_success: None,
             last_error: None,
+            expired: None,
             services: [(
                 "ava".to_owned(),
                 ServiceReport {

@@ -117,6 +117,7 @@ pub fn host_report(state: &State, interval: Duration) -> HostReport {
         last_poll: state.last_poll.clone(),
         last_success: state.last_success.clone(),
         last_error: state.last_error.clone(),
+        expired: state.expired.clone(),
         services: state
             .services
             .iter()
@@ -180,6 +181,12 @@ pub fn write_metrics(
         "gauge",
         "Unix time of the last run that completed without errors.",
         vec![(String::new(), last_success.to_string())],
+    );
+    family(
+        "deployer_manifest_expired",
+        "gauge",
+        "1 while the newest signed manifest this host saw has expired (nothing new is applied; run `deploy-manifest refresh`).",
+        vec![(String::new(), u8::from(state.expired.is_some()).to_string())],
     );
     family(
         "deployer_run_duration_seconds",

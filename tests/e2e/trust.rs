@@ -376,6 +376,10 @@ fn clocks_do_not_order_versions() {
 #[test]
 fn expired_manifests_are_refused_until_refreshed() {
     let mut t = Signed::new();
+    let metrics = t.host.dir.path().join("deployer.prom");
+    t.host
+        .flags
+        .extend(["--metrics-file".into(), metrics.display().to_string()]);
     let v1 = t.current();
     t.app.set_version("v2", false);
     t.app.push(&t.fx);
@@ -399,6 +403,15 @@ fn expired_manifests_are_refused_until_refreshed() {
     let out = t.fx.dm(&["verify"]);
     assert_eq!(out.code(), 11, "{}", out.stderr_str());
     assert!(out.stdout_str().contains("EXPIRED"), "{}", out.stdout_str());
+    // Seen without ssh: the host report, the fleet view and the metrics say so.
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(t.store_dir().join("status/biz.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["expired"], v2["expires"]);
+    let fleet: Value = serde_json::from_slice(&t.fx.dm(&["status", "--json"]).ok().stdout).unwrap();
+    assert_eq!(fleet[0]["state"], "expired", "{fleet:#}");
+    let prom = std::fs::read_to_string(&metrics).unwrap();
+    assert!(prom.contains("deployer_manifest_expired 1"), "{prom}");
 
     // A writer refreshes (from a timer): the same content, a new version, a new expiry.
     t.fx.dm(&["refresh"]).ok();
@@ -409,6 +422,8 @@ fn expired_manifests_are_refused_until_refreshed() {
     t.host.run_once(&t.fx).ok();
     t.assert_serving("hello from v2\n");
     assert!(t.host.state().get("expired").is_none());
+    let prom = std::fs::read_to_string(&metrics).unwrap();
+    assert!(prom.contains("deployer_manifest_expired 0"), "{prom}");
     clock_removed(&mut t.fx.env);
 }
 
