@@ -8,7 +8,10 @@
 //! while the archive is written, in the same pass.
 //!
 //! Unpacking refuses anything that could write outside the target directory: absolute
-//! paths, `..`, links whose target leaves the tree, and device or fifo entries.
+//! paths, `..`, links whose target leaves the tree, and device or fifo entries. It is also
+//! capped ([`UnpackLimits`]): the bytes the entries hold, their number, and the metadata
+//! (long names, pax headers) between two entries, so a small archive cannot fill the disk
+//! or the memory.
 
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -32,6 +35,101 @@ pub enum ArchiveError {
     Unsupported { path: String, reason: String },
     #[error("archive entry {entry:?} refused: {reason}")]
     Unsafe { entry: String, reason: String },
+    #[error(
+        "the archive unpacks to more than {limit} bytes (at entry {entry:?}), the cap for an archive of this size on this host; \
+         refused, nothing installed. If the artifact is legitimate, raise --max-unpacked-bytes on the host"
+    )]
+    TooManyBytes { limit: u64, entry: String },
+    #[error(
+        "the archive holds more than {limit} entries, the cap for an archive of this size on this host; \
+         refused, nothing installed. If the artifact is legitimate, raise --max-archive-entries on the host"
+    )]
+    TooManyEntries { limit: u64 },
+}
+
+/// Caps on what unpacking one archive may write. [`UnpackLimits::for_archive`] derives them
+/// from the archive's declared (compressed) size within the host's caps: bytes at most
+/// max(256 MiB, 200 × size), entries at most max(20,000, size / 16), and never more than the
+/// host allows (default 16 GiB and 1,000,000). A 66 KB tar.zst that expands to 2 GB, or a
+/// 585 KB one holding 200,000 files, is refused; real artifacts compress 2-10×.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnpackLimits {
+    /// The most bytes all entries together may hold.
+    pub max_bytes: u64,
+    /// The most entries (files, directories, links) the archive may hold.
+    pub max_entries: u64,
+}
+
+impl UnpackLimits {
+    /// The host's default caps (`--max-unpacked-bytes`, `--max-archive-entries`).
+    pub const HOST_DEFAULT: UnpackLimits = UnpackLimits {
+        max_bytes: 16 << 30,
+        max_entries: 1_000_000,
+    };
+    /// Every archive may unpack to this many bytes (within the host's cap)…
+    pub const MIN_BYTES: u64 = 256 << 20;
+    /// …or to this many times its compressed size, whichever is more.
+    pub const MAX_RATIO: u64 = 200;
+    /// Every archive may hold this many entries (within the host's cap)…
+    pub const MIN_ENTRIES: u64 = 20_000;
+    /// …or one per this many bytes of its compressed size, whichever is more.
+    pub const BYTES_PER_ENTRY: u64 = 16;
+
+    /// The caps for an archive of `size` compressed bytes on a host whose caps are `host`.
+    pub fn for_archive(size: u64, host: UnpackLimits) -> UnpackLimits {
+        UnpackLimits {
+            max_bytes: Self::MIN_BYTES
+                .max(size.saturating_mul(Self::MAX_RATIO))
+                .min(host.max_bytes),
+            max_entries: Self::MIN_ENTRIES
+                .max(size / Self::BYTES_PER_ENTRY)
+                .min(host.max_entries),
+        }
+    }
+}
+
+impl Default for UnpackLimits {
+    fn default() -> Self {
+        UnpackLimits::HOST_DEFAULT
+    }
+}
+
+/// The most tar-stream bytes allowed between the end of one entry's data and the start of
+/// the next's: its header plus long-name and pax records, which the tar reader holds in
+/// memory. Real ones are a few KiB (PATH_MAX is 4 KiB).
+const MAX_METADATA_BYTES: u64 = 256 << 10;
+
+/// The decompressed tar stream, cut off where the entries seen so far do not account for
+/// it: at most [`MAX_METADATA_BYTES`] past the end of the current entry's data.
+struct Bounded<R> {
+    inner: R,
+    state: std::rc::Rc<std::cell::Cell<BoundedState>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct BoundedState {
+    read: u64,
+    allowed: u64,
+    exceeded: bool,
+}
+
+impl<R: Read> Read for Bounded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut state = self.state.get();
+        let left = state.allowed.saturating_sub(state.read);
+        if left == 0 {
+            state.exceeded = true;
+            self.state.set(state);
+            return Err(io::Error::other(
+                "archive metadata (long names, pax headers) too large",
+            ));
+        }
+        let want = buf.len().min(left.min(usize::MAX as u64) as usize);
+        let n = self.inner.read(&mut buf[..want])?;
+        state.read += n as u64;
+        self.state.set(state);
+        Ok(n)
+    }
 }
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ArchiveError {
@@ -263,32 +361,88 @@ fn link_stays_inside(link: &Path, target: &Path) -> bool {
     true
 }
 
-/// Unpack an archive read from `input` into `dest` (which must exist and should be empty).
-/// Returns the number of regular files written.
-pub fn unpack(input: impl Read, format: ArchiveFormat, dest: &Path) -> Result<u64, ArchiveError> {
+/// Unpack an archive read from `input` into `dest` (which must exist and should be empty),
+/// within `limits`. Returns the number of regular files written. On error, what was
+/// written so far stays in `dest` for the caller to remove.
+pub fn unpack(
+    input: impl Read,
+    format: ArchiveFormat,
+    dest: &Path,
+    limits: UnpackLimits,
+) -> Result<u64, ArchiveError> {
     let dest_err = io_err("unpack into", dest);
     match format {
         ArchiveFormat::TarZst => {
             let decoder = zstd::Decoder::new(input).map_err(dest_err)?;
-            unpack_tar(decoder, dest)
+            unpack_tar(decoder, dest, limits)
         }
-        ArchiveFormat::TarGz => unpack_tar(flate2::read::GzDecoder::new(input), dest),
+        ArchiveFormat::TarGz => unpack_tar(flate2::read::GzDecoder::new(input), dest, limits),
     }
 }
 
-fn unpack_tar(input: impl Read, dest: &Path) -> Result<u64, ArchiveError> {
+fn unpack_tar(input: impl Read, dest: &Path, limits: UnpackLimits) -> Result<u64, ArchiveError> {
+    let state = std::rc::Rc::new(std::cell::Cell::new(BoundedState {
+        read: 0,
+        allowed: MAX_METADATA_BYTES,
+        exceeded: false,
+    }));
+    let bounded = Bounded {
+        inner: input,
+        state: state.clone(),
+    };
+    let mut last_entry = String::from("(the first)");
+    let result = unpack_entries(bounded, dest, limits, &state, &mut last_entry);
+    if state.get().exceeded {
+        return Err(ArchiveError::Unsafe {
+            entry: last_entry,
+            reason: format!(
+                "more than {MAX_METADATA_BYTES} bytes of metadata (long names, pax headers) after it"
+            ),
+        });
+    }
+    result
+}
+
+fn unpack_entries<R: Read>(
+    input: Bounded<R>,
+    dest: &Path,
+    limits: UnpackLimits,
+    state: &std::cell::Cell<BoundedState>,
+    last_entry: &mut String,
+) -> Result<u64, ArchiveError> {
     let mut archive = tar::Archive::new(input);
     archive.set_preserve_permissions(false);
     archive.set_preserve_mtime(false);
     archive.set_unpack_xattrs(false);
     archive.set_overwrite(false);
     let mut files = 0;
+    let (mut entries, mut bytes) = (0u64, 0u64);
     for entry in archive.entries().map_err(io_err("read archive", dest))? {
         let mut entry = entry.map_err(io_err("read archive", dest))?;
         let path = entry
             .path()
             .map_err(io_err("read archive", dest))?
             .into_owned();
+        *last_entry = path.display().to_string();
+        // This entry's data is accounted for; after it, only the next header and its
+        // metadata may come before the next entry.
+        let mut s = state.get();
+        s.allowed = (entry.raw_file_position() + entry.size().div_ceil(512) * 512)
+            .saturating_add(MAX_METADATA_BYTES);
+        state.set(s);
+        entries += 1;
+        if entries > limits.max_entries {
+            return Err(ArchiveError::TooManyEntries {
+                limit: limits.max_entries,
+            });
+        }
+        bytes = bytes.saturating_add(entry.size());
+        if bytes > limits.max_bytes {
+            return Err(ArchiveError::TooManyBytes {
+                limit: limits.max_bytes,
+                entry: path.display().to_string(),
+            });
+        }
         let refuse = |reason: &str| ArchiveError::Unsafe {
             entry: path.display().to_string(),
             reason: reason.to_owned(),
@@ -416,7 +570,13 @@ mod tests {
         let (bytes, _) = packed(src.path(), ArchiveFormat::TarZst);
         let dest = tempfile::tempdir().unwrap();
         assert_eq!(
-            unpack(&bytes[..], ArchiveFormat::TarZst, dest.path()).unwrap(),
+            unpack(
+                &bytes[..],
+                ArchiveFormat::TarZst,
+                dest.path(),
+                UnpackLimits::default()
+            )
+            .unwrap(),
             2
         );
         assert_eq!(
@@ -499,7 +659,13 @@ mod tests {
             let dest = outer.path().join("dest");
             fs::create_dir(&dest).unwrap();
             let tar = evil_tar(path, kind, link);
-            let err = unpack(&tar[..], ArchiveFormat::TarGz, &dest).unwrap_err();
+            let err = unpack(
+                &tar[..],
+                ArchiveFormat::TarGz,
+                &dest,
+                UnpackLimits::default(),
+            )
+            .unwrap_err();
             assert!(matches!(err, ArchiveError::Unsafe { .. }), "{path}: {err}");
             assert!(!outer.path().join("escape").exists());
             assert_eq!(
@@ -517,9 +683,163 @@ mod tests {
         let dest = outer.path().join("dest");
         fs::create_dir(&dest).unwrap();
         let tar = evil_tar("x", tar::EntryType::Symlink, Some(".."));
-        assert!(unpack(&tar[..], ArchiveFormat::TarGz, &dest).is_err());
+        assert!(
+            unpack(
+                &tar[..],
+                ArchiveFormat::TarGz,
+                &dest,
+                UnpackLimits::default()
+            )
+            .is_err()
+        );
         assert!(link_stays_inside(Path::new("d"), Path::new(".")));
         assert!(link_stays_inside(Path::new("bin/x"), Path::new("../lib/x")));
         assert!(!link_stays_inside(Path::new("bin/x"), Path::new("../../x")));
+    }
+
+    /// A tar.zst built entry by entry, as an attacker would: `add` appends to the builder.
+    fn zstd_tar(add: impl FnOnce(&mut tar::Builder<zstd::Encoder<'static, Vec<u8>>>)) -> Vec<u8> {
+        let mut builder = tar::Builder::new(zstd::Encoder::new(Vec::new(), 3).unwrap());
+        add(&mut builder);
+        builder.into_inner().unwrap().finish().unwrap()
+    }
+
+    fn file_header(size: u64) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(size);
+        h.set_mode(0o644);
+        h.set_cksum();
+        h
+    }
+
+    fn written(dir: &Path) -> (u64, u64) {
+        let (mut files, mut bytes) = (0, 0);
+        for rel in sorted_entries(dir).unwrap() {
+            let meta = fs::symlink_metadata(dir.join(rel)).unwrap();
+            if meta.is_file() {
+                files += 1;
+                bytes += meta.len();
+            }
+        }
+        (files, bytes)
+    }
+
+    #[test]
+    fn limits_follow_the_declared_size_within_the_host_caps() {
+        let host = UnpackLimits::HOST_DEFAULT;
+        // The bombs the issue found: 66 KB -> 2.1 GB and 585 KB -> 200,000 files.
+        let small = UnpackLimits::for_archive(66_000, host);
+        assert_eq!(small.max_bytes, 256 << 20);
+        assert!(small.max_bytes < 2_100_000_000);
+        let many = UnpackLimits::for_archive(585_000, host);
+        assert!(many.max_entries < 200_000, "{many:?}");
+        // A 100 MB artifact may unpack to 20 GB, but the host caps it at 16 GiB.
+        let large = UnpackLimits::for_archive(100_000_000, host);
+        assert_eq!(large.max_bytes, 16 << 30);
+        assert_eq!(
+            UnpackLimits::for_archive(u64::MAX, host),
+            UnpackLimits::HOST_DEFAULT
+        );
+        let strict = UnpackLimits {
+            max_bytes: 1 << 20,
+            max_entries: 10,
+        };
+        assert_eq!(UnpackLimits::for_archive(66_000, strict), strict);
+    }
+
+    #[test]
+    fn a_small_archive_that_expands_past_the_cap_is_refused_before_writing_it() {
+        // 512 MiB of zeros in one entry: the archive is a few tens of KB.
+        let bomb = zstd_tar(|b| {
+            let size = 512u64 << 20;
+            b.append(&file_header(size), io::repeat(0).take(size))
+                .unwrap();
+        });
+        assert!(bomb.len() < 100_000, "{}", bomb.len());
+        let dest = tempfile::tempdir().unwrap();
+        let limits = UnpackLimits::for_archive(bomb.len() as u64, UnpackLimits::HOST_DEFAULT);
+        let err = unpack(&bomb[..], ArchiveFormat::TarZst, dest.path(), limits).unwrap_err();
+        assert!(matches!(err, ArchiveError::TooManyBytes { .. }), "{err}");
+        assert!(err.to_string().contains("--max-unpacked-bytes"), "{err}");
+        assert_eq!(written(dest.path()), (0, 0), "refused before writing");
+    }
+
+    #[test]
+    fn bytes_are_counted_across_entries() {
+        // Three 1 MiB files against a 2.5 MiB cap: the third is refused.
+        let archive = zstd_tar(|b| {
+            for i in 0..3 {
+                let mut h = file_header(1 << 20);
+                b.append_data(&mut h, format!("f{i}"), io::repeat(b'x').take(1 << 20))
+                    .unwrap();
+            }
+        });
+        let dest = tempfile::tempdir().unwrap();
+        let limits = UnpackLimits {
+            max_bytes: 5 << 19,
+            max_entries: 100,
+        };
+        let err = unpack(&archive[..], ArchiveFormat::TarZst, dest.path(), limits).unwrap_err();
+        assert!(
+            matches!(&err, ArchiveError::TooManyBytes { entry, .. } if entry == "f2"),
+            "{err}"
+        );
+        assert_eq!(written(dest.path()), (2, 2 << 20));
+        // The same archive within a cap that fits it.
+        let dest = tempfile::tempdir().unwrap();
+        let fits = UnpackLimits {
+            max_bytes: 3 << 20,
+            max_entries: 3,
+        };
+        assert_eq!(
+            unpack(&archive[..], ArchiveFormat::TarZst, dest.path(), fits).unwrap(),
+            3
+        );
+    }
+
+    #[test]
+    fn an_archive_of_many_tiny_entries_is_refused_at_the_entry_cap() {
+        let bomb = zstd_tar(|b| {
+            for i in 0..2_000 {
+                let mut h = file_header(0);
+                b.append_data(&mut h, format!("d/{i}"), io::empty())
+                    .unwrap();
+            }
+        });
+        let limits = UnpackLimits {
+            max_entries: 1_500,
+            ..UnpackLimits::default()
+        };
+        let dest = tempfile::tempdir().unwrap();
+        let err = unpack(&bomb[..], ArchiveFormat::TarZst, dest.path(), limits).unwrap_err();
+        assert!(matches!(err, ArchiveError::TooManyEntries { .. }), "{err}");
+        assert!(err.to_string().contains("--max-archive-entries"), "{err}");
+        assert_eq!(written(dest.path()).0, limits.max_entries);
+    }
+
+    #[test]
+    fn huge_metadata_between_entries_is_cut_off() {
+        // A 4 MiB pax header (it could be gigabytes): the tar reader holds it in memory.
+        let bomb = zstd_tar(|b| {
+            let mut h = tar::Header::new_ustar();
+            h.set_entry_type(tar::EntryType::XHeader);
+            h.set_size(4 << 20);
+            h.set_mode(0o644);
+            h.set_path("pax").unwrap();
+            h.set_cksum();
+            b.append(&h, io::repeat(b'a').take(4 << 20)).unwrap();
+            let mut f = file_header(1);
+            b.append_data(&mut f, "after", &b"x"[..]).unwrap();
+        });
+        let dest = tempfile::tempdir().unwrap();
+        let err = unpack(
+            &bomb[..],
+            ArchiveFormat::TarZst,
+            dest.path(),
+            UnpackLimits::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("metadata"), "{err}");
     }
 }

@@ -39,11 +39,14 @@ pub mod exit {
     pub const FAILURE: i32 = 1;
     /// Bad command line or argument.
     pub const USAGE: i32 = 2;
-    /// The manifest (or a JSON argument) is invalid; nothing was written.
+    /// The manifest (or a JSON argument) is invalid, or an object in the store is over its
+    /// size cap (a manifest over `DEPLOY_MAX_OBJECT_BYTES`, a download over its declared
+    /// size); nothing was written.
     pub const INVALID: i32 = 3;
     /// A version, service or the store's manifest does not exist.
     pub const NOT_FOUND: i32 = 4;
-    /// The store cannot be used: unreachable, no credentials, access denied, no bucket.
+    /// The store cannot be used: unreachable, did not answer in time, no credentials, access
+    /// denied, no bucket, or (file://) a symlink inside it.
     pub const STORE: i32 = 5;
     /// Concurrent writers kept winning; nothing was written.
     pub const CONFLICT: i32 = 6;
@@ -95,7 +98,13 @@ impl Error {
                 StoreError::Unreachable { .. }
                 | StoreError::Credentials { .. }
                 | StoreError::AccessDenied { .. }
-                | StoreError::NoSuchBucket { .. } => exit::STORE,
+                | StoreError::NoSuchBucket { .. }
+                | StoreError::Timeout { .. }
+                | StoreError::Unsafe { .. } => exit::STORE,
+                // An object no honest writer makes: like an invalid manifest.
+                StoreError::TooLarge { .. } | StoreError::LargerThanDeclared { .. } => {
+                    exit::INVALID
+                }
                 StoreError::PreconditionFailed { .. } => exit::CONFLICT,
                 StoreError::Io { .. } | StoreError::Other { .. } => exit::FAILURE,
             },

@@ -209,7 +209,14 @@ pub async fn read_stored_reports(
         .filter(|k| k.ends_with(".json"))
         .collect();
     let fetched: Vec<(String, Fetched)> = stream::iter(keys.into_iter().map(|k| async move {
-        let f = store.get(&k, None).await?;
+        let f = match store.get(&k, None).await {
+            // One planted oversized report must not hide the others.
+            Err(e @ crate::StoreError::TooLarge { .. }) => {
+                tracing::warn!(key = %k, error = %e, "skipping an oversized host report");
+                Fetched::NotFound
+            }
+            other => other?,
+        };
         Ok::<_, Error>((k, f))
     }))
     .buffer_unordered(32)
@@ -593,5 +600,22 @@ mod tests {
         let mut extra = value.clone();
         extra["signature"]["typo"] = serde_json::json!(1);
         assert!(!validator.is_valid(&extra));
+    }
+
+    #[tokio::test]
+    async fn an_oversized_report_is_skipped_not_fatal() {
+        use crate::store::{FileStore, Precondition};
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(&format!("file://{}/store", dir.path().display())).unwrap();
+        let good = serde_json::to_vec(&report("a", 0, "healthy", "/nix/store/x")).unwrap();
+        store
+            .put(&report_key("a"), good, Precondition::None)
+            .await
+            .unwrap();
+        let big = std::fs::File::create(store.root().join("status/b.json")).unwrap();
+        big.set_len(1 << 30).unwrap();
+        let reports = read_reports(&store).await.unwrap();
+        assert_eq!(reports.len(), 1);
+        assert_eq!(reports[0].host, "a");
     }
 }

@@ -125,6 +125,7 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
     pub async fn run_once(&self) -> Result<RunReport, AgentError> {
         let span = tracing::info_span!("run", host = %self.config.host);
         let started = std::time::Instant::now();
+        self.store.start_run();
         let (requests, changes) = (self.store.requests(), self.manager.changes());
         let mut result = self.run_once_inner().instrument(span.clone()).await;
         if !matches!(result, Err(AgentError::Busy { .. })) {
@@ -949,6 +950,7 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             &service.artifact,
             &self.config.state_dir,
             &self.config.nix_trusted_keys,
+            self.config.unpack_limits,
         )
         .await
         .map_err(untouched)?;

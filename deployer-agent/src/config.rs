@@ -29,7 +29,14 @@ pub struct AgentConfig {
     /// Nix binary-cache keys a fetched closure's narinfos must be signed by; empty = not
     /// checked.
     pub nix_trusted_keys: Vec<deploy_manifest::sign::PublicKey>,
+    /// The host's caps on unpacking one archive (each archive gets less, by its size).
+    pub unpack_limits: deploy_manifest::archive::UnpackLimits,
+    /// The most time one run may spend waiting on the store, all calls together.
+    pub store_deadline: Duration,
 }
+
+/// `--store-deadline` by default.
+pub const DEFAULT_STORE_DEADLINE: Duration = Duration::from_secs(600);
 
 /// `--config FILE`: the same settings, kebab-case keys; flags win over the file.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -55,6 +62,56 @@ pub struct ConfigFile {
     pub metrics_file: Option<PathBuf>,
     pub trusted_keys: Option<PathBuf>,
     pub nix_trusted_keys: Option<PathBuf>,
+    pub max_unpacked_bytes: Option<ByteSize>,
+    pub max_archive_entries: Option<u64>,
+    pub store_deadline: Option<String>,
+}
+
+/// A size in a config file: a number of bytes, or a string such as "16GiB" or "512 MiB".
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ByteSize {
+    Bytes(u64),
+    Text(String),
+}
+
+impl ByteSize {
+    pub fn bytes(&self) -> Result<u64, String> {
+        match self {
+            ByteSize::Bytes(n) => Ok(*n),
+            ByteSize::Text(s) => parse_bytes(s),
+        }
+    }
+}
+
+/// `1048576`, `512KiB`, `256 MiB`, `16GiB`, `1TiB` (also KB/MB/GB/TB, decimal) → bytes.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("size {s:?}: expected a number of bytes, e.g. 16GiB or 536870912"))?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        other => {
+            return Err(format!(
+                "size {s:?}: unknown unit {other:?}; use B, KiB, MiB, GiB or TiB"
+            ));
+        }
+    };
+    number
+        .checked_mul(factor)
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("size {s:?}: must be more than 0 and fit in 64 bits"))
 }
 
 impl ConfigFile {
@@ -107,4 +164,28 @@ pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
         return Err(format!("port range {s:?}: FIRST must be 1..=LAST"));
     }
     Ok((a, b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_bytes("16GiB"), Ok(16 << 30));
+        assert_eq!(parse_bytes("256 MiB"), Ok(256 << 20));
+        assert_eq!(parse_bytes("1000"), Ok(1000));
+        assert_eq!(parse_bytes("2GB"), Ok(2_000_000_000));
+        assert!(parse_bytes("0").is_err());
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("3 parsecs").is_err());
+        assert!(parse_bytes("99999999999TiB").is_err());
+        let file: ConfigFile = toml::from_str(
+            "max-unpacked-bytes = \"1GiB\"\nmax-archive-entries = 5000\nstore-deadline = \"2m\"",
+        )
+        .unwrap();
+        assert_eq!(file.max_unpacked_bytes.unwrap().bytes(), Ok(1 << 30));
+        let file: ConfigFile = toml::from_str("max-unpacked-bytes = 4096").unwrap();
+        assert_eq!(file.max_unpacked_bytes.unwrap().bytes(), Ok(4096));
+    }
 }

@@ -1,18 +1,21 @@
 //! Put an artifact on this host, verified, or fail without installing anything.
 //!
-//! - Archives: download to a temp dir under `<state>/store/`, hashing while streaming;
-//!   a sha256 or size mismatch is refused; unpack (escapes refused), make read-only, then
-//!   rename to `<state>/store/<sha256>-<name>`. A directory of that name was only ever
-//!   created by that rename, so it is trusted as is.
+//! - Archives: download to a temp dir under `<state>/store/`, hashing while streaming and
+//!   stopping at the declared size + 1 byte; a sha256 or size mismatch is refused; unpack
+//!   within [`UnpackLimits`] (escapes refused), make read-only, then rename to
+//!   `<state>/store/<sha256>-<name>`. A directory of that name was only ever created by that
+//!   rename, so it is trusted as is. On any error (or a cancelled download) the temp dir is
+//!   removed: nothing is installed.
 //! - Nix store paths: used as is if the host's store has them; otherwise the closure's
 //!   narinfos and NARs are fetched from the store's `nix-cache/` into a local binary cache
-//!   and imported with `nix copy --from`, which checks every NAR's hash.
+//!   (each NAR capped at its narinfo's `FileSize`, written to a temp file and renamed) and
+//!   imported with `nix copy --from`, which checks every NAR's hash.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use deploy_manifest::archive;
+use deploy_manifest::archive::{self, UnpackLimits};
 use deploy_manifest::model::{ArchiveRef, Artifact};
 use deploy_manifest::store::{Fetched, ObjectStore};
 
@@ -29,15 +32,17 @@ pub fn local_path(artifact: &Artifact, state_dir: &Path) -> PathBuf {
 }
 
 /// Put `artifact` on this host. With `nix_trusted` keys, every narinfo fetched must carry a
-/// valid signature by one of them (Nix's `trusted-public-keys` semantics).
+/// valid signature by one of them (Nix's `trusted-public-keys` semantics). `host_limits`
+/// are the host's caps on unpacking (`--max-unpacked-bytes`, `--max-archive-entries`).
 pub async fn ensure(
     store: &impl ObjectStore,
     artifact: &Artifact,
     state_dir: &Path,
     nix_trusted: &[deploy_manifest::sign::PublicKey],
+    host_limits: UnpackLimits,
 ) -> Result<PathBuf, AgentError> {
     match artifact {
-        Artifact::Archive(a) => ensure_archive(store, a, state_dir).await,
+        Artifact::Archive(a) => ensure_archive(store, a, state_dir, host_limits).await,
         Artifact::StorePath(p) => ensure_store_path(store, p, state_dir, nix_trusted).await,
     }
 }
@@ -46,6 +51,7 @@ async fn ensure_archive(
     store: &impl ObjectStore,
     a: &ArchiveRef,
     state_dir: &Path,
+    host_limits: UnpackLimits,
 ) -> Result<PathBuf, AgentError> {
     let dest = local_path(&Artifact::Archive(a.clone()), state_dir);
     if dest.is_dir() {
@@ -63,7 +69,7 @@ async fn ensure_archive(
         })?;
     let file = tmp.path().join("archive");
     let got = store
-        .get_to_file(&a.key(), &file, &())
+        .get_to_file(&a.key(), &file, &(), Some(a.size))
         .await?
         .ok_or_else(|| AgentError::Fetch {
             artifact: a.key(),
@@ -80,6 +86,7 @@ async fn ensure_archive(
     }
     let root = tmp.path().join("root");
     let format = a.format.unwrap_or_default();
+    let limits = UnpackLimits::for_archive(a.size, host_limits);
     let (file2, root2) = (file.clone(), root.clone());
     tokio::task::spawn_blocking(move || -> Result<(), archive::ArchiveError> {
         std::fs::create_dir(&root2).map_err(|e| archive::ArchiveError::Io {
@@ -92,7 +99,7 @@ async fn ensure_archive(
             path: file2.display().to_string(),
             source: e,
         })?;
-        archive::unpack(std::io::BufReader::new(input), format, &root2)?;
+        archive::unpack(std::io::BufReader::new(input), format, &root2, limits)?;
         archive::make_read_only(&root2)
     })
     .await
@@ -169,14 +176,30 @@ async fn ensure_store_path(
         }
         let nar = mirror.join(&url);
         if !nar.exists() {
-            if let Some(dir) = nar.parent() {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| AgentError::io(format!("creating {}", dir.display()), e))?;
-            }
+            let dir = nar.parent().unwrap_or(&mirror);
+            std::fs::create_dir_all(dir)
+                .map_err(|e| AgentError::io(format!("creating {}", dir.display()), e))?;
+            // The compressed NAR's size, or for an uncompressed one its NAR size.
+            let size = field("FileSize:")
+                .or_else(|| {
+                    (field("Compression:").as_deref() == Some("none"))
+                        .then(|| field("NarSize:"))
+                        .flatten()
+                })
+                .and_then(|s| s.parse::<u64>().ok());
+            // A temp file renamed into place: a download cut short never looks complete.
+            let tmp = tempfile::Builder::new()
+                .prefix(".tmp-")
+                .tempfile_in(dir)
+                .map_err(|e| {
+                    AgentError::io(format!("creating a temp file in {}", dir.display()), e)
+                })?;
             store
-                .get_to_file(&format!("nix-cache/{url}"), &nar, &())
+                .get_to_file(&format!("nix-cache/{url}"), tmp.path(), &(), size)
                 .await?
                 .ok_or_else(|| fail(format!("nix-cache/{url} is missing; re-run push")))?;
+            tmp.persist(&nar)
+                .map_err(|e| AgentError::io(format!("installing {}", nar.display()), e.error))?;
         }
         write(&mirror.join(format!("{hash}.narinfo")), &bytes)?;
         for reference in field("References:").unwrap_or_default().split_whitespace() {

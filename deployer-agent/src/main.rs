@@ -6,9 +6,12 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use deploy_manifest::repo::hostname;
-use deploy_manifest::store::{Counted, DEFAULT_STORE, Store};
+use deploy_manifest::store::{Counted, DEFAULT_STORE, Deadline, Store};
 use deploy_manifest::{exit, render};
-use deployer_agent::config::{AgentConfig, ConfigFile, default_unit_dir, parse_port_range};
+use deployer_agent::config::{
+    AgentConfig, ConfigFile, DEFAULT_STORE_DEADLINE, default_unit_dir, parse_bytes,
+    parse_port_range,
+};
 use deployer_agent::plan::{Step, plan};
 use deployer_agent::proxy::{Proxy, ProxyConfig};
 use deployer_agent::state::State;
@@ -22,7 +25,7 @@ use deployer_agent::{AgentError, EXIT_SERVICES_FAILED, agent::Agent};
     version,
     about = "Converge this host to the deployer manifest: systemd units, health, rollback",
     after_help = "Exit codes: 0 ok, 1 failure, 2 usage, 3 invalid manifest, 4 no manifest, \
-                  5 store unusable, 8 some services failed (and were rolled back), 9 another run holds the lock, \
+                  5 store unusable or too slow, 8 some services failed (and were rolled back), 9 another run holds the lock, \
                   11 manifest refused: unsigned, wrongly signed or older than the applied one"
 )]
 struct Cli {
@@ -84,6 +87,18 @@ struct Cli {
     /// trusted-public-keys format).
     #[arg(long, global = true, env = "DEPLOYER_NIX_TRUSTED_KEYS")]
     nix_trusted_keys: Option<PathBuf>,
+    /// The most one archive may unpack to on this host, e.g. 16GiB (default). Each archive
+    /// gets max(256 MiB, 200 × its size) within this.
+    #[arg(long, global = true, env = "DEPLOYER_MAX_UNPACKED_BYTES")]
+    max_unpacked_bytes: Option<String>,
+    /// The most entries one archive may hold on this host (default 1000000). Each archive
+    /// gets max(20000, its size / 16) within this.
+    #[arg(long, global = true, env = "DEPLOYER_MAX_ARCHIVE_ENTRIES")]
+    max_archive_entries: Option<u64>,
+    /// The most time one run may spend waiting on the store, all requests and downloads
+    /// together, e.g. 10m (default); then the run stops and the host keeps what it runs.
+    #[arg(long, global = true, env = "DEPLOYER_STORE_DEADLINE")]
+    store_deadline: Option<String>,
     /// Machine-readable output (plan, status, run).
     #[arg(long, global = true)]
     json: bool,
@@ -190,6 +205,31 @@ fn config(cli: &Cli, interval: Option<Duration>) -> Result<AgentConfig, AgentErr
             )));
         }
     };
+    let host_default = deploy_manifest::archive::UnpackLimits::HOST_DEFAULT;
+    let unpack_limits = deploy_manifest::archive::UnpackLimits {
+        max_bytes: match (&cli.max_unpacked_bytes, &file.max_unpacked_bytes) {
+            (Some(flag), _) => parse_bytes(flag),
+            (None, Some(size)) => size.bytes(),
+            (None, None) => Ok(host_default.max_bytes),
+        }
+        .map_err(|e| bad(format!("max-unpacked-bytes: {e}")))?,
+        max_entries: cli
+            .max_archive_entries
+            .or(file.max_archive_entries)
+            .unwrap_or(host_default.max_entries),
+    };
+    if unpack_limits.max_bytes == 0 || unpack_limits.max_entries == 0 {
+        return Err(bad(
+            "max-unpacked-bytes and max-archive-entries must be more than 0".into(),
+        ));
+    }
+    let store_deadline = duration(
+        cli.store_deadline.as_ref().or(file.store_deadline.as_ref()),
+        DEFAULT_STORE_DEADLINE,
+    )?;
+    if store_deadline.is_zero() {
+        return Err(bad("store-deadline must be more than 0".into()));
+    }
     let port_range = parse_port_range(
         cli.port_range
             .as_deref()
@@ -239,6 +279,8 @@ fn config(cli: &Cli, interval: Option<Duration>) -> Result<AgentConfig, AgentErr
             }
             None => Vec::new(),
         },
+        unpack_limits,
+        store_deadline,
     })
 }
 
@@ -258,9 +300,20 @@ async fn run(cli: Cli) -> Result<i32, AgentError> {
         print_status(&state, cli.json);
         return Ok(exit::OK);
     }
-    let store = Store::open(&config.store)
+    // Every store call, connecting included, is bounded by --store-deadline.
+    let store = tokio::time::timeout(config.store_deadline, Store::open(&config.store))
         .await
+        .unwrap_or_else(|_| {
+            Err(deploy_manifest::StoreError::Timeout {
+                op: "connect to",
+                url: config.store.clone(),
+                key: "the bucket".into(),
+                secs: config.store_deadline.as_secs(),
+                bound: deploy_manifest::store::TimeoutBound::Deadline,
+            })
+        })
         .map_err(deploy_manifest::Error::from)?;
+    let store = Deadline::new(store, config.store_deadline);
     if let Command::Plan = cli.command {
         let state = State::load(&config.state_dir, &config.host)?;
         let agent = Agent {
@@ -288,6 +341,7 @@ async fn run(cli: Cli) -> Result<i32, AgentError> {
                 &service.artifact,
                 &config.state_dir,
                 &config.nix_trusted_keys,
+                config.unpack_limits,
             )
             .await?;
             println!("{}\t{}", service.name, path.display());

@@ -6,6 +6,7 @@ mod faults;
 mod fixture;
 mod fleet;
 mod infra;
+mod limits;
 mod manifest_cli;
 mod manifest_concurrency;
 mod packaging;

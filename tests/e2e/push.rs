@@ -83,14 +83,25 @@ fn fetch_app(fx: &Fixture, artifact: &Artifact) -> String {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("a");
     let got = rt
-        .block_on(async { fx.store().await.get_to_file(&a.key(), &file, &()).await })
+        .block_on(async {
+            fx.store()
+                .await
+                .get_to_file(&a.key(), &file, &(), None)
+                .await
+        })
         .unwrap()
         .expect("the archive is in the store");
     assert_eq!((got.sha256.as_str(), got.size), (a.sha256.as_str(), a.size));
     let out = dir.path().join("out");
     std::fs::create_dir(&out).unwrap();
     let format = a.format.unwrap_or_default();
-    deploy_manifest::archive::unpack(std::fs::File::open(&file).unwrap(), format, &out).unwrap();
+    deploy_manifest::archive::unpack(
+        std::fs::File::open(&file).unwrap(),
+        format,
+        &out,
+        Default::default(),
+    )
+    .unwrap();
     std::fs::read_to_string(out.join("bin/app")).unwrap()
 }
 
@@ -164,7 +175,11 @@ fn download_nix_cache(fx: &Fixture) -> tempfile::TempDir {
             let rel = key.strip_prefix("nix-cache/").unwrap();
             let dest = dir.path().join(rel);
             std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
-            store.get_to_file(&key, &dest, &()).await.unwrap().unwrap();
+            store
+                .get_to_file(&key, &dest, &(), None)
+                .await
+                .unwrap()
+                .unwrap();
         }
     });
     dir
@@ -415,7 +430,7 @@ fn large_artifacts_go_up_in_parts_and_arrive_intact() {
         .block_on(async {
             fx.store()
                 .await
-                .get_to_file(&a.key(), &dir.path().join("a"), &())
+                .get_to_file(&a.key(), &dir.path().join("a"), &(), None)
                 .await
         })
         .unwrap()

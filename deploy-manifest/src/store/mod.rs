@@ -11,6 +11,7 @@ mod s3;
 
 use std::future::Future;
 use std::path::Path;
+use std::time::Duration;
 
 pub use file::FileStore;
 #[cfg(feature = "s3")]
@@ -18,6 +19,24 @@ pub use s3::{S3Options, S3Store};
 
 /// The default store: a local directory, for one machine and for demos.
 pub const DEFAULT_STORE: &str = "file:///var/lib/deployer/store";
+
+/// The most [`ObjectStore::get`] reads into memory (manifests, versions, host reports,
+/// narinfos): 16 MiB, about a hundred times the largest real manifest. Override with
+/// `DEPLOY_MAX_OBJECT_BYTES` (bytes).
+pub const DEFAULT_MAX_OBJECT_BYTES: u64 = 16 << 20;
+
+/// How long a download may go without receiving a byte before it is abandoned.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The cap [`ObjectStore::get`] applies: `DEPLOY_MAX_OBJECT_BYTES`, else
+/// [`DEFAULT_MAX_OBJECT_BYTES`].
+pub fn max_object_bytes() -> u64 {
+    std::env::var("DEPLOY_MAX_OBJECT_BYTES")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(DEFAULT_MAX_OBJECT_BYTES)
+}
 
 /// What a conditional read found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,6 +101,86 @@ pub enum StoreError {
         key: String,
         detail: String,
     },
+    /// A small object over the cap for what is read into memory.
+    #[error(
+        "{key} at {url} is {}, over the {limit}-byte cap for manifests, versions, reports and narinfos; refusing to read it. \
+         Nothing the tools write is that large: replace the object with a good copy (for manifest.json, a version from manifests/), \
+         or raise DEPLOY_MAX_OBJECT_BYTES if it is legitimate",
+        bytes_seen(*size, *exact)
+    )]
+    TooLarge {
+        url: String,
+        key: String,
+        limit: u64,
+        size: u64,
+        /// `size` is the object's size (false: reading stopped there, there is more).
+        exact: bool,
+    },
+    /// A download larger than the size its reference declares.
+    #[error(
+        "{key} at {url} is larger than its declared {declared} bytes ({} in the store); \
+         stopped reading and refused it, nothing was installed. The object was replaced or the reference to it is wrong: push it again",
+        bytes_seen(*size, *exact)
+    )]
+    LargerThanDeclared {
+        url: String,
+        key: String,
+        declared: u64,
+        size: u64,
+        exact: bool,
+    },
+    #[error(
+        "the store {url} did not answer {op} {key} within {secs} s ({bound}); check the store's endpoint and the network"
+    )]
+    Timeout {
+        op: &'static str,
+        url: String,
+        key: String,
+        secs: u64,
+        bound: TimeoutBound,
+    },
+    /// A path inside a `file://` store that is not a plain directory or file (a symlink).
+    #[error(
+        "refusing to {op} {key} in the store at {url}: {reason}; a store holds only plain directories and files, \
+         remove it (someone with write access to the store put it there)"
+    )]
+    Unsafe {
+        op: &'static str,
+        url: String,
+        key: String,
+        reason: String,
+    },
+}
+
+/// Which limit a [`StoreError::Timeout`] hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeoutBound {
+    /// The S3 client's operation timeout (all attempts of one request together).
+    Operation,
+    /// A download received nothing for [`IDLE_TIMEOUT`].
+    Idle,
+    /// The agent's budget of store time for one run (`--store-deadline`).
+    Deadline,
+}
+
+impl std::fmt::Display for TimeoutBound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TimeoutBound::Operation => "the S3 operation timeout",
+            TimeoutBound::Idle => "no data received for that long",
+            TimeoutBound::Deadline => {
+                "the run's --store-deadline is used up; this host keeps running what it runs and the next run tries again"
+            }
+        })
+    }
+}
+
+fn bytes_seen(size: u64, exact: bool) -> String {
+    if exact {
+        format!("{size} bytes")
+    } else {
+        format!("more than {} bytes", size.saturating_sub(1))
+    }
 }
 
 impl StoreError {
@@ -150,18 +249,25 @@ pub trait ObjectStore: Send + Sync {
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Download an object into `dest` (created or truncated), hashing it as it streams.
-    /// `None` when the object does not exist.
+    /// `None` when the object does not exist. With `max_bytes`, an object larger than that
+    /// is refused ([`StoreError::LargerThanDeclared`]): by its announced size before any
+    /// byte is read where the backend knows it, else after `max_bytes + 1` bytes; `dest`
+    /// is removed on any error.
     fn get_to_file(
         &self,
         key: &str,
         dest: &Path,
         progress: &dyn Progress,
+        max_bytes: Option<u64>,
     ) -> impl Future<Output = Result<Option<Downloaded>, StoreError>> + Send;
 
     /// Requests made so far, where counted ([`Counted`]).
     fn requests(&self) -> Option<u64> {
         None
     }
+
+    /// A new agent run starts: a [`Deadline`] gets its whole budget again.
+    fn start_run(&self) {}
 }
 
 /// A store that counts the requests made through it (the agent reports them: an idle
@@ -235,13 +341,145 @@ impl<S: ObjectStore> ObjectStore for Counted<S> {
         key: &str,
         dest: &Path,
         progress: &dyn Progress,
+        max_bytes: Option<u64>,
     ) -> Result<Option<Downloaded>, StoreError> {
         self.count();
-        self.inner.get_to_file(key, dest, progress).await
+        self.inner.get_to_file(key, dest, progress, max_bytes).await
     }
 
     fn requests(&self) -> Option<u64> {
         Some(self.n.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    fn start_run(&self) {
+        self.inner.start_run()
+    }
+}
+
+/// A store whose calls together may take at most `budget` per run (the agent's
+/// `--store-deadline`): each call is bounded by what is left of it, and once it is used up
+/// every call fails at once with [`StoreError::Timeout`]. [`ObjectStore::start_run`] gives
+/// the whole budget back. Time spent outside store calls (health checks, unpacking) does
+/// not count. A cancelled call is dropped mid-flight: a download's partial file is removed
+/// by its caller's temporary directory.
+#[derive(Debug)]
+pub struct Deadline<S> {
+    inner: S,
+    budget: Duration,
+    spent: std::sync::Mutex<Duration>,
+}
+
+impl<S> Deadline<S> {
+    pub fn new(inner: S, budget: Duration) -> Self {
+        Deadline {
+            inner,
+            budget,
+            spent: Default::default(),
+        }
+    }
+
+    fn spent(&self) -> std::sync::MutexGuard<'_, Duration> {
+        self.spent.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<S: ObjectStore> Deadline<S> {
+    async fn bound<T>(
+        &self,
+        op: &'static str,
+        key: &str,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let left = self.budget.saturating_sub(*self.spent());
+        let started = tokio::time::Instant::now();
+        let result = if left.is_zero() {
+            None
+        } else {
+            tokio::time::timeout(left, call).await.ok()
+        };
+        *self.spent() += started.elapsed();
+        result.unwrap_or_else(|| {
+            Err(StoreError::Timeout {
+                op,
+                url: self.inner.url().to_owned(),
+                key: key.to_owned(),
+                secs: self.budget.as_secs(),
+                bound: TimeoutBound::Deadline,
+            })
+        })
+    }
+}
+
+impl<S: ObjectStore> ObjectStore for Deadline<S> {
+    fn url(&self) -> &str {
+        self.inner.url()
+    }
+
+    async fn get(&self, key: &str, if_none_match: Option<&str>) -> Result<Fetched, StoreError> {
+        self.bound("get", key, self.inner.get(key, if_none_match))
+            .await
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        bytes: Vec<u8>,
+        precondition: Precondition,
+    ) -> Result<String, StoreError> {
+        self.bound("put", key, self.inner.put(key, bytes, precondition))
+            .await
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        self.bound("head", key, self.inner.head(key)).await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        self.bound("list", prefix, self.inner.list(prefix)).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.bound("delete", key, self.inner.delete(key)).await
+    }
+
+    async fn put_file(
+        &self,
+        key: &str,
+        path: &Path,
+        progress: &dyn Progress,
+    ) -> Result<(), StoreError> {
+        self.bound("put", key, self.inner.put_file(key, path, progress))
+            .await
+    }
+
+    async fn get_to_file(
+        &self,
+        key: &str,
+        dest: &Path,
+        progress: &dyn Progress,
+        max_bytes: Option<u64>,
+    ) -> Result<Option<Downloaded>, StoreError> {
+        let result = self
+            .bound(
+                "get",
+                key,
+                self.inner.get_to_file(key, dest, progress, max_bytes),
+            )
+            .await;
+        if result.is_err() {
+            // A call cut off mid-download leaves its partial file behind.
+            let _ = std::fs::remove_file(dest);
+        }
+        result
+    }
+
+    fn requests(&self) -> Option<u64> {
+        self.inner.requests()
+    }
+
+    fn start_run(&self) {
+        *self.spent() = Duration::ZERO;
+        self.inner.start_run()
     }
 }
 
@@ -350,20 +588,82 @@ impl ObjectStore for Store {
         key: &str,
         dest: &Path,
         progress: &dyn Progress,
+        max_bytes: Option<u64>,
     ) -> Result<Option<Downloaded>, StoreError> {
         match self {
-            Store::File(s) => s.get_to_file(key, dest, progress).await,
+            Store::File(s) => s.get_to_file(key, dest, progress, max_bytes).await,
             #[cfg(feature = "s3")]
-            Store::S3(s) => s.get_to_file(key, dest, progress).await,
+            Store::S3(s) => s.get_to_file(key, dest, progress, max_bytes).await,
         }
     }
 }
 
-/// Stream `reader` into `dest` with progress, hashing as it goes.
+/// What a transfer is about, for [`copy_hashed`]'s errors and its size limit.
+pub(crate) struct Transfer<'a> {
+    pub url: &'a str,
+    pub key: &'a str,
+    /// Refuse the object after `max_bytes + 1` bytes.
+    pub max_bytes: Option<u64>,
+}
+
+impl Transfer<'_> {
+    /// Refuse an object whose size is known before reading it.
+    pub(crate) fn check_announced(&self, size: u64) -> Result<(), StoreError> {
+        match self.max_bytes {
+            Some(max) if size > max => Err(self.too_large(size, true)),
+            _ => Ok(()),
+        }
+    }
+
+    fn too_large(&self, size: u64, exact: bool) -> StoreError {
+        StoreError::LargerThanDeclared {
+            url: self.url.to_owned(),
+            key: self.key.to_owned(),
+            declared: self.max_bytes.unwrap_or_default(),
+            size,
+            exact,
+        }
+    }
+
+    pub(crate) fn idle(&self) -> StoreError {
+        StoreError::Timeout {
+            op: "get",
+            url: self.url.to_owned(),
+            key: self.key.to_owned(),
+            secs: IDLE_TIMEOUT.as_secs(),
+            bound: TimeoutBound::Idle,
+        }
+    }
+}
+
+/// Stream `reader` into `dest` (created or truncated) with progress, hashing as it goes;
+/// at most `transfer.max_bytes + 1` bytes are read, and a read that waits longer than
+/// [`IDLE_TIMEOUT`] ends the transfer. On any error `dest` is removed.
 pub(crate) async fn copy_hashed(
-    mut reader: impl tokio::io::AsyncRead + Unpin,
+    reader: impl tokio::io::AsyncRead + Unpin,
     dest: &Path,
     progress: &dyn Progress,
+    transfer: &Transfer<'_>,
+) -> Result<Downloaded, StoreError> {
+    let io = |op: &'static str| {
+        let path = dest.display().to_string();
+        move |source| StoreError::Io { op, path, source }
+    };
+    let out = tokio::fs::File::create(dest).await.map_err(io("create"))?;
+    let result = copy_hashed_into(reader, out, dest, progress, transfer).await;
+    if result.is_err() {
+        let _ = tokio::fs::remove_file(dest).await;
+    }
+    result
+}
+
+/// [`copy_hashed`] into an open file (`dest` names it in errors; not removed on error).
+pub(crate) async fn copy_hashed_into(
+    mut reader: impl tokio::io::AsyncRead + Unpin,
+    mut out: tokio::fs::File,
+    dest: &Path,
+    progress: &dyn Progress,
+    transfer: &Transfer<'_>,
 ) -> Result<Downloaded, StoreError> {
     use sha2::{Digest, Sha256};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -371,18 +671,28 @@ pub(crate) async fn copy_hashed(
         let path = dest.display().to_string();
         move |source| StoreError::Io { op, path, source }
     };
-    let mut out = tokio::fs::File::create(dest).await.map_err(io("create"))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
     loop {
-        let n = reader.read(&mut buf).await.map_err(io("read into"))?;
+        // Never read past the first byte beyond the limit.
+        let want = match transfer.max_bytes {
+            Some(max) => (max + 1 - size).min(buf.len() as u64) as usize,
+            None => buf.len(),
+        };
+        let n = tokio::time::timeout(IDLE_TIMEOUT, reader.read(&mut buf[..want]))
+            .await
+            .map_err(|_| transfer.idle())?
+            .map_err(io("read into"))?;
         if n == 0 {
             break;
         }
+        size += n as u64;
+        if transfer.max_bytes.is_some_and(|max| size > max) {
+            return Err(transfer.too_large(size, false));
+        }
         hasher.update(&buf[..n]);
         out.write_all(&buf[..n]).await.map_err(io("write"))?;
-        size += n as u64;
         progress.advance(n as u64);
     }
     out.sync_all().await.map_err(io("fsync"))?;
@@ -390,6 +700,53 @@ pub(crate) async fn copy_hashed(
         size,
         sha256: crate::hex(&hasher.finalize()),
     })
+}
+
+/// Read at most `limit + 1` bytes of `reader` into memory; more is [`StoreError::TooLarge`].
+#[cfg(any(feature = "s3", test))]
+pub(crate) async fn read_capped(
+    mut reader: impl tokio::io::AsyncRead + Unpin,
+    url: &str,
+    key: &str,
+    limit: u64,
+) -> Result<Vec<u8>, StoreError> {
+    use tokio::io::AsyncReadExt;
+    let mut bytes = Vec::new();
+    let mut capped = (&mut reader).take(limit + 1);
+    loop {
+        let mut chunk = [0u8; 64 << 10];
+        let n = tokio::time::timeout(IDLE_TIMEOUT, capped.read(&mut chunk))
+            .await
+            .map_err(|_| StoreError::Timeout {
+                op: "get",
+                url: url.to_owned(),
+                key: key.to_owned(),
+                secs: IDLE_TIMEOUT.as_secs(),
+                bound: TimeoutBound::Idle,
+            })?
+            .map_err(|e| StoreError::Unreachable {
+                url: url.to_owned(),
+                detail: format!("reading {key}: {e}"),
+            })?;
+        if n == 0 {
+            break;
+        }
+        bytes.extend_from_slice(&chunk[..n]);
+    }
+    if bytes.len() as u64 > limit {
+        return Err(too_large(url, key, limit, bytes.len() as u64, false));
+    }
+    Ok(bytes)
+}
+
+pub(crate) fn too_large(url: &str, key: &str, limit: u64, size: u64, exact: bool) -> StoreError {
+    StoreError::TooLarge {
+        url: url.to_owned(),
+        key: key.to_owned(),
+        limit,
+        size,
+        exact,
+    }
 }
 
 /// Keys are relative paths of safe characters: no empty, `.` or `..` segment, no leading `/`.
@@ -449,5 +806,141 @@ mod tests {
     async fn unknown_scheme_is_refused() {
         let e = Store::open("http://example.com").await.unwrap_err();
         assert!(e.to_string().contains("expected file://"), "{e}");
+    }
+
+    /// A store that accepts every call and never answers.
+    struct Hanging;
+
+    impl ObjectStore for Hanging {
+        fn url(&self) -> &str {
+            "s3://hanging"
+        }
+        async fn get(&self, _: &str, _: Option<&str>) -> Result<Fetched, StoreError> {
+            std::future::pending().await
+        }
+        async fn put(&self, _: &str, _: Vec<u8>, _: Precondition) -> Result<String, StoreError> {
+            std::future::pending().await
+        }
+        async fn head(&self, _: &str) -> Result<Option<u64>, StoreError> {
+            Ok(Some(1))
+        }
+        async fn list(&self, _: &str) -> Result<Vec<String>, StoreError> {
+            std::future::pending().await
+        }
+        async fn delete(&self, _: &str) -> Result<(), StoreError> {
+            std::future::pending().await
+        }
+        async fn put_file(&self, _: &str, _: &Path, _: &dyn Progress) -> Result<(), StoreError> {
+            std::future::pending().await
+        }
+        async fn get_to_file(
+            &self,
+            _: &str,
+            dest: &Path,
+            _: &dyn Progress,
+            _: Option<u64>,
+        ) -> Result<Option<Downloaded>, StoreError> {
+            std::fs::write(dest, b"partial").unwrap();
+            std::future::pending().await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_store_that_never_answers_times_out_at_the_deadline() {
+        let store = Deadline::new(Hanging, Duration::from_millis(300));
+        let started = std::time::Instant::now();
+        let e = store.get("manifest.json", None).await.unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                StoreError::Timeout {
+                    op: "get",
+                    bound: TimeoutBound::Deadline,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("--store-deadline"), "{e}");
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        // The budget is used up: the next call fails at once, even one that would answer.
+        assert!(matches!(
+            store.head("x").await,
+            Err(StoreError::Timeout { .. })
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("artifact");
+        // A new run has the whole budget again; a download cut off leaves no file.
+        store.start_run();
+        assert_eq!(store.head("x").await.unwrap(), Some(1));
+        let e = store
+            .get_to_file("artifacts/a", &dest, &(), Some(10))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StoreError::Timeout { .. }), "{e}");
+        assert!(!dest.exists(), "the partial download was removed");
+    }
+
+    #[tokio::test]
+    async fn downloads_stop_one_byte_past_the_declared_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("dl");
+        // An endless stream, as a lying server would send.
+        let endless = tokio::io::repeat(b'x');
+        let transfer = Transfer {
+            url: "s3://b",
+            key: "artifacts/a.tar.gz",
+            max_bytes: Some(740),
+        };
+        let e = copy_hashed(endless, &dest, &(), &transfer)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                StoreError::LargerThanDeclared {
+                    declared: 740,
+                    size: 741,
+                    exact: false,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let text = e.to_string();
+        assert!(
+            text.contains("artifacts/a.tar.gz")
+                && text.contains("740")
+                && text.contains("more than 740 bytes"),
+            "{text}"
+        );
+        assert!(!dest.exists());
+        // Exactly the declared size passes.
+        let exact = tokio::io::AsyncReadExt::take(tokio::io::repeat(b'x'), 740);
+        let got = copy_hashed(exact, &dest, &(), &transfer).await.unwrap();
+        assert_eq!(got.size, 740);
+    }
+
+    #[tokio::test]
+    async fn small_reads_stop_one_byte_past_the_cap() {
+        let e = read_capped(tokio::io::repeat(0), "s3://b", "manifest.json", 1000)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                StoreError::TooLarge {
+                    size: 1001,
+                    exact: false,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let ok = tokio::io::AsyncReadExt::take(tokio::io::repeat(0), 1000);
+        assert_eq!(
+            read_capped(ok, "s3://b", "m", 1000).await.unwrap().len(),
+            1000
+        );
     }
 }

@@ -25,8 +25,22 @@ use futures_util::{StreamExt, TryStreamExt, stream};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::{
-    Downloaded, Fetched, ObjectStore, Precondition, Progress, StoreError, check_key, copy_hashed,
+    Downloaded, Fetched, ObjectStore, Precondition, Progress, StoreError, TimeoutBound, Transfer,
+    check_key, copy_hashed, max_object_bytes, read_capped, too_large,
 };
+
+/// Connecting to the endpoint (TCP and TLS).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// From sending a request to the response's headers, per attempt (an upload's body is sent
+/// within it). Bodies streamed afterwards are bounded by the store's idle timeout instead.
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// One attempt of a request that is not an upload.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(20);
+/// All attempts of a request that is not an upload, retries and backoff included: a store
+/// that accepts connections and never answers costs at most this per request.
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Attempts per request (the SDK's standard retry mode: transient errors and throttling).
+const MAX_ATTEMPTS: u32 = 3;
 
 /// Files larger than this go up in parts, several at once (`DEPLOY_S3_MULTIPART_MIB`).
 const DEFAULT_MULTIPART_THRESHOLD: u64 = 64 << 20;
@@ -85,9 +99,14 @@ impl S3Store {
             .http_client(http_client)
             .timeout_config(
                 TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(5))
-                    .read_timeout(Duration::from_secs(60))
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .read_timeout(READ_TIMEOUT)
+                    .operation_attempt_timeout(ATTEMPT_TIMEOUT)
+                    .operation_timeout(OPERATION_TIMEOUT)
                     .build(),
+            )
+            .retry_config(
+                aws_smithy_types::retry::RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS),
             );
         if let Some(endpoint) = &options.endpoint_url {
             loader = loader.endpoint_url(endpoint);
@@ -158,12 +177,17 @@ impl S3Store {
         let status = err.raw_response().map(|r| r.status().as_u16());
         let code = err.code().map(str::to_owned);
         match (&err, status, code.as_deref()) {
-            (SdkError::DispatchFailure(_) | SdkError::TimeoutError(_), _, _) => {
-                StoreError::Unreachable {
-                    url: self.url.clone(),
-                    detail: first_line(&detail),
-                }
-            }
+            (SdkError::TimeoutError(_), _, _) => StoreError::Timeout {
+                op,
+                url: self.url.clone(),
+                key: key.to_owned(),
+                secs: OPERATION_TIMEOUT.as_secs(),
+                bound: TimeoutBound::Operation,
+            },
+            (SdkError::DispatchFailure(_), _, _) => StoreError::Unreachable {
+                url: self.url.clone(),
+                detail: first_line(&detail),
+            },
             (_, Some(412), _)
             | (_, _, Some("PreconditionFailed" | "ConditionalRequestConflict")) => {
                 StoreError::PreconditionFailed {
@@ -256,16 +280,11 @@ impl ObjectStore for S3Store {
             }
         };
         let etag = output.e_tag().unwrap_or_default().to_owned();
-        let bytes = output
-            .body
-            .collect()
-            .await
-            .map_err(|e| StoreError::Unreachable {
-                url: self.url.clone(),
-                detail: format!("reading {key}: {e}"),
-            })?
-            .into_bytes()
-            .to_vec();
+        let limit = max_object_bytes();
+        if let Some(size) = output.content_length().filter(|n| *n as u64 > limit) {
+            return Err(too_large(&self.url, key, limit, size as u64, true));
+        }
+        let bytes = read_capped(output.body.into_async_read(), &self.url, key, limit).await?;
         Ok(Fetched::Found { bytes, etag })
     }
 
@@ -375,6 +394,7 @@ impl ObjectStore for S3Store {
             .key(&object_key)
             .body(body)
             .customize()
+            .config_override(upload_timeouts())
             .disable_payload_signing()
             .send()
             .await
@@ -388,6 +408,7 @@ impl ObjectStore for S3Store {
         key: &str,
         dest: &Path,
         progress: &dyn Progress,
+        max_bytes: Option<u64>,
     ) -> Result<Option<Downloaded>, StoreError> {
         let object_key = self.object_key(key)?;
         let output = match self
@@ -407,10 +428,32 @@ impl ObjectStore for S3Store {
             }
             Err(err) => return Err(self.error("get", key, err)),
         };
-        copy_hashed(output.body.into_async_read(), dest, progress)
+        let transfer = Transfer {
+            url: &self.url,
+            key,
+            max_bytes,
+        };
+        if let Some(size) = output.content_length() {
+            transfer.check_announced(size.max(0) as u64)?;
+        }
+        // The server may lie about the length: copy_hashed stops at max_bytes + 1 anyway.
+        copy_hashed(output.body.into_async_read(), dest, progress, &transfer)
             .await
             .map(Some)
     }
+}
+
+/// Uploads send whole bodies (up to the multipart threshold) within one request: no
+/// operation timeout for them, only the connect and read timeouts.
+fn upload_timeouts() -> aws_sdk_s3::config::Builder {
+    aws_sdk_s3::config::Builder::default().timeout_config(
+        TimeoutConfig::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .read_timeout(READ_TIMEOUT)
+            .disable_operation_timeout()
+            .disable_operation_attempt_timeout()
+            .build(),
+    )
 }
 
 fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
@@ -465,6 +508,7 @@ impl S3Store {
                         .part_number(number)
                         .body(ByteStream::from(buf))
                         .customize()
+                        .config_override(upload_timeouts())
                         .disable_payload_signing()
                         .send()
                         .await
