@@ -163,8 +163,9 @@ pub struct Repo<S> {
 /// What a write builds on.
 #[derive(Debug, Clone)]
 enum Base {
-    /// The current manifest, which must verify (when keys are trusted).
-    Current,
+    /// The current manifest, which must verify (when keys are trusted) and, unless
+    /// `allow_expired` (refresh, rollback), must not have expired.
+    Current { allow_expired: bool },
     /// Recovery from a current manifest that does not verify: the new version continues
     /// the newest verified version (`parent`, `sequence`) instead.
     Recover {
@@ -250,18 +251,18 @@ impl<S: ObjectStore> Repo<S> {
         let mut manifest = Manifest::empty();
         manifest.summary = Some("init".to_owned());
         self.stamp(&mut manifest, None, 0);
-        let bytes = self.write_version(&manifest).await?;
+        let bytes = version_bytes(&manifest)?;
         match self
             .store
-            .put(CURRENT_KEY, bytes, Precondition::IfAbsent)
+            .put(CURRENT_KEY, bytes.clone(), Precondition::IfAbsent)
             .await
         {
-            Ok(_) => Ok(Some(manifest)),
-            Err(StoreError::PreconditionFailed { .. }) => {
-                // Someone else initialised it at the same moment: theirs stands.
-                self.discard(&manifest).await;
-                Ok(None)
+            Ok(_) => {
+                self.keep_version(&manifest, bytes).await;
+                Ok(Some(manifest))
             }
+            // Someone else initialised it at the same moment: theirs stands.
+            Err(StoreError::PreconditionFailed { .. }) => Ok(None),
             Err(e) => Err(e.into()),
         }
     }
@@ -338,10 +339,19 @@ impl<S: ObjectStore> Repo<S> {
                 &bytes,
                 &format!("{}/{key}", self.store.url()),
             )?),
-            _ => Err(Error::UnknownVersion {
-                version,
-                url: self.store.url().to_owned(),
-            }),
+            _ => {
+                // A writer that stopped between making a version current and keeping its
+                // immutable copy leaves only manifest.json; the next write repairs it.
+                if let Ok(Some(c)) = self.read_current().await
+                    && c.manifest.version.as_deref() == Some(version.as_str())
+                {
+                    return Ok(c.manifest);
+                }
+                Err(Error::UnknownVersion {
+                    version,
+                    url: self.store.url().to_owned(),
+                })
+            }
         }
     }
 
@@ -354,7 +364,22 @@ impl<S: ObjectStore> Repo<S> {
     where
         F: Fn(&mut Manifest) -> Result<String, Error>,
     {
-        self.write_next(Base::Current, edit).await
+        self.write_next(
+            Base::Current {
+                allow_expired: false,
+            },
+            edit,
+        )
+        .await
+    }
+
+    /// The current manifest, checked as a write would check its base (for a writer that
+    /// acts on it before it writes, like `push` choosing its service, or `push --wait`
+    /// choosing its hosts).
+    pub async fn current_verified(&self) -> Result<Current, Error> {
+        let current = self.current_for_write().await?;
+        self.check_base(&current.manifest, false).await?;
+        Ok(current)
     }
 
     async fn write_next<F>(&self, base: Base, edit: F) -> Result<Manifest, Error>
@@ -364,8 +389,14 @@ impl<S: ObjectStore> Repo<S> {
         for attempt in 0..MAX_ATTEMPTS {
             let current = self.current_for_write().await?;
             let (parent, sequence) = match &base {
-                Base::Current => {
-                    self.check_base(&current.manifest).await?;
+                Base::Current { allow_expired } => {
+                    match self.check_base(&current.manifest, *allow_expired).await {
+                        Err(Error::Store(StoreError::PreconditionFailed { .. })) => {
+                            backoff(attempt).await;
+                            continue;
+                        }
+                        checked => checked?,
+                    }
                     (
                         current.manifest.version.clone(),
                         current.manifest.sequence.unwrap_or(0),
@@ -396,48 +427,107 @@ impl<S: ObjectStore> Repo<S> {
         })
     }
 
-    /// With trusted keys: `m` (the current manifest) verifies and is not older than what
-    /// this writer saw before. Otherwise the error names the newest version that verifies
-    /// and the command that restores it.
-    async fn check_base(&self, m: &Manifest) -> Result<(), Error> {
+    /// With trusted keys: `m` (the current manifest) verifies; it is not older than what
+    /// this writer saw before, nor than a verified version in the store (every version file
+    /// was current once: `manifest.json` was replaced with an older version); and it has not
+    /// expired (unless `allow_expired`). Otherwise the error names the newest version that
+    /// verifies and the command that restores it. The check reads the versions whose names
+    /// sort after `m`'s (normally none), so a newer version written by a writer whose clock
+    /// was behind is not looked at; the local record (`seen`) and the agents' floors remain.
+    async fn check_base(&self, m: &Manifest, allow_expired: bool) -> Result<(), Error> {
         let trusted = self.trusted_keys();
         if trusted.is_empty() {
             return Ok(());
         }
         let version = m.version.clone().unwrap_or_else(|| "(unversioned)".into());
-        let problem = match sign::verify(m, &trusted) {
-            Err(e) => e.to_string(),
-            Ok(()) => match self
-                .seen
-                .as_ref()
-                .and_then(|s| s.check(self.store.url(), m))
-            {
-                Some(newer) => format!(
-                    "it has sequence {}, but this writer already saw {} (sequence {}) current: manifest.json was replaced with an older version",
-                    m.sequence.unwrap_or(0),
-                    newer.version,
-                    newer.sequence
-                ),
-                None => {
-                    self.remember(m);
-                    return Ok(());
-                }
-            },
-        };
-        let remedy = match self.newest_verified().await {
-            Ok(Some(good)) => format!(
-                "the newest version that verifies is {v} (sequence {n}): review it with `deploy-manifest show {v}`, then restore it with `deploy-manifest rollback {v}`",
-                v = good.version,
-                n = good.sequence.unwrap_or(0)
-            ),
-            Ok(None) => "no version in the store verifies; if this store was written before signing was enabled, review `deploy-manifest show`, then adopt it with `deploy-manifest refresh --accept-unverified`".to_owned(),
-            Err(e) => format!("(listing the versions to find one that verifies failed: {e})"),
+        let sequence = m.sequence.unwrap_or(0);
+        let problem = if let Err(e) = sign::verify(m, &trusted) {
+            e.to_string()
+        } else if let Some(newer) = self
+            .seen
+            .as_ref()
+            .and_then(|s| s.check(self.store.url(), m))
+        {
+            format!(
+                "it has sequence {sequence}, but this writer already saw {} (sequence {}) current: manifest.json was replaced with an older version",
+                newer.version, newer.sequence
+            )
+        } else if let Some(newer) = self.newer_than(m).await? {
+            // A writer that made a newer version current since `m` was read is a race,
+            // not a replay: the caller reads the head again.
+            let head = self.current_for_write().await?.manifest.version;
+            if head != m.version {
+                return Err(Error::Store(StoreError::PreconditionFailed {
+                    key: CURRENT_KEY.to_owned(),
+                }));
+            }
+            format!(
+                "it has sequence {sequence}, but {} (sequence {}) was current after it: manifest.json was replaced with an older version",
+                newer.version,
+                newer.sequence.unwrap_or(0)
+            )
+        } else if let Some(expires) =
+            sign::expired_at(m, SystemTime::now()).filter(|_| !allow_expired)
+        {
+            return Err(Error::UntrustedBase {
+                version,
+                problem: format!("it expired at {expires}"),
+                remedy: "agents refuse it and whatever is built on it; sign its content again first with `deploy-manifest refresh`".into(),
+            });
+        } else {
+            self.remember(m);
+            return Ok(());
         };
         Err(Error::UntrustedBase {
             version,
             problem,
-            remedy,
+            remedy: self.remedy().await,
         })
+    }
+
+    /// The newest verified version whose name sorts after `m`'s, if its sequence is above
+    /// `m`'s.
+    async fn newer_than(&self, m: &Manifest) -> Result<Option<Verified>, Error> {
+        let Some(name) = m.version.as_deref() else {
+            return Ok(None);
+        };
+        let later: Vec<String> = self
+            .version_names()
+            .await?
+            .into_iter()
+            .filter(|n| n.as_str() > name)
+            .collect();
+        let trusted = self.trusted_keys();
+        let now = SystemTime::now();
+        let rows: Vec<Verified> = stream::iter(later.into_iter().map(|n| {
+            let trusted = &trusted;
+            async move { self.check_version(n, trusted, None, now).await }
+        }))
+        .buffer_unordered(16)
+        .collect()
+        .await;
+        Ok(rows
+            .into_iter()
+            .filter(|r| r.verified && r.sequence.unwrap_or(0) > m.sequence.unwrap_or(0))
+            .max_by_key(|r| r.sequence))
+    }
+
+    /// What to do about a current manifest that cannot be built on.
+    async fn remedy(&self) -> String {
+        let seen = self.seen.as_ref().and_then(|s| s.last(self.store.url()));
+        match (self.newest_verified().await, seen) {
+            (Ok(Some(good)), _) => format!(
+                "the newest version that verifies is {v} (sequence {n}): review it with `deploy-manifest show {v}`, then restore it with `deploy-manifest rollback {v}`",
+                v = good.version,
+                n = good.sequence.unwrap_or(0)
+            ),
+            (Ok(None), Some(seen)) => format!(
+                "no version in the store verifies, but this writer saw {} (sequence {}) there: the store's history was deleted or replaced; restore manifests/ from a backup",
+                seen.version, seen.sequence
+            ),
+            (Ok(None), None) => "no version in the store verifies; if this store was written before signing was enabled, review `deploy-manifest show`, then adopt it with `deploy-manifest refresh --accept-unverified`".to_owned(),
+            (Err(e), _) => format!("(listing the versions to find one that verifies failed: {e})"),
+        }
     }
 
     fn remember(&self, m: &Manifest) {
@@ -455,51 +545,60 @@ impl<S: ObjectStore> Repo<S> {
     /// first. Versions that cannot be read are listed with the reason.
     pub async fn verify_all(&self) -> Result<Vec<Verified>, Error> {
         let trusted = self.trusted_keys();
-        let head = self.current().await?.manifest.version;
+        let head = self.current_for_write().await?.manifest.version;
         let names = self.version_names().await?;
         let now = SystemTime::now();
-        let rows: Vec<Verified> = stream::iter(names.into_iter().map(|name| {
+        let mut rows: Vec<Verified> = stream::iter(names.into_iter().map(|name| {
             let trusted = &trusted;
             let head = head.as_deref();
-            async move {
-                let mut row = Verified {
-                    current: head == Some(name.as_str()),
-                    version: name.clone(),
-                    sequence: None,
-                    key: None,
-                    verified: false,
-                    problem: None,
-                    expires: None,
-                    expired: false,
-                };
-                match self.version(&name).await {
-                    Ok(m) => {
-                        row.sequence = m.sequence;
-                        row.key = m.signature.as_ref().map(|s| s.key.clone());
-                        row.expires = m.expires.clone();
-                        let checked = if m.version.as_deref() != Some(name.as_str()) {
-                            Err(format!(
-                                "stored as {name} but says it is {}: moved or copied",
-                                m.version.as_deref().unwrap_or("(unversioned)")
-                            ))
-                        } else {
-                            sign::verify(&m, trusted).map_err(|e| e.to_string())
-                        };
-                        row.verified = checked.is_ok();
-                        row.problem = checked.err();
-                        row.expired = row.verified && sign::expired_at(&m, now).is_some();
-                    }
-                    Err(e) => row.problem = Some(e.to_string()),
-                }
-                row
-            }
+            async move { self.check_version(name, trusted, head, now).await }
         }))
         .buffer_unordered(16)
         .collect()
         .await;
-        let mut rows = rows;
         rows.sort_by(|a, b| (b.sequence, &b.version).cmp(&(a.sequence, &a.version)));
         Ok(rows)
+    }
+
+    /// One version file checked: it holds the version it is named for, signed by a
+    /// trusted key.
+    async fn check_version(
+        &self,
+        name: String,
+        trusted: &[PublicKey],
+        head: Option<&str>,
+        now: SystemTime,
+    ) -> Verified {
+        let mut row = Verified {
+            current: head == Some(name.as_str()),
+            version: name.clone(),
+            sequence: None,
+            key: None,
+            verified: false,
+            problem: None,
+            expires: None,
+            expired: false,
+        };
+        match self.version(&name).await {
+            Ok(m) => {
+                row.sequence = m.sequence;
+                row.key = m.signature.as_ref().map(|s| s.key.clone());
+                row.expires = m.expires.clone();
+                let checked = if m.version.as_deref() != Some(name.as_str()) {
+                    Err(format!(
+                        "stored as {name} but says it is {}: moved or copied",
+                        m.version.as_deref().unwrap_or("(unversioned)")
+                    ))
+                } else {
+                    sign::verify(&m, trusted).map_err(|e| e.to_string())
+                };
+                row.verified = checked.is_ok();
+                row.problem = checked.err();
+                row.expired = row.verified && sign::expired_at(&m, now).is_some();
+            }
+            Err(e) => row.problem = Some(e.to_string()),
+        }
+        row
     }
 
     /// The verified version with the highest sequence, if any.
@@ -509,7 +608,7 @@ impl<S: ObjectStore> Repo<S> {
 
     /// Check the current manifest alone against the trusted keys (and its expiry).
     pub async fn verify_current(&self) -> Result<Verified, Error> {
-        let m = self.current().await?.manifest;
+        let m = self.current_for_write().await?.manifest;
         let checked = sign::verify(&m, &self.trusted_keys()).map_err(|e| e.to_string());
         Ok(Verified {
             version: m.version.clone().unwrap_or_default(),
@@ -531,12 +630,11 @@ impl<S: ObjectStore> Repo<S> {
     pub async fn rollback(&self, target: Option<&str>) -> Result<Manifest, Error> {
         let current = self.current_for_write().await?.manifest;
         let trusted = self.trusted_keys();
-        let head_verifies = trusted.is_empty() || sign::verify(&current, &trusted).is_ok();
         let target_name = match target {
             Some(t) => normalize_version(t),
             None => {
                 // The parent pointer is only as good as the manifest that holds it.
-                self.check_base(&current).await?;
+                self.check_base(&current, true).await?;
                 current.parent.clone().ok_or_else(|| {
                     Error::BadArgument(
                         "the current version has no parent to roll back to; name a version (see `deploy-manifest list`)"
@@ -563,8 +661,10 @@ impl<S: ObjectStore> Repo<S> {
                 });
             }
         }
-        let base = if head_verifies {
-            Base::Current
+        let base = if self.check_base(&current, true).await.is_ok() {
+            Base::Current {
+                allow_expired: true,
+            }
         } else {
             self.recovery_base().await?
         };
@@ -584,9 +684,27 @@ impl<S: ObjectStore> Repo<S> {
     /// (the one-time step when signing is enabled on an existing store; review it first).
     pub async fn refresh(&self, accept_unverified: bool) -> Result<Manifest, Error> {
         let base = if accept_unverified {
+            // Only for a store that never had a verified version, as far as anyone here
+            // knows: otherwise the current content may be an attacker's.
+            if let Some(good) = self.newest_verified().await? {
+                return Err(Error::BadArgument(format!(
+                    "--accept-unverified refused: {} (sequence {}) verifies; restore it with `deploy-manifest rollback {}` instead",
+                    good.version,
+                    good.sequence.unwrap_or(0),
+                    good.version
+                )));
+            }
+            if let Some(seen) = self.seen.as_ref().and_then(|s| s.last(self.store.url())) {
+                return Err(Error::BadArgument(format!(
+                    "--accept-unverified refused: this writer saw {} (sequence {}) in this store: its history was deleted or replaced; restore manifests/ from a backup",
+                    seen.version, seen.sequence
+                )));
+            }
             self.recovery_base().await?
         } else {
-            Base::Current
+            Base::Current {
+                allow_expired: true,
+            }
         };
         self.write_next(base, |_| Ok("refresh".to_owned())).await
     }
@@ -598,14 +716,20 @@ impl<S: ObjectStore> Repo<S> {
         } else {
             self.newest_verified().await?
         };
+        // Never below what this writer saw: deleting newer versions must not lower it.
+        let seen = self
+            .seen
+            .as_ref()
+            .and_then(|s| s.last(self.store.url()))
+            .map_or(0, |s| s.sequence);
         Ok(match good {
             Some(g) => Base::Recover {
+                sequence: g.sequence.unwrap_or(0).max(seen),
                 parent: Some(g.version),
-                sequence: g.sequence.unwrap_or(0),
             },
             None => Base::Recover {
                 parent: None,
-                sequence: 0,
+                sequence: seen,
             },
         })
     }
@@ -657,7 +781,8 @@ impl<S: ObjectStore> Repo<S> {
             out.push(version_info(v, m, head.as_deref(), false));
             cursor = m.parent.as_deref();
         }
-        // What is left never became current (the writer crashed between its two writes).
+        // What is left never became current: planted, or left by an older writer that
+        // wrote the version file before making it current and crashed in between.
         for (v, m) in by_name.into_iter().rev() {
             out.push(version_info(v, m, head.as_deref(), true));
         }
@@ -687,44 +812,49 @@ impl<S: ObjectStore> Repo<S> {
         }
     }
 
-    /// Write the immutable version object; returns the bytes written.
-    async fn write_version(&self, m: &Manifest) -> Result<Vec<u8>, Error> {
-        let version = m.version.as_deref().expect("stamped");
-        check_manifest(m, version)?;
-        let mut bytes = serde_json::to_vec_pretty(m).expect("the model serialises");
-        bytes.push(b'\n');
+    /// Make `m` current if `manifest.json` still has `etag`, then keep its immutable copy.
+    /// In this order, every version file in the store was current once: a verified
+    /// version above the current one's sequence proves that `manifest.json` was replaced
+    /// with an older version (see `check_base`), and a writer that loses the race leaves
+    /// nothing behind.
+    async fn commit(&self, m: &Manifest, etag: &str) -> Result<(), Error> {
+        let bytes = version_bytes(m)?;
         self.store
-            .put(&version_key(version), bytes.clone(), Precondition::IfAbsent)
+            .put(
+                CURRENT_KEY,
+                bytes.clone(),
+                Precondition::IfMatch(etag.to_owned()),
+            )
             .await?;
-        Ok(bytes)
+        self.keep_version(m, bytes).await;
+        Ok(())
     }
 
-    /// Write `m` as a new version and make it current if `manifest.json` still has `etag`.
-    async fn commit(&self, m: &Manifest, etag: &str) -> Result<(), Error> {
-        let bytes = self.write_version(m).await?;
+    /// Write the immutable copy of a version that is (or was just made) current. Best
+    /// effort: the write is done once `manifest.json` holds it; a missing copy is written
+    /// by the next write that builds on it.
+    async fn keep_version(&self, m: &Manifest, bytes: Vec<u8>) {
+        let version = m.version.as_deref().expect("stamped");
         match self
             .store
-            .put(CURRENT_KEY, bytes, Precondition::IfMatch(etag.to_owned()))
+            .put(&version_key(version), bytes, Precondition::IfAbsent)
             .await
         {
-            Ok(_) => Ok(()),
+            Ok(_) | Err(StoreError::PreconditionFailed { .. }) => {}
             Err(e) => {
-                if matches!(e, StoreError::PreconditionFailed { .. }) {
-                    self.discard(m).await;
-                }
-                Err(e.into())
+                tracing::warn!(%version, error = %e, "made current, but its copy under manifests/ was not written; the next write retries")
             }
         }
     }
+}
 
-    /// Remove a version that never became current (best effort: `list` marks leftovers).
-    async fn discard(&self, m: &Manifest) {
-        if let Some(v) = &m.version
-            && let Err(e) = self.store.delete(&version_key(v)).await
-        {
-            tracing::warn!(version = %v, error = %e, "could not remove a version that lost a concurrent write");
-        }
-    }
+/// The bytes of a version, validated in full before anything is written.
+fn version_bytes(m: &Manifest) -> Result<Vec<u8>, Error> {
+    let version = m.version.as_deref().expect("stamped");
+    check_manifest(m, version)?;
+    let mut bytes = serde_json::to_vec_pretty(m).expect("the model serialises");
+    bytes.push(b'\n');
+    Ok(bytes)
 }
 
 /// Jittered exponential backoff: 10 ms doubling to at most 500 ms.

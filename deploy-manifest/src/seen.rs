@@ -46,6 +46,11 @@ impl Seen {
             .join(format!("{}.json", crate::hex(&digest[..12])))
     }
 
+    /// The newest version this writer saw of the store at `url`.
+    pub fn last(&self, url: &str) -> Option<Applied> {
+        self.read(url)
+    }
+
     fn read(&self, url: &str) -> Option<Applied> {
         let bytes = std::fs::read(self.path(url)).ok()?;
         serde_json::from_slice(&bytes).ok()

@@ -387,14 +387,14 @@ pub fn verify(m: &Manifest, trusted: &[PublicKey]) -> Result<(), TrustError> {
         version: version.clone(),
         trusted: names.clone(),
     })?;
-    let key = trusted
-        .iter()
-        .find(|k| k.name == sig.key)
-        .ok_or_else(|| TrustError::UnknownKey {
-            version: version.clone(),
+    let named: Vec<&PublicKey> = trusted.iter().filter(|k| k.name == sig.key).collect();
+    if named.is_empty() {
+        return Err(TrustError::UnknownKey {
+            version,
             key: sig.key.clone(),
             trusted: names,
-        })?;
+        });
+    }
     let bad = || TrustError::BadSignature {
         version: version.clone(),
         key: sig.key.clone(),
@@ -404,12 +404,14 @@ pub fn verify(m: &Manifest, trusted: &[PublicKey]) -> Result<(), TrustError> {
         .map_err(|_| bad())?
         .try_into()
         .map_err(|_| bad())?;
-    key.key
-        .verify_strict(
-            &signing_bytes(m),
-            &ed25519_dalek::Signature::from_bytes(&bytes),
-        )
-        .map_err(|_| bad())
+    let signature = ed25519_dalek::Signature::from_bytes(&bytes);
+    let message = signing_bytes(m);
+    // Any trusted key of that name: two may share a name while one replaces the other.
+    named
+        .iter()
+        .any(|k| k.key.verify_strict(&message, &signature).is_ok())
+        .then_some(())
+        .ok_or_else(bad)
 }
 
 #[cfg(test)]
@@ -441,6 +443,9 @@ mod tests {
             verify(&forged, &trusted),
             Err(TrustError::BadSignature { .. })
         ));
+        // Two trusted keys with one name (a replacement in progress): either verifies.
+        let both = vec![other.public(), key.public()];
+        assert_eq!(verify(&m, &both), Ok(()));
         let round = SecretKey::parse(&key.to_text(), "t").unwrap();
         assert_eq!(round.public(), key.public());
         assert!(PublicKey::parse("nocolon", "t").is_err());

@@ -160,8 +160,9 @@ pub async fn push<S: ObjectStore>(
         .service
         .clone()
         .or_else(|| config.namespace(namespace).ok().and_then(|n| n.service));
-    // Fail before building when the manifest has no service for this namespace.
-    let current = repo.current().await?.manifest;
+    // Fail before building when the manifest does not verify (with trusted keys) or has
+    // no service for this namespace.
+    let current = repo.current_verified().await?.manifest;
     let service = find_service(&current, namespace, wanted.as_deref())?;
 
     let (dir, plan) = (config.dir.clone(), build_plan.clone());
@@ -199,6 +200,16 @@ pub async fn push<S: ObjectStore>(
     let label = artifact.label();
     let written = repo
         .update(|m| {
+            // The base the write verified must still send this namespace to the service
+            // the build was made for: a manifest changed during the build (by anyone) must
+            // not put this artifact into another service.
+            let again = find_service(m, namespace, wanted.as_deref())
+                .map_err(|e| deploy_manifest::Error::BadArgument(e.to_string()))?;
+            if again != service {
+                return Err(deploy_manifest::Error::BadArgument(format!(
+                    "the manifest changed during the build: namespace {namespace:?} now belongs to service {again:?}, not {service:?}; nothing was written, run push again"
+                )));
+            }
             let s =
                 m.service_mut(&service)
                     .ok_or_else(|| deploy_manifest::Error::UnknownService {
@@ -232,7 +243,7 @@ pub async fn wait_for<S: ObjectStore>(
     use deploy_manifest::render::escape;
     use deploy_manifest::status::{StoredReport, report_key};
     let deadline = std::time::Instant::now() + timeout;
-    let manifest = repo.current().await?.manifest;
+    let manifest = repo.current_verified().await?.manifest;
     let hosts = manifest
         .service(service)
         .map(|s| s.hosts.clone())

@@ -403,6 +403,15 @@ fn expired_manifests_are_refused_until_refreshed() {
     let out = t.fx.dm(&["verify"]);
     assert_eq!(out.code(), 11, "{}", out.stderr_str());
     assert!(out.stdout_str().contains("EXPIRED"), "{}", out.stdout_str());
+    // Writers do not build on an expired head either (refresh does, on purpose).
+    let out =
+        t.fx.dm(&["update-service", "hello", r#"{"env": {"A": "1"}}"#]);
+    assert_eq!(out.code(), 11, "{}", out.stderr_str());
+    assert!(
+        out.stderr_str().contains("deploy-manifest refresh"),
+        "{}",
+        out.stderr_str()
+    );
     // Seen without ssh: the host report, the fleet view and the metrics say so.
     let report: Value =
         serde_json::from_slice(&std::fs::read(t.store_dir().join("status/biz.json")).unwrap())
@@ -466,4 +475,120 @@ fn keys_rotate_and_a_retired_key_is_refused() {
     t.host.run_once(&t.fx).ok();
     t.assert_serving("hello from v2\n");
     assert_eq!(t.current()["signature"]["key"], "ci-2027");
+}
+
+/// The fleet's newest signed version copied back over `manifest.json`: writers that never
+/// saw the store (a fresh CI runner) must not build on the old head either, or a few blind
+/// writes would push its sequence above the agents' floor and revert a fix.
+#[test]
+fn a_replayed_head_is_refused_by_writers_that_never_saw_the_store() {
+    let t = Signed::new();
+    let v1 = t.current_version();
+    t.app.set_version("v2", false);
+    t.app.push(&t.fx);
+    t.host.run_once(&t.fx).ok();
+    let v2 = t.current_version();
+    let v1_bytes = std::fs::read(t.store_dir().join(format!("manifests/{v1}.json"))).unwrap();
+    std::fs::write(t.store_dir().join("manifest.json"), &v1_bytes).unwrap();
+
+    // A CI runner: same keys, no memory of the store.
+    let fresh = tempfile::tempdir().unwrap();
+    let mut ci = t.fx.env.clone();
+    ci.retain(|(k, _)| k != "DEPLOY_STATE_DIR");
+    ci.push((
+        "DEPLOY_STATE_DIR".into(),
+        fresh.path().display().to_string(),
+    ));
+    for _ in 0..3 {
+        let out = deployer_tests::run(
+            "deploy-manifest",
+            &["update-service", "hello", r#"{"env": {"A": "1"}}"#],
+            &ci,
+            None,
+        );
+        assert_eq!(out.code(), 11, "{}", out.stderr_str());
+        let err = out.stderr_str();
+        assert!(err.contains(&format!("{v2} (sequence")), "{err}");
+        assert!(
+            err.contains(&format!("deploy-manifest rollback {v2}")),
+            "{err}"
+        );
+    }
+    let out = deployer_tests::run_in(t.app.path(), "push.sh", &["Examples/Hello.py"], &ci);
+    assert_eq!(out.code(), 11, "{}", out.stderr_str());
+    t.agent_refuses("not above", "hello from v2\n");
+
+    // The writer that saw v2 is told the same, and the remedy it names works (it does
+    // not refuse itself again).
+    let out =
+        t.fx.dm(&["update-service", "hello", r#"{"env": {"A": "1"}}"#]);
+    assert_eq!(out.code(), 11, "{}", out.stderr_str());
+    assert!(
+        out.stderr_str().contains("already saw"),
+        "{}",
+        out.stderr_str()
+    );
+    t.fx.dm(&["rollback", &v2]).ok();
+    let restored = t.current();
+    assert!(restored["sequence"].as_u64() > Some(2));
+    let out = deployer_tests::run(
+        "deploy-manifest",
+        &["update-service", "hello", r#"{"env": {"A": "1"}}"#],
+        &ci,
+        None,
+    );
+    assert_eq!(out.code(), 0, "{}", out.stderr_str());
+    t.host.run_once(&t.fx).ok();
+    t.assert_serving("hello from v2\n");
+
+    // Adopting unverified content is refused while a version verifies.
+    t.plant("manifest.json", &t.with_evil_service(t.current()));
+    let out = t.fx.dm(&["refresh", "--accept-unverified"]);
+    assert_ne!(out.code(), 0, "{}", out.stderr_str());
+    assert!(
+        out.stderr_str().contains("deploy-manifest rollback"),
+        "{}",
+        out.stderr_str()
+    );
+    // ...and, with every version deleted, for a writer that saw the store before.
+    for entry in std::fs::read_dir(t.store_dir().join("manifests")).unwrap() {
+        std::fs::remove_file(entry.unwrap().path()).unwrap();
+    }
+    let out =
+        t.fx.dm(&["update-service", "hello", r#"{"env": {"B": "1"}}"#]);
+    assert_eq!(out.code(), 11, "{}", out.stderr_str());
+    assert!(out.stderr_str().contains("backup"), "{}", out.stderr_str());
+    assert!(
+        !out.stderr_str().contains("accept-unverified"),
+        "{}",
+        out.stderr_str()
+    );
+    let out = t.fx.dm(&["refresh", "--accept-unverified"]);
+    assert_ne!(out.code(), 0, "{}", out.stderr_str());
+    t.agent_refuses("does not match its content", "hello from v2\n");
+}
+
+/// `push` reads the manifest to choose its service before it builds: a forged head is
+/// refused there, before the build runs (so the attacker cannot choose where the build
+/// lands), and `push --wait` takes its hosts from a verified manifest only.
+#[test]
+fn push_refuses_a_forged_head_before_building() {
+    let t = Signed::new();
+    let good = t.current_version();
+    let mut forged = t.current();
+    forged["services"][0]["namespace"] = json!("Other/Thing.py");
+    t.plant("manifest.json", &forged);
+    let built = t.host.dir.path().join("built");
+    std::fs::write(
+        t.app.path().join("deploy.toml"),
+        format!(
+            "[namespaces.\"Examples/Hello.py\"]\ncommand = \"touch {}\"\noutput = \"app\"\n",
+            built.display()
+        ),
+    )
+    .unwrap();
+    let out = deployer_tests::run_in(t.app.path(), "push.sh", &["Examples/Hello.py"], &t.fx.env);
+    assert_eq!(out.code(), 11, "{}", out.stderr_str());
+    assert!(out.stderr_str().contains(&good), "{}", out.stderr_str());
+    assert!(!built.exists(), "the build ran on a forged manifest");
 }
