@@ -28,6 +28,22 @@ fn host(name: &str, port: u16) -> Host {
     h
 }
 
+/// Two hosts that run hello (not deployed yet), and the app, built at v1 and pushed.
+fn two_hosts_and_hello_v1(fx: &Fixture) -> (Host, Host, u16, u16, App) {
+    let (pa, pb) = (free_port(), free_port());
+    let (a, b) = (host("host-a", pa), host("host-b", pb));
+    fx.dm(&["init"]).ok();
+    fx.dm(&[
+        "add-service",
+        r#"{"name": "hello", "namespace": "Examples/Hello.py", "artifact": {"storePath": "/nix/store/placeholder"}, "hosts": ["host-a", "host-b"]}"#,
+    ])
+    .ok();
+    let app = App::new();
+    app.set_version("v1", false);
+    app.push(fx);
+    (a, b, pa, pb, app)
+}
+
 fn status(fx: &Fixture) -> Vec<Value> {
     let out = fx.dm(&["status", "--json"]).ok();
     serde_json::from_slice::<Value>(&out.stdout)
@@ -40,17 +56,7 @@ fn status(fx: &Fixture) -> Vec<Value> {
 #[test]
 fn fleet_status_push_wait_silent_hosts_and_metrics() {
     let fx = Fixture::s3();
-    let (pa, pb) = (free_port(), free_port());
-    let (a, b) = (host("host-a", pa), host("host-b", pb));
-    fx.dm(&["init"]).ok();
-    fx.dm(&[
-        "add-service",
-        r#"{"name": "hello", "namespace": "Examples/Hello.py", "artifact": {"storePath": "/nix/store/placeholder"}, "hosts": ["host-a", "host-b"]}"#,
-    ])
-    .ok();
-    let app = App::new();
-    app.set_version("v1", false);
-    app.push(&fx);
+    let (a, b, pa, pb, app) = two_hosts_and_hello_v1(&fx);
     a.run_once(&fx).ok();
     b.run_once(&fx).ok();
     assert_eq!(body(pa).as_deref(), Some("hello from v1\n"));
@@ -192,17 +198,7 @@ fn host_key(h: &Host, fx: &Fixture) -> String {
 #[test]
 fn signed_host_reports_count_and_spoofed_ones_do_not() {
     let fx = Fixture::s3();
-    let (pa, pb) = (free_port(), free_port());
-    let (a, b) = (host("host-a", pa), host("host-b", pb));
-    fx.dm(&["init"]).ok();
-    fx.dm(&[
-        "add-service",
-        r#"{"name": "hello", "namespace": "Examples/Hello.py", "artifact": {"storePath": "/nix/store/placeholder"}, "hosts": ["host-a", "host-b"]}"#,
-    ])
-    .ok();
-    let app = App::new();
-    app.set_version("v1", false);
-    app.push(&fx);
+    let (a, b, pa, pb, app) = two_hosts_and_hello_v1(&fx);
 
     // host-a's key is made by `host-key` before its first run, host-b's by its first run.
     let key_a = host_key(&a, &fx);
