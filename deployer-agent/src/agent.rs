@@ -472,22 +472,9 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             .map_err(|e| AgentError::io(format!("writing {}", path.display()), e))
     }
 
-    /// The unit for `service` running the artifact at `artifact`; with `release`, the
-    /// one-shot unit that runs that release command instead.
-    fn render_unit(
-        &self,
-        service: &Service,
-        artifact: &Path,
-        env_files: &[PathBuf],
-        port: Option<u16>,
-        release: Option<&deploy_manifest::model::Release>,
-    ) -> Result<String, AgentError> {
-        Ok(self
-            .unit_spec(service, artifact, env_files, port, release)?
-            .render()?)
-    }
-
-    /// What [`Self::render_unit`] writes; also the sandbox of the service's exec probes.
+    /// The unit for `service` running the artifact at `artifact` (with `release`, the
+    /// one-shot unit that runs that release command instead); also the sandbox of the
+    /// service's exec probes.
     fn unit_spec(
         &self,
         service: &Service,
@@ -977,7 +964,8 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
         {
             let release_unit = format!("deployer-{}-release.service", service.name);
             let text = self
-                .render_unit(service, &artifact, &env_files, launch.port, Some(release))
+                .unit_spec(service, &artifact, &env_files, launch.port, Some(release))
+                .and_then(|spec| Ok(spec.render()?))
                 .map_err(untouched)?;
             self.write_unit(&release_unit, &text).map_err(untouched)?;
             self.manager
