@@ -432,7 +432,7 @@ impl<S: ObjectStore> Repo<S> {
     /// was current once: `manifest.json` was replaced with an older version); and it has not
     /// expired (unless `allow_expired`). Otherwise the error names the newest version that
     /// verifies and the command that restores it. The check reads the versions whose names
-    /// sort after `m`'s (normally none), so a newer version written by a writer whose clock
+    /// are not older than `m`'s (normally none), so a newer version written by a writer whose clock
     /// was behind is not looked at; the local record (`seen`) and the agents' floors remain.
     async fn check_base(&self, m: &Manifest, allow_expired: bool) -> Result<(), Error> {
         let trusted = self.trusted_keys();
@@ -485,8 +485,8 @@ impl<S: ObjectStore> Repo<S> {
         })
     }
 
-    /// The newest verified version whose name sorts after `m`'s, if its sequence is above
-    /// `m`'s.
+    /// The newest verified version written (by its name's time) no earlier than `m`, if its
+    /// sequence is above `m`'s.
     async fn newer_than(&self, m: &Manifest) -> Result<Option<Verified>, Error> {
         let Some(name) = m.version.as_deref() else {
             return Ok(None);
@@ -495,7 +495,7 @@ impl<S: ObjectStore> Repo<S> {
             .version_names()
             .await?
             .into_iter()
-            .filter(|n| n.as_str() > name)
+            .filter(|n| written_no_earlier(n, name))
             .collect();
         let trusted = self.trusted_keys();
         let now = SystemTime::now();
@@ -848,6 +848,14 @@ impl<S: ObjectStore> Repo<S> {
     }
 }
 
+/// Whether version `n` (another than `than`) was written no earlier than `than`, by the
+/// writers' clocks. Names carry the time to the second, then a random suffix: only the time
+/// is compared, so a version written in the same second counts.
+fn written_no_earlier(n: &str, than: &str) -> bool {
+    let stamp = |v: &str| v.rsplit_once('-').map_or(v, |(t, _)| t).to_owned();
+    n != than && stamp(n) >= stamp(than)
+}
+
 /// The bytes of a version, validated in full before anything is written.
 fn version_bytes(m: &Manifest) -> Result<Vec<u8>, Error> {
     let version = m.version.as_deref().expect("stamped");
@@ -866,4 +874,27 @@ async fn backoff(attempt: u32) {
         .unwrap_or_default()
         .subsec_nanos() as u64;
     tokio::time::sleep(Duration::from_millis(cap / 2 + nanos % (cap / 2 + 1))).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_of_the_same_second_count_as_newer_whatever_their_suffix() {
+        let head = "manifest-20261123T120000Z-ffffffff";
+        assert!(written_no_earlier(
+            "manifest-20261123T120000Z-00000000",
+            head
+        ));
+        assert!(written_no_earlier(
+            "manifest-20261123T120001Z-00000000",
+            head
+        ));
+        assert!(!written_no_earlier(
+            "manifest-20261123T115959Z-ffffffff",
+            head
+        ));
+        assert!(!written_no_earlier(head, head));
+    }
 }
