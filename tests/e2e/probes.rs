@@ -333,3 +333,90 @@ fn an_infrastructure_health_check_is_killed_at_its_timeout() {
     assert_eq!(host.is_active("infra-hello-search"), "active");
     nothing_left(&host, "deployer-probe-*", &marker);
 }
+
+/// Under the real system manager (scripts/systemd-system-sandbox.sh: `systemd --system` as
+/// PID 1 of its own namespaces), with the agent as root in its production mode: the exec
+/// probe runs as the service's `exec.user`, not as root, and inside the service's sandbox
+/// (`ProtectSystem=strict`: it cannot write /etc), like the service itself.
+#[test]
+fn an_exec_probe_runs_as_the_service_user_under_the_system_manager() {
+    let fx = Fixture::file();
+    let app = App::new();
+    let port = free_port();
+    fx.dm(&["init"]).ok();
+    let service = json!({
+        "name": "hello", "namespace": "Examples/Hello.py",
+        "artifact": {"storePath": "/nix/store/placeholder"}, "hosts": ["biz"],
+        "exec": {"command": null, "user": "probeuser", "group": "probeuser"},
+        "env": {"PORT": port.to_string()},
+        "health": {
+            "http": {"path": "/healthz", "port": port},
+            "exec": {"command": ["/bin/sh", "-c",
+                "id -u > \"$STATE_DIRECTORY/probe-uid\"; if touch /etc/probe-was-here 2>/dev/null; then echo writable; else echo read-only; fi > \"$STATE_DIRECTORY/probe-etc\""]},
+            "timeout": "30s", "interval": "200ms"
+        }
+    });
+    fx.dm(&["add-service", &service.to_string()]).ok();
+    app.set_version("v1", false);
+    app.push(&fx);
+
+    // Everything below runs inside the sandbox; units see /srv/sysbox-share, not our /tmp.
+    let inside = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        inside.path(),
+        format!(
+            r#"set -u
+useradd --system --no-create-home --user-group --shell /usr/sbin/nologin probeuser
+mkdir -p "$SYSBOX_SHARE/secrets" && chmod 700 "$SYSBOX_SHARE/secrets"
+{agent} --host biz --state-dir "$SYSBOX_SHARE/state" --secrets-dir "$SYSBOX_SHARE/secrets" --store {store} run --once
+echo "agent-exit=$?"
+echo "agent-uid=$(id -u)"
+echo "user-uid=$(id -u probeuser)"
+echo "probe-uid=$(cat /var/lib/deployer-hello/probe-uid)"
+echo "probe-etc=$(cat /var/lib/deployer-hello/probe-etc)"
+pid=$(systemctl show -p MainPID --value deployer-hello.service)
+echo "service-uid=$(awk '/^Uid:/ {{print $2}}' /proc/$pid/status)"
+echo "probe-units=$(systemctl list-units --all --no-legend 'deployer-probe-*' | wc -l)"
+"#,
+            agent = bin("deployer-agent").display(),
+            store = fx.url,
+        ),
+    )
+    .unwrap();
+    let sandbox = deployer_tests::repo_root().join("scripts/systemd-system-sandbox.sh");
+    let mut child = Command::new("bash")
+        .arg(&sandbox)
+        .args(["--", "bash"])
+        .arg(inside.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A liveness bound, not a timing assertion: the sandbox must come back.
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(180) {
+            let _ = child.kill();
+            panic!("the system-manager sandbox did not return within 180 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = out.stdout_str();
+    let value = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("{key} missing:\n{text}\n{}", out.stderr_str()))
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(value("agent-exit"), "0", "{text}\n{}", out.stderr_str());
+    assert_eq!(value("agent-uid"), "0", "the agent runs as root");
+    let user = value("user-uid");
+    assert_ne!(user, "0");
+    assert_eq!(value("probe-uid"), user, "the probe runs as exec.user");
+    assert_eq!(value("service-uid"), user, "and so does the service");
+    assert_eq!(value("probe-etc"), "read-only", "the probe is sandboxed");
+    assert_eq!(value("probe-units"), "0", "no probe unit is left behind");
+}
