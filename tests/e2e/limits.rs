@@ -6,7 +6,7 @@
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -309,31 +309,19 @@ fn run_against(host: &Host, fx: &Fixture, endpoint: u16, flags: &[&str]) -> Outp
             _ => (k, v),
         })
         .collect();
-    let mut child = Command::new(bin("deployer-agent"))
-        .args(host.args(&args))
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap())
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .envs(env)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     let started = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if started.elapsed() > Duration::from_secs(120) {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "the agent did not return within 120 s:\n{}",
-                out.stderr_str()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let out = deployer_tests::output_within(
+        Command::new(bin("deployer-agent"))
+            .args(host.args(&args))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap())
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .envs(env),
+        Duration::from_secs(120),
+        "the agent",
+    );
     eprintln!("agent {flags:?} returned after {:?}", started.elapsed());
-    child.wait_with_output().unwrap()
+    out
 }
 
 #[test]

@@ -9,8 +9,8 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
 use deployer_tests::{OutputExt, bin, eventually, free_port};
 use serde_json::{Value, json};
@@ -51,39 +51,16 @@ fn declare(fx: &Fixture, port: u16, out: &Path, timeout: &str, release: Option<V
 /// `deployer-agent run --once`, which must return within 30 s (a liveness bound, not a
 /// timing assertion): killed and failed otherwise.
 fn run_once_bounded(host: &Host, fx: &Fixture) -> Output {
-    let logs = tempfile::tempdir().unwrap();
-    let (out, err) = (logs.path().join("out"), logs.path().join("err"));
-    let mut child = Command::new(bin("deployer-agent"))
-        .args(host.args(&["run", "--once"]))
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap())
-        .env("HOME", std::env::temp_dir())
-        .envs(host.env(fx))
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out).unwrap())
-        .stderr(std::fs::File::create(&err).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!(
-                "the agent hung: no return within 30 s\nstderr:\n{}",
-                std::fs::read_to_string(&err).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    Output {
-        status,
-        stdout: std::fs::read(&out).unwrap(),
-        stderr: std::fs::read(&err).unwrap(),
-    }
+    deployer_tests::output_within(
+        Command::new(bin("deployer-agent"))
+            .args(host.args(&["run", "--once"]))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap())
+            .env("HOME", std::env::temp_dir())
+            .envs(host.env(fx)),
+        Duration::from_secs(30),
+        "the agent (hung?)",
+    )
 }
 
 /// The loaded units of the host's manager matching `pattern`.
@@ -384,25 +361,14 @@ echo "probe-units=$(systemctl list-units --all --no-legend 'deployer-probe-*' | 
     )
     .unwrap();
     let sandbox = deployer_tests::repo_root().join("scripts/systemd-system-sandbox.sh");
-    let mut child = Command::new("bash")
-        .arg(&sandbox)
-        .args(["--", "bash"])
-        .arg(inside.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // A liveness bound, not a timing assertion: the sandbox must come back.
-    let started = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if started.elapsed() > Duration::from_secs(180) {
-            let _ = child.kill();
-            panic!("the system-manager sandbox did not return within 180 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = deployer_tests::output_within(
+        Command::new("bash")
+            .arg(&sandbox)
+            .args(["--", "bash"])
+            .arg(inside.path()),
+        Duration::from_secs(180),
+        "the system-manager sandbox",
+    );
     let text = out.stdout_str();
     let value = |key: &str| {
         text.lines()

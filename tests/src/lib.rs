@@ -516,3 +516,38 @@ pub fn assert_not_leaked(secret: &str, texts: &[String]) {
         assert!(!text.contains(secret), "the secret leaked into text #{i}");
     }
 }
+
+/// Run `cmd` to completion, or kill it and fail the test if it has not returned within
+/// `bound`: a liveness bound (the thing under test must not hang), never a timing assertion.
+/// Output goes through files, so a chatty command cannot block on a full pipe.
+pub fn output_within(cmd: &mut Command, bound: Duration, what: &str) -> Output {
+    let logs = tempfile::tempdir().expect("a temp dir");
+    let (out, err) = (logs.path().join("out"), logs.path().join("err"));
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).expect("a log file"))
+        .stderr(std::fs::File::create(&err).expect("a log file"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what} starts: {e}"));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting works") {
+            break status;
+        }
+        if started.elapsed() > bound {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{what} did not return within {} s\nstderr:\n{}",
+                bound.as_secs(),
+                std::fs::read_to_string(&err).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    Output {
+        status,
+        stdout: std::fs::read(&out).unwrap_or_default(),
+        stderr: std::fs::read(&err).unwrap_or_default(),
+    }
+}
