@@ -174,6 +174,15 @@ enum Base {
     },
 }
 
+/// Why a writer will not build on the current manifest.
+#[derive(Debug, Clone)]
+enum Refusal {
+    /// It does not verify, or it is older than a version already seen or in the store.
+    Untrusted(String),
+    /// Its expiry (this one) has passed.
+    Expired(String),
+}
+
 /// One row of `deploy-manifest verify`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -435,54 +444,69 @@ impl<S: ObjectStore> Repo<S> {
     /// are not older than `m`'s (normally none), so a newer version written by a writer whose clock
     /// was behind is not looked at; the local record (`seen`) and the agents' floors remain.
     async fn check_base(&self, m: &Manifest, allow_expired: bool) -> Result<(), Error> {
+        match self.refusal(m, allow_expired).await? {
+            None => Ok(()),
+            Some(refusal) => Err(self.refused(m, refusal).await),
+        }
+    }
+
+    /// Why `m` cannot be built on, if it cannot (see [`Repo::check_base`]); `None` records
+    /// it as seen. A newer version made current since `m` was read is a race, not a replay:
+    /// `Err(PreconditionFailed)`, and the caller reads the head again.
+    async fn refusal(&self, m: &Manifest, allow_expired: bool) -> Result<Option<Refusal>, Error> {
         let trusted = self.trusted_keys();
         if trusted.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
-        let version = m.version.clone().unwrap_or_else(|| "(unversioned)".into());
         let sequence = m.sequence.unwrap_or(0);
-        let problem = if let Err(e) = sign::verify(m, &trusted) {
-            e.to_string()
-        } else if let Some(newer) = self
+        if let Err(e) = sign::verify(m, &trusted) {
+            return Ok(Some(Refusal::Untrusted(e.to_string())));
+        }
+        if let Some(newer) = self
             .seen
             .as_ref()
             .and_then(|s| s.check(self.store.url(), m))
         {
-            format!(
+            return Ok(Some(Refusal::Untrusted(format!(
                 "it has sequence {sequence}, but this writer already saw {} (sequence {}) current: manifest.json was replaced with an older version",
                 newer.version, newer.sequence
-            )
-        } else if let Some(newer) = self.newer_than(m).await? {
-            // A writer that made a newer version current since `m` was read is a race,
-            // not a replay: the caller reads the head again.
+            ))));
+        }
+        if let Some(newer) = self.newer_than(m).await? {
             let head = self.current_for_write().await?.manifest.version;
             if head != m.version {
                 return Err(Error::Store(StoreError::PreconditionFailed {
                     key: CURRENT_KEY.to_owned(),
                 }));
             }
-            format!(
+            return Ok(Some(Refusal::Untrusted(format!(
                 "it has sequence {sequence}, but {} (sequence {}) was current after it: manifest.json was replaced with an older version",
                 newer.version,
                 newer.sequence.unwrap_or(0)
-            )
-        } else if let Some(expires) =
-            sign::expired_at(m, SystemTime::now()).filter(|_| !allow_expired)
-        {
-            return Err(Error::UntrustedBase {
+            ))));
+        }
+        if let Some(expires) = sign::expired_at(m, SystemTime::now()).filter(|_| !allow_expired) {
+            return Ok(Some(Refusal::Expired(expires)));
+        }
+        self.remember(m);
+        Ok(None)
+    }
+
+    /// The error for a refused base, with what to do about it.
+    async fn refused(&self, m: &Manifest, refusal: Refusal) -> Error {
+        let version = m.version.clone().unwrap_or_else(|| "(unversioned)".into());
+        match refusal {
+            Refusal::Expired(expires) => Error::UntrustedBase {
                 version,
                 problem: format!("it expired at {expires}"),
                 remedy: "agents refuse it and whatever is built on it; sign its content again first with `deploy-manifest refresh`".into(),
-            });
-        } else {
-            self.remember(m);
-            return Ok(());
-        };
-        Err(Error::UntrustedBase {
-            version,
-            problem,
-            remedy: self.remedy().await,
-        })
+            },
+            Refusal::Untrusted(problem) => Error::UntrustedBase {
+                version,
+                problem,
+                remedy: self.remedy().await,
+            },
+        }
     }
 
     /// The newest verified version written (by its name's time) no earlier than `m`, if its
@@ -560,8 +584,8 @@ impl<S: ObjectStore> Repo<S> {
         Ok(rows)
     }
 
-    /// One version file checked: it holds the version it is named for, signed by a
-    /// trusted key.
+    /// One version file checked (see [`judge`]); one that cannot be read is a row with the
+    /// reason.
     async fn check_version(
         &self,
         name: String,
@@ -569,36 +593,20 @@ impl<S: ObjectStore> Repo<S> {
         head: Option<&str>,
         now: SystemTime,
     ) -> Verified {
-        let mut row = Verified {
-            current: head == Some(name.as_str()),
-            version: name.clone(),
-            sequence: None,
-            key: None,
-            verified: false,
-            problem: None,
-            expires: None,
-            expired: false,
-        };
+        let current = head == Some(name.as_str());
         match self.version(&name).await {
-            Ok(m) => {
-                row.sequence = m.sequence;
-                row.key = m.signature.as_ref().map(|s| s.key.clone());
-                row.expires = m.expires.clone();
-                let checked = if m.version.as_deref() != Some(name.as_str()) {
-                    Err(format!(
-                        "stored as {name} but says it is {}: moved or copied",
-                        m.version.as_deref().unwrap_or("(unversioned)")
-                    ))
-                } else {
-                    sign::verify(&m, trusted).map_err(|e| e.to_string())
-                };
-                row.verified = checked.is_ok();
-                row.problem = checked.err();
-                row.expired = row.verified && sign::expired_at(&m, now).is_some();
-            }
-            Err(e) => row.problem = Some(e.to_string()),
+            Ok(m) => judge(Some(&name), &m, trusted, now, current),
+            Err(e) => Verified {
+                current,
+                version: name,
+                sequence: None,
+                key: None,
+                verified: false,
+                problem: Some(e.to_string()),
+                expires: None,
+                expired: false,
+            },
         }
-        row
     }
 
     /// The verified version with the highest sequence, if any.
@@ -609,17 +617,13 @@ impl<S: ObjectStore> Repo<S> {
     /// Check the current manifest alone against the trusted keys (and its expiry).
     pub async fn verify_current(&self) -> Result<Verified, Error> {
         let m = self.current_for_write().await?.manifest;
-        let checked = sign::verify(&m, &self.trusted_keys()).map_err(|e| e.to_string());
-        Ok(Verified {
-            version: m.version.clone().unwrap_or_default(),
-            sequence: m.sequence,
-            key: m.signature.as_ref().map(|s| s.key.clone()),
-            current: true,
-            verified: checked.is_ok(),
-            expired: checked.is_ok() && sign::expired_at(&m, SystemTime::now()).is_some(),
-            problem: checked.err(),
-            expires: m.expires.clone(),
-        })
+        Ok(judge(
+            None,
+            &m,
+            &self.trusted_keys(),
+            SystemTime::now(),
+            true,
+        ))
     }
 
     /// Make the content of `target` current again (default: the parent of the current
@@ -630,11 +634,22 @@ impl<S: ObjectStore> Repo<S> {
     pub async fn rollback(&self, target: Option<&str>) -> Result<Manifest, Error> {
         let current = self.current_for_write().await?.manifest;
         let trusted = self.trusted_keys();
+        // Checked once: it decides what a bare rollback may follow and what the new version
+        // continues (the write checks the head again, as every write does).
+        let refusal = match self.refusal(&current, true).await {
+            Ok(r) => r,
+            Err(e) if target.is_none() => return Err(e),
+            // Another writer made a version current meanwhile: continue from the newest
+            // verified version, as after a refusal.
+            Err(e) => Some(Refusal::Untrusted(e.to_string())),
+        };
         let target_name = match target {
             Some(t) => normalize_version(t),
             None => {
                 // The parent pointer is only as good as the manifest that holds it.
-                self.check_base(&current, true).await?;
+                if let Some(r) = refusal {
+                    return Err(self.refused(&current, r).await);
+                }
                 current.parent.clone().ok_or_else(|| {
                     Error::BadArgument(
                         "the current version has no parent to roll back to; name a version (see `deploy-manifest list`)"
@@ -645,15 +660,14 @@ impl<S: ObjectStore> Repo<S> {
         };
         let target = self.version(&target_name).await?;
         if !trusted.is_empty() {
-            let checked = if target.version.as_deref() != Some(target_name.as_str()) {
-                Err(format!(
-                    "it is stored as {target_name} but says it is {}",
-                    target.version.as_deref().unwrap_or("(unversioned)")
-                ))
-            } else {
-                sign::verify(&target, &trusted).map_err(|e| e.to_string())
-            };
-            if let Err(problem) = checked {
+            let row = judge(
+                Some(&target_name),
+                &target,
+                &trusted,
+                SystemTime::now(),
+                false,
+            );
+            if let Some(problem) = row.problem {
                 return Err(Error::UntrustedBase {
                     version: target_name,
                     problem,
@@ -661,7 +675,7 @@ impl<S: ObjectStore> Repo<S> {
                 });
             }
         }
-        let base = if self.check_base(&current, true).await.is_ok() {
+        let base = if refusal.is_none() {
             Base::Current {
                 allow_expired: true,
             }
@@ -845,6 +859,38 @@ impl<S: ObjectStore> Repo<S> {
                 tracing::warn!(%version, error = %e, "made current, but its copy under manifests/ was not written; the next write retries")
             }
         }
+    }
+}
+
+/// `m` judged against the trusted keys: signed by one of them, and (when `stored_as` is
+/// given) holding the version it is stored as. The one place a version's verdict is made
+/// (`verify`, `verify --all`, the replay check, `rollback`'s target).
+fn judge(
+    stored_as: Option<&str>,
+    m: &Manifest,
+    trusted: &[PublicKey],
+    now: SystemTime,
+    current: bool,
+) -> Verified {
+    let checked = match stored_as {
+        Some(name) if m.version.as_deref() != Some(name) => Err(format!(
+            "stored as {name} but says it is {}: moved or copied",
+            m.version.as_deref().unwrap_or("(unversioned)")
+        )),
+        _ => sign::verify(m, trusted).map_err(|e| e.to_string()),
+    };
+    Verified {
+        current,
+        version: stored_as
+            .map(str::to_owned)
+            .or_else(|| m.version.clone())
+            .unwrap_or_default(),
+        sequence: m.sequence,
+        key: m.signature.as_ref().map(|s| s.key.clone()),
+        verified: checked.is_ok(),
+        expired: checked.is_ok() && sign::expired_at(m, now).is_some(),
+        problem: checked.err(),
+        expires: m.expires.clone(),
     }
 }
 

@@ -91,11 +91,13 @@ pub fn check_expiry(m: &Manifest, now: std::time::SystemTime) -> Result<(), Trus
 /// `m`'s expiry if it has passed at `now`.
 pub fn expired_at(m: &Manifest, now: std::time::SystemTime) -> Option<String> {
     let expires = m.expires.as_deref()?;
-    // The schema checked the format; an unparsable time is treated as expired.
-    match humantime::parse_rfc3339_weak(expires) {
-        Ok(t) if t > now => None,
-        _ => Some(expires.to_owned()),
-    }
+    has_expired(expires, now).then(|| expires.to_owned())
+}
+
+/// Whether the expiry `expires` (RFC 3339) has passed at `now`. The schema checks the
+/// format; an unparsable time counts as passed.
+pub fn has_expired(expires: &str, now: std::time::SystemTime) -> bool {
+    humantime::parse_rfc3339_weak(expires).map_or(true, |t| t <= now)
 }
 
 pub struct SecretKey {

@@ -223,9 +223,10 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
         let (manifest, etag) = match fetched {
             Ok(Fetched::NotModified) => {
                 if !self.config.trusted_keys.is_empty() {
-                    state.expired = state.manifest_expires.clone().filter(|e| {
-                        humantime::parse_rfc3339_weak(e).map_or(true, |t| t <= SystemTime::now())
-                    });
+                    state.expired = state
+                        .manifest_expires
+                        .clone()
+                        .filter(|e| deploy_manifest::sign::has_expired(e, SystemTime::now()));
                     if let Some(e) = &state.expired {
                         tracing::warn!(expires = %e, "the applied manifest has expired: no newer one will be accepted until a writer runs `deploy-manifest refresh`");
                     }

@@ -265,10 +265,15 @@ impl Systemd {
         Ok(tokio::time::timeout(wait, removed).await.ok().flatten())
     }
 
-    /// A finished one-shot unit's job result, told apart: a failed start is a timeout when
-    /// the unit's `Result` says so (the unit must still be loaded: referenced or failed).
-    async fn outcome(&self, unit: &str, job_result: &str) -> JobResult {
-        match job_result {
+    /// A one-shot unit's job result, told apart: a failed start is a timeout when the
+    /// unit's `Result` says so (the unit must still be loaded: referenced or failed); no
+    /// result within the wait (`None`) is a timeout too, and the unit is stopped.
+    async fn outcome(&self, unit: &str, job_result: Option<String>) -> JobResult {
+        let Some(job_result) = job_result else {
+            self.stop_stuck(unit).await;
+            return JobResult::Timeout;
+        };
+        match job_result.as_str() {
             "done" => JobResult::Done,
             "timeout" => JobResult::Timeout,
             "failed" => match self.service_result(unit).await {
@@ -393,13 +398,7 @@ impl ServiceManager for Systemd {
                     .start_transient_unit(unit, "fail", &values, &[])
             })
             .await?;
-        let outcome = match result {
-            Some(result) => self.outcome(unit, &result).await,
-            None => {
-                self.stop_stuck(unit).await;
-                JobResult::Timeout
-            }
-        };
+        let outcome = self.outcome(unit, result).await;
         if let Ok(path) = self.manager.get_unit(unit).await
             && let Ok(u) = UnitProxy::builder(&self.conn).path(path)
             && let Ok(u) = u.cache_properties(CacheProperties::No).build().await
@@ -418,13 +417,7 @@ impl ServiceManager for Systemd {
                 self.manager.restart_unit(unit, "replace")
             })
             .await?;
-        let outcome = match result {
-            Some(result) => self.outcome(unit, &result).await,
-            None => {
-                self.stop_stuck(unit).await;
-                JobResult::Timeout
-            }
-        };
+        let outcome = self.outcome(unit, result).await;
         let _ = self.manager.reset_failed_unit(unit).await;
         Ok(outcome)
     }
