@@ -406,6 +406,7 @@ impl<S: ObjectStore> Repo<S> {
                         }
                         checked => checked?,
                     }
+                    self.keep_missing_copy(&current.manifest).await?;
                     (
                         current.manifest.version.clone(),
                         current.manifest.sequence.unwrap_or(0),
@@ -778,7 +779,13 @@ impl<S: ObjectStore> Repo<S> {
             }
             return Ok(out);
         }
-        let names = self.version_names().await?;
+        let mut names = self.version_names().await?;
+        // A current version whose copy was not kept yet is read from manifest.json.
+        if let Some(h) = &head
+            && !names.contains(h)
+        {
+            names.push(h.clone());
+        }
         let manifests: Vec<Manifest> = stream::iter(names.iter().map(|n| self.version(n)))
             .buffered(16)
             .try_collect()
@@ -841,6 +848,25 @@ impl<S: ObjectStore> Repo<S> {
             )
             .await?;
         self.keep_version(m, bytes).await;
+        Ok(())
+    }
+
+    /// The current version's immutable copy, written if a writer stopped between making it
+    /// current and keeping it (one HEAD request per write). Only for a base that passed
+    /// `check_base`.
+    async fn keep_missing_copy(&self, current: &Manifest) -> Result<(), Error> {
+        let Some(version) = current.version.as_deref() else {
+            return Ok(());
+        };
+        if self.store.head(&version_key(version)).await?.is_none() {
+            tracing::warn!(%version, "the current version has no copy under manifests/ (a writer stopped between its two writes); writing it");
+            match version_bytes(current) {
+                Ok(bytes) => self.keep_version(current, bytes).await,
+                Err(e) => {
+                    tracing::warn!(%version, error = %e, "not kept: it does not pass validation")
+                }
+            }
+        }
         Ok(())
     }
 

@@ -429,3 +429,40 @@ fn a_head_that_breaks_a_newer_rule_can_be_fixed_by_an_edit() {
     let shown = json_out(&fx.dm(&["show"]).ok());
     assert!(shown["services"][0].get("envFile").is_none(), "{shown}");
 }
+
+/// A writer killed between making its version current and keeping the version's copy
+/// under manifests/ (the store holds manifest.json only): reads still find the version, and
+/// the next write keeps its copy, so it can be rolled back to.
+#[test]
+fn a_version_whose_copy_was_not_kept_is_found_and_kept_by_the_next_write() {
+    let fx = Fixture::file();
+    fx.dm(&["init"]).ok();
+    fx.dm(&[
+        "add-service",
+        r#"{"name": "web", "artifact": {"storePath": "/nix/store/placeholder"}, "hosts": ["biz"]}"#,
+    ])
+    .ok();
+    let store = std::path::PathBuf::from(fx.url.strip_prefix("file://").unwrap());
+    let head = json_out(&fx.dm(&["show"]).ok())["version"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let copy = store.join(format!("manifests/{head}.json"));
+    let kept = std::fs::read(&copy).unwrap();
+    std::fs::remove_file(&copy).unwrap();
+
+    assert_eq!(
+        json_out(&fx.dm(&["show", &head]).ok())["version"],
+        json!(head)
+    );
+    assert_eq!(versions(&fx)[0]["version"], json!(head));
+    fx.dm(&["update-service", "web", r#"{"env": {"A": "1"}}"#])
+        .ok();
+    assert_eq!(std::fs::read(&copy).unwrap(), kept, "the same bytes, kept");
+    fx.dm(&["rollback", &head]).ok();
+    assert!(
+        json_out(&fx.dm(&["show"]).ok())["services"][0]
+            .get("env")
+            .is_none()
+    );
+}
