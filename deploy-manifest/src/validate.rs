@@ -175,7 +175,7 @@ fn field_path(document: &Value, pointer: &str) -> String {
 fn check_rules(m: &Manifest, origin: &str) -> Result<(), Invalid> {
     let mut problems = Vec::new();
     let mut names = BTreeSet::new();
-    let mut routes = BTreeSet::new();
+    let mut routes = std::collections::BTreeMap::new();
     let ecosystem: BTreeSet<&str> = m
         .infrastructure
         .iter()
@@ -190,18 +190,28 @@ fn check_rules(m: &Manifest, origin: &str) -> Result<(), Invalid> {
             });
         }
         if let Some(http) = &s.http {
+            if http.path.split('/').any(|seg| seg == "." || seg == "..") {
+                problems.push(Problem {
+                    field: format!("{at}.http.path"),
+                    message: format!(
+                        "{:?} has a \".\" or \"..\" segment; write the path it stands for",
+                        http.path
+                    ),
+                });
+            }
+            let path = route_path(&http.path);
             for host in &s.hosts {
                 let route = (
                     host.as_str(),
                     http.domain.to_ascii_lowercase(),
-                    http.path.as_str(),
+                    path.clone(),
                 );
-                if !routes.insert(route) {
+                if let Some(other) = routes.insert(route, s.name.as_str()) {
                     problems.push(Problem {
                         field: format!("{at}.http"),
                         message: format!(
-                            "route {}{} on host {host} is already used by another service",
-                            http.domain, http.path
+                            "route {}{path} on host {host} is already service {other:?}'s; one service per domain and path",
+                            http.domain
                         ),
                     });
                 }
@@ -221,6 +231,26 @@ fn check_rules(m: &Manifest, origin: &str) -> Result<(), Invalid> {
             }
         }
     }
+    // A service's own requirement `<req>` runs as infrastructure service `<service>-<req>`
+    // (unit, data directory, credentials): it must not be another one's name.
+    let mut infra_names: std::collections::BTreeMap<String, String> = ecosystem
+        .iter()
+        .map(|n| (n.to_string(), format!("infrastructure.services.{n}")))
+        .collect();
+    for (i, s) in m.services.iter().enumerate() {
+        for req in s.infrastructure.iter().flat_map(|r| r.services.keys()) {
+            let here = format!("services[{i}] ({}).infrastructure.services.{req}", s.name);
+            let full = format!("{}-{req}", s.name);
+            if let Some(other) = infra_names.insert(full.clone(), here.clone()) {
+                problems.push(Problem {
+                    field: here,
+                    message: format!(
+                        "runs as infrastructure service {full:?}, which is also {other}; rename one of them"
+                    ),
+                });
+            }
+        }
+    }
     if let Some(infra) = &m.infrastructure {
         for (name, svc) in &infra.services {
             for dep in &svc.depends_on {
@@ -234,6 +264,13 @@ fn check_rules(m: &Manifest, origin: &str) -> Result<(), Invalid> {
         }
     }
     Invalid::check(origin, problems)
+}
+
+/// A route's path as the proxies match it: repeated `/` collapsed, no trailing `/` (but `/`
+/// itself). `/api/`, `//api` and `/api` are one route.
+pub fn route_path(path: &str) -> String {
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    format!("/{}", segments.join("/"))
 }
 
 /// Why a service may not be called `name`, if it may not: `deployer` is the directory of the
@@ -478,7 +515,72 @@ mod tests {
             p.iter().any(|m| m.contains("duplicate service name")),
             "{p:?}"
         );
-        assert!(p.iter().any(|m| m.contains("already used")), "{p:?}");
+        assert!(p.iter().any(|m| m.contains("already service")), "{p:?}");
+    }
+
+    /// `/api/`, `//api` and `/api` are one route (a path `//` once became Caddy matcher
+    /// `["", "/*"]` and took the whole domain); the error names the service holding it.
+    #[test]
+    fn routes_are_compared_normalised() {
+        for (first, second) in [("/api", "/api/"), ("/", "//"), ("/a/b", "/a//b/")] {
+            let mut a = seed_service();
+            a["name"] = json!("first");
+            a["envFile"] = json!("/var/lib/deployer-secrets/first.env");
+            a["http"]["path"] = json!(first);
+            let mut b = seed_service();
+            b["name"] = json!("second");
+            b["envFile"] = json!("/var/lib/deployer-secrets/second.env");
+            b["http"]["path"] = json!(second);
+            let p = problems(json!({"schemaVersion": 1, "services": [a, b]}));
+            assert_eq!(
+                p,
+                [format!(
+                    "services[1] (second).http: route my.example.com{} on host biz is already service \"first\"'s; one service per domain and path",
+                    route_path(first)
+                )],
+                "{first} vs {second}"
+            );
+        }
+        assert_eq!(route_path("//"), "/");
+        assert_eq!(route_path("/api//v1/"), "/api/v1");
+        let mut a = seed_service();
+        a["http"]["path"] = json!("/x/../admin");
+        assert!(
+            problems(manifest_with(a))
+                .iter()
+                .any(|m| m.contains("http.path") && m.contains("\"..\" segment")),
+        );
+    }
+
+    /// Service `a`'s requirement `b-c` and service `a-b`'s requirement `c` would both be
+    /// infrastructure service `a-b-c` (one unit, one data directory).
+    #[test]
+    fn own_infrastructure_names_cannot_collide() {
+        let with_req = |name: &str, req: &str| {
+            let mut s = seed_service();
+            s["name"] = json!(name);
+            s["envFile"] = json!(format!("/var/lib/deployer-secrets/{name}.env"));
+            s["http"]["domain"] = json!(format!("{name}.example.com"));
+            s["infrastructure"] = json!({"services": {req: {"command": ["/bin/true"]}}});
+            s
+        };
+        let p = problems(
+            json!({"schemaVersion": 1, "services": [with_req("a", "b-c"), with_req("a-b", "c")]}),
+        );
+        assert_eq!(
+            p,
+            [
+                "services[1] (a-b).infrastructure.services.c: runs as infrastructure service \"a-b-c\", which is also services[0] (a).infrastructure.services.b-c; rename one of them"
+            ]
+        );
+        let p = problems(json!({"schemaVersion": 1, "services": [with_req("a", "b")],
+            "infrastructure": {"services": {"a-b": {"command": ["/bin/true"]}}}}));
+        assert_eq!(
+            p,
+            [
+                "services[0] (a).infrastructure.services.b: runs as infrastructure service \"a-b\", which is also infrastructure.services.a-b; rename one of them"
+            ]
+        );
     }
 
     #[test]

@@ -19,11 +19,12 @@ use tracing::Instrument;
 use crate::AgentError;
 use crate::config::{AgentConfig, current_uid};
 use crate::health::{ExecProbe, Probes, wait_healthy};
-use crate::plan::{Step, plan, spec_hash, unit_name};
+use crate::names;
+use crate::plan::{Step, plan, spec_hash};
 use crate::proxy::{Proxy, Route};
 use crate::state::{Failure, Generation, Health, RouteState, RunLock, ServiceState, State};
 use crate::systemd::{JobResult, ServiceManager};
-use crate::unit::{UnitSpec, check_unit_name, split_command};
+use crate::unit::{EnvFile, UnitSpec, check_unit_name, split_command};
 use crate::{fetch, infra, secrets};
 
 /// What one run did.
@@ -42,8 +43,15 @@ pub struct RunReport {
     pub failed: Vec<(String, String)>,
     /// A failure on this host's side (secrets file, fetch) that the next run retries.
     pub retry: bool,
+    /// The services of `failed` whose deploy stopped before anything changed on the host
+    /// (nothing to roll back); the next run retries them. The others were rolled back.
+    pub retrying: Vec<String>,
     /// The proxy routes could not be applied; retried on the next run.
     pub route_error: Option<String>,
+    /// Units of ours that no state recorded (left by a run killed mid-deploy), retired.
+    pub retired: Vec<String>,
+    /// Infrastructure no service here needs any more, stopped (its data is kept).
+    pub stopped_infra: Vec<String>,
     /// Requests this run made to the store (an idle poll: 1), where counted.
     pub store_requests: Option<u64>,
     /// systemd calls this run made that change something (reload, restart, stop).
@@ -127,10 +135,13 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
         let started = std::time::Instant::now();
         self.store.start_run();
         let (requests, changes) = (self.store.requests(), self.manager.changes());
+        let dir = &self.config.state_dir;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| AgentError::io(format!("creating {}", dir.display()), e))?;
+        // Held until the report is published: publishing saves state.json too.
+        let _lock = RunLock::acquire(dir)?;
         let mut result = self.run_once_inner().instrument(span.clone()).await;
-        if !matches!(result, Err(AgentError::Busy { .. })) {
-            self.publish(started.elapsed()).instrument(span).await;
-        }
+        self.publish(started.elapsed()).instrument(span).await;
         if let Ok(report) = &mut result {
             report.store_requests = self
                 .store
@@ -146,6 +157,7 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
     /// changed or the last one is older than two intervals (a heartbeat, so that
     /// `deploy-manifest status` can tell a silent agent). Failures are logged, not fatal.
     async fn publish(&self, took: Duration) {
+        crate::fault::point("publish");
         let dir = &self.config.state_dir;
         let Ok(mut state) = State::load(dir, &self.config.host) else {
             return;
@@ -201,11 +213,9 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
         }
     }
 
+    /// The run, under the run lock.
     async fn run_once_inner(&self) -> Result<RunReport, AgentError> {
         let dir = &self.config.state_dir;
-        std::fs::create_dir_all(dir)
-            .map_err(|e| AgentError::io(format!("creating {}", dir.display()), e))?;
-        let _lock = RunLock::acquire(dir)?;
         if self.config.user {
             // Units of a user manager log to files here (there is no journal for them).
             let logs = dir.join("logs");
@@ -289,6 +299,8 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
                         } else {
                             report.kept.push(name.clone());
                         }
+                        let service = manifest.service(&name).expect("planned from it");
+                        self.clear_failure(service, &mut state).await;
                     }
                     Step::Skip { reason, .. } => {
                         tracing::warn!(%reason, "not retrying a deploy that failed");
@@ -296,7 +308,10 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
                     }
                     Step::Remove { .. } => match self.remove(&name, &mut state).await {
                         Ok(()) => report.removed.push(name.clone()),
-                        Err(e) => report.failed.push((name.clone(), e.to_string())),
+                        Err(e) => {
+                            report.retrying.push(name.clone());
+                            report.failed.push((name.clone(), e.to_string()));
+                        }
                     },
                     Step::Deploy { .. } => {
                         let service = manifest.service(&name).expect("planned from it");
@@ -304,6 +319,9 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
                             Ok(()) => report.deployed.push(name.clone()),
                             Err((e, retry)) => {
                                 report.retry |= retry;
+                                if retry {
+                                    report.retrying.push(name.clone());
+                                }
                                 report.failed.push((name.clone(), e));
                             }
                         }
@@ -317,6 +335,9 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             crate::fault::point("saved");
         }
 
+        report.stopped_infra = self.retire_unused_infra(&manifest, &mut state).await;
+        report.repaired.extend(self.repair_infra(&mut state).await);
+        report.retired = self.retire_unknown(&manifest, &state).await;
         // Re-assert every route: heals a proxy that lost its config, drops removed services.
         report.route_error = self.sync_routes(&state).await;
         state.manifest_version = manifest.version.clone();
@@ -331,8 +352,10 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             state.last_success = Some(now());
         }
         state.save(dir)?;
-        if !report.failed.is_empty() {
-            for (service, error) in &report.failed {
+        for (service, error) in &report.failed {
+            if report.retrying.contains(service) {
+                tracing::error!(%service, %error, "not deployed, nothing changed; the next run retries");
+            } else {
                 tracing::error!(%service, %error, "deploy failed and was rolled back");
             }
         }
@@ -352,8 +375,8 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             .chain(service.and_then(|(name, r)| r.map(|r| (name, r))))
             .map(|(name, r)| Route {
                 service: name.to_owned(),
-                domain: r.domain.clone(),
-                path: r.path.clone(),
+                domain: r.domain.to_ascii_lowercase(),
+                path: deploy_manifest::validate::route_path(&r.path),
                 port: r.port,
             })
             .collect();
@@ -409,6 +432,7 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             manifest_version: state.manifest_version.clone(),
             ..RunReport::default()
         };
+        report.repaired = self.repair_infra(state).await;
         let names: Vec<String> = state.services.keys().cloned().collect();
         for name in names {
             let span = tracing::info_span!("service", service = %name);
@@ -421,6 +445,221 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
         report
     }
 
+    /// Every infrastructure unit the state records is as recorded and running (a stopped
+    /// Postgres is started again). Returns the repaired ones, as `infra-<name>`.
+    async fn repair_infra(&self, state: &mut State) -> Vec<String> {
+        let mut repaired = Vec::new();
+        for (name, infra) in &state.infra {
+            let span = tracing::info_span!("infra", infra = %name);
+            let on_disk = std::fs::read_to_string(self.unit_path(&infra.unit)).ok();
+            let file_ok = on_disk.as_deref() == Some(infra.unit_file.as_str());
+            let active = match self
+                .manager
+                .status(&infra.unit)
+                .instrument(span.clone())
+                .await
+            {
+                Ok(s) => s.is_active(),
+                Err(e) => {
+                    tracing::warn!(parent: &span, error = %e, "cannot tell whether it runs");
+                    continue;
+                }
+            };
+            if file_ok && active {
+                continue;
+            }
+            tracing::warn!(parent: &span, file_ok, active, "drift: starting it again as recorded");
+            let result = async {
+                if !file_ok {
+                    self.write_unit(&infra.unit, &infra.unit_file)?;
+                    self.manager.reload().await?;
+                }
+                self.manager.restart(&infra.unit).await?;
+                Ok::<(), AgentError>(())
+            }
+            .instrument(span.clone())
+            .await;
+            match result {
+                Ok(()) => repaired.push(names::infra_owner(name)),
+                Err(e) => tracing::error!(parent: &span, error = %e, "could not start it again"),
+            }
+        }
+        repaired
+    }
+
+    /// Infrastructure that no service declared for this host needs any more: stopped and its
+    /// unit removed; its data stays (listed in the state's orphans). Nothing is stopped
+    /// when what the services need cannot be told.
+    async fn retire_unused_infra(&self, manifest: &Manifest, state: &mut State) -> Vec<String> {
+        let mut needed = std::collections::BTreeSet::new();
+        for service in crate::plan::desired(manifest, &self.config.host) {
+            match infra::needs(service, manifest) {
+                Ok(n) => needed.extend(n),
+                Err(_) => return Vec::new(),
+            }
+            for req in service
+                .infrastructure
+                .iter()
+                .flat_map(|i| i.services.keys())
+            {
+                needed.insert(names::owned_infra(&service.name, req));
+            }
+        }
+        let unused: Vec<String> = state
+            .infra
+            .keys()
+            .filter(|name| !needed.contains(*name))
+            .cloned()
+            .collect();
+        let mut stopped = Vec::new();
+        for name in unused {
+            let unit = state.infra[&name].unit.clone();
+            let span = tracing::info_span!("infra", infra = %name);
+            match self.retire(&unit).instrument(span.clone()).await {
+                Ok(()) => {
+                    tracing::info!(parent: &span, "no service here needs it: stopped; its data is kept");
+                    state.infra.remove(&name);
+                    state.orphans.push(format!(
+                        "infrastructure {name}: stopped, no service on this host needs it; its data is kept in {}",
+                        names::infra_dir(&self.config.state_dir, &name).display()
+                    ));
+                    stopped.push(name);
+                }
+                Err(e) => tracing::error!(parent: &span, error = %e, "could not stop it"),
+            }
+        }
+        state.orphans.sort();
+        state.orphans.dedup();
+        stopped
+    }
+
+    /// After a run that applied `manifest`: units of ours that no record in the state knows,
+    /// such as a zero-downtime generation whose run was killed before it was recorded, or a
+    /// release unit of a crashed run, are stopped and their files removed, so nothing of ours
+    /// runs untracked. A unit is ours when its name reads as one of ours
+    /// ([`names::parse_unit`]) and its file in the unit directory starts with our header, or
+    /// (loaded, its file gone) its description is ours.
+    ///
+    /// What may still serve is left alone: the units of a declared service that has no
+    /// healthy generation on record (a lost state.json whose redeploy has not succeeded),
+    /// and infrastructure a declared service needs. Only full runs sweep, never a run that
+    /// refused its manifest.
+    async fn retire_unknown(&self, manifest: &Manifest, state: &State) -> Vec<String> {
+        use crate::names::{UnitRole, parse_unit};
+        let declared: Vec<&Service> = crate::plan::desired(manifest, &self.config.host);
+        let mut needed = std::collections::BTreeSet::new();
+        for service in &declared {
+            needed.extend(infra::needs(service, manifest).unwrap_or_default());
+            for req in service
+                .infrastructure
+                .iter()
+                .flat_map(|i| i.services.keys())
+            {
+                needed.insert(names::owned_infra(&service.name, req));
+            }
+        }
+        let ours = |name: &str| match parse_unit(name) {
+            None | Some(UnitRole::Probe(_)) => false,
+            Some(UnitRole::Infra(infra)) => !needed.contains(&infra),
+            Some(
+                UnitRole::Service(service)
+                | UnitRole::Release(service)
+                | UnitRole::Generation { service, .. },
+            ) => {
+                let is_declared = declared.iter().any(|s| s.name == service);
+                let settled = state
+                    .services
+                    .get(&service)
+                    .is_some_and(|s| s.current.is_some() && s.health == Health::Healthy);
+                !is_declared || settled
+            }
+        };
+        let known: std::collections::BTreeSet<&str> = state
+            .services
+            .values()
+            .flat_map(|s| {
+                [
+                    Some(s.unit.as_str()),
+                    s.current.as_ref().and_then(|g| g.unit.as_deref()),
+                ]
+            })
+            .flatten()
+            .chain(state.infra.values().map(|i| i.unit.as_str()))
+            .collect();
+        let mut found = std::collections::BTreeSet::new();
+        if let Ok(dir) = std::fs::read_dir(&self.config.unit_dir) {
+            for entry in dir.flatten() {
+                let Ok(name) = entry.file_name().into_string() else {
+                    continue;
+                };
+                let header = std::fs::read_to_string(entry.path())
+                    .is_ok_and(|t| t.starts_with(crate::unit::HEADER));
+                if ours(&name) && header {
+                    found.insert(name);
+                }
+            }
+        }
+        match self.manager.list_units("deployer-*.service").await {
+            Ok(units) => found.extend(
+                units
+                    .into_iter()
+                    .filter(|u| {
+                        ours(&u.name)
+                            && u.load_state == "not-found"
+                            && u.active_state != "inactive"
+                            && u.description.starts_with("deployer")
+                    })
+                    .map(|u| u.name),
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot list the units of ours systemd has"),
+        }
+        let mut retired = Vec::new();
+        for unit in found {
+            if known.contains(unit.as_str()) {
+                continue;
+            }
+            tracing::warn!(%unit, "a unit of ours that no state records: stopping it and removing its file");
+            match self.retire(&unit).await {
+                Ok(()) => retired.push(unit),
+                Err(e) => tracing::error!(%unit, error = %e, "could not retire it"),
+            }
+        }
+        retired
+    }
+
+    /// The manifest's spec runs (a `Keep`): a failure recorded for another spec (a version
+    /// rolled back since), or for this one before the host was fixed (a missing artifact),
+    /// is history once the running generation passes its health checks.
+    async fn clear_failure(&self, service: &Service, state: &mut State) {
+        let Some(entry) = state.services.get_mut(&service.name) else {
+            return;
+        };
+        let Some(current) = &entry.current else {
+            return;
+        };
+        if entry.failed.is_none() && entry.last_error.is_none() && entry.health == Health::Healthy {
+            return;
+        }
+        let unit = entry.unit.clone();
+        let healthy = match self.restored_probes(service, current) {
+            Ok(probes) => wait_healthy(&self.manager, &unit, &probes, Duration::ZERO).await,
+            Err(e) => Err(e.to_string()),
+        };
+        match healthy {
+            Ok(()) => {
+                tracing::info!("runs the manifest's spec healthily: earlier failure cleared");
+                entry.failed = None;
+                entry.last_error = None;
+                entry.health = Health::Healthy;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "runs the manifest's spec, but not healthily");
+                entry.health = Health::Unhealthy;
+                entry.last_error = Some(format!("unhealthy: {e}"));
+            }
+        }
+    }
+
     /// Make sure a deployed service's unit file is as recorded and the unit is active.
     /// Returns whether anything had to be repaired.
     async fn ensure_running(&self, name: &str, state: &mut State) -> bool {
@@ -430,6 +669,14 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
         let Some(current) = entry.current.clone() else {
             return false;
         };
+        // A secrets file created or changed since the deploy is read at the next restart.
+        let owner = if self.config.user { current_uid() } else { 0 };
+        entry.warning = EnvFile::parse_all(&current.unit_file)
+            .iter()
+            .find_map(|f| secrets::recheck(f, owner).err());
+        if let Some(w) = &entry.warning {
+            tracing::warn!(warning = %w, "fix it before the service restarts");
+        }
         let path = self.unit_path(&entry.unit);
         let on_disk = std::fs::read_to_string(&path).ok();
         let file_ok = on_disk.as_deref() == Some(current.unit_file.as_str());
@@ -480,7 +727,7 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
         &self,
         service: &Service,
         artifact: &Path,
-        env_files: &[PathBuf],
+        env_files: &[EnvFile],
         port: Option<u16>,
         release: Option<&deploy_manifest::model::Release>,
     ) -> Result<UnitSpec, AgentError> {
@@ -504,7 +751,11 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
         if let Some(p) = port {
             environment.insert("PORT".to_owned(), p.to_string());
         }
-        let suffix = if release.is_some() { "-release" } else { "" };
+        let unit = match release {
+            Some(_) => names::release_unit(&service.name),
+            None => names::service_unit(&service.name),
+        };
+        let suffix = if release.is_some() { " release" } else { "" };
         Ok(UnitSpec {
             description: format!("deployer: {}{suffix}", service.name),
             exec_start: argv,
@@ -513,12 +764,10 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             group: exec.and_then(|e| e.group.clone()).filter(|_| system),
             environment,
             environment_files: env_files.to_vec(),
-            log_file: self.config.user.then(|| {
-                self.config
-                    .state_dir
-                    .join("logs")
-                    .join(format!("{}{suffix}.log", service.name))
-            }),
+            log_file: self
+                .config
+                .user
+                .then(|| names::log_file(&self.config.state_dir.join("logs"), &unit)),
             hardening: system,
             oneshot: release.is_some(),
             start_timeout: release.map(|r| r.timeout()),
@@ -528,15 +777,12 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
     /// The probes of a restored previous generation: its exec probe runs in the service's
     /// sandbox with the environment files its own unit file names.
     fn restored_probes(&self, service: &Service, prev: &Generation) -> Result<Probes, AgentError> {
-        let env_files: Vec<PathBuf> = prev
-            .unit_file
-            .lines()
-            .filter_map(|l| l.strip_prefix("EnvironmentFile="))
-            .map(PathBuf::from)
-            .collect();
+        let env_files = EnvFile::parse_all(&prev.unit_file);
         let artifact = Path::new(&prev.path);
-        let spec = self.unit_spec(service, artifact, &env_files, None, None)?;
-        Ok(Probes::of(service, artifact, None, &spec))
+        // A zero-downtime generation listens on the port it was given.
+        let port = prev.unit.as_ref().and(prev.route.as_ref()).map(|r| r.port);
+        let spec = self.unit_spec(service, artifact, &env_files, port, None)?;
+        Ok(Probes::of(service, artifact, port, &spec))
     }
 
     /// Start (or keep) an infrastructure service and wait until it is ready; an external
@@ -561,12 +807,10 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             group: None,
             environment: Default::default(),
             environment_files: Vec::new(),
-            log_file: self.config.user.then(|| {
-                self.config
-                    .state_dir
-                    .join("logs")
-                    .join(format!("infra-{name}.log"))
-            }),
+            log_file: self
+                .config
+                .user
+                .then(|| names::log_file(&self.config.state_dir.join("logs"), &unit)),
             hardening: false,
             oneshot: false,
             start_timeout: None,
@@ -604,10 +848,7 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
                     infra::pg_bin()?.join("pg_isready").display().to_string(),
                     "-q".into(),
                     "-h".into(),
-                    self.config
-                        .state_dir
-                        .join("infra")
-                        .join(name)
+                    names::infra_dir(&self.config.state_dir, name)
                         .join("run")
                         .display()
                         .to_string(),
@@ -705,7 +946,7 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
                 );
             }
             for (rname, spec) in &req.services {
-                let full = format!("{}-{rname}", service.name);
+                let full = names::owned_infra(&service.name, rname);
                 let ep = self.ensure_infra(&full, spec, state).await?;
                 for (k, v) in &spec.env {
                     let (value, _) = infra::resolve(
@@ -753,7 +994,7 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
         manifest: &Manifest,
         state: &mut State,
     ) -> Result<(), (String, bool)> {
-        let default_unit = unit_name(&service.name);
+        let default_unit = names::service_unit(&service.name);
         let zero = !self.proxy.is_none()
             && service.http.as_ref().and_then(|h| h.zero_downtime) == Some(true);
         let port = if zero {
@@ -765,7 +1006,7 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             None
         };
         let unit = match port {
-            Some(p) => format!("deployer-{}-{p}.service", service.name),
+            Some(p) => names::generation_unit(&service.name, p),
             None => default_unit.clone(),
         };
         state
@@ -944,11 +1185,11 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
         .map_err(untouched)?;
         crate::fault::point("fetched");
         // Generated settings first, the operator's secrets file last (it wins).
-        let env_files: Vec<PathBuf> = launch
+        let env_files: Vec<EnvFile> = launch
             .generated_env
             .iter()
-            .cloned()
-            .chain(env_file)
+            .map(EnvFile::required)
+            .chain([env_file])
             .collect();
         let spec = self
             .unit_spec(service, &artifact, &env_files, launch.port, None)
@@ -963,7 +1204,7 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
         if launch.run_release
             && let Some(release) = &service.release
         {
-            let release_unit = format!("deployer-{}-release.service", service.name);
+            let release_unit = names::release_unit(&service.name);
             let text = self
                 .unit_spec(service, &artifact, &env_files, launch.port, Some(release))
                 .and_then(|spec| Ok(spec.render()?))
@@ -1026,8 +1267,8 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             unit_file,
             unit: launch.port.map(|_| unit.to_owned()),
             route: service.http.as_ref().map(|h| RouteState {
-                domain: h.domain.clone(),
-                path: h.path.clone(),
+                domain: h.domain.to_ascii_lowercase(),
+                path: deploy_manifest::validate::route_path(&h.path),
                 port: launch.port.unwrap_or(h.internal_port),
             }),
         })
@@ -1069,7 +1310,7 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             .get(name)
             .map(|s| s.unit.clone())
             .filter(|u| !u.is_empty())
-            .unwrap_or_else(|| unit_name(name));
+            .unwrap_or_else(|| names::service_unit(name));
         if self.unit_path(&unit).exists() {
             self.retire(&unit).await?;
         }

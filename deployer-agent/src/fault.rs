@@ -2,7 +2,8 @@
 //! agent SIGKILL itself when it reaches `<step>`, `DEPLOYER_FAULT=<step>:pause=<ms>` makes it
 //! wait there (so a test can cut the store or fill the disk at that exact point). Steps:
 //! `manifest` (fetched and validated), `fetched` (artifact on disk), `unit-written`,
-//! `restarted`, `healthy`, `saved` (state.json written after a service). Unset, it costs
+//! `restarted`, `healthy`, `saved` (state.json written after a service), `publish` (the
+//! run done, its report not yet written; the run lock is still held). Unset, it costs
 //! one environment lookup per process.
 
 use std::sync::LazyLock;

@@ -31,8 +31,8 @@ pub struct ExecProbe {
     /// working directory = the artifact), or root for infrastructure. Its `exec_start` is
     /// the probe's argv.
     pub unit: UnitSpec,
-    /// Names its transient units: `deployer-probe-<label>.<random hex>.service` (the dot
-    /// keeps them apart from every service's units: service names have none).
+    /// Whose probe it is (a service name, or `infra-<name>`): names its transient units
+    /// (`names::probe_unit`).
     pub label: String,
 }
 
@@ -55,7 +55,7 @@ impl ExecProbe {
                 oneshot: true,
                 start_timeout: None,
             },
-            label: format!("infra-{label}"),
+            label: crate::names::infra_owner(label),
         }
     }
 
@@ -63,7 +63,7 @@ impl ExecProbe {
     /// is the unit it checks (its name is the probe's `StateDirectory=` under hardening).
     pub fn transient(&self, service_unit: &str, timeout: Duration) -> TransientSpec {
         TransientSpec {
-            name: format!("deployer-probe-{}.{}.service", self.label, random_hex()),
+            name: crate::names::probe_unit(&self.label, &random_hex()),
             unit: self.unit.clone(),
             state_directory: service_unit.strip_suffix(".service").map(str::to_owned),
             timeout,

@@ -43,10 +43,6 @@ impl Endpoint {
     }
 }
 
-pub fn infra_unit(name: &str) -> String {
-    format!("deployer-infra-{name}.service")
-}
-
 fn err(what: &str, detail: impl Into<String>) -> AgentError {
     AgentError::Infra {
         what: what.to_owned(),
@@ -118,7 +114,7 @@ pub fn endpoint(name: &str, spec: &InfraService) -> Endpoint {
         None => (
             "127.0.0.1".to_owned(),
             default_ports(spec),
-            Some(infra_unit(name)),
+            Some(crate::names::infra_unit(name)),
         ),
     };
     Endpoint {
@@ -215,7 +211,7 @@ pub fn prepare(
     ep: &Endpoint,
     state_dir: &Path,
 ) -> Result<(Vec<String>, PathBuf), AgentError> {
-    let root = state_dir.join("infra").join(name);
+    let root = crate::names::infra_dir(state_dir, name);
     let data = root.join("data");
     let mkdir = |p: &Path, mode: u32| -> Result<(), AgentError> {
         std::fs::create_dir_all(p).map_err(|e| err(name, format!("{}: {e}", p.display())))?;
@@ -496,7 +492,7 @@ impl AppLayer<'_> {
         let port = ep.port().unwrap_or(5432).to_string();
         let mut cmd = match &ep.unit {
             Some(_) => {
-                let run_dir = self.state_dir.join("infra").join(infra_name).join("run");
+                let run_dir = crate::names::infra_dir(self.state_dir, infra_name).join("run");
                 let mut c = Command::new("runuser");
                 c.args(["-u", "postgres", "--", "psql", "-h"])
                     .arg(run_dir)

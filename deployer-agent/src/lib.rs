@@ -10,6 +10,7 @@ pub mod fault;
 pub mod fetch;
 pub mod health;
 pub mod infra;
+pub mod names;
 pub mod plan;
 pub mod proxy;
 pub mod report;

@@ -25,7 +25,7 @@ use deployer_agent::{AgentError, EXIT_SERVICES_FAILED, agent::Agent};
     version,
     about = "Converge this host to the deployer manifest: systemd units, health, rollback",
     after_help = "Exit codes: 0 ok, 1 failure, 2 usage, 3 invalid manifest, 4 no manifest, \
-                  5 store unusable or too slow, 8 some services failed (and were rolled back), 9 another run holds the lock, \
+                  5 store unusable or too slow, 8 some services failed (rolled back, or retried next run), 9 another run holds the lock, \
                   11 manifest refused: unsigned, wrongly signed or older than the applied one"
 )]
 struct Cli {
@@ -365,7 +365,12 @@ async fn run(cli: Cli) -> Result<i32, AgentError> {
                 );
             }
             for (service, error) in &report.failed {
-                eprintln!("deployer-agent: {service}: {error} (rolled back)");
+                let what = if report.retrying.contains(service) {
+                    "nothing changed; the next run retries"
+                } else {
+                    "rolled back"
+                };
+                eprintln!("deployer-agent: {service}: {error} ({what})");
             }
             if let Some(e) = &report.route_error {
                 eprintln!("deployer-agent: {e}");

@@ -13,10 +13,6 @@ pub fn spec_hash(service: &Service) -> String {
     deploy_manifest::hex(&Sha256::digest(bytes))
 }
 
-pub fn unit_name(service: &str) -> String {
-    format!("deployer-{service}.service")
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase", tag = "action")]
 pub enum Step {

@@ -69,8 +69,6 @@ pub struct Proxy {
     http: reqwest::Client,
 }
 
-const ID_PREFIX: &str = "deployer-";
-
 impl Proxy {
     pub fn new(config: ProxyConfig) -> Proxy {
         // No connection reuse: Caddy's admin endpoint may close connections when its config
@@ -157,53 +155,18 @@ impl Proxy {
         if existing.is_null() {
             self.ensure_caddy_server(admin, server, listen).await?;
         }
-        let owned: Vec<String> = existing
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|r| r.get("@id").and_then(Value::as_str))
-            .filter(|id| id.starts_with(ID_PREFIX))
-            .map(str::to_owned)
+        // What Caddy has, kept in step with every change below so positions stay right.
+        let mut current: Vec<Value> = existing.as_array().cloned().unwrap_or_default();
+        let id_of = |r: &Value| r.get("@id").and_then(Value::as_str).map(str::to_owned);
+        let owned: Vec<String> = current
+            .iter()
+            .filter_map(id_of)
+            .filter(|id| crate::names::is_caddy_route_id(id))
             .collect();
-        // Specific paths before catch-alls: new "/" routes go last, others first.
-        for route in routes {
-            let id = format!("{ID_PREFIX}{}", route.service);
-            let desired = caddy_route(&id, route);
-            let current = existing
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|r| r.get("@id").and_then(Value::as_str) == Some(&id));
-            if current == Some(&desired) {
-                continue;
-            }
-            if current.is_some() {
-                let (status, body) = self
-                    .caddy(admin, Method::PATCH, &format!("/id/{id}"), Some(&desired))
-                    .await?;
-                if status == 200 {
-                    continue;
-                }
-                if status != 404 {
-                    return Err(fail(format!("PATCH /id/{id}: {status} {body}")));
-                }
-            }
-            let (method, path) = if route.path == "/" {
-                (Method::POST, routes_path.clone())
-            } else {
-                (Method::PUT, format!("{routes_path}/0"))
-            };
-            let (status, body) = self
-                .caddy(admin, method.clone(), &path, Some(&desired))
-                .await?;
-            if status != 200 {
-                return Err(fail(format!("{method} {path}: {status} {body}")));
-            }
-        }
         for id in owned {
             if !routes
                 .iter()
-                .any(|r| format!("{ID_PREFIX}{}", r.service) == id)
+                .any(|r| crate::names::caddy_route_id(&r.service) == id)
             {
                 let (status, body) = self
                     .caddy(admin, Method::DELETE, &format!("/id/{id}"), None)
@@ -211,7 +174,65 @@ impl Proxy {
                 if status != 200 && status != 404 {
                     return Err(fail(format!("DELETE /id/{id}: {status} {body}")));
                 }
+                current.retain(|r| id_of(r).as_deref() != Some(id.as_str()));
             }
+        }
+        for route in routes {
+            let id = crate::names::caddy_route_id(&route.service);
+            let desired = caddy_route(&id, route);
+            let at = current
+                .iter()
+                .position(|r| id_of(r).as_deref() == Some(id.as_str()));
+            if let Some(i) = at {
+                if current[i] == desired {
+                    continue;
+                }
+                // Same path: change it where it is. Another path: it may belong elsewhere.
+                let method = if caddy_path(&current[i]) == route.path {
+                    Method::PATCH
+                } else {
+                    Method::DELETE
+                };
+                let body = (method == Method::PATCH).then_some(&desired);
+                let (status, text) = self
+                    .caddy(admin, method.clone(), &format!("/id/{id}"), body)
+                    .await?;
+                if status == 200 && method == Method::PATCH {
+                    current[i] = desired;
+                    continue;
+                }
+                if status != 200 && status != 404 {
+                    return Err(fail(format!("{method} /id/{id}: {status} {text}")));
+                }
+                current.remove(i);
+            }
+            // A longer path must come before a shorter one it is under (`/api/v1` before
+            // `/api`): before our first route with a shorter path; else after our last
+            // route; else first (specific paths before others' catch-alls) or, for `/`,
+            // last.
+            let ours = |r: &Value| id_of(r).is_some_and(|i| crate::names::is_caddy_route_id(&i));
+            let shorter = current
+                .iter()
+                .position(|r| ours(r) && caddy_path(r).len() < route.path.len());
+            let after_ours = current.iter().rposition(ours).map(|i| i + 1);
+            let index = match (shorter, after_ours) {
+                (Some(i), _) => Some(i),
+                _ if route.path == "/" => None,
+                (None, Some(i)) => Some(i),
+                (None, None) => Some(0),
+            };
+            let (method, path) = match index {
+                Some(i) if i < current.len() => (Method::PUT, format!("{routes_path}/{i}")),
+                _ => (Method::POST, routes_path.clone()),
+            };
+            let (status, body) = self
+                .caddy(admin, method.clone(), &path, Some(&desired))
+                .await?;
+            if status != 200 {
+                return Err(fail(format!("{method} {path}: {status} {body}")));
+            }
+            let i = index.unwrap_or(current.len()).min(current.len());
+            current.insert(i, desired);
         }
         Ok(())
     }
@@ -276,6 +297,11 @@ impl Proxy {
     }
 }
 
+/// The path a Caddy route of ours matches (`/` when it has no path matcher).
+fn caddy_path(route: &Value) -> &str {
+    route["match"][0]["path"][0].as_str().unwrap_or("/")
+}
+
 /// A Caddy route for `r`.
 fn caddy_route(id: &str, r: &Route) -> Value {
     let mut matcher = json!({"host": [r.domain]});
@@ -300,7 +326,7 @@ pub fn nginx_config(routes: &[Route], listen: &str) -> String {
     let mut out = String::from("# Generated by deployer-agent; changes are overwritten.\n");
     let mut by_domain: BTreeMap<&str, Vec<&Route>> = BTreeMap::new();
     for r in routes {
-        let upstream = upstream_name(&r.service);
+        let upstream = crate::names::upstream(&r.service);
         let _ = writeln!(
             out,
             "upstream {upstream} {{\n    server 127.0.0.1:{};\n    keepalive 16;\n}}",
@@ -315,20 +341,23 @@ pub fn nginx_config(routes: &[Route], listen: &str) -> String {
             "server {{\n    listen {listen};\n    server_name {domain};"
         );
         for r in rs {
-            let _ = writeln!(
-                out,
-                "    location {} {{\n        proxy_pass http://{};\n        proxy_http_version 1.1;\n        proxy_set_header Connection \"\";\n        proxy_set_header Host $host;\n        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n        proxy_next_upstream error timeout;\n    }}",
-                r.path,
-                upstream_name(&r.service)
-            );
+            // `/api` is `/api` and what is under `/api/`, as with Caddy; not `/apiary`.
+            let locations = if r.path == "/" {
+                vec!["/".to_owned()]
+            } else {
+                vec![format!("= {}", r.path), format!("{}/", r.path)]
+            };
+            for location in locations {
+                let _ = writeln!(
+                    out,
+                    "    location {location} {{\n        proxy_pass http://{};\n        proxy_http_version 1.1;\n        proxy_set_header Connection \"\";\n        proxy_set_header Host $host;\n        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n        proxy_next_upstream error timeout;\n    }}",
+                    crate::names::upstream(&r.service)
+                );
+            }
         }
         let _ = writeln!(out, "}}");
     }
     out
-}
-
-fn upstream_name(service: &str) -> String {
-    format!("deployer_{}", service.replace('-', "_"))
 }
 
 /// Check `text` with `nginx -t` (inside a throwaway main config), then swap it in and reload.
@@ -438,9 +467,10 @@ mod tests {
             ],
             "80",
         );
-        assert!(text.contains("upstream deployer_api_v1 {\n    server 127.0.0.1:8081;"));
+        assert!(text.contains("upstream deployer-api-v1 {\n    server 127.0.0.1:8081;"));
         let a = text.find("server_name a.test;").unwrap();
-        let api = text[a..].find("location /api {").unwrap();
+        let api = text[a..].find("location /api/ {").unwrap();
+        assert!(text[a..].contains("location = /api {"));
         let root = text[a..].find("location / {").unwrap();
         assert!(api < root, "longer paths first:\n{text}");
         assert_eq!(text.matches("server {").count(), 2);

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use deploy_manifest::validate::{is_normalised_absolute, is_plain_file_name};
 
 use crate::AgentError;
+use crate::unit::EnvFile;
 
 /// The largest secret file the agent reads (a key, a password, a few admin settings).
 pub const MAX_SECRET_BYTES: u64 = 64 * 1024;
@@ -53,15 +54,16 @@ fn allowed(service: &str, secrets_dir: &Path) -> String {
     )
 }
 
-/// The env file a service gets, if any: `Ok(None)` when the default file does not exist.
-/// A declared `envFile` must be `<secrets dir>/<service>.env` or directly in
+/// The env file a service gets: a declared `envFile`, which must exist, or the default
+/// `<secrets dir>/<service>.env`, optional (`EnvironmentFile=-…`: one created later is read
+/// at the service's next restart, and checked by every run, [`recheck`]). A declared `envFile` must be `<secrets dir>/<service>.env` or directly in
 /// `<secrets dir>/<service>/`; anything else is refused without being looked at.
 pub fn env_file(
     service: &str,
     declared: Option<&str>,
     secrets_dir: &Path,
     owner_uid: u32,
-) -> Result<Option<PathBuf>, AgentError> {
+) -> Result<EnvFile, AgentError> {
     check_service_name(service, secrets_dir)?;
     let default = secrets_dir.join(format!("{service}.env"));
     let path = match declared {
@@ -92,8 +94,14 @@ pub fn env_file(
         check_service_dir(service, secrets_dir, owner_uid)?;
     }
     match open_checked(&path, owner_uid) {
-        Ok(_) => Ok(Some(path)),
-        Err(Refusal::Missing) if declared.is_none() => Ok(None),
+        Ok(_) => Ok(EnvFile {
+            path,
+            optional: declared.is_none(),
+        }),
+        Err(Refusal::Missing) if declared.is_none() => Ok(EnvFile {
+            path,
+            optional: true,
+        }),
         Err(Refusal::Missing) if path != default => {
             let dir = secrets_dir.join(service);
             Err(refuse(
@@ -115,6 +123,21 @@ pub fn env_file(
             ),
         )),
         Err(r) => Err(refuse(service, &path, r.explain(&path, owner_uid))),
+    }
+}
+
+/// Check an env file a deployed unit names, as a deploy would: a missing optional one is
+/// fine; one that exists must be a regular file, not readable by others, owned by the owner.
+/// Returns what is wrong and how to fix it.
+pub fn recheck(file: &EnvFile, owner_uid: u32) -> Result<(), String> {
+    match open_checked(&file.path, owner_uid) {
+        Ok(_) => Ok(()),
+        Err(Refusal::Missing) if file.optional => Ok(()),
+        Err(r) => Err(format!(
+            "secrets file {}: {}",
+            file.path.display(),
+            r.explain(&file.path, owner_uid)
+        )),
     }
 }
 
@@ -289,18 +312,26 @@ mod tests {
     fn modes_and_owners_are_checked() {
         let dir = tempfile::tempdir().unwrap();
         let uid = std::fs::metadata(dir.path()).unwrap().uid();
-        assert_eq!(env_file("a", None, dir.path(), uid).unwrap(), None);
+        let optional = EnvFile {
+            path: dir.path().join("a.env"),
+            optional: true,
+        };
+        // Missing: still named, optionally, so that one created later is used.
+        assert_eq!(env_file("a", None, dir.path(), uid).unwrap(), optional);
+        assert_eq!(recheck(&optional, uid), Ok(()));
         let f = dir.path().join("a.env");
         write(&f, "K=v\n", 0o644);
+        let e = recheck(&optional, uid).unwrap_err();
+        assert!(e.contains("chmod 600"), "{e}");
         let e = env_file("a", None, dir.path(), uid)
             .unwrap_err()
             .to_string();
         assert!(e.contains("chmod 600"), "{e}");
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert_eq!(
-            env_file("a", None, dir.path(), uid).unwrap(),
-            Some(f.clone())
-        );
+        assert_eq!(env_file("a", None, dir.path(), uid).unwrap(), optional);
+        assert_eq!(recheck(&optional, uid), Ok(()));
+        assert!(recheck(&optional, uid + 1).is_err());
+        assert!(recheck(&EnvFile::required(dir.path().join("gone.env")), uid).is_err());
         let e = env_file("a", None, dir.path(), uid + 1)
             .unwrap_err()
             .to_string();
@@ -332,7 +363,7 @@ mod tests {
         for good in [s.join("b.env"), s.join("b/extra.env"), s.join("b/b.env")] {
             assert_eq!(
                 env_file("b", Some(&path(&good)), s, uid).unwrap(),
-                Some(good.clone())
+                EnvFile::required(good.clone())
             );
         }
         // Anything else, however it is spelled, and wherever the file is.

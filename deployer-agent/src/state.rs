@@ -105,6 +105,10 @@ pub struct ServiceState {
     pub failed: Option<Failure>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// What is wrong without stopping the service (a secrets file others may read), as of
+    /// the last run; every run checks again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated_at: Option<String>,
     /// The artifact whose release command last succeeded (it runs once per artifact).
@@ -132,7 +136,7 @@ pub struct Generation {
     /// The generated unit file (no secrets: those stay in the env file).
     pub unit_file: String,
     /// The unit it runs as, when not the service's default `deployer-<name>.service`
-    /// (zero-downtime generations run as `deployer-<name>-<port>.service`).
+    /// (zero-downtime generations run as `deployer-<name>.<port>.service`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unit: Option<String>,
     /// The proxy route to it.
@@ -335,6 +339,7 @@ mod tests {
                         error: "unhealthy".into(),
                         at: "2026-11-22T14:00:00Z".into(),
                     }),
+                    warning: Some("w".into()),
                     last_error: Some("unhealthy".into()),
                     updated_at: Some("2026-11-22T14:00:00Z".into()),
                     deploys: 3,

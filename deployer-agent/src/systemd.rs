@@ -22,6 +22,25 @@ trait Manager {
     fn load_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
     fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
     fn get_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+    #[allow(clippy::type_complexity)]
+    fn list_units_by_patterns(
+        &self,
+        states: &[&str],
+        patterns: &[&str],
+    ) -> zbus::Result<
+        Vec<(
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+            OwnedObjectPath,
+            u32,
+            String,
+            OwnedObjectPath,
+        )>,
+    >;
     fn start_transient_unit(
         &self,
         name: &str,
@@ -133,6 +152,15 @@ impl UnitStatus {
     }
 }
 
+/// A unit the manager has loaded (`ListUnitsByPatterns`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedUnit {
+    pub name: String,
+    pub description: String,
+    pub load_state: String,
+    pub active_state: String,
+}
+
 /// The service-manager operations the agent needs.
 pub trait ServiceManager {
     /// `daemon-reload`: pick up changed unit files.
@@ -156,6 +184,11 @@ pub trait ServiceManager {
         unit: &str,
         wait: Duration,
     ) -> impl Future<Output = Result<JobResult, SystemdError>>;
+    /// The units loaded now whose names match the glob `pattern`, in any state.
+    fn list_units(
+        &self,
+        pattern: &str,
+    ) -> impl Future<Output = Result<Vec<ListedUnit>, SystemdError>>;
     /// Calls so far that change something (reload, restart, stop), where counted.
     fn changes(&self) -> u64 {
         0
@@ -330,9 +363,7 @@ fn dbus_value(p: &Property) -> Value<'_> {
             argv.clone(),
             false,
         )]),
-        Property::Files(files) => {
-            Value::from(files.iter().map(|f| (f.clone(), false)).collect::<Vec<_>>())
-        }
+        Property::Files(files) => Value::from(files.clone()),
         Property::Micros(us) => Value::from(*us),
     }
 }
@@ -420,6 +451,29 @@ impl ServiceManager for Systemd {
         let outcome = self.outcome(unit, result).await;
         let _ = self.manager.reset_failed_unit(unit).await;
         Ok(outcome)
+    }
+
+    async fn list_units(&self, pattern: &str) -> Result<Vec<ListedUnit>, SystemdError> {
+        let units = self
+            .manager
+            .list_units_by_patterns(&[], &[pattern])
+            .await
+            .map_err(|source| SystemdError::Call {
+                call: "ListUnitsByPatterns",
+                unit: pattern.to_owned(),
+                source: Box::new(source),
+            })?;
+        Ok(units
+            .into_iter()
+            .map(
+                |(name, description, load_state, active_state, ..)| ListedUnit {
+                    name,
+                    description,
+                    load_state,
+                    active_state,
+                },
+            )
+            .collect())
     }
 
     async fn status(&self, unit: &str) -> Result<UnitStatus, SystemdError> {

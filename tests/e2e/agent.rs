@@ -433,7 +433,7 @@ fn secrets_file_with_wrong_mode_is_refused_with_the_fix() {
     assert!(body(port).is_some());
     let unit = std::fs::read_to_string(host.unit_file("hello")).unwrap();
     assert!(
-        unit.contains(&format!("EnvironmentFile={}", secrets.display())),
+        unit.contains(&format!("EnvironmentFile=-{}", secrets.display())),
         "{unit}"
     );
     // Every place the agent writes: unit file, state, its host report in the store, output.

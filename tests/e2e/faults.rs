@@ -11,7 +11,7 @@ use crate::agent::{App, Host, artifact_sha, body, declare_hello, hello_v1_runnin
 use crate::fixture::Fixture;
 
 /// `deployer-agent run --once` with `DEPLOYER_FAULT` set.
-fn run_with_fault(host: &Host, fx: &Fixture, fault: &str) -> Output {
+pub(crate) fn run_with_fault(host: &Host, fx: &Fixture, fault: &str) -> Output {
     let args = host.args(&["run", "--once"]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut env = host.env(fx);

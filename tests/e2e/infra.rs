@@ -224,13 +224,28 @@ fn postgres_and_redis_for_services() {
         "{failed}"
     );
 
-    // Removed: the unit goes, the database stays and is reported as orphaned.
+    // Removed: the unit goes, the database stays and is reported as orphaned. Postgres,
+    // needed by no other service here, is stopped; its data stays.
+    let m: Value = serde_json::from_slice(&fx.dm(&["show"]).ok().stdout).unwrap();
+    let app_spec = m["services"][0].clone();
+    assert_eq!(app_spec["name"], json!("app"));
     fx.dm(&["remove-service", "app"]).ok();
     host.run_once(&fx).ok();
     assert!(!host.unit_file("app").exists());
     let orphans = host.state()["orphans"].to_string();
     assert!(orphans.contains("database app"), "{orphans}");
     assert!(orphans.contains(&format!("redis index {i1}")), "{orphans}");
+    assert!(orphans.contains("infrastructure db"), "{orphans}");
+    assert_ne!(
+        host.sandbox
+            .systemctl(&["is-active", "deployer-infra-db.service"])
+            .stdout_str()
+            .trim(),
+        "active"
+    );
+    // Declared again, it starts on the data it had.
+    fx.dm(&["add-service", &app_spec.to_string()]).ok();
+    host.run_once(&fx);
     assert_eq!(
         psql(&host, pg, "app", "select count(*) > 0 from visits")
             .ok()

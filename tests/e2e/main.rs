@@ -2,6 +2,7 @@
 //! One test binary (ripgrep-style); one module per capability.
 
 mod agent;
+mod core;
 mod faults;
 mod fixture;
 mod fleet;

@@ -24,6 +24,20 @@ fn declare(fx: &Fixture, port: u16, zero: bool) {
     fx.dm(&["add-service", &service.to_string()]).ok();
 }
 
+/// The agent flags for routes through `nginx`.
+pub(crate) fn nginx_flags(nginx: &Nginx) -> Vec<String> {
+    vec![
+        "--proxy".into(),
+        "openresty".into(),
+        "--nginx-config".into(),
+        nginx.config_file().display().to_string(),
+        "--nginx-listen".into(),
+        format!("127.0.0.1:{}", nginx.port),
+        "--nginx-reload".into(),
+        nginx.reload_command(),
+    ]
+}
+
 fn caddy_host(caddy: &Caddy) -> Host {
     let mut host = Host::new();
     host.flags = vec![
@@ -43,7 +57,7 @@ fn caddy_host(caddy: &Caddy) -> Host {
 
 /// Twenty ports for zero-downtime generations, apart from other tests' (the agent skips
 /// any that is in use).
-fn port_range() -> String {
+pub(crate) fn port_range() -> String {
     let base = free_port().min(65000);
     format!("{base}-{}", base + 19)
 }
@@ -160,7 +174,7 @@ fn caddy_zero_downtime_deploys_and_rollbacks() {
         hello["unit"]
             .as_str()
             .unwrap()
-            .ends_with(&format!("-{port}.service"))
+            .ends_with(&format!(".{port}.service"))
     );
     // Only the serving generation runs: v1's unit is gone, v3's was never kept.
     let units = std::fs::read_dir(host.unit_file("hello").parent().unwrap())
@@ -236,20 +250,13 @@ fn nginx_config_is_checked_installed_and_reloaded() {
     let fx = Fixture::file();
     let nginx = Nginx::start();
     let mut host = Host::new();
-    host.flags = vec![
-        "--proxy".into(),
-        "openresty".into(),
-        "--nginx-config".into(),
-        nginx.config_file().display().to_string(),
-        "--nginx-listen".into(),
-        format!("127.0.0.1:{}", nginx.port),
-        "--nginx-reload".into(),
-        nginx.reload_command(),
+    host.flags = nginx_flags(&nginx);
+    host.flags.extend([
         "--drain".into(),
         "1s".into(),
         "--port-range".into(),
         port_range(),
-    ];
+    ]);
     let app = App::new();
     let internal = free_port();
     declare(&fx, internal, true);

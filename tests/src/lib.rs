@@ -5,6 +5,7 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -456,7 +457,9 @@ impl Nginx {
             ),
         )
         .unwrap();
+        // Its own process group, so that drop stops the workers with the master.
         let mut child = Command::new("nginx")
+            .process_group(0)
             .arg("-p")
             .arg(dir.path())
             .arg("-c")
@@ -493,6 +496,10 @@ impl Nginx {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
+        // SIGKILL to the master alone leaves its workers listening.
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

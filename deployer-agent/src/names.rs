@@ -1,0 +1,235 @@
+//! Every name the agent generates: units, log files, proxy upstreams and route ids, the
+//! directories of infrastructure. One place, so that no two things can get the same name.
+//!
+//! Names the manifest gives (services, infrastructure services, a service's own
+//! infrastructure requirements) match `[a-z0-9][a-z0-9_-]*`: they never contain a dot. So
+//! every unit of ours is `deployer-<owner>[.<role>].service`, where the owner is a service
+//! name or `infra-<infrastructure name>` (service names starting with `infra-` are refused
+//! by the validator), and the role, after the one dot, says which unit of that owner it is:
+//! none for the service itself, `<port>` for a zero-downtime generation, `release` for the
+//! release command, `probe-<hex>` for one run of an exec probe. [`parse_unit`] reads a name
+//! back, which is how a unit found in systemd is told apart from anybody else's.
+//!
+//! A service's own infrastructure requirement `<req>` is the infrastructure service
+//! `<service>-<req>` (its unit `deployer-infra-<service>-<req>.service`, as documented); the
+//! validator refuses a manifest in which two of those, or one of those and a shared
+//! infrastructure service, get the same name (`validate.rs`, naming both).
+
+use std::path::{Path, PathBuf};
+
+const PREFIX: &str = "deployer-";
+const SUFFIX: &str = ".service";
+
+/// The unit of service `service`: `deployer-<service>.service`.
+pub fn service_unit(service: &str) -> String {
+    format!("{PREFIX}{service}{SUFFIX}")
+}
+
+/// The unit of a zero-downtime generation of `service` listening on `port`.
+pub fn generation_unit(service: &str, port: u16) -> String {
+    format!("{PREFIX}{service}.{port}{SUFFIX}")
+}
+
+/// The one-shot unit that runs `service`'s release command.
+pub fn release_unit(service: &str) -> String {
+    format!("{PREFIX}{service}.release{SUFFIX}")
+}
+
+/// The unit of infrastructure service `name` (shared, or `<service>-<req>`).
+pub fn infra_unit(name: &str) -> String {
+    format!("{PREFIX}infra-{name}{SUFFIX}")
+}
+
+/// The name of one run of an exec probe of `owner` (a service name, or `infra-<name>`):
+/// `deployer-<owner>.probe-<hex>.service`.
+pub fn probe_unit(owner: &str, hex: &str) -> String {
+    format!("{PREFIX}{owner}.probe-{hex}{SUFFIX}")
+}
+
+/// The probe owner of infrastructure service `name`.
+pub fn infra_owner(name: &str) -> String {
+    format!("infra-{name}")
+}
+
+/// The infrastructure service that is `service`'s own requirement `req`.
+pub fn owned_infra(service: &str, req: &str) -> String {
+    format!("{service}-{req}")
+}
+
+/// What a unit of ours is, read back from its name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UnitRole {
+    /// `deployer-<service>.service`
+    Service(String),
+    /// `deployer-<service>.<port>.service`
+    Generation { service: String, port: u16 },
+    /// `deployer-<service>.release.service`
+    Release(String),
+    /// `deployer-infra-<name>.service`
+    Infra(String),
+    /// `deployer-<owner>.probe-<hex>.service`: transient, ends with its probe.
+    Probe(String),
+}
+
+/// Which unit of ours `unit` is; `None` when it is not ours (`deployer.service`, the agent
+/// itself, included).
+pub fn parse_unit(unit: &str) -> Option<UnitRole> {
+    let stem = unit.strip_prefix(PREFIX)?.strip_suffix(SUFFIX)?;
+    let name_ok = |s: &str| {
+        s.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+            && s.bytes()
+                .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-'))
+    };
+    let (owner, role) = match stem.split_once('.') {
+        Some((owner, role)) => (owner, Some(role)),
+        None => (stem, None),
+    };
+    if !name_ok(owner) {
+        return None;
+    }
+    let owner = owner.to_owned();
+    match role {
+        None => Some(match owner.strip_prefix("infra-") {
+            Some(infra) if name_ok(infra) => UnitRole::Infra(infra.to_owned()),
+            Some(_) => return None,
+            // Also what units named before names were unambiguous read as
+            // (`deployer-<service>-<port>.service`): the state says whose they are.
+            None => UnitRole::Service(owner),
+        }),
+        Some("release") => Some(UnitRole::Release(owner)),
+        Some(r) if r.starts_with("probe-") => {
+            let hex = &r["probe-".len()..];
+            (!hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+                .then_some(UnitRole::Probe(owner))
+        }
+        Some(port) => {
+            let valid = !port.starts_with('0') && port.bytes().all(|b| b.is_ascii_digit());
+            let port = port.parse::<u16>().ok().filter(|_| valid)?;
+            Some(UnitRole::Generation {
+                service: owner,
+                port,
+            })
+        }
+    }
+}
+
+/// The log file of a unit under a user manager (no journal there): `<logs>/<unit stem>.log`.
+pub fn log_file(logs: &Path, unit: &str) -> PathBuf {
+    let stem = unit.strip_suffix(SUFFIX).unwrap_or(unit);
+    logs.join(format!("{}.log", stem.strip_prefix(PREFIX).unwrap_or(stem)))
+}
+
+/// The directory of infrastructure service `name`: `<state>/infra/<name>`.
+pub fn infra_dir(state_dir: &Path, name: &str) -> PathBuf {
+    state_dir.join("infra").join(name)
+}
+
+/// The `@id` of `service`'s Caddy route. Routes without this prefix are never touched.
+pub fn caddy_route_id(service: &str) -> String {
+    format!("{PREFIX}{service}")
+}
+
+/// Whether a Caddy route `@id` is one of ours.
+pub fn is_caddy_route_id(id: &str) -> bool {
+    id.starts_with(PREFIX)
+}
+
+/// The nginx upstream of `service`: `deployer-<service>` (service names are valid host
+/// names for `proxy_pass`, and distinct services get distinct upstreams).
+pub fn upstream(service: &str) -> String {
+    format!("{PREFIX}{service}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    /// Names that used to collide: `app`'s release unit was service `app-release`'s unit,
+    /// `app`'s generation on 20001 was service `app-20001`'s, `a-b` and `a_b` shared an
+    /// nginx upstream.
+    const TRICKY: &[&str] = &[
+        "app",
+        "app-release",
+        "app-20001",
+        "a-b",
+        "a_b",
+        "db",
+        "probe",
+        "app-probe",
+    ];
+
+    #[test]
+    fn generated_names_never_collide() {
+        let mut seen: BTreeMap<String, String> = BTreeMap::new();
+        let mut add = |name: String, what: String| {
+            if let Some(before) = seen.insert(name.clone(), what.clone()) {
+                panic!("{name} is both {before} and {what}");
+            }
+        };
+        for s in TRICKY {
+            add(service_unit(s), format!("service {s}"));
+            add(release_unit(s), format!("release of {s}"));
+            add(generation_unit(s, 20001), format!("generation of {s}"));
+            add(infra_unit(s), format!("infrastructure {s}"));
+            add(probe_unit(s, "00ff"), format!("probe of {s}"));
+            add(upstream(s) + " (upstream)", format!("upstream of {s}"));
+        }
+    }
+
+    #[test]
+    fn unit_names_read_back() {
+        for s in TRICKY {
+            assert_eq!(
+                parse_unit(&service_unit(s)),
+                Some(UnitRole::Service(s.to_string()))
+            );
+            assert_eq!(
+                parse_unit(&release_unit(s)),
+                Some(UnitRole::Release(s.to_string()))
+            );
+            assert_eq!(
+                parse_unit(&generation_unit(s, 20001)),
+                Some(UnitRole::Generation {
+                    service: s.to_string(),
+                    port: 20001
+                })
+            );
+            assert_eq!(
+                parse_unit(&infra_unit(s)),
+                Some(UnitRole::Infra(s.to_string()))
+            );
+            assert_eq!(
+                parse_unit(&probe_unit(s, "00ff")),
+                Some(UnitRole::Probe(s.to_string()))
+            );
+        }
+        for not_ours in [
+            "deployer.service",
+            "deployer-.service",
+            "nginx.service",
+            "deployer-a.timer",
+            "deployer-A.service",
+            "deployer-a.070.service",
+            "deployer-a.99999.service",
+            "deployer-a.x.service",
+            "deployer-infra-.service",
+        ] {
+            assert_eq!(parse_unit(not_ours), None, "{not_ours}");
+        }
+    }
+
+    #[test]
+    fn log_files_follow_units() {
+        let logs = Path::new("/l");
+        assert_eq!(log_file(logs, &service_unit("a")), Path::new("/l/a.log"));
+        assert_eq!(
+            log_file(logs, &release_unit("a")),
+            Path::new("/l/a.release.log")
+        );
+        assert_eq!(
+            log_file(logs, &infra_unit("db")),
+            Path::new("/l/infra-db.log")
+        );
+    }
+}
