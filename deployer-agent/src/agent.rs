@@ -23,7 +23,7 @@ use crate::names;
 use crate::plan::{Step, plan, spec_hash};
 use crate::proxy::{Proxy, Route};
 use crate::state::{Failure, Generation, Health, RouteState, RunLock, ServiceState, State};
-use crate::systemd::{JobResult, ServiceManager};
+use crate::systemd::{JobResult, ServiceManager, SystemdError};
 use crate::unit::{EnvFile, UnitSpec, check_unit_name, split_command};
 use crate::{fetch, infra, secrets};
 
@@ -451,15 +451,12 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
         let mut repaired = Vec::new();
         for (name, infra) in &state.infra {
             let span = tracing::info_span!("infra", infra = %name);
-            let on_disk = std::fs::read_to_string(self.unit_path(&infra.unit)).ok();
-            let file_ok = on_disk.as_deref() == Some(infra.unit_file.as_str());
-            let active = match self
-                .manager
-                .status(&infra.unit)
+            let (file_ok, active) = self
+                .drift(&infra.unit, &infra.unit_file)
                 .instrument(span.clone())
-                .await
-            {
-                Ok(s) => s.is_active(),
+                .await;
+            let active = match active {
+                Ok(active) => active,
                 Err(e) => {
                     tracing::warn!(parent: &span, error = %e, "cannot tell whether it runs");
                     continue;
@@ -469,16 +466,10 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
                 continue;
             }
             tracing::warn!(parent: &span, file_ok, active, "drift: starting it again as recorded");
-            let result = async {
-                if !file_ok {
-                    self.write_unit(&infra.unit, &infra.unit_file)?;
-                    self.manager.reload().await?;
-                }
-                self.manager.restart(&infra.unit).await?;
-                Ok::<(), AgentError>(())
-            }
-            .instrument(span.clone())
-            .await;
+            let result = self
+                .put_back(&infra.unit, &infra.unit_file, file_ok)
+                .instrument(span.clone())
+                .await;
             match result {
                 Ok(()) => repaired.push(names::infra_owner(name)),
                 Err(e) => tracing::error!(parent: &span, error = %e, "could not start it again"),
@@ -491,20 +482,9 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
     /// unit removed; its data stays (listed in the state's orphans). Nothing is stopped
     /// when what the services need cannot be told.
     async fn retire_unused_infra(&self, manifest: &Manifest, state: &mut State) -> Vec<String> {
-        let mut needed = std::collections::BTreeSet::new();
-        for service in crate::plan::desired(manifest, &self.config.host) {
-            match infra::needs(service, manifest) {
-                Ok(n) => needed.extend(n),
-                Err(_) => return Vec::new(),
-            }
-            for req in service
-                .infrastructure
-                .iter()
-                .flat_map(|i| i.services.keys())
-            {
-                needed.insert(names::owned_infra(&service.name, req));
-            }
-        }
+        let Ok(needed) = infra::needed_on(manifest, &self.config.host) else {
+            return Vec::new();
+        };
         let unused: Vec<String> = state
             .infra
             .keys()
@@ -547,20 +527,11 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
     async fn retire_unknown(&self, manifest: &Manifest, state: &State) -> Vec<String> {
         use crate::names::{UnitRole, parse_unit};
         let declared: Vec<&Service> = crate::plan::desired(manifest, &self.config.host);
-        let mut needed = std::collections::BTreeSet::new();
-        for service in &declared {
-            needed.extend(infra::needs(service, manifest).unwrap_or_default());
-            for req in service
-                .infrastructure
-                .iter()
-                .flat_map(|i| i.services.keys())
-            {
-                needed.insert(names::owned_infra(&service.name, req));
-            }
-        }
+        // Unknown when a service's needs cannot be told: then no infrastructure goes.
+        let needed = infra::needed_on(manifest, &self.config.host).ok();
         let ours = |name: &str| match parse_unit(name) {
             None | Some(UnitRole::Probe(_)) => false,
-            Some(UnitRole::Infra(infra)) => !needed.contains(&infra),
+            Some(UnitRole::Infra(infra)) => needed.as_ref().is_some_and(|n| !n.contains(&infra)),
             Some(
                 UnitRole::Service(service)
                 | UnitRole::Release(service)
@@ -677,11 +648,9 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
         if let Some(w) = &entry.warning {
             tracing::warn!(warning = %w, "fix it before the service restarts");
         }
-        let path = self.unit_path(&entry.unit);
-        let on_disk = std::fs::read_to_string(&path).ok();
-        let file_ok = on_disk.as_deref() == Some(current.unit_file.as_str());
-        let active = match self.manager.status(&entry.unit).await {
-            Ok(s) => s.is_active(),
+        let (file_ok, active) = self.drift(&entry.unit, &current.unit_file).await;
+        let active = match active {
+            Ok(active) => active,
             Err(e) => {
                 entry.last_error = Some(e.to_string());
                 return false;
@@ -691,15 +660,9 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             return false;
         }
         tracing::warn!(file_ok, active, "drift: restoring the recorded generation");
-        let result = async {
-            if !file_ok {
-                self.write_unit(&entry.unit, &current.unit_file)?;
-                self.manager.reload().await?;
-            }
-            self.manager.restart(&entry.unit).await?;
-            Ok::<(), AgentError>(())
-        }
-        .await;
+        let result = self
+            .put_back(&entry.unit, &current.unit_file, file_ok)
+            .await;
         entry.last_error = result.err().map(|e| e.to_string());
         entry.health = if entry.last_error.is_none() {
             Health::Healthy
@@ -708,6 +671,26 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
         };
         entry.updated_at = Some(now());
         true
+    }
+
+    /// How `unit` stands against what was recorded: whether its file holds `unit_file`, and
+    /// whether systemd says it is active.
+    async fn drift(&self, unit: &str, unit_file: &str) -> (bool, Result<bool, SystemdError>) {
+        let on_disk = std::fs::read_to_string(self.unit_path(unit)).ok();
+        let file_ok = on_disk.as_deref() == Some(unit_file);
+        let active = self.manager.status(unit).await.map(|s| s.is_active());
+        (file_ok, active)
+    }
+
+    /// Put `unit` back as recorded: rewrite its file (and reload) unless `file_ok`, then
+    /// (re)start it.
+    async fn put_back(&self, unit: &str, unit_file: &str, file_ok: bool) -> Result<(), AgentError> {
+        if !file_ok {
+            self.write_unit(unit, unit_file)?;
+            self.manager.reload().await?;
+        }
+        self.manager.restart(unit).await?;
+        Ok(())
     }
 
     fn write_unit(&self, unit: &str, content: &str) -> Result<(), AgentError> {
@@ -816,23 +799,10 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
             start_timeout: None,
         }
         .render()?;
-        let file_ok = std::fs::read_to_string(self.unit_path(&unit))
-            .ok()
-            .as_deref()
-            == Some(unit_file.as_str());
-        let active = self
-            .manager
-            .status(&unit)
-            .await
-            .map(|s| s.is_active())
-            .unwrap_or(false);
-        if !file_ok {
-            self.write_unit(&unit, &unit_file)?;
-            self.manager.reload().await?;
-        }
-        if !file_ok || !active {
+        let (file_ok, active) = self.drift(&unit, &unit_file).await;
+        if !file_ok || !active.unwrap_or(false) {
             tracing::info!(infra = name, "starting");
-            self.manager.restart(&unit).await?;
+            self.put_back(&unit, &unit_file, file_ok).await?;
         }
         state.infra.insert(
             name.to_owned(),
@@ -1292,11 +1262,7 @@ impl<S: ObjectStore, M: ServiceManager> Agent<S, M> {
         // otherwise fire after the previous generation is back.
         let _ = self.manager.stop(unit).await;
         match previous {
-            Some(g) => {
-                self.write_unit(unit, &g.unit_file)?;
-                self.manager.reload().await?;
-                self.manager.restart(unit).await?;
-            }
+            Some(g) => self.put_back(unit, &g.unit_file, false).await?,
             None => self.retire(unit).await?,
         }
         Ok(())

@@ -88,6 +88,26 @@ pub fn needs(service: &Service, manifest: &Manifest) -> Result<Vec<String>, Agen
     Ok(out)
 }
 
+/// Every infrastructure service the services declared for `host` need: what [`needs`]
+/// says of each, and each one's own requirements (`<service>-<req>`).
+pub fn needed_on(
+    manifest: &Manifest,
+    host: &str,
+) -> Result<std::collections::BTreeSet<String>, AgentError> {
+    let mut needed = std::collections::BTreeSet::new();
+    for service in crate::plan::desired(manifest, host) {
+        needed.extend(needs(service, manifest)?);
+        for req in service
+            .infrastructure
+            .iter()
+            .flat_map(|i| i.services.keys())
+        {
+            needed.insert(crate::names::owned_infra(&service.name, req));
+        }
+    }
+    Ok(needed)
+}
+
 fn default_ports(spec: &InfraService) -> BTreeMap<String, u16> {
     if !spec.ports.is_empty() {
         return spec.ports.clone();
@@ -824,6 +844,39 @@ pub fn resolve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What keeps infrastructure running: only this host's services, each one's presets,
+    /// dependencies and own requirements.
+    #[test]
+    fn needed_on_a_host_is_what_its_services_need() {
+        let m = deploy_manifest::validate::manifest_from_value(
+            serde_json::json!({"schemaVersion": 1,
+                "infrastructure": {"services": {
+                    "db": {"preset": "postgres"}, "cache": {"preset": "redis"},
+                    "queue": {"command": ["/bin/true"]}}},
+                "services": [
+                    {"name": "a", "artifact": {"storePath": "/nix/store/a"}, "hosts": ["biz"],
+                     "infrastructure": {"database": true, "services": {
+                         "search": {"command": ["/bin/true"], "dependsOn": ["queue"]}}}},
+                    {"name": "b", "artifact": {"storePath": "/nix/store/b"}, "hosts": ["other"],
+                     "infrastructure": {"redis": true}}]}),
+            "test",
+        )
+        .unwrap();
+        let needed = needed_on(&m, "biz").unwrap();
+        assert_eq!(
+            needed.iter().map(String::as_str).collect::<Vec<_>>(),
+            ["a-search", "db", "queue"]
+        );
+        assert_eq!(
+            needed_on(&m, "other")
+                .unwrap()
+                .into_iter()
+                .collect::<Vec<_>>(),
+            ["cache"]
+        );
+        assert!(needed_on(&m, "nowhere").unwrap().is_empty());
+    }
 
     #[test]
     fn templates_resolve_or_name_what_is_wrong() {

@@ -12,23 +12,15 @@ use serde_json::{Value, json};
 use crate::agent::{Host, body, declare_hello, hello_v1_running};
 use crate::faults::run_with_fault;
 use crate::fixture::Fixture;
-use crate::proxy::{nginx_flags, port_range};
+use crate::infra::first_artifact;
+use crate::proxy::nginx_host;
 
-/// The artifact of the manifest's first service.
-fn first_artifact(fx: &Fixture) -> Value {
-    let m: Value = serde_json::from_slice(&fx.dm(&["show"]).ok().stdout).unwrap();
-    m["services"][0]["artifact"].clone()
-}
-
-/// A hello service `name` on `port` running `artifact`, saying `version`.
+/// A hello service `name` on `port` running `artifact`, saying `version` at `<version>.test`.
 fn hello(name: &str, port: u16, artifact: &Value, version: &str) -> Value {
-    json!({
-        "name": name, "artifact": artifact, "hosts": ["biz"],
-        "exec": {"command": "bin/hello"},
-        "env": {"PORT": port.to_string(), "HELLO_VERSION": version},
-        "http": {"domain": format!("{version}.test"), "internalPort": port},
-        "health": {"http": {"path": "/healthz"}, "timeout": "20s", "interval": "100ms"}
-    })
+    let mut s = crate::infra::hello(name, port, artifact);
+    s["env"]["HELLO_VERSION"] = json!(version);
+    s["http"]["domain"] = json!(format!("{version}.test"));
+    s
 }
 
 fn run_json(host: &Host, fx: &Fixture) -> Value {
@@ -93,8 +85,7 @@ fn a_release_command_leaves_a_service_named_like_its_unit_alone() {
 fn services_whose_names_differ_by_dash_and_underscore_get_their_own_routes() {
     let fx = Fixture::file();
     let nginx = Nginx::start();
-    let mut host = Host::new();
-    host.flags = nginx_flags(&nginx);
+    let host = nginx_host(&nginx, "0s");
     let port = free_port();
     declare_hello(&fx, port);
     let app = crate::agent::App::new();
@@ -234,14 +225,7 @@ fn a_secrets_file_created_after_the_deploy_is_read_at_restart() {
 fn a_generation_left_by_a_killed_run_is_retired() {
     let fx = Fixture::file();
     let nginx = Nginx::start();
-    let mut host = Host::new();
-    host.flags = nginx_flags(&nginx);
-    host.flags.extend([
-        "--drain".into(),
-        "0s".into(),
-        "--port-range".into(),
-        port_range(),
-    ]);
+    let host = nginx_host(&nginx, "0s");
     let port = free_port();
     declare_hello(&fx, port);
     fx.dm(&[

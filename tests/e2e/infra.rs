@@ -352,7 +352,7 @@ fn external_servers_and_custom_requirements_with_templates() {
 }
 
 /// A hello service named `name` on `port` (the artifact is set later or given).
-fn hello(name: &str, port: u16, artifact: &Value) -> Value {
+pub(crate) fn hello(name: &str, port: u16, artifact: &Value) -> Value {
     json!({
         "name": name, "namespace": "Examples/Hello.py",
         "artifact": artifact, "hosts": ["biz"],
@@ -368,7 +368,7 @@ fn placeholder() -> Value {
 }
 
 /// The artifact of the first service in the current manifest.
-fn first_artifact(fx: &Fixture) -> Value {
+pub(crate) fn first_artifact(fx: &Fixture) -> Value {
     let m: Value = serde_json::from_slice(&fx.dm(&["show"]).ok().stdout).unwrap();
     m["services"][0]["artifact"].clone()
 }

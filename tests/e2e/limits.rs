@@ -126,6 +126,20 @@ fn archive_bombs_are_refused_and_leave_nothing_behind() {
     let (host, app, port) = hello_v1_running(&fx);
     let before = host.state()["services"]["hello"]["current"].clone();
     let v1_installed = installed(&host);
+    // Planted as hello's artifact: refused with `<key>: <why>`, v1 untouched.
+    let refused = |bomb: &[u8], why: String| {
+        let a = plant_artifact(&fx, bomb);
+        let out = host.run_once(&fx);
+        assert_eq!(out.code(), 8, "{}", out.stderr_str());
+        assert!(
+            out.stderr_str().contains(&format!("{}: {why}", a.key())),
+            "{}",
+            out.stderr_str()
+        );
+        assert_eq!(body(port).as_deref(), Some("hello from v1\n"));
+        assert_eq!(host.state()["services"]["hello"]["current"], before);
+        assert_eq!(installed(&host), v1_installed);
+    };
 
     // 2 GiB of zeros as bin/hello: the archive is tens of KB.
     let size = 2u64 << 30;
@@ -139,20 +153,10 @@ fn archive_bombs_are_refused_and_leave_nothing_behind() {
         "bomb: {} bytes of tar.zst unpack to {size} bytes",
         bomb.len()
     );
-    let a = plant_artifact(&fx, &bomb);
-    let out = host.run_once(&fx);
-    assert_eq!(out.code(), 8, "{}", out.stderr_str());
-    assert!(
-        out.stderr_str().contains(&format!(
-            "{}: the archive unpacks to more than 268435456 bytes",
-            a.key()
-        )),
-        "{}",
-        out.stderr_str()
+    refused(
+        &bomb,
+        "the archive unpacks to more than 268435456 bytes".into(),
     );
-    assert_eq!(body(port).as_deref(), Some("hello from v1\n"));
-    assert_eq!(host.state()["services"]["hello"]["current"], before);
-    assert_eq!(installed(&host), v1_installed);
 
     // 200,000 empty files: the archive is a few hundred KB.
     let bomb = zstd_tar(16, |b| {
@@ -166,20 +170,7 @@ fn archive_bombs_are_refused_and_leave_nothing_behind() {
     eprintln!("bomb: {} bytes of tar.zst hold 200000 files", bomb.len());
     let cap = UnpackLimits::for_archive(bomb.len() as u64, UnpackLimits::HOST_DEFAULT).max_entries;
     assert!(cap < 200_000, "{cap}");
-    let a = plant_artifact(&fx, &bomb);
-    let out = host.run_once(&fx);
-    assert_eq!(out.code(), 8, "{}", out.stderr_str());
-    assert!(
-        out.stderr_str().contains(&format!(
-            "{}: the archive holds more than {cap} entries",
-            a.key()
-        )),
-        "{}",
-        out.stderr_str()
-    );
-    assert_eq!(body(port).as_deref(), Some("hello from v1\n"));
-    assert_eq!(host.state()["services"]["hello"]["current"], before);
-    assert_eq!(installed(&host), v1_installed);
+    refused(&bomb, format!("the archive holds more than {cap} entries"));
 
     // The honest path: a real v2 deploys.
     app.set_version("v2", false);

@@ -24,9 +24,10 @@ fn declare(fx: &Fixture, port: u16, zero: bool) {
     fx.dm(&["add-service", &service.to_string()]).ok();
 }
 
-/// The agent flags for routes through `nginx`.
-pub(crate) fn nginx_flags(nginx: &Nginx) -> Vec<String> {
-    vec![
+/// A host routing through `nginx`, draining old generations for `drain`.
+pub(crate) fn nginx_host(nginx: &Nginx, drain: &str) -> Host {
+    let mut host = Host::new();
+    host.flags = vec![
         "--proxy".into(),
         "openresty".into(),
         "--nginx-config".into(),
@@ -35,7 +36,12 @@ pub(crate) fn nginx_flags(nginx: &Nginx) -> Vec<String> {
         format!("127.0.0.1:{}", nginx.port),
         "--nginx-reload".into(),
         nginx.reload_command(),
-    ]
+        "--drain".into(),
+        drain.into(),
+        "--port-range".into(),
+        port_range(),
+    ];
+    host
 }
 
 fn caddy_host(caddy: &Caddy) -> Host {
@@ -57,7 +63,7 @@ fn caddy_host(caddy: &Caddy) -> Host {
 
 /// Twenty ports for zero-downtime generations, apart from other tests' (the agent skips
 /// any that is in use).
-pub(crate) fn port_range() -> String {
+fn port_range() -> String {
     let base = free_port().min(65000);
     format!("{base}-{}", base + 19)
 }
@@ -249,14 +255,7 @@ fn caddy_down_does_not_block_deploys_and_heals_later() {
 fn nginx_config_is_checked_installed_and_reloaded() {
     let fx = Fixture::file();
     let nginx = Nginx::start();
-    let mut host = Host::new();
-    host.flags = nginx_flags(&nginx);
-    host.flags.extend([
-        "--drain".into(),
-        "1s".into(),
-        "--port-range".into(),
-        port_range(),
-    ]);
+    let host = nginx_host(&nginx, "1s");
     let app = App::new();
     let internal = free_port();
     declare(&fx, internal, true);
