@@ -234,10 +234,10 @@ pub struct Health {
     pub exec: Option<ExecProbe>,
     /// Deadline for the service to become healthy, e.g. `30s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeout: Option<String>,
+    pub timeout: Option<Span>,
     /// Time between probes, e.g. `1s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub interval: Option<String>,
+    pub interval: Option<Span>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -262,6 +262,58 @@ pub struct ExecProbe {
     pub command: Vec<String>,
 }
 
+/// A duration as a manifest writes it (`500ms`, `30s`, `1m30s`): parsed when the manifest is
+/// read, so a value that does not parse is refused there, never replaced by a default where
+/// it is used; written back as it was given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Span {
+    text: String,
+    value: std::time::Duration,
+}
+
+/// Why a duration does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{text:?} is not a duration such as 500ms, 30s, 5m, 1h or 1m30s: {reason}")]
+pub struct SpanError {
+    pub text: String,
+    pub reason: String,
+}
+
+impl Span {
+    pub fn parse(text: &str) -> Result<Span, SpanError> {
+        humantime::parse_duration(text)
+            .map(|value| Span {
+                text: text.to_owned(),
+                value,
+            })
+            .map_err(|e| SpanError {
+                text: text.to_owned(),
+                reason: e.to_string(),
+            })
+    }
+
+    pub fn get(&self) -> std::time::Duration {
+        self.value
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl Serialize for Span {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
+}
+
+impl<'de> Deserialize<'de> for Span {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Span, D::Error> {
+        let text = String::deserialize(d)?;
+        Span::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Release {
@@ -269,7 +321,7 @@ pub struct Release {
     /// Longest the command may run, e.g. `10m` (default [`Release::DEFAULT_TIMEOUT`], at
     /// least 1 s); still running then, it is killed and the release fails.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeout: Option<String>,
+    pub timeout: Option<Span>,
 }
 
 impl Release {
@@ -278,9 +330,8 @@ impl Release {
     /// `timeout`, or the default; never under 1 s (systemd reads 0 as "no timeout").
     pub fn timeout(&self) -> std::time::Duration {
         self.timeout
-            .as_deref()
-            .and_then(|t| humantime::parse_duration(t).ok())
-            .unwrap_or(Self::DEFAULT_TIMEOUT)
+            .as_ref()
+            .map_or(Self::DEFAULT_TIMEOUT, Span::get)
             .max(std::time::Duration::from_secs(1))
     }
 }
@@ -342,7 +393,7 @@ pub struct InfraService {
     pub critical: Option<bool>,
     /// How long dependants wait, e.g. `120s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub startup_timeout: Option<String>,
+    pub startup_timeout: Option<Span>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external: Option<External>,
 }
@@ -397,8 +448,8 @@ mod schema_drift {
             exec: Some(ExecProbe {
                 command: vec!["bin/check".into()],
             }),
-            timeout: Some("30s".into()),
-            interval: Some("1s".into()),
+            timeout: Some(Span::parse("30s").unwrap()),
+            interval: Some(Span::parse("1s").unwrap()),
         }
     }
 
@@ -420,7 +471,7 @@ mod schema_drift {
             secrets: [("apiKey".to_owned(), "search_api_key".to_owned())].into(),
             version: Some("8.11".into()),
             critical: Some(true),
-            startup_timeout: Some("120s".into()),
+            startup_timeout: Some(Span::parse("120s").unwrap()),
             external: Some(External {
                 host: "10.0.1.5".into(),
                 ports: [("http".to_owned(), 9200)].into(),
@@ -450,7 +501,7 @@ mod schema_drift {
             health: Some(health()),
             release: Some(Release {
                 command: "bin/migrate".into(),
-                timeout: Some("10m".into()),
+                timeout: Some(Span::parse("10m").unwrap()),
             }),
             infrastructure: Some(ServiceInfrastructure {
                 database: Some(true),

@@ -454,6 +454,29 @@ mod tests {
     }
 
     #[test]
+    fn durations_are_parsed_when_the_manifest_is_read() {
+        let mut s = seed_service();
+        s["health"] = json!({"timeout": "1m30s"});
+        let m = manifest_from_value(manifest_with(s.clone()), "test").unwrap();
+        let timeout = m.services[0]
+            .health
+            .as_ref()
+            .unwrap()
+            .timeout
+            .as_ref()
+            .unwrap();
+        assert_eq!(timeout.get(), std::time::Duration::from_secs(90));
+        // Written back as given.
+        assert_eq!(serde_json::to_value(timeout).unwrap(), json!("1m30s"));
+        // The schema's form, but more than a duration holds: refused here, not replaced by a
+        // default where it is used.
+        s["health"] = json!({"timeout": "99999999999999999999h"});
+        let p = problems(manifest_with(s));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains("is not a duration"), "{p:?}");
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let mut s = seed_service();
         s["http"]["internalPort"] = json!(70000);

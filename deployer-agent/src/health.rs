@@ -116,9 +116,8 @@ fn resolve_program(mut argv: Vec<String>) -> Vec<String> {
     argv
 }
 
-fn duration(s: Option<&str>, default: Duration) -> Duration {
-    s.and_then(|s| humantime::parse_duration(s).ok())
-        .unwrap_or(default)
+fn duration(s: Option<&deploy_manifest::model::Span>, default: Duration) -> Duration {
+    s.map_or(default, deploy_manifest::model::Span::get)
 }
 
 impl Probes {
@@ -166,8 +165,8 @@ impl Probes {
                     label: service.name.clone(),
                 }
             }),
-            timeout: duration(h.timeout.as_deref(), Duration::from_secs(30)),
-            interval: duration(h.interval.as_deref(), Duration::from_millis(500)),
+            timeout: duration(h.timeout.as_ref(), Duration::from_secs(30)),
+            interval: duration(h.interval.as_ref(), Duration::from_millis(500)),
         }
     }
 
@@ -190,8 +189,8 @@ impl Probes {
                 .exec
                 .as_ref()
                 .map(|e| ExecProbe::infrastructure(label, e.command.clone(), dir)),
-            timeout: duration(h.timeout.as_deref(), timeout),
-            interval: duration(h.interval.as_deref(), Duration::from_millis(200)),
+            timeout: duration(h.timeout.as_ref(), timeout),
+            interval: duration(h.interval.as_ref(), Duration::from_millis(200)),
         }
     }
 

@@ -146,9 +146,8 @@ pub fn endpoint(name: &str, spec: &InfraService) -> Endpoint {
         critical: spec.critical.unwrap_or(true),
         startup_timeout: spec
             .startup_timeout
-            .as_deref()
-            .and_then(|s| humantime::parse_duration(s).ok())
-            .unwrap_or(Duration::from_secs(120)),
+            .as_ref()
+            .map_or(Duration::from_secs(120), deploy_manifest::model::Span::get),
     }
 }
 
@@ -223,9 +222,9 @@ fn run(what: &str, cmd: &mut Command, stdin: Option<&[u8]>) -> Result<String, Ag
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The argv of a provisioned infrastructure service, preparing its data directory first
-/// (initdb on the first start of a postgres preset).
-pub fn prepare(
+/// The argv of a provisioned infrastructure service and its data directory. Acts on
+/// nothing (it only looks for the PostgreSQL binaries), so a plan can render the unit.
+pub fn command(
     name: &str,
     spec: &InfraService,
     ep: &Endpoint,
@@ -233,82 +232,36 @@ pub fn prepare(
 ) -> Result<(Vec<String>, PathBuf), AgentError> {
     let root = crate::names::infra_dir(state_dir, name);
     let data = root.join("data");
-    let mkdir = |p: &Path, mode: u32| -> Result<(), AgentError> {
-        std::fs::create_dir_all(p).map_err(|e| err(name, format!("{}: {e}", p.display())))?;
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
-            .map_err(|e| err(name, format!("{}: {e}", p.display())))
-    };
     let port = ep.port().unwrap_or(0).to_string();
-    match spec.preset {
-        Some(Preset::Postgres) => {
-            let bin = pg_bin()?;
-            let run_dir = root.join("run");
-            mkdir(&root, 0o755)?;
-            mkdir(&data, 0o700)?;
-            mkdir(&run_dir, 0o755)?;
-            let (uid, gid) = account("postgres").ok_or_else(|| {
-                err(
-                    name,
-                    "no `postgres` system account; install PostgreSQL's server package",
-                )
-            })?;
-            for p in [&data, &run_dir] {
-                std::os::unix::fs::chown(p, Some(uid), Some(gid))
-                    .map_err(|e| err(name, format!("chown {}: {e}", p.display())))?;
-            }
-            if !data.join("PG_VERSION").exists() {
-                tracing::info!(infra = name, "initialising the database cluster (initdb)");
-                run(
-                    name,
-                    Command::new("runuser")
-                        .args(["-u", "postgres", "--"])
-                        .arg(bin.join("initdb"))
-                        .args([
-                            "-U",
-                            "postgres",
-                            "--auth-local=peer",
-                            "--auth-host=scram-sha-256",
-                            "-D",
-                        ])
-                        .arg(&data),
-                    None,
-                )?;
-            }
-            let argv = vec![
-                "/usr/sbin/runuser".to_owned(),
-                "-u".into(),
-                "postgres".into(),
-                "--".into(),
-                bin.join("postgres").display().to_string(),
-                "-D".into(),
-                data.display().to_string(),
-                "-k".into(),
-                run_dir.display().to_string(),
-                "-p".into(),
-                port,
-                "-c".into(),
-                "listen_addresses=127.0.0.1".into(),
-            ];
-            Ok((argv, data))
-        }
-        Some(Preset::Redis) => {
-            mkdir(&root, 0o755)?;
-            mkdir(&data, 0o700)?;
-            let argv = vec![
-                "/usr/bin/redis-server".to_owned(),
-                "--port".into(),
-                port,
-                "--bind".into(),
-                "127.0.0.1".into(),
-                "--dir".into(),
-                data.display().to_string(),
-                "--appendonly".into(),
-                "yes".into(),
-                "--daemonize".into(),
-                "no".into(),
-            ];
-            Ok((argv, data))
-        }
+    let argv = match spec.preset {
+        Some(Preset::Postgres) => vec![
+            "/usr/sbin/runuser".to_owned(),
+            "-u".into(),
+            "postgres".into(),
+            "--".into(),
+            pg_bin()?.join("postgres").display().to_string(),
+            "-D".into(),
+            data.display().to_string(),
+            "-k".into(),
+            root.join("run").display().to_string(),
+            "-p".into(),
+            port,
+            "-c".into(),
+            "listen_addresses=127.0.0.1".into(),
+        ],
+        Some(Preset::Redis) => vec![
+            "/usr/bin/redis-server".to_owned(),
+            "--port".into(),
+            port,
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--dir".into(),
+            data.display().to_string(),
+            "--appendonly".into(),
+            "yes".into(),
+            "--daemonize".into(),
+            "no".into(),
+        ],
         None => {
             let argv = spec.command.clone().ok_or_else(|| {
                 err(
@@ -322,11 +275,86 @@ pub fn prepare(
                     format!("command {:?} must be an absolute path", argv[0]),
                 ));
             }
-            mkdir(&root, 0o755)?;
-            mkdir(&data, 0o700)?;
-            Ok((argv, data))
+            argv
         }
+    };
+    Ok((argv, data))
+}
+
+/// The unit file of provisioned infrastructure service `name` (see [`command`]); acts on
+/// nothing.
+pub fn unit_file(
+    name: &str,
+    spec: &InfraService,
+    state_dir: &Path,
+    user: bool,
+) -> Result<String, AgentError> {
+    let ep = endpoint(name, spec);
+    let unit = crate::names::infra_unit(name);
+    let (argv, data) = command(name, spec, &ep, state_dir)?;
+    Ok(crate::unit::UnitSpec {
+        description: format!("deployer infrastructure: {name}"),
+        exec_start: argv,
+        working_directory: Some(data),
+        user: None,
+        group: None,
+        environment: Default::default(),
+        environment_files: Vec::new(),
+        log_file: user.then(|| crate::names::log_file(&state_dir.join("logs"), &unit)),
+        hardening: false,
+        oneshot: false,
+        start_timeout: None,
     }
+    .render()?)
+}
+
+/// Prepare the data directory of a provisioned infrastructure service before it starts
+/// (initdb on the first start of a postgres preset). Idempotent.
+pub fn prepare(name: &str, spec: &InfraService, state_dir: &Path) -> Result<(), AgentError> {
+    let root = crate::names::infra_dir(state_dir, name);
+    let data = root.join("data");
+    let mkdir = |p: &Path, mode: u32| -> Result<(), AgentError> {
+        std::fs::create_dir_all(p).map_err(|e| err(name, format!("{}: {e}", p.display())))?;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| err(name, format!("{}: {e}", p.display())))
+    };
+    mkdir(&root, 0o755)?;
+    mkdir(&data, 0o700)?;
+    if spec.preset != Some(Preset::Postgres) {
+        return Ok(());
+    }
+    let bin = pg_bin()?;
+    let run_dir = root.join("run");
+    mkdir(&run_dir, 0o755)?;
+    let (uid, gid) = account("postgres").ok_or_else(|| {
+        err(
+            name,
+            "no `postgres` system account; install PostgreSQL's server package",
+        )
+    })?;
+    for p in [&data, &run_dir] {
+        std::os::unix::fs::chown(p, Some(uid), Some(gid))
+            .map_err(|e| err(name, format!("chown {}: {e}", p.display())))?;
+    }
+    if !data.join("PG_VERSION").exists() {
+        tracing::info!(infra = name, "initialising the database cluster (initdb)");
+        run(
+            name,
+            Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(bin.join("initdb"))
+                .args([
+                    "-U",
+                    "postgres",
+                    "--auth-local=peer",
+                    "--auth-host=scram-sha-256",
+                    "-D",
+                ])
+                .arg(&data),
+            None,
+        )?;
+    }
+    Ok(())
 }
 
 /// The connection URL env vars of `service` (`DATABASE_URL`, `REDIS_URL`), creating its
@@ -477,6 +505,78 @@ fn plan_sql(service: &str, plan: &DatabasePlan) -> String {
 }
 
 impl AppLayer<'_> {
+    /// Everything `service` gets from its infrastructure, resolved (the infrastructure
+    /// itself started already): `DATABASE_URL` (creating its role and database),
+    /// `REDIS_URL` (assigning its index; `indexes` is the state's copy, Redis wins), the
+    /// env of its own requirements and its templated env values, written to its generated
+    /// env file. That file, if there is anything in it.
+    pub fn app_env(
+        &self,
+        service: &Service,
+        manifest: &Manifest,
+        indexes: &mut BTreeMap<String, u32>,
+    ) -> Result<Option<PathBuf>, AgentError> {
+        // A reserved name (`deployer`, `infra-*`) would reach the agent's own files.
+        crate::secrets::check_service_name(&service.name, self.secrets_dir)?;
+        let eco = manifest.infrastructure.as_ref().map(|i| &i.services);
+        let find = |preset: Preset| {
+            eco.and_then(|e| e.iter().find(|(_, s)| s.preset == Some(preset)))
+                .map(|(name, spec)| (name, endpoint(name, spec)))
+        };
+        let mut vars = BTreeMap::new();
+        if let Some(req) = &service.infrastructure {
+            if req.database == Some(true)
+                && let Some((name, ep)) = find(Preset::Postgres)
+            {
+                vars.insert(
+                    "DATABASE_URL".to_owned(),
+                    self.database_url(&service.name, &ep, name)?,
+                );
+            }
+            if req.redis == Some(true)
+                && let Some((_, ep)) = find(Preset::Redis)
+            {
+                let (index, in_redis) = redis_index(&ep, &service.name, indexes)?;
+                for (name, i) in in_redis {
+                    if name == service.name || indexes.contains_key(&name) {
+                        indexes.insert(name, i);
+                    }
+                }
+                vars.insert("REDIS_URL".to_owned(), AppLayer::redis_url(&ep, index));
+            }
+            for (rname, spec) in &req.services {
+                let ep = endpoint(&crate::names::owned_infra(&service.name, rname), spec);
+                for (k, v) in &spec.env {
+                    let (value, _) = resolve(
+                        &service.name,
+                        k,
+                        v,
+                        Some(&ep),
+                        &spec.secrets,
+                        self.secrets_dir,
+                        self.owner_uid,
+                    )?;
+                    vars.insert(k.clone(), value);
+                }
+            }
+        }
+        for (k, v) in &service.env {
+            if v.contains("${") {
+                let (value, _) = resolve(
+                    &service.name,
+                    k,
+                    v,
+                    None,
+                    &Default::default(),
+                    self.secrets_dir,
+                    self.owner_uid,
+                )?;
+                vars.insert(k.clone(), value);
+            }
+        }
+        self.write_env(&service.name, &vars)
+    }
+
     fn generated_dir(&self) -> Result<PathBuf, AgentError> {
         let dir = self.secrets_dir.join("deployer");
         std::fs::create_dir_all(&dir).map_err(|e| err("secrets", e.to_string()))?;

@@ -1,18 +1,36 @@
-//! deployer-agent: the agent on each host. One run ([`agent::Agent::run_once`]) polls the
-//! manifest with one conditional GET, plans ([`plan`]), and converges the host: fetch and
-//! verify artifacts ([`fetch`]), write units ([`unit`]) and apply them over D-Bus
-//! ([`systemd`], the only module that talks to D-Bus), gate on health ([`health`]), roll
-//! back what fails, and record it all in `state.json` ([`state`]).
+//! deployer-agent: the agent on each host. One run ([`reconcile::Agent::run_once`]) polls
+//! the manifest with one conditional GET, computes a plan that is the whole decision
+//! ([`plan`]), and executes its steps against the host ([`host::Host`]): fetch and verify
+//! artifacts, write units and apply them over D-Bus, gate on health, switch routes, undo
+//! what fails as the step says, and record it all in `state.json` ([`state`]).
+//!
+//! # Layout
+//!
+//! - [`reconcile`]: the run. `poll` (fetch + trust, shared by run, plan and fetch), `apply`
+//!   (executes a plan's steps, decides nothing), `publish` (report and metrics), the loop.
+//! - [`plan`]: pure decisions over the manifest, the state and what the host shows.
+//! - [`host`]: the `Host` trait, every side effect; `system` (the real one), `memory`
+//!   (tests).
+//! - [`systemd`] (the only D-Bus code), [`unit`] (unit files, every value checked or
+//!   escaped), [`health`] (probes), [`fetch`] (artifacts and Nix closures), [`secrets`]
+//!   (a service's own secrets only), [`infra`] (presets, custom daemons, the app layer),
+//!   [`proxy`] (Caddy, nginx), [`resp`] (a small Redis client).
+//! - [`names`]: every generated name. [`state`]: state.json and the run lock.
+//!   [`report`]: the host report and metrics. [`config`]: settings. [`fault`]: the
+//!   fault-injection hook.
 
-pub mod agent;
 pub mod config;
 pub mod fault;
 pub mod fetch;
 pub mod health;
+pub mod host;
 pub mod infra;
 pub mod names;
 pub mod plan;
 pub mod proxy;
+pub mod reconcile;
+#[cfg(test)]
+mod reconcile_tests;
 pub mod report;
 pub mod resp;
 pub mod secrets;

@@ -12,12 +12,12 @@ use deployer_agent::config::{
     AgentConfig, ConfigFile, DEFAULT_STORE_DEADLINE, default_unit_dir, parse_bytes,
     parse_port_range,
 };
-use deployer_agent::plan::{Step, plan};
-use deployer_agent::proxy::{Proxy, ProxyConfig};
+use deployer_agent::host::system::SystemHost;
+use deployer_agent::proxy::ProxyConfig;
 use deployer_agent::state::State;
 use deployer_agent::systemd::Systemd;
 use deployer_agent::unit::split_command;
-use deployer_agent::{AgentError, EXIT_SERVICES_FAILED, agent::Agent};
+use deployer_agent::{AgentError, EXIT_SERVICES_FAILED, reconcile::Agent};
 
 #[derive(Parser)]
 #[command(
@@ -314,45 +314,21 @@ async fn run(cli: Cli) -> Result<i32, AgentError> {
         })
         .map_err(deploy_manifest::Error::from)?;
     let store = Deadline::new(store, config.store_deadline);
-    if let Command::Plan = cli.command {
-        let state = State::load(&config.state_dir, &config.host)?;
-        let agent = Agent {
-            store,
-            manager: (),
-            proxy: Proxy::new(ProxyConfig::None),
-            config: config.clone(),
-        };
-        let manifest = agent.fetch_manifest().await?;
-        let steps = plan(&manifest, &state, &config.host);
-        print_plan(&steps, manifest.version.as_deref(), cli.json);
-        return Ok(exit::OK);
-    }
     if let Command::Fetch = cli.command {
         let agent = Agent {
             store,
-            manager: (),
-            proxy: Proxy::new(ProxyConfig::None),
-            config: config.clone(),
+            host: (),
+            config,
         };
-        let manifest = agent.fetch_manifest().await?;
-        for service in deployer_agent::plan::desired(&manifest, &config.host) {
-            let path = deployer_agent::fetch::ensure(
-                &agent.store,
-                &service.artifact,
-                &config.state_dir,
-                &config.nix_trusted_keys,
-                config.unpack_limits,
-            )
-            .await?;
-            println!("{}\t{}", service.name, path.display());
+        for (service, path) in agent.prefetch().await? {
+            println!("{service}\t{}", path.display());
         }
         return Ok(exit::OK);
     }
     let manager = Systemd::connect(config.user).await?;
     let agent = Agent {
         store: Counted::new(store),
-        manager,
-        proxy: Proxy::new(config.proxy.clone()),
+        host: SystemHost::new(manager, &config),
         config,
     };
     match cli.command {
@@ -382,40 +358,21 @@ async fn run(cli: Cli) -> Result<i32, AgentError> {
             }
         }
         Command::Run { once: false, .. } => agent.run_forever().await,
-        Command::Plan | Command::Status | Command::Fetch | Command::HostKey => {
+        Command::Plan => {
+            let plan = agent.next_plan().await?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&plan).expect("serialises")
+                );
+            } else {
+                print!("{plan}");
+            }
+            Ok(exit::OK)
+        }
+        Command::Status | Command::Fetch | Command::HostKey => {
             unreachable!("handled above")
         }
-    }
-}
-
-fn print_plan(steps: &[Step], version: Option<&str>, json: bool) {
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(steps).expect("serialises")
-        );
-        return;
-    }
-    println!("plan for manifest {}:", version.unwrap_or("?"));
-    if steps.is_empty() {
-        println!("  nothing to do: no service is declared for this host");
-    }
-    for step in steps {
-        let line = match step {
-            Step::Deploy {
-                service,
-                from,
-                to,
-                reason,
-            } => format!(
-                "deploy  {service}: {} -> {to} ({reason})",
-                from.as_deref().unwrap_or("(nothing)")
-            ),
-            Step::Keep { service, artifact } => format!("keep    {service}: {artifact}"),
-            Step::Skip { service, reason } => format!("skip    {service}: {reason}"),
-            Step::Remove { service } => format!("remove  {service} (data kept)"),
-        };
-        println!("  {line}");
     }
 }
 

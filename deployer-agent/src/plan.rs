@@ -1,11 +1,22 @@
-//! The plan: what a run would do, computed from the manifest and the state alone, acting
-//! on nothing. `deployer-agent plan` prints it; `run` executes the same plan.
+//! The plan: everything one run does, decided from the manifest, the state and what the host
+//! shows (unit files, systemd's view of our units, free ports), acting on nothing.
+//! `deployer-agent plan` prints it; `run` computes the same plan and executes its steps in
+//! order ([`crate::reconcile`]), deciding nothing more: how a deploy goes (in place, or side by
+//! side on a port), whether its release command runs, which infrastructure starts, which
+//! units go and how a failure is undone are all written in the step.
 
-use deploy_manifest::model::{Manifest, Service};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use deploy_manifest::model::{InfraService, Manifest, Service};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::state::State;
+use crate::config::AgentConfig;
+use crate::host::Host;
+use crate::names::{self, UnitRole};
+use crate::state::{Health, RouteState, State};
+use crate::{AgentError, infra};
 
 /// The identity of a service's manifest entry: any change to it is a new generation.
 pub fn spec_hash(service: &Service) -> String {
@@ -13,31 +24,168 @@ pub fn spec_hash(service: &Service) -> String {
     deploy_manifest::hex(&Sha256::digest(bytes))
 }
 
+/// What one run does, in order.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Plan {
+    /// The manifest planned against (for an unchanged one, the version applied before).
+    pub manifest_version: Option<String>,
+    /// `manifest.json` is unchanged since the last run: only drift is repaired.
+    pub unchanged: bool,
+    pub steps: Vec<Step>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase", tag = "action")]
 pub enum Step {
-    /// Fetch, write the unit, restart, check health, record; roll back on failure.
-    Deploy {
+    /// A unit of ours that no state records and nothing may need (a generation or release
+    /// unit left by a killed run, a removed service's, unneeded infrastructure): stopped,
+    /// its file removed.
+    Retire { unit: String },
+    /// Infrastructure, made to run as `condition` says; with `ready`, the run waits until
+    /// it answers (a critical one that does not fails the deploys that need it).
+    Infra(Box<InfraStep>),
+    /// A new generation of a service.
+    Deploy(Box<Deploy>),
+    /// Deployed already: its unit is put back as recorded if `condition` says it drifted;
+    /// with `recheck`, an earlier failure is cleared once it passes its health checks.
+    #[serde(rename_all = "camelCase")]
+    Keep {
         service: String,
-        from: Option<String>,
-        to: String,
-        reason: String,
+        artifact: String,
+        unit: String,
+        condition: Condition,
+        recheck: bool,
     },
-    /// Already deployed: only make sure it runs (drift repair).
-    Keep { service: String, artifact: String },
     /// This exact spec failed before; not retried until the manifest changes it.
     Skip { service: String, reason: String },
-    /// No longer declared for this host: stop and remove the unit; data is kept.
-    Remove { service: String },
+    /// Cannot be deployed on this run (no free port, undeclared infrastructure); the next
+    /// run tries again.
+    Wait { service: String, reason: String },
+    /// No longer declared for this host: its unit is stopped and removed; data is kept.
+    Remove { service: String, unit: String },
+    /// Infrastructure no declared service needs: stopped, unit removed, data kept.
+    StopInfra { name: String, unit: String },
+    /// Apply every recorded route to the proxy (heals a proxy that lost its config).
+    Routes,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InfraStep {
+    pub name: String,
+    pub unit: String,
+    pub condition: Condition,
+    pub ready: bool,
+    /// Why it cannot be started (its unit could not be made): the step fails with this.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The unit file it runs from.
+    #[serde(skip)]
+    pub unit_file: String,
+    /// Its declaration (full runs; an unchanged manifest repairs from the state alone).
+    #[serde(skip)]
+    pub spec: Option<InfraService>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Deploy {
+    pub service: String,
+    pub from: Option<String>,
+    pub to: String,
+    pub reason: Reason,
+    pub strategy: Strategy,
+    /// The unit the new generation runs as.
+    pub unit: String,
+    /// Side by side: the port it listens on (`$PORT`).
+    pub port: Option<u16>,
+    /// The unit of the generation it replaces, when that is another unit: stopped once the
+    /// new one is healthy and has the route (after the drain period with `drain`).
+    pub replaces: Option<String>,
+    pub drain: bool,
+    /// The release command runs first (once per artifact); if it fails, nothing changed.
+    pub release: bool,
+    /// Infrastructure it needs (started by `Infra` steps before it).
+    pub infra: Vec<String>,
+    /// The route to the new generation, switched to once it is healthy.
+    pub route: Option<RouteState>,
+    /// Units of this service no state records (what may have served before a lost state):
+    /// stopped once the new generation is healthy.
+    pub retire_after: Vec<String>,
+    /// What undoes a new generation that fails to start or to pass its health checks.
+    pub on_failure: Recovery,
+}
+
+/// Why a service is deployed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Reason {
+    New,
+    NewArtifact,
+    SettingsChanged,
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Reason::New => "new on this host",
+            Reason::NewArtifact => "new artifact",
+            Reason::SettingsChanged => "service settings changed",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Strategy {
+    /// The service's unit is rewritten and restarted.
+    InPlace,
+    /// The new generation starts as another unit beside the old one, which keeps running
+    /// until the new one is healthy.
+    SideBySide,
+}
+
+/// How a failed new generation is undone. A failure before its unit was written (secrets
+/// file, fetch, infrastructure, the release command) changed nothing and needs none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Recovery {
+    /// In place over a deployed generation: its unit file is put back and restarted.
+    RestorePrevious,
+    /// In place, nothing deployed before: the unit is stopped and removed.
+    RemoveNew,
+    /// Side by side: the new unit is stopped and removed; the old one never stopped.
+    StopNew,
+}
+
+/// How a unit stands against what it should run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Condition {
+    /// Its file is as it should be and it is active: nothing to do.
+    Running,
+    /// Its file is as it should be, it is not active: started again.
+    Stopped,
+    /// Its file is missing or different: written, the manager reloaded, started.
+    Changed,
+    /// systemd could not tell: nothing is done; the error is recorded.
+    Unknown(String),
 }
 
 impl Step {
-    pub fn service(&self) -> &str {
+    /// The service (or infrastructure, or unit) the step is about.
+    pub fn subject(&self) -> &str {
         match self {
-            Step::Deploy { service, .. }
-            | Step::Keep { service, .. }
+            Step::Deploy(d) => &d.service,
+            Step::Keep { service, .. }
             | Step::Skip { service, .. }
-            | Step::Remove { service } => service,
+            | Step::Wait { service, .. }
+            | Step::Remove { service, .. } => service,
+            Step::Infra(i) => &i.name,
+            Step::StopInfra { name, .. } => name,
+            Step::Retire { unit } => unit,
+            Step::Routes => "routes",
         }
     }
 }
@@ -51,138 +199,483 @@ pub fn desired<'m>(manifest: &'m Manifest, host: &str) -> Vec<&'m Service> {
         .collect()
 }
 
-pub fn plan(manifest: &Manifest, state: &State, host: &str) -> Vec<Step> {
-    let desired = desired(manifest, host);
-    let mut steps = Vec::new();
-    for s in &desired {
-        let hash = spec_hash(s);
-        let known = state.services.get(&s.name);
-        let current = known.and_then(|k| k.current.as_ref());
-        let failed = known.and_then(|k| k.failed.as_ref());
-        if current.is_some_and(|c| c.spec_hash == hash) {
-            steps.push(Step::Keep {
-                service: s.name.clone(),
-                artifact: s.artifact.label(),
-            });
-        } else if let Some(f) = failed.filter(|f| f.spec_hash == hash) {
-            steps.push(Step::Skip {
-                service: s.name.clone(),
-                reason: format!("failed at {}: {}", f.at, f.error),
-            });
-        } else {
-            let reason = match current {
-                None => "new on this host".to_owned(),
-                Some(c) if c.artifact != s.artifact => "new artifact".to_owned(),
-                Some(_) => "service settings changed".to_owned(),
-            };
-            steps.push(Step::Deploy {
-                service: s.name.clone(),
-                from: current.map(|c| c.artifact.label()),
-                to: s.artifact.label(),
-                reason,
-            });
-        }
+/// How `unit` stands against `file`, the file it should run from.
+async fn condition<H: Host>(host: &H, unit: &str, file: &str) -> Condition {
+    use crate::systemd::ServiceManager;
+    match host.manager().status(unit).await {
+        Err(e) => Condition::Unknown(e.to_string()),
+        Ok(_) if host.read_unit(unit).as_deref() != Some(file) => Condition::Changed,
+        Ok(status) if status.is_active() => Condition::Running,
+        Ok(_) => Condition::Stopped,
     }
-    for name in state.services.keys() {
-        if !desired.iter().any(|s| &s.name == name) {
-            steps.push(Step::Remove {
-                service: name.clone(),
-            });
-        }
-    }
-    steps
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::state::{Failure, Generation, ServiceState};
-    use deploy_manifest::model::Artifact;
-
-    fn manifest() -> Manifest {
-        let mut m = Manifest::empty();
-        for (name, host) in [("a", "biz"), ("b", "biz"), ("c", "other"), ("d", "biz")] {
-            deploy_manifest::edit::add_service(
-                &mut m,
-                &serde_json::json!({"name": name, "artifact": {"storePath": format!("/nix/store/{name}")}, "hosts": [host]}),
-            )
-            .unwrap();
-        }
-        m
+/// Units of ours on the host: files in the unit directory with our header, and units
+/// systemd still has loaded whose file is gone (a description of ours, not inactive).
+async fn found_units<H: Host>(host: &H) -> BTreeSet<String> {
+    use crate::systemd::ServiceManager;
+    let mut found: BTreeSet<String> = host.our_unit_files().into_iter().collect();
+    match host.manager().list_units("deployer-*.service").await {
+        Ok(units) => found.extend(
+            units
+                .into_iter()
+                .filter(|u| {
+                    u.load_state == "not-found"
+                        && u.active_state != "inactive"
+                        && u.description.starts_with("deployer")
+                })
+                .map(|u| u.name),
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot list the units of ours systemd has"),
     }
+    found.retain(|u| names::parse_unit(u).is_some_and(|r| !matches!(r, UnitRole::Probe(_))));
+    found
+}
 
-    fn generation(s: &Service) -> Generation {
-        Generation {
-            artifact: s.artifact.clone(),
-            path: String::new(),
-            spec_hash: spec_hash(s),
-            version: None,
-            deployed_at: String::new(),
-            unit_file: String::new(),
-            unit: None,
-            route: None,
-        }
-    }
-
-    #[test]
-    fn plans_deploy_keep_skip_and_remove() {
-        let m = manifest();
-        let mut state = State::default();
-        state.services.insert(
-            "a".into(),
-            ServiceState {
-                current: Some(generation(m.service("a").unwrap())),
-                ..Default::default()
-            },
-        );
-        let mut old_b = generation(m.service("b").unwrap());
-        old_b.artifact = Artifact::StorePath("/nix/store/old".into());
-        old_b.spec_hash = "old".into();
-        state.services.insert(
-            "b".into(),
-            ServiceState {
-                current: Some(old_b),
-                ..Default::default()
-            },
-        );
-        state.services.insert(
-            "d".into(),
-            ServiceState {
-                failed: Some(Failure {
-                    spec_hash: spec_hash(m.service("d").unwrap()),
-                    artifact: m.service("d").unwrap().artifact.clone(),
-                    version: None,
-                    error: "unhealthy".into(),
-                    at: "t".into(),
-                }),
-                ..Default::default()
-            },
-        );
-        state
-            .services
-            .insert("gone".into(), ServiceState::default());
-        let steps = plan(&m, &state, "biz");
-        let summary: Vec<(&str, &str)> = steps
-            .iter()
-            .map(|s| {
-                let kind = match s {
-                    Step::Deploy { .. } => "deploy",
-                    Step::Keep { .. } => "keep",
-                    Step::Skip { .. } => "skip",
-                    Step::Remove { .. } => "remove",
-                };
-                (kind, s.service())
-            })
-            .collect();
-        assert_eq!(
-            summary,
+/// Every unit the state records.
+fn known_units(state: &State) -> BTreeSet<&str> {
+    state
+        .services
+        .values()
+        .flat_map(|s| {
             [
-                ("keep", "a"),
-                ("deploy", "b"),
-                ("skip", "d"),
-                ("remove", "gone")
+                Some(s.unit.as_str()),
+                s.current.as_ref().and_then(|g| g.unit.as_deref()),
             ]
-        );
-        assert!(matches!(&steps[1], Step::Deploy { reason, .. } if reason == "new artifact"));
+        })
+        .flatten()
+        .chain(state.infra.values().map(|i| i.unit.as_str()))
+        .collect()
+}
+
+/// The infrastructure declared in `manifest`, shared first (owned requirements may depend
+/// on it), then each service's own (`<service>-<req>`).
+fn infra_specs<'m>(manifest: &'m Manifest, host: &str) -> Vec<(String, &'m InfraService)> {
+    let shared = manifest
+        .infrastructure
+        .iter()
+        .flat_map(|i| &i.services)
+        .map(|(name, spec)| (name.clone(), spec));
+    let owned = desired(manifest, host).into_iter().flat_map(|s| {
+        s.infrastructure
+            .iter()
+            .flat_map(|i| &i.services)
+            .map(|(req, spec)| (names::owned_infra(&s.name, req), spec))
+    });
+    shared.chain(owned).collect()
+}
+
+/// The infrastructure `service` needs, shared and its own.
+fn needs_of(service: &Service, manifest: &Manifest) -> Result<Vec<String>, AgentError> {
+    let mut needs = infra::needs(service, manifest)?;
+    needs.extend(
+        service
+            .infrastructure
+            .iter()
+            .flat_map(|i| i.services.keys())
+            .map(|req| names::owned_infra(&service.name, req)),
+    );
+    Ok(needs)
+}
+
+/// The plan for `manifest`, new or changed since the last run.
+pub async fn plan<H: Host>(
+    manifest: &Manifest,
+    state: &State,
+    host: &H,
+    config: &AgentConfig,
+) -> Plan {
+    let me = config.host.as_str();
+    let desired = desired(manifest, me);
+    // None when some service's needs cannot be told: then no infrastructure is stopped.
+    let needed = infra::needed_on(manifest, me).ok();
+    let mut steps = Vec::new();
+
+    // Units of ours no state records: retired now, or (of a service that may be served by
+    // them) once a new generation of that service is healthy.
+    let known = known_units(state);
+    let mut retire_after: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for unit in found_units(host).await {
+        if known.contains(unit.as_str()) {
+            continue;
+        }
+        match names::parse_unit(&unit) {
+            Some(UnitRole::Infra(name)) => {
+                if needed.as_ref().is_some_and(|n| !n.contains(&name)) {
+                    steps.push(Step::Retire { unit });
+                }
+            }
+            Some(
+                UnitRole::Service(service)
+                | UnitRole::Release(service)
+                | UnitRole::Generation { service, .. },
+            ) => {
+                let declared = desired.iter().any(|s| s.name == service);
+                let settled = state
+                    .services
+                    .get(&service)
+                    .is_some_and(|s| s.current.is_some() && s.health == Health::Healthy);
+                if !declared || settled {
+                    steps.push(Step::Retire { unit });
+                } else {
+                    retire_after.entry(service).or_default().push(unit);
+                }
+            }
+            Some(UnitRole::Probe(_)) | None => {}
+        }
+    }
+
+    // Infrastructure the declared services need, provisioned here.
+    let mut wanted = BTreeSet::new();
+    for s in &desired {
+        if let Ok(needs) = needs_of(s, manifest) {
+            wanted.extend(needs);
+        }
+    }
+    for (name, spec) in infra_specs(manifest, me) {
+        if spec.external.is_some() || !wanted.contains(&name) {
+            continue;
+        }
+        let unit = names::infra_unit(&name);
+        let step = match infra::unit_file(&name, spec, &config.state_dir, config.user) {
+            Ok(unit_file) => InfraStep {
+                condition: condition(host, &unit, &unit_file).await,
+                error: None,
+                unit_file,
+                ..infra_step(&name, &unit, spec)
+            },
+            Err(e) => InfraStep {
+                error: Some(e.to_string()),
+                ..infra_step(&name, &unit, spec)
+            },
+        };
+        steps.push(Step::Infra(Box::new(step)));
+    }
+
+    // The services, in the manifest's order.
+    let mut ports = Ports::new(state, config.port_range);
+    for s in &desired {
+        let step = service_step(s, manifest, state, host, &mut ports, &mut retire_after).await;
+        steps.push(step);
+    }
+    for (name, entry) in &state.services {
+        if !desired.iter().any(|s| &s.name == name) {
+            let unit = Some(entry.unit.clone())
+                .filter(|u| !u.is_empty())
+                .unwrap_or_else(|| names::service_unit(name));
+            steps.push(Step::Remove {
+                service: name.clone(),
+                unit,
+            });
+        }
+    }
+    if let Some(needed) = &needed {
+        for (name, recorded) in &state.infra {
+            if !needed.contains(name) {
+                steps.push(Step::StopInfra {
+                    name: name.clone(),
+                    unit: recorded.unit.clone(),
+                });
+            }
+        }
+    }
+    if host.has_proxy() {
+        steps.push(Step::Routes);
+    }
+    Plan {
+        manifest_version: manifest.version.clone(),
+        unchanged: false,
+        steps,
+    }
+}
+
+fn infra_step(name: &str, unit: &str, spec: &InfraService) -> InfraStep {
+    InfraStep {
+        name: name.to_owned(),
+        unit: unit.to_owned(),
+        condition: Condition::Changed,
+        ready: true,
+        error: None,
+        unit_file: String::new(),
+        spec: Some(spec.clone()),
+    }
+}
+
+/// The step of one declared service.
+async fn service_step<H: Host>(
+    s: &Service,
+    manifest: &Manifest,
+    state: &State,
+    host: &H,
+    ports: &mut Ports,
+    retire_after: &mut BTreeMap<String, Vec<String>>,
+) -> Step {
+    let hash = spec_hash(s);
+    let entry = state.services.get(&s.name);
+    let current = entry.and_then(|e| e.current.as_ref());
+    if let (Some(entry), Some(c)) = (entry, current)
+        && c.spec_hash == hash
+    {
+        return Step::Keep {
+            service: s.name.clone(),
+            artifact: s.artifact.label(),
+            unit: entry.unit.clone(),
+            condition: condition(host, &entry.unit, &c.unit_file).await,
+            recheck: entry.failed.is_some()
+                || entry.last_error.is_some()
+                || entry.health != Health::Healthy,
+        };
+    }
+    if let Some(f) = entry
+        .and_then(|e| e.failed.as_ref())
+        .filter(|f| f.spec_hash == hash)
+    {
+        return Step::Skip {
+            service: s.name.clone(),
+            reason: format!("failed at {}: {}", f.at, f.error),
+        };
+    }
+    let wait = |reason: String| Step::Wait {
+        service: s.name.clone(),
+        reason,
+    };
+    let infra = match needs_of(s, manifest) {
+        Ok(needs) => needs,
+        Err(e) => return wait(e.to_string()),
+    };
+    let zero = host.has_proxy() && s.http.as_ref().and_then(|h| h.zero_downtime) == Some(true);
+    let port = if zero {
+        match ports.allocate(host) {
+            Ok(p) => Some(p),
+            Err(e) => return wait(e.to_string()),
+        }
+    } else {
+        None
+    };
+    let unit = match port {
+        Some(p) => names::generation_unit(&s.name, p),
+        None => names::service_unit(&s.name),
+    };
+    let old_unit = entry
+        .map(|e| e.unit.clone())
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| names::service_unit(&s.name));
+    let strategy = if unit == old_unit {
+        Strategy::InPlace
+    } else {
+        Strategy::SideBySide
+    };
+    let replaces = (strategy == Strategy::SideBySide && current.is_some()).then_some(old_unit);
+    let on_failure = match (strategy, current) {
+        (Strategy::SideBySide, _) => Recovery::StopNew,
+        (Strategy::InPlace, Some(_)) => Recovery::RestorePrevious,
+        (Strategy::InPlace, None) => Recovery::RemoveNew,
+    };
+    let reason = match current {
+        None => Reason::New,
+        Some(c) if c.artifact != s.artifact => Reason::NewArtifact,
+        Some(_) => Reason::SettingsChanged,
+    };
+    let mut retire_after = retire_after.remove(&s.name).unwrap_or_default();
+    retire_after.retain(|u| *u != unit);
+    Step::Deploy(Box::new(Deploy {
+        service: s.name.clone(),
+        from: current.map(|c| c.artifact.label()),
+        to: s.artifact.label(),
+        reason,
+        strategy,
+        drain: zero && replaces.is_some(),
+        replaces,
+        unit,
+        port,
+        release: s.release.is_some()
+            && entry.and_then(|e| e.released.as_ref()) != Some(&s.artifact),
+        infra,
+        route: s.http.as_ref().map(|h| RouteState {
+            domain: h.domain.to_ascii_lowercase(),
+            path: deploy_manifest::validate::route_path(&h.path),
+            port: port.unwrap_or(h.internal_port),
+        }),
+        retire_after,
+        on_failure,
+    }))
+}
+
+/// Ports for side-by-side generations: in the configured range, used by no recorded
+/// generation, not given to another step of this plan, and free on the host.
+struct Ports {
+    used: BTreeSet<u16>,
+    range: (u16, u16),
+}
+
+impl Ports {
+    fn new(state: &State, range: (u16, u16)) -> Ports {
+        let used = state
+            .services
+            .values()
+            .flat_map(|s| [s.current.as_ref(), s.previous.as_ref()])
+            .flatten()
+            .filter_map(|g| g.route.as_ref().map(|r| r.port))
+            .collect();
+        Ports { used, range }
+    }
+
+    fn allocate<H: Host>(&mut self, host: &H) -> Result<u16, AgentError> {
+        let (first, last) = self.range;
+        let port = (first..=last)
+            .find(|p| !self.used.contains(p) && host.port_free(*p))
+            .ok_or(AgentError::NoFreePort { first, last })?;
+        self.used.insert(port);
+        Ok(port)
+    }
+}
+
+/// The plan when `manifest.json` is unchanged since the last run (or cannot be read):
+/// every recorded unit is put back as recorded if it drifted, from the state alone.
+pub async fn plan_unchanged<H: Host>(state: &State, host: &H) -> Plan {
+    let mut steps = Vec::new();
+    for (name, recorded) in &state.infra {
+        steps.push(Step::Infra(Box::new(InfraStep {
+            name: name.clone(),
+            unit: recorded.unit.clone(),
+            condition: condition(host, &recorded.unit, &recorded.unit_file).await,
+            ready: false,
+            error: None,
+            unit_file: recorded.unit_file.clone(),
+            spec: None,
+        })));
+    }
+    for (name, entry) in &state.services {
+        if let Some(current) = &entry.current {
+            steps.push(Step::Keep {
+                service: name.clone(),
+                artifact: current.artifact.label(),
+                unit: entry.unit.clone(),
+                condition: condition(host, &entry.unit, &current.unit_file).await,
+                recheck: false,
+            });
+        }
+    }
+    if host.has_proxy() {
+        steps.push(Step::Routes);
+    }
+    Plan {
+        manifest_version: state.manifest_version.clone(),
+        unchanged: true,
+        steps,
+    }
+}
+
+impl fmt::Display for Condition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Condition::Running => f.write_str("running"),
+            Condition::Stopped => f.write_str("stopped: start it again"),
+            Condition::Changed => f.write_str("unit file missing or changed: write it, start"),
+            Condition::Unknown(e) => write!(f, "systemd cannot tell ({e}): left alone"),
+        }
+    }
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let version = self.manifest_version.as_deref().unwrap_or("?");
+        if self.unchanged {
+            writeln!(
+                f,
+                "plan for manifest {version} (unchanged: drift repair only):"
+            )?;
+        } else {
+            writeln!(f, "plan for manifest {version}:")?;
+        }
+        if self.steps.is_empty() {
+            writeln!(f, "  nothing to do: no service is declared for this host")?;
+        }
+        for step in &self.steps {
+            match step {
+                Step::Deploy(d) => {
+                    writeln!(
+                        f,
+                        "  deploy  {}: {} -> {} ({})",
+                        d.service,
+                        d.from.as_deref().unwrap_or("(nothing)"),
+                        d.to,
+                        d.reason
+                    )?;
+                    let how = match (d.strategy, d.port) {
+                        (Strategy::InPlace, _) => format!("in place as {}", d.unit),
+                        (Strategy::SideBySide, Some(p)) => {
+                            format!("side by side as {} on port {p}", d.unit)
+                        }
+                        (Strategy::SideBySide, None) => format!("side by side as {}", d.unit),
+                    };
+                    writeln!(f, "          {how}")?;
+                    if d.release {
+                        writeln!(f, "          runs its release command first")?;
+                    }
+                    if !d.infra.is_empty() {
+                        writeln!(f, "          needs {}", d.infra.join(", "))?;
+                    }
+                    if let Some(r) = &d.route {
+                        writeln!(
+                            f,
+                            "          route {}{} -> port {}",
+                            r.domain, r.path, r.port
+                        )?;
+                    }
+                    if let Some(old) = &d.replaces {
+                        let drain = if d.drain {
+                            ", after the drain period"
+                        } else {
+                            ""
+                        };
+                        writeln!(f, "          then stops {old}{drain}")?;
+                    }
+                    for u in &d.retire_after {
+                        writeln!(f, "          then stops {u} (no state records it)")?;
+                    }
+                    let undo = match d.on_failure {
+                        Recovery::RestorePrevious => "restore the previous generation",
+                        Recovery::RemoveNew => "stop and remove the new unit",
+                        Recovery::StopNew => "stop the new unit; the old one keeps running",
+                    };
+                    writeln!(f, "          if it fails: {undo}")?;
+                }
+                Step::Keep {
+                    service,
+                    artifact,
+                    condition,
+                    recheck,
+                    ..
+                } => {
+                    let recheck = if *recheck {
+                        "; probe it to clear the recorded failure"
+                    } else {
+                        ""
+                    };
+                    writeln!(f, "  keep    {service}: {artifact} ({condition}{recheck})")?;
+                }
+                Step::Skip { service, reason } => writeln!(f, "  skip    {service}: {reason}")?,
+                Step::Wait { service, reason } => {
+                    writeln!(f, "  wait    {service}: {reason}; the next run retries")?
+                }
+                Step::Remove { service, unit } => {
+                    writeln!(f, "  remove  {service}: stop {unit} (data kept)")?
+                }
+                Step::Infra(i) => match &i.error {
+                    Some(e) => writeln!(f, "  infra   {}: cannot start: {e}", i.name)?,
+                    None => writeln!(f, "  infra   {}: {}", i.name, i.condition)?,
+                },
+                Step::StopInfra { name, .. } => writeln!(
+                    f,
+                    "  stop    infrastructure {name}: no service here needs it (data kept)"
+                )?,
+                Step::Retire { unit } => {
+                    writeln!(f, "  retire  {unit}: ours, and no state records it")?
+                }
+                Step::Routes => writeln!(f, "  routes  apply every recorded route")?,
+            }
+        }
+        Ok(())
     }
 }

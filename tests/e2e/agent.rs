@@ -78,8 +78,46 @@ impl Host {
         deployer_tests::run("deployer-agent", &args, &self.env(fx), None)
     }
 
+    /// `run --once --json`, after `plan --json`: the run must execute exactly the steps the
+    /// plan printed (or fail as the plan did). Every e2e scenario goes through here, so each
+    /// one checks that `deployer-agent plan` shows what `run` does.
     pub(crate) fn run_once(&self, fx: &Fixture) -> Output {
-        self.agent(fx, &["run", "--once"])
+        let plan = self.agent(fx, &["--json", "plan"]);
+        let run = self.agent(fx, &["--json", "run", "--once"]);
+        if !plan.status.success() {
+            assert_eq!(
+                run.code(),
+                plan.code(),
+                "plan failed, and run did otherwise:\n{}\n{}",
+                plan.stderr_str(),
+                run.stderr_str()
+            );
+            return run;
+        }
+        let planned: Value = serde_json::from_slice(&plan.stdout)
+            .unwrap_or_else(|e| panic!("plan --json: {e}: {}", plan.stdout_str()));
+        assert!(planned["steps"].is_array(), "{planned}");
+        match serde_json::from_slice::<Value>(&run.stdout) {
+            Ok(report) => assert_eq!(
+                report["steps"],
+                planned["steps"],
+                "run did not execute the steps plan printed\nplan: {planned:#}\nrun: {report:#}\n{}",
+                run.stderr_str()
+            ),
+            Err(_) => assert!(
+                !run.status.success(),
+                "run printed no report: {}",
+                run.stdout_str()
+            ),
+        }
+        run
+    }
+
+    /// [`Host::run_once`]'s report.
+    pub(crate) fn run_report(&self, fx: &Fixture) -> Value {
+        let out = self.run_once(fx);
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}\n{}", out.stdout_str(), out.stderr_str()))
     }
 
     pub(crate) fn state(&self) -> Value {
@@ -201,8 +239,7 @@ fn lifecycle(fx: &Fixture) {
     assert!(unit.contains("Environment=\"PORT="), "{unit}");
 
     // Nothing changed: one conditional GET, nothing redeployed.
-    let idle = host.agent(fx, &["--json", "run", "--once"]).ok();
-    let report: Value = serde_json::from_slice(&idle.stdout).unwrap();
+    let report = host.run_report(fx);
     assert_eq!(report["unchanged"], json!(true), "{report}");
     assert_eq!(report["deployed"], json!([]));
     assert_eq!(
@@ -263,8 +300,7 @@ fn lifecycle(fx: &Fixture) {
     // Touch the manifest (another service's change): v3 is still skipped.
     fx.dm(&["add-service", r#"{"name": "elsewhere", "artifact": {"storePath": "/nix/store/placeholder"}, "hosts": ["other"]}"#])
         .ok();
-    let again = host.agent(fx, &["--json", "run", "--once"]).ok();
-    let report: Value = serde_json::from_slice(&again.stdout).unwrap();
+    let report = host.run_report(fx);
     assert_eq!(report["skipped"], json!(["hello"]), "{report}");
     assert_eq!(
         report["systemdChanges"],
@@ -278,8 +314,7 @@ fn lifecycle(fx: &Fixture) {
         .systemctl(&["stop", "deployer-hello.service"])
         .ok();
     assert!(body(port).is_none());
-    let repaired = host.agent(fx, &["--json", "run", "--once"]).ok();
-    let report: Value = serde_json::from_slice(&repaired.stdout).unwrap();
+    let report = host.run_report(fx);
     assert_eq!(report["repaired"], json!(["hello"]), "{report}");
     assert!(eventually(10, || body(port)).is_some());
 

@@ -23,12 +23,6 @@ fn hello(name: &str, port: u16, artifact: &Value, version: &str) -> Value {
     s
 }
 
-fn run_json(host: &Host, fx: &Fixture) -> Value {
-    let out = host.agent(fx, &["--json", "run", "--once"]);
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}\n{}", out.stdout_str(), out.stderr_str()))
-}
-
 /// Units matching `pattern` the manager has loaded and running.
 fn active_units(host: &Host, pattern: &str) -> Vec<String> {
     let out = host.sandbox.systemctl(&[
@@ -67,7 +61,7 @@ fn a_release_command_leaves_a_service_named_like_its_unit_alone() {
         r#"{"release": {"command": "/bin/true"}}"#,
     ])
     .ok();
-    let report = run_json(&host, &fx);
+    let report = host.run_report(&fx);
     assert_eq!(report["deployed"], json!(["hello"]), "{report}");
     assert_eq!(body(port).as_deref(), Some("hello from v1\n"));
     assert_eq!(host.is_active("hello-release"), "active");
@@ -143,7 +137,7 @@ fn failure_state_clears_once_the_manifest_spec_runs_healthily() {
     assert!(host.state()["services"]["hello"]["failed"].is_object());
 
     fx.dm(&["rollback"]).ok();
-    let report = run_json(&host, &fx);
+    let report = host.run_report(&fx);
     assert_eq!(report["failed"], json!([]), "{report}");
     let hello = &host.state()["services"]["hello"];
     assert!(hello.get("failed").is_none(), "{hello}");
@@ -247,7 +241,7 @@ fn a_generation_left_by_a_killed_run_is_retired() {
     let left = active_units(&host, "deployer-hello.*");
     assert_eq!(left.len(), 2, "the killed run's generation runs: {left:?}");
 
-    let report = run_json(&host, &fx);
+    let report = host.run_report(&fx);
     let recorded = host.state()["services"]["hello"]["unit"]
         .as_str()
         .unwrap()
@@ -299,7 +293,7 @@ fn infrastructure_drift_is_repaired_and_unused_infrastructure_stopped() {
     host.sandbox
         .systemctl(&["stop", "deployer-infra-cache.service"])
         .ok();
-    let report = run_json(&host, &fx);
+    let report = host.run_report(&fx);
     assert_eq!(report["unchanged"], json!(true), "{report}");
     assert!(
         report["repaired"]
@@ -315,7 +309,7 @@ fn infrastructure_drift_is_repaired_and_unused_infrastructure_stopped() {
 
     fx.dm(&["update-service", "hello", r#"{"infrastructure": null}"#])
         .ok();
-    let report = run_json(&host, &fx);
+    let report = host.run_report(&fx);
     assert_eq!(report["stoppedInfra"], json!(["cache"]), "{report}");
     assert_eq!(
         active_units(&host, "deployer-infra-cache.service"),
@@ -425,4 +419,27 @@ fn nested_caddy_routes_go_to_the_longest_path() {
     assert_eq!(via("/api/x")().as_deref(), Some("hello from api\n"));
     assert_eq!(via("/apiary")().as_deref(), Some("hello from root\n"));
     assert_eq!(via("/")().as_deref(), Some("hello from root\n"));
+
+    // A bucket writer plants a manifest in which the root service is replaced by one on
+    // path `//` (once a matcher that Caddy put first and that took the whole domain). It is
+    // the root path: it gets `/`, and nothing under /api moves.
+    let store = std::path::PathBuf::from(fx.url.strip_prefix("file://").unwrap());
+    let mut planted: Value =
+        serde_json::from_slice(&std::fs::read(store.join("manifest.json")).unwrap()).unwrap();
+    let services = planted["services"].as_array_mut().unwrap();
+    services.retain(|s| s["name"] != "hello");
+    let p3 = free_port();
+    services.push(serde_json::from_str(&routed("evil", p3, "evil", "//")).unwrap());
+    std::fs::write(
+        store.join("manifest.json"),
+        serde_json::to_vec(&planted).unwrap(),
+    )
+    .unwrap();
+    host.run_once(&fx).ok();
+    assert_eq!(
+        eventually(10, via("/")).as_deref(),
+        Some("hello from evil\n")
+    );
+    assert_eq!(via("/api/x")().as_deref(), Some("hello from api\n"));
+    assert_eq!(via("/api/v1/x")().as_deref(), Some("hello from api-v1\n"));
 }

@@ -1,0 +1,285 @@
+//! A host in memory, for testing the reconcile decisions (plan and apply) without root,
+//! systemd or a network: unit files in a map, a service manager that runs a unit unless its
+//! file names a broken artifact, ports, routes, and a log of every change. Never a stand-in
+//! for the real host in the end-to-end tests ([`super::system::SystemHost`] is tested
+//! there).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use deploy_manifest::model::{Artifact, InfraService, Manifest, Service};
+use deploy_manifest::store::ObjectStore;
+
+use super::Host;
+use crate::AgentError;
+use crate::health::Probes;
+use crate::proxy::{ProxyError, Route};
+use crate::state::State;
+use crate::systemd::{JobResult, ListedUnit, ServiceManager, SystemdError, UnitStatus};
+use crate::unit::{EnvFile, TransientSpec};
+
+/// What the in-memory host holds; tests set it up and read it back.
+#[derive(Debug, Default)]
+pub struct World {
+    /// The unit directory: unit → file text.
+    pub files: BTreeMap<String, String>,
+    /// Units the manager runs: unit → (active, description when started).
+    pub units: BTreeMap<String, (bool, String)>,
+    /// Ports something listens on.
+    pub bound: BTreeSet<u16>,
+    /// A unit whose file contains one of these exits at once (an artifact's path, see
+    /// [`artifact_path`], or a command).
+    pub broken: BTreeSet<String>,
+    /// Artifact labels the store does not have.
+    pub missing: BTreeSet<String>,
+    /// Release commands fail.
+    pub release_fails: bool,
+    /// The state as last saved.
+    pub saved: Option<State>,
+    /// The proxy's routes.
+    pub routes: Vec<Route>,
+    /// Every change, in order: `write U`, `remove U`, `reload`, `restart U`, `stop U`,
+    /// `prepare I`, `routes N`.
+    pub log: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct MemoryHost {
+    world: Mutex<World>,
+    /// A reverse proxy is configured.
+    pub proxy: bool,
+}
+
+/// Where an artifact is "fetched" to.
+pub fn artifact_path(artifact: &Artifact) -> PathBuf {
+    PathBuf::from("/mem/artifacts").join(artifact.label().replace('/', "_"))
+}
+
+impl MemoryHost {
+    pub fn new(proxy: bool) -> MemoryHost {
+        MemoryHost {
+            world: Mutex::default(),
+            proxy,
+        }
+    }
+
+    pub fn world(&self) -> MutexGuard<'_, World> {
+        self.world.lock().expect("not poisoned")
+    }
+
+    fn log(&self, what: String) {
+        self.world().log.push(what);
+    }
+
+    /// Whether `unit` runs.
+    pub fn is_active(&self, unit: &str) -> bool {
+        self.world().units.get(unit).is_some_and(|(a, _)| *a)
+    }
+}
+
+fn job_error(call: &'static str, unit: &str, result: &str) -> SystemdError {
+    SystemdError::Job {
+        call,
+        unit: unit.to_owned(),
+        result: result.to_owned(),
+    }
+}
+
+impl ServiceManager for MemoryHost {
+    async fn reload(&self) -> Result<(), SystemdError> {
+        self.log("reload".into());
+        Ok(())
+    }
+
+    async fn restart(&self, unit: &str) -> Result<(), SystemdError> {
+        self.log(format!("restart {unit}"));
+        let mut w = self.world();
+        let Some(text) = w.files.get(unit).cloned() else {
+            return Err(job_error("restart", unit, "not loaded"));
+        };
+        let broken = w.broken.iter().any(|needle| text.contains(needle.as_str()));
+        let description = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Description="))
+            .unwrap_or_default()
+            .to_owned();
+        w.units.insert(unit.to_owned(), (!broken, description));
+        Ok(())
+    }
+
+    async fn stop(&self, unit: &str) -> Result<(), SystemdError> {
+        self.log(format!("stop {unit}"));
+        match self.world().units.remove(unit) {
+            Some(_) => Ok(()),
+            None => Err(job_error("stop", unit, "not loaded")),
+        }
+    }
+
+    async fn status(&self, unit: &str) -> Result<UnitStatus, SystemdError> {
+        let w = self.world();
+        let active_state = match w.units.get(unit) {
+            Some((true, _)) => "active",
+            Some((false, _)) => "failed",
+            None => "inactive",
+        };
+        Ok(UnitStatus {
+            load_state: if w.files.contains_key(unit) {
+                "loaded"
+            } else {
+                "not-found"
+            }
+            .into(),
+            active_state: active_state.into(),
+            sub_state: String::new(),
+            n_restarts: 0,
+            main_pid: 0,
+        })
+    }
+
+    async fn run_transient(&self, _spec: &TransientSpec) -> Result<JobResult, SystemdError> {
+        Ok(JobResult::Done)
+    }
+
+    async fn run_oneshot(&self, unit: &str, _wait: Duration) -> Result<JobResult, SystemdError> {
+        self.log(format!("run {unit}"));
+        Ok(if self.world().release_fails {
+            JobResult::Failed("exited with status 1".into())
+        } else {
+            JobResult::Done
+        })
+    }
+
+    async fn list_units(&self, pattern: &str) -> Result<Vec<ListedUnit>, SystemdError> {
+        let prefix = pattern.trim_end_matches("*.service");
+        let w = self.world();
+        Ok(w.units
+            .iter()
+            .filter(|(name, _)| name.starts_with(prefix))
+            .map(|(name, (active, description))| ListedUnit {
+                name: name.clone(),
+                description: description.clone(),
+                load_state: if w.files.contains_key(name) {
+                    "loaded"
+                } else {
+                    "not-found"
+                }
+                .into(),
+                active_state: if *active { "active" } else { "failed" }.into(),
+            })
+            .collect())
+    }
+}
+
+impl Host for MemoryHost {
+    type Manager = MemoryHost;
+
+    fn manager(&self) -> &MemoryHost {
+        self
+    }
+
+    fn read_unit(&self, unit: &str) -> Option<String> {
+        self.world().files.get(unit).cloned()
+    }
+
+    fn write_unit(&self, unit: &str, text: &str) -> Result<(), AgentError> {
+        let mut w = self.world();
+        w.log.push(format!("write {unit}"));
+        w.files.insert(unit.to_owned(), text.to_owned());
+        Ok(())
+    }
+
+    fn remove_unit(&self, unit: &str) -> Result<(), AgentError> {
+        let mut w = self.world();
+        if w.files.remove(unit).is_some() {
+            w.log.push(format!("remove {unit}"));
+        }
+        Ok(())
+    }
+
+    fn our_unit_files(&self) -> Vec<String> {
+        let w = self.world();
+        w.files
+            .iter()
+            .filter(|(_, text)| text.starts_with(crate::unit::HEADER))
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    fn save_state(&self, state: &State) -> Result<(), AgentError> {
+        self.world().saved = Some(state.clone());
+        Ok(())
+    }
+
+    fn port_free(&self, port: u16) -> bool {
+        !self.world().bound.contains(&port)
+    }
+
+    async fn fetch<S: ObjectStore>(
+        &self,
+        _store: &S,
+        artifact: &Artifact,
+    ) -> Result<PathBuf, AgentError> {
+        if self.world().missing.contains(&artifact.label()) {
+            return Err(AgentError::Fetch {
+                artifact: artifact.label(),
+                detail: "not in the store".into(),
+            });
+        }
+        Ok(artifact_path(artifact))
+    }
+
+    fn env_file(&self, service: &str, _declared: Option<&str>) -> Result<EnvFile, AgentError> {
+        Ok(EnvFile {
+            path: PathBuf::from(format!("/mem/secrets/{service}.env")),
+            optional: true,
+        })
+    }
+
+    fn env_warning(&self, _files: &[EnvFile]) -> Option<String> {
+        None
+    }
+
+    fn prepare_infra(&self, name: &str, _spec: &InfraService) -> Result<(), AgentError> {
+        self.log(format!("prepare {name}"));
+        Ok(())
+    }
+
+    fn app_env(
+        &self,
+        _service: &Service,
+        _manifest: &Manifest,
+        _indexes: &mut BTreeMap<String, u32>,
+    ) -> Result<Option<PathBuf>, AgentError> {
+        Ok(None)
+    }
+
+    fn has_database(&self, _service: &str) -> bool {
+        false
+    }
+
+    async fn wait_healthy(
+        &self,
+        unit: &str,
+        _probes: &Probes,
+        _settle: Duration,
+    ) -> Result<(), String> {
+        if self.is_active(unit) {
+            Ok(())
+        } else {
+            Err(format!("{unit} is failed"))
+        }
+    }
+
+    fn has_proxy(&self) -> bool {
+        self.proxy
+    }
+
+    async fn apply_routes(&self, routes: &[Route]) -> Result<(), ProxyError> {
+        let mut w = self.world();
+        w.log.push(format!("routes {}", routes.len()));
+        w.routes = routes.to_vec();
+        Ok(())
+    }
+}

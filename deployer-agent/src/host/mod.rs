@@ -1,0 +1,89 @@
+//! Every side effect a run has on the host, behind one trait: unit files, the service
+//! manager (systemd jobs and status), ports, artifacts, the files under the state and
+//! secrets directories (secrets checks, infrastructure data, generated env files), health
+//! probes and the proxy's routes.
+//!
+//! [`system::SystemHost`] is the real one (systemd over D-Bus, the file system, Caddy or
+//! nginx), tested end to end; [`memory::MemoryHost`] (tests only) keeps it all in memory so
+//! that the reconcile decisions can be tested table-driven without root.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use deploy_manifest::model::{Artifact, InfraService, Manifest, Service};
+use deploy_manifest::store::ObjectStore;
+
+use crate::AgentError;
+use crate::health::Probes;
+use crate::proxy::{ProxyError, Route};
+use crate::state::State;
+use crate::systemd::ServiceManager;
+use crate::unit::EnvFile;
+
+#[cfg(test)]
+pub mod memory;
+pub mod system;
+
+/// The host a run converges.
+pub trait Host {
+    type Manager: ServiceManager;
+
+    /// The service manager (systemd).
+    fn manager(&self) -> &Self::Manager;
+
+    /// The text of `unit`'s file in the unit directory, if there is one.
+    fn read_unit(&self, unit: &str) -> Option<String>;
+    /// Write `unit`'s file (atomically); the manager sees it after a reload.
+    fn write_unit(&self, unit: &str, text: &str) -> Result<(), AgentError>;
+    /// Remove `unit`'s file, if there is one.
+    fn remove_unit(&self, unit: &str) -> Result<(), AgentError>;
+    /// The files in the unit directory that start with our header ([`crate::unit::HEADER`]).
+    fn our_unit_files(&self) -> Vec<String>;
+
+    /// Write `state.json` (atomically: [`State::save`]).
+    fn save_state(&self, state: &State) -> Result<(), AgentError>;
+
+    /// Nothing listens on this loopback port.
+    fn port_free(&self, port: u16) -> bool;
+
+    /// The artifact, fetched and verified if it is not here yet: where it is.
+    fn fetch<S: ObjectStore>(
+        &self,
+        store: &S,
+        artifact: &Artifact,
+    ) -> impl Future<Output = Result<PathBuf, AgentError>>;
+
+    /// The operator's secrets file of `service`, checked ([`crate::secrets::env_file`]).
+    fn env_file(&self, service: &str, declared: Option<&str>) -> Result<EnvFile, AgentError>;
+    /// What is wrong with the env files a deployed unit names (checked every run), if
+    /// anything.
+    fn env_warning(&self, files: &[EnvFile]) -> Option<String>;
+
+    /// Prepare an infrastructure service's data directory before it starts.
+    fn prepare_infra(&self, name: &str, spec: &InfraService) -> Result<(), AgentError>;
+    /// Provision what `service` declares on top of its infrastructure (database and role,
+    /// Redis index, resolved templates) and write its generated env file; that file, if
+    /// there is anything in it. `indexes` is the state's copy of the Redis indexes.
+    fn app_env(
+        &self,
+        service: &Service,
+        manifest: &Manifest,
+        indexes: &mut std::collections::BTreeMap<String, u32>,
+    ) -> Result<Option<PathBuf>, AgentError>;
+    /// Whether a database of `service`'s was provisioned here (its password is kept).
+    fn has_database(&self, service: &str) -> bool;
+
+    /// Wait until `unit` passes `probes` (or has been active for `settle`), or say why not.
+    fn wait_healthy(
+        &self,
+        unit: &str,
+        probes: &Probes,
+        settle: Duration,
+    ) -> impl Future<Output = Result<(), String>>;
+
+    /// A reverse proxy is configured.
+    fn has_proxy(&self) -> bool;
+    /// Make the proxy's routes exactly `routes`.
+    fn apply_routes(&self, routes: &[Route]) -> impl Future<Output = Result<(), ProxyError>>;
+}

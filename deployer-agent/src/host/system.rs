@@ -1,0 +1,179 @@
+//! The real host: systemd over D-Bus ([`crate::systemd`]), unit files in the unit
+//! directory, the state and secrets directories, loopback ports, Caddy or nginx.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use deploy_manifest::model::{Artifact, InfraService, Manifest, Service};
+use deploy_manifest::store::ObjectStore;
+
+use super::Host;
+use crate::AgentError;
+use crate::config::{AgentConfig, current_uid};
+use crate::health::Probes;
+use crate::proxy::{Proxy, ProxyError, Route};
+use crate::state::State;
+use crate::systemd::ServiceManager;
+use crate::unit::{EnvFile, check_unit_name};
+use crate::{fetch, infra, secrets};
+
+pub struct SystemHost<M> {
+    pub manager: M,
+    pub proxy: Proxy,
+    pub config: AgentConfig,
+}
+
+impl<M> SystemHost<M> {
+    pub fn new(manager: M, config: &AgentConfig) -> SystemHost<M> {
+        SystemHost {
+            manager,
+            proxy: Proxy::new(config.proxy.clone()),
+            config: config.clone(),
+        }
+    }
+
+    fn unit_path(&self, unit: &str) -> PathBuf {
+        self.config.unit_dir.join(unit)
+    }
+
+    /// Whom secret files must belong to: root, or with --user the agent's own user.
+    fn owner_uid(&self) -> u32 {
+        if self.config.user { current_uid() } else { 0 }
+    }
+}
+
+impl<M: ServiceManager> Host for SystemHost<M> {
+    type Manager = M;
+
+    fn manager(&self) -> &M {
+        &self.manager
+    }
+
+    fn read_unit(&self, unit: &str) -> Option<String> {
+        std::fs::read_to_string(self.unit_path(unit)).ok()
+    }
+
+    fn write_unit(&self, unit: &str, text: &str) -> Result<(), AgentError> {
+        check_unit_name(unit)?;
+        let dir = &self.config.unit_dir;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| AgentError::io(format!("creating {}", dir.display()), e))?;
+        if self.config.user {
+            // Units of a user manager log to files there (there is no journal for them).
+            let logs = self.config.state_dir.join("logs");
+            std::fs::create_dir_all(&logs)
+                .map_err(|e| AgentError::io(format!("creating {}", logs.display()), e))?;
+        }
+        let path = self.unit_path(unit);
+        deploy_manifest::fsutil::write_atomically(&path, text.as_bytes(), 0o644)
+            .map_err(|e| AgentError::io(format!("writing {}", path.display()), e))
+    }
+
+    fn remove_unit(&self, unit: &str) -> Result<(), AgentError> {
+        check_unit_name(unit)?;
+        let path = self.unit_path(unit);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(AgentError::io(format!("removing {}", path.display()), e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn our_unit_files(&self) -> Vec<String> {
+        let Ok(dir) = std::fs::read_dir(&self.config.unit_dir) else {
+            return Vec::new();
+        };
+        let mut found: Vec<String> = dir
+            .flatten()
+            .filter(|entry| {
+                std::fs::read_to_string(entry.path())
+                    .is_ok_and(|t| t.starts_with(crate::unit::HEADER))
+            })
+            .filter_map(|entry| entry.file_name().into_string().ok())
+            .collect();
+        found.sort();
+        found
+    }
+
+    fn save_state(&self, state: &State) -> Result<(), AgentError> {
+        state.save(&self.config.state_dir)
+    }
+
+    fn port_free(&self, port: u16) -> bool {
+        std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+    }
+
+    async fn fetch<S: ObjectStore>(
+        &self,
+        store: &S,
+        artifact: &Artifact,
+    ) -> Result<PathBuf, AgentError> {
+        fetch::ensure(
+            store,
+            artifact,
+            &self.config.state_dir,
+            &self.config.nix_trusted_keys,
+            self.config.unpack_limits,
+        )
+        .await
+    }
+
+    fn env_file(&self, service: &str, declared: Option<&str>) -> Result<EnvFile, AgentError> {
+        secrets::env_file(
+            service,
+            declared,
+            &self.config.secrets_dir,
+            self.owner_uid(),
+        )
+    }
+
+    fn env_warning(&self, files: &[EnvFile]) -> Option<String> {
+        let owner = self.owner_uid();
+        files.iter().find_map(|f| secrets::recheck(f, owner).err())
+    }
+
+    fn prepare_infra(&self, name: &str, spec: &InfraService) -> Result<(), AgentError> {
+        infra::prepare(name, spec, &self.config.state_dir)
+    }
+
+    fn app_env(
+        &self,
+        service: &Service,
+        manifest: &Manifest,
+        indexes: &mut BTreeMap<String, u32>,
+    ) -> Result<Option<PathBuf>, AgentError> {
+        let layer = infra::AppLayer {
+            secrets_dir: &self.config.secrets_dir,
+            state_dir: &self.config.state_dir,
+            owner_uid: self.owner_uid(),
+        };
+        layer.app_env(service, manifest, indexes)
+    }
+
+    fn has_database(&self, service: &str) -> bool {
+        self.config
+            .secrets_dir
+            .join("deployer")
+            .join(format!("{service}.postgres-password"))
+            .exists()
+    }
+
+    async fn wait_healthy(
+        &self,
+        unit: &str,
+        probes: &Probes,
+        settle: Duration,
+    ) -> Result<(), String> {
+        crate::health::wait_healthy(&self.manager, unit, probes, settle).await
+    }
+
+    fn has_proxy(&self) -> bool {
+        !self.proxy.is_none()
+    }
+
+    async fn apply_routes(&self, routes: &[Route]) -> Result<(), ProxyError> {
+        self.proxy.apply(routes).await
+    }
+}

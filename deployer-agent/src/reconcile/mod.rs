@@ -1,0 +1,246 @@
+//! One reconcile pass, and the loop around it.
+//!
+//! `run_once`: lock → one conditional GET of `manifest.json` ([`poll`]) → unchanged: plan
+//! drift repair from the state alone (no further store request) → changed: validate, check
+//! trust, plan ([`crate::plan`]) → apply the plan's steps ([`apply`]), each with its own
+//! error boundary, saving the state after each → save → publish the host's report
+//! ([`publish`]), still under the lock.
+
+mod apply;
+mod poll;
+mod publish;
+
+use std::time::{Duration, SystemTime};
+
+use deploy_manifest::repo::rfc3339;
+use deploy_manifest::store::ObjectStore;
+use serde::Serialize;
+use tracing::Instrument;
+
+pub use self::poll::Polled;
+use crate::AgentError;
+use crate::config::AgentConfig;
+use crate::host::Host;
+use crate::plan::{Plan, Step, plan, plan_unchanged};
+use crate::state::{RunLock, State};
+use crate::systemd::ServiceManager;
+
+/// What one run did.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunReport {
+    /// `manifest.json` was unchanged since the last run.
+    pub unchanged: bool,
+    pub manifest_version: Option<String>,
+    /// The plan's steps this run executed, in order (`deployer-agent plan` printed them).
+    pub steps: Vec<Step>,
+    pub deployed: Vec<String>,
+    pub kept: Vec<String>,
+    pub repaired: Vec<String>,
+    pub skipped: Vec<String>,
+    pub removed: Vec<String>,
+    /// Service → why its deploy failed (it was rolled back).
+    pub failed: Vec<(String, String)>,
+    /// A failure on this host's side (secrets file, fetch) that the next run retries.
+    pub retry: bool,
+    /// The services of `failed` whose deploy stopped before anything changed on the host
+    /// (nothing to roll back); the next run retries them. The others were rolled back.
+    pub retrying: Vec<String>,
+    /// The proxy routes could not be applied; retried on the next run.
+    pub route_error: Option<String>,
+    /// Units of ours that no state recorded (left by a run killed mid-deploy), retired.
+    pub retired: Vec<String>,
+    /// Infrastructure no service here needs any more, stopped (its data is kept).
+    pub stopped_infra: Vec<String>,
+    /// Requests this run made to the store (an idle poll: 1), where counted.
+    pub store_requests: Option<u64>,
+    /// systemd calls this run made that change something (reload, restart, stop).
+    pub systemd_changes: u64,
+}
+
+impl RunReport {
+    /// `service` was not deployed (or removed) and nothing changed: the next run retries
+    /// with a full plan.
+    pub(crate) fn retry_later(&mut self, service: &str, error: String) {
+        self.retry = true;
+        self.retrying.push(service.to_owned());
+        self.failed.push((service.to_owned(), error));
+    }
+}
+
+pub struct Agent<S, H> {
+    pub store: S,
+    pub host: H,
+    pub config: AgentConfig,
+}
+
+pub(crate) fn now() -> String {
+    rfc3339(SystemTime::now())
+}
+
+impl<S: ObjectStore, H: Host> Agent<S, H> {
+    /// What the next run would do, acting on nothing: the same poll (the ETag the last
+    /// run saw, the same trust checks) and the same plan as `run_once`.
+    pub async fn next_plan(&self) -> Result<Plan, AgentError> {
+        let state = State::load(&self.config.state_dir, &self.config.host)?;
+        Ok(
+            match self.poll(&state, state.manifest_etag.as_deref()).await? {
+                Polled::Unchanged => plan_unchanged(&state, &self.host).await,
+                Polled::Changed { manifest, .. } => {
+                    plan(&manifest, &state, &self.host, &self.config).await
+                }
+            },
+        )
+    }
+
+    /// One reconcile pass.
+    pub async fn run_once(&self) -> Result<RunReport, AgentError> {
+        let span = tracing::info_span!("run", host = %self.config.host);
+        let started = std::time::Instant::now();
+        self.store.start_run();
+        let manager = self.host.manager();
+        let (requests, changes) = (self.store.requests(), manager.changes());
+        let dir = &self.config.state_dir;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| AgentError::io(format!("creating {}", dir.display()), e))?;
+        // Held until the report is published: publishing saves state.json too.
+        let _lock = RunLock::acquire(dir)?;
+        let mut result = self.run_once_inner().instrument(span.clone()).await;
+        self.publish(started.elapsed()).instrument(span).await;
+        if let Ok(report) = &mut result {
+            report.store_requests = self
+                .store
+                .requests()
+                .zip(requests)
+                .map(|(after, before)| after - before);
+            report.systemd_changes = manager.changes() - changes;
+        }
+        result
+    }
+
+    /// The run, under the run lock.
+    async fn run_once_inner(&self) -> Result<RunReport, AgentError> {
+        let dir = &self.config.state_dir;
+        let mut state = State::load(dir, &self.config.host)?;
+        state.host = self.config.host.clone();
+        state.last_poll = Some(now());
+        let etag = state.manifest_etag.clone();
+        let polled = self.poll(&state, etag.as_deref()).await;
+        let (manifest, etag) = match polled {
+            Ok(Polled::Changed { manifest, etag }) => match self.accept(&manifest, &mut state) {
+                Ok(()) => (manifest, etag),
+                Err(e) => return self.fail_run(&mut state, e).await,
+            },
+            Ok(Polled::Unchanged) => return self.run_unchanged(&mut state).await,
+            Err(e) => {
+                if let AgentError::Manifest(deploy_manifest::Error::Trust(
+                    deploy_manifest::sign::TrustError::Expired { expires, .. },
+                )) = &e
+                {
+                    state.expired = Some(expires.clone());
+                }
+                return self.fail_run(&mut state, e).await;
+            }
+        };
+
+        crate::fault::point("manifest");
+        let plan = plan(&manifest, &state, &self.host, &self.config).await;
+        let mut report = RunReport {
+            manifest_version: manifest.version.clone(),
+            ..RunReport::default()
+        };
+        self.apply(&plan, Some(&manifest), &mut state, &mut report)
+            .await?;
+        state.manifest_version = manifest.version.clone();
+        state.manifest_created_at = manifest.created_at.clone();
+        state.manifest_sequence = manifest.sequence;
+        state.manifest_expires = manifest.expires.clone();
+        // Remembering the ETag makes the next poll a cheap 304; forget it when a host-side
+        // problem (secrets file, fetch) should be retried with a full plan.
+        state.manifest_etag = (!report.retry).then_some(etag);
+        state.last_error = report.route_error.clone();
+        if report.failed.is_empty() && report.route_error.is_none() {
+            state.last_success = Some(now());
+        }
+        self.host.save_state(&state)?;
+        Ok(report)
+    }
+
+    /// `manifest.json` unchanged: repair drift from the state alone.
+    async fn run_unchanged(&self, state: &mut State) -> Result<RunReport, AgentError> {
+        if !self.config.trusted_keys.is_empty() {
+            state.expired = state
+                .manifest_expires
+                .clone()
+                .filter(|e| deploy_manifest::sign::has_expired(e, SystemTime::now()));
+            if let Some(e) = &state.expired {
+                tracing::warn!(expires = %e, "the applied manifest has expired: no newer one will be accepted until a writer runs `deploy-manifest refresh`");
+            }
+        }
+        let plan = plan_unchanged(state, &self.host).await;
+        let mut report = RunReport {
+            unchanged: true,
+            manifest_version: state.manifest_version.clone(),
+            ..RunReport::default()
+        };
+        self.apply(&plan, None, state, &mut report).await?;
+        tracing::info!(
+            kept = report.kept.len(),
+            repaired = report.repaired.len(),
+            "manifest unchanged"
+        );
+        state.last_error = report.route_error.clone();
+        if report.route_error.is_none() {
+            state.last_success = Some(now());
+        }
+        self.host.save_state(state)?;
+        Ok(report)
+    }
+
+    /// No manifest to act on (unreachable store, invalid or refused manifest): nothing new
+    /// is applied; what runs keeps running (drift repaired from the state alone).
+    async fn fail_run(&self, state: &mut State, e: AgentError) -> Result<RunReport, AgentError> {
+        tracing::error!(error = %e, "run failed; nothing new was applied, keeping what runs");
+        let plan = plan_unchanged(state, &self.host).await;
+        let mut report = RunReport::default();
+        self.apply(&plan, None, state, &mut report).await?;
+        if !report.repaired.is_empty() {
+            tracing::warn!(repaired = ?report.repaired, "restored services that had drifted");
+        }
+        state.last_error = Some(e.to_string());
+        self.host.save_state(state)?;
+        Err(e)
+    }
+
+    /// `deployer-agent run`: reconcile every `interval` (with up to 10 % jitter), backing
+    /// off after failures, until the process is stopped.
+    pub async fn run_forever(&self) -> ! {
+        let mut failures: u32 = 0;
+        loop {
+            let wait = match self.run_once().await {
+                Ok(report) if report.failed.is_empty() => {
+                    failures = 0;
+                    self.config.interval
+                }
+                Ok(_) => self.config.interval,
+                Err(e) => {
+                    failures += 1;
+                    let backoff = Duration::from_secs(5u64 << failures.min(6));
+                    tracing::error!(error = %e, retry_in = ?backoff.min(self.config.interval), "run failed");
+                    backoff.min(self.config.interval)
+                }
+            };
+            tokio::time::sleep(jitter(wait)).await;
+        }
+    }
+}
+
+/// `d` plus up to 10 %.
+fn jitter(d: Duration) -> Duration {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos() as u128;
+    let extra = d.as_millis() / 10 * nanos / 1_000_000_000;
+    d + Duration::from_millis(extra as u64)
+}

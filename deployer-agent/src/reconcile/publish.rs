@@ -1,0 +1,73 @@
+//! After a run, still under the run lock: the metrics file and the host's signed report
+//! (`status/<host>.json`), both from `state.json`.
+
+use std::time::{Duration, SystemTime};
+
+use deploy_manifest::store::ObjectStore;
+
+use super::Agent;
+use crate::host::Host;
+use crate::state::State;
+use crate::systemd::ServiceManager;
+
+impl<S: ObjectStore, H: Host> Agent<S, H> {
+    /// After a run: write the metrics file, and `status/<host>.json` when what it says
+    /// changed or the last one is older than two intervals (a heartbeat, so that
+    /// `deploy-manifest status` can tell a silent agent). Failures are logged, not fatal.
+    pub(super) async fn publish(&self, took: Duration) {
+        crate::fault::point("publish");
+        let dir = &self.config.state_dir;
+        let Ok(mut state) = State::load(dir, &self.config.host) else {
+            return;
+        };
+        let mut restarts = std::collections::BTreeMap::new();
+        for (name, s) in &state.services {
+            if s.current.is_some()
+                && let Ok(status) = self.host.manager().status(&s.unit).await
+            {
+                restarts.insert(name.clone(), status.n_restarts);
+            }
+        }
+        if let Some(path) = &self.config.metrics_file
+            && let Err(e) = crate::report::write_metrics(path, &state, &restarts, took)
+        {
+            tracing::warn!(error = %e, path = %path.display(), "could not write metrics");
+        }
+        let mut report = crate::report::host_report(&state, self.config.interval);
+        match crate::report::host_key(dir, &self.config.host) {
+            Ok(key) => key.sign_json(&mut report),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "publishing this report unsigned: readers given host keys will not count it"
+            ),
+        }
+        let hash = crate::report::report_hash(&report);
+        let heartbeat_due = state
+            .reported_at
+            .as_deref()
+            .and_then(|t| humantime::parse_rfc3339(t).ok())
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .is_none_or(|age| age >= 2 * self.config.interval);
+        if state.report_hash.as_deref() == Some(hash.as_str()) && !heartbeat_due {
+            return;
+        }
+        let bytes = serde_json::to_vec_pretty(&report).expect("the report serialises");
+        let key = deploy_manifest::status::report_key(&self.config.host);
+        match self
+            .store
+            .put(&key, bytes, deploy_manifest::store::Precondition::None)
+            .await
+        {
+            Ok(_) => {
+                state.reported_at = Some(report.reported_at.clone());
+                state.report_hash = Some(hash);
+                if let Err(e) = state.save(dir) {
+                    tracing::warn!(error = %e, "could not record the report in state.json");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not write {key}; retrying after the next run")
+            }
+        }
+    }
+}

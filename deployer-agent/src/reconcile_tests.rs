@@ -1,0 +1,647 @@
+//! The reconcile decisions, table by table, on an in-memory host ([`MemoryHost`]): deploy,
+//! keep, drift, recover, retire, remove, infrastructure. Each case plans, applies the plan
+//! and checks both what was decided and what the host and the state look like after; every
+//! run also checks that apply executed exactly the plan's steps. The same behaviours are
+//! tested against real systemd, proxies and servers in `tests/e2e`.
+
+use deploy_manifest::model::Manifest;
+use deploy_manifest::store::FileStore;
+use serde_json::{Value, json};
+
+use crate::config::AgentConfig;
+use crate::host::memory::{MemoryHost, artifact_path};
+use crate::plan::{Condition, Deploy, Plan, Recovery, Step, Strategy, plan, plan_unchanged};
+use crate::reconcile::{Agent, RunReport};
+use crate::state::{Health, State};
+
+const ME: &str = "biz";
+
+struct Bench {
+    agent: Agent<FileStore, MemoryHost>,
+    state: State,
+    _dir: tempfile::TempDir,
+}
+
+fn config(dir: &std::path::Path) -> AgentConfig {
+    AgentConfig {
+        store: format!("file://{}", dir.join("store").display()),
+        host: ME.into(),
+        state_dir: dir.join("state"),
+        secrets_dir: dir.join("secrets"),
+        unit_dir: dir.join("units"),
+        user: false,
+        interval: std::time::Duration::from_secs(300),
+        settle: std::time::Duration::ZERO,
+        proxy: crate::proxy::ProxyConfig::None,
+        port_range: (20000, 20003),
+        drain: std::time::Duration::ZERO,
+        metrics_file: None,
+        trusted_keys: Vec::new(),
+        nix_trusted_keys: Vec::new(),
+        unpack_limits: deploy_manifest::archive::UnpackLimits::HOST_DEFAULT,
+        store_deadline: std::time::Duration::from_secs(10),
+    }
+}
+
+impl Bench {
+    fn new(proxy: bool) -> Bench {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("store")).unwrap();
+        let config = config(dir.path());
+        let store = FileStore::open(&config.store).unwrap();
+        Bench {
+            agent: Agent {
+                store,
+                host: MemoryHost::new(proxy),
+                config,
+            },
+            state: State::default(),
+            _dir: dir,
+        }
+    }
+
+    fn host(&self) -> &MemoryHost {
+        &self.agent.host
+    }
+
+    async fn plan(&self, m: &Manifest) -> Plan {
+        plan(m, &self.state, &self.agent.host, &self.agent.config).await
+    }
+
+    /// Plan and apply `m`; apply must execute exactly the plan's steps.
+    async fn run(&mut self, m: &Manifest) -> (Plan, RunReport) {
+        let plan = self.plan(m).await;
+        let mut report = RunReport::default();
+        self.agent
+            .apply(&plan, Some(m), &mut self.state, &mut report)
+            .await
+            .unwrap();
+        assert_eq!(report.steps, plan.steps, "apply executed the plan's steps");
+        (plan, report)
+    }
+
+    /// Plan and apply for an unchanged manifest.
+    async fn run_unchanged(&mut self) -> (Plan, RunReport) {
+        let plan = plan_unchanged(&self.state, &self.agent.host).await;
+        let mut report = RunReport::default();
+        self.agent
+            .apply(&plan, None, &mut self.state, &mut report)
+            .await
+            .unwrap();
+        assert_eq!(report.steps, plan.steps);
+        (plan, report)
+    }
+
+    fn active(&self, unit: &str) -> bool {
+        self.host().is_active(unit)
+    }
+
+    fn file(&self, unit: &str) -> Option<String> {
+        self.host().world().files.get(unit).cloned()
+    }
+}
+
+/// A manifest of `services` (name, store path, extra fields) for host `biz`, with
+/// `infrastructure` if not null.
+fn manifest(services: &[(&str, &str, Value)], infrastructure: Value) -> Manifest {
+    let services: Vec<Value> = services
+        .iter()
+        .map(|(name, path, extra)| {
+            let mut s = json!({"name": name, "artifact": {"storePath": path}, "hosts": [ME]});
+            if let Value::Object(extra) = extra {
+                s.as_object_mut().unwrap().extend(extra.clone());
+            }
+            s
+        })
+        .collect();
+    let mut m = json!({"schemaVersion": 1, "services": services});
+    if !infrastructure.is_null() {
+        m["infrastructure"] = infrastructure;
+    }
+    deploy_manifest::validate::manifest_from_value(m, "test").unwrap()
+}
+
+fn deploy(plan: &Plan, service: &str) -> Deploy {
+    plan.steps
+        .iter()
+        .find_map(|s| match s {
+            Step::Deploy(d) if d.service == service => Some((**d).clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no deploy of {service} in {plan:#?}"))
+}
+
+/// A short name for each step, for comparing whole plans.
+fn kinds(plan: &Plan) -> Vec<String> {
+    plan.steps
+        .iter()
+        .map(|s| {
+            let kind = match s {
+                Step::Retire { .. } => "retire",
+                Step::Infra(_) => "infra",
+                Step::Deploy(_) => "deploy",
+                Step::Keep { .. } => "keep",
+                Step::Skip { .. } => "skip",
+                Step::Wait { .. } => "wait",
+                Step::Remove { .. } => "remove",
+                Step::StopInfra { .. } => "stop-infra",
+                Step::Routes => "routes",
+            };
+            format!("{kind} {}", s.subject())
+        })
+        .collect()
+}
+
+fn path(p: &str) -> String {
+    artifact_path(&deploy_manifest::model::Artifact::StorePath(p.into()))
+        .display()
+        .to_string()
+}
+
+#[tokio::test]
+async fn deploys_keeps_skips_and_removes() {
+    let mut b = Bench::new(false);
+    let v1 = manifest(
+        &[
+            ("a", "/nix/store/a-v1", json!({})),
+            ("b", "/nix/store/b-v1", json!({})),
+        ],
+        Value::Null,
+    );
+    let (plan, report) = b.run(&v1).await;
+    assert_eq!(kinds(&plan), ["deploy a", "deploy b"]);
+    let a = deploy(&plan, "a");
+    assert_eq!(a.strategy, Strategy::InPlace);
+    assert_eq!(a.unit, "deployer-a.service");
+    assert_eq!(a.on_failure, Recovery::RemoveNew, "nothing to restore");
+    assert_eq!(report.deployed, ["a", "b"]);
+    assert!(b.active("deployer-a.service") && b.active("deployer-b.service"));
+    assert!(
+        b.file("deployer-a.service")
+            .unwrap()
+            .contains(&path("/nix/store/a-v1"))
+    );
+
+    // b gets a new artifact that crashes; a is removed from the manifest; c is new.
+    b.host().world().broken.insert(path("/nix/store/b-v2"));
+    let v2 = manifest(
+        &[
+            ("b", "/nix/store/b-v2", json!({})),
+            ("c", "/nix/store/c-v1", json!({})),
+        ],
+        Value::Null,
+    );
+    let (plan, report) = b.run(&v2).await;
+    assert_eq!(kinds(&plan), ["deploy b", "deploy c", "remove a"]);
+    assert_eq!(deploy(&plan, "b").on_failure, Recovery::RestorePrevious);
+    assert_eq!(report.failed.len(), 1, "{report:?}");
+    assert_eq!(report.removed, ["a"]);
+    // b runs v1 again, from its v1 unit file; its v2 spec is recorded as failed.
+    assert!(b.active("deployer-b.service"));
+    assert!(
+        b.file("deployer-b.service")
+            .unwrap()
+            .contains(&path("/nix/store/b-v1"))
+    );
+    assert!(b.state.services["b"].failed.is_some());
+    assert_eq!(b.state.services["b"].health, Health::Healthy);
+    assert!(b.file("deployer-a.service").is_none() && !b.active("deployer-a.service"));
+
+    // The same manifest again: b's failed spec is skipped, c kept; nothing changes.
+    let changes = b.host().world().log.len();
+    let (plan, _) = b.run(&v2).await;
+    assert_eq!(kinds(&plan), ["skip b", "keep c"]);
+    assert_eq!(
+        b.host().world().log.len(),
+        changes,
+        "a plan that keeps changes nothing"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_first_deploy_leaves_nothing_behind() {
+    let mut b = Bench::new(false);
+    b.host().world().broken.insert(path("/nix/store/a-v1"));
+    let m = manifest(&[("a", "/nix/store/a-v1", json!({}))], Value::Null);
+    let (_, report) = b.run(&m).await;
+    assert_eq!(report.failed.len(), 1);
+    assert!(
+        report.retrying.is_empty(),
+        "the new generation failed: not retried"
+    );
+    assert!(b.file("deployer-a.service").is_none());
+    assert!(!b.active("deployer-a.service"));
+    assert_eq!(b.state.services["a"].health, Health::Unknown);
+}
+
+#[tokio::test]
+async fn a_missing_artifact_changes_nothing_and_is_retried() {
+    let mut b = Bench::new(false);
+    let v1 = manifest(&[("a", "/nix/store/a-v1", json!({}))], Value::Null);
+    b.run(&v1).await;
+    b.host().world().missing.insert("/nix/store/a-v2".into());
+    let v2 = manifest(&[("a", "/nix/store/a-v2", json!({}))], Value::Null);
+    let changes = b.host().world().log.len();
+    let (_, report) = b.run(&v2).await;
+    assert!(report.retry && report.retrying == ["a"], "{report:?}");
+    assert_eq!(b.host().world().log.len(), changes, "nothing was touched");
+    assert!(b.state.services["a"].failed.is_none(), "not marked failed");
+    // Once the artifact is there, the next run deploys it.
+    b.host().world().missing.clear();
+    let (_, report) = b.run(&v2).await;
+    assert_eq!(report.deployed, ["a"]);
+    assert!(b.state.services["a"].last_error.is_none());
+}
+
+#[tokio::test]
+async fn drift_is_repaired_from_the_state() {
+    // (what happens to the unit, the condition the plan sees, what the repair does)
+    type Drift = fn(&MemoryHost);
+    let cases: [(&str, Drift, Condition, &str); 3] = [
+        (
+            "stopped",
+            |h| {
+                h.world().units.remove("deployer-a.service");
+            },
+            Condition::Stopped,
+            "restart deployer-a.service",
+        ),
+        (
+            "file edited",
+            |h| {
+                h.world()
+                    .files
+                    .insert("deployer-a.service".into(), "edited".into());
+            },
+            Condition::Changed,
+            "write deployer-a.service",
+        ),
+        (
+            "file deleted",
+            |h| {
+                h.world().files.remove("deployer-a.service");
+            },
+            Condition::Changed,
+            "write deployer-a.service",
+        ),
+    ];
+    for (what, drift, condition, repair) in cases {
+        let mut b = Bench::new(false);
+        let m = manifest(&[("a", "/nix/store/a-v1", json!({}))], Value::Null);
+        b.run(&m).await;
+        let recorded = b.file("deployer-a.service").unwrap();
+        drift(b.host());
+        b.host().world().log.clear();
+        let (plan, report) = b.run_unchanged().await;
+        assert!(
+            matches!(&plan.steps[..], [Step::Keep { condition: c, .. }] if *c == condition),
+            "{what}: {plan:?}"
+        );
+        assert_eq!(report.repaired, ["a"], "{what}");
+        assert!(b.host().world().log.contains(&repair.to_owned()), "{what}");
+        assert_eq!(b.file("deployer-a.service").unwrap(), recorded, "{what}");
+        assert!(b.active("deployer-a.service"), "{what}");
+        // Repaired: the next plan sees it running and does nothing.
+        let (plan, _) = b.run_unchanged().await;
+        assert!(
+            matches!(
+                &plan.steps[..],
+                [Step::Keep {
+                    condition: Condition::Running,
+                    ..
+                }]
+            ),
+            "{what}: {plan:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn zero_downtime_runs_side_by_side_and_a_failure_stops_only_the_new_one() {
+    let mut b = Bench::new(true);
+    let http = json!({"http": {"domain": "a.test", "internalPort": 8000, "zeroDowntime": true}});
+    // Something else listens on the first port of the range.
+    b.host().world().bound.insert(20000);
+    let v1 = manifest(&[("a", "/nix/store/a-v1", http.clone())], Value::Null);
+    let (plan, _) = b.run(&v1).await;
+    assert_eq!(kinds(&plan), ["deploy a", "routes routes"]);
+    let d = deploy(&plan, "a");
+    assert_eq!((d.strategy, d.port), (Strategy::SideBySide, Some(20001)));
+    assert_eq!(d.unit, "deployer-a.20001.service");
+    assert_eq!(d.route.as_ref().map(|r| r.port), Some(20001));
+    assert_eq!(b.host().world().routes[0].port, 20001);
+
+    // v2 starts beside v1, takes the route, and v1 goes.
+    let v2 = manifest(&[("a", "/nix/store/a-v2", http.clone())], Value::Null);
+    let (plan, _) = b.run(&v2).await;
+    let d = deploy(&plan, "a");
+    assert_eq!(d.port, Some(20002));
+    assert_eq!(d.replaces.as_deref(), Some("deployer-a.20001.service"));
+    assert!(d.drain);
+    assert_eq!(d.on_failure, Recovery::StopNew);
+    assert!(b.active("deployer-a.20002.service"));
+    assert!(!b.active("deployer-a.20001.service"));
+    assert!(b.file("deployer-a.20001.service").is_none());
+    assert_eq!(b.host().world().routes[0].port, 20002);
+
+    // A broken v3 is stopped; v2 never stopped and keeps the route.
+    b.host().world().broken.insert(path("/nix/store/a-v3"));
+    let v3 = manifest(&[("a", "/nix/store/a-v3", http)], Value::Null);
+    let (plan, report) = b.run(&v3).await;
+    let d = deploy(&plan, "a");
+    assert_eq!(report.failed.len(), 1);
+    assert!(!b.active(&d.unit) && b.file(&d.unit).is_none());
+    assert!(b.active("deployer-a.20002.service"));
+    assert!(
+        !b.host()
+            .world()
+            .log
+            .contains(&"stop deployer-a.20002.service".to_owned())
+    );
+    assert_eq!(b.host().world().routes[0].port, 20002);
+}
+
+#[tokio::test]
+async fn no_free_port_waits_for_the_next_run() {
+    let mut b = Bench::new(true);
+    b.host().world().bound.extend(20000..=20003);
+    let http = json!({"http": {"domain": "a.test", "internalPort": 8000, "zeroDowntime": true}});
+    let m = manifest(&[("a", "/nix/store/a-v1", http)], Value::Null);
+    let (plan, report) = b.run(&m).await;
+    assert!(
+        matches!(&plan.steps[0], Step::Wait { reason, .. } if reason.contains("20000-20003")),
+        "{plan:?}"
+    );
+    assert!(report.retry && report.retrying == ["a"]);
+    assert!(b.host().world().files.is_empty());
+}
+
+#[tokio::test]
+async fn untracked_units_are_retired_unless_they_may_serve() {
+    let header = crate::unit::HEADER;
+    let ours = |unit: &str| {
+        (
+            unit.to_owned(),
+            format!("{header}\n[Unit]\nDescription=deployer: x\n"),
+        )
+    };
+    // (unit planted, retired now, retired after the new generation is healthy)
+    let cases = [
+        // A generation of a service whose healthy current the state records.
+        ("deployer-a.20007.service", true, false),
+        // A release unit left by a crashed run.
+        ("deployer-a.release.service", true, false),
+        // A service no longer declared.
+        ("deployer-gone.service", true, false),
+        // Infrastructure nothing needs.
+        ("deployer-infra-old.service", true, false),
+        // b is declared but has no healthy generation on record (state lost): its unit
+        // may be what serves; it goes once the new generation is healthy.
+        ("deployer-b.20009.service", false, true),
+    ];
+    for (unit, now, after) in cases {
+        let mut b = Bench::new(false);
+        let m = manifest(&[("a", "/nix/store/a-v1", json!({}))], Value::Null);
+        b.run(&m).await;
+        let (name, text) = ours(unit);
+        b.host().world().files.insert(name.clone(), text);
+        b.host()
+            .world()
+            .units
+            .insert(name, (true, "deployer: x".into()));
+        let m2 = manifest(
+            &[
+                ("a", "/nix/store/a-v1", json!({})),
+                ("b", "/nix/store/b-v1", json!({})),
+            ],
+            Value::Null,
+        );
+        let (plan, report) = b.run(&m2).await;
+        let retired_now = plan
+            .steps
+            .iter()
+            .any(|s| matches!(s, Step::Retire { unit: u } if u == unit));
+        assert_eq!(retired_now, now, "{unit}: {plan:#?}");
+        assert_eq!(
+            deploy(&plan, "b").retire_after.contains(&unit.to_owned()),
+            after,
+            "{unit}"
+        );
+        assert_eq!(report.retired.contains(&unit.to_owned()), now, "{unit}");
+        assert!(!b.active(unit), "{unit} still runs");
+        assert!(b.file(unit).is_none(), "{unit}'s file is still there");
+        assert!(b.active("deployer-a.service") && b.active("deployer-b.service"));
+    }
+}
+
+#[tokio::test]
+async fn a_unit_loaded_with_its_file_gone_is_found_too() {
+    let mut b = Bench::new(false);
+    let m = manifest(&[("a", "/nix/store/a-v1", json!({}))], Value::Null);
+    b.run(&m).await;
+    b.host().world().units.insert(
+        "deployer-a.20005.service".into(),
+        (true, "deployer: a".into()),
+    );
+    // Not ours by description: left alone.
+    b.host()
+        .world()
+        .units
+        .insert("deployer-x.service".into(), (true, "someone else's".into()));
+    let m2 = manifest(&[("a", "/nix/store/a-v2", json!({}))], Value::Null);
+    let (plan, _) = b.run(&m2).await;
+    assert_eq!(
+        kinds(&plan),
+        ["retire deployer-a.20005.service", "deploy a"]
+    );
+    assert!(!b.active("deployer-a.20005.service"));
+    assert!(b.active("deployer-x.service"));
+}
+
+#[tokio::test]
+async fn release_runs_once_per_artifact_and_a_failed_one_changes_nothing() {
+    let mut b = Bench::new(false);
+    let release = json!({"release": {"command": "bin/migrate"}});
+    let v1 = manifest(&[("a", "/nix/store/a-v1", release.clone())], Value::Null);
+    let (plan, _) = b.run(&v1).await;
+    assert!(deploy(&plan, "a").release);
+    assert!(
+        b.host()
+            .world()
+            .log
+            .contains(&"run deployer-a.release.service".to_owned())
+    );
+    assert!(
+        b.file("deployer-a.release.service").is_none(),
+        "release unit removed"
+    );
+
+    // Same artifact, other settings: the release does not run again.
+    let mut settings = release.clone();
+    settings["env"] = json!({"X": "1"});
+    let v1b = manifest(&[("a", "/nix/store/a-v1", settings)], Value::Null);
+    let (plan, _) = b.run(&v1b).await;
+    assert!(!deploy(&plan, "a").release);
+
+    // A failing release: the spec is failed, the running generation never stopped.
+    b.host().world().release_fails = true;
+    b.host().world().log.clear();
+    let v2 = manifest(&[("a", "/nix/store/a-v2", release)], Value::Null);
+    let (_, report) = b.run(&v2).await;
+    assert_eq!(report.failed.len(), 1);
+    assert!(report.retrying.is_empty());
+    assert!(b.active("deployer-a.service"));
+    let log = b.host().world().log.clone();
+    assert!(
+        !log.iter()
+            .any(|l| l == "restart deployer-a.service" || l == "stop deployer-a.service"),
+        "{log:?}"
+    );
+    assert_eq!(
+        b.state.services["a"]
+            .released
+            .as_ref()
+            .map(|a| a.label())
+            .as_deref(),
+        Some("/nix/store/a-v1")
+    );
+}
+
+#[tokio::test]
+async fn infrastructure_starts_before_its_dependants_is_repaired_and_stopped_when_unused() {
+    let mut b = Bench::new(false);
+    let needs =
+        json!({"infrastructure": {"services": {"worker": {"command": ["/bin/sleep", "600"]}}}});
+    let m = manifest(&[("a", "/nix/store/a-v1", needs.clone())], Value::Null);
+    let (plan, _) = b.run(&m).await;
+    assert_eq!(kinds(&plan), ["infra a-worker", "deploy a"]);
+    assert_eq!(deploy(&plan, "a").infra, ["a-worker"]);
+    let unit = "deployer-infra-a-worker.service";
+    assert!(b.active(unit));
+    assert!(b.state.infra.contains_key("a-worker"));
+    let log = b.host().world().log.clone();
+    let started = log
+        .iter()
+        .position(|l| l == &format!("restart {unit}"))
+        .unwrap();
+    let deployed = log
+        .iter()
+        .position(|l| l == "restart deployer-a.service")
+        .unwrap();
+    assert!(started < deployed, "infrastructure first: {log:?}");
+
+    // Stopped behind our back: an unchanged manifest starts it again.
+    b.host().world().units.remove(unit);
+    let (_, report) = b.run_unchanged().await;
+    assert!(
+        report.repaired.contains(&"infra-a-worker".to_owned()),
+        "{report:?}"
+    );
+    assert!(b.active(unit));
+
+    // No service needs it any more: stopped, unit removed, its data noted as kept.
+    let m2 = manifest(&[("a", "/nix/store/a-v2", json!({}))], Value::Null);
+    let (plan, report) = b.run(&m2).await;
+    assert_eq!(kinds(&plan), ["deploy a", "stop-infra a-worker"]);
+    assert_eq!(report.stopped_infra, ["a-worker"]);
+    assert!(!b.active(unit) && b.file(unit).is_none());
+    assert!(!b.state.infra.contains_key("a-worker"));
+    assert!(b.state.orphans.iter().any(|o| o.contains("a-worker")));
+}
+
+#[tokio::test]
+async fn infrastructure_that_does_not_start_holds_back_its_dependants_only() {
+    let mut b = Bench::new(false);
+    b.host().world().broken.insert("/bin/false".into());
+    let needs = json!({"infrastructure": {"services": {"worker": {"command": ["/bin/false"]}}}});
+    let m = manifest(
+        &[
+            ("a", "/nix/store/a-v1", needs),
+            ("b", "/nix/store/b-v1", json!({})),
+        ],
+        Value::Null,
+    );
+    let (_, report) = b.run(&m).await;
+    assert_eq!(report.retrying, ["a"], "{report:?}");
+    assert_eq!(report.deployed, ["b"]);
+    assert!(report.failed[0].1.contains("a-worker"), "{report:?}");
+    assert!(
+        b.file("deployer-a.service").is_none(),
+        "a was never touched"
+    );
+    assert!(
+        b.state.services["a"].failed.is_none(),
+        "retried, not marked failed"
+    );
+}
+
+#[tokio::test]
+async fn a_failure_is_cleared_once_the_manifests_spec_runs_healthily() {
+    let mut b = Bench::new(false);
+    let v1 = manifest(&[("a", "/nix/store/a-v1", json!({}))], Value::Null);
+    b.run(&v1).await;
+    b.host().world().broken.insert(path("/nix/store/a-v2"));
+    let v2 = manifest(&[("a", "/nix/store/a-v2", json!({}))], Value::Null);
+    b.run(&v2).await;
+    assert!(b.state.services["a"].failed.is_some());
+    // The operator rolls back to v1: it runs already, so it is kept, probed, and the
+    // failure recorded for v2 is history.
+    let (plan, _) = b.run(&v1).await;
+    assert!(
+        matches!(&plan.steps[..], [Step::Keep { recheck: true, .. }]),
+        "{plan:?}"
+    );
+    let a = &b.state.services["a"];
+    assert!(a.failed.is_none() && a.last_error.is_none(), "{a:?}");
+    assert_eq!(a.health, Health::Healthy);
+    // Nothing left to clear: the next plan does not probe.
+    let (plan, _) = b.run(&v1).await;
+    assert!(matches!(
+        &plan.steps[..],
+        [Step::Keep { recheck: false, .. }]
+    ));
+}
+
+#[tokio::test]
+async fn plan_acts_on_nothing() {
+    let b = Bench::new(true);
+    let http = json!({"http": {"domain": "a.test", "internalPort": 8000, "zeroDowntime": true}});
+    let needs =
+        json!({"infrastructure": {"services": {"worker": {"command": ["/bin/sleep", "600"]}}}});
+    let m = manifest(
+        &[
+            ("a", "/nix/store/a-v1", http),
+            ("b", "/nix/store/b-v1", needs),
+        ],
+        Value::Null,
+    );
+    b.host()
+        .world()
+        .files
+        .insert("deployer-gone.service".into(), crate::unit::HEADER.into());
+    let plan = b.plan(&m).await;
+    assert_eq!(
+        kinds(&plan),
+        [
+            "retire deployer-gone.service",
+            "infra b-worker",
+            "deploy a",
+            "deploy b",
+            "routes routes"
+        ]
+    );
+    assert!(
+        b.host().world().log.is_empty(),
+        "{:?}",
+        b.host().world().log
+    );
+    // And it prints: the human form names each decision.
+    let text = plan.to_string();
+    for needle in [
+        "side by side as deployer-a.20000.service on port 20000",
+        "needs b-worker",
+        "retire  deployer-gone.service",
+    ] {
+        assert!(text.contains(needle), "{needle}: {text}");
+    }
+}
