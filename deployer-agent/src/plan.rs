@@ -48,7 +48,8 @@ pub enum Step {
     /// A new generation of a service.
     Deploy(Box<Deploy>),
     /// Deployed already: its unit is put back as recorded if `condition` says it drifted;
-    /// with `recheck`, an earlier failure is cleared once it passes its health checks.
+    /// with `recheck`, an earlier failure is cleared once it passes its health checks, and
+    /// then `retire_after` (units of this service no state records) are stopped.
     #[serde(rename_all = "camelCase")]
     Keep {
         service: String,
@@ -56,6 +57,7 @@ pub enum Step {
         unit: String,
         condition: Condition,
         recheck: bool,
+        retire_after: Vec<String>,
     },
     /// This exact spec failed before; not retried until the manifest changes it.
     Skip { service: String, reason: String },
@@ -289,20 +291,22 @@ pub async fn plan<H: Host>(
     let desired = desired(manifest, me);
     // None when some service's needs cannot be told: then no infrastructure is stopped.
     let needed = infra::needed_on(manifest, me).ok();
-    let mut steps = Vec::new();
 
-    // Units of ours no state records: retired now, or (of a service that may be served by
-    // them) once a new generation of that service is healthy.
+    // Units of ours no state records: retired after the routes are applied (one may be a
+    // generation the proxy still sends traffic to, from a run killed during its drain),
+    // or, of a service that may be served by them, once that service is healthy again.
     let known = known_units(state);
+    let found = found_units(host).await;
+    let mut retire = Vec::new();
     let mut retire_after: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for unit in found_units(host).await {
+    for unit in found.iter().cloned() {
         if known.contains(unit.as_str()) {
             continue;
         }
         match names::parse_unit(&unit) {
             Some(UnitRole::Infra(name)) => {
                 if needed.as_ref().is_some_and(|n| !n.contains(&name)) {
-                    steps.push(Step::Retire { unit });
+                    retire.push(Step::Retire { unit });
                 }
             }
             Some(
@@ -316,7 +320,7 @@ pub async fn plan<H: Host>(
                     .get(&service)
                     .is_some_and(|s| s.current.is_some() && s.health == Health::Healthy);
                 if !declared || settled {
-                    steps.push(Step::Retire { unit });
+                    retire.push(Step::Retire { unit });
                 } else {
                     retire_after.entry(service).or_default().push(unit);
                 }
@@ -325,39 +329,65 @@ pub async fn plan<H: Host>(
         }
     }
 
-    // Infrastructure the declared services need, provisioned here.
+    // The services, in the manifest's order.
+    // A port whose generation unit exists is not free, even if nothing listens on it: the
+    // new generation must never take the name of a unit this plan retires.
+    let mut ports = Ports::new(state, config.port_range, &found);
+    let mut services = Vec::new();
+    for s in &desired {
+        let step = service_step(s, manifest, state, host, &mut ports, &mut retire_after).await;
+        services.push(step);
+    }
+
+    // Infrastructure the declared services need, provisioned here, before them. Recorded
+    // infrastructure is changed (its unit rewritten from the manifest) and waited for only
+    // when a service that needs it deploys, which also rewrites that service's connection
+    // settings; otherwise it is only put back as recorded if it drifted.
+    let deploying: BTreeSet<&str> = services
+        .iter()
+        .filter_map(|s| match s {
+            Step::Deploy(d) => Some(d.infra.iter().map(String::as_str)),
+            _ => None,
+        })
+        .flatten()
+        .collect();
     let mut wanted = BTreeSet::new();
     for s in &desired {
         if let Ok(needs) = needs_of(s, manifest) {
             wanted.extend(needs);
         }
     }
+    let mut steps = Vec::new();
     for (name, spec) in infra_specs(manifest, me) {
         if spec.external.is_some() || !wanted.contains(&name) {
             continue;
         }
         let unit = names::infra_unit(&name);
-        let step = match infra::unit_file(&name, spec, &config.state_dir, config.user) {
-            Ok(unit_file) => InfraStep {
-                condition: condition(host, &unit, &unit_file).await,
-                error: None,
-                unit_file,
-                ..infra_step(&name, &unit, spec)
+        let ready = deploying.contains(name.as_str());
+        let step = match state.infra.get(&name).filter(|_| !ready) {
+            Some(recorded) => InfraStep {
+                condition: condition(host, &recorded.unit, &recorded.unit_file).await,
+                unit_file: recorded.unit_file.clone(),
+                ready,
+                ..infra_step(&name, &recorded.unit, spec)
             },
-            Err(e) => InfraStep {
-                error: Some(e.to_string()),
-                ..infra_step(&name, &unit, spec)
+            None => match infra::unit_file(&name, spec, &config.state_dir, config.user) {
+                Ok(unit_file) => InfraStep {
+                    condition: condition(host, &unit, &unit_file).await,
+                    unit_file,
+                    ready,
+                    ..infra_step(&name, &unit, spec)
+                },
+                Err(e) => InfraStep {
+                    error: Some(e.to_string()),
+                    ready,
+                    ..infra_step(&name, &unit, spec)
+                },
             },
         };
         steps.push(Step::Infra(Box::new(step)));
     }
-
-    // The services, in the manifest's order.
-    let mut ports = Ports::new(state, config.port_range);
-    for s in &desired {
-        let step = service_step(s, manifest, state, host, &mut ports, &mut retire_after).await;
-        steps.push(step);
-    }
+    steps.extend(services);
     for (name, entry) in &state.services {
         if !desired.iter().any(|s| &s.name == name) {
             let unit = Some(entry.unit.clone())
@@ -382,6 +412,7 @@ pub async fn plan<H: Host>(
     if host.has_proxy() {
         steps.push(Step::Routes);
     }
+    steps.extend(retire);
     Plan {
         manifest_version: manifest.version.clone(),
         unchanged: false,
@@ -416,14 +447,18 @@ async fn service_step<H: Host>(
     if let (Some(entry), Some(c)) = (entry, current)
         && c.spec_hash == hash
     {
+        let recheck =
+            entry.failed.is_some() || entry.last_error.is_some() || entry.health != Health::Healthy;
+        let mut retire_after = retire_after.remove(&s.name).unwrap_or_default();
+        retire_after.retain(|u| *u != entry.unit);
         return Step::Keep {
             service: s.name.clone(),
             artifact: s.artifact.label(),
             unit: entry.unit.clone(),
             condition: condition(host, &entry.unit, &c.unit_file).await,
-            recheck: entry.failed.is_some()
-                || entry.last_error.is_some()
-                || entry.health != Health::Healthy,
+            // Units to retire once it is healthy: probe it.
+            recheck: recheck || !retire_after.is_empty(),
+            retire_after,
         };
     }
     if let Some(f) = entry
@@ -509,13 +544,19 @@ struct Ports {
 }
 
 impl Ports {
-    fn new(state: &State, range: (u16, u16)) -> Ports {
+    /// `found`: units of ours on the host; their generation ports are taken too.
+    fn new(state: &State, range: (u16, u16), found: &BTreeSet<String>) -> Ports {
+        let generations = found.iter().filter_map(|u| match names::parse_unit(u) {
+            Some(UnitRole::Generation { port, .. }) => Some(port),
+            _ => None,
+        });
         let used = state
             .services
             .values()
             .flat_map(|s| [s.current.as_ref(), s.previous.as_ref()])
             .flatten()
             .filter_map(|g| g.route.as_ref().map(|r| r.port))
+            .chain(generations)
             .collect();
         Ports { used, range }
     }
@@ -553,6 +594,7 @@ pub async fn plan_unchanged<H: Host>(state: &State, host: &H) -> Plan {
                 unit: entry.unit.clone(),
                 condition: condition(host, &entry.unit, &current.unit_file).await,
                 recheck: false,
+                retire_after: Vec::new(),
             });
         }
     }
@@ -646,6 +688,7 @@ impl fmt::Display for Plan {
                     artifact,
                     condition,
                     recheck,
+                    retire_after,
                     ..
                 } => {
                     let recheck = if *recheck {
@@ -654,6 +697,9 @@ impl fmt::Display for Plan {
                         ""
                     };
                     writeln!(f, "  keep    {service}: {artifact} ({condition}{recheck})")?;
+                    for u in retire_after {
+                        writeln!(f, "          then stops {u} (no state records it)")?;
+                    }
                 }
                 Step::Skip { service, reason } => writeln!(f, "  skip    {service}: {reason}")?,
                 Step::Wait { service, reason } => {

@@ -79,11 +79,8 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         let service = |name: &str| manifest.and_then(|m| m.service(name));
         match step {
             Step::Retire { unit } => {
-                tracing::warn!(%unit, "a unit of ours that no state records: stopping it and removing its file");
-                match self.retire(unit).await {
-                    Ok(()) => report.retired.push(unit.clone()),
-                    Err(e) => tracing::error!(%unit, error = %e, "could not retire it"),
-                }
+                self.retire_untracked(std::slice::from_ref(unit), report)
+                    .await
             }
             Step::Infra(infra) => {
                 if let Err(e) = self.infra(infra, state, report).await {
@@ -96,6 +93,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 unit,
                 condition,
                 recheck,
+                retire_after,
                 ..
             } => {
                 if self.keep(name, unit, condition, state).await {
@@ -103,8 +101,11 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 } else {
                     report.kept.push(name.clone());
                 }
-                if *recheck && let Some(s) = service(name) {
-                    self.clear_failure(s, state).await;
+                if *recheck
+                    && let Some(s) = service(name)
+                    && self.clear_failure(s, state).await
+                {
+                    self.retire_untracked(retire_after, report).await;
                 }
             }
             Step::Skip { service, reason } => {
@@ -122,7 +123,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 let (Some(s), Some(m)) = (service(&d.service), manifest) else {
                     return;
                 };
-                match self.deploy(d, s, m, state, infra_failed).await {
+                match self.deploy(d, s, m, state, infra_failed, report).await {
                     Ok(()) => report.deployed.push(d.service.clone()),
                     Err(Failed::Retry(e)) => {
                         tracing::error!(error = %e, "not deployed, nothing changed; the next run retries");
@@ -175,16 +176,19 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         if let Some(e) = &step.error {
             return Err(fail(e.clone()));
         }
+        // Its data directory is prepared (modes, owner, initdb) before it starts, and before
+        // a deploy that needs it.
+        let starts = matches!(step.condition, Condition::Stopped | Condition::Changed);
+        if let Some(spec) = step.spec.as_ref().filter(|_| starts || step.ready) {
+            self.host.prepare_infra(name, spec)?;
+        }
         match &step.condition {
             Condition::Running => {}
             Condition::Unknown(e) => {
-                tracing::warn!(error = %e, "cannot tell whether it runs");
+                tracing::warn!(error = %e, "cannot tell whether it runs; left as it is");
             }
             Condition::Stopped | Condition::Changed => {
                 tracing::info!(condition = %step.condition, "starting it");
-                if let Some(spec) = &step.spec {
-                    self.host.prepare_infra(name, spec)?;
-                }
                 let file_ok = step.condition == Condition::Stopped;
                 self.put_back(&step.unit, &step.unit_file, file_ok).await?;
                 if state.infra.contains_key(name) {
@@ -192,13 +196,16 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 }
             }
         }
-        state.infra.insert(
-            name.clone(),
-            InfraState {
-                unit: step.unit.clone(),
-                unit_file: step.unit_file.clone(),
-            },
-        );
+        // What it runs from is known unless systemd could not tell.
+        if !matches!(step.condition, Condition::Unknown(_)) {
+            state.infra.insert(
+                name.clone(),
+                InfraState {
+                    unit: step.unit.clone(),
+                    unit_file: step.unit_file.clone(),
+                },
+            );
+        }
         let Some(spec) = step.spec.as_ref().filter(|_| step.ready) else {
             return Ok(());
         };
@@ -304,15 +311,27 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         }
     }
 
+    /// Units of ours that no state records: stopped, their files removed.
+    async fn retire_untracked(&self, units: &[String], report: &mut RunReport) {
+        for unit in units {
+            tracing::warn!(%unit, "a unit of ours that no state records: stopping it and removing its file");
+            match self.retire(unit).await {
+                Ok(()) => report.retired.push(unit.clone()),
+                Err(e) => tracing::error!(%unit, error = %e, "could not retire it"),
+            }
+        }
+    }
+
     /// The manifest's spec runs (a `Keep` with `recheck`): a failure recorded for another
     /// spec (a version rolled back since), or for this one before the host was fixed (a
     /// missing artifact), is history once the running generation passes its health checks.
-    async fn clear_failure(&self, service: &Service, state: &mut State) {
+    /// Returns whether it did.
+    async fn clear_failure(&self, service: &Service, state: &mut State) -> bool {
         let Some(entry) = state.services.get_mut(&service.name) else {
-            return;
+            return false;
         };
         let Some(current) = &entry.current else {
-            return;
+            return false;
         };
         let healthy = match self.restored_probes(service, current) {
             Ok(probes) => {
@@ -328,11 +347,13 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 entry.failed = None;
                 entry.last_error = None;
                 entry.health = Health::Healthy;
+                true
             }
             Err(e) => {
                 tracing::warn!(error = %e, "runs the manifest's spec, but not healthily");
                 entry.health = Health::Unhealthy;
                 entry.last_error = Some(format!("unhealthy: {e}"));
+                false
             }
         }
     }
@@ -457,6 +478,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         manifest: &Manifest,
         state: &mut State,
         infra_failed: &BTreeMap<String, String>,
+        report: &mut RunReport,
     ) -> Result<(), Failed> {
         let entry = state
             .services
@@ -520,12 +542,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                         tracing::warn!(error = %e, unit = %old, "could not stop the previous generation");
                     }
                 }
-                for unit in &d.retire_after {
-                    tracing::warn!(%unit, "a unit of this service that no state records: stopping it");
-                    if let Err(e) = self.retire(unit).await {
-                        tracing::error!(%unit, error = %e, "could not retire it");
-                    }
-                }
+                self.retire_untracked(&d.retire_after, report).await;
                 tracing::info!(artifact = %generation.artifact.label(), unit = %d.unit, "deployed and healthy");
                 entry.unit = d.unit.clone();
                 entry.previous = previous;

@@ -101,8 +101,11 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         let manager = self.host.manager();
         let (requests, changes) = (self.store.requests(), manager.changes());
         let dir = &self.config.state_dir;
-        std::fs::create_dir_all(dir)
-            .map_err(|e| AgentError::io(format!("creating {}", dir.display()), e))?;
+        // With a user manager, units log to files under logs/ (there is no journal for them).
+        let logs = dir.join("logs");
+        let dirs = if self.config.user { &logs } else { dir };
+        std::fs::create_dir_all(dirs)
+            .map_err(|e| AgentError::io(format!("creating {}", dirs.display()), e))?;
         // Held until the report is published: publishing saves state.json too.
         let _lock = RunLock::acquire(dir)?;
         let mut result = self.run_once_inner().instrument(span.clone()).await;
