@@ -92,6 +92,14 @@ impl Bench {
         (plan, report)
     }
 
+    /// A unit file and a running unit the state knows nothing of.
+    fn plant(&self, unit: &str, text: &str) {
+        let mut w = self.host().world();
+        w.files.insert(unit.into(), text.into());
+        w.units
+            .insert(unit.into(), (true, "deployer: planted".into()));
+    }
+
     fn active(&self, unit: &str) -> bool {
         self.host().is_active(unit)
     }
@@ -740,48 +748,26 @@ async fn recorded_infrastructure_changes_only_with_a_deploy_that_needs_it() {
 
 #[tokio::test]
 async fn a_kept_service_retires_untracked_units_once_it_is_healthy_again() {
-    let mut b = Bench::new(false);
-    let m = manifest(&[("a", "/nix/store/a-v1", json!({}))], Value::Null);
-    b.run(&m).await;
-    // The recorded health is unknown (a restored state.json, say), and an untracked
-    // generation of a runs: it may be what serves until a is known healthy.
-    b.state.services.get_mut("a").unwrap().health = Health::Unknown;
     let stray = "deployer-a.20009.service";
-    b.host()
-        .world()
-        .files
-        .insert(stray.into(), format!("{}\n", crate::unit::HEADER));
-    b.host()
-        .world()
-        .units
-        .insert(stray.into(), (true, "deployer: a".into()));
-    let (plan, report) = b.run(&m).await;
-    assert!(
-        matches!(&plan.steps[..], [Step::Keep { recheck: true, retire_after, .. }] if retire_after == &[stray.to_owned()]),
-        "{plan:#?}"
-    );
-    assert_eq!(report.retired, [stray]);
-    assert!(!b.active(stray));
-    // Not healthy: the stray unit stays.
-    let mut b = Bench::new(false);
-    b.run(&m).await;
-    b.state.services.get_mut("a").unwrap().health = Health::Unknown;
-    b.host()
-        .world()
-        .files
-        .insert(stray.into(), format!("{}\n", crate::unit::HEADER));
-    b.host()
-        .world()
-        .units
-        .insert(stray.into(), (true, "deployer: a".into()));
-    b.host()
-        .world()
-        .units
-        .get_mut("deployer-a.service")
-        .unwrap()
-        .0 = false;
-    b.host().world().broken.insert(path("/nix/store/a-v1"));
-    let (_, report) = b.run(&m).await;
-    assert!(report.retired.is_empty(), "{report:?}");
-    assert!(b.active(stray));
+    for healthy in [true, false] {
+        let mut b = Bench::new(false);
+        let m = manifest(&[("a", "/nix/store/a-v1", json!({}))], Value::Null);
+        b.run(&m).await;
+        // The recorded health is unknown (a restored state.json, say), and an untracked
+        // generation of a runs: it may be what serves until a is known healthy.
+        b.state.services.get_mut("a").unwrap().health = Health::Unknown;
+        b.plant(stray, &format!("{}\n", crate::unit::HEADER));
+        if !healthy {
+            b.host().world().broken.insert(path("/nix/store/a-v1"));
+            b.host().world().units.remove("deployer-a.service");
+        }
+        let (plan, report) = b.run(&m).await;
+        assert!(
+            matches!(&plan.steps[..], [Step::Keep { recheck: true, retire_after, .. }] if retire_after == &[stray.to_owned()]),
+            "{plan:#?}"
+        );
+        // Retired once a passes its checks; otherwise it stays.
+        assert_eq!(report.retired == [stray], healthy, "{report:?}");
+        assert_eq!(b.active(stray), !healthy);
+    }
 }
