@@ -50,8 +50,9 @@ fn err(what: &str, detail: impl Into<String>) -> AgentError {
     }
 }
 
-/// The ecosystem services `service` needs: the postgres preset for `database`, the redis
-/// preset for `redis`, and what its own requirements depend on.
+/// The infrastructure services `service` needs: the postgres preset for `database`, the
+/// redis preset for `redis`, its own requirements (`<service>-<req>`) and what they depend
+/// on.
 pub fn needs(service: &Service, manifest: &Manifest) -> Result<Vec<String>, AgentError> {
     let eco = manifest.infrastructure.as_ref().map(|i| &i.services);
     let find = |preset: Preset| {
@@ -79,8 +80,9 @@ pub fn needs(service: &Service, manifest: &Manifest) -> Result<Vec<String>, Agen
                 )
             })?);
         }
-        for req in infra.services.values() {
-            out.extend(req.depends_on.iter().cloned());
+        for (req, spec) in &infra.services {
+            out.extend(spec.depends_on.iter().cloned());
+            out.push(crate::names::owned_infra(&service.name, req));
         }
     }
     out.sort();
@@ -89,7 +91,7 @@ pub fn needs(service: &Service, manifest: &Manifest) -> Result<Vec<String>, Agen
 }
 
 /// Every infrastructure service the services declared for `host` need: what [`needs`]
-/// says of each, and each one's own requirements (`<service>-<req>`).
+/// says of each.
 pub fn needed_on(
     manifest: &Manifest,
     host: &str,
@@ -97,13 +99,6 @@ pub fn needed_on(
     let mut needed = std::collections::BTreeSet::new();
     for service in crate::plan::desired(manifest, host) {
         needed.extend(needs(service, manifest)?);
-        for req in service
-            .infrastructure
-            .iter()
-            .flat_map(|i| i.services.keys())
-        {
-            needed.insert(crate::names::owned_infra(&service.name, req));
-        }
     }
     Ok(needed)
 }
@@ -357,6 +352,16 @@ pub fn prepare(name: &str, spec: &InfraService, state_dir: &Path) -> Result<(), 
     Ok(())
 }
 
+/// Where the agent keeps what it generates for services (env files, database passwords).
+fn generated_dir(secrets_dir: &Path) -> PathBuf {
+    secrets_dir.join("deployer")
+}
+
+/// Where the database password the agent generated for `service` is kept.
+pub fn password_path(secrets_dir: &Path, service: &str) -> PathBuf {
+    generated_dir(secrets_dir).join(format!("{service}.postgres-password"))
+}
+
 /// The connection URL env vars of `service` (`DATABASE_URL`, `REDIS_URL`), creating its
 /// role and database, or assigning its Redis index, on the way.
 pub struct AppLayer<'a> {
@@ -578,7 +583,7 @@ impl AppLayer<'_> {
     }
 
     fn generated_dir(&self) -> Result<PathBuf, AgentError> {
-        let dir = self.secrets_dir.join("deployer");
+        let dir = generated_dir(self.secrets_dir);
         std::fs::create_dir_all(&dir).map_err(|e| err("secrets", e.to_string()))?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| err("secrets", e.to_string()))?;
@@ -586,9 +591,8 @@ impl AppLayer<'_> {
     }
 
     fn password_file(&self, service: &str) -> Result<PathBuf, AgentError> {
-        Ok(self
-            .generated_dir()?
-            .join(format!("{service}.postgres-password")))
+        self.generated_dir()?;
+        Ok(password_path(self.secrets_dir, service))
     }
 
     /// The password this host's agent generated for `service`, if it keeps one.

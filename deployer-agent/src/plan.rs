@@ -267,19 +267,6 @@ fn infra_specs<'m>(manifest: &'m Manifest, host: &str) -> Vec<(String, &'m Infra
     shared.chain(owned).collect()
 }
 
-/// The infrastructure `service` needs, shared and its own.
-fn needs_of(service: &Service, manifest: &Manifest) -> Result<Vec<String>, AgentError> {
-    let mut needs = infra::needs(service, manifest)?;
-    needs.extend(
-        service
-            .infrastructure
-            .iter()
-            .flat_map(|i| i.services.keys())
-            .map(|req| names::owned_infra(&service.name, req)),
-    );
-    Ok(needs)
-}
-
 /// The plan for `manifest`, new or changed since the last run.
 pub async fn plan<H: Host>(
     manifest: &Manifest,
@@ -334,8 +321,13 @@ pub async fn plan<H: Host>(
     // new generation must never take the name of a unit this plan retires.
     let mut ports = Ports::new(state, config.port_range, &found);
     let mut services = Vec::new();
+    let mut wanted = BTreeSet::new();
     for s in &desired {
-        let step = service_step(s, manifest, state, host, &mut ports, &mut retire_after).await;
+        let needs = infra::needs(s, manifest);
+        if let Ok(needs) = &needs {
+            wanted.extend(needs.iter().cloned());
+        }
+        let step = service_step(s, needs, state, host, &mut ports, &mut retire_after).await;
         services.push(step);
     }
 
@@ -351,12 +343,6 @@ pub async fn plan<H: Host>(
         })
         .flatten()
         .collect();
-    let mut wanted = BTreeSet::new();
-    for s in &desired {
-        if let Ok(needs) = needs_of(s, manifest) {
-            wanted.extend(needs);
-        }
-    }
     let mut steps = Vec::new();
     for (name, spec) in infra_specs(manifest, me) {
         if spec.external.is_some() || !wanted.contains(&name) {
@@ -432,10 +418,10 @@ fn infra_step(name: &str, unit: &str, spec: &InfraService) -> InfraStep {
     }
 }
 
-/// The step of one declared service.
+/// The step of one declared service; `needs`: the infrastructure it needs.
 async fn service_step<H: Host>(
     s: &Service,
-    manifest: &Manifest,
+    needs: Result<Vec<String>, AgentError>,
     state: &State,
     host: &H,
     ports: &mut Ports,
@@ -474,7 +460,7 @@ async fn service_step<H: Host>(
         service: s.name.clone(),
         reason,
     };
-    let infra = match needs_of(s, manifest) {
+    let infra = match needs {
         Ok(needs) => needs,
         Err(e) => return wait(e.to_string()),
     };

@@ -153,11 +153,7 @@ impl<M: ServiceManager> Host for SystemHost<M> {
     }
 
     fn has_database(&self, service: &str) -> bool {
-        self.config
-            .secrets_dir
-            .join("deployer")
-            .join(format!("{service}.postgres-password"))
-            .exists()
+        infra::password_path(&self.config.secrets_dir, service).exists()
     }
 
     async fn wait_healthy(
