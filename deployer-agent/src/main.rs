@@ -14,10 +14,11 @@ use deployer_agent::config::{
 };
 use deployer_agent::host::system::SystemHost;
 use deployer_agent::proxy::ProxyConfig;
+use deployer_agent::reconcile::{Agent, InfraOutcome};
 use deployer_agent::state::State;
 use deployer_agent::systemd::Systemd;
 use deployer_agent::unit::split_command;
-use deployer_agent::{AgentError, EXIT_SERVICES_FAILED, reconcile::Agent};
+use deployer_agent::{AgentError, EXIT_SERVICES_FAILED};
 
 #[derive(Parser)]
 #[command(
@@ -340,18 +341,18 @@ async fn run(cli: Cli) -> Result<i32, AgentError> {
                     serde_json::to_string_pretty(&report).expect("serialises")
                 );
             }
-            for (service, error) in &report.failed {
-                let what = if report.retrying.contains(service) {
-                    "nothing changed; the next run retries"
-                } else {
-                    "rolled back"
-                };
-                eprintln!("deployer-agent: {service}: {error} ({what})");
+            for (service, outcome) in report.services.iter().filter(|(_, o)| o.failed()) {
+                eprintln!("deployer-agent: {service}: {outcome}");
+            }
+            for (name, outcome) in &report.infra {
+                if let InfraOutcome::Failed { error } | InfraOutcome::Unknown { error } = outcome {
+                    eprintln!("deployer-agent: infrastructure {name}: {error}");
+                }
             }
             if let Some(e) = &report.route_error {
                 eprintln!("deployer-agent: {e}");
             }
-            if report.failed.is_empty() && report.route_error.is_none() {
+            if report.ok() {
                 Ok(exit::OK)
             } else {
                 Ok(EXIT_SERVICES_FAILED)

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use crate::config::AgentConfig;
 use crate::host::memory::{MemoryHost, artifact_path};
 use crate::plan::{Condition, Deploy, Plan, Recovery, Step, Strategy, plan, plan_unchanged};
-use crate::reconcile::{Agent, RunReport};
+use crate::reconcile::{Agent, InfraOutcome, Outcome, RunReport};
 use crate::state::{Health, State};
 
 const ME: &str = "biz";
@@ -182,7 +182,10 @@ async fn deploys_keeps_skips_and_removes() {
     assert_eq!(a.strategy, Strategy::InPlace);
     assert_eq!(a.unit, "deployer-a.service");
     assert_eq!(a.on_failure, Recovery::RemoveNew, "nothing to restore");
-    assert_eq!(report.deployed, ["a", "b"]);
+    assert_eq!(
+        report.services_where(|o| *o == Outcome::Deployed),
+        ["a", "b"]
+    );
     assert!(b.active("deployer-a.service") && b.active("deployer-b.service"));
     assert!(
         b.file("deployer-a.service")
@@ -202,8 +205,12 @@ async fn deploys_keeps_skips_and_removes() {
     let (plan, report) = b.run(&v2).await;
     assert_eq!(kinds(&plan), ["deploy b", "deploy c", "remove a"]);
     assert_eq!(deploy(&plan, "b").on_failure, Recovery::RestorePrevious);
-    assert_eq!(report.failed.len(), 1, "{report:?}");
-    assert_eq!(report.removed, ["a"]);
+    assert!(
+        matches!(report.services["b"], Outcome::RolledBack { .. }),
+        "{report:?}"
+    );
+    assert_eq!(report.services["c"], Outcome::Deployed);
+    assert_eq!(report.services["a"], Outcome::Removed);
     // b runs v1 again, from its v1 unit file; its v2 spec is recorded as failed.
     assert!(b.active("deployer-b.service"));
     assert!(
@@ -232,10 +239,9 @@ async fn a_failed_first_deploy_leaves_nothing_behind() {
     b.host().world().broken.insert(path("/nix/store/a-v1"));
     let m = manifest(&[("a", "/nix/store/a-v1", json!({}))], Value::Null);
     let (_, report) = b.run(&m).await;
-    assert_eq!(report.failed.len(), 1);
     assert!(
-        report.retrying.is_empty(),
-        "the new generation failed: not retried"
+        matches!(report.services["a"], Outcome::RolledBack { .. }),
+        "the new generation failed: not retried: {report:?}"
     );
     assert!(b.file("deployer-a.service").is_none());
     assert!(!b.active("deployer-a.service"));
@@ -251,13 +257,15 @@ async fn a_missing_artifact_changes_nothing_and_is_retried() {
     let v2 = manifest(&[("a", "/nix/store/a-v2", json!({}))], Value::Null);
     let changes = b.host().world().log.len();
     let (_, report) = b.run(&v2).await;
-    assert!(report.retry && report.retrying == ["a"], "{report:?}");
+    assert!(report.retry(), "{report:?}");
+    assert!(matches!(report.services["a"], Outcome::Retrying { .. }));
     assert_eq!(b.host().world().log.len(), changes, "nothing was touched");
     assert!(b.state.services["a"].failed.is_none(), "not marked failed");
     // Once the artifact is there, the next run deploys it.
     b.host().world().missing.clear();
     let (_, report) = b.run(&v2).await;
-    assert_eq!(report.deployed, ["a"]);
+    assert_eq!(report.services["a"], Outcome::Deployed);
+    assert!(report.ok() && !report.retry());
     assert!(b.state.services["a"].last_error.is_none());
 }
 
@@ -305,7 +313,7 @@ async fn drift_is_repaired_from_the_state() {
             matches!(&plan.steps[..], [Step::Keep { condition: c, .. }] if *c == condition),
             "{what}: {plan:?}"
         );
-        assert_eq!(report.repaired, ["a"], "{what}");
+        assert_eq!(report.services["a"], Outcome::Repaired, "{what}");
         assert!(b.host().world().log.contains(&repair.to_owned()), "{what}");
         assert_eq!(b.file("deployer-a.service").unwrap(), recorded, "{what}");
         assert!(b.active("deployer-a.service"), "{what}");
@@ -322,6 +330,26 @@ async fn drift_is_repaired_from_the_state() {
             "{what}: {plan:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn drift_that_cannot_be_put_back_is_a_failure_the_next_run_retries() {
+    let mut b = Bench::new(false);
+    let m = manifest(&[("a", "/nix/store/a-v1", json!({}))], Value::Null);
+    b.run(&m).await;
+    b.host().world().files.remove("deployer-a.service");
+    b.host().world().disk_full = true;
+    let (_, report) = b.run_unchanged().await;
+    let Outcome::Drifted { error } = &report.services["a"] else {
+        panic!("not put back: {report:?}");
+    };
+    assert!(error.contains("deployer-a.service"), "{error}");
+    assert!(!report.ok(), "a failed run: {report:?}");
+    assert_eq!(b.state.services["a"].last_error.as_ref(), Some(error));
+    b.host().world().disk_full = false;
+    let (_, report) = b.run_unchanged().await;
+    assert_eq!(report.services["a"], Outcome::Repaired, "{report:?}");
+    assert!(report.ok() && b.state.services["a"].last_error.is_none());
 }
 
 #[tokio::test]
@@ -357,7 +385,7 @@ async fn zero_downtime_runs_side_by_side_and_a_failure_stops_only_the_new_one() 
     let v3 = manifest(&[("a", "/nix/store/a-v3", http)], Value::Null);
     let (plan, report) = b.run(&v3).await;
     let d = deploy(&plan, "a");
-    assert_eq!(report.failed.len(), 1);
+    assert!(matches!(report.services["a"], Outcome::RolledBack { .. }));
     assert!(!b.active(&d.unit) && b.file(&d.unit).is_none());
     assert!(b.active("deployer-a.20002.service"));
     assert!(
@@ -380,7 +408,8 @@ async fn no_free_port_waits_for_the_next_run() {
         matches!(&plan.steps[0], Step::Wait { reason, .. } if reason.contains("20000-20003")),
         "{plan:?}"
     );
-    assert!(report.retry && report.retrying == ["a"]);
+    assert!(report.retry(), "{report:?}");
+    assert!(matches!(report.services["a"], Outcome::Retrying { .. }));
     assert!(b.host().world().files.is_empty());
 }
 
@@ -496,8 +525,11 @@ async fn release_runs_once_per_artifact_and_a_failed_one_changes_nothing() {
     b.host().world().log.clear();
     let v2 = manifest(&[("a", "/nix/store/a-v2", release)], Value::Null);
     let (_, report) = b.run(&v2).await;
-    assert_eq!(report.failed.len(), 1);
-    assert!(report.retrying.is_empty());
+    assert!(
+        matches!(report.services["a"], Outcome::RolledBack { .. }),
+        "{report:?}"
+    );
+    assert!(!report.ok() && !report.retry());
     assert!(b.active("deployer-a.service"));
     let log = b.host().world().log.clone();
     assert!(
@@ -541,17 +573,19 @@ async fn infrastructure_starts_before_its_dependants_is_repaired_and_stopped_whe
     // Stopped behind our back: an unchanged manifest starts it again.
     b.host().world().units.remove(unit);
     let (_, report) = b.run_unchanged().await;
-    assert!(
-        report.repaired.contains(&"infra-a-worker".to_owned()),
+    assert_eq!(
+        report.infra["a-worker"],
+        InfraOutcome::Repaired,
         "{report:?}"
     );
+    assert_eq!(report.services["a"], Outcome::Kept, "{report:?}");
     assert!(b.active(unit));
 
     // No service needs it any more: stopped, unit removed, its data noted as kept.
     let m2 = manifest(&[("a", "/nix/store/a-v2", json!({}))], Value::Null);
     let (plan, report) = b.run(&m2).await;
     assert_eq!(kinds(&plan), ["deploy a", "stop-infra a-worker"]);
-    assert_eq!(report.stopped_infra, ["a-worker"]);
+    assert_eq!(report.infra["a-worker"], InfraOutcome::Stopped);
     assert!(!b.active(unit) && b.file(unit).is_none());
     assert!(!b.state.infra.contains_key("a-worker"));
     assert!(b.state.orphans.iter().any(|o| o.contains("a-worker")));
@@ -570,9 +604,15 @@ async fn infrastructure_that_does_not_start_holds_back_its_dependants_only() {
         Value::Null,
     );
     let (_, report) = b.run(&m).await;
-    assert_eq!(report.retrying, ["a"], "{report:?}");
-    assert_eq!(report.deployed, ["b"]);
-    assert!(report.failed[0].1.contains("a-worker"), "{report:?}");
+    let Outcome::Retrying { error } = &report.services["a"] else {
+        panic!("a waits for its worker: {report:?}");
+    };
+    assert!(error.contains("a-worker"), "{report:?}");
+    assert!(matches!(
+        report.infra["a-worker"],
+        InfraOutcome::Failed { .. }
+    ));
+    assert_eq!(report.services["b"], Outcome::Deployed);
     assert!(
         b.file("deployer-a.service").is_none(),
         "a was never touched"

@@ -241,7 +241,7 @@ fn lifecycle(fx: &Fixture) {
     // Nothing changed: one conditional GET, nothing redeployed.
     let report = host.run_report(fx);
     assert_eq!(report["unchanged"], json!(true), "{report}");
-    assert_eq!(report["deployed"], json!([]));
+    assert_eq!(report["services"], json!({"hello": {"outcome": "kept"}}));
     assert_eq!(
         report["storeRequests"],
         json!(1),
@@ -301,7 +301,11 @@ fn lifecycle(fx: &Fixture) {
     fx.dm(&["add-service", r#"{"name": "elsewhere", "artifact": {"storePath": "/nix/store/placeholder"}, "hosts": ["other"]}"#])
         .ok();
     let report = host.run_report(fx);
-    assert_eq!(report["skipped"], json!(["hello"]), "{report}");
+    assert_eq!(
+        report["services"]["hello"]["outcome"],
+        json!("skipped"),
+        "{report}"
+    );
     assert_eq!(
         report["systemdChanges"],
         json!(0),
@@ -315,7 +319,11 @@ fn lifecycle(fx: &Fixture) {
         .ok();
     assert!(body(port).is_none());
     let report = host.run_report(fx);
-    assert_eq!(report["repaired"], json!(["hello"]), "{report}");
+    assert_eq!(
+        report["services"]["hello"]["outcome"],
+        json!("repaired"),
+        "{report}"
+    );
     assert!(eventually(10, || body(port)).is_some());
 
     // Removed from the manifest: unit stopped and gone, artifacts kept.

@@ -36,6 +36,8 @@ pub struct World {
     pub missing: BTreeSet<String>,
     /// Release commands fail.
     pub release_fails: bool,
+    /// Writing a unit file fails, as on a full disk.
+    pub disk_full: bool,
     /// The state as last saved.
     pub saved: Option<State>,
     /// The proxy's routes.
@@ -185,6 +187,10 @@ impl Host for MemoryHost {
 
     fn write_unit(&self, unit: &str, text: &str) -> Result<(), AgentError> {
         let mut w = self.world();
+        if w.disk_full {
+            let e = std::io::Error::from(std::io::ErrorKind::StorageFull);
+            return Err(AgentError::io(format!("writing {unit}"), e));
+        }
         w.log.push(format!("write {unit}"));
         w.files.insert(unit.to_owned(), text.to_owned());
         Ok(())

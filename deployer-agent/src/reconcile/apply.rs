@@ -10,7 +10,7 @@ use deploy_manifest::model::{Manifest, Release, Service};
 use deploy_manifest::store::ObjectStore;
 use tracing::Instrument;
 
-use super::{Agent, RunReport, now};
+use super::{Agent, InfraOutcome, Outcome, RunReport, now};
 use crate::AgentError;
 use crate::health::{ExecProbe, Probes};
 use crate::host::Host;
@@ -83,10 +83,17 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                     .await
             }
             Step::Infra(infra) => {
-                if let Err(e) = self.infra(infra, state, report).await {
-                    tracing::error!(error = %e, "infrastructure not running");
-                    infra_failed.insert(infra.name.clone(), e.to_string());
-                }
+                let outcome = match self.infra(infra, state).await {
+                    Ok(outcome) => outcome,
+                    Err(e) => {
+                        tracing::error!(error = %e, "infrastructure not running");
+                        infra_failed.insert(infra.name.clone(), e.to_string());
+                        InfraOutcome::Failed {
+                            error: e.to_string(),
+                        }
+                    }
+                };
+                report.infra.insert(infra.name.clone(), outcome);
             }
             Step::Keep {
                 service: name,
@@ -96,11 +103,8 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 retire_after,
                 ..
             } => {
-                if self.keep(name, unit, condition, state).await {
-                    report.repaired.push(name.clone());
-                } else {
-                    report.kept.push(name.clone());
-                }
+                let outcome = self.keep(name, unit, condition, state).await;
+                report.services.insert(name.clone(), outcome);
                 if *recheck
                     && let Some(s) = service(name)
                     && self.clear_failure(s, state).await
@@ -110,38 +114,49 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             }
             Step::Skip { service, reason } => {
                 tracing::warn!(%reason, "not retrying a deploy that failed");
-                report.skipped.push(service.clone());
+                report.services.insert(service.clone(), Outcome::Skipped);
             }
             Step::Wait { service, reason } => {
                 tracing::error!(%reason, "cannot deploy it on this run; the next run retries");
                 if let Some(entry) = state.services.get_mut(service) {
                     entry.last_error = Some(reason.clone());
                 }
-                report.retry_later(service, reason.clone());
+                report.services.insert(
+                    service.clone(),
+                    Outcome::Retrying {
+                        error: reason.clone(),
+                    },
+                );
             }
             Step::Deploy(d) => {
                 let (Some(s), Some(m)) = (service(&d.service), manifest) else {
                     return;
                 };
-                match self.deploy(d, s, m, state, infra_failed, report).await {
-                    Ok(()) => report.deployed.push(d.service.clone()),
-                    Err(Failed::Retry(e)) => {
-                        tracing::error!(error = %e, "not deployed, nothing changed; the next run retries");
-                        report.retry_later(&d.service, e);
+                let outcome = match self.deploy(d, s, m, state, infra_failed, report).await {
+                    Ok(()) => Outcome::Deployed,
+                    Err(Failed::Retry(error)) => {
+                        tracing::error!(%error, "not deployed, nothing changed; the next run retries");
+                        Outcome::Retrying { error }
                     }
-                    Err(Failed::RolledBack(e)) => {
-                        tracing::error!(error = %e, "deploy failed and was rolled back");
-                        report.failed.push((d.service.clone(), e));
+                    Err(Failed::RolledBack(error)) => {
+                        tracing::error!(%error, "deploy failed and was rolled back");
+                        Outcome::RolledBack { error }
                     }
-                }
+                };
+                report.services.insert(d.service.clone(), outcome);
             }
-            Step::Remove { service, unit } => match self.remove(service, unit, state).await {
-                Ok(()) => report.removed.push(service.clone()),
-                Err(e) => {
-                    tracing::error!(error = %e, "could not remove it; the next run retries");
-                    report.retry_later(service, e.to_string());
-                }
-            },
+            Step::Remove { service, unit } => {
+                let outcome = match self.remove(service, unit, state).await {
+                    Ok(()) => Outcome::Removed,
+                    Err(e) => {
+                        tracing::error!(error = %e, "could not remove it; the next run retries");
+                        Outcome::Retrying {
+                            error: e.to_string(),
+                        }
+                    }
+                };
+                report.services.insert(service.clone(), outcome);
+            }
             Step::StopInfra { name, unit } => match self.retire(unit).await {
                 Ok(()) => {
                     tracing::info!("no service here needs it: stopped; its data is kept");
@@ -152,9 +167,16 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                     ));
                     state.orphans.sort();
                     state.orphans.dedup();
-                    report.stopped_infra.push(name.clone());
+                    report.infra.insert(name.clone(), InfraOutcome::Stopped);
                 }
-                Err(e) => tracing::error!(error = %e, "could not stop it"),
+                Err(e) => {
+                    tracing::error!(error = %e, "could not stop it");
+                    let error =
+                        format!("no service here needs it, and it could not be stopped: {e}");
+                    report
+                        .infra
+                        .insert(name.clone(), InfraOutcome::Failed { error });
+                }
             },
             Step::Routes => report.route_error = self.sync_routes(state).await,
         }
@@ -162,12 +184,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
 
     /// Infrastructure as the step says: started (its data directory prepared) when it is
     /// stopped or its unit changed, recorded, and with `ready`, waited for.
-    async fn infra(
-        &self,
-        step: &InfraStep,
-        state: &mut State,
-        report: &mut RunReport,
-    ) -> Result<(), AgentError> {
+    async fn infra(&self, step: &InfraStep, state: &mut State) -> Result<InfraOutcome, AgentError> {
         let name = &step.name;
         let fail = |detail: String| AgentError::Infra {
             what: name.clone(),
@@ -182,20 +199,23 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         if let Some(spec) = step.spec.as_ref().filter(|_| starts || step.ready) {
             self.host.prepare_infra(name, spec)?;
         }
-        match &step.condition {
-            Condition::Running => {}
+        let outcome = match &step.condition {
+            Condition::Running => InfraOutcome::Running,
             Condition::Unknown(e) => {
                 tracing::warn!(error = %e, "cannot tell whether it runs; left as it is");
+                InfraOutcome::Unknown { error: e.clone() }
             }
             Condition::Stopped | Condition::Changed => {
                 tracing::info!(condition = %step.condition, "starting it");
                 let file_ok = step.condition == Condition::Stopped;
                 self.put_back(&step.unit, &step.unit_file, file_ok).await?;
                 if state.infra.contains_key(name) {
-                    report.repaired.push(names::infra_owner(name));
+                    InfraOutcome::Repaired
+                } else {
+                    InfraOutcome::Started
                 }
             }
-        }
+        };
         // What it runs from is known unless systemd could not tell.
         if !matches!(step.condition, Condition::Unknown(_)) {
             state.infra.insert(
@@ -207,7 +227,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             );
         }
         let Some(spec) = step.spec.as_ref().filter(|_| step.ready) else {
-            return Ok(());
+            return Ok(outcome);
         };
         let ep = crate::infra::endpoint(name, spec);
         let probes = self.infra_probes(name, spec, &ep)?;
@@ -225,7 +245,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             }
             tracing::warn!(error = %e, "not ready; it is not critical, going on");
         }
-        Ok(())
+        Ok(outcome)
     }
 
     /// How to tell that infrastructure service `name` is ready: its own healthCheck, else
@@ -274,13 +294,18 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
     }
 
     /// A deployed service as the `Keep` step says: put back as recorded if it drifted.
-    /// Returns whether it was repaired.
-    async fn keep(&self, name: &str, unit: &str, condition: &Condition, state: &mut State) -> bool {
+    async fn keep(
+        &self,
+        name: &str,
+        unit: &str,
+        condition: &Condition,
+        state: &mut State,
+    ) -> Outcome {
         let Some(entry) = state.services.get_mut(name) else {
-            return false;
+            return Outcome::Kept;
         };
         let Some(current) = entry.current.clone() else {
-            return false;
+            return Outcome::Kept;
         };
         // A secrets file created or changed since the deploy is read at the next restart.
         entry.warning = self
@@ -290,23 +315,29 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             tracing::warn!(warning = %w, "fix it before the service restarts");
         }
         match condition {
-            Condition::Running => false,
+            Condition::Running => Outcome::Kept,
             Condition::Unknown(e) => {
                 entry.last_error = Some(e.clone());
-                false
+                Outcome::Drifted { error: e.clone() }
             }
             Condition::Stopped | Condition::Changed => {
                 tracing::warn!(%condition, "drift: restoring the recorded generation");
                 let file_ok = *condition == Condition::Stopped;
                 let result = self.put_back(unit, &current.unit_file, file_ok).await;
-                entry.last_error = result.err().map(|e| e.to_string());
-                entry.health = if entry.last_error.is_none() {
-                    Health::Healthy
-                } else {
-                    Health::Unhealthy
-                };
                 entry.updated_at = Some(now());
-                true
+                match result {
+                    Ok(()) => {
+                        entry.last_error = None;
+                        entry.health = Health::Healthy;
+                        Outcome::Repaired
+                    }
+                    Err(e) => {
+                        let error = format!("could not put the recorded generation back: {e}");
+                        entry.last_error = Some(error.clone());
+                        entry.health = Health::Unhealthy;
+                        Outcome::Drifted { error }
+                    }
+                }
             }
         }
     }

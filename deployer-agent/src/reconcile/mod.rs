@@ -10,6 +10,7 @@ mod apply;
 mod poll;
 mod publish;
 
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use deploy_manifest::repo::rfc3339;
@@ -34,37 +35,119 @@ pub struct RunReport {
     pub manifest_version: Option<String>,
     /// The plan's steps this run executed, in order (`deployer-agent plan` printed them).
     pub steps: Vec<Step>,
-    pub deployed: Vec<String>,
-    pub kept: Vec<String>,
-    pub repaired: Vec<String>,
-    pub skipped: Vec<String>,
-    pub removed: Vec<String>,
-    /// Service → why its deploy failed (it was rolled back).
-    pub failed: Vec<(String, String)>,
-    /// A failure on this host's side (secrets file, fetch) that the next run retries.
-    pub retry: bool,
-    /// The services of `failed` whose deploy stopped before anything changed on the host
-    /// (nothing to roll back); the next run retries them. The others were rolled back.
-    pub retrying: Vec<String>,
+    /// What happened to each service the run looked at.
+    pub services: BTreeMap<String, Outcome>,
+    /// What happened to each infrastructure service the run looked at.
+    pub infra: BTreeMap<String, InfraOutcome>,
     /// The proxy routes could not be applied; retried on the next run.
     pub route_error: Option<String>,
     /// Units of ours that no state recorded (left by a run killed mid-deploy), retired.
     pub retired: Vec<String>,
-    /// Infrastructure no service here needs any more, stopped (its data is kept).
-    pub stopped_infra: Vec<String>,
     /// Requests this run made to the store (an idle poll: 1), where counted.
     pub store_requests: Option<u64>,
     /// systemd calls this run made that change something (reload, restart, stop).
     pub systemd_changes: u64,
 }
 
+/// What one run did to one service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase", tag = "outcome")]
+pub enum Outcome {
+    /// The manifest's spec was deployed and passed its health checks.
+    Deployed,
+    /// It already ran the manifest's spec, as recorded; left as it was.
+    Kept,
+    /// It had drifted (stopped, unit file changed) and the recorded generation was put back.
+    Repaired,
+    /// It had drifted, or systemd could not say how it runs, and it could not be put back.
+    Drifted { error: String },
+    /// Its deploy of this spec failed before; not retried until the manifest changes.
+    Skipped,
+    /// Not deployed (or not removed) and nothing changed on the host; the next run retries.
+    Retrying { error: String },
+    /// The deploy failed and what ran before was put back.
+    RolledBack { error: String },
+    /// No longer in the manifest: stopped, its unit removed.
+    Removed,
+}
+
+impl Outcome {
+    /// Whether the service did not end as the manifest asks.
+    pub fn failed(&self) -> bool {
+        matches!(
+            self,
+            Self::Drifted { .. } | Self::Retrying { .. } | Self::RolledBack { .. }
+        )
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    /// The operator's line: what happened, and for a failure why and what comes next.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Deployed => f.write_str("deployed"),
+            Self::Kept => f.write_str("kept"),
+            Self::Repaired => f.write_str("drifted; put back as recorded"),
+            Self::Drifted { error } => write!(f, "{error} (drifted; the next run retries)"),
+            Self::Skipped => {
+                f.write_str("its deploy failed before; not retried until the manifest changes")
+            }
+            Self::Retrying { error } => {
+                write!(f, "{error} (nothing changed; the next run retries)")
+            }
+            Self::RolledBack { error } => write!(f, "{error} (rolled back)"),
+            Self::Removed => f.write_str("removed"),
+        }
+    }
+}
+
+/// What one run did to one infrastructure service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase", tag = "outcome")]
+pub enum InfraOutcome {
+    /// It ran as recorded; left as it was.
+    Running,
+    /// Started for the first time, or restarted with a changed unit.
+    Started,
+    /// Recorded, found stopped or changed, and put back.
+    Repaired,
+    /// systemd could not say whether it runs; left as it was.
+    Unknown { error: String },
+    /// Not running or not ready; the services that need it waited.
+    Failed { error: String },
+    /// No service here needs it any more: stopped, its data kept.
+    Stopped,
+}
+
 impl RunReport {
-    /// `service` was not deployed (or removed) and nothing changed: the next run retries
-    /// with a full plan.
-    pub(crate) fn retry_later(&mut self, service: &str, error: String) {
-        self.retry = true;
-        self.retrying.push(service.to_owned());
-        self.failed.push((service.to_owned(), error));
+    /// Every service and infrastructure service ended as the plan meant, and the routes
+    /// were applied.
+    pub fn ok(&self) -> bool {
+        self.route_error.is_none()
+            && !self.services.values().any(Outcome::failed)
+            && !self.infra.values().any(|o| {
+                matches!(
+                    o,
+                    InfraOutcome::Failed { .. } | InfraOutcome::Unknown { .. }
+                )
+            })
+    }
+
+    /// A failure on this host's side (secrets file, fetch, a free port) left a service
+    /// undeployed with nothing changed: the next run plans again in full.
+    pub fn retry(&self) -> bool {
+        self.services
+            .values()
+            .any(|o| matches!(o, Outcome::Retrying { .. }))
+    }
+
+    /// The services with outcome `pick`, in name order.
+    pub fn services_where(&self, pick: impl Fn(&Outcome) -> bool) -> Vec<&str> {
+        self.services
+            .iter()
+            .filter(|(_, o)| pick(o))
+            .map(|(s, _)| s.as_str())
+            .collect()
     }
 }
 
@@ -160,9 +243,9 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         state.manifest_expires = manifest.expires.clone();
         // Remembering the ETag makes the next poll a cheap 304; forget it when a host-side
         // problem (secrets file, fetch) should be retried with a full plan.
-        state.manifest_etag = (!report.retry).then_some(etag);
+        state.manifest_etag = (!report.retry()).then_some(etag);
         state.last_error = report.route_error.clone();
-        if report.failed.is_empty() && report.route_error.is_none() {
+        if report.ok() {
             state.last_success = Some(now());
         }
         self.host.save_state(&state)?;
@@ -188,12 +271,11 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         };
         self.apply(&plan, None, state, &mut report).await?;
         tracing::info!(
-            kept = report.kept.len(),
-            repaired = report.repaired.len(),
+            repaired = ?report.services_where(|o| *o == Outcome::Repaired),
             "manifest unchanged"
         );
         state.last_error = report.route_error.clone();
-        if report.route_error.is_none() {
+        if report.ok() {
             state.last_success = Some(now());
         }
         self.host.save_state(state)?;
@@ -207,8 +289,9 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         let plan = plan_unchanged(state, &self.host).await;
         let mut report = RunReport::default();
         self.apply(&plan, None, state, &mut report).await?;
-        if !report.repaired.is_empty() {
-            tracing::warn!(repaired = ?report.repaired, "restored services that had drifted");
+        let repaired = report.services_where(|o| *o == Outcome::Repaired);
+        if !repaired.is_empty() {
+            tracing::warn!(?repaired, "restored services that had drifted");
         }
         state.last_error = Some(e.to_string());
         self.host.save_state(state)?;
@@ -221,7 +304,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         let mut failures: u32 = 0;
         loop {
             let wait = match self.run_once().await {
-                Ok(report) if report.failed.is_empty() => {
+                Ok(report) if report.ok() => {
                     failures = 0;
                     self.config.interval
                 }
