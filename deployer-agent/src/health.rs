@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use deploy_manifest::model::{Health, Service};
 
-use crate::systemd::{JobResult, ServiceManager};
+use crate::systemd::{ActiveState, JobResult, ServiceManager};
 use crate::unit::{TransientSpec, UnitSpec};
 
 /// The probes of one service, resolved.
@@ -283,7 +283,7 @@ pub async fn wait_healthy(
     let mut last;
     loop {
         let status = mgr.status(unit).await.map_err(|e| e.to_string())?;
-        if status.active_state == "failed" || status.n_restarts > baseline {
+        if status.active_state == ActiveState::Failed || status.n_restarts > baseline {
             return Err(format!(
                 "{unit} is {} ({}) after {} restart(s)",
                 status.active_state,

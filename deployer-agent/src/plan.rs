@@ -215,15 +215,15 @@ async fn condition<H: Host>(host: &H, unit: &str, file: &str) -> Condition {
 /// Units of ours on the host: files in the unit directory with our header, and units
 /// systemd still has loaded whose file is gone (a description of ours, not inactive).
 async fn found_units<H: Host>(host: &H) -> BTreeSet<String> {
-    use crate::systemd::ServiceManager;
+    use crate::systemd::{ActiveState, LoadState, ServiceManager};
     let mut found: BTreeSet<String> = host.our_unit_files().into_iter().collect();
     match host.manager().list_units("deployer-*.service").await {
         Ok(units) => found.extend(
             units
                 .into_iter()
                 .filter(|u| {
-                    u.load_state == "not-found"
-                        && u.active_state != "inactive"
+                    u.load_state == LoadState::NotFound
+                        && u.active_state != ActiveState::Inactive
                         && u.description.starts_with("deployer")
                 })
                 .map(|u| u.name),

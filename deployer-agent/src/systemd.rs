@@ -136,11 +136,72 @@ pub enum JobResult {
     Other(String),
 }
 
+/// A string systemd reports, as an enum: the values the agent acts on, and what else a
+/// newer systemd may say, kept as it said it.
+macro_rules! systemd_enum {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $text:literal,)* }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$vdoc])* $variant,)*
+            /// A value this agent does not know.
+            Other(String),
+        }
+
+        impl From<String> for $name {
+            fn from(s: String) -> Self {
+                match s.as_str() {
+                    $($text => Self::$variant,)*
+                    _ => Self::Other(s),
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(match self {
+                    $(Self::$variant => $text,)*
+                    Self::Other(s) => s,
+                })
+            }
+        }
+    };
+}
+
+systemd_enum! {
+    /// A unit's `ActiveState` (systemd.unit(5), "ActiveState").
+    ActiveState {
+        Active = "active",
+        Reloading = "reloading",
+        Inactive = "inactive",
+        Failed = "failed",
+        Activating = "activating",
+        Deactivating = "deactivating",
+        Maintenance = "maintenance",
+        Refreshing = "refreshing",
+    }
+}
+
+systemd_enum! {
+    /// A unit's `LoadState`: whether systemd read its file.
+    LoadState {
+        Loaded = "loaded",
+        /// No file for it (removed, or never written).
+        NotFound = "not-found",
+        Stub = "stub",
+        BadSetting = "bad-setting",
+        Error = "error",
+        Merged = "merged",
+        Masked = "masked",
+    }
+}
+
 /// What systemd says about a unit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnitStatus {
-    pub load_state: String,
-    pub active_state: String,
+    pub load_state: LoadState,
+    pub active_state: ActiveState,
+    /// The unit type's own finer state (`running`, `exited`, `auto-restart`, …), for messages.
     pub sub_state: String,
     pub n_restarts: u32,
     pub main_pid: u32,
@@ -148,7 +209,7 @@ pub struct UnitStatus {
 
 impl UnitStatus {
     pub fn is_active(&self) -> bool {
-        self.active_state == "active"
+        self.active_state == ActiveState::Active
     }
 }
 
@@ -157,8 +218,8 @@ impl UnitStatus {
 pub struct ListedUnit {
     pub name: String,
     pub description: String,
-    pub load_state: String,
-    pub active_state: String,
+    pub load_state: LoadState,
+    pub active_state: ActiveState,
 }
 
 /// The service-manager operations the agent needs.
@@ -469,8 +530,8 @@ impl ServiceManager for Systemd {
                 |(name, description, load_state, active_state, ..)| ListedUnit {
                     name,
                     description,
-                    load_state,
-                    active_state,
+                    load_state: load_state.into(),
+                    active_state: active_state.into(),
                 },
             )
             .collect())
@@ -498,8 +559,8 @@ impl ServiceManager for Systemd {
             .await
             .map_err(call_err)?;
         Ok(UnitStatus {
-            load_state: u.load_state().await.map_err(call_err)?,
-            active_state: u.active_state().await.map_err(call_err)?,
+            load_state: u.load_state().await.map_err(call_err)?.into(),
+            active_state: u.active_state().await.map_err(call_err)?.into(),
             sub_state: u.sub_state().await.map_err(call_err)?,
             n_restarts: s.n_restarts().await.unwrap_or(0),
             main_pid: s.main_pid().await.unwrap_or(0),

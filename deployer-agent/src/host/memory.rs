@@ -17,7 +17,9 @@ use crate::AgentError;
 use crate::health::Probes;
 use crate::proxy::{ProxyError, Route};
 use crate::state::State;
-use crate::systemd::{JobResult, ListedUnit, ServiceManager, SystemdError, UnitStatus};
+use crate::systemd::{
+    ActiveState, JobResult, ListedUnit, LoadState, ServiceManager, SystemdError, UnitStatus,
+};
 use crate::unit::{EnvFile, TransientSpec};
 
 /// What the in-memory host holds; tests set it up and read it back.
@@ -45,6 +47,16 @@ pub struct World {
     /// Every change, in order: `write U`, `remove U`, `reload`, `restart U`, `stop U`,
     /// `prepare I`, `routes N`.
     pub log: Vec<String>,
+}
+
+impl World {
+    fn load_state(&self, unit: &str) -> LoadState {
+        if self.files.contains_key(unit) {
+            LoadState::Loaded
+        } else {
+            LoadState::NotFound
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -122,18 +134,13 @@ impl ServiceManager for MemoryHost {
     async fn status(&self, unit: &str) -> Result<UnitStatus, SystemdError> {
         let w = self.world();
         let active_state = match w.units.get(unit) {
-            Some((true, _)) => "active",
-            Some((false, _)) => "failed",
-            None => "inactive",
+            Some((true, _)) => ActiveState::Active,
+            Some((false, _)) => ActiveState::Failed,
+            None => ActiveState::Inactive,
         };
         Ok(UnitStatus {
-            load_state: if w.files.contains_key(unit) {
-                "loaded"
-            } else {
-                "not-found"
-            }
-            .into(),
-            active_state: active_state.into(),
+            load_state: w.load_state(unit),
+            active_state,
             sub_state: String::new(),
             n_restarts: 0,
             main_pid: 0,
@@ -162,13 +169,12 @@ impl ServiceManager for MemoryHost {
             .map(|(name, (active, description))| ListedUnit {
                 name: name.clone(),
                 description: description.clone(),
-                load_state: if w.files.contains_key(name) {
-                    "loaded"
+                load_state: w.load_state(name),
+                active_state: if *active {
+                    ActiveState::Active
                 } else {
-                    "not-found"
-                }
-                .into(),
-                active_state: if *active { "active" } else { "failed" }.into(),
+                    ActiveState::Failed
+                },
             })
             .collect())
     }
