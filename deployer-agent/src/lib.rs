@@ -11,10 +11,10 @@
 //! - [`plan`]: pure decisions over the manifest, the state and what the host shows.
 //! - [`host`]: the `Host` trait, every side effect; `system` (the real one), `memory`
 //!   (tests).
-//! - [`systemd`] (the only D-Bus code), [`unit`] (unit files, every value checked or
+//! - [`systemd`] (the only D-Bus code), [`unit`](mod@unit) (unit files, every value checked or
 //!   escaped), [`health`] (probes), [`fetch`] (artifacts and Nix closures), [`secrets`]
-//!   (a service's own secrets only), [`infra`] (presets, custom daemons, the app layer),
-//!   [`proxy`] (Caddy, nginx), [`resp`] (a small Redis client).
+//!   (a service's own secrets only), [`infra`] (`daemon`: presets and custom daemons, `postgres`,
+//!   `redis`, `app`: what a service gets), [`proxy`] (`caddy`, `nginx`), [`resp`] (a small Redis client).
 //! - [`names`]: every generated name. [`state`]: state.json and the run lock.
 //!   [`report`]: the host report and metrics. [`config`]: settings. [`fault`]: the
 //!   fault-injection hook.

@@ -4,7 +4,7 @@
 //! probes and the proxy's routes.
 //!
 //! [`system::SystemHost`] is the real one (systemd over D-Bus, the file system, Caddy or
-//! nginx), tested end to end; [`memory::MemoryHost`] (tests only) keeps it all in memory so
+//! nginx), tested end to end; `memory::MemoryHost` (tests only) keeps it all in memory so
 //! that the reconcile decisions can be tested table-driven without root.
 
 use std::future::Future;

@@ -1,10 +1,10 @@
 //! One reconcile pass, and the loop around it.
 //!
-//! `run_once`: lock → one conditional GET of `manifest.json` ([`poll`]) → unchanged: plan
+//! `run_once`: lock → one conditional GET of `manifest.json` (`poll`) → unchanged: plan
 //! drift repair from the state alone (no further store request) → changed: validate, check
-//! trust, plan ([`crate::plan`]) → apply the plan's steps ([`apply`]), each with its own
+//! trust, plan ([`crate::plan`]) → apply the plan's steps (`apply`), each with its own
 //! error boundary, saving the state after each → save → publish the host's report
-//! ([`publish`]), still under the lock.
+//! (`publish`), still under the lock.
 
 mod apply;
 mod poll;

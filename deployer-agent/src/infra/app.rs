@@ -1,0 +1,271 @@
+//! What a service gets from its infrastructure: `DATABASE_URL`, `REDIS_URL`, its own
+//! requirements' env and its templated values, resolved and written to its generated env
+//! file (`<secrets>/deployer/<service>.env`, mode 600).
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use deploy_manifest::model::{Manifest, Preset, Service};
+
+use super::redis::{redis_index, redis_url};
+use super::{Endpoint, endpoint, err};
+use crate::AgentError;
+
+/// Where the agent keeps what it generates for services (env files, database passwords).
+fn generated_dir(secrets_dir: &Path) -> PathBuf {
+    secrets_dir.join("deployer")
+}
+
+/// Where the database password the agent generated for `service` is kept.
+pub fn password_path(secrets_dir: &Path, service: &str) -> PathBuf {
+    generated_dir(secrets_dir).join(format!("{service}.postgres-password"))
+}
+
+/// The connection URL env vars of `service` (`DATABASE_URL`, `REDIS_URL`), creating its
+/// role and database, or assigning its Redis index, on the way.
+pub struct AppLayer<'a> {
+    pub secrets_dir: &'a Path,
+    pub state_dir: &'a Path,
+    /// Who must own the secret files the agent reads: root (the agent's own user with
+    /// `--user`).
+    pub owner_uid: u32,
+}
+
+impl AppLayer<'_> {
+    /// Everything `service` gets from its infrastructure, resolved (the infrastructure
+    /// itself started already): `DATABASE_URL` (creating its role and database),
+    /// `REDIS_URL` (assigning its index; `indexes` is the state's copy, Redis wins), the
+    /// env of its own requirements and its templated env values, written to its generated
+    /// env file. That file, if there is anything in it.
+    pub fn app_env(
+        &self,
+        service: &Service,
+        manifest: &Manifest,
+        indexes: &mut BTreeMap<String, u32>,
+    ) -> Result<Option<PathBuf>, AgentError> {
+        // A reserved name (`deployer`, `infra-*`) would reach the agent's own files.
+        crate::secrets::check_service_name(&service.name, self.secrets_dir)?;
+        let eco = manifest.infrastructure.as_ref().map(|i| &i.services);
+        let find = |preset: Preset| {
+            eco.and_then(|e| e.iter().find(|(_, s)| s.preset == Some(preset)))
+                .map(|(name, spec)| (name, endpoint(name, spec)))
+        };
+        let mut vars = BTreeMap::new();
+        if let Some(req) = &service.infrastructure {
+            if req.database == Some(true)
+                && let Some((name, ep)) = find(Preset::Postgres)
+            {
+                vars.insert(
+                    "DATABASE_URL".to_owned(),
+                    self.database_url(&service.name, &ep, name)?,
+                );
+            }
+            if req.redis == Some(true)
+                && let Some((_, ep)) = find(Preset::Redis)
+            {
+                let (index, in_redis) = redis_index(&ep, &service.name, indexes)?;
+                for (name, i) in in_redis {
+                    if name == service.name || indexes.contains_key(&name) {
+                        indexes.insert(name, i);
+                    }
+                }
+                vars.insert("REDIS_URL".to_owned(), redis_url(&ep, index));
+            }
+            for (rname, spec) in &req.services {
+                let ep = endpoint(&crate::names::owned_infra(&service.name, rname), spec);
+                for (k, v) in &spec.env {
+                    let (value, _) = resolve(
+                        &service.name,
+                        k,
+                        v,
+                        Some(&ep),
+                        &spec.secrets,
+                        self.secrets_dir,
+                        self.owner_uid,
+                    )?;
+                    vars.insert(k.clone(), value);
+                }
+            }
+        }
+        for (k, v) in &service.env {
+            if v.contains("${") {
+                let (value, _) = resolve(
+                    &service.name,
+                    k,
+                    v,
+                    None,
+                    &Default::default(),
+                    self.secrets_dir,
+                    self.owner_uid,
+                )?;
+                vars.insert(k.clone(), value);
+            }
+        }
+        self.write_env(&service.name, &vars)
+    }
+
+    pub(super) fn generated_dir(&self) -> Result<PathBuf, AgentError> {
+        let dir = generated_dir(self.secrets_dir);
+        std::fs::create_dir_all(&dir).map_err(|e| err("secrets", e.to_string()))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| err("secrets", e.to_string()))?;
+        Ok(dir)
+    }
+
+    /// Write the generated env file of `service` (mode 600); `None` when there is nothing.
+    pub fn write_env(
+        &self,
+        service: &str,
+        vars: &BTreeMap<String, String>,
+    ) -> Result<Option<PathBuf>, AgentError> {
+        let path = self.generated_dir()?.join(format!("{service}.env"));
+        if vars.is_empty() {
+            let _ = std::fs::remove_file(&path);
+            return Ok(None);
+        }
+        let mut text = String::from(
+            "# Generated by deployer-agent: connection settings and resolved secrets.\n",
+        );
+        for (k, v) in vars {
+            text.push_str(&format!("{k}={}\n", env_file_quote(v)?));
+        }
+        deploy_manifest::fsutil::write_atomically(&path, text.as_bytes(), 0o600)
+            .map_err(|e| err(service, format!("{}: {e}", path.display())))?;
+        Ok(Some(path))
+    }
+}
+
+/// A value for a systemd EnvironmentFile: double-quoted, `\ " $` and backtick escaped; a
+/// control character is refused.
+fn env_file_quote(v: &str) -> Result<String, AgentError> {
+    if v.chars().any(|c| c.is_control()) {
+        return Err(err(
+            "env",
+            "a value with a control character cannot go into an env file",
+        ));
+    }
+    let mut out = String::from("\"");
+    for c in v.chars() {
+        if matches!(c, '\\' | '"' | '$' | '`') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    Ok(out)
+}
+
+/// Resolve `${host}`, `${port:name}` and `${secret:name}` in `value`. `ep` gives host and
+/// ports (absent for a service's own env). `${secret:name}` is the file
+/// `<secrets>/<service>/<file>`, where `file` is what the requirement's `secrets` map gives
+/// for `name` (or `name` itself): only the service's own secrets, checked like every secret
+/// file ([`crate::secrets::read_secret`]).
+pub fn resolve(
+    service: &str,
+    key: &str,
+    value: &str,
+    ep: Option<&Endpoint>,
+    secrets: &BTreeMap<String, String>,
+    secrets_dir: &Path,
+    owner_uid: u32,
+) -> Result<(String, bool), AgentError> {
+    use deploy_manifest::template::{Placeholder, expand};
+    let mut lookup = |p: Placeholder<'_>| -> Result<String, String> {
+        match p {
+            Placeholder::Host => ep
+                .map(|e| e.host.clone())
+                .ok_or_else(|| "${host} has no infrastructure service here".to_owned()),
+            Placeholder::Port(name) => ep
+                .and_then(|e| e.ports.get(name))
+                .map(u16::to_string)
+                .ok_or_else(|| format!("unknown port {name:?}")),
+            Placeholder::Secret(name) => {
+                let file = secrets.get(name).map(String::as_str).unwrap_or(name);
+                crate::secrets::read_secret(service, file, secrets_dir, owner_uid)
+                    .map_err(|e| format!("secret {name:?}: {e}"))
+            }
+        }
+    };
+    expand(value, &mut lookup).map_err(|detail| err(&format!("{service}: env {key}"), detail))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn templates_resolve_or_name_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let uid = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(dir.path()).unwrap());
+        std::fs::create_dir(dir.path().join("app")).unwrap();
+        for (file, text) in [
+            ("app/search_api_key", "k3y\n"),
+            ("other.env", "x\n"),
+            ("infra-db.env", "PGPASSWORD=x\n"),
+        ] {
+            std::fs::write(dir.path().join(file), text).unwrap();
+            std::fs::set_permissions(
+                dir.path().join(file),
+                std::fs::Permissions::from_mode(0o600),
+            )
+            .unwrap();
+        }
+        let ep = Endpoint {
+            name: "search".into(),
+            host: "127.0.0.1".into(),
+            ports: [("http".to_owned(), 9200)].into(),
+            unit: None,
+            preset: None,
+            critical: true,
+            startup_timeout: Duration::from_secs(1),
+        };
+        let secrets = [("apiKey".to_owned(), "search_api_key".to_owned())].into();
+        let r = |v: &str| resolve("app", "K", v, Some(&ep), &secrets, dir.path(), uid);
+        assert_eq!(
+            r("http://${host}:${port:http}").unwrap(),
+            ("http://127.0.0.1:9200".into(), false)
+        );
+        assert_eq!(r("${secret:apiKey}").unwrap(), ("k3y".into(), true));
+        for bad in [
+            "${port:grpc}",
+            "${nope}",
+            "${secret:missing}",
+            "${host",
+            // Another service's or the infrastructure's secrets, however they are named.
+            "${secret:other.env}",
+            "${secret:infra-db.env}",
+            "${secret:../other.env}",
+            "${secret:../app/search_api_key}",
+        ] {
+            let e = r(bad).unwrap_err().to_string();
+            assert!(e.contains("app: env K"), "{bad}: {e}");
+        }
+        assert!(resolve("app", "K", "${host}", None, &secrets, dir.path(), uid).is_err());
+        for file in ["../other.env", "../infra-db.env", ".hidden"] {
+            let e = resolve(
+                "app",
+                "K",
+                "${secret:x}",
+                None,
+                &[("x".to_owned(), file.to_owned())].into(),
+                dir.path(),
+                uid,
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("plain file name"), "{file}: {e}");
+        }
+    }
+
+    #[test]
+    fn env_file_values_are_quoted() {
+        assert_eq!(
+            env_file_quote(r#"a"b$c`d\e"#).unwrap(),
+            r#""a\"b\$c\`d\\e""#
+        );
+        assert!(env_file_quote("a\nb").is_err());
+    }
+}

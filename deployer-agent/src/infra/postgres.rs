@@ -1,0 +1,477 @@
+//! PostgreSQL: the server binaries, and each `database: true` service's role and database
+//! (created only by deployer, marked as its own, never someone else's).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::daemon::run;
+use super::{AppLayer, Endpoint, err, password_path};
+use crate::AgentError;
+
+/// Where Debian installs PostgreSQL: `<major>/bin/` for each installed major version.
+const PG_ROOT: &str = "/usr/lib/postgresql";
+
+/// The newest PostgreSQL server binaries on this host (Debian layout), or `$DEPLOYER_PG_BIN`.
+/// For the client tools (`psql`, `pg_isready`), and `initdb` of a new cluster.
+pub fn pg_bin() -> Result<PathBuf, AgentError> {
+    bin_override().map_or_else(|| server_bin(Path::new(PG_ROOT), None), Ok)
+}
+
+/// The server binaries for the cluster in `data`: the major version its `initdb` ran
+/// (`PG_VERSION`), since a server refuses another major's data directory; for a new cluster,
+/// the newest. `$DEPLOYER_PG_BIN` overrides both.
+pub fn cluster_bin(data: &Path) -> Result<PathBuf, AgentError> {
+    bin_override().map_or_else(|| server_bin(Path::new(PG_ROOT), Some(data)), Ok)
+}
+
+fn bin_override() -> Option<PathBuf> {
+    std::env::var_os("DEPLOYER_PG_BIN").map(PathBuf::from)
+}
+
+fn server_bin(root: &Path, data: Option<&Path>) -> Result<PathBuf, AgentError> {
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("postgres").exists().then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    let version_file = data.map(|d| d.join("PG_VERSION"));
+    match version_file.as_deref().map(std::fs::read_to_string) {
+        Some(Ok(text)) => {
+            let major = text.trim();
+            let file = version_file.as_deref().unwrap_or(root).display();
+            let found = major
+                .parse::<u32>()
+                .ok()
+                .and_then(|m| versions.into_iter().find(|(v, _)| *v == m));
+            found.map(|(_, b)| b).ok_or_else(|| {
+                err(
+                    "postgres",
+                    format!(
+                        "the cluster's data is PostgreSQL {major:?} ({file}), and {}/{major}/bin/postgres is not installed; install that major version again (apt-get install postgresql-{major}), or upgrade the cluster to an installed one (pg_upgrade) first",
+                        root.display()
+                    ),
+                )
+            })
+        }
+        Some(Err(e)) if e.kind() != std::io::ErrorKind::NotFound => Err(err(
+            "postgres",
+            format!("{}: {e}", version_file.as_deref().unwrap_or(root).display()),
+        )),
+        _ => versions.pop().map(|(_, b)| b).ok_or_else(|| {
+            err(
+                "postgres",
+                format!(
+                    "no PostgreSQL server found in {}/*/bin; install it (apt-get install postgresql) or set DEPLOYER_PG_BIN",
+                    root.display()
+                ),
+            )
+        }),
+    }
+}
+
+/// The comment that marks a role or database as created by deployer for `service`.
+pub fn ownership_mark(service: &str) -> String {
+    format!("deployer:{service}")
+}
+
+fn sql_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+fn sql_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// A role of a service's name, as found in the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoleFound {
+    Absent,
+    /// Carries deployer's mark for this service.
+    Ours,
+    /// Exists without the mark.
+    Unmarked,
+    Superuser,
+}
+
+/// A database of a service's name, as found in the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatabaseFound {
+    Absent,
+    Ours,
+    /// No mark, but owned by the role of the same name.
+    OwnedByRole,
+    Foreign,
+}
+
+/// What to do in the cluster for one service (none of it carries the password).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DatabasePlan {
+    pub create_role: bool,
+    pub mark_role: bool,
+    pub create_database: bool,
+    pub mark_database: bool,
+}
+
+/// Decide what may be done for `service`, given what the cluster holds under its name and
+/// whether this host already keeps a password the agent generated for it (then an unmarked
+/// role was made by an earlier agent, before roles were marked). Never touches a role or
+/// database deployer did not create: `Err` says why and what the operator can do.
+pub fn plan_database(
+    service: &str,
+    role: RoleFound,
+    database: DatabaseFound,
+    has_password: bool,
+) -> Result<DatabasePlan, String> {
+    let mark = ownership_mark(service);
+    let (q, m) = (sql_ident(service), sql_literal(&mark));
+    match role {
+        RoleFound::Superuser => {
+            return Err(format!(
+                "role {service:?} exists and is a superuser; the agent never hands a superuser to a service or changes its password; rename the service"
+            ));
+        }
+        RoleFound::Unmarked if !has_password => {
+            return Err(format!(
+                "role {service:?} exists and was not created by deployer (no {mark:?} comment on it); the agent leaves it alone. Rename the service, or drop the role, or adopt it yourself (the agent then gives it a new password): COMMENT ON ROLE {q} IS {m}"
+            ));
+        }
+        _ => {}
+    }
+    let ours = role == RoleFound::Ours || has_password;
+    match database {
+        DatabaseFound::Foreign => {
+            return Err(format!(
+                "database {service:?} exists and was not created by deployer (no {mark:?} comment, owned by another role); the agent leaves it alone. Rename the service, or drop the database, or adopt it yourself: ALTER DATABASE {q} OWNER TO {q}; COMMENT ON DATABASE {q} IS {m}"
+            ));
+        }
+        DatabaseFound::OwnedByRole if !ours => {
+            return Err(format!(
+                "database {service:?} exists and was not created by deployer (no {mark:?} comment); the agent leaves it alone. Rename the service, or drop the database, or adopt it yourself: COMMENT ON DATABASE {q} IS {m}"
+            ));
+        }
+        _ => {}
+    }
+    Ok(DatabasePlan {
+        create_role: role == RoleFound::Absent,
+        mark_role: matches!(role, RoleFound::Absent | RoleFound::Unmarked),
+        create_database: database == DatabaseFound::Absent,
+        mark_database: matches!(database, DatabaseFound::Absent | DatabaseFound::OwnedByRole),
+    })
+}
+
+/// The query that tells what the cluster holds under `service`'s name: lines
+/// `role:<ours|unmarked|superuser>` and `database:<ours|owned|foreign>`, none when absent.
+fn probe_sql(service: &str) -> String {
+    let (n, m) = (sql_literal(service), sql_literal(&ownership_mark(service)));
+    format!(
+        "SELECT 'role:' || CASE WHEN rolsuper THEN 'superuser' WHEN shobj_description(oid, 'pg_authid') = {m} THEN 'ours' ELSE 'unmarked' END FROM pg_roles WHERE rolname = {n};\n\
+         SELECT 'database:' || CASE WHEN shobj_description(oid, 'pg_database') = {m} THEN 'ours' WHEN pg_get_userbyid(datdba) = {n} THEN 'owned' ELSE 'foreign' END FROM pg_database WHERE datname = {n};\n"
+    )
+}
+
+fn parse_probe(out: &str) -> Result<(RoleFound, DatabaseFound), String> {
+    let (mut role, mut database) = (RoleFound::Absent, DatabaseFound::Absent);
+    for line in out.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        match line {
+            "role:ours" => role = RoleFound::Ours,
+            "role:unmarked" => role = RoleFound::Unmarked,
+            "role:superuser" => role = RoleFound::Superuser,
+            "database:ours" => database = DatabaseFound::Ours,
+            "database:owned" => database = DatabaseFound::OwnedByRole,
+            "database:foreign" => database = DatabaseFound::Foreign,
+            other => return Err(format!("unexpected answer from psql: {other:?}")),
+        }
+    }
+    Ok((role, database))
+}
+
+/// The statements that carry out `plan` (no password in any of them). A new role gets its
+/// mark in the same transaction, so a crash never leaves an unmarked role of ours.
+fn plan_sql(service: &str, plan: &DatabasePlan) -> String {
+    let (q, m) = (sql_ident(service), sql_literal(&ownership_mark(service)));
+    let mut sql = String::new();
+    if plan.create_role {
+        sql.push_str(&format!(
+            "BEGIN;\nCREATE ROLE {q} LOGIN;\nCOMMENT ON ROLE {q} IS {m};\nCOMMIT;\n"
+        ));
+    } else if plan.mark_role {
+        sql.push_str(&format!("COMMENT ON ROLE {q} IS {m};\n"));
+    }
+    if plan.create_database {
+        sql.push_str(&format!("CREATE DATABASE {q} OWNER {q};\n"));
+    }
+    if plan.mark_database {
+        sql.push_str(&format!("COMMENT ON DATABASE {q} IS {m};\n"));
+    }
+    sql
+}
+
+impl AppLayer<'_> {
+    fn password_file(&self, service: &str) -> Result<PathBuf, AgentError> {
+        self.generated_dir()?;
+        Ok(password_path(self.secrets_dir, service))
+    }
+
+    /// The password this host's agent generated for `service`, if it keeps one.
+    fn kept_password(&self, service: &str) -> Result<Option<String>, AgentError> {
+        let path = self.password_file(service)?;
+        match crate::secrets::read_checked(&path, self.owner_uid) {
+            Ok(p) => Ok(Some(p.trim().to_owned()).filter(|p| !p.is_empty())),
+            Err(crate::secrets::Refusal::Missing) => Ok(None),
+            Err(r) => Err(err(
+                service,
+                format!("{}: {}", path.display(), r.explain(&path, self.owner_uid)),
+            )),
+        }
+    }
+
+    /// psql connected as the cluster's administrator to the `postgres` database: peer
+    /// authentication over the preset's socket, or, for an external server, the admin
+    /// credentials in `<secrets>/infra-<name>.env` (checked like every secret file; no
+    /// service can name that file).
+    fn psql(&self, ep: &Endpoint, infra_name: &str) -> Result<Command, AgentError> {
+        let port = ep.port().unwrap_or(5432).to_string();
+        let mut cmd = match &ep.unit {
+            Some(_) => {
+                let run_dir = crate::names::infra_dir(self.state_dir, infra_name).join("run");
+                let mut c = Command::new("runuser");
+                c.args(["-u", "postgres", "--", "psql", "-h"])
+                    .arg(run_dir)
+                    .arg("-p")
+                    .arg(&port);
+                c
+            }
+            None => {
+                // External: admin credentials (PGUSER, PGPASSWORD, …) from the secrets dir.
+                let admin = self.secrets_dir.join(format!("infra-{infra_name}.env"));
+                let text = crate::secrets::read_checked(&admin, self.owner_uid).map_err(|r| {
+                    err(
+                        infra_name,
+                        format!(
+                            "admin credentials {}: {}; write PGUSER=… and PGPASSWORD=… there (mode 600)",
+                            admin.display(),
+                            r.explain(&admin, self.owner_uid)
+                        ),
+                    )
+                })?;
+                let mut c = Command::new("psql");
+                for line in text.lines() {
+                    if let Some((k, v)) = line.split_once('=')
+                        && k.trim().starts_with("PG")
+                    {
+                        c.env(k.trim(), v.trim().trim_matches('"'));
+                    }
+                }
+                c.args(["-h", &ep.host, "-p", &port]);
+                c
+            }
+        };
+        cmd.args([
+            "-X",
+            "-q",
+            "-t",
+            "-A",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            "postgres",
+        ]);
+        // A server that does not answer, or a statement stuck on a lock, does not hold the
+        // run (the admin credentials file may set its own).
+        if cmd.get_envs().all(|(k, _)| k != "PGCONNECT_TIMEOUT") {
+            cmd.env("PGCONNECT_TIMEOUT", "10");
+        }
+        if cmd.get_envs().all(|(k, _)| k != "PGOPTIONS") {
+            cmd.env("PGOPTIONS", "-c statement_timeout=60s -c lock_timeout=30s");
+        }
+        Ok(cmd)
+    }
+
+    /// Create (idempotently) the role and database named after `service` in `ep`, and only
+    /// if deployer created them: a role or database of that name made by someone else is
+    /// refused, and so are Postgres's own names. The checks run first, in statements
+    /// without the password; the password is sent once, to a role known to be ours, and
+    /// kept in `<secrets>/deployer/<service>.postgres-password` only after it was set.
+    pub fn database_url(
+        &self,
+        service: &str,
+        ep: &Endpoint,
+        infra_name: &str,
+    ) -> Result<String, AgentError> {
+        let what = format!("{service}: database");
+        if let Some(why) = deploy_manifest::validate::reserved_database_name(service) {
+            return Err(err(
+                &what,
+                format!(
+                    "a service named {service:?} cannot have a database: {why}; rename the service"
+                ),
+            ));
+        }
+        let kept = self.kept_password(service)?;
+        let found = run(
+            &what,
+            &mut self.psql(ep, infra_name)?,
+            Some(probe_sql(service).as_bytes()),
+        )?;
+        let (role, database) = parse_probe(&found).map_err(|e| err(&what, e))?;
+        let plan = plan_database(service, role, database, kept.is_some())
+            .map_err(|e| err(&what, format!("in {infra_name}: {e}")))?;
+        if plan != DatabasePlan::default() {
+            tracing::info!(?plan, "creating or marking the service's role and database");
+            run(
+                &what,
+                &mut self.psql(ep, infra_name)?,
+                Some(plan_sql(service, &plan).as_bytes()),
+            )?;
+        }
+        // A password is sent only to a role known to be ours: one just created (with the
+        // kept password if there is one) or one whose password file was lost.
+        let password = match kept {
+            Some(p) if !plan.create_role => p,
+            kept => {
+                let password = match kept {
+                    Some(p) => p,
+                    None => {
+                        let mut bytes = [0u8; 24];
+                        std::fs::File::open("/dev/urandom")
+                            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+                            .map_err(|e| err(service, format!("reading /dev/urandom: {e}")))?;
+                        deploy_manifest::hex(&bytes)
+                    }
+                };
+                let sql = format!(
+                    "ALTER ROLE {} PASSWORD {};\n",
+                    sql_ident(service),
+                    sql_literal(&password)
+                );
+                run(&what, &mut self.psql(ep, infra_name)?, Some(sql.as_bytes()))?;
+                let path = self.password_file(service)?;
+                deploy_manifest::fsutil::write_atomically(&path, password.as_bytes(), 0o600)
+                    .map_err(|e| err(service, format!("{}: {e}", path.display())))?;
+                password
+            }
+        };
+        Ok(format!(
+            "postgres://{service}:{password}@{}:{}/{service}",
+            ep.host,
+            ep.port().unwrap_or(5432)
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_plans_touch_only_what_deployer_made() {
+        use DatabaseFound as D;
+        use RoleFound as R;
+        let all = DatabasePlan {
+            create_role: true,
+            mark_role: true,
+            create_database: true,
+            mark_database: true,
+        };
+        // New: create both, marked.
+        assert_eq!(plan_database("app", R::Absent, D::Absent, false), Ok(all));
+        // Ours already: nothing to do.
+        assert_eq!(
+            plan_database("app", R::Ours, D::Ours, true),
+            Ok(DatabasePlan::default())
+        );
+        assert_eq!(
+            plan_database("app", R::Ours, D::Ours, false),
+            Ok(DatabasePlan::default())
+        );
+        // Made by an earlier agent (it keeps the password): mark both.
+        assert_eq!(
+            plan_database("app", R::Unmarked, D::OwnedByRole, true),
+            Ok(DatabasePlan {
+                mark_role: true,
+                mark_database: true,
+                ..Default::default()
+            })
+        );
+        // Someone else's role or database: refused, saying what to do.
+        let e = plan_database("alice", R::Unmarked, D::Absent, false).unwrap_err();
+        assert!(
+            e.contains("role \"alice\" exists and was not created by deployer")
+                && e.contains("Rename the service")
+                && e.contains("COMMENT ON ROLE \"alice\" IS 'deployer:alice'"),
+            "{e}"
+        );
+        for (role, db, kept) in [
+            (R::Absent, D::Foreign, false),
+            (R::Ours, D::Foreign, true),
+            (R::Unmarked, D::Foreign, true),
+            (R::Absent, D::OwnedByRole, false),
+        ] {
+            let e = plan_database("app", role, db, kept).unwrap_err();
+            assert!(
+                e.contains("database \"app\" exists and was not created by deployer"),
+                "{e}"
+            );
+        }
+        for kept in [false, true] {
+            let e = plan_database("app", R::Superuser, D::Absent, kept).unwrap_err();
+            assert!(e.contains("superuser"), "{e}");
+        }
+        // No statement of a plan carries anything but names and the mark.
+        let sql = plan_sql("app", &all);
+        assert!(sql.contains("CREATE ROLE \"app\" LOGIN;"), "{sql}");
+        assert!(!sql.to_ascii_uppercase().contains("PASSWORD"), "{sql}");
+        assert!(
+            sql.contains("COMMENT ON DATABASE \"app\" IS 'deployer:app'"),
+            "{sql}"
+        );
+    }
+
+    #[test]
+    fn probe_answers_parse() {
+        assert_eq!(
+            parse_probe(""),
+            Ok((RoleFound::Absent, DatabaseFound::Absent))
+        );
+        assert_eq!(
+            parse_probe("role:unmarked\ndatabase:owned\n"),
+            Ok((RoleFound::Unmarked, DatabaseFound::OwnedByRole))
+        );
+        assert_eq!(
+            parse_probe("role:superuser\n"),
+            Ok((RoleFound::Superuser, DatabaseFound::Absent))
+        );
+        assert!(parse_probe("role:what\n").is_err());
+        assert!(!probe_sql("app").to_ascii_uppercase().contains("PASSWORD"));
+    }
+
+    /// A cluster keeps the major version that made it: a newer install does not move it.
+    #[test]
+    fn a_cluster_runs_on_the_major_version_that_made_it() {
+        let root = tempfile::tempdir().unwrap();
+        for v in ["14", "15", "not-a-version"] {
+            std::fs::create_dir_all(root.path().join(v).join("bin")).unwrap();
+            std::fs::write(root.path().join(v).join("bin/postgres"), "").unwrap();
+        }
+        let bin = |v: &str| root.path().join(v).join("bin");
+        let data = tempfile::tempdir().unwrap();
+        let server = |data| server_bin(root.path(), data).map_err(|e| e.to_string());
+        assert_eq!(server(None).unwrap(), bin("15"), "the newest for the tools");
+        assert_eq!(
+            server(Some(data.path())).unwrap(),
+            bin("15"),
+            "a new cluster"
+        );
+        std::fs::write(data.path().join("PG_VERSION"), "14\n").unwrap();
+        assert_eq!(server(Some(data.path())).unwrap(), bin("14"));
+        std::fs::write(data.path().join("PG_VERSION"), "13\n").unwrap();
+        let e = server(Some(data.path())).unwrap_err();
+        assert!(e.contains("\"13\"") && e.contains("postgresql-13"), "{e}");
+    }
+}
