@@ -117,6 +117,9 @@ pub struct Deploy {
     pub retire_after: Vec<String>,
     /// What undoes a new generation that fails to start or to pass its health checks.
     pub on_failure: Recovery,
+    /// With [`Recovery::RestoreFound`]: the unit file found, as it was.
+    #[serde(skip)]
+    pub found_unit: Option<String>,
 }
 
 /// Why a service is deployed.
@@ -157,6 +160,9 @@ pub enum Recovery {
     RestorePrevious,
     /// In place, nothing deployed before: the unit is stopped and removed.
     RemoveNew,
+    /// In place over a unit of ours that the state does not know (state.json lost): the
+    /// file found is put back and restarted, since it may be what served.
+    RestoreFound,
     /// Side by side: the new unit is stopped and removed; the old one never stopped.
     StopNew,
 }
@@ -487,10 +493,15 @@ async fn service_step<H: Host>(
         Strategy::SideBySide
     };
     let replaces = (strategy == Strategy::SideBySide && current.is_some()).then_some(old_unit);
-    let on_failure = match (strategy, current) {
-        (Strategy::SideBySide, _) => Recovery::StopNew,
-        (Strategy::InPlace, Some(_)) => Recovery::RestorePrevious,
-        (Strategy::InPlace, None) => Recovery::RemoveNew,
+    // A unit file of ours that no state records: what ran before a lost state.json.
+    let found_unit = host
+        .read_unit(&unit)
+        .filter(|t| current.is_none() && t.starts_with(crate::unit::HEADER));
+    let on_failure = match (strategy, current, &found_unit) {
+        (Strategy::SideBySide, _, _) => Recovery::StopNew,
+        (Strategy::InPlace, Some(_), _) => Recovery::RestorePrevious,
+        (Strategy::InPlace, None, Some(_)) => Recovery::RestoreFound,
+        (Strategy::InPlace, None, None) => Recovery::RemoveNew,
     };
     let reason = match current {
         None => Reason::New,
@@ -519,6 +530,7 @@ async fn service_step<H: Host>(
         }),
         retire_after,
         on_failure,
+        found_unit,
     }))
 }
 
@@ -665,6 +677,7 @@ impl fmt::Display for Plan {
                     let undo = match d.on_failure {
                         Recovery::RestorePrevious => "restore the previous generation",
                         Recovery::RemoveNew => "stop and remove the new unit",
+                        Recovery::RestoreFound => "put back the unit file found on the host",
                         Recovery::StopNew => "stop the new unit; the old one keeps running",
                     };
                     writeln!(f, "          if it fails: {undo}")?;

@@ -248,6 +248,33 @@ async fn a_failed_first_deploy_leaves_nothing_behind() {
     assert_eq!(b.state.services["a"].health, Health::Unknown);
 }
 
+/// state.json lost: the unit of ours found on the host may be what serves, so a failed
+/// deploy over it puts it back instead of removing it.
+#[tokio::test]
+async fn a_failed_deploy_over_a_unit_the_state_lost_puts_it_back() {
+    let mut b = Bench::new(false);
+    let v1 = manifest(&[("a", "/nix/store/a-v1", json!({}))], Value::Null);
+    b.run(&v1).await;
+    let serving = b.file("deployer-a.service").unwrap();
+    b.state = State::default();
+    b.host().world().broken.insert(path("/nix/store/a-v2"));
+    let v2 = manifest(&[("a", "/nix/store/a-v2", json!({}))], Value::Null);
+    let (plan, report) = b.run(&v2).await;
+    assert_eq!(deploy(&plan, "a").on_failure, Recovery::RestoreFound);
+    let Outcome::RolledBack { error } = &report.services["a"] else {
+        panic!("{report:?}");
+    };
+    assert!(error.contains("found on the host was put back"), "{error}");
+    assert_eq!(b.file("deployer-a.service").unwrap(), serving);
+    assert!(b.active("deployer-a.service"), "what served runs again");
+    // Not the header of ours: a file someone else wrote is not put back.
+    let mut b = Bench::new(false);
+    b.plant("deployer-a.service", "[Service]\nExecStart=/bin/theirs\n");
+    b.host().world().broken.insert(path("/nix/store/a-v2"));
+    let (plan, _) = b.run(&v2).await;
+    assert_eq!(deploy(&plan, "a").on_failure, Recovery::RemoveNew);
+}
+
 #[tokio::test]
 async fn a_missing_artifact_changes_nothing_and_is_retried() {
     let mut b = Bench::new(false);

@@ -120,6 +120,31 @@ fn services_whose_names_differ_by_dash_and_underscore_get_their_own_routes() {
     assert!(serves("dash.test", "hello from dash\n"));
 }
 
+/// state.json moved aside (corrupt, or lost): the agent no longer knows what serves, but the
+/// unit file of ours it finds is what did. A failed deploy over it puts it back, instead of
+/// removing the only thing serving.
+#[test]
+fn a_failed_deploy_after_state_json_was_lost_puts_back_what_served() {
+    let fx = Fixture::file();
+    let (host, app, port) = hello_v1_running(&fx);
+    let state = host.state_dir().join("state.json");
+    std::fs::rename(&state, host.state_dir().join("state.json.corrupt")).unwrap();
+    app.set_version("v2", true);
+    app.push(&fx);
+    let out = host.run_once(&fx);
+    assert_eq!(out.code(), 8, "{}", out.stderr_str());
+    assert!(
+        out.stderr_str().contains("found on the host was put back"),
+        "{}",
+        out.stderr_str()
+    );
+    assert_eq!(
+        eventually(10, || body(port)).as_deref(),
+        Some("hello from v1\n")
+    );
+    assert_eq!(host.is_active("hello"), "active");
+}
+
 /// After a failed v2 was rolled back, `deploy-manifest rollback` to v1 and a run left
 /// `failed`/`lastError` set forever while v1 served. A failure before anything changed (a
 /// missing artifact) was logged as rolled back. Both now say what happened, and clear once

@@ -609,6 +609,14 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                         self.restore(&d.unit, Some(prev)).await.map(|()| Some(prev))
                     }
                     (_, Recovery::StopNew, _) => self.retire(&d.unit).await.map(|()| None),
+                    (_, Recovery::RestoreFound, _) => match &d.found_unit {
+                        Some(found) => {
+                            message.push_str("; the unit file found on the host was put back");
+                            let _ = self.host.manager().stop(&d.unit).await;
+                            self.put_back(&d.unit, found, false).await.map(|()| None)
+                        }
+                        None => self.restore(&d.unit, None).await.map(|()| None),
+                    },
                     (_, Recovery::RemoveNew | Recovery::RestorePrevious, _) => {
                         self.restore(&d.unit, None).await.map(|()| None)
                     }
