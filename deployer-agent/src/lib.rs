@@ -7,7 +7,8 @@
 //! # Layout
 //!
 //! - [`reconcile`]: the run. `poll` (fetch + trust, shared by run, plan and fetch), `apply`
-//!   (executes a plan's steps, decides nothing), `publish` (report and metrics), the loop.
+//!   (executes a plan's steps, decides nothing), `deploy` (the deploy step and its recovery),
+//!   `publish` (report and metrics), the loop.
 //! - [`plan`]: pure decisions over the manifest, the state and what the host shows.
 //! - [`host`]: the `Host` trait, every side effect; `system` (the real one), `memory`
 //!   (tests).

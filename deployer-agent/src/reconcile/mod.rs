@@ -7,6 +7,7 @@
 //! (`publish`), still under the lock.
 
 mod apply;
+mod deploy;
 mod poll;
 mod publish;
 

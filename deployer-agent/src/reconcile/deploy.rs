@@ -1,0 +1,397 @@
+//! The `deploy` step: secrets checked, artifact fetched, release run, unit written and
+//! restarted, health gate, route switch; and when it fails, the step's recovery rule
+//! (`restore` the previous generation, put back a found unit, or stop the new one).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use deploy_manifest::model::{Manifest, Release, Service};
+use deploy_manifest::store::ObjectStore;
+
+use super::{Agent, RunReport, now};
+use crate::AgentError;
+use crate::health::Probes;
+use crate::host::Host;
+use crate::names;
+use crate::plan::{Deploy, Recovery, Strategy, spec_hash};
+use crate::state::{Failure, Generation, Health, ServiceState, State};
+use crate::systemd::{JobResult, ServiceManager};
+use crate::unit::{EnvFile, UnitSpec, split_command};
+
+/// How a deploy that did not complete ended.
+pub(super) enum Failed {
+    /// Nothing changed on the host (or what changed was undone without a verdict on the
+    /// spec): the next run tries again.
+    Retry(String),
+    /// The new generation failed; it was undone as the step's recovery rule says and its
+    /// spec is not tried again.
+    RolledBack(String),
+}
+
+/// How far a deploy got before it failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Nothing on the host changed (secrets file, fetch, unit rendering): retried next run.
+    Untouched,
+    /// The release command failed: the spec is marked failed, the old generation never
+    /// stopped.
+    ReleaseFailed,
+    /// The unit was written and restarted: the step's recovery rule undoes it.
+    Touched,
+}
+
+impl<S: ObjectStore, H: Host> Agent<S, H> {
+    /// The unit for `service` running the artifact at `artifact` (with `release`, the
+    /// one-shot unit that runs that release command instead); also the sandbox of the
+    /// service's exec probes.
+    fn unit_spec(
+        &self,
+        service: &Service,
+        artifact: &Path,
+        env_files: &[EnvFile],
+        port: Option<u16>,
+        release: Option<&Release>,
+    ) -> Result<UnitSpec, AgentError> {
+        let exec = service.exec.as_ref();
+        let command = release.map(|r| r.command.as_str());
+        let mut argv = match (command, exec.and_then(|e| e.command.as_deref())) {
+            (Some(line), _) | (None, Some(line)) => split_command(line)?,
+            (None, None) => vec![format!("bin/{}", service.name)],
+        };
+        if !argv[0].starts_with('/') {
+            argv[0] = artifact.join(&argv[0]).display().to_string();
+        }
+        let system = !self.config.user;
+        // Values with templates are resolved into the generated env file, not written here.
+        let mut environment: BTreeMap<String, String> = service
+            .env
+            .iter()
+            .filter(|(_, v)| !v.contains("${"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if let Some(p) = port {
+            environment.insert("PORT".to_owned(), p.to_string());
+        }
+        let unit = match release {
+            Some(_) => names::release_unit(&service.name),
+            None => names::service_unit(&service.name),
+        };
+        let suffix = if release.is_some() { " release" } else { "" };
+        Ok(UnitSpec {
+            description: format!("deployer: {}{suffix}", service.name),
+            exec_start: argv,
+            working_directory: Some(artifact.to_path_buf()),
+            user: exec.and_then(|e| e.user.clone()).filter(|_| system),
+            group: exec.and_then(|e| e.group.clone()).filter(|_| system),
+            environment,
+            environment_files: env_files.to_vec(),
+            log_file: self
+                .config
+                .user
+                .then(|| names::log_file(&self.config.state_dir.join("logs"), &unit)),
+            hardening: system,
+            oneshot: release.is_some(),
+            start_timeout: release.map(|r| r.timeout()),
+        })
+    }
+
+    /// The probes of a recorded generation: its exec probe runs in the service's sandbox
+    /// with the environment files its own unit file names.
+    pub(super) fn restored_probes(
+        &self,
+        service: &Service,
+        prev: &Generation,
+    ) -> Result<Probes, AgentError> {
+        let env_files = EnvFile::parse_all(&prev.unit_file);
+        let artifact = Path::new(&prev.path);
+        // A zero-downtime generation listens on the port it was given.
+        let port = prev.unit.as_ref().and(prev.route.as_ref()).map(|r| r.port);
+        let spec = self.unit_spec(service, artifact, &env_files, port, None)?;
+        Ok(Probes::of(service, artifact, port, &spec))
+    }
+
+    /// Deploy one service as the step says; on failure, undo what its recovery rule says
+    /// and record why.
+    pub(super) async fn deploy(
+        &self,
+        d: &Deploy,
+        service: &Service,
+        manifest: &Manifest,
+        state: &mut State,
+        infra_failed: &BTreeMap<String, String>,
+        report: &mut RunReport,
+    ) -> Result<(), Failed> {
+        let entry = state
+            .services
+            .entry(service.name.clone())
+            .or_insert_with(|| ServiceState {
+                unit: names::service_unit(&service.name),
+                ..ServiceState::default()
+            });
+        if let Some(error) = d.infra.iter().find_map(|n| infra_failed.get(n)) {
+            entry.last_error = Some(error.clone());
+            return Err(Failed::Retry(error.clone()));
+        }
+        let generated = match self
+            .host
+            .app_env(service, manifest, &mut state.redis_indexes)
+        {
+            Ok(g) => g,
+            Err(e) => {
+                let error = e.to_string();
+                state
+                    .services
+                    .get_mut(&service.name)
+                    .expect("inserted")
+                    .last_error = Some(error.clone());
+                return Err(Failed::Retry(error));
+            }
+        };
+        let entry = state.services.get_mut(&service.name).expect("inserted");
+        let previous = entry.current.clone();
+        let hash = spec_hash(service);
+        let side_by_side = d.strategy == Strategy::SideBySide;
+        let mut outcome = self
+            .try_deploy(service, d, generated.as_deref(), &hash, manifest)
+            .await;
+
+        // Switch the route to the healthy new generation (before the old one stops).
+        if let Ok(generation) = &outcome
+            && self.host.has_proxy()
+        {
+            let routes = Self::routes(state, Some((&service.name, generation.route.as_ref())));
+            if let Err(e) = self.host.apply_routes(&routes).await {
+                if side_by_side {
+                    // The old generation still has the route: give up the new one, retry later.
+                    outcome = Err((AgentError::Proxy(e), Stage::Touched));
+                } else {
+                    // Restarted in place: the service runs; the route is retried next run.
+                    tracing::error!(error = %e, "deployed, but the route was not applied");
+                }
+            }
+        }
+
+        let entry = state.services.get_mut(&service.name).expect("inserted");
+        entry.updated_at = Some(now());
+        match outcome {
+            Ok(generation) => {
+                if let Some(old) = &d.replaces {
+                    if d.drain {
+                        tokio::time::sleep(self.config.drain).await;
+                    }
+                    if let Err(e) = self.retire(old).await {
+                        tracing::warn!(error = %e, unit = %old, "could not stop the previous generation");
+                    }
+                }
+                self.retire_untracked(&d.retire_after, report).await;
+                tracing::info!(artifact = %generation.artifact.label(), unit = %d.unit, "deployed and healthy");
+                entry.unit = d.unit.clone();
+                entry.previous = previous;
+                entry.current = Some(generation);
+                entry.deploys += 1;
+                if service.release.is_some() {
+                    entry.released = Some(service.artifact.clone());
+                }
+                entry.health = Health::Healthy;
+                entry.failed = None;
+                entry.last_error = None;
+                Ok(())
+            }
+            Err((error, stage))
+                if stage == Stage::Untouched
+                    || side_by_side && matches!(error, AgentError::Proxy(_)) =>
+            {
+                if stage == Stage::Touched {
+                    let _ = self.retire(&d.unit).await;
+                }
+                let error = error.to_string();
+                entry.last_error = Some(error.clone());
+                Err(Failed::Retry(error))
+            }
+            Err((error, stage)) => {
+                let error = error.to_string();
+                tracing::error!(%error, recovery = ?d.on_failure, "deploy failed; undoing it");
+                let mut message = error.clone();
+                let restored = match (stage, d.on_failure, &previous) {
+                    // The service's unit was never touched: what ran still runs.
+                    (Stage::ReleaseFailed, _, _) => Ok(None),
+                    (_, Recovery::RestorePrevious, Some(prev)) => {
+                        self.restore(&d.unit, Some(prev)).await.map(|()| Some(prev))
+                    }
+                    (_, Recovery::StopNew, _) => self.retire(&d.unit).await.map(|()| None),
+                    (_, Recovery::RestoreFound, _) => match &d.found_unit {
+                        Some(found) => {
+                            message.push_str("; the unit file found on the host was put back");
+                            let _ = self.host.manager().stop(&d.unit).await;
+                            self.put_back(&d.unit, found, false).await.map(|()| None)
+                        }
+                        None => self.restore(&d.unit, None).await.map(|()| None),
+                    },
+                    (_, Recovery::RemoveNew | Recovery::RestorePrevious, _) => {
+                        self.restore(&d.unit, None).await.map(|()| None)
+                    }
+                };
+                entry.health = match restored {
+                    // Probe the restored generation (with the manifest's health settings).
+                    Ok(Some(prev)) => {
+                        let healthy = match self.restored_probes(service, prev) {
+                            Ok(probes) => {
+                                self.host
+                                    .wait_healthy(&d.unit, &probes, self.config.settle)
+                                    .await
+                            }
+                            Err(e) => Err(e.to_string()),
+                        };
+                        match healthy {
+                            Ok(()) => Health::Healthy,
+                            Err(e) => {
+                                message = format!(
+                                    "{message}; the restored previous generation is unhealthy too: {e}"
+                                );
+                                Health::Unhealthy
+                            }
+                        }
+                    }
+                    // What ran before never stopped.
+                    Ok(None) if previous.is_some() => entry.health,
+                    Ok(None) => Health::Unknown,
+                    Err(e) => {
+                        message = format!(
+                            "{message}; restoring the previous generation also failed: {e}"
+                        );
+                        Health::Unhealthy
+                    }
+                };
+                entry.rollbacks += 1;
+                entry.failed = Some(Failure {
+                    spec_hash: hash,
+                    artifact: service.artifact.clone(),
+                    version: manifest.version.clone(),
+                    error: message.clone(),
+                    at: now(),
+                });
+                entry.last_error = Some(message.clone());
+                Err(Failed::RolledBack(message))
+            }
+        }
+    }
+
+    /// The deploy's actions. The error says how far they got (and so what must be undone).
+    async fn try_deploy(
+        &self,
+        service: &Service,
+        d: &Deploy,
+        generated_env: Option<&Path>,
+        hash: &str,
+        manifest: &Manifest,
+    ) -> Result<Generation, (AgentError, Stage)> {
+        let untouched = |e: AgentError| (e, Stage::Untouched);
+        let env_file = self
+            .host
+            .env_file(&service.name, service.env_file.as_deref())
+            .map_err(untouched)?;
+        let artifact = self
+            .host
+            .fetch(&self.store, &service.artifact)
+            .await
+            .map_err(untouched)?;
+        crate::fault::point("fetched");
+        // Generated settings first, the operator's secrets file last (it wins).
+        let env_files: Vec<EnvFile> = generated_env
+            .map(EnvFile::required)
+            .into_iter()
+            .chain([env_file])
+            .collect();
+        let spec = self
+            .unit_spec(service, &artifact, &env_files, d.port, None)
+            .map_err(untouched)?;
+        let unit_file = spec.render().map_err(|e| untouched(e.into()))?;
+        if d.release
+            && let Some(release) = &service.release
+        {
+            let text = self
+                .unit_spec(service, &artifact, &env_files, d.port, Some(release))
+                .and_then(|spec| Ok(spec.render()?))
+                .map_err(untouched)?;
+            self.run_release(service, release, &text)
+                .await
+                .map_err(|e| match e {
+                    AgentError::Release(_) => (e, Stage::ReleaseFailed),
+                    e => untouched(e),
+                })?;
+        }
+        let touched = |e: AgentError| (e, Stage::Touched);
+        let manager = self.host.manager();
+        self.host.write_unit(&d.unit, &unit_file).map_err(touched)?;
+        crate::fault::point("unit-written");
+        manager.reload().await.map_err(|e| touched(e.into()))?;
+        manager
+            .restart(&d.unit)
+            .await
+            .map_err(|e| touched(e.into()))?;
+        crate::fault::point("restarted");
+        let probes = Probes::of(service, &artifact, d.port, &spec);
+        self.host
+            .wait_healthy(&d.unit, &probes, self.config.settle)
+            .await
+            .map_err(|detail| touched(AgentError::Unhealthy(detail)))?;
+        crate::fault::point("healthy");
+        Ok(Generation {
+            artifact: service.artifact.clone(),
+            path: artifact.display().to_string(),
+            spec_hash: hash.to_owned(),
+            version: manifest.version.clone(),
+            deployed_at: now(),
+            unit_file,
+            unit: d.port.map(|_| d.unit.clone()),
+            route: d.route.clone(),
+        })
+    }
+
+    /// Run `service`'s release command as its one-shot release unit (from `text`), which
+    /// is removed afterwards. A command that fails is `AgentError::Release`.
+    async fn run_release(
+        &self,
+        service: &Service,
+        release: &Release,
+        text: &str,
+    ) -> Result<(), AgentError> {
+        let unit = names::release_unit(&service.name);
+        let manager = self.host.manager();
+        self.host.write_unit(&unit, text)?;
+        manager.reload().await?;
+        let timeout = release.timeout();
+        tracing::info!(command = %release.command, ?timeout, "running the release command");
+        // systemd kills it at TimeoutStartSec=; waiting longer than that plus its
+        // TimeoutStopSec= (30 s) is only for a manager that does not answer.
+        let wait = timeout + Duration::from_secs(45);
+        let ran = manager.run_oneshot(&unit, wait).await;
+        let _ = self.retire(&unit).await;
+        let command = &release.command;
+        let why = match ran {
+            Ok(JobResult::Done) => return Ok(()),
+            Ok(JobResult::Failed(how)) => format!("{command:?} {how}"),
+            Ok(JobResult::Timeout) => format!(
+                "{command:?} was still running after its timeout of {} and was killed",
+                humantime::format_duration(timeout)
+            ),
+            Ok(JobResult::Other(result)) => {
+                format!("{command:?}: its systemd job ended with {result:?}")
+            }
+            Err(e) => e.to_string(),
+        };
+        Err(AgentError::Release(why))
+    }
+
+    /// Put the previous generation back (or, for a first deploy, stop and remove the unit).
+    async fn restore(&self, unit: &str, previous: Option<&Generation>) -> Result<(), AgentError> {
+        // Stop first: a failed unit may have an automatic restart pending, which would
+        // otherwise fire after the previous generation is back.
+        let _ = self.host.manager().stop(unit).await;
+        match previous {
+            Some(g) => self.put_back(unit, &g.unit_file, false).await,
+            None => self.retire(unit).await,
+        }
+    }
+}
