@@ -25,6 +25,11 @@ pub fn service_unit(service: &str) -> String {
     format!("{PREFIX}{service}{SUFFIX}")
 }
 
+/// The `Description=` of `service`'s units (its release unit adds ` release`).
+pub fn description(service: &str) -> String {
+    format!("deployer: {service}")
+}
+
 /// The unit of a zero-downtime generation of `service` listening on `port`.
 pub fn generation_unit(service: &str, port: u16) -> String {
     format!("{PREFIX}{service}.{port}{SUFFIX}")

@@ -267,12 +267,37 @@ async fn a_failed_deploy_over_a_unit_the_state_lost_puts_it_back() {
     assert!(error.contains("found on the host was put back"), "{error}");
     assert_eq!(b.file("deployer-a.service").unwrap(), serving);
     assert!(b.active("deployer-a.service"), "what served runs again");
-    // Not the header of ours: a file someone else wrote is not put back.
+    // Not ours, or not a's: a file someone else wrote, or b's unit copied under a's name
+    // (which would run b's program with b's secrets as a), is not put back.
+    let mut other = Bench::new(false);
+    let b_v1 = manifest(&[("b", "/nix/store/b-v1", json!({}))], Value::Null);
+    other.run(&b_v1).await;
+    let b_unit = other.file("deployer-b.service").unwrap();
+    for planted in ["[Service]\nExecStart=/bin/theirs\n", b_unit.as_str()] {
+        let mut b = Bench::new(false);
+        b.plant("deployer-a.service", planted);
+        b.host().world().broken.insert(path("/nix/store/a-v2"));
+        let (plan, _) = b.run(&v2).await;
+        assert_eq!(deploy(&plan, "a").on_failure, Recovery::RemoveNew);
+        assert!(b.file("deployer-a.service").is_none() && !b.active("deployer-a.service"));
+    }
+    // The found unit is a first deploy killed before it was recorded, and fails too: put
+    // back, it does not stay up, so it is removed like any failed new unit.
+    let mut first = Bench::new(false);
+    first.run(&v1).await;
+    let killed = first.file("deployer-a.service").unwrap();
     let mut b = Bench::new(false);
-    b.plant("deployer-a.service", "[Service]\nExecStart=/bin/theirs\n");
-    b.host().world().broken.insert(path("/nix/store/a-v2"));
-    let (plan, _) = b.run(&v2).await;
-    assert_eq!(deploy(&plan, "a").on_failure, Recovery::RemoveNew);
+    b.plant("deployer-a.service", &killed);
+    for broken in ["/nix/store/a-v1", "/nix/store/a-v2"] {
+        b.host().world().broken.insert(path(broken));
+    }
+    let (plan, report) = b.run(&v2).await;
+    assert_eq!(deploy(&plan, "a").on_failure, Recovery::RestoreFound);
+    let Outcome::RolledBack { error } = &report.services["a"] else {
+        panic!("{report:?}");
+    };
+    assert!(error.contains("did not stay up"), "{error}");
+    assert!(b.file("deployer-a.service").is_none() && !b.active("deployer-a.service"));
 }
 
 #[tokio::test]
@@ -365,7 +390,7 @@ async fn drift_that_cannot_be_put_back_is_a_failure_the_next_run_retries() {
     let m = manifest(&[("a", "/nix/store/a-v1", json!({}))], Value::Null);
     b.run(&m).await;
     b.host().world().files.remove("deployer-a.service");
-    b.host().world().disk_full = true;
+    b.host().world().read_only = true;
     let (_, report) = b.run_unchanged().await;
     let Outcome::Drifted { error } = &report.services["a"] else {
         panic!("not put back: {report:?}");
@@ -373,7 +398,7 @@ async fn drift_that_cannot_be_put_back_is_a_failure_the_next_run_retries() {
     assert!(error.contains("deployer-a.service"), "{error}");
     assert!(!report.ok(), "a failed run: {report:?}");
     assert_eq!(b.state.services["a"].last_error.as_ref(), Some(error));
-    b.host().world().disk_full = false;
+    b.host().world().read_only = false;
     let (_, report) = b.run_unchanged().await;
     assert_eq!(report.services["a"], Outcome::Repaired, "{report:?}");
     assert!(report.ok() && b.state.services["a"].last_error.is_none());
@@ -580,9 +605,10 @@ async fn infrastructure_starts_before_its_dependants_is_repaired_and_stopped_whe
     let needs =
         json!({"infrastructure": {"services": {"worker": {"command": ["/bin/sleep", "600"]}}}});
     let m = manifest(&[("a", "/nix/store/a-v1", needs.clone())], Value::Null);
-    let (plan, _) = b.run(&m).await;
+    let (plan, report) = b.run(&m).await;
     assert_eq!(kinds(&plan), ["infra a-worker", "deploy a"]);
     assert_eq!(deploy(&plan, "a").infra, ["a-worker"]);
+    assert_eq!(report.infra["a-worker"], InfraOutcome::Started);
     let unit = "deployer-infra-a-worker.service";
     assert!(b.active(unit));
     assert!(b.state.infra.contains_key("a-worker"));
@@ -608,8 +634,35 @@ async fn infrastructure_starts_before_its_dependants_is_repaired_and_stopped_whe
     assert_eq!(report.services["a"], Outcome::Kept, "{report:?}");
     assert!(b.active(unit));
 
-    // No service needs it any more: stopped, unit removed, its data noted as kept.
+    // Its declaration changes with a deploy that needs it: started anew, not "repaired".
+    let changed =
+        json!({"infrastructure": {"services": {"worker": {"command": ["/bin/sleep", "700"]}}}});
+    let m = manifest(&[("a", "/nix/store/a-v1b", changed)], Value::Null);
+    let (_, report) = b.run(&m).await;
+    assert_eq!(
+        report.infra["a-worker"],
+        InfraOutcome::Started,
+        "{report:?}"
+    );
+    assert!(b.file(unit).unwrap().contains("700"));
+
+    // No service needs it any more, but it cannot be stopped yet: a failure the next run
+    // plans again in full (no cheap 304 that would put it back as recorded).
     let m2 = manifest(&[("a", "/nix/store/a-v2", json!({}))], Value::Null);
+    b.host().world().read_only = true;
+    let (plan, report) = b.run(&m2).await;
+    assert_eq!(kinds(&plan), ["deploy a", "stop-infra a-worker"]);
+    assert!(
+        matches!(report.infra["a-worker"], InfraOutcome::Failed { .. }),
+        "{report:?}"
+    );
+    assert!(report.retry() && !report.ok(), "{report:?}");
+    assert!(
+        matches!(report.services["a"], Outcome::Retrying { .. }),
+        "a unit file that could not be written changed nothing: {report:?}"
+    );
+    b.host().world().read_only = false;
+    // Then: stopped, unit removed, its data noted as kept.
     let (plan, report) = b.run(&m2).await;
     assert_eq!(kinds(&plan), ["deploy a", "stop-infra a-worker"]);
     assert_eq!(report.infra["a-worker"], InfraOutcome::Stopped);
@@ -659,9 +712,24 @@ async fn a_failure_is_cleared_once_the_manifests_spec_runs_healthily() {
     let v2 = manifest(&[("a", "/nix/store/a-v2", json!({}))], Value::Null);
     b.run(&v2).await;
     assert!(b.state.services["a"].failed.is_some());
-    // The operator rolls back to v1: it runs already, so it is kept, probed, and the
-    // failure recorded for v2 is history.
-    let (plan, _) = b.run(&v1).await;
+    // The operator rolls back to v1, which runs already but fails its probe meanwhile: an
+    // unhealthy service, and a failed run that says so.
+    b.host()
+        .world()
+        .unhealthy
+        .insert("deployer-a.service".into());
+    let (_, report) = b.run(&v1).await;
+    assert!(
+        matches!(&report.services["a"], Outcome::Unhealthy { error } if error.contains("probe fails")),
+        "{report:?}"
+    );
+    assert!(!report.ok() && report.failure().unwrap().starts_with("a: unhealthy"));
+    assert!(b.state.services["a"].failed.is_some());
+    b.host().world().unhealthy.clear();
+    // Healthy again: kept, probed, and the failure recorded for v2 is history.
+    let (plan, report) = b.run(&v1).await;
+    assert_eq!(report.services["a"], Outcome::Kept);
+    assert!(report.ok() && report.failure().is_none());
     assert!(
         matches!(&plan.steps[..], [Step::Keep { recheck: true, .. }]),
         "{plan:?}"

@@ -38,8 +38,10 @@ pub struct World {
     pub missing: BTreeSet<String>,
     /// Release commands fail.
     pub release_fails: bool,
-    /// Writing a unit file fails, as on a full disk.
-    pub disk_full: bool,
+    /// The unit directory cannot be changed: writing or removing a unit file fails.
+    pub read_only: bool,
+    /// Units that are active but fail their health probes.
+    pub unhealthy: BTreeSet<String>,
     /// The state as last saved.
     pub saved: Option<State>,
     /// The proxy's routes.
@@ -193,8 +195,8 @@ impl Host for MemoryHost {
 
     fn write_unit(&self, unit: &str, text: &str) -> Result<(), AgentError> {
         let mut w = self.world();
-        if w.disk_full {
-            let e = std::io::Error::from(std::io::ErrorKind::StorageFull);
+        if w.read_only {
+            let e = std::io::Error::from(std::io::ErrorKind::ReadOnlyFilesystem);
             return Err(AgentError::io(format!("writing {unit}"), e));
         }
         w.log.push(format!("write {unit}"));
@@ -204,6 +206,10 @@ impl Host for MemoryHost {
 
     fn remove_unit(&self, unit: &str) -> Result<(), AgentError> {
         let mut w = self.world();
+        if w.read_only {
+            let e = std::io::Error::from(std::io::ErrorKind::ReadOnlyFilesystem);
+            return Err(AgentError::io(format!("removing {unit}"), e));
+        }
         if w.files.remove(unit).is_some() {
             w.log.push(format!("remove {unit}"));
         }
@@ -277,10 +283,12 @@ impl Host for MemoryHost {
         _probes: &Probes,
         _settle: Duration,
     ) -> Result<(), String> {
-        if self.is_active(unit) {
-            Ok(())
-        } else {
+        if !self.is_active(unit) {
             Err(format!("{unit} is failed"))
+        } else if self.world().unhealthy.contains(unit) {
+            Err(format!("{unit}: its probe fails"))
+        } else {
+            Ok(())
         }
     }
 

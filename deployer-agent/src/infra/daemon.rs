@@ -64,7 +64,8 @@ pub(super) fn run(
 }
 
 /// The argv of a provisioned infrastructure service and its data directory. Acts on
-/// nothing (it only looks for the PostgreSQL binaries), so a plan can render the unit.
+/// nothing (it only looks for the PostgreSQL binaries and the cluster's `PG_VERSION`), so a
+/// plan can render the unit.
 pub fn command(
     name: &str,
     spec: &InfraService,

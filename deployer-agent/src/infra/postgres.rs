@@ -40,30 +40,25 @@ fn server_bin(root: &Path, data: Option<&Path>) -> Result<PathBuf, AgentError> {
         })
         .collect();
     versions.sort();
-    let version_file = data.map(|d| d.join("PG_VERSION"));
-    match version_file.as_deref().map(std::fs::read_to_string) {
-        Some(Ok(text)) => {
-            let major = text.trim();
-            let file = version_file.as_deref().unwrap_or(root).display();
-            let found = major
-                .parse::<u32>()
-                .ok()
-                .and_then(|m| versions.into_iter().find(|(v, _)| *v == m));
-            found.map(|(_, b)| b).ok_or_else(|| {
+    let major = match data.map(cluster_major).transpose() {
+        Ok(major) => major.flatten(),
+        Err(e) => return Err(err("postgres", e)),
+    };
+    match major {
+        Some(major) => versions
+            .into_iter()
+            .find(|(v, _)| *v == major)
+            .map(|(_, b)| b)
+            .ok_or_else(|| {
                 err(
                     "postgres",
                     format!(
-                        "the cluster's data is PostgreSQL {major:?} ({file}), and {}/{major}/bin/postgres is not installed; install that major version again (apt-get install postgresql-{major}), or upgrade the cluster to an installed one (pg_upgrade) first",
+                        "the cluster's data is PostgreSQL {major}, and {}/{major}/bin/postgres is not installed; install that major version again (apt-get install postgresql-{major}), or upgrade the cluster to an installed one (pg_upgrade) first",
                         root.display()
                     ),
                 )
-            })
-        }
-        Some(Err(e)) if e.kind() != std::io::ErrorKind::NotFound => Err(err(
-            "postgres",
-            format!("{}: {e}", version_file.as_deref().unwrap_or(root).display()),
-        )),
-        _ => versions.pop().map(|(_, b)| b).ok_or_else(|| {
+            }),
+        None => versions.pop().map(|(_, b)| b).ok_or_else(|| {
             err(
                 "postgres",
                 format!(
@@ -73,6 +68,44 @@ fn server_bin(root: &Path, data: Option<&Path>) -> Result<PathBuf, AgentError> {
             )
         }),
     }
+}
+
+/// The major version in `<data>/PG_VERSION`; `None` for a new cluster (no file yet). The
+/// data directory belongs to the `postgres` account, so the file is opened without following
+/// a symlink or blocking on a FIFO, must be a regular file, and only its first bytes are
+/// read; what it holds is repeated only if it is a version number.
+fn cluster_major(data: &Path) -> Result<Option<u32>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data.join("PG_VERSION");
+    let not_a_version = || {
+        format!(
+            "{} is not a regular file holding a PostgreSQL major version; the cluster's data directory was changed by someone else: check it",
+            path.display()
+        )
+    };
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(&path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        // O_NOFOLLOW on a symlink.
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Err(not_a_version()),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    if !file.metadata().is_ok_and(|m| m.file_type().is_file()) {
+        return Err(not_a_version());
+    }
+    let mut text = String::new();
+    file.take(16)
+        .read_to_string(&mut text)
+        .map_err(|_| not_a_version())?;
+    text.trim()
+        .parse::<u32>()
+        .map(Some)
+        .map_err(|_| not_a_version())
 }
 
 /// The comment that marks a role or database as created by deployer for `service`.
@@ -472,6 +505,33 @@ mod tests {
         assert_eq!(server(Some(data.path())).unwrap(), bin("14"));
         std::fs::write(data.path().join("PG_VERSION"), "13\n").unwrap();
         let e = server(Some(data.path())).unwrap_err();
-        assert!(e.contains("\"13\"") && e.contains("postgresql-13"), "{e}");
+        assert!(
+            e.contains("PostgreSQL 13") && e.contains("postgresql-13"),
+            "{e}"
+        );
+        // The data directory is the postgres account's: what it plants there is not read
+        // through, and never repeated.
+        let version = data.path().join("PG_VERSION");
+        let secret = data.path().join("secret");
+        std::fs::write(&secret, "root:$6$hash:19000:0:99999:7:::\n").unwrap();
+        std::fs::remove_file(&version).unwrap();
+        std::os::unix::fs::symlink(&secret, &version).unwrap();
+        let e = server(Some(data.path())).unwrap_err();
+        assert!(
+            e.contains("not a regular file") && !e.contains("hash"),
+            "{e}"
+        );
+        std::fs::remove_file(&version).unwrap();
+        std::fs::copy(&secret, &version).unwrap();
+        let e = server(Some(data.path())).unwrap_err();
+        assert!(!e.contains("hash"), "{e}");
+        std::fs::remove_file(&version).unwrap();
+        let fifo = std::ffi::CString::new(version.as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let e = server(Some(data.path())).unwrap_err();
+        assert!(
+            e.contains("not a regular file"),
+            "a FIFO does not block: {e}"
+        );
     }
 }

@@ -81,14 +81,17 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 retire_after,
                 ..
             } => {
-                let outcome = self.keep(name, unit, condition, state).await;
-                report.services.insert(name.clone(), outcome);
-                if *recheck
-                    && let Some(s) = service(name)
-                    && self.clear_failure(s, state).await
-                {
-                    self.retire_untracked(retire_after, report).await;
+                let mut outcome = self.keep(name, unit, condition, state).await;
+                if *recheck && let Some(s) = service(name) {
+                    match self.clear_failure(s, state).await {
+                        Ok(()) => self.retire_untracked(retire_after, report).await,
+                        Err(error) if outcome == Outcome::Kept => {
+                            outcome = Outcome::Unhealthy { error }
+                        }
+                        Err(_) => {}
+                    }
                 }
+                report.services.insert(name.clone(), outcome);
             }
             Step::Skip { service, reason } => {
                 tracing::warn!(%reason, "not retrying a deploy that failed");
@@ -187,10 +190,12 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 tracing::info!(condition = %step.condition, "starting it");
                 let file_ok = step.condition == Condition::Stopped;
                 self.put_back(&step.unit, &step.unit_file, file_ok).await?;
-                if state.infra.contains_key(name) {
-                    InfraOutcome::Repaired
-                } else {
-                    InfraOutcome::Started
+                // Put back as recorded, or started anew (first time, or a changed declaration).
+                match state.infra.get(name) {
+                    Some(recorded) if recorded.unit_file == step.unit_file => {
+                        InfraOutcome::Repaired
+                    }
+                    _ => InfraOutcome::Started,
                 }
             }
         };
@@ -334,13 +339,13 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
     /// The manifest's spec runs (a `Keep` with `recheck`): a failure recorded for another
     /// spec (a version rolled back since), or for this one before the host was fixed (a
     /// missing artifact), is history once the running generation passes its health checks.
-    /// Returns whether it did.
-    async fn clear_failure(&self, service: &Service, state: &mut State) -> bool {
+    /// `Err` says why it is not healthy.
+    async fn clear_failure(&self, service: &Service, state: &mut State) -> Result<(), String> {
         let Some(entry) = state.services.get_mut(&service.name) else {
-            return false;
+            return Err("not deployed".into());
         };
         let Some(current) = &entry.current else {
-            return false;
+            return Err("not deployed".into());
         };
         let healthy = match self.restored_probes(service, current) {
             Ok(probes) => {
@@ -356,13 +361,13 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 entry.failed = None;
                 entry.last_error = None;
                 entry.health = Health::Healthy;
-                true
+                Ok(())
             }
             Err(e) => {
                 tracing::warn!(error = %e, "runs the manifest's spec, but not healthily");
                 entry.health = Health::Unhealthy;
                 entry.last_error = Some(format!("unhealthy: {e}"));
-                false
+                Err(e)
             }
         }
     }

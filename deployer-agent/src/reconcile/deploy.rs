@@ -79,7 +79,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         };
         let suffix = if release.is_some() { " release" } else { "" };
         Ok(UnitSpec {
-            description: format!("deployer: {}{suffix}", service.name),
+            description: format!("{}{suffix}", names::description(&service.name)),
             exec_start: argv,
             working_directory: Some(artifact.to_path_buf()),
             user: exec.and_then(|e| e.user.clone()).filter(|_| system),
@@ -220,14 +220,11 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                         self.restore(&d.unit, Some(prev)).await.map(|()| Some(prev))
                     }
                     (_, Recovery::StopNew, _) => self.retire(&d.unit).await.map(|()| None),
-                    (_, Recovery::RestoreFound, _) => match &d.found_unit {
-                        Some(found) => {
-                            message.push_str("; the unit file found on the host was put back");
-                            let _ = self.host.manager().stop(&d.unit).await;
-                            self.put_back(&d.unit, found, false).await.map(|()| None)
-                        }
-                        None => self.restore(&d.unit, None).await.map(|()| None),
-                    },
+                    (_, Recovery::RestoreFound, _) => {
+                        message
+                            .push_str(&self.restore_found(&d.unit, d.found_unit.as_deref()).await);
+                        Ok(None)
+                    }
                     (_, Recovery::RemoveNew | Recovery::RestorePrevious, _) => {
                         self.restore(&d.unit, None).await.map(|()| None)
                     }
@@ -273,6 +270,52 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 });
                 entry.last_error = Some(message.clone());
                 Err(Failed::RolledBack(message))
+            }
+        }
+    }
+
+    /// [`Recovery::RestoreFound`]: put back the unit file found (what served before the state
+    /// was lost) and check that it stays up; one that does not (say, a first deploy killed
+    /// before it was recorded) is removed like any failed new unit. What happened, for the
+    /// error message.
+    async fn restore_found(&self, unit: &str, found: Option<&str>) -> String {
+        let _ = self.host.manager().stop(unit).await;
+        let Some(found) = found else {
+            return match self.retire(unit).await {
+                Ok(()) => String::new(),
+                Err(e) => format!("; removing the new unit failed too: {e}"),
+            };
+        };
+        // Unless the new file could not even be written: then the found one is still there.
+        let file_ok = self.host.read_unit(unit).as_deref() == Some(found);
+        let stays_up = Probes {
+            http: None,
+            tcp: None,
+            exec: None,
+            timeout: self.config.settle + Duration::from_secs(30),
+            interval: Duration::from_millis(200),
+        };
+        let outcome = match self.put_back(unit, found, file_ok).await {
+            Ok(()) => {
+                self.host
+                    .wait_healthy(unit, &stays_up, self.config.settle)
+                    .await
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        match outcome {
+            Ok(()) => {
+                "; the unit file found on the host was put back and runs (no state records it)"
+                    .to_owned()
+            }
+            Err(e) => {
+                let removed = match self.retire(unit).await {
+                    Ok(()) => "it was removed".to_owned(),
+                    Err(r) => format!("removing it failed too: {r}"),
+                };
+                format!(
+                    "; the unit file found on the host was put back but did not stay up ({e}), so {removed}"
+                )
             }
         }
     }
@@ -323,7 +366,11 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         }
         let touched = |e: AgentError| (e, Stage::Touched);
         let manager = self.host.manager();
-        self.host.write_unit(&d.unit, &unit_file).map_err(touched)?;
+        // Written atomically: a write that fails (a full disk) leaves the old file, so
+        // nothing changed yet and the next run retries.
+        self.host
+            .write_unit(&d.unit, &unit_file)
+            .map_err(untouched)?;
         crate::fault::point("unit-written");
         manager.reload().await.map_err(|e| touched(e.into()))?;
         manager

@@ -60,8 +60,10 @@ pub enum Outcome {
     Kept,
     /// It had drifted (stopped, unit file changed) and the recorded generation was put back.
     Repaired,
-    /// It had drifted, or systemd could not say how it runs, and it could not be put back.
+    /// It had drifted and could not be put back, or systemd could not say how it runs.
     Drifted { error: String },
+    /// It runs the manifest's spec, but a re-check of an earlier failure found it unhealthy.
+    Unhealthy { error: String },
     /// Its deploy of this spec failed before; not retried until the manifest changes.
     Skipped,
     /// Not deployed (or not removed) and nothing changed on the host; the next run retries.
@@ -77,7 +79,10 @@ impl Outcome {
     pub fn failed(&self) -> bool {
         matches!(
             self,
-            Self::Drifted { .. } | Self::Retrying { .. } | Self::RolledBack { .. }
+            Self::Drifted { .. }
+                | Self::Unhealthy { .. }
+                | Self::Retrying { .. }
+                | Self::RolledBack { .. }
         )
     }
 }
@@ -90,6 +95,7 @@ impl std::fmt::Display for Outcome {
             Self::Kept => f.write_str("kept"),
             Self::Repaired => f.write_str("drifted; put back as recorded"),
             Self::Drifted { error } => write!(f, "{error} (drifted; the next run retries)"),
+            Self::Unhealthy { error } => write!(f, "unhealthy: {error}"),
             Self::Skipped => {
                 f.write_str("its deploy failed before; not retried until the manifest changes")
             }
@@ -108,9 +114,9 @@ impl std::fmt::Display for Outcome {
 pub enum InfraOutcome {
     /// It ran as recorded; left as it was.
     Running,
-    /// Started for the first time, or restarted with a changed unit.
+    /// Started for the first time, or restarted with a changed declaration.
     Started,
-    /// Recorded, found stopped or changed, and put back.
+    /// Recorded, found stopped or its unit file changed, and put back as recorded.
     Repaired,
     /// systemd could not say whether it runs; left as it was.
     Unknown { error: String },
@@ -134,12 +140,45 @@ impl RunReport {
             })
     }
 
-    /// A failure on this host's side (secrets file, fetch, a free port) left a service
-    /// undeployed with nothing changed: the next run plans again in full.
+    /// A failure on this host's side (secrets file, fetch, a free port, infrastructure that
+    /// did not start or stop) left something undone with nothing changed: the next run plans
+    /// again in full.
     pub fn retry(&self) -> bool {
         self.services
             .values()
             .any(|o| matches!(o, Outcome::Retrying { .. }))
+            || self
+                .infra
+                .values()
+                .any(|o| matches!(o, InfraOutcome::Failed { .. }))
+    }
+
+    /// What failed, one line for the host's `lastError`: the route error, or the first
+    /// failed service or infrastructure (and how many more).
+    pub fn failure(&self) -> Option<String> {
+        let services = self
+            .services
+            .iter()
+            .filter(|(_, o)| o.failed())
+            .map(|(s, o)| format!("{s}: {o}"));
+        let infra = self.infra.iter().filter_map(|(n, o)| match o {
+            InfraOutcome::Failed { error } | InfraOutcome::Unknown { error } => {
+                Some(format!("infrastructure {n}: {error}"))
+            }
+            _ => None,
+        });
+        let all: Vec<String> = self
+            .route_error
+            .iter()
+            .cloned()
+            .chain(services)
+            .chain(infra)
+            .collect();
+        let first = all.first()?;
+        Some(match all.len() {
+            1 => first.clone(),
+            n => format!("{first} (and {} more failures)", n - 1),
+        })
     }
 
     /// The services with outcome `pick`, in name order.
@@ -245,7 +284,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         // Remembering the ETag makes the next poll a cheap 304; forget it when a host-side
         // problem (secrets file, fetch) should be retried with a full plan.
         state.manifest_etag = (!report.retry()).then_some(etag);
-        state.last_error = report.route_error.clone();
+        state.last_error = report.failure();
         if report.ok() {
             state.last_success = Some(now());
         }
@@ -275,7 +314,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             repaired = ?report.services_where(|o| *o == Outcome::Repaired),
             "manifest unchanged"
         );
-        state.last_error = report.route_error.clone();
+        state.last_error = report.failure();
         if report.ok() {
             state.last_success = Some(now());
         }
