@@ -405,6 +405,29 @@ async fn drift_that_cannot_be_put_back_is_a_failure_the_next_run_retries() {
 }
 
 #[tokio::test]
+async fn a_removal_that_fails_is_a_failure_the_next_full_run_retries() {
+    let mut b = Bench::new(false);
+    b.run(&manifest(
+        &[("a", "/nix/store/a-v1", json!({}))],
+        Value::Null,
+    ))
+    .await;
+    let none = manifest(&[], Value::Null);
+    b.host().world().read_only = true;
+    let (_, report) = b.run(&none).await;
+    assert!(
+        matches!(&report.services["a"], Outcome::NotRemoved { error } if error.contains("deployer-a.service")),
+        "{report:?}"
+    );
+    assert!(report.retry() && !report.ok());
+    assert!(b.state.services.contains_key("a"), "still recorded");
+    b.host().world().read_only = false;
+    let (_, report) = b.run(&none).await;
+    assert_eq!(report.services["a"], Outcome::Removed);
+    assert!(b.file("deployer-a.service").is_none() && !b.state.services.contains_key("a"));
+}
+
+#[tokio::test]
 async fn zero_downtime_runs_side_by_side_and_a_failure_stops_only_the_new_one() {
     let mut b = Bench::new(true);
     let http = json!({"http": {"domain": "a.test", "internalPort": 8000, "zeroDowntime": true}});

@@ -131,7 +131,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                     Ok(()) => Outcome::Removed,
                     Err(e) => {
                         tracing::error!(error = %e, "could not remove it; the next run retries");
-                        Outcome::Retrying {
+                        Outcome::NotRemoved {
                             error: e.to_string(),
                         }
                     }

@@ -72,6 +72,9 @@ pub enum Outcome {
     RolledBack { error: String },
     /// No longer in the manifest: stopped, its unit removed.
     Removed,
+    /// No longer in the manifest, and stopping it or removing its unit failed; the next run
+    /// tries again.
+    NotRemoved { error: String },
 }
 
 impl Outcome {
@@ -83,6 +86,7 @@ impl Outcome {
                 | Self::Unhealthy { .. }
                 | Self::Retrying { .. }
                 | Self::RolledBack { .. }
+                | Self::NotRemoved { .. }
         )
     }
 }
@@ -104,6 +108,7 @@ impl std::fmt::Display for Outcome {
             }
             Self::RolledBack { error } => write!(f, "{error} (rolled back)"),
             Self::Removed => f.write_str("removed"),
+            Self::NotRemoved { error } => write!(f, "{error} (not removed; the next run retries)"),
         }
     }
 }
@@ -146,7 +151,7 @@ impl RunReport {
     pub fn retry(&self) -> bool {
         self.services
             .values()
-            .any(|o| matches!(o, Outcome::Retrying { .. }))
+            .any(|o| matches!(o, Outcome::Retrying { .. } | Outcome::NotRemoved { .. }))
             || self
                 .infra
                 .values()
