@@ -78,39 +78,9 @@ impl Host {
         deployer_tests::run("deployer-agent", &args, &self.env(fx), None)
     }
 
-    /// `run --once --json`, after `plan --json`: the run must execute exactly the steps the
-    /// plan printed (or fail as the plan did). Every e2e scenario goes through here, so each
-    /// one checks that `deployer-agent plan` shows what `run` does.
+    /// `run --once --json`, after `plan --json`: see [`run_checked`].
     pub(crate) fn run_once(&self, fx: &Fixture) -> Output {
-        let plan = self.agent(fx, &["--json", "plan"]);
-        let run = self.agent(fx, &["--json", "run", "--once"]);
-        if !plan.status.success() {
-            assert_eq!(
-                run.code(),
-                plan.code(),
-                "plan failed, and run did otherwise:\n{}\n{}",
-                plan.stderr_str(),
-                run.stderr_str()
-            );
-            return run;
-        }
-        let planned: Value = serde_json::from_slice(&plan.stdout)
-            .unwrap_or_else(|e| panic!("plan --json: {e}: {}", plan.stdout_str()));
-        assert!(planned["steps"].is_array(), "{planned}");
-        match serde_json::from_slice::<Value>(&run.stdout) {
-            Ok(report) => assert_eq!(
-                report["steps"],
-                planned["steps"],
-                "run did not execute the steps plan printed\nplan: {planned:#}\nrun: {report:#}\n{}",
-                run.stderr_str()
-            ),
-            Err(_) => assert!(
-                !run.status.success(),
-                "run printed no report: {}",
-                run.stdout_str()
-            ),
-        }
-        run
+        run_checked(|args| self.agent(fx, args))
     }
 
     /// [`Host::run_once`]'s report.
@@ -143,6 +113,42 @@ impl Host {
             .trim()
             .to_owned()
     }
+}
+
+/// `run --once --json`, after `plan --json`, through `agent` (the agent with a host's flags):
+/// the run must execute exactly the steps the plan printed (or fail as the plan did). Every
+/// e2e scenario goes through here, so each one checks that `deployer-agent plan` shows what
+/// `run` does.
+pub(crate) fn run_checked(agent: impl Fn(&[&str]) -> Output) -> Output {
+    let plan = agent(&["--json", "plan"]);
+    let run = agent(&["--json", "run", "--once"]);
+    if !plan.status.success() {
+        assert_eq!(
+            run.code(),
+            plan.code(),
+            "plan failed, and run did otherwise:\n{}\n{}",
+            plan.stderr_str(),
+            run.stderr_str()
+        );
+        return run;
+    }
+    let planned: Value = serde_json::from_slice(&plan.stdout)
+        .unwrap_or_else(|e| panic!("plan --json: {e}: {}", plan.stdout_str()));
+    assert!(planned["steps"].is_array(), "{planned}");
+    match serde_json::from_slice::<Value>(&run.stdout) {
+        Ok(report) => assert_eq!(
+            report["steps"],
+            planned["steps"],
+            "run did not execute the steps plan printed\nplan: {planned:#}\nrun: {report:#}\n{}",
+            run.stderr_str()
+        ),
+        Err(_) => assert!(
+            !run.status.success(),
+            "run printed no report: {}",
+            run.stdout_str()
+        ),
+    }
+    run
 }
 
 /// A developer's repository that builds the hello service with a given version.

@@ -14,4 +14,5 @@ mod packaging;
 mod probes;
 mod proxy;
 mod push;
+mod system;
 mod trust;
