@@ -23,7 +23,7 @@ fn write_exec(path: &Path, text: &str) {
 
 /// The app: a migration that creates a table, a start script that writes to Postgres and
 /// Redis and then serves HTTP.
-fn build(dir: &Path, version: &str, broken_migration: bool) {
+pub(crate) fn build(dir: &Path, version: &str, broken_migration: bool) {
     let app = dir.join("app");
     write_exec(&app.join("bin/hello"), HELLO);
     std::fs::write(app.join("VERSION"), version).unwrap();

@@ -12,11 +12,12 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use deployer_tests::{OutputExt, eventually, free_port, output_within, repo_root};
-use serde_json::Value;
+use deployer_tests::{OutputExt, eventually, free_port, output_within, repo_root, run_in};
+use serde_json::{Value, json};
 
 use crate::agent::{App, body, declare_hello, run_checked};
 use crate::fixture::Fixture;
+use crate::infra::build;
 
 /// Set inside the sandbox: the test body runs.
 const INSIDE: &str = "DEPLOYER_TEST_ON_SYSTEM_MANAGER";
@@ -164,5 +165,117 @@ fn the_production_path_deploys_upgrades_rolls_back_repairs_and_removes() {
         assert!(!Path::new("/run/systemd/system").join(unit).exists());
         assert_ne!(systemctl(&["is-active", unit]), "active");
         assert!(env_file.exists(), "secrets are the operator's");
+    });
+}
+
+/// The Postgres and Redis presets and a release command, as units of the system manager
+/// with their data under `/var/lib/deployer/infra`; then the agent is killed (SIGKILL) at
+/// each stage of an upgrade, and the next run converges every time.
+#[test]
+fn presets_a_release_and_kill_9_mid_apply_on_the_system_manager() {
+    on_system_manager(|| {
+        let fx = Fixture::file();
+        let repo = tempfile::tempdir().unwrap();
+        let (pg, rp, port) = (free_port(), free_port(), free_port());
+        fx.dm(&["init"]).ok();
+        let infra = json!({"services": {
+            "db": {"preset": "postgres", "ports": {"tcp": pg}},
+            "cache": {"preset": "redis", "ports": {"tcp": rp}}
+        }});
+        fx.dm(&["set-infrastructure", &infra.to_string()]).ok();
+        let service = json!({
+            "name": "app", "namespace": "Biz/App.py",
+            "artifact": {"storePath": "/nix/store/placeholder"}, "hosts": ["biz"],
+            "exec": {"command": "bin/app"},
+            "env": {"PORT": port.to_string()},
+            "http": {"domain": "app.test", "internalPort": port},
+            "health": {"http": {"path": "/healthz"}, "timeout": "30s", "interval": "200ms"},
+            "infrastructure": {"database": true, "redis": true},
+            "release": {"command": "bin/migrate"}
+        });
+        fx.dm(&["add-service", &service.to_string()]).ok();
+        let push = |version: &str| {
+            build(repo.path(), version, false);
+            run_in(repo.path(), "push.sh", &["Biz/App.py"], &fx.env).ok();
+        };
+        push("v1");
+        let out = run_checked(|args| agent(&fx, args));
+        assert!(out.status.success(), "{}", out.stderr_str());
+        assert_eq!(body(port).as_deref(), Some("hello from v1\n"));
+        for unit in ["deployer-infra-db.service", "deployer-infra-cache.service"] {
+            assert_eq!(systemctl(&["is-active", unit]), "active", "{unit}");
+        }
+        // The release made the table and the app wrote to it, in the cluster under the
+        // default state directory.
+        let psql = |sql: &str| {
+            Command::new("runuser")
+                .args(["-u", "postgres", "--", "psql", "-h"])
+                .arg("/var/lib/deployer/infra/db/run")
+                .args(["-p", &pg.to_string(), "-d", "app", "-tAc", sql])
+                .output()
+                .unwrap()
+                .stdout_str()
+                .trim()
+                .to_owned()
+        };
+        assert_eq!(psql("select version from visits"), "v1");
+        let (_, environ) = main_process("deployer-app.service");
+        assert!(
+            environ.contains("DATABASE_URL=postgres://app:"),
+            "{environ}"
+        );
+        assert!(environ.contains(&format!("REDIS_URL=redis://127.0.0.1:{rp}/")));
+
+        for (i, stage) in ["fetched", "unit-written", "restarted", "healthy"]
+            .iter()
+            .enumerate()
+        {
+            let version = format!("v{}", i + 2);
+            push(&version);
+            let mut env = fx.env.clone();
+            env.push(("DEPLOYER_FAULT".into(), format!("{stage}:kill")));
+            let out = deployer_tests::run(
+                "deployer-agent",
+                &["--host", "biz", "run", "--once"],
+                &env,
+                None,
+            );
+            assert_eq!(
+                out.status.code(),
+                None,
+                "{stage}: killed: {}",
+                out.stderr_str()
+            );
+            let out = run_checked(|args| agent(&fx, args));
+            assert!(out.status.success(), "after {stage}: {}", out.stderr_str());
+            assert_eq!(
+                eventually(15, || body(port).filter(|b| b.contains(&version))),
+                Some(format!("hello from {version}\n")),
+                "after {stage}"
+            );
+            assert_eq!(state()["services"]["app"]["health"], "healthy");
+        }
+        // Nothing of ours runs untracked after all that.
+        let units = systemctl(&[
+            "list-units",
+            "--all",
+            "--plain",
+            "--no-legend",
+            "deployer-*",
+        ]);
+        let active: Vec<&str> = units
+            .lines()
+            .filter(|l| l.contains(" active "))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        assert_eq!(
+            active,
+            [
+                "deployer-app.service",
+                "deployer-infra-cache.service",
+                "deployer-infra-db.service"
+            ],
+            "{units}"
+        );
     });
 }
