@@ -437,3 +437,70 @@ fn large_artifacts_go_up_in_parts_and_arrive_intact() {
         .unwrap();
     assert_eq!((got.sha256, got.size), (a.sha256, a.size));
 }
+
+/// `push.sh` from a checkout, with no `push` on PATH: it uses the one the checkout built
+/// (`$CARGO_TARGET_DIR` or `target/`), and when there is none says how to build it (exit
+/// 127, as a missing command). `ship.sh` pushes and then waits for the hosts (`--wait`).
+#[test]
+fn push_sh_finds_the_checkouts_push_and_ship_sh_waits() {
+    let fx = Fixture::file();
+    fx.dm(&["init"]).ok();
+    add_service(&fx, "app", "Biz/App.py");
+    let repo = Repo::new(APP_CONFIG);
+    std::fs::write(repo.path().join("version"), "v1").unwrap();
+    let target = deployer_tests::bin("push")
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .to_path_buf();
+    let sh = |script: &Path, args: &[&str], target: &Path| {
+        let mut env = fx.env.clone();
+        env.push(("PATH".into(), "/usr/bin:/bin".into()));
+        env.push(("CARGO_TARGET_DIR".into(), target.display().to_string()));
+        std::process::Command::new(script)
+            .args(args)
+            .current_dir(repo.path())
+            .env_clear()
+            .envs(env)
+            .output()
+            .unwrap()
+    };
+    let checkout = deployer_tests::repo_root().join("push");
+    let out = sh(&checkout.join("push.sh"), &["Biz/App.py"], &target);
+    assert!(out.status.success(), "{}", out.stderr_str());
+    let shown: Value = serde_json::from_slice(&fx.dm(&["show"]).ok().stdout).unwrap();
+    assert!(
+        shown["services"][0]["artifact"]["archive"].is_object(),
+        "{shown}"
+    );
+
+    // A checkout that built nothing.
+    let bare = tempfile::tempdir().unwrap();
+    std::fs::create_dir(bare.path().join("push")).unwrap();
+    let copy = bare.path().join("push/push.sh");
+    std::fs::copy(checkout.join("push.sh"), &copy).unwrap();
+    let out = sh(&copy, &["Biz/App.py"], bare.path());
+    assert_eq!(out.code(), 127, "{}", out.stderr_str());
+    assert!(
+        out.stderr_str().contains("cargo build --release -p push")
+            && out.stderr_str().contains("DEPLOYER_PUSH"),
+        "{}",
+        out.stderr_str()
+    );
+
+    // ship.sh: the push lands, then it waits for hosts; none reports here, so it times out
+    // (exit 10) after the push.
+    std::fs::write(repo.path().join("version"), "v2").unwrap();
+    let before = fx.dm(&["show"]).ok().stdout;
+    let out = sh(
+        &checkout.join("ship.sh"),
+        &["Biz/App.py", "--timeout", "1s"],
+        &target,
+    );
+    assert_eq!(out.code(), 10, "{}", out.stderr_str());
+    assert_ne!(
+        fx.dm(&["show"]).ok().stdout,
+        before,
+        "pushed before waiting"
+    );
+}
