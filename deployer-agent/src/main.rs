@@ -14,7 +14,7 @@ use deployer_agent::config::{
 };
 use deployer_agent::host::system::SystemHost;
 use deployer_agent::proxy::ProxyConfig;
-use deployer_agent::reconcile::{Agent, InfraOutcome};
+use deployer_agent::reconcile::Agent;
 use deployer_agent::state::State;
 use deployer_agent::systemd::Systemd;
 use deployer_agent::unit::split_command;
@@ -341,16 +341,8 @@ async fn run(cli: Cli) -> Result<i32, AgentError> {
                     serde_json::to_string_pretty(&report).expect("serialises")
                 );
             }
-            for (service, outcome) in report.services.iter().filter(|(_, o)| o.failed()) {
-                eprintln!("deployer-agent: {service}: {outcome}");
-            }
-            for (name, outcome) in &report.infra {
-                if let InfraOutcome::Failed { error } | InfraOutcome::Unknown { error } = outcome {
-                    eprintln!("deployer-agent: infrastructure {name}: {error}");
-                }
-            }
-            if let Some(e) = &report.route_error {
-                eprintln!("deployer-agent: {e}");
+            for failure in report.failures() {
+                eprintln!("deployer-agent: {failure}");
             }
             if report.ok() {
                 Ok(exit::OK)

@@ -496,12 +496,13 @@ async fn service_step<H: Host>(
     // A unit file of ours that no state records: what ran before a lost state.json.
     // Ours, and this service's: our header and its description (not another service's unit
     // copied or linked under its name).
-    let description = format!("Description={}", names::description(&s.name));
-    let found_unit = host.read_unit(&unit).filter(|t| {
-        current.is_none()
-            && t.starts_with(crate::unit::HEADER)
-            && t.lines().any(|l| l == description)
-    });
+    let found_unit = if strategy == Strategy::InPlace && current.is_none() {
+        let description = format!("Description={}", names::description(&s.name));
+        host.read_unit(&unit)
+            .filter(|t| t.starts_with(crate::unit::HEADER) && t.lines().any(|l| l == description))
+    } else {
+        None
+    };
     let on_failure = match (strategy, current, &found_unit) {
         (Strategy::SideBySide, _, _) => Recovery::StopNew,
         (Strategy::InPlace, Some(_), _) => Recovery::RestorePrevious,

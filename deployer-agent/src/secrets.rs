@@ -258,8 +258,8 @@ impl Refusal {
 }
 
 /// Open `path` without following a symlink (and without blocking on a FIFO) and check it is
-/// a regular file with no group/other bits, owned by `owner_uid`.
-pub fn open_checked(path: &Path, owner_uid: u32) -> Result<File, Refusal> {
+/// a regular file: for a file in a directory someone else can write.
+pub fn open_regular(path: &Path) -> Result<(File, std::fs::Metadata), Refusal> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
@@ -274,6 +274,12 @@ pub fn open_checked(path: &Path, owner_uid: u32) -> Result<File, Refusal> {
     if !meta.file_type().is_file() {
         return Err(Refusal::NotRegular);
     }
+    Ok((file, meta))
+}
+
+/// [`open_regular`], and check it has no group/other bits and is owned by `owner_uid`.
+pub fn open_checked(path: &Path, owner_uid: u32) -> Result<File, Refusal> {
+    let (file, meta) = open_regular(path)?;
     let mode = meta.mode() & 0o7777;
     if mode & 0o077 != 0 {
         return Err(Refusal::Mode(mode));

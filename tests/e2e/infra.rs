@@ -51,9 +51,15 @@ pub(crate) fn build(dir: &Path, version: &str, broken_migration: bool) {
 }
 
 fn psql(host: &Host, pg: u16, db: &str, sql: &str) -> Output {
+    psql_at(&host.state_dir().join("infra/db/run"), pg, db, sql)
+}
+
+/// `sql` in database `db` of the preset cluster whose socket is in `socket_dir`, as the
+/// cluster's administrator.
+pub(crate) fn psql_at(socket_dir: &Path, pg: u16, db: &str, sql: &str) -> Output {
     Command::new("runuser")
         .args(["-u", "postgres", "--", "psql", "-h"])
-        .arg(host.state_dir().join("infra/db/run"))
+        .arg(socket_dir)
         .args(["-p", &pg.to_string(), "-d", db, "-tAc", sql])
         .output()
         .unwrap()

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use crate::agent::{App, body, declare_hello, run_checked};
 use crate::fixture::Fixture;
-use crate::infra::build;
+use crate::infra::{build, psql_at};
 
 /// Set inside the sandbox: the test body runs.
 const INSIDE: &str = "DEPLOYER_TEST_ON_SYSTEM_MANAGER";
@@ -207,18 +207,9 @@ fn presets_a_release_and_kill_9_mid_apply_on_the_system_manager() {
         }
         // The release made the table and the app wrote to it, in the cluster under the
         // default state directory.
-        let psql = |sql: &str| {
-            Command::new("runuser")
-                .args(["-u", "postgres", "--", "psql", "-h"])
-                .arg("/var/lib/deployer/infra/db/run")
-                .args(["-p", &pg.to_string(), "-d", "app", "-tAc", sql])
-                .output()
-                .unwrap()
-                .stdout_str()
-                .trim()
-                .to_owned()
-        };
-        assert_eq!(psql("select version from visits"), "v1");
+        let socket = Path::new("/var/lib/deployer/infra/db/run");
+        let visits = psql_at(socket, pg, "app", "select version from visits");
+        assert_eq!(visits.stdout_str().trim(), "v1");
         let (_, environ) = main_process("deployer-app.service");
         assert!(
             environ.contains("DATABASE_URL=postgres://app:"),

@@ -52,6 +52,15 @@ pub struct World {
 }
 
 impl World {
+    /// With `read_only`, the error a change to the unit directory gets.
+    fn check_writable(&self, what: &str) -> Result<(), AgentError> {
+        if self.read_only {
+            let e = std::io::Error::from(std::io::ErrorKind::ReadOnlyFilesystem);
+            return Err(AgentError::io(what.to_owned(), e));
+        }
+        Ok(())
+    }
+
     fn load_state(&self, unit: &str) -> LoadState {
         if self.files.contains_key(unit) {
             LoadState::Loaded
@@ -195,10 +204,7 @@ impl Host for MemoryHost {
 
     fn write_unit(&self, unit: &str, text: &str) -> Result<(), AgentError> {
         let mut w = self.world();
-        if w.read_only {
-            let e = std::io::Error::from(std::io::ErrorKind::ReadOnlyFilesystem);
-            return Err(AgentError::io(format!("writing {unit}"), e));
-        }
+        w.check_writable(&format!("writing {unit}"))?;
         w.log.push(format!("write {unit}"));
         w.files.insert(unit.to_owned(), text.to_owned());
         Ok(())
@@ -206,10 +212,7 @@ impl Host for MemoryHost {
 
     fn remove_unit(&self, unit: &str) -> Result<(), AgentError> {
         let mut w = self.world();
-        if w.read_only {
-            let e = std::io::Error::from(std::io::ErrorKind::ReadOnlyFilesystem);
-            return Err(AgentError::io(format!("removing {unit}"), e));
-        }
+        w.check_writable(&format!("removing {unit}"))?;
         if w.files.remove(unit).is_some() {
             w.log.push(format!("remove {unit}"));
         }

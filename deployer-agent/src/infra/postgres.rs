@@ -7,6 +7,7 @@ use std::process::Command;
 use super::daemon::run;
 use super::{AppLayer, Endpoint, err, password_path};
 use crate::AgentError;
+use crate::secrets::Refusal;
 
 /// Where Debian installs PostgreSQL: `<major>/bin/` for each installed major version.
 const PG_ROOT: &str = "/usr/lib/postgresql";
@@ -76,7 +77,6 @@ fn server_bin(root: &Path, data: Option<&Path>) -> Result<PathBuf, AgentError> {
 /// read; what it holds is repeated only if it is a version number.
 fn cluster_major(data: &Path) -> Result<Option<u32>, String> {
     use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
     let path = data.join("PG_VERSION");
     let not_a_version = || {
         format!(
@@ -84,20 +84,12 @@ fn cluster_major(data: &Path) -> Result<Option<u32>, String> {
             path.display()
         )
     };
-    let file = match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
-        .open(&path)
-    {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        // O_NOFOLLOW on a symlink.
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Err(not_a_version()),
-        Err(e) => return Err(format!("{}: {e}", path.display())),
+    let file = match crate::secrets::open_regular(&path) {
+        Ok((file, _)) => file,
+        Err(Refusal::Missing) => return Ok(None),
+        Err(Refusal::Io(e)) => return Err(format!("{}: {e}", path.display())),
+        Err(_) => return Err(not_a_version()),
     };
-    if !file.metadata().is_ok_and(|m| m.file_type().is_file()) {
-        return Err(not_a_version());
-    }
     let mut text = String::new();
     file.take(16)
         .read_to_string(&mut text)

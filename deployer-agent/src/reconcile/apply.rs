@@ -84,7 +84,8 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 let mut outcome = self.keep(name, unit, condition, state).await;
                 if *recheck && let Some(s) = service(name) {
                     match self.clear_failure(s, state).await {
-                        Ok(()) => self.retire_untracked(retire_after, report).await,
+                        Ok(true) => self.retire_untracked(retire_after, report).await,
+                        Ok(false) => {}
                         Err(error) if outcome == Outcome::Kept => {
                             outcome = Outcome::Unhealthy { error }
                         }
@@ -339,13 +340,14 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
     /// The manifest's spec runs (a `Keep` with `recheck`): a failure recorded for another
     /// spec (a version rolled back since), or for this one before the host was fixed (a
     /// missing artifact), is history once the running generation passes its health checks.
-    /// `Err` says why it is not healthy.
-    async fn clear_failure(&self, service: &Service, state: &mut State) -> Result<(), String> {
+    /// `Ok(true)` when it passed, `Ok(false)` when there is no generation to probe, `Err`
+    /// with why it is not healthy.
+    async fn clear_failure(&self, service: &Service, state: &mut State) -> Result<bool, String> {
         let Some(entry) = state.services.get_mut(&service.name) else {
-            return Err("not deployed".into());
+            return Ok(false);
         };
         let Some(current) = &entry.current else {
-            return Err("not deployed".into());
+            return Ok(false);
         };
         let healthy = match self.restored_probes(service, current) {
             Ok(probes) => {
@@ -361,7 +363,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 entry.failed = None;
                 entry.last_error = None;
                 entry.health = Health::Healthy;
-                Ok(())
+                Ok(true)
             }
             Err(e) => {
                 tracing::warn!(error = %e, "runs the manifest's spec, but not healthily");

@@ -279,13 +279,14 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
     /// before it was recorded) is removed like any failed new unit. What happened, for the
     /// error message.
     async fn restore_found(&self, unit: &str, found: Option<&str>) -> String {
-        let _ = self.host.manager().stop(unit).await;
         let Some(found) = found else {
-            return match self.retire(unit).await {
+            return match self.restore(unit, None).await {
                 Ok(()) => String::new(),
                 Err(e) => format!("; removing the new unit failed too: {e}"),
             };
         };
+        // Stopped first, as `restore` does: a pending automatic restart must not fire later.
+        let _ = self.host.manager().stop(unit).await;
         // Unless the new file could not even be written: then the found one is still there.
         let file_ok = self.host.read_unit(unit).as_deref() == Some(found);
         let stays_up = Probes {

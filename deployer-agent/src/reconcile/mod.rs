@@ -135,14 +135,28 @@ impl RunReport {
     /// Every service and infrastructure service ended as the plan meant, and the routes
     /// were applied.
     pub fn ok(&self) -> bool {
-        self.route_error.is_none()
-            && !self.services.values().any(Outcome::failed)
-            && !self.infra.values().any(|o| {
-                matches!(
-                    o,
-                    InfraOutcome::Failed { .. } | InfraOutcome::Unknown { .. }
-                )
-            })
+        self.failures().next().is_none()
+    }
+
+    /// Every failure of the run, one line each, as the operator reads them: the route error,
+    /// then each failed service, then each failed infrastructure service.
+    pub fn failures(&self) -> impl Iterator<Item = String> + '_ {
+        let services = self
+            .services
+            .iter()
+            .filter(|(_, o)| o.failed())
+            .map(|(s, o)| format!("{s}: {o}"));
+        let infra = self.infra.iter().filter_map(|(n, o)| match o {
+            InfraOutcome::Failed { error } | InfraOutcome::Unknown { error } => {
+                Some(format!("infrastructure {n}: {error}"))
+            }
+            _ => None,
+        });
+        self.route_error
+            .iter()
+            .cloned()
+            .chain(services)
+            .chain(infra)
     }
 
     /// A failure on this host's side (secrets file, fetch, a free port, infrastructure that
@@ -161,24 +175,7 @@ impl RunReport {
     /// What failed, one line for the host's `lastError`: the route error, or the first
     /// failed service or infrastructure (and how many more).
     pub fn failure(&self) -> Option<String> {
-        let services = self
-            .services
-            .iter()
-            .filter(|(_, o)| o.failed())
-            .map(|(s, o)| format!("{s}: {o}"));
-        let infra = self.infra.iter().filter_map(|(n, o)| match o {
-            InfraOutcome::Failed { error } | InfraOutcome::Unknown { error } => {
-                Some(format!("infrastructure {n}: {error}"))
-            }
-            _ => None,
-        });
-        let all: Vec<String> = self
-            .route_error
-            .iter()
-            .cloned()
-            .chain(services)
-            .chain(infra)
-            .collect();
+        let all: Vec<String> = self.failures().collect();
         let first = all.first()?;
         Some(match all.len() {
             1 => first.clone(),
