@@ -201,10 +201,64 @@ pub struct Exec {
     /// `null` means `<artifact>/bin/<name>`.
     #[serde(default)]
     pub command: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user: Option<String>,
+    /// The account the service runs as: left out, root; `null`, a dynamic user systemd makes
+    /// for the service while it runs (`DynamicUser=yes`). See [`Exec::run_as`].
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub user: Option<Option<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// Paths the sandbox leaves writable (`ReadWritePaths=`); everything else but the
+    /// service's state directory and its private /tmp is read-only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub writable_paths: Vec<String>,
+    /// The name of the service's state directory under /var/lib (`StateDirectory=`, given
+    /// to the service as `$STATE_DIRECTORY`); default `deployer-<name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_directory: Option<String>,
+    /// `MemoryMax=`: bytes with an optional K, M, G or T suffix (base 1024), a percentage
+    /// of the host's memory, or `infinity`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_max: Option<String>,
+    /// `CPUQuota=`: a percentage of one CPU (`200%` is two CPUs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_quota: Option<String>,
+    /// `TasksMax=`: the most processes and threads the service may have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tasks_max: Option<u64>,
+}
+
+/// Who a service runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunAs<'a> {
+    /// No `exec.user`: root, in the sandbox.
+    Root,
+    /// `exec.user` names an account, which must exist on the host.
+    Account(&'a str),
+    /// `"user": null`: `DynamicUser=yes`.
+    Dynamic,
+}
+
+impl Exec {
+    pub fn run_as(&self) -> RunAs<'_> {
+        match &self.user {
+            None => RunAs::Root,
+            Some(Some(name)) => RunAs::Account(name),
+            Some(None) => RunAs::Dynamic,
+        }
+    }
+}
+
+/// A field that tells "left out" (`None`, by `#[serde(default)]`) from `null` (`Some(None)`).
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -487,8 +541,13 @@ mod schema_drift {
             hosts: vec!["biz".into()],
             exec: Some(Exec {
                 command: Some("bin/server --port 8080".into()),
-                user: Some("root".into()),
+                user: Some(Some("root".into())),
                 group: Some("root".into()),
+                writable_paths: vec!["/srv/data".into()],
+                state_directory: Some(format!("{name}-data")),
+                memory_max: Some("512M".into()),
+                cpu_quota: Some("50%".into()),
+                tasks_max: Some(64),
             }),
             env: [("PORT".to_owned(), "8080".to_owned())].into(),
             env_file: Some(format!("/var/lib/deployer-secrets/{name}.env")),

@@ -176,6 +176,7 @@ fn check_rules(m: &Manifest, origin: &str) -> Result<(), Invalid> {
     let mut problems = Vec::new();
     let mut names = BTreeSet::new();
     let mut routes = std::collections::BTreeMap::new();
+    let mut state_dirs = std::collections::BTreeMap::new();
     let ecosystem: BTreeSet<&str> = m
         .infrastructure
         .iter()
@@ -218,6 +219,20 @@ fn check_rules(m: &Manifest, origin: &str) -> Result<(), Invalid> {
             }
         }
         isolation_rules(s, &at, &mut problems);
+        if let Some(exec) = &s.exec {
+            sandbox_rules(exec, &format!("{at}.exec"), &mut problems);
+        }
+        let dir = s.exec.as_ref().and_then(|e| e.state_directory.clone());
+        if let Some(dir) = dir
+            && let Some(other) = state_dirs.insert(dir.clone(), s.name.as_str())
+        {
+            problems.push(Problem {
+                field: format!("{at}.exec.stateDirectory"),
+                message: format!(
+                    "state directory {dir:?} is also service {other:?}'s; each service gets its own"
+                ),
+            });
+        }
         if let Some(infra) = &s.infrastructure {
             for (name, req) in &infra.services {
                 for dep in &req.depends_on {
@@ -349,6 +364,82 @@ fn secret_names(value: &str) -> Vec<&str> {
         rest = &after[end..];
     }
     out
+}
+
+/// Directories a service's sandbox never makes writable, nor anything above or under them:
+/// the system's own, and the deployer's (its state, the secrets, the units it writes).
+pub const PROTECTED_PATHS: [&str; 16] = [
+    "/bin",
+    "/boot",
+    "/dev",
+    "/etc",
+    "/lib",
+    "/lib64",
+    "/nix",
+    "/proc",
+    "/root",
+    "/run/systemd",
+    "/sbin",
+    "/sys",
+    "/usr",
+    "/var/lib/deployer",
+    "/var/lib/deployer-secrets",
+    "/var/lib/private",
+];
+
+/// Whether `a` is `b` or a directory above or under it, segment by segment.
+pub fn paths_overlap(a: &str, b: &str) -> bool {
+    let within = |x: &str, y: &str| x == y || x.strip_prefix(y).is_some_and(|r| r.starts_with('/'));
+    within(a, b) || within(b, a) || a == "/" || b == "/"
+}
+
+/// Why `path` may not be a writable path of a service, if it may not; `protected` are the
+/// directories besides [`PROTECTED_PATHS`] (the agent adds its own configured ones).
+pub fn writable_path_problem(path: &str, protected: &[&str]) -> Option<String> {
+    if !is_normalised_absolute(path) {
+        return Some(format!(
+            "{path:?} must be an absolute, normalised path (no '.', '..', '//' or trailing '/')"
+        ));
+    }
+    PROTECTED_PATHS
+        .iter()
+        .chain(protected)
+        .find(|p| paths_overlap(path, p))
+        .map(|p| {
+            format!(
+                "{path:?} overlaps {p}, which a service may never write; use a directory of its own, e.g. /srv/<name>, or its state directory ($STATE_DIRECTORY)"
+            )
+        })
+}
+
+/// The sandbox a service asks for: writable paths outside the system's and the deployer's
+/// directories, a state directory that is not the deployer's, no group for a dynamic user.
+fn sandbox_rules(exec: &crate::model::Exec, at: &str, problems: &mut Vec<Problem>) {
+    for (i, path) in exec.writable_paths.iter().enumerate() {
+        if let Some(message) = writable_path_problem(path, &[]) {
+            problems.push(Problem {
+                field: format!("{at}.writablePaths[{i}]"),
+                message,
+            });
+        }
+    }
+    if let Some(dir) = &exec.state_directory
+        && (dir.starts_with("deployer") || dir == "private")
+    {
+        problems.push(Problem {
+            field: format!("{at}.stateDirectory"),
+            message: format!(
+                "{dir:?} is reserved: /var/lib/deployer* is the deployer's and /var/lib/private systemd's; leave stateDirectory out for deployer-<name>, or choose another name"
+            ),
+        });
+    }
+    if exec.run_as() == crate::model::RunAs::Dynamic && exec.group.is_some() {
+        problems.push(Problem {
+            field: format!("{at}.group"),
+            message: "a dynamic user (\"user\": null) gets a group of its own; leave group out"
+                .to_owned(),
+        });
+    }
 }
 
 /// One service may reach only its own secrets, database and files: its name is not
@@ -622,6 +713,105 @@ mod tests {
         let mut s = seed_service();
         edit(&mut s);
         problems(manifest_with(s))
+    }
+
+    #[test]
+    fn sandbox_requests_are_checked() {
+        let exec = |extra: Value| {
+            problems_after(|s| {
+                for (k, v) in extra.as_object().unwrap() {
+                    s["exec"][k] = v.clone();
+                }
+            })
+        };
+        let fine = exec(json!({
+            "writablePaths": ["/srv/my-service", "/var/cache/my-service"],
+            "stateDirectory": "my-service", "memoryMax": "512M", "cpuQuota": "150%",
+            "tasksMax": 64
+        }));
+        assert_eq!(fine, Vec::<String>::new());
+        for (bad, field) in [
+            (json!({"writablePaths": ["/"]}), "writablePaths[0]"),
+            (json!({"writablePaths": ["/var"]}), "writablePaths[0]"),
+            (
+                json!({"writablePaths": ["/etc/cron.d"]}),
+                "writablePaths[0]",
+            ),
+            (json!({"writablePaths": ["/usr"]}), "writablePaths[0]"),
+            (
+                json!({"writablePaths": ["/var/lib/deployer-secrets"]}),
+                "writablePaths[0]",
+            ),
+            (
+                json!({"writablePaths": ["/var/lib/deployer/x"]}),
+                "writablePaths[0]",
+            ),
+            (
+                json!({"writablePaths": ["/srv/../etc"]}),
+                "writablePaths[0]",
+            ),
+            (json!({"writablePaths": ["srv"]}), "writablePaths[0]"),
+            (json!({"writablePaths": ["/srv/a b"]}), "writablePaths[0]"),
+            (
+                json!({"stateDirectory": "deployer-other"}),
+                "stateDirectory",
+            ),
+            (json!({"stateDirectory": "../etc"}), "stateDirectory"),
+            (json!({"memoryMax": "512MB"}), "memoryMax"),
+            (json!({"memoryMax": "0"}), "memoryMax"),
+            (json!({"cpuQuota": "50"}), "cpuQuota"),
+            (json!({"tasksMax": 0}), "tasksMax"),
+            (json!({"user": null}), "group"),
+        ] {
+            let p = exec(bad.clone());
+            assert!(
+                p.len() == 1 && p[0].contains(field),
+                "{bad}: expected one problem at {field}, got {p:?}"
+            );
+        }
+        // A dynamic user without a group is fine; `null` survives a round trip.
+        let mut s = seed_service();
+        s["exec"] = json!({"command": null, "user": null});
+        let m = manifest_from_value(manifest_with(s), "test").unwrap();
+        let exec = m.services[0].exec.as_ref().unwrap();
+        assert_eq!(exec.run_as(), crate::model::RunAs::Dynamic);
+        let back = serde_json::to_value(exec).unwrap();
+        assert_eq!(back["user"], Value::Null);
+        assert!(back.as_object().unwrap().contains_key("user"));
+        let mut s = seed_service();
+        s["exec"] = json!({"command": null});
+        let m = manifest_from_value(manifest_with(s), "test").unwrap();
+        let exec = m.services[0].exec.as_ref().unwrap();
+        assert_eq!(exec.run_as(), crate::model::RunAs::Root);
+        assert!(
+            !serde_json::to_value(exec)
+                .unwrap()
+                .as_object()
+                .unwrap()
+                .contains_key("user")
+        );
+    }
+
+    #[test]
+    fn two_services_never_share_a_state_directory() {
+        let mut a = seed_service();
+        a["exec"]["stateDirectory"] = json!("shared");
+        let mut b = seed_service();
+        b["name"] = json!("other");
+        b["http"]["domain"] = json!("other.example.com");
+        b.as_object_mut().unwrap().remove("envFile");
+        b["exec"]["stateDirectory"] = json!("shared");
+        let p = problems(json!({"schemaVersion": 1, "services": [a, b.clone()]}));
+        assert!(
+            p.len() == 1 && p[0].contains("\"shared\" is also service \"my-service\"'s"),
+            "{p:?}"
+        );
+        // Nor the default of another one.
+        b["exec"]["stateDirectory"] = json!("deployer-my-service");
+        let mut a = seed_service();
+        a["exec"] = json!({"command": null});
+        let p = problems(json!({"schemaVersion": 1, "services": [a, b]}));
+        assert!(p.iter().any(|m| m.contains("reserved")), "{p:?}");
     }
 
     #[test]

@@ -48,10 +48,12 @@ impl ExecProbe {
                 working_directory: Some(dir.to_path_buf()),
                 user: None,
                 group: None,
+                dynamic_user: false,
                 environment: Default::default(),
                 environment_files: Vec::new(),
                 log_file: None,
-                hardening: false,
+                sandbox: None,
+                limits: Default::default(),
                 oneshot: true,
                 start_timeout: None,
             },
@@ -59,13 +61,11 @@ impl ExecProbe {
         }
     }
 
-    /// The transient unit for one run of this probe, killed after `timeout`; `service_unit`
-    /// is the unit it checks (its name is the probe's `StateDirectory=` under hardening).
-    pub fn transient(&self, service_unit: &str, timeout: Duration) -> TransientSpec {
+    /// The transient unit for one run of this probe, killed after `timeout`.
+    pub fn transient(&self, timeout: Duration) -> TransientSpec {
         TransientSpec {
             name: crate::names::probe_unit(&self.label, &random_hex()),
             unit: self.unit.clone(),
-            state_directory: service_unit.strip_suffix(".service").map(str::to_owned),
             timeout,
         }
     }
@@ -198,13 +198,11 @@ impl Probes {
         self.http.is_some() || self.tcp.is_some() || self.exec.is_some()
     }
 
-    /// Run every probe once, none past `deadline`; the first failure, described. `unit` is
-    /// the unit being checked.
+    /// Run every probe once, none past `deadline`; the first failure, described.
     async fn check(
         &self,
         mgr: &impl ServiceManager,
         client: &reqwest::Client,
-        unit: &str,
         deadline: Instant,
     ) -> Result<(), String> {
         let left = || deadline.saturating_duration_since(Instant::now());
@@ -237,7 +235,7 @@ impl Probes {
             if timeout.is_zero() {
                 return Err(format!("{command}: no time left to run it"));
             }
-            let spec = exec.transient(unit, timeout);
+            let spec = exec.transient(timeout);
             match mgr.run_transient(&spec).await {
                 Ok(JobResult::Done) => {}
                 Ok(JobResult::Failed(how)) => return Err(format!("{command} {how}")),
@@ -293,7 +291,7 @@ pub async fn wait_healthy(
         }
         if status.is_active() {
             if probes.any() {
-                match probes.check(mgr, &client, unit, deadline).await {
+                match probes.check(mgr, &client, deadline).await {
                     Ok(()) => {
                         tracing::info!(elapsed = ?start.elapsed(), "healthy");
                         return Ok(());

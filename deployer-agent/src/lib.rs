@@ -18,8 +18,9 @@
 //!   `redis`, `app`: what a service gets), [`proxy`] (`caddy`, `nginx`), [`resp`] (a small Redis client).
 //! - [`names`]: every generated name. [`state`]: state.json and the run lock.
 //!   [`report`]: the host report and metrics. [`config`]: settings. [`fault`]: the
-//!   fault-injection hook.
+//!   fault-injection hook. [`accounts`]: system users and groups (NSS).
 
+pub mod accounts;
 pub mod config;
 pub mod fault;
 pub mod fetch;

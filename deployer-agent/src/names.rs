@@ -30,6 +30,30 @@ pub fn description(service: &str) -> String {
     format!("deployer: {service}")
 }
 
+/// The state directory (under /var/lib) of every unit of `service` (its generations, its
+/// release, its probes): `exec.stateDirectory`, or `deployer-<service>`.
+pub fn state_directory(service: &deploy_manifest::model::Service) -> String {
+    service
+        .exec
+        .as_ref()
+        .and_then(|e| e.state_directory.clone())
+        .unwrap_or_else(|| format!("{PREFIX}{}", service.name))
+}
+
+/// The dynamic account (`"user": null`) of every unit of `service`, so its probes and its
+/// release share the service's uid: `deployer-<service>`, or, past the 31 characters an
+/// account name may have, its first 13 characters and a hash of the whole name.
+pub fn dynamic_user(service: &str) -> String {
+    let name = format!("{PREFIX}{service}");
+    if name.len() <= 31 {
+        return name;
+    }
+    use sha2::Digest;
+    let hash = sha2::Sha256::digest(service.as_bytes());
+    let hex: String = hash.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    format!("{PREFIX}{}-{hex}", &service[..13])
+}
+
 /// The unit of a zero-downtime generation of `service` listening on `port`.
 pub fn generation_unit(service: &str, port: u16) -> String {
     format!("{PREFIX}{service}.{port}{SUFFIX}")
@@ -222,6 +246,19 @@ mod tests {
         ] {
             assert_eq!(parse_unit(not_ours), None, "{not_ours}");
         }
+    }
+
+    #[test]
+    fn dynamic_users_are_valid_account_names() {
+        assert_eq!(dynamic_user("web"), "deployer-web");
+        let long = "a-service-with-a-rather-long-name-indeed";
+        let name = dynamic_user(long);
+        assert!(
+            name.len() <= 31 && name.starts_with("deployer-a-service-wi"),
+            "{name}"
+        );
+        assert_ne!(name, dynamic_user("a-service-with-a-rather-long-name-too"));
+        assert_eq!(dynamic_user(&"x".repeat(22)).len(), 31);
     }
 
     #[test]

@@ -363,7 +363,7 @@ pub async fn plan<H: Host>(
                 ready,
                 ..infra_step(&name, &recorded.unit, spec)
             },
-            None => match infra::unit_file(&name, spec, &config.state_dir, config.user) {
+            None => match infra::unit_file(&name, spec, config) {
                 Ok(unit_file) => InfraStep {
                     condition: condition(host, &unit, &unit_file).await,
                     unit_file,

@@ -322,6 +322,41 @@ async fn a_missing_artifact_changes_nothing_and_is_retried() {
 }
 
 #[tokio::test]
+async fn an_account_the_host_lacks_changes_nothing_and_is_retried() {
+    let mut b = Bench::new(false);
+    let v1 = manifest(&[("a", "/nix/store/a-v1", json!({}))], Value::Null);
+    b.run(&v1).await;
+    let before = b.file("deployer-a.service").unwrap();
+    b.host().world().missing_accounts.insert("app".into());
+    let v2 = manifest(
+        &[(
+            "a",
+            "/nix/store/a-v2",
+            json!({"exec": {"command": null, "user": "app"}}),
+        )],
+        Value::Null,
+    );
+    let changes = b.host().world().log.len();
+    let (_, report) = b.run(&v2).await;
+    match &report.services["a"] {
+        Outcome::Retrying { error } => assert!(error.contains("no account \"app\""), "{error}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(b.host().world().log.len(), changes, "nothing was touched");
+    assert_eq!(
+        b.file("deployer-a.service").unwrap(),
+        before,
+        "v1 still runs"
+    );
+    assert!(b.active("deployer-a.service"));
+    // The operator creates the account: the next run deploys, as that account.
+    b.host().world().missing_accounts.clear();
+    let (_, report) = b.run(&v2).await;
+    assert_eq!(report.services["a"], Outcome::Deployed);
+    assert!(b.file("deployer-a.service").unwrap().contains("User=app\n"));
+}
+
+#[tokio::test]
 async fn drift_is_repaired_from_the_state() {
     // (what happens to the unit, the condition the plan sees, what the repair does)
     type Drift = fn(&MemoryHost);

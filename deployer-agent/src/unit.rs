@@ -67,18 +67,108 @@ pub struct UnitSpec {
     /// Only on the system manager (a user manager refuses `User=`).
     pub user: Option<String>,
     pub group: Option<String>,
+    /// `DynamicUser=yes`: `user` names the dynamic account systemd makes while it runs.
+    pub dynamic_user: bool,
     pub environment: BTreeMap<String, String>,
     /// `EnvironmentFile=`, in order (a later file wins).
     pub environment_files: Vec<EnvFile>,
     /// `append:` targets for output when there is no journal (tests, user managers).
     pub log_file: Option<PathBuf>,
-    /// Sandboxing defaults that need privileges (system manager only).
-    pub hardening: bool,
+    /// The sandbox (system manager only: it needs privileges); `None`, no sandbox.
+    pub sandbox: Option<Sandbox>,
+    /// Resource limits (cgroup settings).
+    pub limits: Limits,
     /// Run once to completion (a release command) instead of as a long-running service.
     pub oneshot: bool,
     /// `TimeoutStartSec=`: a one-shot unit still running after this long is killed
     /// (SIGTERM, then SIGKILL after `TimeoutStopSec=`) and its start fails.
     pub start_timeout: Option<Duration>,
+}
+
+/// A service's sandbox on the system manager: [`HARDENING`] for every one, plus its own
+/// state directory, the paths its manifest makes writable, and the agent's files hidden.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sandbox {
+    /// `StateDirectory=`: a directory name under /var/lib, the service's `$STATE_DIRECTORY`.
+    pub state_directory: Option<String>,
+    /// `ReadWritePaths=`: the manifest's `exec.writablePaths` (checked by the agent).
+    pub writable: Vec<PathBuf>,
+    /// `InaccessiblePaths=-…`: the secrets directory and the host key, hidden even from a
+    /// service that runs as root (systemd reads the env files before the sandbox is set up).
+    pub hidden: Vec<PathBuf>,
+}
+
+/// Resource limits of a service, as the manifest writes them (checked again here).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// `MemoryMax=`: bytes with an optional K, M, G or T suffix, a percentage, `infinity`.
+    pub memory_max: Option<String>,
+    /// `CPUQuota=`: a percentage.
+    pub cpu_quota: Option<String>,
+    /// `TasksMax=`.
+    pub tasks_max: Option<u64>,
+}
+
+impl Limits {
+    /// The unit-file lines, each value checked.
+    fn lines(&self) -> Result<Vec<String>, UnitError> {
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        let mut out = Vec::new();
+        if let Some(m) = &self.memory_max {
+            let number = m.strip_suffix(['K', 'M', 'G', 'T', '%']).unwrap_or(m);
+            if !(m == "infinity" || digits(number) && !number.starts_with('0')) {
+                return Err(invalid(
+                    "memoryMax",
+                    format!("{m:?} is not bytes (K, M, G or T suffix), a percentage or infinity"),
+                ));
+            }
+            out.push(format!("MemoryMax={m}"));
+        }
+        if let Some(q) = &self.cpu_quota {
+            if !q
+                .strip_suffix('%')
+                .is_some_and(|n| digits(n) && !n.starts_with('0'))
+            {
+                return Err(invalid("cpuQuota", format!("{q:?} is not a percentage")));
+            }
+            out.push(format!("CPUQuota={q}"));
+        }
+        if let Some(t) = self.tasks_max {
+            if t == 0 {
+                return Err(invalid("tasksMax", "must be at least 1"));
+            }
+            out.push(format!("TasksMax={t}"));
+        }
+        Ok(out)
+    }
+}
+
+/// A `StateDirectory=` name: `[A-Za-z0-9._-]`, not starting with `.`; no path.
+fn check_state_directory(name: &str) -> Result<(), UnitError> {
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            "stateDirectory",
+            format!("{name:?} is not a directory name"),
+        ))
+    }
+}
+
+/// A property as a unit file writes it: `yes`/`no`, the word, the words joined by spaces.
+fn file_value(p: &Property) -> String {
+    match p {
+        Property::Bool(b) => if *b { "yes" } else { "no" }.to_owned(),
+        Property::Str(s) => s.clone(),
+        Property::Strs(v) => v.join(" "),
+        other => unreachable!("not a sandbox setting: {other:?}"),
+    }
 }
 
 /// One sandboxing setting: a boolean switched on, or a word.
@@ -89,17 +179,22 @@ enum Setting {
 }
 
 /// The sandbox of every service on the system manager (they need privileges), written into
-/// its unit file and given to its health probes as transient-unit properties. Besides these,
-/// `StateDirectory=` names the service unit.
-const HARDENING: [(&str, Setting); 9] = [
+/// its unit file and given to its health probes as transient-unit properties (with the rest
+/// of its [`Sandbox`]).
+const HARDENING: [(&str, Setting); 14] = [
     ("NoNewPrivileges", Setting::Yes),
     ("PrivateTmp", Setting::Yes),
+    ("PrivateDevices", Setting::Yes),
     ("ProtectSystem", Setting::Word("strict")),
-    ("ProtectHome", Setting::Word("read-only")),
+    ("ProtectHome", Setting::Word("yes")),
     ("ProtectKernelTunables", Setting::Yes),
     ("ProtectKernelModules", Setting::Yes),
+    ("ProtectKernelLogs", Setting::Yes),
     ("ProtectControlGroups", Setting::Yes),
+    ("ProtectClock", Setting::Yes),
+    ("ProtectHostname", Setting::Yes),
     ("RestrictSUIDSGID", Setting::Yes),
+    ("RestrictRealtime", Setting::Yes),
     ("LockPersonality", Setting::Yes),
 ];
 
@@ -207,8 +302,9 @@ fn path_value(field: &str, path: &Path) -> Result<String, UnitError> {
 }
 
 impl UnitSpec {
-    /// `User=` and `Group=`, checked.
-    fn account(&self) -> Result<Vec<(&'static str, &str)>, UnitError> {
+    /// Who it runs as and how it is sandboxed, checked, as typed properties: the same
+    /// settings in a unit file ([`UnitSpec::render`]) and in a transient probe unit.
+    fn settings(&self) -> Result<Vec<(&'static str, Property)>, UnitError> {
         let mut out = Vec::new();
         for (field, key, value) in [
             ("user", "User", &self.user),
@@ -222,8 +318,43 @@ impl UnitSpec {
                 if !ok {
                     return Err(invalid(field, format!("{v:?} is not a valid account name")));
                 }
-                out.push((key, v.as_str()));
+                out.push((key, Property::Str(v.clone())));
             }
+        }
+        if self.dynamic_user {
+            if self.user.is_none() {
+                return Err(invalid("user", "a dynamic user needs a name"));
+            }
+            out.push(("DynamicUser", Property::Bool(true)));
+        }
+        let Some(sandbox) = &self.sandbox else {
+            return Ok(out);
+        };
+        for (key, setting) in HARDENING {
+            out.push((
+                key,
+                match setting {
+                    Setting::Yes => Property::Bool(true),
+                    Setting::Word(w) => Property::Str(w.to_owned()),
+                },
+            ));
+        }
+        if let Some(dir) = &sandbox.state_directory {
+            check_state_directory(dir)?;
+            out.push(("StateDirectory", Property::Strs(vec![dir.clone()])));
+        }
+        let paths = |field: &str, list: &[PathBuf], prefix: &str| {
+            list.iter()
+                .map(|p| Ok(format!("{prefix}{}", path_value(field, p)?)))
+                .collect::<Result<Vec<_>, UnitError>>()
+        };
+        if !sandbox.writable.is_empty() {
+            let w = paths("writablePaths", &sandbox.writable, "")?;
+            out.push(("ReadWritePaths", Property::Strs(w)));
+        }
+        if !sandbox.hidden.is_empty() {
+            let h = paths("hidden path", &sandbox.hidden, "-")?;
+            out.push(("InaccessiblePaths", Property::Strs(h)));
         }
         Ok(out)
     }
@@ -266,8 +397,11 @@ impl UnitSpec {
                 path_value("workingDirectory", dir)?
             );
         }
-        for (key, v) in self.account()? {
-            let _ = writeln!(u, "{key}={v}");
+        let settings = self.settings()?;
+        for (key, v) in &settings {
+            if matches!(*key, "User" | "Group" | "DynamicUser") {
+                let _ = writeln!(u, "{key}={}", file_value(v));
+            }
         }
         for (k, v) in &self.environment {
             let _ = writeln!(u, "{}", environment_line(k, v)?);
@@ -293,15 +427,13 @@ impl UnitSpec {
             let _ = writeln!(u, "TimeoutStartSec={}", seconds(t));
         }
         let _ = writeln!(u, "TimeoutStopSec=30s");
-        if self.hardening {
-            for (key, setting) in HARDENING {
-                let value = match setting {
-                    Setting::Yes => "yes",
-                    Setting::Word(w) => w,
-                };
-                let _ = writeln!(u, "{key}={value}");
+        for (key, v) in &settings {
+            if !matches!(*key, "User" | "Group" | "DynamicUser") {
+                let _ = writeln!(u, "{key}={}", file_value(v));
             }
-            let _ = writeln!(u, "StateDirectory=%N");
+        }
+        for line in self.limits.lines()? {
+            let _ = writeln!(u, "{line}");
         }
         let _ = writeln!(u);
         let _ = writeln!(u, "[Install]");
@@ -338,9 +470,6 @@ pub struct TransientSpec {
     /// as in a unit file. `oneshot`, `start_timeout` and `Restart=` do not apply: a
     /// transient unit is always one-shot and killed at `timeout`.
     pub unit: UnitSpec,
-    /// With hardening, `StateDirectory=`: the service unit's name without `.service` (what
-    /// `%N` means in its unit file), so the probe sees the service's state directory.
-    pub state_directory: Option<String>,
     /// `TimeoutStartUSec=`: still running after this long, it is stopped (SIGTERM, then
     /// SIGKILL after [`PROBE_STOP_TIMEOUT`]) and its start fails with result `timeout`.
     pub timeout: Duration,
@@ -381,9 +510,6 @@ impl TransientSpec {
                 Property::Str(path_value("workingDirectory", dir)?),
             ));
         }
-        for (key, v) in u.account()? {
-            p.push((key, Property::Str(v.to_owned())));
-        }
         if !u.environment.is_empty() {
             let mut env = Vec::new();
             for (k, v) in &u.environment {
@@ -410,21 +536,9 @@ impl TransientSpec {
             "TimeoutStopUSec",
             Property::Micros(micros(PROBE_STOP_TIMEOUT)),
         ));
-        if u.hardening {
-            for (key, setting) in HARDENING {
-                p.push((
-                    key,
-                    match setting {
-                        Setting::Yes => Property::Bool(true),
-                        Setting::Word(w) => Property::Str(w.to_owned()),
-                    },
-                ));
-            }
-            if let Some(dir) = &self.state_directory {
-                check_unit_name(&format!("{dir}.service"))?;
-                p.push(("StateDirectory", Property::Strs(vec![dir.clone()])));
-            }
-        }
+        // Who it runs as and its sandbox, as the service's own unit file says them. (Its
+        // resource limits are not a probe's: a probe is short and capped by its timeout.)
+        p.extend(u.settings()?);
         p.push(("CollectMode", Property::Str("inactive-or-failed".into())));
         Ok(p)
     }
@@ -524,7 +638,16 @@ mod tests {
                 },
             ],
             log_file: None,
-            hardening: true,
+            dynamic_user: false,
+            sandbox: Some(Sandbox {
+                state_directory: Some("deployer-my-service".into()),
+                writable: Vec::new(),
+                hidden: vec![
+                    "/var/lib/deployer-secrets".into(),
+                    "/var/lib/deployer/host.key".into(),
+                ],
+            }),
+            limits: Limits::default(),
             oneshot: false,
             start_timeout: None,
         }
@@ -547,17 +670,83 @@ mod tests {
     }
 
     #[test]
-    fn hardening_is_unchanged_in_unit_files() {
+    fn the_sandbox_is_written_into_unit_files() {
         let u = spec().render().unwrap();
         assert!(
             u.contains(
-                "NoNewPrivileges=yes\nPrivateTmp=yes\nProtectSystem=strict\n\
-                 ProtectHome=read-only\nProtectKernelTunables=yes\nProtectKernelModules=yes\n\
-                 ProtectControlGroups=yes\nRestrictSUIDSGID=yes\nLockPersonality=yes\n\
-                 StateDirectory=%N\n"
+                "NoNewPrivileges=yes\nPrivateTmp=yes\nPrivateDevices=yes\nProtectSystem=strict\n\
+                 ProtectHome=yes\nProtectKernelTunables=yes\nProtectKernelModules=yes\n\
+                 ProtectKernelLogs=yes\nProtectControlGroups=yes\nProtectClock=yes\n\
+                 ProtectHostname=yes\nRestrictSUIDSGID=yes\nRestrictRealtime=yes\n\
+                 LockPersonality=yes\nStateDirectory=deployer-my-service\n\
+                 InaccessiblePaths=-/var/lib/deployer-secrets -/var/lib/deployer/host.key\n"
             ),
             "{u}"
         );
+        let mut s = spec();
+        s.sandbox.as_mut().unwrap().writable = vec!["/srv/data".into(), "/var/cache/x".into()];
+        let u = s.render().unwrap();
+        assert!(u.contains("ReadWritePaths=/srv/data /var/cache/x\n"), "{u}");
+        s.sandbox.as_mut().unwrap().writable = vec!["/srv/a b".into()];
+        assert!(
+            s.render().is_err(),
+            "a path with a space would be two paths"
+        );
+        s.sandbox.as_mut().unwrap().writable = vec!["srv".into()];
+        assert!(s.render().is_err());
+        let mut s = spec();
+        s.sandbox = None;
+        let u = s.render().unwrap();
+        assert!(
+            !u.contains("ProtectSystem") && !u.contains("StateDirectory"),
+            "{u}"
+        );
+    }
+
+    #[test]
+    fn a_dynamic_user_and_resource_limits() {
+        let mut s = spec();
+        s.user = Some("deployer-my-service".into());
+        s.group = None;
+        s.dynamic_user = true;
+        s.limits = Limits {
+            memory_max: Some("512M".into()),
+            cpu_quota: Some("150%".into()),
+            tasks_max: Some(64),
+        };
+        let u = s.render().unwrap();
+        assert!(
+            u.contains("User=deployer-my-service\nDynamicUser=yes\n"),
+            "{u}"
+        );
+        assert!(
+            u.contains("MemoryMax=512M\nCPUQuota=150%\nTasksMax=64\n"),
+            "{u}"
+        );
+        for (memory, ok) in [
+            ("1G", true),
+            ("50%", true),
+            ("infinity", true),
+            ("0", false),
+            ("512MB", false),
+            ("1G\nExecStartPre=/bin/evil", false),
+            ("", false),
+        ] {
+            s.limits.memory_max = Some(memory.into());
+            assert_eq!(s.render().is_ok(), ok, "{memory:?}");
+        }
+        s.limits.memory_max = None;
+        for (quota, ok) in [("50%", true), ("50", false), ("0%", false), ("%", false)] {
+            s.limits.cpu_quota = Some(quota.into());
+            assert_eq!(s.render().is_ok(), ok, "{quota:?}");
+        }
+        s.limits.cpu_quota = None;
+        s.limits.tasks_max = Some(0);
+        assert!(s.render().is_err());
+        let mut s = spec();
+        s.user = None;
+        s.dynamic_user = true;
+        assert!(s.render().is_err(), "a dynamic user has a name");
     }
 
     fn probe() -> TransientSpec {
@@ -566,7 +755,6 @@ mod tests {
         TransientSpec {
             name: "deployer-probe-my-service.0123456789abcdef.service".into(),
             unit,
-            state_directory: Some("deployer-my-service".into()),
             timeout: Duration::from_millis(1500),
         }
     }
@@ -612,6 +800,13 @@ mod tests {
             p["StateDirectory"],
             Property::Strs(vec!["deployer-my-service".into()])
         );
+        assert_eq!(
+            p["InaccessiblePaths"],
+            Property::Strs(vec![
+                "-/var/lib/deployer-secrets".into(),
+                "-/var/lib/deployer/host.key".into()
+            ])
+        );
         assert!(!p.contains_key("Restart"));
     }
 
@@ -620,7 +815,7 @@ mod tests {
         let mut t = probe();
         t.unit.user = None;
         t.unit.group = None;
-        t.unit.hardening = false;
+        t.unit.sandbox = None;
         t.unit.log_file = Some("/var/lib/deployer/logs/my-service.log".into());
         let p: BTreeMap<&str, Property> = t.properties().unwrap().into_iter().collect();
         for key in [
@@ -659,7 +854,7 @@ mod tests {
         t.unit.exec_start = vec!["curl".into()];
         assert!(t.properties().is_ok(), "a program name is searched for");
         let mut t = probe();
-        t.state_directory = Some("../etc".into());
+        t.unit.sandbox.as_mut().unwrap().state_directory = Some("../etc".into());
         assert!(t.properties().is_err());
         // A zero timeout would mean none at all to systemd.
         let mut t = probe();

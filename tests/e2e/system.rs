@@ -202,8 +202,18 @@ fn presets_a_release_and_kill_9_mid_apply_on_the_system_manager() {
         let out = run_checked(|args| agent(&fx, args));
         assert!(out.status.success(), "{}", out.stderr_str());
         assert_eq!(body(port).as_deref(), Some("hello from v1\n"));
-        for unit in ["deployer-infra-db.service", "deployer-infra-cache.service"] {
+        // Each preset runs as its own account (`User=`), not as root through runuser.
+        for (unit, account) in [
+            ("deployer-infra-db.service", "postgres"),
+            ("deployer-infra-cache.service", "redis"),
+        ] {
             assert_eq!(systemctl(&["is-active", unit]), "active", "{unit}");
+            let id = Command::new("id").args(["-u", account]).output().unwrap();
+            assert_eq!(main_process(unit).0, id.stdout_str().trim(), "{unit}");
+            let file =
+                std::fs::read_to_string(Path::new("/run/systemd/system").join(unit)).unwrap();
+            assert!(file.contains(&format!("User={account}\n")), "{file}");
+            assert!(!file.contains("runuser"), "{file}");
         }
         // The release made the table and the app wrote to it, in the cluster under the
         // default state directory.
@@ -268,5 +278,192 @@ fn presets_a_release_and_kill_9_mid_apply_on_the_system_manager() {
             ],
             "{units}"
         );
+    });
+}
+
+/// A service's sandbox and account under the real manager (#15): a root service cannot
+/// write /usr, read /root, the host key or another service's secrets, and writes only its
+/// state directory and the paths its manifest declares; its resource limits are the unit's
+/// (read back over D-Bus with `systemctl show`; the sandbox's cgroup does not enforce
+/// them); `exec.user` runs it as that account, `"user": null` as a dynamic one, and an
+/// account the host lacks is a clear error that leaves the rest deployed.
+#[test]
+fn the_sandbox_holds_accounts_are_real_and_limits_reach_the_unit() {
+    on_system_manager(|| {
+        let fx = Fixture::file();
+        let app = App::new();
+        fx.dm(&["init"]).ok();
+        let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
+        let service = |name: &str, port: u16, exec: Value| {
+            json!({
+                "name": name, "namespace": "Examples/Hello.py",
+                "artifact": {"storePath": "/nix/store/placeholder"}, "hosts": ["biz"],
+                "exec": exec,
+                "env": {"PORT": port.to_string()},
+                "health": {"http": {"path": "/healthz", "port": port}, "timeout": "20s",
+                           "interval": "200ms"}
+            })
+        };
+        let services = [
+            service(
+                "sandboxed",
+                ports[0],
+                json!({"command": "bin/check", "writablePaths": ["/srv/sandboxed-data"],
+                       "memoryMax": "256M", "cpuQuota": "50%", "tasksMax": 32}),
+            ),
+            service(
+                "named",
+                ports[1],
+                json!({"command": "bin/check", "user": "appuser", "group": "appuser"}),
+            ),
+            service(
+                "dynamic",
+                ports[2],
+                json!({"command": "bin/check", "user": null}),
+            ),
+            service(
+                "ghost",
+                ports[3],
+                json!({"command": "bin/hello", "user": "nosuchuser"}),
+            ),
+        ];
+        for s in &services {
+            fx.dm(&["add-service", &s.to_string()]).ok();
+        }
+        app.set_version("v1", false);
+        let check = r#"#!/bin/sh
+# What this service's sandbox lets it do, for the test to read.
+{
+if touch /usr/deployer-was-here 2>/dev/null; then echo usr=writable; else echo usr=denied; fi
+if touch /etc/deployer-was-here 2>/dev/null; then echo etc=writable; else echo etc=denied; fi
+echo "root-marker=$(cat /root/marker 2>/dev/null)"
+echo "host-key-bytes=$(cat /var/lib/deployer/host.key 2>/dev/null | wc -c)"
+echo "other-secret=$(cat /var/lib/deployer-secrets/other.env 2>/dev/null)"
+echo "own-secret=${OWN_TOKEN:-}"
+if touch /srv/sandboxed-data/x 2>/dev/null; then echo data=writable; else echo data=denied; fi
+if touch /var/lib/deployer/x 2>/dev/null; then echo state=writable; else echo state=denied; fi
+if touch /tmp/x && [ ! -e /tmp/deployer-host-tmp ]; then echo tmp=private; else echo tmp=shared; fi
+} > "$STATE_DIRECTORY/report"
+exec "$(dirname "$0")/hello"
+"#;
+        let bin = app.path().join("app/bin/check");
+        std::fs::write(&bin, check).unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        for name in ["sandboxed", "named", "dynamic", "ghost"] {
+            let args = ["Examples/Hello.py", "--service", name];
+            run_in(app.path(), "push.sh", &args, &fx.env).ok();
+        }
+
+        // The host as an operator prepared it: an account, a data directory, secrets.
+        let sh = |script: &str| {
+            let out = Command::new("sh").args(["-ec", script]).output().unwrap();
+            assert!(out.status.success(), "{script}: {}", out.stderr_str());
+        };
+        sh(
+            "useradd --system --no-create-home --user-group --shell /usr/sbin/nologin appuser
+            mkdir -p /srv/sandboxed-data /var/lib/deployer-secrets
+            chmod 700 /var/lib/deployer-secrets
+            echo root-only > /root/marker
+            touch /tmp/deployer-host-tmp
+            printf 'OWN_TOKEN=mine\n' > /var/lib/deployer-secrets/sandboxed.env
+            printf 'OTHER_TOKEN=theirs\n' > /var/lib/deployer-secrets/other.env
+            chmod 600 /var/lib/deployer-secrets/*.env",
+        );
+        // The host key exists before the service starts (a later run would make it anyway).
+        assert!(agent(&fx, &["host-key"]).status.success());
+
+        let out = run_checked(|args| agent(&fx, args));
+        let stderr = out.stderr_str();
+        assert_eq!(out.code(), 8, "ghost cannot deploy: {stderr}");
+        assert!(
+            stderr.contains("no account \"nosuchuser\"") && stderr.contains("useradd"),
+            "{stderr}"
+        );
+        assert_ne!(
+            systemctl(&["is-active", "deployer-ghost.service"]),
+            "active"
+        );
+        for (name, port) in ["sandboxed", "named", "dynamic"].iter().zip(&ports) {
+            assert_eq!(
+                body(*port).as_deref(),
+                Some("hello from v1\n"),
+                "{name}: {stderr}"
+            );
+        }
+
+        let report = |name: &str| -> std::collections::BTreeMap<String, String> {
+            let dir = match name {
+                "dynamic" => "/var/lib/private/deployer-dynamic".to_owned(),
+                other => format!("/var/lib/deployer-{other}"),
+            };
+            let text = std::fs::read_to_string(format!("{dir}/report"))
+                .unwrap_or_else(|e| panic!("{name}'s report in {dir}: {e}"));
+            text.lines()
+                .filter_map(|l| l.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect()
+        };
+        // Root, but in the sandbox.
+        let r = report("sandboxed");
+        let (uid, _) = main_process("deployer-sandboxed.service");
+        assert_eq!(uid, "0");
+        assert_eq!(r["usr"], "denied", "{r:?}");
+        assert_eq!(r["etc"], "denied", "{r:?}");
+        assert_eq!(r["root-marker"], "", "/root is hidden: {r:?}");
+        assert_eq!(r["host-key-bytes"], "0", "the host key is hidden: {r:?}");
+        assert_eq!(
+            r["other-secret"], "",
+            "another service's secrets are hidden: {r:?}"
+        );
+        assert_eq!(
+            r["own-secret"], "mine",
+            "its own reach it through systemd: {r:?}"
+        );
+        assert_eq!(r["data"], "writable", "{r:?}");
+        assert_eq!(
+            r["state"], "denied",
+            "the agent's state is read-only: {r:?}"
+        );
+        assert_eq!(r["tmp"], "private", "{r:?}");
+        assert!(!Path::new("/usr/deployer-was-here").exists());
+        assert!(!Path::new("/var/lib/deployer/x").exists());
+        // Its limits, as the manager holds them (read over D-Bus).
+        let show = systemctl(&[
+            "show",
+            "-p",
+            "MemoryMax,CPUQuotaPerSecUSec,TasksMax",
+            "deployer-sandboxed.service",
+        ]);
+        for want in [
+            "MemoryMax=268435456",
+            "CPUQuotaPerSecUSec=500ms",
+            "TasksMax=32",
+        ] {
+            assert!(show.lines().any(|l| l == want), "{want} in:\n{show}");
+        }
+
+        // exec.user: that account, and only its own files.
+        let appuser = Command::new("id")
+            .args(["-u", "appuser"])
+            .output()
+            .unwrap()
+            .stdout_str()
+            .trim()
+            .to_owned();
+        let (uid, _) = main_process("deployer-named.service");
+        assert_eq!(uid, appuser, "runs as exec.user");
+        assert_eq!(report("named")["data"], "denied");
+
+        // "user": null: an account of its own, made while it runs.
+        let (uid, _) = main_process("deployer-dynamic.service");
+        let uid: u32 = uid.parse().unwrap();
+        assert!((61184..=65519).contains(&uid), "a dynamic uid, got {uid}");
+        assert_eq!(report("dynamic")["usr"], "denied");
+
+        // The operator creates the account: the next run deploys ghost too.
+        sh("useradd --system --no-create-home --user-group --shell /usr/sbin/nologin nosuchuser");
+        let out = run_checked(|args| agent(&fx, args));
+        assert_eq!(out.code(), 0, "{}", out.stderr_str());
+        assert_eq!(body(ports[3]).as_deref(), Some("hello from v1\n"));
     });
 }

@@ -42,6 +42,8 @@ pub struct World {
     pub read_only: bool,
     /// Units that are active but fail their health probes.
     pub unhealthy: BTreeSet<String>,
+    /// Accounts this host does not have (every other one exists).
+    pub missing_accounts: BTreeSet<String>,
     /// The state as last saved.
     pub saved: Option<State>,
     /// The proxy's routes.
@@ -260,6 +262,15 @@ impl Host for MemoryHost {
 
     fn env_warning(&self, _files: &[EnvFile]) -> Option<String> {
         None
+    }
+
+    fn check_exec(&self, service: &Service) -> Result<(), String> {
+        let Some(exec) = &service.exec else {
+            return Ok(());
+        };
+        let w = self.world();
+        let exists = |name: &str| !w.missing_accounts.contains(name);
+        crate::accounts::check_exec(exec, &[], exists, exists, |_| true)
     }
 
     fn prepare_infra(&self, name: &str, _spec: &InfraService) -> Result<(), AgentError> {

@@ -60,6 +60,10 @@ pub trait Host {
     /// anything.
     fn env_warning(&self, files: &[EnvFile]) -> Option<String>;
 
+    /// What `service`'s `exec` asks of this host is here (its account and group, its
+    /// writable paths, none of them the agent's own), or what is missing and how to fix it.
+    fn check_exec(&self, service: &Service) -> Result<(), String>;
+
     /// Prepare an infrastructure service's data directory before it starts.
     fn prepare_infra(&self, name: &str, spec: &InfraService) -> Result<(), AgentError>;
     /// Provision what `service` declares on top of its infrastructure (database and role,

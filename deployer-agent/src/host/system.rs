@@ -134,8 +134,31 @@ impl<M: ServiceManager> Host for SystemHost<M> {
         files.iter().find_map(|f| secrets::recheck(f, owner).err())
     }
 
+    fn check_exec(&self, service: &Service) -> Result<(), String> {
+        let Some(exec) = &service.exec else {
+            return Ok(());
+        };
+        if self.config.user {
+            // A user manager runs everything as its user, without a sandbox.
+            return Ok(());
+        }
+        let dirs = [
+            &self.config.state_dir,
+            &self.config.secrets_dir,
+            &self.config.unit_dir,
+        ];
+        let protected: Vec<&str> = dirs.iter().filter_map(|d| d.to_str()).collect();
+        crate::accounts::check_exec(
+            exec,
+            &protected,
+            |u| crate::accounts::user(u).is_some(),
+            crate::accounts::group_exists,
+            |p| std::path::Path::new(p).is_dir(),
+        )
+    }
+
     fn prepare_infra(&self, name: &str, spec: &InfraService) -> Result<(), AgentError> {
-        infra::prepare(name, spec, &self.config.state_dir)
+        infra::prepare(name, spec, &self.config.state_dir, !self.config.user)
     }
 
     fn app_env(

@@ -12,16 +12,6 @@ use super::postgres::cluster_bin;
 use super::{Endpoint, endpoint, err};
 use crate::AgentError;
 
-/// uid and gid of a system account.
-fn account(name: &str) -> Option<(u32, u32)> {
-    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
-    passwd.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        (f.first() == Some(&name))
-            .then(|| Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?)))?
-    })
-}
-
 pub(super) fn run(
     what: &str,
     cmd: &mut Command,
@@ -63,10 +53,33 @@ pub(super) fn run(
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The system account a preset runs as (its unit's `User=` and `Group=`, the owner of its
+/// data), as its Debian or NixOS package makes it.
+fn preset_account(preset: Option<Preset>) -> Option<&'static str> {
+    match preset {
+        Some(Preset::Postgres) => Some("postgres"),
+        Some(Preset::Redis) => Some("redis"),
+        None => None,
+    }
+}
+
+/// `lchown` everything under `dir` (never following a symlink).
+fn chown_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        std::os::unix::fs::lchown(&path, Some(uid), Some(gid))?;
+        if entry.file_type()?.is_dir() {
+            chown_tree(&path, uid, gid)?;
+        }
+    }
+    Ok(())
+}
+
 /// The argv of a provisioned infrastructure service and its data directory. Acts on
 /// nothing (it only looks for the PostgreSQL binaries and the cluster's `PG_VERSION`), so a
 /// plan can render the unit.
-pub fn command(
+fn command(
     name: &str,
     spec: &InfraService,
     ep: &Endpoint,
@@ -77,10 +90,6 @@ pub fn command(
     let port = ep.port().unwrap_or(0).to_string();
     let argv = match spec.preset {
         Some(Preset::Postgres) => vec![
-            "/usr/sbin/runuser".to_owned(),
-            "-u".into(),
-            "postgres".into(),
-            "--".into(),
             cluster_bin(&data)?.join("postgres").display().to_string(),
             "-D".into(),
             data.display().to_string(),
@@ -124,35 +133,63 @@ pub fn command(
 }
 
 /// The unit file of provisioned infrastructure service `name` (see [`command`]); acts on
-/// nothing.
+/// nothing. On the system manager a preset runs as its own account (`User=`), sandboxed,
+/// only its directory writable; on a user manager (which refuses `User=`) as the manager's
+/// user, Postgres through `runuser`. A custom daemon runs as its operator wrote it: as root,
+/// without a sandbox.
 pub fn unit_file(
     name: &str,
     spec: &InfraService,
-    state_dir: &Path,
-    user: bool,
+    config: &crate::config::AgentConfig,
 ) -> Result<String, AgentError> {
     let ep = endpoint(name, spec);
     let unit = crate::names::infra_unit(name);
-    let (argv, data) = command(name, spec, &ep, state_dir)?;
+    let (mut argv, data) = command(name, spec, &ep, &config.state_dir)?;
+    let account = preset_account(spec.preset);
+    let system = !config.user;
+    if !system && spec.preset == Some(Preset::Postgres) {
+        // initdb and postgres refuse to run as root.
+        let runuser = ["/usr/sbin/runuser", "-u", "postgres", "--"];
+        argv.splice(0..0, runuser.map(str::to_owned));
+    }
+    let sandbox = (system && account.is_some()).then(|| crate::unit::Sandbox {
+        state_directory: None,
+        writable: vec![crate::names::infra_dir(&config.state_dir, name)],
+        hidden: vec![
+            config.secrets_dir.clone(),
+            config.state_dir.join(crate::report::HOST_KEY_FILE),
+        ],
+    });
+    let account = account.filter(|_| system).map(str::to_owned);
     Ok(crate::unit::UnitSpec {
         description: format!("deployer infrastructure: {name}"),
         exec_start: argv,
         working_directory: Some(data),
-        user: None,
-        group: None,
+        user: account.clone(),
+        group: account,
+        dynamic_user: false,
         environment: Default::default(),
         environment_files: Vec::new(),
-        log_file: user.then(|| crate::names::log_file(&state_dir.join("logs"), &unit)),
-        hardening: false,
+        log_file: config
+            .user
+            .then(|| crate::names::log_file(&config.state_dir.join("logs"), &unit)),
+        sandbox,
+        limits: Default::default(),
         oneshot: false,
         start_timeout: None,
     }
     .render()?)
 }
 
-/// Prepare the data directory of a provisioned infrastructure service before it starts
-/// (initdb on the first start of a postgres preset). Idempotent.
-pub fn prepare(name: &str, spec: &InfraService, state_dir: &Path) -> Result<(), AgentError> {
+/// Prepare the data directory of a provisioned infrastructure service before it starts:
+/// owned by the preset's account where it runs as that account (Postgres always, Redis on
+/// the system manager), initdb on the first start of a postgres preset. Idempotent.
+pub fn prepare(
+    name: &str,
+    spec: &InfraService,
+    state_dir: &Path,
+    system: bool,
+) -> Result<(), AgentError> {
     let root = crate::names::infra_dir(state_dir, name);
     let data = root.join("data");
     let mkdir = |p: &Path, mode: u32| -> Result<(), AgentError> {
@@ -162,22 +199,42 @@ pub fn prepare(name: &str, spec: &InfraService, state_dir: &Path) -> Result<(), 
     };
     mkdir(&root, 0o755)?;
     mkdir(&data, 0o700)?;
-    if spec.preset != Some(Preset::Postgres) {
+    let postgres = spec.preset == Some(Preset::Postgres);
+    let Some(owner) = preset_account(spec.preset).filter(|_| system || postgres) else {
         return Ok(());
-    }
-    let bin = cluster_bin(&data)?;
+    };
     let run_dir = root.join("run");
-    mkdir(&run_dir, 0o755)?;
-    let (uid, gid) = account("postgres").ok_or_else(|| {
+    let (uid, gid) = crate::accounts::user(owner).ok_or_else(|| {
         err(
             name,
-            "no `postgres` system account; install PostgreSQL's server package",
+            format!(
+                "no `{owner}` system account; install the server package ({})",
+                if owner == "postgres" {
+                    "postgresql"
+                } else {
+                    "redis-server"
+                }
+            ),
         )
     })?;
-    for p in [&data, &run_dir] {
-        std::os::unix::fs::chown(p, Some(uid), Some(gid))
-            .map_err(|e| err(name, format!("chown {}: {e}", p.display())))?;
+    use std::os::unix::fs::MetadataExt;
+    let chown = |p: &Path| {
+        std::os::unix::fs::lchown(p, Some(uid), Some(gid))
+            .map_err(|e| err(name, format!("chown {}: {e}", p.display())))
+    };
+    // Data a root-run Redis wrote (before presets ran as their account) is handed over
+    // once, while only root has written in it; after that the account owns what it writes.
+    let handed_over = std::fs::symlink_metadata(&data).is_ok_and(|m| m.uid() == uid);
+    if !handed_over && !postgres {
+        chown_tree(&data, uid, gid).map_err(|e| err(name, format!("handing over data: {e}")))?;
     }
+    chown(&data)?;
+    if !postgres {
+        return Ok(());
+    }
+    mkdir(&run_dir, 0o755)?;
+    chown(&run_dir)?;
+    let bin = cluster_bin(&data)?;
     if !data.join("PG_VERSION").exists() {
         tracing::info!(infra = name, "initialising the database cluster (initdb)");
         run(

@@ -24,7 +24,7 @@ pub mod postgres;
 pub mod redis;
 
 pub use app::{AppLayer, password_path};
-pub use daemon::{command, prepare, unit_file};
+pub use daemon::{prepare, unit_file};
 pub use postgres::pg_bin;
 
 use std::collections::BTreeMap;

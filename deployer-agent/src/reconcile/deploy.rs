@@ -3,10 +3,10 @@
 //! (`restore` the previous generation, put back a found unit, or stop the new one).
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use deploy_manifest::model::{Manifest, Release, Service};
+use deploy_manifest::model::{Exec, Manifest, Release, RunAs, Service};
 use deploy_manifest::store::ObjectStore;
 
 use super::{Agent, RunReport, now};
@@ -17,7 +17,7 @@ use crate::names;
 use crate::plan::{Deploy, Recovery, Strategy, spec_hash};
 use crate::state::{Failure, Generation, Health, ServiceState, State};
 use crate::systemd::{JobResult, ServiceManager};
-use crate::unit::{EnvFile, UnitSpec, split_command};
+use crate::unit::{EnvFile, Limits, Sandbox, UnitSpec, split_command};
 
 /// How a deploy that did not complete ended.
 pub(super) enum Failed {
@@ -78,19 +78,42 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             None => names::service_unit(&service.name),
         };
         let suffix = if release.is_some() { " release" } else { "" };
+        let run_as = exec.map_or(RunAs::Root, Exec::run_as);
+        let (user, dynamic_user) = match run_as {
+            _ if !system => (None, false),
+            RunAs::Root => (None, false),
+            RunAs::Account(name) => (Some(name.to_owned()), false),
+            RunAs::Dynamic => (Some(names::dynamic_user(&service.name)), true),
+        };
+        let sandbox = system.then(|| Sandbox {
+            state_directory: Some(names::state_directory(service)),
+            writable: exec
+                .map(|e| e.writable_paths.iter().map(PathBuf::from).collect())
+                .unwrap_or_default(),
+            hidden: vec![
+                self.config.secrets_dir.clone(),
+                self.config.state_dir.join(crate::report::HOST_KEY_FILE),
+            ],
+        });
         Ok(UnitSpec {
             description: format!("{}{suffix}", names::description(&service.name)),
             exec_start: argv,
             working_directory: Some(artifact.to_path_buf()),
-            user: exec.and_then(|e| e.user.clone()).filter(|_| system),
+            user,
             group: exec.and_then(|e| e.group.clone()).filter(|_| system),
+            dynamic_user,
             environment,
             environment_files: env_files.to_vec(),
             log_file: self
                 .config
                 .user
                 .then(|| names::log_file(&self.config.state_dir.join("logs"), &unit)),
-            hardening: system,
+            sandbox,
+            limits: Limits {
+                memory_max: exec.and_then(|e| e.memory_max.clone()),
+                cpu_quota: exec.and_then(|e| e.cpu_quota.clone()),
+                tasks_max: exec.and_then(|e| e.tasks_max),
+            },
             oneshot: release.is_some(),
             start_timeout: release.map(|r| r.timeout()),
         })
@@ -132,6 +155,10 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         if let Some(error) = d.infra.iter().find_map(|n| infra_failed.get(n)) {
             entry.last_error = Some(error.clone());
             return Err(Failed::Retry(error.clone()));
+        }
+        if let Err(error) = self.host.check_exec(service) {
+            entry.last_error = Some(error.clone());
+            return Err(Failed::Retry(error));
         }
         let generated = match self
             .host
