@@ -138,7 +138,6 @@ in
       serviceConfig = {
         Type = "oneshot";
         ExecStart = lib.escapeShellArgs ([ "${cfg.package}/bin/deployer-agent" ] ++ args);
-        SuccessExitStatus = "8";
         TimeoutStartSec = "30min";
       } // lib.optionalAttrs (cfg.environmentFile != null) {
         EnvironmentFile = cfg.environmentFile;

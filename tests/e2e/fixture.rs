@@ -15,7 +15,13 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn file() -> Fixture {
-        let dir = tempfile::tempdir().unwrap();
+        Self::file_in(&std::env::temp_dir())
+    }
+
+    /// A `file://` store in a new directory under `parent` (e.g. where a sandboxed systemd
+    /// can see it too).
+    pub fn file_in(parent: &std::path::Path) -> Fixture {
+        let dir = tempfile::tempdir_in(parent).unwrap();
         let url = format!("file://{}/store", dir.path().display());
         Fixture {
             env: vec![

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use deployer_tests::{OutputExt, eventually, free_port, output_within, repo_root, run_in};
+use deployer_tests::{OutputExt, bin, eventually, free_port, output_within, repo_root, run_in};
 use serde_json::{Value, json};
 
 use crate::agent::{App, body, declare_hello, run_checked};
@@ -26,6 +26,12 @@ const INSIDE: &str = "DEPLOYER_TEST_ON_SYSTEM_MANAGER";
 /// itself (the same test binary, `--exact` its own name) inside a fresh one and asserts it
 /// passed there; inside, `test` runs.
 fn on_system_manager(test: impl FnOnce()) {
+    on_system_manager_with(&[], test)
+}
+
+/// [`on_system_manager`], with more options for `scripts/systemd-system-sandbox.sh` (e.g.
+/// `--overlay /usr/local`).
+fn on_system_manager_with(sandbox_args: &[&str], test: impl FnOnce()) {
     if std::env::var_os(INSIDE).is_some() {
         return test();
     }
@@ -36,6 +42,7 @@ fn on_system_manager(test: impl FnOnce()) {
     let out = output_within(
         Command::new("bash")
             .arg(repo_root().join("scripts/systemd-system-sandbox.sh"))
+            .args(sandbox_args)
             .arg("--")
             .arg(std::env::current_exe().unwrap())
             .args(["--exact", &name, "--nocapture", "--test-threads=1"])
@@ -465,5 +472,221 @@ exec "$(dirname "$0")/hello"
         let out = run_checked(|args| agent(&fx, args));
         assert_eq!(out.code(), 0, "{}", out.stderr_str());
         assert_eq!(body(ports[3]).as_deref(), Some("hello from v1\n"));
+    });
+}
+
+/// Where the sandbox's units and this test both see the same files.
+fn share() -> std::path::PathBuf {
+    std::path::PathBuf::from(std::env::var("SYSBOX_SHARE").expect("inside the sandbox"))
+}
+
+/// `systemctl ARGS`, its exit status and its output (stdout and stderr).
+fn systemctl_status(args: &[&str]) -> (bool, String) {
+    let out = Command::new("systemctl").args(args).output().unwrap();
+    (
+        out.status.success(),
+        format!("{}{}", out.stdout_str(), out.stderr_str()),
+    )
+}
+
+/// The operator's settings for the agent, written before the units are installed (a timer
+/// firing at once must not run without the host's name).
+fn write_agent_env(fx: &Fixture) {
+    std::fs::create_dir_all("/etc/deployer").unwrap();
+    let env = Path::new("/etc/deployer/deployer.env");
+    std::fs::write(env, format!("DEPLOY_STORE={}\nDEPLOYER_HOST=biz\n", fx.url)).unwrap();
+    std::fs::set_permissions(env, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// Seed 004's host commands with the agent as `scripts/install.sh` installs it: the shipped
+/// `deployer.service` and `deployer.timer` unchanged in /etc/systemd/system, the binaries in
+/// /usr/local/bin; `systemctl start deployer` deploys; `systemctl status deployer` tells a run
+/// that deployed everything (`status=0/SUCCESS`) from one where a service failed (`failed`,
+/// `status=8`), and `journalctl -u deployer` says which and why.
+#[test]
+fn install_sh_then_systemctl_start_deployer_and_its_status() {
+    on_system_manager_with(&["--overlay", "/usr/local"], || {
+        let fx = Fixture::file_in(&share());
+        let app = App::new();
+        let port = free_port();
+        declare_hello(&fx, port);
+        app.set_version("v1", false);
+        app.push(&fx);
+        write_agent_env(&fx);
+
+        let bin_dir = bin("deployer-agent").parent().unwrap().to_owned();
+        let out = Command::new("bash")
+            .arg(repo_root().join("scripts/install.sh"))
+            .arg("--bin-dir")
+            .arg(&bin_dir)
+            .arg(&fx.url)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", out.stderr_str());
+        for unit in ["deployer.service", "deployer.timer"] {
+            let installed = std::fs::read(Path::new("/etc/systemd/system").join(unit)).unwrap();
+            let shipped = std::fs::read(repo_root().join("packaging").join(unit)).unwrap();
+            assert_eq!(installed, shipped, "{unit} is installed unchanged");
+        }
+        assert!(Path::new("/usr/local/bin/deployer-agent").exists());
+        let env = std::fs::read_to_string("/etc/deployer/deployer.env").unwrap();
+        assert!(
+            env.contains("DEPLOYER_HOST=biz"),
+            "an existing env file is kept"
+        );
+        assert_eq!(systemctl(&["is-active", "deployer.timer"]), "active");
+
+        // "Force Immediate Deploy".
+        let (ok, text) = systemctl_status(&["start", "deployer"]);
+        assert!(ok, "{text}");
+        assert_eq!(body(port).as_deref(), Some("hello from v1\n"));
+        let (_, status) = systemctl_status(&["status", "deployer", "--no-pager"]);
+        assert!(status.contains("status=0/SUCCESS"), "{status}");
+        assert_eq!(state()["services"]["hello"]["health"], "healthy");
+
+        // The timer stays out of the rest (it could run between a start and a status).
+        systemctl(&["stop", "deployer.timer"]);
+        app.set_version("v2", true);
+        app.push(&fx);
+        let (ok, text) = systemctl_status(&["start", "deployer"]);
+        assert!(!ok, "a run whose deploy failed fails the start: {text}");
+        let (_, status) = systemctl_status(&["status", "deployer", "--no-pager"]);
+        assert!(
+            status.contains("failed") && status.contains("status=8"),
+            "{status}"
+        );
+        let journal = Command::new("journalctl")
+            .args(["-u", "deployer", "--no-pager", "-o", "cat"])
+            .output()
+            .unwrap()
+            .stdout_str();
+        assert!(
+            journal.contains("hello: ") && journal.contains("(rolled back)"),
+            "{journal}"
+        );
+        assert_eq!(
+            body(port).as_deref(),
+            Some("hello from v1\n"),
+            "v1 still serves"
+        );
+    });
+}
+
+/// NixOS's rendering of one `systemd.services.<name>` or `systemd.timers.<name>` attribute
+/// set from the module's evaluation (the keys the module uses): `description`, `after`,
+/// `wants`, `wantedBy`, `path` (PATH, with NixOS's default packages standing in as /usr/bin
+/// and /bin), and `serviceConfig` / `timerConfig` verbatim.
+fn nixos_unit(unit: &Value, section: &str, config_key: &str) -> String {
+    let words = |v: &Value| -> String {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|x| x.as_str().unwrap().to_owned())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default()
+    };
+    let mut text = String::from("[Unit]\n");
+    if let Some(d) = unit["description"].as_str() {
+        text += &format!("Description={d}\n");
+    }
+    for (key, nix) in [("After", "after"), ("Wants", "wants")] {
+        if unit.get(nix).is_some() {
+            text += &format!("{key}={}\n", words(&unit[nix]));
+        }
+    }
+    text += &format!("\n[{section}]\n");
+    if let Some(path) = unit["path"].as_array() {
+        let mut dirs: Vec<String> = path
+            .iter()
+            .flat_map(|p| {
+                let p = p.as_str().unwrap();
+                [format!("{p}/bin"), format!("{p}/sbin")]
+            })
+            .collect();
+        dirs.extend(["/usr/bin".to_owned(), "/bin".to_owned()]);
+        text += &format!("Environment=\"PATH={}\"\n", dirs.join(":"));
+    }
+    for (key, value) in unit[config_key].as_object().unwrap() {
+        let value = match value {
+            Value::String(s) => s.clone(),
+            Value::Bool(b) => b.to_string(),
+            other => other.to_string(),
+        };
+        text += &format!("{key}={value}\n");
+    }
+    if unit.get("wantedBy").is_some() {
+        text += &format!("\n[Install]\nWantedBy={}\n", words(&unit["wantedBy"]));
+    }
+    text
+}
+
+/// The NixOS module's units, as its evaluation gives them, under the real manager:
+/// `systemctl start deployer` deploys, and the timer loads.
+#[test]
+fn the_nixos_modules_units_deploy_under_the_system_manager() {
+    on_system_manager(|| {
+        let fx = Fixture::file_in(&share());
+        let app = App::new();
+        let port = free_port();
+        declare_hello(&fx, port);
+        app.set_version("v1", false);
+        app.push(&fx);
+        // The package: a directory with bin/deployer-agent, where the manager can see it.
+        let package = tempfile::tempdir_in(share()).unwrap();
+        std::fs::create_dir(package.path().join("bin")).unwrap();
+        std::fs::copy(
+            bin("deployer-agent"),
+            package.path().join("bin/deployer-agent"),
+        )
+        .unwrap();
+        let settings = format!(
+            r#"{{ enable = true; store = "{}"; package = "{}"; }}"#,
+            fx.url,
+            package.path().display()
+        );
+        let out = Command::new("nix-instantiate")
+            .current_dir(repo_root())
+            .args([
+                "--eval",
+                "--strict",
+                "--json",
+                "nixos-module/tests/eval.nix",
+            ])
+            .args(["--arg", "settings", &settings])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", out.stderr_str());
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let config = &v["config"]["systemd"];
+        let units = Path::new("/etc/systemd/system");
+        let service = nixos_unit(&config["services"]["deployer"], "Service", "serviceConfig");
+        let timer = nixos_unit(&config["timers"]["deployer"], "Timer", "timerConfig");
+        std::fs::write(units.join("deployer.service"), &service).unwrap();
+        std::fs::write(units.join("deployer.timer"), &timer).unwrap();
+        let rules: Vec<&str> = config["tmpfiles"]["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_str().unwrap())
+            .collect();
+        std::fs::write("/etc/tmpfiles.d/deployer.conf", rules.join("\n") + "\n").unwrap();
+        let tmpfiles = Command::new("systemd-tmpfiles")
+            .args(["--create", "/etc/tmpfiles.d/deployer.conf"])
+            .output()
+            .unwrap();
+        assert!(tmpfiles.status.success(), "{}", tmpfiles.stderr_str());
+        let secrets = std::fs::metadata("/var/lib/deployer-secrets").unwrap();
+        assert_eq!(secrets.permissions().mode() & 0o777, 0o700);
+        systemctl(&["daemon-reload"]);
+
+        let (ok, text) = systemctl_status(&["start", "deployer"]);
+        assert!(ok, "{text}\n{service}");
+        assert_eq!(body(port).as_deref(), Some("hello from v1\n"));
+        assert_eq!(state()["services"]["hello"]["health"], "healthy");
+        let (ok, text) = systemctl_status(&["start", "deployer.timer"]);
+        assert!(ok, "{text}\n{timer}");
+        assert_eq!(systemctl(&["is-active", "deployer.timer"]), "active");
     });
 }
