@@ -4,23 +4,48 @@
 # diff, rollback), with every command printed before it runs. Safe to re-run: the demo
 # store is made fresh under .demo/.
 #
-#   scripts/demo.sh                      # store: file://$PWD/.demo/store
+#   scripts/demo.sh                      # store: file://$PWD/.demo/store; the user's manager
+#   scripts/demo.sh --system             # as root: the system manager, the agent's default
+#                                        # paths (/var/lib/deployer, /var/lib/deployer-secrets)
 #   DEPLOY_STORE=s3://bucket/prefix scripts/demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/deployer-target}"
+system=0
+if [[ ${1:-} == --system ]]; then system=1; fi
+if (( system )) && [[ $(id -u) != 0 ]]; then
+  echo "demo.sh --system: run as root (the agent drives the system manager as root)" >&2
+  exit 2
+fi
 
-# The agent drives the user's systemd manager. Where there is none (systemd not PID 1, as in
-# containers and CI), run the whole demo beside a private one.
-if ! systemctl --user is-system-running >/dev/null 2>&1 && [[ -z "${SDSANDBOX_DIR:-}" ]]; then
-  command -v dbus-daemon >/dev/null || { apt-get update -qq && apt-get install -y -qq dbus systemd; }
+if [[ -z ${DEMO_READY:-} ]]; then
+  need=()
+  for tool in jq curl dbus-daemon; do command -v $tool >/dev/null || need+=("$tool"); done
+  if (( ${#need[@]} )); then
+    echo "installing ${need[*]} (apt-get)"
+    apt-get update -qq && apt-get install -y -qq jq curl dbus systemd
+  fi
+  # Cargo's own progress (a bar on a terminal, a line per crate otherwise): the first build on
+  # a cold machine compiles about 300 crates, several minutes on 2 cores.
+  echo "building the binaries into $CARGO_TARGET_DIR (several minutes the first time, seconds after)"
+  cargo build --workspace
+  export DEMO_READY=1
+fi
+
+if (( system )); then
+  # The real system manager: the host's own if systemd is PID 1, else a private one
+  # (systemd --system as PID 1 of its own namespaces; /etc and /var are thrown away after).
+  if [[ $(cat /proc/1/comm 2>/dev/null) != systemd && -z ${SYSBOX_DIR:-} ]]; then
+    echo "systemd is not PID 1 here: running the demo beside a private system manager (scripts/systemd-system-sandbox.sh)"
+    exec bash scripts/systemd-system-sandbox.sh -- bash "$0" "$@"
+  fi
+elif ! systemctl --user is-system-running >/dev/null 2>&1 && [[ -z "${SDSANDBOX_DIR:-}" ]]; then
+  # The agent drives the user's systemd manager. Where there is none (systemd not PID 1, as
+  # in containers and CI), run the whole demo beside a private one.
   echo "no user systemd manager here: running the demo beside a private one (scripts/systemd-sandbox.sh)"
   exec bash scripts/systemd-sandbox.sh -- bash "$0" "$@"
 fi
 
-command -v jq >/dev/null || { apt-get update -qq && apt-get install -y -qq jq; }
-command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl; }
-cargo build --quiet --workspace
 export PATH="$CARGO_TARGET_DIR/debug:$PWD/push:$PATH"
 
 if [[ -z "${DEPLOY_STORE:-}" ]]; then
@@ -48,13 +73,23 @@ run "cd examples && push.sh Examples/Hello.py"
 run "cd examples && push.sh Examples/Hello.py   # the same build again: nothing to upload"
 run "deploy-manifest show | jq '.services[] | select(.name == \"hello\") | .artifact'"
 
-printf '\nthe agent converges this host (the user manager, state in .demo/state):\n'
-mkdir -p .demo/secrets && chmod 700 .demo/secrets
-agent="deployer-agent --user --state-dir $PWD/.demo/state --secrets-dir $PWD/.demo/secrets"
+if (( system )); then
+  printf '\nthe agent converges this host as root on the system manager, with its default paths:\n'
+  install -d -m 700 /var/lib/deployer-secrets
+  agent="deployer-agent"
+else
+  printf '\nthe agent converges this host (the user manager, state in .demo/state):\n'
+  mkdir -p .demo/secrets && chmod 700 .demo/secrets
+  agent="deployer-agent --user --state-dir $PWD/.demo/state --secrets-dir $PWD/.demo/secrets"
+fi
 run "$agent plan"
 run "$agent run --once"
 run "curl -s http://127.0.0.1:18080/"
 run "$agent status"
+if (( system )); then
+  run "systemctl status deployer-hello --no-pager | head -4"
+  run "cat /var/lib/deployer/state.json | jq '.services.hello | {unit, health, deploys}'"
+fi
 run "$agent run --once   # nothing changed: one conditional GET"
 run deploy-manifest set-artifact my-service /nix/store/0c0hpb5bblw0gb2k1s2a5j7bn3ldf5r8-my-service
 run "deploy-manifest update-service my-service '{\"env\": {\"LOG_LEVEL\": \"debug\"}}'"

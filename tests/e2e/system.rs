@@ -690,3 +690,53 @@ fn the_nixos_modules_units_deploy_under_the_system_manager() {
         assert_eq!(systemctl(&["is-active", "deployer.timer"]), "active");
     });
 }
+
+/// `scripts/demo.sh`, the README's first command, in both its modes: beside a user manager,
+/// and with `--system` as root on a real system manager (a private one: systemd is not PID 1
+/// here) with the agent's default paths. Built already, so `DEMO_READY` skips its build.
+#[test]
+fn the_demo_runs_on_a_user_and_on_the_system_manager() {
+    let target = bin("deployer-agent")
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .to_owned();
+    for args in [&[][..], &["--system"][..]] {
+        let checkout = tempfile::tempdir().unwrap();
+        // A copy of the checkout's scripts and examples: the demo writes .demo/ beside them.
+        for dir in ["scripts", "examples", "push"] {
+            let out = Command::new("cp")
+                .arg("-r")
+                .arg(repo_root().join(dir))
+                .arg(checkout.path())
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", out.stderr_str());
+        }
+        let out = output_within(
+            Command::new("bash")
+                .arg(checkout.path().join("scripts/demo.sh"))
+                .args(args)
+                .env("CARGO_TARGET_DIR", &target)
+                .env("DEMO_READY", "1")
+                .env_remove("DEPLOY_STORE"),
+            Duration::from_secs(300),
+            "scripts/demo.sh",
+        );
+        let text = out.stdout_str();
+        assert!(
+            out.status.success(),
+            "{args:?}\n{text}\n{}",
+            out.stderr_str()
+        );
+        assert!(text.contains("\nhello from v1\n"), "{args:?}: {text}");
+        assert!(text.contains("(exit 3)"), "bad input refused: {text}");
+        if args == ["--system"] {
+            assert!(text.contains("on the system manager"), "{text}");
+            assert!(
+                text.contains("\"unit\": \"deployer-hello.service\""),
+                "{text}"
+            );
+        }
+    }
+}
