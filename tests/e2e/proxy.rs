@@ -12,7 +12,7 @@ use crate::agent::{App, Host, body};
 use crate::fixture::Fixture;
 
 /// hello, routed at hello.test, healthy on /healthz, listening on $PORT when `zero`.
-fn declare(fx: &Fixture, port: u16, zero: bool) {
+pub(crate) fn declare(fx: &Fixture, port: u16, zero: bool) {
     fx.dm(&["init"]).ok();
     let service = json!({
         "name": "hello", "namespace": "Examples/Hello.py",
@@ -63,13 +63,13 @@ fn caddy_host(caddy: &Caddy) -> Host {
 
 /// Twenty ports for zero-downtime generations, apart from other tests' (the agent skips
 /// any that is in use).
-fn port_range() -> String {
+pub(crate) fn port_range() -> String {
     let base = free_port().min(65000);
     format!("{base}-{}", base + 19)
 }
 
 /// A client hitting the proxy as fast as it can until stopped; counts what it saw.
-struct Client {
+pub(crate) struct Client {
     stop: Arc<AtomicBool>,
     ok: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
@@ -78,7 +78,7 @@ struct Client {
 }
 
 impl Client {
-    fn start(port: u16, host: &'static str) -> Client {
+    pub(crate) fn start(port: u16, host: &'static str) -> Client {
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
@@ -110,7 +110,7 @@ impl Client {
     }
 
     /// Stop; (successes, failures, distinct bodies).
-    fn finish(mut self) -> (u64, u64, Vec<String>) {
+    pub(crate) fn finish(mut self) -> (u64, u64, Vec<String>) {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.take().unwrap().join().unwrap();
         (
@@ -121,7 +121,7 @@ impl Client {
     }
 }
 
-fn via_caddy(caddy: &Caddy) -> Option<String> {
+pub(crate) fn via_caddy(caddy: &Caddy) -> Option<String> {
     http_get_host(caddy.http_port, "hello.test", "/")
         .filter(|(s, _)| *s == 200)
         .map(|(_, b)| b)

@@ -3,6 +3,12 @@
 //! (`/var/lib/deployer/state.json`, `/var/lib/deployer-secrets/<service>.env`), with no
 //! `--user`, `--state-dir` or `--secrets-dir`.
 //!
+//! Covered: first deploy, upgrade, health-gated rollback, drift repair, removal, secrets
+//! (`the_production_path_…`); Postgres and Redis presets as their own accounts, a release
+//! command, SIGKILL at each stage (`presets_…`); the sandbox, accounts and limits
+//! (`the_sandbox_holds_…`); zero downtime through Caddy; `scripts/install.sh` with the shipped
+//! units and `systemctl start/status deployer`; the NixOS module's units; `scripts/demo.sh`.
+//!
 //! Each test re-runs itself inside a fresh `scripts/systemd-system-sandbox.sh` (systemd as PID
 //! 1 of its own namespaces, a private `/run`, copy-on-write `/etc` and `/var` thrown away at
 //! the end), and its body runs there; see [`on_system_manager`].
@@ -739,4 +745,71 @@ fn the_demo_runs_on_a_user_and_on_the_system_manager() {
             );
         }
     }
+}
+
+/// Zero downtime through a real Caddy with the agent in its production mode: generations
+/// are units of the system manager on ports of their own; while a client hits Caddy, an
+/// upgrade and a broken release fail not one request, and only the serving generation is left.
+#[test]
+fn zero_downtime_through_caddy_on_the_system_manager() {
+    on_system_manager(|| {
+        let fx = Fixture::file();
+        let caddy = deployer_tests::Caddy::start();
+        let app = App::new();
+        let internal = free_port();
+        crate::proxy::declare(&fx, internal, true);
+        let flags = [
+            "--proxy".to_owned(),
+            "caddy".to_owned(),
+            "--caddy-admin".to_owned(),
+            caddy.admin(),
+            "--caddy-listen".to_owned(),
+            format!("127.0.0.1:{}", caddy.http_port),
+            "--drain".to_owned(),
+            "1s".to_owned(),
+            "--port-range".to_owned(),
+            crate::proxy::port_range(),
+        ];
+        let run = || {
+            run_checked(|args| {
+                let mut all: Vec<&str> = flags.iter().map(String::as_str).collect();
+                all.extend_from_slice(args);
+                agent(&fx, &all)
+            })
+        };
+        app.set_version("v1", false);
+        app.push(&fx);
+        let out = run();
+        assert!(out.status.success(), "{}", out.stderr_str());
+        assert_eq!(
+            crate::proxy::via_caddy(&caddy).as_deref(),
+            Some("hello from v1\n")
+        );
+
+        let client = crate::proxy::Client::start(caddy.http_port, "hello.test");
+        app.set_version("v2", false);
+        app.push(&fx);
+        assert!(run().status.success());
+        app.set_version("v3", true);
+        app.push(&fx);
+        assert_eq!(run().code(), 8);
+        std::thread::sleep(Duration::from_millis(300));
+        let (ok, failed, bodies) = client.finish();
+        assert_eq!(failed, 0, "{failed} of {} requests failed", ok + failed);
+        assert!(ok > 50, "the client made {ok} requests");
+        assert_eq!(bodies, ["hello from v1\n", "hello from v2\n"]);
+
+        let hello = &state()["services"]["hello"];
+        let unit = hello["unit"].as_str().unwrap().to_owned();
+        let port = hello["current"]["route"]["port"].as_u64().unwrap();
+        assert_ne!(port, u64::from(internal), "a generation has its own port");
+        assert_eq!(unit, format!("deployer-hello.{port}.service"));
+        assert_eq!(systemctl(&["is-active", &unit]), "active");
+        let ours: Vec<String> = std::fs::read_dir("/run/systemd/system")
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("deployer-hello"))
+            .collect();
+        assert_eq!(ours, [unit], "only the serving generation is left");
+    });
 }
