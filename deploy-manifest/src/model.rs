@@ -215,10 +215,6 @@ pub struct Exec {
     /// service's state directory and its private /tmp is read-only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub writable_paths: Vec<String>,
-    /// The name of the service's state directory under /var/lib (`StateDirectory=`, given
-    /// to the service as `$STATE_DIRECTORY`); default `deployer-<name>`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub state_directory: Option<String>,
     /// `MemoryMax=`: bytes with an optional K, M, G or T suffix (base 1024), a percentage
     /// of the host's memory, or `infinity`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -544,7 +540,6 @@ mod schema_drift {
                 user: Some(Some("root".into())),
                 group: Some("root".into()),
                 writable_paths: vec!["/srv/data".into()],
-                state_directory: Some(format!("{name}-data")),
                 memory_max: Some("512M".into()),
                 cpu_quota: Some("50%".into()),
                 tasks_max: Some(64),

@@ -176,7 +176,6 @@ fn check_rules(m: &Manifest, origin: &str) -> Result<(), Invalid> {
     let mut problems = Vec::new();
     let mut names = BTreeSet::new();
     let mut routes = std::collections::BTreeMap::new();
-    let mut state_dirs = std::collections::BTreeMap::new();
     let ecosystem: BTreeSet<&str> = m
         .infrastructure
         .iter()
@@ -220,18 +219,7 @@ fn check_rules(m: &Manifest, origin: &str) -> Result<(), Invalid> {
         }
         isolation_rules(s, &at, &mut problems);
         if let Some(exec) = &s.exec {
-            sandbox_rules(exec, &format!("{at}.exec"), &mut problems);
-        }
-        let dir = s.exec.as_ref().and_then(|e| e.state_directory.clone());
-        if let Some(dir) = dir
-            && let Some(other) = state_dirs.insert(dir.clone(), s.name.as_str())
-        {
-            problems.push(Problem {
-                field: format!("{at}.exec.stateDirectory"),
-                message: format!(
-                    "state directory {dir:?} is also service {other:?}'s; each service gets its own"
-                ),
-            });
+            sandbox_rules(exec, &s.name, &format!("{at}.exec"), &mut problems);
         }
         if let Some(infra) = &s.infrastructure {
             for (name, req) in &infra.services {
@@ -393,28 +381,54 @@ pub fn paths_overlap(a: &str, b: &str) -> bool {
     within(a, b) || within(b, a) || a == "/" || b == "/"
 }
 
-/// Why `path` may not be a writable path of a service, if it may not; `protected` are the
-/// directories besides [`PROTECTED_PATHS`] (the agent adds its own configured ones).
+/// Where a service's writable paths may be: data directories, never system, deployer or
+/// other services' state directories.
+pub const WRITABLE_ROOTS: [&str; 5] = ["/data", "/mnt", "/srv", "/var/cache", "/var/www"];
+
+/// Why `path` may not be a writable path of a service, if it may not: it must be a directory
+/// below one of [`WRITABLE_ROOTS`] and overlap none of `protected` (the agent adds its own
+/// configured directories to [`PROTECTED_PATHS`]). Symlinks are the agent's to refuse.
 pub fn writable_path_problem(path: &str, protected: &[&str]) -> Option<String> {
     if !is_normalised_absolute(path) {
         return Some(format!(
             "{path:?} must be an absolute, normalised path (no '.', '..', '//' or trailing '/')"
         ));
     }
+    let below = |root: &str| {
+        path.strip_prefix(root)
+            .is_some_and(|r| r.len() > 1 && r.starts_with('/'))
+    };
+    if !WRITABLE_ROOTS.iter().any(|r| below(r)) {
+        return Some(format!(
+            "{path:?} is not below {}: a service writes only its state directory ($STATE_DIRECTORY) and data directories there, e.g. /srv/<name>",
+            WRITABLE_ROOTS.join(", ")
+        ));
+    }
     PROTECTED_PATHS
         .iter()
         .chain(protected)
+        .map(|p| p.trim_end_matches('/'))
         .find(|p| paths_overlap(path, p))
         .map(|p| {
             format!(
-                "{path:?} overlaps {p}, which a service may never write; use a directory of its own, e.g. /srv/<name>, or its state directory ($STATE_DIRECTORY)"
+                "{path:?} overlaps {p}, which a service may never write; use a directory of its own, e.g. /srv/<name>"
             )
         })
 }
 
-/// The sandbox a service asks for: writable paths outside the system's and the deployer's
-/// directories, a state directory that is not the deployer's, no group for a dynamic user.
-fn sandbox_rules(exec: &crate::model::Exec, at: &str, problems: &mut Vec<Problem>) {
+/// The longest service name with a dynamic user: `deployer-<name>` is at most 31 characters.
+pub const MAX_DYNAMIC_NAME: usize = 22;
+
+/// Accounts a service may not run as: the presets' (Postgres trusts its account as its
+/// superuser over the local socket) and the deployer's (`deployer-*`: the dynamic users of
+/// other services).
+pub fn reserved_account(name: &str) -> bool {
+    name == "postgres" || name == "redis" || name.starts_with("deployer")
+}
+
+/// The sandbox a service asks for: writable paths only in data directories, an account of
+/// its own, no group for a dynamic user (whose name must fit).
+fn sandbox_rules(exec: &crate::model::Exec, name: &str, at: &str, problems: &mut Vec<Problem>) {
     for (i, path) in exec.writable_paths.iter().enumerate() {
         if let Some(message) = writable_path_problem(path, &[]) {
             problems.push(Problem {
@@ -423,15 +437,20 @@ fn sandbox_rules(exec: &crate::model::Exec, at: &str, problems: &mut Vec<Problem
             });
         }
     }
-    if let Some(dir) = &exec.state_directory
-        && (dir.starts_with("deployer") || dir == "private")
-    {
-        problems.push(Problem {
-            field: format!("{at}.stateDirectory"),
+    match exec.run_as() {
+        crate::model::RunAs::Account(name) if reserved_account(name) => problems.push(Problem {
+            field: format!("{at}.user"),
             message: format!(
-                "{dir:?} is reserved: /var/lib/deployer* is the deployer's and /var/lib/private systemd's; leave stateDirectory out for deployer-<name>, or choose another name"
+                "{name:?} is not a service's account: postgres and redis own the provisioned databases (Postgres trusts its account as superuser) and deployer-* are the deployer's; create an account for the service"
             ),
-        });
+        }),
+        crate::model::RunAs::Dynamic if name.len() > MAX_DYNAMIC_NAME => problems.push(Problem {
+            field: format!("{at}.user"),
+            message: format!(
+                "a dynamic user is named deployer-{name}, and an account name has at most 31 characters: shorten the service name to {MAX_DYNAMIC_NAME} characters or name an account"
+            ),
+        }),
+        _ => {}
     }
     if exec.run_as() == crate::model::RunAs::Dynamic && exec.group.is_some() {
         problems.push(Problem {
@@ -726,7 +745,7 @@ mod tests {
         };
         let fine = exec(json!({
             "writablePaths": ["/srv/my-service", "/var/cache/my-service"],
-            "stateDirectory": "my-service", "memoryMax": "512M", "cpuQuota": "150%",
+            "memoryMax": "512M", "cpuQuota": "150%",
             "tasksMax": 64
         }));
         assert_eq!(fine, Vec::<String>::new());
@@ -752,11 +771,27 @@ mod tests {
             ),
             (json!({"writablePaths": ["srv"]}), "writablePaths[0]"),
             (json!({"writablePaths": ["/srv/a b"]}), "writablePaths[0]"),
+            (json!({"writablePaths": ["/srv"]}), "writablePaths[0]"),
             (
-                json!({"stateDirectory": "deployer-other"}),
-                "stateDirectory",
+                json!({"writablePaths": ["/var/spool/cron/crontabs"]}),
+                "writablePaths[0]",
             ),
-            (json!({"stateDirectory": "../etc"}), "stateDirectory"),
+            (
+                json!({"writablePaths": ["/var/lib/dpkg"]}),
+                "writablePaths[0]",
+            ),
+            (
+                json!({"writablePaths": ["/var/lib/deployer-other"]}),
+                "writablePaths[0]",
+            ),
+            (
+                json!({"writablePaths": ["/run/udev/rules.d"]}),
+                "writablePaths[0]",
+            ),
+            (json!({"user": "postgres", "group": "app"}), "user"),
+            (json!({"user": "redis", "group": "app"}), "user"),
+            (json!({"user": "deployer-other", "group": "app"}), "user"),
+            (json!({"stateDirectory": "x"}), "stateDirectory"),
             (json!({"memoryMax": "512MB"}), "memoryMax"),
             (json!({"memoryMax": "0"}), "memoryMax"),
             (json!({"cpuQuota": "50"}), "cpuQuota"),
@@ -769,6 +804,18 @@ mod tests {
                 "{bad}: expected one problem at {field}, got {p:?}"
             );
         }
+        // A dynamic user's name, deployer-<name>, fits an account name.
+        let mut s = seed_service();
+        s["name"] = json!("a".repeat(MAX_DYNAMIC_NAME + 1));
+        s.as_object_mut().unwrap().remove("envFile");
+        s["exec"] = json!({"command": null, "user": null});
+        let p = problems(manifest_with(s.clone()));
+        assert!(
+            p.len() == 1 && p[0].contains("at most 31 characters"),
+            "{p:?}"
+        );
+        s["name"] = json!("a".repeat(MAX_DYNAMIC_NAME));
+        assert_eq!(problems(manifest_with(s)), Vec::<String>::new());
         // A dynamic user without a group is fine; `null` survives a round trip.
         let mut s = seed_service();
         s["exec"] = json!({"command": null, "user": null});
@@ -790,28 +837,6 @@ mod tests {
                 .unwrap()
                 .contains_key("user")
         );
-    }
-
-    #[test]
-    fn two_services_never_share_a_state_directory() {
-        let mut a = seed_service();
-        a["exec"]["stateDirectory"] = json!("shared");
-        let mut b = seed_service();
-        b["name"] = json!("other");
-        b["http"]["domain"] = json!("other.example.com");
-        b.as_object_mut().unwrap().remove("envFile");
-        b["exec"]["stateDirectory"] = json!("shared");
-        let p = problems(json!({"schemaVersion": 1, "services": [a, b.clone()]}));
-        assert!(
-            p.len() == 1 && p[0].contains("\"shared\" is also service \"my-service\"'s"),
-            "{p:?}"
-        );
-        // Nor the default of another one.
-        b["exec"]["stateDirectory"] = json!("deployer-my-service");
-        let mut a = seed_service();
-        a["exec"] = json!({"command": null});
-        let p = problems(json!({"schemaVersion": 1, "services": [a, b]}));
-        assert!(p.iter().any(|m| m.contains("reserved")), "{p:?}");
     }
 
     #[test]

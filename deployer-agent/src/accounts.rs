@@ -4,13 +4,29 @@
 
 use std::ffi::CString;
 
-/// The uid and primary gid of user `name`, if the host has one.
-pub fn user(name: &str) -> Option<(u32, u32)> {
+/// Run a reentrant NSS lookup (`getpwnam_r`, `getgrnam_r`) of `name` with a buffer that
+/// grows until the entry fits; what `call` made of the entry, if there is one.
+fn lookup<T>(
+    name: &str,
+    mut call: impl FnMut(&CString, &mut [u8]) -> (i32, Option<T>),
+) -> Option<T> {
     let c = CString::new(name).ok()?;
     let mut buf = vec![0u8; 4096];
     loop {
+        let (rc, found) = call(&c, &mut buf);
+        if rc == libc::ERANGE && buf.len() < 1 << 20 {
+            buf.resize(buf.len() * 2, 0);
+            continue;
+        }
+        return if rc == 0 { found } else { None };
+    }
+}
+
+/// The uid and primary gid of user `name`, if the host has one.
+pub fn user(name: &str) -> Option<(u32, u32)> {
+    lookup(name, |c, buf| {
         // SAFETY: all pointers point to live, properly sized memory owned here; `getpwnam_r`
-        // writes only into `pwd` and `buf` (at most `buf.len()` bytes) and `result`.
+        // writes only into `pwd`, `buf` (at most `buf.len()` bytes) and `result`.
         let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
         let mut result: *mut libc::passwd = std::ptr::null_mut();
         let rc = unsafe {
@@ -22,21 +38,13 @@ pub fn user(name: &str) -> Option<(u32, u32)> {
                 &mut result,
             )
         };
-        if rc == libc::ERANGE && buf.len() < 1 << 20 {
-            buf.resize(buf.len() * 2, 0);
-            continue;
-        }
-        return (rc == 0 && !result.is_null()).then_some((pwd.pw_uid, pwd.pw_gid));
-    }
+        (rc, (!result.is_null()).then_some((pwd.pw_uid, pwd.pw_gid)))
+    })
 }
 
 /// Whether the host has a group `name`.
 pub fn group_exists(name: &str) -> bool {
-    let Ok(c) = CString::new(name) else {
-        return false;
-    };
-    let mut buf = vec![0u8; 4096];
-    loop {
+    lookup(name, |c, buf| {
         // SAFETY: as in `user`, with `getgrnam_r`.
         let mut grp: libc::group = unsafe { std::mem::zeroed() };
         let mut result: *mut libc::group = std::ptr::null_mut();
@@ -49,17 +57,15 @@ pub fn group_exists(name: &str) -> bool {
                 &mut result,
             )
         };
-        if rc == libc::ERANGE && buf.len() < 1 << 20 {
-            buf.resize(buf.len() * 2, 0);
-            continue;
-        }
-        return rc == 0 && !result.is_null();
-    }
+        (rc, (!result.is_null()).then_some(()))
+    })
+    .is_some()
 }
 
 /// What `exec` needs of the host and is not there, with how to fix it. `user_of` and
-/// `group_of` look accounts up, `dir_exists` paths; `protected` are the agent's own
-/// directories (its state, its secrets, its units), never writable by a service.
+/// `group_of` look accounts up; `dir_exists` says whether a path is a directory reached
+/// through no symlink (a link could lead a writable path anywhere); `protected` are the
+/// agent's own directories (its state, its secrets, its units), never writable by a service.
 pub fn check_exec(
     exec: &deploy_manifest::model::Exec,
     protected: &[&str],
@@ -88,7 +94,7 @@ pub fn check_exec(
         }
         if !dir_exists(path) {
             return Err(format!(
-                "exec.writablePaths: {path} does not exist on this host; create it (owned by the service's account), or use the service's state directory ($STATE_DIRECTORY) instead"
+                "exec.writablePaths: {path} is not a directory on this host, or is reached through a symlink (refused: it could lead anywhere); create it (owned by the service's account), or use the service's state directory ($STATE_DIRECTORY) instead"
             ));
         }
     }
@@ -124,7 +130,7 @@ mod tests {
         let e = check_exec(&exec, &[], yes, |_| false, yes).unwrap_err();
         assert!(e.contains("groupadd --system app"), "{e}");
         let e = check_exec(&exec, &[], yes, yes, |_| false).unwrap_err();
-        assert!(e.contains("/srv/app does not exist"), "{e}");
+        assert!(e.contains("/srv/app is not a directory"), "{e}");
         // The agent's own directories, wherever this host keeps them.
         let e = check_exec(&exec, &["/srv"], yes, yes, yes).unwrap_err();
         assert!(e.contains("overlaps /srv"), "{e}");

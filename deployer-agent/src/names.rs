@@ -31,27 +31,16 @@ pub fn description(service: &str) -> String {
 }
 
 /// The state directory (under /var/lib) of every unit of `service` (its generations, its
-/// release, its probes): `exec.stateDirectory`, or `deployer-<service>`.
-pub fn state_directory(service: &deploy_manifest::model::Service) -> String {
-    service
-        .exec
-        .as_ref()
-        .and_then(|e| e.state_directory.clone())
-        .unwrap_or_else(|| format!("{PREFIX}{}", service.name))
+/// release, its probes): `deployer-<service>`, the service's `$STATE_DIRECTORY`.
+pub fn state_directory(service: &str) -> String {
+    format!("{PREFIX}{service}")
 }
 
 /// The dynamic account (`"user": null`) of every unit of `service`, so its probes and its
-/// release share the service's uid: `deployer-<service>`, or, past the 31 characters an
-/// account name may have, its first 13 characters and a hash of the whole name.
+/// release share the service's uid: `deployer-<service>` (the validator keeps it within the
+/// 31 characters of an account name, and refuses `deployer-*` as a named `exec.user`).
 pub fn dynamic_user(service: &str) -> String {
-    let name = format!("{PREFIX}{service}");
-    if name.len() <= 31 {
-        return name;
-    }
-    use sha2::Digest;
-    let hash = sha2::Sha256::digest(service.as_bytes());
-    let hex: String = hash.iter().take(4).map(|b| format!("{b:02x}")).collect();
-    format!("{PREFIX}{}-{hex}", &service[..13])
+    format!("{PREFIX}{service}")
 }
 
 /// The unit of a zero-downtime generation of `service` listening on `port`.
@@ -251,14 +240,8 @@ mod tests {
     #[test]
     fn dynamic_users_are_valid_account_names() {
         assert_eq!(dynamic_user("web"), "deployer-web");
-        let long = "a-service-with-a-rather-long-name-indeed";
-        let name = dynamic_user(long);
-        assert!(
-            name.len() <= 31 && name.starts_with("deployer-a-service-wi"),
-            "{name}"
-        );
-        assert_ne!(name, dynamic_user("a-service-with-a-rather-long-name-too"));
-        assert_eq!(dynamic_user(&"x".repeat(22)).len(), 31);
+        let longest = "x".repeat(deploy_manifest::validate::MAX_DYNAMIC_NAME);
+        assert_eq!(dynamic_user(&longest).len(), 31);
     }
 
     #[test]

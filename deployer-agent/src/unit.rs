@@ -93,8 +93,8 @@ pub struct Sandbox {
     pub state_directory: Option<String>,
     /// `ReadWritePaths=`: the manifest's `exec.writablePaths` (checked by the agent).
     pub writable: Vec<PathBuf>,
-    /// `InaccessiblePaths=-…`: the secrets directory and the host key, hidden even from a
-    /// service that runs as root (systemd reads the env files before the sandbox is set up).
+    /// `InaccessiblePaths=-…`: the secrets directory and the host key (systemd reads the env
+    /// files before the sandbox is set up). A root service keeps the capabilities to undo it.
     pub hidden: Vec<PathBuf>,
 }
 

@@ -12,7 +12,8 @@ use serde_json::{Value, json};
 
 use crate::fixture::Fixture;
 
-fn eval(settings: &str) -> Output {
+/// The module evaluated with `settings` (a Nix attribute set) by `nixos-module/tests/eval.nix`.
+pub(crate) fn eval(settings: &str) -> Output {
     Command::new("nix-instantiate")
         .current_dir(repo_root())
         .args([

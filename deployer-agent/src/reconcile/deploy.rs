@@ -86,7 +86,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             RunAs::Dynamic => (Some(names::dynamic_user(&service.name)), true),
         };
         let sandbox = system.then(|| Sandbox {
-            state_directory: Some(names::state_directory(service)),
+            state_directory: Some(names::state_directory(&service.name)),
             writable: exec
                 .map(|e| e.writable_paths.iter().map(PathBuf::from).collect())
                 .unwrap_or_default(),
