@@ -284,8 +284,7 @@ fn lifecycle(fx: &Fixture) {
     app.set_version("v3", true);
     app.push(fx);
     let out = host.run_once(fx);
-    assert_eq!(out.code(), 8, "{}", out.stderr_str());
-    assert!(out.stderr_str().contains("hello:"), "{}", out.stderr_str());
+    out.fails_with(8, "hello:");
     assert_eq!(body(port).as_deref(), Some("hello from v2\n"));
     let state = host.state();
     let hello = &state["services"]["hello"];
@@ -417,12 +416,7 @@ fn bad_manifests_and_unreachable_stores_change_nothing() {
     )
     .unwrap();
     let out = host.run_once(&fx);
-    assert_eq!(out.code(), 3, "{}", out.stderr_str());
-    assert!(
-        out.stderr_str().contains("services[0] (hello)"),
-        "{}",
-        out.stderr_str()
-    );
+    out.fails_with(3, "services[0] (hello)");
     assert_eq!(host.state()["services"], before);
     assert!(
         host.state()["lastError"]
@@ -580,12 +574,7 @@ fn nix_closures_must_be_signed_by_a_trusted_key() {
         keys.join("other.pk").display().to_string(),
     ];
     let out = host.run_once(&fx);
-    assert_eq!(out.code(), 8, "{}", out.stderr_str());
-    assert!(
-        out.stderr_str().contains("no valid signature"),
-        "{}",
-        out.stderr_str()
-    );
+    out.fails_with(8, "no valid signature");
     assert!(!Path::new(&path).exists(), "nothing was imported");
     assert!(body(port).is_none());
 

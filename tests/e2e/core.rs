@@ -132,12 +132,7 @@ fn a_failed_deploy_after_state_json_was_lost_puts_back_what_served() {
     app.set_version("v2", true);
     app.push(&fx);
     let out = host.run_once(&fx);
-    assert_eq!(out.code(), 8, "{}", out.stderr_str());
-    assert!(
-        out.stderr_str().contains("found on the host was put back"),
-        "{}",
-        out.stderr_str()
-    );
+    out.fails_with(8, "found on the host was put back");
     assert_eq!(
         eventually(10, || body(port)).as_deref(),
         Some("hello from v1\n")
@@ -157,12 +152,7 @@ fn failure_state_clears_once_the_manifest_spec_runs_healthily() {
     app.set_version("v2", true);
     app.push(&fx);
     let out = host.run_once(&fx);
-    assert_eq!(out.code(), 8, "{}", out.stderr_str());
-    assert!(
-        out.stderr_str().contains("(rolled back)"),
-        "{}",
-        out.stderr_str()
-    );
+    out.fails_with(8, "(rolled back)");
     assert!(host.state()["services"]["hello"]["failed"].is_object());
 
     fx.dm(&["rollback"]).ok();

@@ -214,12 +214,7 @@ fn postgres_and_redis_for_services() {
     build(repo.path(), "v2", true);
     run_in(repo.path(), "push.sh", &["Biz/App.py"], &fx.env).ok();
     let out = host.run_once(&fx);
-    assert_eq!(out.code(), 8, "{}", out.stderr_str());
-    assert!(
-        out.stderr_str().contains("release command failed"),
-        "{}",
-        out.stderr_str()
-    );
+    out.fails_with(8, "release command failed");
     assert_eq!(body(p1).as_deref(), Some("hello from v1\n"));
     let failed = &host.state()["services"]["app"]["failed"];
     assert!(

@@ -130,12 +130,7 @@ fn archive_bombs_are_refused_and_leave_nothing_behind() {
     let refused = |bomb: &[u8], why: String| {
         let a = plant_artifact(&fx, bomb);
         let out = host.run_once(&fx);
-        assert_eq!(out.code(), 8, "{}", out.stderr_str());
-        assert!(
-            out.stderr_str().contains(&format!("{}: {why}", a.key())),
-            "{}",
-            out.stderr_str()
-        );
+        out.fails_with(8, &format!("{}: {why}", a.key()));
         assert_eq!(body(port).as_deref(), Some("hello from v1\n"));
         assert_eq!(host.state()["services"]["hello"]["current"], before);
         assert_eq!(installed(&host), v1_installed);
@@ -197,12 +192,7 @@ fn a_manifest_over_the_size_cap_is_refused_before_it_is_read() {
         big.len()
     );
     let out = host.run_once(&fx);
-    assert_eq!(out.code(), 3, "{}", out.stderr_str());
-    assert!(
-        out.stderr_str().contains(&cap_message),
-        "{}",
-        out.stderr_str()
-    );
+    out.fails_with(3, &cap_message);
     assert!(out.stderr_str().contains("DEPLOY_MAX_OBJECT_BYTES"));
     assert_eq!(host.state()["services"], before);
     assert!(
@@ -214,12 +204,7 @@ fn a_manifest_over_the_size_cap_is_refused_before_it_is_read() {
     assert_eq!(body(port).as_deref(), Some("hello from v1\n"));
 
     let shown = fx.dm(&["show"]);
-    assert_eq!(shown.code(), 3, "{}", shown.stderr_str());
-    assert!(
-        shown.stderr_str().contains(&cap_message),
-        "{}",
-        shown.stderr_str()
-    );
+    shown.fails_with(3, &cap_message);
     assert_eq!(std::fs::read(&current).unwrap(), big, "nothing written");
 
     // Put back, the next run is a plain poll again.
@@ -321,13 +306,9 @@ fn a_store_that_hangs_or_trickles_ends_the_run_with_a_timeout() {
     let (host, _app, port) = hello_v1_running(&fx);
     let before = host.state()["services"].clone();
     let kept = |out: &Output, bound: &str| {
-        assert_eq!(out.code(), 5, "{}", out.stderr_str());
-        assert!(
-            out.stderr_str().contains(&format!(
-                "the store s3://deploy/prod did not answer get manifest.json within {bound}"
-            )),
-            "{}",
-            out.stderr_str()
+        out.fails_with(
+            5,
+            &format!("the store s3://deploy/prod did not answer get manifest.json within {bound}"),
         );
         assert_eq!(host.state()["services"], before, "nothing changed");
         assert_eq!(body(port).as_deref(), Some("hello from v1\n"));

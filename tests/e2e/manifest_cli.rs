@@ -255,12 +255,7 @@ fn add_service_reads_stdin() {
 fn uninitialised_store_says_to_run_init() {
     for fx in both() {
         let out = fx.dm(&["show"]);
-        assert_eq!(out.code(), 4, "{}", out.stderr_str());
-        assert!(
-            out.stderr_str().contains("init` first"),
-            "{}",
-            out.stderr_str()
-        );
+        out.fails_with(4, "init` first");
     }
 }
 
@@ -409,8 +404,7 @@ fn a_head_that_breaks_a_newer_rule_can_be_fixed_by_an_edit() {
     head["services"][0]["envFile"] = json!("/run/keys/web-secrets");
     std::fs::write(store.join("manifest.json"), head.to_string()).unwrap();
     let out = fx.dm(&["show"]);
-    assert_eq!(out.code(), 3, "{}", out.stderr_str());
-    assert!(out.stderr_str().contains("envFile"), "{}", out.stderr_str());
+    out.fails_with(3, "envFile");
 
     let out = fx.dm(&["update-service", "web", r#"{"env": {"A": "1"}}"#]);
     assert_eq!(

@@ -225,12 +225,7 @@ fn caddy_down_does_not_block_deploys_and_heals_later() {
     app.set_version("v1", false);
     app.push(&fx);
     let out = host.run_once(&fx);
-    assert_eq!(out.code(), 8, "{}", out.stderr_str());
-    assert!(
-        out.stderr_str().contains("caddy admin API"),
-        "{}",
-        out.stderr_str()
-    );
+    out.fails_with(8, "caddy admin API");
     assert_eq!(
         body(internal).as_deref(),
         Some("hello from v1\n"),
@@ -291,12 +286,7 @@ fn nginx_config_is_checked_installed_and_reloaded() {
     bad[i + 1] = "not-a-host.invalid:0".into();
     let broken = Host { flags: bad, ..host };
     let out = broken.run_once(&fx);
-    assert_eq!(out.code(), 8, "{}", out.stderr_str());
-    assert!(
-        out.stderr_str().contains("nginx -t refused"),
-        "{}",
-        out.stderr_str()
-    );
+    out.fails_with(8, "nginx -t refused");
     assert_eq!(
         std::fs::read_to_string(nginx.config_file()).unwrap(),
         installed

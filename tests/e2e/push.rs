@@ -337,12 +337,7 @@ fn unreachable_store_is_a_clear_error() {
         ("AWS_SECRET_ACCESS_KEY".to_owned(), "x".to_owned()),
     ];
     let out = run_in(repo.path(), "push.sh", &["Biz/App.py"], &env);
-    assert_eq!(out.code(), 5, "{}", out.stderr_str());
-    assert!(
-        out.stderr_str().contains("cannot reach the store"),
-        "{}",
-        out.stderr_str()
-    );
+    out.fails_with(5, "cannot reach the store");
 }
 
 #[test]

@@ -151,12 +151,7 @@ fn the_production_path_deploys_upgrades_rolls_back_repairs_and_removes() {
         app.set_version("v3", true);
         app.push(&fx);
         let out = run_checked(|args| agent(&fx, args));
-        assert_eq!(out.code(), 8, "{}", out.stderr_str());
-        assert!(
-            out.stderr_str().contains("(rolled back)"),
-            "{}",
-            out.stderr_str()
-        );
+        out.fails_with(8, "(rolled back)");
         assert_eq!(body(port).as_deref(), Some("hello from v2\n"));
         let journal = Command::new("journalctl")
             .args(["-u", unit, "--no-pager", "-o", "cat"])

@@ -276,22 +276,12 @@ fn agents_refuse_unsigned_forged_and_replayed_manifests() {
     let state = t.host.state_dir().join("state.json");
     std::fs::rename(&state, t.host.state_dir().join("state.json.corrupt")).unwrap();
     let out = t.host.run_once(&t.fx);
-    assert_eq!(out.code(), 11, "{}", out.stderr_str());
-    assert!(
-        out.stderr_str().contains("not above"),
-        "{}",
-        out.stderr_str()
-    );
+    out.fails_with(11, "not above");
     assert_eq!(body(t.port).as_deref(), Some("hello from v2\n"));
     // ...and an honest writer does not build on the replayed head either: it has seen v2.
     let out =
         t.fx.dm(&["update-service", "hello", r#"{"env": {"B": "1"}}"#]);
-    assert_eq!(out.code(), 11, "{}", out.stderr_str());
-    assert!(
-        out.stderr_str().contains("already saw"),
-        "{}",
-        out.stderr_str()
-    );
+    out.fails_with(11, "already saw");
     std::fs::write(t.store_dir().join("manifest.json"), &v2_bytes).unwrap();
 
     // A rollback is a new, higher version: applied.
@@ -387,8 +377,7 @@ fn expired_manifests_are_refused_until_refreshed() {
     // 40 days later (the default expiry is 30), nobody refreshed: the store looks frozen.
     faked_clock(&mut t.fx.env, "+40d");
     let out = t.host.run_once(&t.fx);
-    assert_eq!(out.code(), 11, "{}", out.stderr_str());
-    assert!(out.stderr_str().contains("expired"), "{}", out.stderr_str());
+    out.fails_with(11, "expired");
     assert!(
         out.stderr_str().contains("deploy-manifest refresh"),
         "{}",
@@ -404,12 +393,7 @@ fn expired_manifests_are_refused_until_refreshed() {
     // Writers do not build on an expired head either (refresh does, on purpose).
     let out =
         t.fx.dm(&["update-service", "hello", r#"{"env": {"A": "1"}}"#]);
-    assert_eq!(out.code(), 11, "{}", out.stderr_str());
-    assert!(
-        out.stderr_str().contains("deploy-manifest refresh"),
-        "{}",
-        out.stderr_str()
-    );
+    out.fails_with(11, "deploy-manifest refresh");
     // Seen without ssh: the host report, the fleet view and the metrics say so.
     let report: Value =
         serde_json::from_slice(&std::fs::read(t.store_dir().join("status/biz.json")).unwrap())
@@ -520,12 +504,7 @@ fn a_replayed_head_is_refused_by_writers_that_never_saw_the_store() {
     // not refuse itself again).
     let out =
         t.fx.dm(&["update-service", "hello", r#"{"env": {"A": "1"}}"#]);
-    assert_eq!(out.code(), 11, "{}", out.stderr_str());
-    assert!(
-        out.stderr_str().contains("already saw"),
-        "{}",
-        out.stderr_str()
-    );
+    out.fails_with(11, "already saw");
     t.fx.dm(&["rollback", &v2]).ok();
     let restored = t.current();
     assert!(restored["sequence"].as_u64() > Some(2));
@@ -554,8 +533,7 @@ fn a_replayed_head_is_refused_by_writers_that_never_saw_the_store() {
     }
     let out =
         t.fx.dm(&["update-service", "hello", r#"{"env": {"B": "1"}}"#]);
-    assert_eq!(out.code(), 11, "{}", out.stderr_str());
-    assert!(out.stderr_str().contains("backup"), "{}", out.stderr_str());
+    out.fails_with(11, "backup");
     assert!(
         !out.stderr_str().contains("accept-unverified"),
         "{}",
@@ -586,7 +564,6 @@ fn push_refuses_a_forged_head_before_building() {
     )
     .unwrap();
     let out = deployer_tests::run_in(t.app.path(), "push.sh", &["Examples/Hello.py"], &t.fx.env);
-    assert_eq!(out.code(), 11, "{}", out.stderr_str());
-    assert!(out.stderr_str().contains(&good), "{}", out.stderr_str());
+    out.fails_with(11, &good);
     assert!(!built.exists(), "the build ran on a forged manifest");
 }

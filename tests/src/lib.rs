@@ -181,6 +181,9 @@ pub trait OutputExt {
     fn code(&self) -> i32;
     /// Panic with both streams unless the command succeeded.
     fn ok(self) -> Self;
+    /// Panic with both streams unless the command exited with `code` and its stderr says
+    /// `needle` (how a failing command is expected to fail).
+    fn fails_with(&self, code: i32, needle: &str);
 }
 
 impl OutputExt for Output {
@@ -202,6 +205,14 @@ impl OutputExt for Output {
             self.stderr_str()
         );
         self
+    }
+    fn fails_with(&self, code: i32, needle: &str) {
+        let (stdout, stderr) = (self.stdout_str(), self.stderr_str());
+        assert_eq!(self.code(), code, "stdout:\n{stdout}\nstderr:\n{stderr}");
+        assert!(
+            stderr.contains(needle),
+            "stderr does not say {needle:?}:\n{stderr}\nstdout:\n{stdout}"
+        );
     }
 }
 
