@@ -35,6 +35,17 @@ pub struct AgentConfig {
     pub store_deadline: Duration,
 }
 
+impl AgentConfig {
+    /// What every sandboxed unit gets as `InaccessiblePaths=`: the secrets directory and the
+    /// host key.
+    pub fn hidden_from_services(&self) -> Vec<PathBuf> {
+        vec![
+            self.secrets_dir.clone(),
+            self.state_dir.join(crate::report::HOST_KEY_FILE),
+        ]
+    }
+}
+
 /// `--store-deadline` by default.
 pub const DEFAULT_STORE_DEADLINE: Duration = Duration::from_secs(600);
 

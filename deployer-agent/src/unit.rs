@@ -302,9 +302,9 @@ fn path_value(field: &str, path: &Path) -> Result<String, UnitError> {
 }
 
 impl UnitSpec {
-    /// Who it runs as and how it is sandboxed, checked, as typed properties: the same
-    /// settings in a unit file ([`UnitSpec::render`]) and in a transient probe unit.
-    fn settings(&self) -> Result<Vec<(&'static str, Property)>, UnitError> {
+    /// Who it runs as, checked, as typed properties: the same settings in a unit file
+    /// ([`UnitSpec::render`]) and in a transient probe unit (with [`Self::sandbox_settings`]).
+    fn account_settings(&self) -> Result<Vec<(&'static str, Property)>, UnitError> {
         let mut out = Vec::new();
         for (field, key, value) in [
             ("user", "User", &self.user),
@@ -327,6 +327,12 @@ impl UnitSpec {
             }
             out.push(("DynamicUser", Property::Bool(true)));
         }
+        Ok(out)
+    }
+
+    /// How it is sandboxed, checked, as typed properties (see [`Self::account_settings`]).
+    fn sandbox_settings(&self) -> Result<Vec<(&'static str, Property)>, UnitError> {
+        let mut out = Vec::new();
         let Some(sandbox) = &self.sandbox else {
             return Ok(out);
         };
@@ -397,11 +403,8 @@ impl UnitSpec {
                 path_value("workingDirectory", dir)?
             );
         }
-        let settings = self.settings()?;
-        for (key, v) in &settings {
-            if matches!(*key, "User" | "Group" | "DynamicUser") {
-                let _ = writeln!(u, "{key}={}", file_value(v));
-            }
+        for (key, v) in self.account_settings()? {
+            let _ = writeln!(u, "{key}={}", file_value(&v));
         }
         for (k, v) in &self.environment {
             let _ = writeln!(u, "{}", environment_line(k, v)?);
@@ -427,10 +430,8 @@ impl UnitSpec {
             let _ = writeln!(u, "TimeoutStartSec={}", seconds(t));
         }
         let _ = writeln!(u, "TimeoutStopSec=30s");
-        for (key, v) in &settings {
-            if !matches!(*key, "User" | "Group" | "DynamicUser") {
-                let _ = writeln!(u, "{key}={}", file_value(v));
-            }
+        for (key, v) in self.sandbox_settings()? {
+            let _ = writeln!(u, "{key}={}", file_value(&v));
         }
         for line in self.limits.lines()? {
             let _ = writeln!(u, "{line}");
@@ -538,7 +539,8 @@ impl TransientSpec {
         ));
         // Who it runs as and its sandbox, as the service's own unit file says them. (Its
         // resource limits are not a probe's: a probe is short and capped by its timeout.)
-        p.extend(u.settings()?);
+        p.extend(u.account_settings()?);
+        p.extend(u.sandbox_settings()?);
         p.push(("CollectMode", Property::Str("inactive-or-failed".into())));
         Ok(p)
     }

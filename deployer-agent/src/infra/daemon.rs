@@ -155,10 +155,7 @@ pub fn unit_file(
     let sandbox = (system && account.is_some()).then(|| crate::unit::Sandbox {
         state_directory: None,
         writable: vec![crate::names::infra_dir(&config.state_dir, name)],
-        hidden: vec![
-            config.secrets_dir.clone(),
-            config.state_dir.join(crate::report::HOST_KEY_FILE),
-        ],
+        hidden: config.hidden_from_services(),
     });
     let account = account.filter(|_| system).map(str::to_owned);
     Ok(crate::unit::UnitSpec {

@@ -90,10 +90,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             writable: exec
                 .map(|e| e.writable_paths.iter().map(PathBuf::from).collect())
                 .unwrap_or_default(),
-            hidden: vec![
-                self.config.secrets_dir.clone(),
-                self.config.state_dir.join(crate::report::HOST_KEY_FILE),
-            ],
+            hidden: self.config.hidden_from_services(),
         });
         Ok(UnitSpec {
             description: format!("{}{suffix}", names::description(&service.name)),
