@@ -401,14 +401,7 @@ fn nested_caddy_routes_go_to_the_longest_path() {
     let fx = Fixture::file();
     let caddy = deployer_tests::Caddy::start();
     let mut host = Host::new();
-    host.flags = vec![
-        "--proxy".into(),
-        "caddy".into(),
-        "--caddy-admin".into(),
-        caddy.admin(),
-        "--caddy-listen".into(),
-        format!("127.0.0.1:{}", caddy.http_port),
-    ];
+    host.flags = crate::proxy::caddy_flags(&caddy);
     let port = free_port();
     declare_hello(&fx, port);
     let app = crate::agent::App::new();

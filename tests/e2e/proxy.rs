@@ -44,26 +44,39 @@ pub(crate) fn nginx_host(nginx: &Nginx, drain: &str) -> Host {
     host
 }
 
-fn caddy_host(caddy: &Caddy) -> Host {
-    let mut host = Host::new();
-    host.flags = vec![
+/// The agent's flags for routing through `caddy`.
+pub(crate) fn caddy_flags(caddy: &Caddy) -> Vec<String> {
+    vec![
         "--proxy".into(),
         "caddy".into(),
         "--caddy-admin".into(),
         caddy.admin(),
         "--caddy-listen".into(),
         format!("127.0.0.1:{}", caddy.http_port),
+    ]
+}
+
+/// [`caddy_flags`], with a 1 s drain and [`port_range`]: zero-downtime generations.
+pub(crate) fn caddy_zero_downtime_flags(caddy: &Caddy) -> Vec<String> {
+    let mut flags = caddy_flags(caddy);
+    flags.extend([
         "--drain".into(),
         "1s".into(),
         "--port-range".into(),
         port_range(),
-    ];
+    ]);
+    flags
+}
+
+fn caddy_host(caddy: &Caddy) -> Host {
+    let mut host = Host::new();
+    host.flags = caddy_zero_downtime_flags(caddy);
     host
 }
 
 /// Twenty ports for zero-downtime generations, apart from other tests' (the agent skips
 /// any that is in use).
-pub(crate) fn port_range() -> String {
+fn port_range() -> String {
     let base = free_port().min(65000);
     format!("{base}-{}", base + 19)
 }

@@ -758,18 +758,7 @@ fn zero_downtime_through_caddy_on_the_system_manager() {
         let app = App::new();
         let internal = free_port();
         crate::proxy::declare(&fx, internal, true);
-        let flags = [
-            "--proxy".to_owned(),
-            "caddy".to_owned(),
-            "--caddy-admin".to_owned(),
-            caddy.admin(),
-            "--caddy-listen".to_owned(),
-            format!("127.0.0.1:{}", caddy.http_port),
-            "--drain".to_owned(),
-            "1s".to_owned(),
-            "--port-range".to_owned(),
-            crate::proxy::port_range(),
-        ];
+        let flags = crate::proxy::caddy_zero_downtime_flags(&caddy);
         let run = || {
             run_checked(|args| {
                 let mut all: Vec<&str> = flags.iter().map(String::as_str).collect();
