@@ -62,6 +62,12 @@ pub fn group_exists(name: &str) -> bool {
     .is_some()
 }
 
+/// Whether `path` is a directory reached through no symlink (its canonical path is itself):
+/// what [`check_exec`] asks of a writable path on the real host.
+pub fn plain_dir(path: &str) -> bool {
+    std::fs::canonicalize(path).is_ok_and(|c| c == std::path::Path::new(path) && c.is_dir())
+}
+
 /// What `exec` needs of the host and is not there, with how to fix it. `user_of` and
 /// `group_of` look accounts up; `dir_exists` says whether a path is a directory reached
 /// through no symlink (a link could lead a writable path anywhere); `protected` are the
@@ -112,6 +118,25 @@ mod tests {
         assert_eq!(user("no-such-account-here"), None);
         assert!(!group_exists("no-such-group-here"));
         assert_eq!(user("ro\0ot"), None);
+    }
+
+    #[test]
+    fn a_writable_path_through_a_symlink_is_not_a_plain_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = std::fs::canonicalize(dir.path()).unwrap().join("data");
+        std::fs::create_dir(&real).unwrap();
+        let link = real.with_file_name("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let file = real.with_file_name("file");
+        std::fs::write(&file, "").unwrap();
+        assert!(plain_dir(real.to_str().unwrap()));
+        assert!(
+            !plain_dir(link.to_str().unwrap()),
+            "a symlink to a directory"
+        );
+        assert!(!plain_dir(link.join(".").to_str().unwrap()));
+        assert!(!plain_dir(file.to_str().unwrap()), "a file");
+        assert!(!plain_dir(real.join("gone").to_str().unwrap()), "missing");
     }
 
     #[test]

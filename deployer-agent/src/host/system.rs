@@ -153,7 +153,7 @@ impl<M: ServiceManager> Host for SystemHost<M> {
             &protected,
             |u| crate::accounts::user(u).is_some(),
             crate::accounts::group_exists,
-            |p| std::fs::canonicalize(p).is_ok_and(|c| c == std::path::Path::new(p) && c.is_dir()),
+            crate::accounts::plain_dir,
         )
     }
 
