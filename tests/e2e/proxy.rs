@@ -81,11 +81,12 @@ fn port_range() -> String {
     format!("{base}-{}", base + 19)
 }
 
-/// A client hitting the proxy as fast as it can until stopped; counts what it saw.
+/// A client hitting the proxy as fast as it can until stopped; counts what it saw and says
+/// how each failed request failed.
 pub(crate) struct Client {
     stop: Arc<AtomicBool>,
     ok: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
+    failures: Arc<std::sync::Mutex<Vec<String>>>,
     bodies: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -94,20 +95,26 @@ impl Client {
     pub(crate) fn start(port: u16, host: &'static str) -> Client {
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
         let bodies = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
-        let (s, o, f, b) = (stop.clone(), ok.clone(), failed.clone(), bodies.clone());
+        let (s, o, f, b) = (stop.clone(), ok.clone(), failures.clone(), bodies.clone());
         let thread = std::thread::spawn(move || {
             // Bounded: at most 10 minutes, then it stops by itself.
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
             while !s.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
+                let started = std::time::Instant::now();
                 match http_get_host(port, host, "/") {
                     Some((200, body)) => {
                         o.fetch_add(1, Ordering::Relaxed);
                         b.lock().unwrap().insert(body);
                     }
-                    _ => {
-                        f.fetch_add(1, Ordering::Relaxed);
+                    other => {
+                        let how = match other {
+                            Some((status, body)) => format!("{status}: {}", body.trim()),
+                            None => "no answer (refused, reset or 5 s timeout)".to_owned(),
+                        };
+                        let after = started.elapsed();
+                        f.lock().unwrap().push(format!("{how}, after {after:?}"));
                     }
                 }
                 std::thread::sleep(std::time::Duration::from_millis(5));
@@ -116,19 +123,19 @@ impl Client {
         Client {
             stop,
             ok,
-            failed,
+            failures,
             bodies,
             thread: Some(thread),
         }
     }
 
-    /// Stop; (successes, failures, distinct bodies).
-    pub(crate) fn finish(mut self) -> (u64, u64, Vec<String>) {
+    /// Stop; (successes, how each failure failed, distinct bodies).
+    pub(crate) fn finish(mut self) -> (u64, Vec<String>, Vec<String>) {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.take().unwrap().join().unwrap();
         (
             self.ok.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
+            std::mem::take(&mut *self.failures.lock().unwrap()),
             self.bodies.lock().unwrap().iter().cloned().collect(),
         )
     }
@@ -178,7 +185,12 @@ fn caddy_zero_downtime_deploys_and_rollbacks() {
     assert_eq!(out.code(), 8, "{}", out.stderr_str());
     std::thread::sleep(std::time::Duration::from_millis(300));
     let (ok, failed, bodies) = client.finish();
-    assert_eq!(failed, 0, "{failed} of {} requests failed", ok + failed);
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {failed:?}",
+        failed.len(),
+        ok + failed.len() as u64
+    );
     assert!(ok > 50, "the client made {ok} requests");
     assert_eq!(bodies, ["hello from v1\n", "hello from v2\n"]);
     assert_eq!(via_caddy(&caddy).as_deref(), Some("hello from v2\n"));
@@ -289,7 +301,12 @@ fn nginx_config_is_checked_installed_and_reloaded() {
     host.run_once(&fx).ok();
     std::thread::sleep(std::time::Duration::from_millis(500));
     let (ok, failed, bodies) = client.finish();
-    assert_eq!(failed, 0, "{failed} of {} requests failed", ok + failed);
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {failed:?}",
+        failed.len(),
+        ok + failed.len() as u64
+    );
     assert!(bodies.contains(&"hello from v2\n".to_owned()), "{bodies:?}");
 
     // A config nginx refuses is never installed: the old one stays and keeps serving.
