@@ -87,7 +87,7 @@ run "$agent run --once"
 run "curl -s http://127.0.0.1:18080/"
 run "$agent status"
 if (( system )); then
-  run "systemctl status deployer-hello --no-pager | head -4"
+  run "systemctl status hello --no-pager | head -4"
   run "cat /var/lib/deployer/state.json | jq '.services.hello | {unit, health, deploys}'"
 fi
 run "$agent run --once   # nothing changed: one conditional GET"

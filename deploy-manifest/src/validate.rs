@@ -276,17 +276,29 @@ pub fn route_path(path: &str) -> String {
     format!("/{}", segments.join("/"))
 }
 
-/// Why a service may not be called `name`, if it may not: `deployer` is the directory of the
-/// agent's generated files (`<secrets>/deployer/`), `infra-*` the infrastructure's admin
-/// credentials (`<secrets>/infra-<name>.env`) and units (`deployer-infra-<name>.service`).
+/// Why a service may not be called `name`, if it may not. A service's units are named after
+/// it (`<name>.service`), so: `deployer` is the agent's own unit (and the directory of its
+/// generated files, `<secrets>/deployer/`), `deployer-*` the names of units an older agent
+/// gave services (and of the dynamic accounts), `infra-*` the infrastructure's admin
+/// credentials (`<secrets>/infra-<name>.env`), `systemd-*`, `dbus` and `syslog` the
+/// system's own units. Any other name a host's unit already has is refused by the agent on
+/// that host.
 pub fn reserved_service_name(name: &str) -> Option<&'static str> {
     if name == "deployer" {
         Some(
-            "\"deployer\" is reserved: it names the agent's own generated files (<secrets>/deployer/)",
+            "\"deployer\" is reserved: it is the agent's own unit (deployer.service) and names its generated files (<secrets>/deployer/)",
+        )
+    } else if name.starts_with("deployer-") {
+        Some(
+            "names starting with \"deployer-\" are reserved: they name the agent's units and accounts (deployer-infra-<name>.service, deployer-<service>)",
         )
     } else if name.starts_with("infra-") {
         Some(
-            "names starting with \"infra-\" are reserved: they name the infrastructure's admin credentials (<secrets>/infra-<name>.env) and units (deployer-infra-<name>.service)",
+            "names starting with \"infra-\" are reserved: they name the infrastructure's admin credentials (<secrets>/infra-<name>.env)",
+        )
+    } else if name.starts_with("systemd-") || name == "dbus" || name == "syslog" {
+        Some(
+            "reserved: it names one of the system's own units (a service's unit is <name>.service)",
         )
     } else {
         None
@@ -945,7 +957,15 @@ mod tests {
 
     #[test]
     fn reserved_names_are_refused() {
-        for name in ["deployer", "infra-db", "infra-x"] {
+        for name in [
+            "deployer",
+            "deployer-web",
+            "infra-db",
+            "infra-x",
+            "systemd-journald",
+            "dbus",
+            "syslog",
+        ] {
             let p = problems_after(|s| s["name"] = json!(name));
             assert!(
                 p.iter()
@@ -971,7 +991,14 @@ mod tests {
             });
             assert_eq!(p, Vec::<String>::new(), "{name}");
         }
-        for name in ["deployers", "my-infra-db", "postgres-app", "pgx"] {
+        for name in [
+            "deployers",
+            "my-infra-db",
+            "postgres-app",
+            "pgx",
+            "my-systemd",
+            "dbus2",
+        ] {
             let p = problems_after(|s| {
                 s["name"] = json!(name);
                 s["envFile"] = json!(format!("/var/lib/deployer-secrets/{name}.env"));

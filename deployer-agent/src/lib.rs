@@ -76,6 +76,8 @@ pub enum AgentError {
     Infra { what: String, detail: String },
     #[error("release command failed: {0}; the previous generation keeps running")]
     Release(String),
+    #[error("{0}")]
+    ForeignUnit(String),
     #[error("no free port in {first}-{last} for a new generation; widen --port-range")]
     NoFreePort { first: u16, last: u16 },
 }

@@ -2,13 +2,22 @@
 //! directories of infrastructure. One place, so that no two things can get the same name.
 //!
 //! Names the manifest gives (services, infrastructure services, a service's own
-//! infrastructure requirements) match `[a-z0-9][a-z0-9_-]*`: they never contain a dot. So
-//! every unit of ours is `deployer-<owner>[.<role>].service`, where the owner is a service
-//! name or `infra-<infrastructure name>` (service names starting with `infra-` are refused
-//! by the validator), and the role, after the one dot, says which unit of that owner it is:
-//! none for the service itself, `<port>` for a zero-downtime generation, `release` for the
-//! release command, `probe-<hex>` for one run of an exec probe. [`parse_unit`] reads a name
-//! back, which is how a unit found in systemd is told apart from anybody else's.
+//! infrastructure requirements) match `[a-z0-9][a-z0-9_-]*`: they never contain a dot. A
+//! service's units carry its own name, so that `systemctl restart <service>` and
+//! `journalctl -u <service>` work as typed: `<service>[.<role>].service`, where the role,
+//! after the one dot, says which unit of that service it is: none for the service itself,
+//! `<port>` for a zero-downtime generation, `release` for the release command, `probe-<hex>`
+//! for one run of an exec probe. Infrastructure's units are `deployer-infra-<name>.service`
+//! (and `deployer-infra-<name>.probe-<hex>.service`); service names starting with
+//! `deployer`, `infra-` or `systemd-` are refused by the validator, so none of these can
+//! be a service's. [`parse_unit`] reads a name back, and also the names units of a service
+//! had before (`deployer-<service>[.<role>].service`), so a host deployed by an older agent
+//! converges ([`legacy_service_unit`]).
+//!
+//! A name of that shape can still belong to somebody else (`nginx.service`): a unit is ours
+//! only when its file carries our header or, loaded without a file, our description; the
+//! plan refuses to write a unit whose name systemd already gives to another file
+//! (`plan::foreign`).
 //!
 //! A service's own infrastructure requirement `<req>` is the infrastructure service
 //! `<service>-<req>` (its unit `deployer-infra-<service>-<req>.service`, as documented); the
@@ -20,10 +29,20 @@ use std::path::{Path, PathBuf};
 const PREFIX: &str = "deployer-";
 const SUFFIX: &str = ".service";
 
-/// The unit of service `service`: `deployer-<service>.service`.
+/// The unit of service `service`: `<service>.service`.
 pub fn service_unit(service: &str) -> String {
+    format!("{service}{SUFFIX}")
+}
+
+/// The unit `service` ran as before units carried the service's own name
+/// (`deployer-<service>.service`): a recorded one is renamed at the next run.
+pub fn legacy_service_unit(service: &str) -> String {
     format!("{PREFIX}{service}{SUFFIX}")
 }
+
+/// How the `Description=` of every unit of ours starts (services, their releases and
+/// probes, infrastructure): what tells a loaded unit whose file is gone as ours.
+pub const DESCRIPTION_PREFIX: &str = "deployer";
 
 /// The `Description=` of `service`'s units (its release unit adds ` release`).
 pub fn description(service: &str) -> String {
@@ -45,12 +64,12 @@ pub fn dynamic_user(service: &str) -> String {
 
 /// The unit of a zero-downtime generation of `service` listening on `port`.
 pub fn generation_unit(service: &str, port: u16) -> String {
-    format!("{PREFIX}{service}.{port}{SUFFIX}")
+    format!("{service}.{port}{SUFFIX}")
 }
 
 /// The one-shot unit that runs `service`'s release command.
 pub fn release_unit(service: &str) -> String {
-    format!("{PREFIX}{service}.release{SUFFIX}")
+    format!("{service}.release{SUFFIX}")
 }
 
 /// The unit of infrastructure service `name` (shared, or `<service>-<req>`).
@@ -58,15 +77,15 @@ pub fn infra_unit(name: &str) -> String {
     format!("{PREFIX}infra-{name}{SUFFIX}")
 }
 
-/// The name of one run of an exec probe of `owner` (a service name, or `infra-<name>`):
-/// `deployer-<owner>.probe-<hex>.service`.
+/// The name of one run of an exec probe of `owner` (a service name, or [`infra_owner`]):
+/// `<owner>.probe-<hex>.service`.
 pub fn probe_unit(owner: &str, hex: &str) -> String {
-    format!("{PREFIX}{owner}.probe-{hex}{SUFFIX}")
+    format!("{owner}.probe-{hex}{SUFFIX}")
 }
 
-/// The probe owner of infrastructure service `name`.
+/// The probe owner of infrastructure service `name`: its unit's stem.
 pub fn infra_owner(name: &str) -> String {
-    format!("infra-{name}")
+    format!("{PREFIX}infra-{name}")
 }
 
 /// The infrastructure service that is `service`'s own requirement `req`.
@@ -77,22 +96,24 @@ pub fn owned_infra(service: &str, req: &str) -> String {
 /// What a unit of ours is, read back from its name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UnitRole {
-    /// `deployer-<service>.service`
+    /// `<service>.service`
     Service(String),
-    /// `deployer-<service>.<port>.service`
+    /// `<service>.<port>.service`
     Generation { service: String, port: u16 },
-    /// `deployer-<service>.release.service`
+    /// `<service>.release.service`
     Release(String),
     /// `deployer-infra-<name>.service`
     Infra(String),
-    /// `deployer-<owner>.probe-<hex>.service`: transient, ends with its probe.
+    /// `<owner>.probe-<hex>.service`: transient, ends with its probe.
     Probe(String),
 }
 
-/// Which unit of ours `unit` is; `None` when it is not ours (`deployer.service`, the agent
-/// itself, included).
+/// Which unit of ours `unit` would be, by its shape (`None`: none of ours has that name,
+/// `deployer.service`, the agent itself, included). The shape alone does not make it ours:
+/// see the module's notes. Names of an older agent (`deployer-<service>[.<role>].service`)
+/// read as the same roles.
 pub fn parse_unit(unit: &str) -> Option<UnitRole> {
-    let stem = unit.strip_prefix(PREFIX)?.strip_suffix(SUFFIX)?;
+    let stem = unit.strip_suffix(SUFFIX)?;
     let name_ok = |s: &str| {
         s.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
             && s.bytes()
@@ -102,24 +123,31 @@ pub fn parse_unit(unit: &str) -> Option<UnitRole> {
         Some((owner, role)) => (owner, Some(role)),
         None => (stem, None),
     };
+    // Infrastructure, or a service's unit named by an older agent; a service of its own
+    // never starts with `deployer` (the validator refuses it).
+    let (owner, infra) = match owner.strip_prefix(PREFIX) {
+        Some(rest) => match rest.strip_prefix("infra-") {
+            Some(infra) => (infra, true),
+            None => (rest, false),
+        },
+        None if owner == "deployer" || owner.starts_with("systemd-") => return None,
+        None => (owner, false),
+    };
     if !name_ok(owner) {
         return None;
     }
     let owner = owner.to_owned();
     match role {
-        None => Some(match owner.strip_prefix("infra-") {
-            Some(infra) if name_ok(infra) => UnitRole::Infra(infra.to_owned()),
-            Some(_) => return None,
-            // Also what units named before names were unambiguous read as
-            // (`deployer-<service>-<port>.service`): the state says whose they are.
-            None => UnitRole::Service(owner),
-        }),
-        Some("release") => Some(UnitRole::Release(owner)),
+        None if infra => Some(UnitRole::Infra(owner)),
+        None => Some(UnitRole::Service(owner)),
         Some(r) if r.starts_with("probe-") => {
             let hex = &r["probe-".len()..];
+            let owner = if infra { infra_owner(&owner) } else { owner };
             (!hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()))
                 .then_some(UnitRole::Probe(owner))
         }
+        Some(_) if infra => None,
+        Some("release") => Some(UnitRole::Release(owner)),
         Some(port) => {
             let valid = !port.starts_with('0') && port.bytes().all(|b| b.is_ascii_digit());
             let port = port.parse::<u16>().ok().filter(|_| valid)?;
@@ -222,16 +250,46 @@ mod tests {
                 Some(UnitRole::Probe(s.to_string()))
             );
         }
+        // What an older agent named a service's units reads as the same roles.
+        let legacy = [
+            ("deployer-app.service", UnitRole::Service("app".into())),
+            (
+                "deployer-app.release.service",
+                UnitRole::Release("app".into()),
+            ),
+            (
+                "deployer-app.20001.service",
+                UnitRole::Generation {
+                    service: "app".into(),
+                    port: 20001,
+                },
+            ),
+            (
+                "deployer-infra-db.probe-0a.service",
+                UnitRole::Probe("deployer-infra-db".into()),
+            ),
+        ];
+        for (name, role) in legacy {
+            assert_eq!(parse_unit(name), Some(role), "{name}");
+        }
+        assert_eq!(legacy_service_unit("app"), "deployer-app.service");
+        // Names none of ours can have (whether a unit named like ours is ours is told by
+        // its file or description, not here).
         for not_ours in [
             "deployer.service",
             "deployer-.service",
-            "nginx.service",
+            "systemd-journald.service",
             "deployer-a.timer",
+            "a.timer",
+            "A.service",
             "deployer-A.service",
+            "a.070.service",
             "deployer-a.070.service",
-            "deployer-a.99999.service",
-            "deployer-a.x.service",
+            "a.99999.service",
+            "a.x.service",
             "deployer-infra-.service",
+            "deployer-infra-db.release.service",
+            ".service",
         ] {
             assert_eq!(parse_unit(not_ours), None, "{not_ours}");
         }

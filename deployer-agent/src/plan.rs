@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::path::Path;
 
 use deploy_manifest::model::{InfraService, Manifest, Service};
 use serde::Serialize;
@@ -102,8 +103,11 @@ pub struct Deploy {
     pub unit: String,
     /// Side by side: the port it listens on (`$PORT`).
     pub port: Option<u16>,
-    /// The unit of the generation it replaces, when that is another unit: stopped once the
-    /// new one is healthy and has the route (after the drain period with `drain`).
+    /// The unit of the generation it replaces, when that is another unit. Side by side: stopped
+    /// once the new one is healthy and has the route (after the drain period with `drain`).
+    /// In place (a unit an older agent named `deployer-<service>.service`): stopped before
+    /// the new one starts, and its file removed once the new one runs (or the previous
+    /// generation was put back under the new name).
     pub replaces: Option<String>,
     pub drain: bool,
     /// The release command runs first (once per artifact); if it fails, nothing changed.
@@ -129,6 +133,9 @@ pub enum Reason {
     New,
     NewArtifact,
     SettingsChanged,
+    /// Deployed as `deployer-<service>.service` by an older agent: the same generation,
+    /// moved to `<service>.service`.
+    Renamed,
 }
 
 impl fmt::Display for Reason {
@@ -137,6 +144,7 @@ impl fmt::Display for Reason {
             Reason::New => "new on this host",
             Reason::NewArtifact => "new artifact",
             Reason::SettingsChanged => "service settings changed",
+            Reason::Renamed => "its unit takes the service's name",
         })
     }
 }
@@ -223,14 +231,15 @@ async fn condition<H: Host>(host: &H, unit: &str, file: &str) -> Condition {
 async fn found_units<H: Host>(host: &H) -> BTreeSet<String> {
     use crate::systemd::{ActiveState, LoadState, ServiceManager};
     let mut found: BTreeSet<String> = host.our_unit_files().into_iter().collect();
-    match host.manager().list_units("deployer-*.service").await {
+    // Any name: a service's units carry its own name. Ours are those with our description.
+    match host.manager().list_units("*.service").await {
         Ok(units) => found.extend(
             units
                 .into_iter()
                 .filter(|u| {
                     u.load_state == LoadState::NotFound
                         && u.active_state != ActiveState::Inactive
-                        && u.description.starts_with("deployer")
+                        && u.description.starts_with(names::DESCRIPTION_PREFIX)
                 })
                 .map(|u| u.name),
         ),
@@ -436,8 +445,11 @@ async fn service_step<H: Host>(
     let hash = spec_hash(s);
     let entry = state.services.get(&s.name);
     let current = entry.and_then(|e| e.current.as_ref());
+    // Deployed by an older agent as `deployer-<service>.service`: moved to its own name.
+    let legacy = entry.is_some_and(|e| e.unit == names::legacy_service_unit(&s.name));
     if let (Some(entry), Some(c)) = (entry, current)
         && c.spec_hash == hash
+        && !legacy
     {
         let recheck =
             entry.failed.is_some() || entry.last_error.is_some() || entry.health != Health::Healthy;
@@ -483,25 +495,53 @@ async fn service_step<H: Host>(
         Some(p) => names::generation_unit(&s.name, p),
         None => names::service_unit(&s.name),
     };
+    let release =
+        s.release.is_some() && entry.and_then(|e| e.released.as_ref()) != Some(&s.artifact);
+    // A name this plan would give a unit that no state records as ours must not be
+    // somebody else's.
+    let fresh = [
+        (entry.is_none_or(|e| e.unit != unit)).then(|| unit.clone()),
+        release.then(|| names::release_unit(&s.name)),
+    ];
+    for name in fresh.into_iter().flatten() {
+        if let Some(why) = foreign(host, &name).await {
+            return wait(why);
+        }
+    }
     let old_unit = entry
         .map(|e| e.unit.clone())
         .filter(|u| !u.is_empty())
         .unwrap_or_else(|| names::service_unit(&s.name));
-    let strategy = if unit == old_unit {
+    // A unit of ours an older agent named: moved in place (stopped, then the new one starts).
+    let strategy = if unit == old_unit || (legacy && port.is_none()) {
         Strategy::InPlace
     } else {
         Strategy::SideBySide
     };
-    let replaces = (strategy == Strategy::SideBySide && current.is_some()).then_some(old_unit);
-    // A unit file of ours that no state records: what ran before a lost state.json.
-    // Ours, and this service's: our header and its description (not another service's unit
-    // copied or linked under its name).
-    let found_unit = if strategy == Strategy::InPlace && current.is_none() {
+    // A unit file of ours that no state records: what ran before a lost state.json, under
+    // the service's unit name or the one an older agent gave it. Ours, and this service's:
+    // our header and its description (not another service's unit copied or linked under
+    // its name).
+    let (found_unit, found_as) = if strategy == Strategy::InPlace && current.is_none() {
         let description = format!("Description={}", names::description(&s.name));
-        host.read_unit(&unit)
-            .filter(|t| t.starts_with(crate::unit::HEADER) && t.lines().any(|l| l == description))
+        let ours = |name: String| {
+            host.read_unit(&name)
+                .filter(|t| {
+                    t.starts_with(crate::unit::HEADER) && t.lines().any(|l| l == description)
+                })
+                .map(|t| (t, name))
+        };
+        match ours(unit.clone()).or_else(|| ours(names::legacy_service_unit(&s.name))) {
+            Some((text, name)) => (Some(text), Some(name)),
+            None => (None, None),
+        }
     } else {
-        None
+        (None, None)
+    };
+    let replaces = match strategy {
+        Strategy::SideBySide => current.is_some().then_some(old_unit),
+        Strategy::InPlace if current.is_some() && old_unit != unit => Some(old_unit),
+        Strategy::InPlace => found_as.filter(|found| *found != unit),
     };
     let on_failure = match (strategy, current, &found_unit) {
         (Strategy::SideBySide, _, _) => Recovery::StopNew,
@@ -512,10 +552,11 @@ async fn service_step<H: Host>(
     let reason = match current {
         None => Reason::New,
         Some(c) if c.artifact != s.artifact => Reason::NewArtifact,
-        Some(_) => Reason::SettingsChanged,
+        Some(c) if c.spec_hash != hash => Reason::SettingsChanged,
+        Some(_) => Reason::Renamed,
     };
     let mut retire_after = retire_after.remove(&s.name).unwrap_or_default();
-    retire_after.retain(|u| *u != unit);
+    retire_after.retain(|u| *u != unit && Some(u) != replaces.as_ref());
     Step::Deploy(Box::new(Deploy {
         service: s.name.clone(),
         from: current.map(|c| c.artifact.label()),
@@ -526,8 +567,7 @@ async fn service_step<H: Host>(
         replaces,
         unit,
         port,
-        release: s.release.is_some()
-            && entry.and_then(|e| e.released.as_ref()) != Some(&s.artifact),
+        release,
         infra,
         route: s.http.as_ref().map(|h| RouteState {
             domain: h.domain.to_ascii_lowercase(),
@@ -538,6 +578,40 @@ async fn service_step<H: Host>(
         on_failure,
         found_unit,
     }))
+}
+
+/// Why this host's `unit` is not the deployer's to write, if it is not: systemd gives the
+/// name to a file that is not ours (a unit of the host's, like `nginx.service`, or one in
+/// a directory that takes precedence over ours), it is another unit's alias, or it is
+/// masked. A name no file defines, or our own file, is ours.
+async fn foreign<H: Host>(host: &H, unit: &str) -> Option<String> {
+    use crate::systemd::{LoadState, ServiceManager};
+    let fix = "rename the service in the manifest (a service's units are named <service>.service), or remove that unit from this host";
+    let source = match host.manager().source(unit).await {
+        Ok(source) => source,
+        Err(e) => return Some(format!("cannot tell whether {unit} is free: {e}")),
+    };
+    let ours = host.unit_path(unit);
+    let taken = if source.id != unit {
+        format!("{unit} is another name of {} on this host", source.id)
+    } else if source.load_state == LoadState::Masked {
+        format!("{unit} is masked on this host")
+    } else if source.load_state == LoadState::NotFound
+        || Path::new(&source.fragment_path) == ours
+            && host
+                .read_unit(unit)
+                .is_none_or(|t| t.starts_with(crate::unit::HEADER))
+    {
+        return None;
+    } else if source.fragment_path.is_empty() {
+        format!("{unit} is a unit of this host's (loaded without a file of ours)")
+    } else {
+        format!(
+            "{unit} is a unit of this host's, from {}",
+            source.fragment_path
+        )
+    };
+    Some(format!("the unit name is taken: {taken}; {fix}"))
 }
 
 /// Ports for side-by-side generations: in the configured range, used by no recorded

@@ -180,15 +180,15 @@ async fn deploys_keeps_skips_and_removes() {
     assert_eq!(kinds(&plan), ["deploy a", "deploy b"]);
     let a = deploy(&plan, "a");
     assert_eq!(a.strategy, Strategy::InPlace);
-    assert_eq!(a.unit, "deployer-a.service");
+    assert_eq!(a.unit, "a.service");
     assert_eq!(a.on_failure, Recovery::RemoveNew, "nothing to restore");
     assert_eq!(
         report.services_where(|o| *o == Outcome::Deployed),
         ["a", "b"]
     );
-    assert!(b.active("deployer-a.service") && b.active("deployer-b.service"));
+    assert!(b.active("a.service") && b.active("b.service"));
     assert!(
-        b.file("deployer-a.service")
+        b.file("a.service")
             .unwrap()
             .contains(&path("/nix/store/a-v1"))
     );
@@ -212,15 +212,15 @@ async fn deploys_keeps_skips_and_removes() {
     assert_eq!(report.services["c"], Outcome::Deployed);
     assert_eq!(report.services["a"], Outcome::Removed);
     // b runs v1 again, from its v1 unit file; its v2 spec is recorded as failed.
-    assert!(b.active("deployer-b.service"));
+    assert!(b.active("b.service"));
     assert!(
-        b.file("deployer-b.service")
+        b.file("b.service")
             .unwrap()
             .contains(&path("/nix/store/b-v1"))
     );
     assert!(b.state.services["b"].failed.is_some());
     assert_eq!(b.state.services["b"].health, Health::Healthy);
-    assert!(b.file("deployer-a.service").is_none() && !b.active("deployer-a.service"));
+    assert!(b.file("a.service").is_none() && !b.active("a.service"));
 
     // The same manifest again: b's failed spec is skipped, c kept; nothing changes.
     let changes = b.host().world().log.len();
@@ -243,8 +243,8 @@ async fn a_failed_first_deploy_leaves_nothing_behind() {
         matches!(report.services["a"], Outcome::RolledBack { .. }),
         "the new generation failed: not retried: {report:?}"
     );
-    assert!(b.file("deployer-a.service").is_none());
-    assert!(!b.active("deployer-a.service"));
+    assert!(b.file("a.service").is_none());
+    assert!(!b.active("a.service"));
     assert_eq!(b.state.services["a"].health, Health::Unknown);
 }
 
@@ -255,7 +255,7 @@ async fn a_failed_deploy_over_a_unit_the_state_lost_puts_it_back() {
     let mut b = Bench::new(false);
     let v1 = manifest(&[("a", "/nix/store/a-v1", json!({}))], Value::Null);
     b.run(&v1).await;
-    let serving = b.file("deployer-a.service").unwrap();
+    let serving = b.file("a.service").unwrap();
     b.state = State::default();
     b.host().world().broken.insert(path("/nix/store/a-v2"));
     let v2 = manifest(&[("a", "/nix/store/a-v2", json!({}))], Value::Null);
@@ -265,29 +265,39 @@ async fn a_failed_deploy_over_a_unit_the_state_lost_puts_it_back() {
         panic!("{report:?}");
     };
     assert!(error.contains("found on the host was put back"), "{error}");
-    assert_eq!(b.file("deployer-a.service").unwrap(), serving);
-    assert!(b.active("deployer-a.service"), "what served runs again");
-    // Not ours, or not a's: a file someone else wrote, or b's unit copied under a's name
-    // (which would run b's program with b's secrets as a), is not put back.
+    assert_eq!(b.file("a.service").unwrap(), serving);
+    assert!(b.active("a.service"), "what served runs again");
+    // Not a's: b's unit copied under a's name (which would run b's program with b's
+    // secrets as a) is not put back.
     let mut other = Bench::new(false);
     let b_v1 = manifest(&[("b", "/nix/store/b-v1", json!({}))], Value::Null);
     other.run(&b_v1).await;
-    let b_unit = other.file("deployer-b.service").unwrap();
-    for planted in ["[Service]\nExecStart=/bin/theirs\n", b_unit.as_str()] {
-        let mut b = Bench::new(false);
-        b.plant("deployer-a.service", planted);
-        b.host().world().broken.insert(path("/nix/store/a-v2"));
-        let (plan, _) = b.run(&v2).await;
-        assert_eq!(deploy(&plan, "a").on_failure, Recovery::RemoveNew);
-        assert!(b.file("deployer-a.service").is_none() && !b.active("deployer-a.service"));
-    }
+    let b_unit = other.file("b.service").unwrap();
+    let mut b = Bench::new(false);
+    b.plant("a.service", &b_unit);
+    b.host().world().broken.insert(path("/nix/store/a-v2"));
+    let (plan, _) = b.run(&v2).await;
+    assert_eq!(deploy(&plan, "a").on_failure, Recovery::RemoveNew);
+    assert!(b.file("a.service").is_none() && !b.active("a.service"));
+    // Not ours: a file someone else wrote under a's unit name is neither overwritten nor
+    // removed; a waits, saying whose the name is.
+    let mut b = Bench::new(false);
+    let theirs = "[Service]\nExecStart=/bin/theirs\n";
+    b.plant("a.service", theirs);
+    let (plan, report) = b.run(&v2).await;
+    assert!(
+        matches!(&plan.steps[..], [Step::Wait { reason, .. }] if reason.contains("the unit name is taken")),
+        "{plan:?}"
+    );
+    assert!(matches!(&report.services["a"], Outcome::Retrying { .. }));
+    assert_eq!(b.file("a.service").as_deref(), Some(theirs));
     // The found unit is a first deploy killed before it was recorded, and fails too: put
     // back, it does not stay up, so it is removed like any failed new unit.
     let mut first = Bench::new(false);
     first.run(&v1).await;
-    let killed = first.file("deployer-a.service").unwrap();
+    let killed = first.file("a.service").unwrap();
     let mut b = Bench::new(false);
-    b.plant("deployer-a.service", &killed);
+    b.plant("a.service", &killed);
     for broken in ["/nix/store/a-v1", "/nix/store/a-v2"] {
         b.host().world().broken.insert(path(broken));
     }
@@ -297,7 +307,7 @@ async fn a_failed_deploy_over_a_unit_the_state_lost_puts_it_back() {
         panic!("{report:?}");
     };
     assert!(error.contains("did not stay up"), "{error}");
-    assert!(b.file("deployer-a.service").is_none() && !b.active("deployer-a.service"));
+    assert!(b.file("a.service").is_none() && !b.active("a.service"));
 }
 
 #[tokio::test]
@@ -326,7 +336,7 @@ async fn an_account_the_host_lacks_changes_nothing_and_is_retried() {
     let mut b = Bench::new(false);
     let v1 = manifest(&[("a", "/nix/store/a-v1", json!({}))], Value::Null);
     b.run(&v1).await;
-    let before = b.file("deployer-a.service").unwrap();
+    let before = b.file("a.service").unwrap();
     b.host().world().missing_accounts.insert("app".into());
     let v2 = manifest(
         &[(
@@ -343,17 +353,13 @@ async fn an_account_the_host_lacks_changes_nothing_and_is_retried() {
         other => panic!("{other:?}"),
     }
     assert_eq!(b.host().world().log.len(), changes, "nothing was touched");
-    assert_eq!(
-        b.file("deployer-a.service").unwrap(),
-        before,
-        "v1 still runs"
-    );
-    assert!(b.active("deployer-a.service"));
+    assert_eq!(b.file("a.service").unwrap(), before, "v1 still runs");
+    assert!(b.active("a.service"));
     // The operator creates the account: the next run deploys, as that account.
     b.host().world().missing_accounts.clear();
     let (_, report) = b.run(&v2).await;
     assert_eq!(report.services["a"], Outcome::Deployed);
-    assert!(b.file("deployer-a.service").unwrap().contains("User=app\n"));
+    assert!(b.file("a.service").unwrap().contains("User=app\n"));
 }
 
 #[tokio::test]
@@ -364,35 +370,33 @@ async fn drift_is_repaired_from_the_state() {
         (
             "stopped",
             |h| {
-                h.world().units.remove("deployer-a.service");
+                h.world().units.remove("a.service");
             },
             Condition::Stopped,
-            "restart deployer-a.service",
+            "restart a.service",
         ),
         (
             "file edited",
             |h| {
-                h.world()
-                    .files
-                    .insert("deployer-a.service".into(), "edited".into());
+                h.world().files.insert("a.service".into(), "edited".into());
             },
             Condition::Changed,
-            "write deployer-a.service",
+            "write a.service",
         ),
         (
             "file deleted",
             |h| {
-                h.world().files.remove("deployer-a.service");
+                h.world().files.remove("a.service");
             },
             Condition::Changed,
-            "write deployer-a.service",
+            "write a.service",
         ),
     ];
     for (what, drift, condition, repair) in cases {
         let mut b = Bench::new(false);
         let m = manifest(&[("a", "/nix/store/a-v1", json!({}))], Value::Null);
         b.run(&m).await;
-        let recorded = b.file("deployer-a.service").unwrap();
+        let recorded = b.file("a.service").unwrap();
         drift(b.host());
         b.host().world().log.clear();
         let (plan, report) = b.run_unchanged().await;
@@ -402,8 +406,8 @@ async fn drift_is_repaired_from_the_state() {
         );
         assert_eq!(report.services["a"], Outcome::Repaired, "{what}");
         assert!(b.host().world().log.contains(&repair.to_owned()), "{what}");
-        assert_eq!(b.file("deployer-a.service").unwrap(), recorded, "{what}");
-        assert!(b.active("deployer-a.service"), "{what}");
+        assert_eq!(b.file("a.service").unwrap(), recorded, "{what}");
+        assert!(b.active("a.service"), "{what}");
         // Repaired: the next plan sees it running and does nothing.
         let (plan, _) = b.run_unchanged().await;
         assert!(
@@ -424,13 +428,13 @@ async fn drift_that_cannot_be_put_back_is_a_failure_the_next_run_retries() {
     let mut b = Bench::new(false);
     let m = manifest(&[("a", "/nix/store/a-v1", json!({}))], Value::Null);
     b.run(&m).await;
-    b.host().world().files.remove("deployer-a.service");
+    b.host().world().files.remove("a.service");
     b.host().world().read_only = true;
     let (_, report) = b.run_unchanged().await;
     let Outcome::Drifted { error } = &report.services["a"] else {
         panic!("not put back: {report:?}");
     };
-    assert!(error.contains("deployer-a.service"), "{error}");
+    assert!(error.contains("a.service"), "{error}");
     assert!(!report.ok(), "a failed run: {report:?}");
     assert_eq!(b.state.services["a"].last_error.as_ref(), Some(error));
     b.host().world().read_only = false;
@@ -451,7 +455,7 @@ async fn a_removal_that_fails_is_a_failure_the_next_full_run_retries() {
     b.host().world().read_only = true;
     let (_, report) = b.run(&none).await;
     assert!(
-        matches!(&report.services["a"], Outcome::NotRemoved { error } if error.contains("deployer-a.service")),
+        matches!(&report.services["a"], Outcome::NotRemoved { error } if error.contains("a.service")),
         "{report:?}"
     );
     assert!(report.retry() && !report.ok());
@@ -459,7 +463,7 @@ async fn a_removal_that_fails_is_a_failure_the_next_full_run_retries() {
     b.host().world().read_only = false;
     let (_, report) = b.run(&none).await;
     assert_eq!(report.services["a"], Outcome::Removed);
-    assert!(b.file("deployer-a.service").is_none() && !b.state.services.contains_key("a"));
+    assert!(b.file("a.service").is_none() && !b.state.services.contains_key("a"));
 }
 
 #[tokio::test]
@@ -473,7 +477,7 @@ async fn zero_downtime_runs_side_by_side_and_a_failure_stops_only_the_new_one() 
     assert_eq!(kinds(&plan), ["deploy a", "routes routes"]);
     let d = deploy(&plan, "a");
     assert_eq!((d.strategy, d.port), (Strategy::SideBySide, Some(20001)));
-    assert_eq!(d.unit, "deployer-a.20001.service");
+    assert_eq!(d.unit, "a.20001.service");
     assert_eq!(d.route.as_ref().map(|r| r.port), Some(20001));
     assert_eq!(b.host().world().routes[0].port, 20001);
 
@@ -482,12 +486,12 @@ async fn zero_downtime_runs_side_by_side_and_a_failure_stops_only_the_new_one() 
     let (plan, _) = b.run(&v2).await;
     let d = deploy(&plan, "a");
     assert_eq!(d.port, Some(20002));
-    assert_eq!(d.replaces.as_deref(), Some("deployer-a.20001.service"));
+    assert_eq!(d.replaces.as_deref(), Some("a.20001.service"));
     assert!(d.drain);
     assert_eq!(d.on_failure, Recovery::StopNew);
-    assert!(b.active("deployer-a.20002.service"));
-    assert!(!b.active("deployer-a.20001.service"));
-    assert!(b.file("deployer-a.20001.service").is_none());
+    assert!(b.active("a.20002.service"));
+    assert!(!b.active("a.20001.service"));
+    assert!(b.file("a.20001.service").is_none());
     assert_eq!(b.host().world().routes[0].port, 20002);
 
     // A broken v3 is stopped; v2 never stopped and keeps the route.
@@ -497,12 +501,12 @@ async fn zero_downtime_runs_side_by_side_and_a_failure_stops_only_the_new_one() 
     let d = deploy(&plan, "a");
     assert!(matches!(report.services["a"], Outcome::RolledBack { .. }));
     assert!(!b.active(&d.unit) && b.file(&d.unit).is_none());
-    assert!(b.active("deployer-a.20002.service"));
+    assert!(b.active("a.20002.service"));
     assert!(
         !b.host()
             .world()
             .log
-            .contains(&"stop deployer-a.20002.service".to_owned())
+            .contains(&"stop a.20002.service".to_owned())
     );
     assert_eq!(b.host().world().routes[0].port, 20002);
 }
@@ -535,16 +539,16 @@ async fn untracked_units_are_retired_unless_they_may_serve() {
     // (unit planted, retired now, retired after the new generation is healthy)
     let cases = [
         // A generation of a service whose healthy current the state records.
-        ("deployer-a.20007.service", true, false),
+        ("a.20007.service", true, false),
         // A release unit left by a crashed run.
-        ("deployer-a.release.service", true, false),
+        ("a.release.service", true, false),
         // A service no longer declared.
-        ("deployer-gone.service", true, false),
+        ("gone.service", true, false),
         // Infrastructure nothing needs.
         ("deployer-infra-old.service", true, false),
         // b is declared but has no healthy generation on record (state lost): its unit
         // may be what serves; it goes once the new generation is healthy.
-        ("deployer-b.20009.service", false, true),
+        ("b.20009.service", false, true),
     ];
     for (unit, now, after) in cases {
         let mut b = Bench::new(false);
@@ -577,7 +581,7 @@ async fn untracked_units_are_retired_unless_they_may_serve() {
         assert!(report.retired.contains(&unit.to_owned()), "{unit}");
         assert!(!b.active(unit), "{unit} still runs");
         assert!(b.file(unit).is_none(), "{unit}'s file is still there");
-        assert!(b.active("deployer-a.service") && b.active("deployer-b.service"));
+        assert!(b.active("a.service") && b.active("b.service"));
     }
 }
 
@@ -586,23 +590,20 @@ async fn a_unit_loaded_with_its_file_gone_is_found_too() {
     let mut b = Bench::new(false);
     let m = manifest(&[("a", "/nix/store/a-v1", json!({}))], Value::Null);
     b.run(&m).await;
-    b.host().world().units.insert(
-        "deployer-a.20005.service".into(),
-        (true, "deployer: a".into()),
-    );
+    b.host()
+        .world()
+        .units
+        .insert("a.20005.service".into(), (true, "deployer: a".into()));
     // Not ours by description: left alone.
     b.host()
         .world()
         .units
-        .insert("deployer-x.service".into(), (true, "someone else's".into()));
+        .insert("x.service".into(), (true, "someone else's".into()));
     let m2 = manifest(&[("a", "/nix/store/a-v2", json!({}))], Value::Null);
     let (plan, _) = b.run(&m2).await;
-    assert_eq!(
-        kinds(&plan),
-        ["deploy a", "retire deployer-a.20005.service"]
-    );
-    assert!(!b.active("deployer-a.20005.service"));
-    assert!(b.active("deployer-x.service"));
+    assert_eq!(kinds(&plan), ["deploy a", "retire a.20005.service"]);
+    assert!(!b.active("a.20005.service"));
+    assert!(b.active("x.service"));
 }
 
 #[tokio::test]
@@ -616,10 +617,10 @@ async fn release_runs_once_per_artifact_and_a_failed_one_changes_nothing() {
         b.host()
             .world()
             .log
-            .contains(&"run deployer-a.release.service".to_owned())
+            .contains(&"run a.release.service".to_owned())
     );
     assert!(
-        b.file("deployer-a.release.service").is_none(),
+        b.file("a.release.service").is_none(),
         "release unit removed"
     );
 
@@ -640,11 +641,11 @@ async fn release_runs_once_per_artifact_and_a_failed_one_changes_nothing() {
         "{report:?}"
     );
     assert!(!report.ok() && !report.retry());
-    assert!(b.active("deployer-a.service"));
+    assert!(b.active("a.service"));
     let log = b.host().world().log.clone();
     assert!(
         !log.iter()
-            .any(|l| l == "restart deployer-a.service" || l == "stop deployer-a.service"),
+            .any(|l| l == "restart a.service" || l == "stop a.service"),
         "{log:?}"
     );
     assert_eq!(
@@ -675,10 +676,7 @@ async fn infrastructure_starts_before_its_dependants_is_repaired_and_stopped_whe
         .iter()
         .position(|l| l == &format!("restart {unit}"))
         .unwrap();
-    let deployed = log
-        .iter()
-        .position(|l| l == "restart deployer-a.service")
-        .unwrap();
+    let deployed = log.iter().position(|l| l == "restart a.service").unwrap();
     assert!(started < deployed, "infrastructure first: {log:?}");
 
     // Stopped behind our back: an unchanged manifest starts it again.
@@ -751,10 +749,7 @@ async fn infrastructure_that_does_not_start_holds_back_its_dependants_only() {
         InfraOutcome::Failed { .. }
     ));
     assert_eq!(report.services["b"], Outcome::Deployed);
-    assert!(
-        b.file("deployer-a.service").is_none(),
-        "a was never touched"
-    );
+    assert!(b.file("a.service").is_none(), "a was never touched");
     assert!(
         b.state.services["a"].failed.is_none(),
         "retried, not marked failed"
@@ -772,10 +767,7 @@ async fn a_failure_is_cleared_once_the_manifests_spec_runs_healthily() {
     assert!(b.state.services["a"].failed.is_some());
     // The operator rolls back to v1, which runs already but fails its probe meanwhile: an
     // unhealthy service, and a failed run that says so.
-    b.host()
-        .world()
-        .unhealthy
-        .insert("deployer-a.service".into());
+    b.host().world().unhealthy.insert("a.service".into());
     let (_, report) = b.run(&v1).await;
     assert!(
         matches!(&report.services["a"], Outcome::Unhealthy { error } if error.contains("probe fails")),
@@ -819,7 +811,7 @@ async fn plan_acts_on_nothing() {
     b.host()
         .world()
         .files
-        .insert("deployer-gone.service".into(), crate::unit::HEADER.into());
+        .insert("gone.service".into(), crate::unit::HEADER.into());
     let plan = b.plan(&m).await;
     assert_eq!(
         kinds(&plan),
@@ -828,7 +820,7 @@ async fn plan_acts_on_nothing() {
             "deploy a",
             "deploy b",
             "routes routes",
-            "retire deployer-gone.service"
+            "retire gone.service"
         ]
     );
     assert!(
@@ -839,9 +831,9 @@ async fn plan_acts_on_nothing() {
     // And it prints: the human form names each decision.
     let text = plan.to_string();
     for needle in [
-        "side by side as deployer-a.20000.service on port 20000",
+        "side by side as a.20000.service on port 20000",
         "needs b-worker",
-        "retire  deployer-gone.service",
+        "retire  gone.service",
     ] {
         assert!(text.contains(needle), "{needle}: {text}");
     }
@@ -857,33 +849,26 @@ async fn an_untracked_generation_goes_only_after_the_routes_moved_off_it() {
     let http = json!({"http": {"domain": "a.test", "internalPort": 8000, "zeroDowntime": true}});
     let v1 = manifest(&[("a", "/nix/store/a-v1", http.clone())], Value::Null);
     b.run(&v1).await;
-    let text = b
-        .file("deployer-a.20000.service")
-        .unwrap()
-        .replace("a-v1", "a-v2");
+    let text = b.file("a.20000.service").unwrap().replace("a-v1", "a-v2");
     b.host()
         .world()
         .files
-        .insert("deployer-a.20001.service".into(), text);
-    b.host().world().units.insert(
-        "deployer-a.20001.service".into(),
-        (true, "deployer: a".into()),
-    );
+        .insert("a.20001.service".into(), text);
+    b.host()
+        .world()
+        .units
+        .insert("a.20001.service".into(), (true, "deployer: a".into()));
     b.host().world().log.clear();
     let v2 = manifest(&[("a", "/nix/store/a-v2", http)], Value::Null);
     let (plan, _) = b.run(&v2).await;
     assert_eq!(
         kinds(&plan),
-        [
-            "deploy a",
-            "routes routes",
-            "retire deployer-a.20001.service"
-        ]
+        ["deploy a", "routes routes", "retire a.20001.service"]
     );
     let log = b.host().world().log.clone();
     let stopped = log
         .iter()
-        .position(|l| l == "stop deployer-a.20001.service")
+        .position(|l| l == "stop a.20001.service")
         .unwrap();
     let routed = log.iter().rposition(|l| l.starts_with("routes")).unwrap();
     assert!(routed < stopped, "{log:?}");
@@ -941,7 +926,7 @@ async fn recorded_infrastructure_changes_only_with_a_deploy_that_needs_it() {
 
 #[tokio::test]
 async fn a_kept_service_retires_untracked_units_once_it_is_healthy_again() {
-    let stray = "deployer-a.20009.service";
+    let stray = "a.20009.service";
     for healthy in [true, false] {
         let mut b = Bench::new(false);
         let m = manifest(&[("a", "/nix/store/a-v1", json!({}))], Value::Null);
@@ -952,7 +937,7 @@ async fn a_kept_service_retires_untracked_units_once_it_is_healthy_again() {
         b.plant(stray, &format!("{}\n", crate::unit::HEADER));
         if !healthy {
             b.host().world().broken.insert(path("/nix/store/a-v1"));
-            b.host().world().units.remove("deployer-a.service");
+            b.host().world().units.remove("a.service");
         }
         let (plan, report) = b.run(&m).await;
         assert!(
@@ -963,4 +948,144 @@ async fn a_kept_service_retires_untracked_units_once_it_is_healthy_again() {
         assert_eq!(report.retired == [stray], healthy, "{report:?}");
         assert_eq!(b.active(stray), !healthy);
     }
+}
+
+/// A host an older agent deployed (`deployer-a.service`, recorded so): the next full run
+/// moves a to `a.service` in place (the old unit stopped first: it holds the port), removes
+/// the old unit, and records the new name; the run after that keeps it.
+#[tokio::test]
+async fn a_unit_an_older_agent_named_is_renamed_in_place() {
+    let mut b = Bench::new(false);
+    let v1 = manifest(&[("a", "/nix/store/a-v1", json!({}))], Value::Null);
+    b.run(&v1).await;
+    let text = b.file("a.service").unwrap();
+    // What the older agent left: its unit under the old name, recorded.
+    {
+        let mut w = b.host().world();
+        let (name, running) = w.units.remove_entry("a.service").unwrap();
+        w.files.remove(&name);
+        w.files.insert("deployer-a.service".into(), text.clone());
+        w.units.insert("deployer-a.service".into(), running);
+        w.log.clear();
+    }
+    b.state.services.get_mut("a").unwrap().unit = "deployer-a.service".into();
+    let (plan, report) = b.run(&v1).await;
+    let d = deploy(&plan, "a");
+    assert_eq!(d.reason, crate::plan::Reason::Renamed);
+    assert_eq!(d.strategy, Strategy::InPlace);
+    assert_eq!(d.unit, "a.service");
+    assert_eq!(d.replaces.as_deref(), Some("deployer-a.service"));
+    assert_eq!(report.services["a"], Outcome::Deployed);
+    let log = b.host().world().log.clone();
+    let at = |entry: &str| {
+        log.iter()
+            .position(|l| l == entry)
+            .unwrap_or_else(|| panic!("{entry}: {log:?}"))
+    };
+    assert!(
+        at("stop deployer-a.service") < at("restart a.service"),
+        "{log:?}"
+    );
+    assert!(b.active("a.service") && !b.active("deployer-a.service"));
+    assert_eq!(b.file("a.service").as_deref(), Some(text.as_str()));
+    assert!(b.file("deployer-a.service").is_none());
+    assert_eq!(b.state.services["a"].unit, "a.service");
+    let (plan, _) = b.run(&v1).await;
+    assert_eq!(kinds(&plan), ["keep a"]);
+
+    // A rename whose new unit fails its health check: the previous generation is put back
+    // under the new name, the old name's unit goes, and the state says so.
+    let mut b = Bench::new(false);
+    b.run(&v1).await;
+    let text = b.file("a.service").unwrap();
+    {
+        let mut w = b.host().world();
+        let running = w.units.remove("a.service").unwrap();
+        w.files.remove("a.service");
+        w.files.insert("deployer-a.service".into(), text.clone());
+        w.units.insert("deployer-a.service".into(), running);
+        w.unhealthy.insert("a.service".into());
+    }
+    b.state.services.get_mut("a").unwrap().unit = "deployer-a.service".into();
+    let (_, report) = b.run(&v1).await;
+    assert!(
+        matches!(&report.services["a"], Outcome::RolledBack { .. }),
+        "{report:?}"
+    );
+    assert_eq!(b.state.services["a"].unit, "a.service");
+    assert_eq!(b.file("a.service").as_deref(), Some(text.as_str()));
+    assert!(b.file("deployer-a.service").is_none());
+}
+
+/// A unit name systemd gives to something that is not ours (a unit of the host's, an
+/// alias of one, a masked name) is never written: the service waits, saying whose it is,
+/// and nothing on the host changes; once the name is free, the next run deploys.
+#[tokio::test]
+async fn a_unit_name_the_host_uses_is_refused() {
+    use crate::systemd::{LoadState, UnitSource};
+    let v1 = manifest(&[("a", "/nix/store/a-v1", json!({}))], Value::Null);
+    let cases = [
+        (
+            UnitSource {
+                id: "a.service".into(),
+                load_state: LoadState::Loaded,
+                fragment_path: "/lib/systemd/system/a.service".into(),
+            },
+            "a.service is a unit of this host's, from /lib/systemd/system/a.service",
+        ),
+        (
+            UnitSource {
+                id: "ssh.service".into(),
+                load_state: LoadState::Loaded,
+                fragment_path: "/lib/systemd/system/ssh.service".into(),
+            },
+            "a.service is another name of ssh.service",
+        ),
+        (
+            UnitSource {
+                id: "a.service".into(),
+                load_state: LoadState::Masked,
+                fragment_path: "/etc/systemd/system/a.service".into(),
+            },
+            "a.service is masked",
+        ),
+    ];
+    for (source, needle) in cases {
+        let mut b = Bench::new(false);
+        b.host().world().foreign.insert("a.service".into(), source);
+        let (plan, report) = b.run(&v1).await;
+        assert!(
+            matches!(&plan.steps[..], [Step::Wait { reason, .. }] if reason.contains(needle) && reason.contains("rename the service")),
+            "{plan:?}"
+        );
+        assert!(matches!(&report.services["a"], Outcome::Retrying { .. }));
+        assert!(
+            b.host().world().log.is_empty(),
+            "{:?}",
+            b.host().world().log
+        );
+        b.host().world().foreign.clear();
+        let (_, report) = b.run(&v1).await;
+        assert_eq!(report.services["a"], Outcome::Deployed);
+    }
+    // The release unit's name too.
+    let mut b = Bench::new(false);
+    let with_release = manifest(
+        &[(
+            "a",
+            "/nix/store/a-v1",
+            json!({"release": {"command": "bin/migrate"}}),
+        )],
+        Value::Null,
+    );
+    b.host().world().foreign.insert(
+        "a.release.service".into(),
+        UnitSource {
+            id: "a.release.service".into(),
+            load_state: LoadState::Loaded,
+            fragment_path: "/etc/systemd/system/a.release.service".into(),
+        },
+    );
+    let (plan, _) = b.run(&with_release).await;
+    assert_eq!(kinds(&plan), ["wait a"]);
 }

@@ -180,12 +180,25 @@ impl State {
     pub fn load(state_dir: &Path, host: &str) -> Result<State, AgentError> {
         let path = Self::path(state_dir);
         match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| AgentError::State {
-                path: path.display().to_string(),
-                detail: format!(
-                    "{e}; it is not valid agent state: move it aside to start fresh (running services are kept, the next run re-deploys)"
-                ),
-            }),
+            Ok(bytes) => {
+                let mut state: State =
+                    serde_json::from_slice(&bytes).map_err(|e| AgentError::State {
+                        path: path.display().to_string(),
+                        detail: format!(
+                            "{e}; it is not valid agent state: move it aside to start fresh (running services are kept, the next run re-deploys)"
+                        ),
+                    })?;
+                // Written by an agent that named a service's unit `deployer-<service>.service`:
+                // the next run plans in full (not a 304 poll), which renames those units.
+                if state
+                    .services
+                    .iter()
+                    .any(|(name, s)| s.unit == crate::names::legacy_service_unit(name))
+                {
+                    state.manifest_etag = None;
+                }
+                Ok(state)
+            }
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(State {
                 schema_version: 1,
                 host: host.to_owned(),
@@ -290,6 +303,32 @@ mod tests {
 
     /// Every field set, struct literals without `..`: a new field must be added here, and
     /// then the schema must allow it.
+    /// A state an older agent wrote (a service's unit `deployer-<service>.service`) is
+    /// planned in full on the next run, which renames the unit: its ETag is forgotten.
+    #[test]
+    fn a_state_naming_units_the_old_way_forgets_its_etag() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = State {
+            manifest_etag: Some("\"e\"".into()),
+            ..State::default()
+        };
+        state.services.insert(
+            "a".into(),
+            ServiceState {
+                unit: "a.service".into(),
+                ..ServiceState::default()
+            },
+        );
+        state.save(dir.path()).unwrap();
+        let loaded = State::load(dir.path(), "biz").unwrap();
+        assert_eq!(loaded.manifest_etag.as_deref(), Some("\"e\""));
+        state.services.get_mut("a").unwrap().unit = "deployer-a.service".into();
+        state.save(dir.path()).unwrap();
+        let loaded = State::load(dir.path(), "biz").unwrap();
+        assert_eq!(loaded.manifest_etag, None);
+        assert_eq!(loaded.services["a"].unit, "deployer-a.service");
+    }
+
     #[test]
     fn a_full_state_matches_the_schema() {
         let generation = Generation {

@@ -69,6 +69,10 @@ trait Unit {
     fn sub_state(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn load_state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn id(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn fragment_path(&self) -> zbus::Result<String>;
     fn unref(&self) -> zbus::Result<()>;
 }
 
@@ -213,6 +217,17 @@ impl UnitStatus {
     }
 }
 
+/// What a unit name stands for in the manager: which unit it loads (an alias loads another)
+/// and from which file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnitSource {
+    /// The unit's own name (`Id`): another one when the name asked for is an alias.
+    pub id: String,
+    pub load_state: LoadState,
+    /// The file it is loaded from (`FragmentPath`); empty for none.
+    pub fragment_path: String,
+}
+
 /// A unit the manager has loaded (`ListUnitsByPatterns`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListedUnit {
@@ -231,6 +246,9 @@ pub trait ServiceManager {
     /// Stop a unit and wait for its job to finish.
     fn stop(&self, unit: &str) -> impl Future<Output = Result<(), SystemdError>>;
     fn status(&self, unit: &str) -> impl Future<Output = Result<UnitStatus, SystemdError>>;
+    /// What the name `unit` stands for (`LoadUnit`, then its `Id`, `LoadState` and
+    /// `FragmentPath`).
+    fn source(&self, unit: &str) -> impl Future<Output = Result<UnitSource, SystemdError>>;
     /// Start a transient one-shot unit (`StartTransientUnit`) and wait until it has finished
     /// or was killed at its timeout (a stuck one is stopped). systemd collects it afterwards.
     fn run_transient(
@@ -400,6 +418,23 @@ impl Systemd {
         Some((result, s.exec_main_status().await.unwrap_or(0)))
     }
 
+    /// `unit`, loaded (`LoadUnit`), with its properties read fresh on every call.
+    async fn unit(&self, unit: &str) -> Result<UnitProxy<'_>, SystemdError> {
+        let call_err = |source| SystemdError::Call {
+            call: "LoadUnit",
+            unit: unit.to_owned(),
+            source: Box::new(source),
+        };
+        let path = self.manager.load_unit(unit).await.map_err(call_err)?;
+        UnitProxy::builder(&self.conn)
+            .path(path)
+            .map_err(call_err)?
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await
+            .map_err(call_err)
+    }
+
     /// Stop a unit that is still running past its wait (errors are logged: the caller
     /// already reports the timeout).
     async fn stop_stuck(&self, unit: &str) {
@@ -537,20 +572,28 @@ impl ServiceManager for Systemd {
             .collect())
     }
 
+    async fn source(&self, unit: &str) -> Result<UnitSource, SystemdError> {
+        let call_err = |source| SystemdError::Call {
+            call: "LoadUnit",
+            unit: unit.to_owned(),
+            source: Box::new(source),
+        };
+        let u = self.unit(unit).await?;
+        Ok(UnitSource {
+            id: u.id().await.map_err(call_err)?,
+            load_state: u.load_state().await.map_err(call_err)?.into(),
+            fragment_path: u.fragment_path().await.map_err(call_err)?,
+        })
+    }
+
     async fn status(&self, unit: &str) -> Result<UnitStatus, SystemdError> {
         let call_err = |source| SystemdError::Call {
             call: "LoadUnit",
             unit: unit.to_owned(),
             source: Box::new(source),
         };
-        let path = self.manager.load_unit(unit).await.map_err(call_err)?;
-        let u = UnitProxy::builder(&self.conn)
-            .path(path.clone())
-            .map_err(call_err)?
-            .cache_properties(CacheProperties::No)
-            .build()
-            .await
-            .map_err(call_err)?;
+        let u = self.unit(unit).await?;
+        let path = u.inner().path().to_owned();
         let s = ServiceProxy::builder(&self.conn)
             .path(path)
             .map_err(call_err)?

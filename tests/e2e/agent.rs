@@ -100,13 +100,14 @@ impl Host {
         state
     }
 
+    /// The file of unit `<name>.service` (a service's, or `deployer-infra-<name>`).
     pub(crate) fn unit_file(&self, service: &str) -> PathBuf {
         Path::new(self.sandbox.var("XDG_RUNTIME_DIR"))
-            .join(format!("systemd/user/deployer-{service}.service"))
+            .join(format!("systemd/user/{service}.service"))
     }
 
     pub(crate) fn is_active(&self, service: &str) -> String {
-        let unit = format!("deployer-{service}.service");
+        let unit = format!("{service}.service");
         self.sandbox
             .systemctl(&["is-active", &unit])
             .stdout_str()
@@ -319,9 +320,7 @@ fn lifecycle(fx: &Fixture) {
     assert_eq!(body(port).as_deref(), Some("hello from v2\n"));
 
     // Drift: someone stops the unit; the next (idle) run starts it again.
-    host.sandbox
-        .systemctl(&["stop", "deployer-hello.service"])
-        .ok();
+    host.sandbox.systemctl(&["stop", "hello.service"]).ok();
     assert!(body(port).is_none());
     let report = host.run_report(fx);
     assert_eq!(

@@ -215,9 +215,7 @@ fn a_secrets_file_created_after_the_deploy_is_read_at_restart() {
     let secrets = host.dir.path().join("secrets/hello.env");
     std::fs::write(&secrets, "HELLO_VERSION=from-secrets\n").unwrap();
     std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o600)).unwrap();
-    host.sandbox
-        .systemctl(&["restart", "deployer-hello.service"])
-        .ok();
+    host.sandbox.systemctl(&["restart", "hello.service"]).ok();
     assert_eq!(
         eventually(10, || body(port)).as_deref(),
         Some("hello from from-secrets\n")
@@ -235,9 +233,9 @@ fn a_secrets_file_created_after_the_deploy_is_read_at_restart() {
     assert!(host.state()["services"]["hello"].get("warning").is_none());
 }
 
-/// A zero-downtime upgrade killed once its new generation was healthy left
-/// `deployer-hello-<port>.service` running untracked, forever, even after the service was
-/// removed. Units of ours are now found from systemd and retired when no state knows them.
+/// A zero-downtime upgrade killed once its new generation was healthy left its generation
+/// (then `deployer-hello-<port>.service`) running untracked, forever, even after the service
+/// was removed. Units of ours are now found from systemd and retired when no state knows them.
 #[test]
 fn a_generation_left_by_a_killed_run_is_retired() {
     let fx = Fixture::file();
@@ -255,13 +253,13 @@ fn a_generation_left_by_a_killed_run_is_retired() {
     app.set_version("v1", false);
     app.push(&fx);
     host.run_once(&fx).ok();
-    assert_eq!(active_units(&host, "deployer-hello.*").len(), 1);
+    assert_eq!(active_units(&host, "hello.*").len(), 1);
 
     app.set_version("v2", false);
     app.push(&fx);
     let killed = run_with_fault(&host, &fx, "healthy:kill");
     assert!(!killed.status.success());
-    let left = active_units(&host, "deployer-hello.*");
+    let left = active_units(&host, "hello.*");
     assert_eq!(left.len(), 2, "the killed run's generation runs: {left:?}");
 
     let report = host.run_report(&fx);
@@ -270,7 +268,7 @@ fn a_generation_left_by_a_killed_run_is_retired() {
         .unwrap()
         .to_owned();
     assert_eq!(
-        active_units(&host, "deployer-hello.*"),
+        active_units(&host, "hello.*"),
         std::slice::from_ref(&recorded),
         "{report}"
     );
@@ -284,7 +282,7 @@ fn a_generation_left_by_a_killed_run_is_retired() {
     // Removed from the manifest: nothing of it runs.
     fx.dm(&["remove-service", "hello"]).ok();
     host.run_once(&fx).ok();
-    assert_eq!(active_units(&host, "deployer-hello*"), Vec::<String>::new());
+    assert_eq!(active_units(&host, "hello*"), Vec::<String>::new());
 }
 
 /// `state.infra` was written and never read: a stopped Redis stayed stopped on idle runs,

@@ -312,9 +312,9 @@ fn external_servers_and_custom_requirements_with_templates() {
     // The external Redis got the write; no unit was made for it.
     let index = host.state()["redisIndexes"]["app2"].as_u64().unwrap();
     assert_eq!(redis_get(rp, index, "greeting"), "other");
-    assert!(!host.unit_file("infra-cache").exists());
+    assert!(!host.unit_file("deployer-infra-cache").exists());
     // The custom daemon runs as its own unit, and its templates resolved into the app's env.
-    assert_eq!(host.is_active("infra-app2-search"), "active");
+    assert_eq!(host.is_active("deployer-infra-app2-search"), "active");
     let env = std::fs::read_to_string(host.dir.path().join("secrets/deployer/app2.env")).unwrap();
     assert!(
         env.contains(&format!("SEARCH_URL=\"http://127.0.0.1:{sp}\"")),

@@ -141,14 +141,14 @@ fn an_exec_probe_runs_in_a_transient_unit_of_its_own() {
     let recorded = std::fs::read_to_string(&out).expect("the probe ran");
     let (cgroup, uid) = recorded.trim_end().rsplit_once('\n').unwrap();
     assert!(
-        cgroup.contains("/deployer-hello.probe-") && cgroup.contains(".service"),
+        cgroup.contains("/hello.probe-") && cgroup.contains(".service"),
         "the probe ran in a transient unit of its own: {cgroup}"
     );
     let agents = std::fs::read_to_string("/proc/self/cgroup").unwrap();
     assert_ne!(cgroup.trim(), agents.trim(), "not in the agent's cgroup");
     // A user manager cannot switch users: the probe has the manager's uid.
     assert_eq!(uid, own_uid());
-    nothing_left(&host, "deployer-*.probe-*", &out.display().to_string());
+    nothing_left(&host, "*.probe-*", &out.display().to_string());
 }
 
 #[test]
@@ -194,7 +194,7 @@ fn a_hanging_exec_probe_is_killed_at_the_health_deadline_and_rolled_back() {
             "{version}: {error}"
         );
         assert!(!error.contains("unhealthy too"), "{version}: {error}");
-        nothing_left(&host, "deployer-*.probe-*", &marker);
+        nothing_left(&host, "*.probe-*", &marker);
     }
 }
 
@@ -251,14 +251,10 @@ fn a_hanging_release_command_is_killed_at_its_timeout() {
     assert!(
         !host
             .unit_file("hello")
-            .with_file_name("deployer-hello.release.service")
+            .with_file_name("hello.release.service")
             .exists()
     );
-    nothing_left(
-        &host,
-        "deployer-hello.release.service",
-        &ran.display().to_string(),
-    );
+    nothing_left(&host, "hello.release.service", &ran.display().to_string());
 }
 
 #[test]
@@ -295,7 +291,7 @@ fn an_infrastructure_health_check_is_killed_at_its_timeout() {
         "{stderr}"
     );
     assert!(body(port).is_none(), "hello waits for its infrastructure");
-    nothing_left(&host, "deployer-*.probe-*", &marker);
+    nothing_left(&host, "*.probe-*", &marker);
 
     // The honest check: the daemon answers; the next run deploys.
     let check = format!(
@@ -307,8 +303,8 @@ fn an_infrastructure_health_check_is_killed_at_its_timeout() {
     fx.dm(&["update-service", "hello", &patch.to_string()]).ok();
     run_once_bounded(&host, &fx).ok();
     assert_eq!(body(port).as_deref(), Some("hello from v1\n"));
-    assert_eq!(host.is_active("infra-hello-search"), "active");
-    nothing_left(&host, "deployer-*.probe-*", &marker);
+    assert_eq!(host.is_active("deployer-infra-hello-search"), "active");
+    nothing_left(&host, "*.probe-*", &marker);
 }
 
 /// Under the real system manager (scripts/systemd-system-sandbox.sh: `systemd --system` as
@@ -351,9 +347,9 @@ echo "agent-uid=$(id -u)"
 echo "user-uid=$(id -u probeuser)"
 echo "probe-uid=$(cat /var/lib/deployer-hello/probe-uid)"
 echo "probe-etc=$(cat /var/lib/deployer-hello/probe-etc)"
-pid=$(systemctl show -p MainPID --value deployer-hello.service)
+pid=$(systemctl show -p MainPID --value hello.service)
 echo "service-uid=$(awk '/^Uid:/ {{print $2}}' /proc/$pid/status)"
-echo "probe-units=$(systemctl list-units --all --no-legend 'deployer-*.probe-*' | wc -l)"
+echo "probe-units=$(systemctl list-units --all --no-legend '*.probe-*' | wc -l)"
 "#,
             agent = bin("deployer-agent").display(),
             store = fx.url,

@@ -215,7 +215,7 @@ fn caddy_zero_downtime_deploys_and_rollbacks() {
                 .unwrap()
                 .file_name()
                 .to_string_lossy()
-                .starts_with("deployer-hello")
+                .starts_with("hello")
         })
         .count();
     assert_eq!(units, 1);

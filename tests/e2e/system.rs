@@ -7,7 +7,8 @@
 //! (`the_production_path_…`); Postgres and Redis presets as their own accounts, a release
 //! command, SIGKILL at each stage (`presets_…`); the sandbox, accounts and limits
 //! (`the_sandbox_holds_…`); zero downtime through Caddy; `scripts/install.sh` with the shipped
-//! units and `systemctl start/status deployer`; the NixOS module's units; `scripts/demo.sh`.
+//! units and `systemctl start/status deployer`; the NixOS module's units; `scripts/demo.sh`;
+//! unit names: a host's own refused, an older agent's moved (`a_unit_name_the_host_owns_…`).
 //!
 //! Each test re-runs itself inside a fresh `scripts/systemd-system-sandbox.sh` (systemd as PID
 //! 1 of its own namespaces, a private `/run`, copy-on-write `/etc` and `/var` thrown away at
@@ -81,6 +82,15 @@ fn state() -> Value {
     serde_json::from_slice(&bytes).unwrap()
 }
 
+/// `journalctl -u <name> -o cat`: what the journal has of the unit `name` names.
+fn journal(name: &str) -> String {
+    let out = Command::new("journalctl")
+        .args(["-u", name, "--no-pager", "-o", "cat"])
+        .output()
+        .unwrap();
+    out.stdout_str()
+}
+
 /// What the process of `unit` runs as, and its environment.
 fn main_process(unit: &str) -> (String, String) {
     let pid = systemctl(&["show", "-p", "MainPID", "--value", unit]);
@@ -120,7 +130,7 @@ fn the_production_path_deploys_upgrades_rolls_back_repairs_and_removes() {
         let out = run_checked(|args| agent(&fx, args));
         assert!(out.status.success(), "{}", out.stderr_str());
         assert_eq!(body(port).as_deref(), Some("hello from v1\n"));
-        let unit = "deployer-hello.service";
+        let unit = "hello.service";
         let unit_file = std::fs::read_to_string(Path::new("/run/systemd/system").join(unit))
             .expect("the unit in /run/systemd/system");
         assert!(
@@ -153,15 +163,20 @@ fn the_production_path_deploys_upgrades_rolls_back_repairs_and_removes() {
         let out = run_checked(|args| agent(&fx, args));
         out.fails_with(8, "(rolled back)");
         assert_eq!(body(port).as_deref(), Some("hello from v2\n"));
-        let journal = Command::new("journalctl")
-            .args(["-u", unit, "--no-pager", "-o", "cat"])
-            .output()
-            .unwrap()
-            .stdout_str();
-        assert!(journal.contains("broken release"), "{journal}");
+        // `journalctl -u hello`, as seed 004 types it.
+        assert!(journal("hello").contains("broken release"));
+
+        // `systemctl restart hello`: the service's own name.
+        let pid = systemctl(&["show", "-p", "MainPID", "--value", unit]);
+        let restart = Command::new("systemctl")
+            .args(["restart", "hello"])
+            .status();
+        assert!(restart.unwrap().success());
+        assert_ne!(systemctl(&["show", "-p", "MainPID", "--value", unit]), pid);
+        assert!(eventually(10, || body(port)).is_some());
 
         // Drift: the operator stops it; the next run starts it again.
-        systemctl(&["stop", unit]);
+        systemctl(&["stop", "hello"]);
         assert!(body(port).is_none());
         let out = run_checked(|args| agent(&fx, args));
         assert_eq!(out.code(), 0, "{}", out.stderr_str());
@@ -228,7 +243,7 @@ fn presets_a_release_and_kill_9_mid_apply_on_the_system_manager() {
         let socket = Path::new("/var/lib/deployer/infra/db/run");
         let visits = psql_at(socket, pg, "app", "select version from visits");
         assert_eq!(visits.stdout_str().trim(), "v1");
-        let (_, environ) = main_process("deployer-app.service");
+        let (_, environ) = main_process("app.service");
         assert!(
             environ.contains("DATABASE_URL=postgres://app:"),
             "{environ}"
@@ -270,6 +285,7 @@ fn presets_a_release_and_kill_9_mid_apply_on_the_system_manager() {
             "--all",
             "--plain",
             "--no-legend",
+            "app*",
             "deployer-*",
         ]);
         let active: Vec<&str> = units
@@ -280,7 +296,7 @@ fn presets_a_release_and_kill_9_mid_apply_on_the_system_manager() {
         assert_eq!(
             active,
             [
-                "deployer-app.service",
+                "app.service",
                 "deployer-infra-cache.service",
                 "deployer-infra-db.service"
             ],
@@ -352,6 +368,7 @@ if touch /srv/sandboxed-data/x 2>/dev/null; then echo data=writable; else echo d
 if touch /var/lib/deployer/x 2>/dev/null; then echo state=writable; else echo state=denied; fi
 if touch /tmp/x && [ ! -e /tmp/deployer-host-tmp ]; then echo tmp=private; else echo tmp=shared; fi
 } > "$STATE_DIRECTORY/report"
+echo "check: starts as $(id -un)"
 exec "$(dirname "$0")/hello"
 "#;
         let bin = app.path().join("app/bin/check");
@@ -387,10 +404,7 @@ exec "$(dirname "$0")/hello"
             stderr.contains("no account \"nosuchuser\"") && stderr.contains("useradd"),
             "{stderr}"
         );
-        assert_ne!(
-            systemctl(&["is-active", "deployer-ghost.service"]),
-            "active"
-        );
+        assert_ne!(systemctl(&["is-active", "ghost.service"]), "active");
         for (name, port) in ["sandboxed", "named", "dynamic"].iter().zip(&ports) {
             assert_eq!(
                 body(*port).as_deref(),
@@ -427,7 +441,7 @@ exec "$(dirname "$0")/hello"
             );
         }
         let r = report("sandboxed");
-        let (uid, _) = main_process("deployer-sandboxed.service");
+        let (uid, _) = main_process("sandboxed.service");
         assert_eq!(uid, "0");
         assert_eq!(r["usr"], "denied", "{r:?}");
         assert_eq!(r["etc"], "denied", "{r:?}");
@@ -454,7 +468,7 @@ exec "$(dirname "$0")/hello"
             "show",
             "-p",
             "MemoryMax,CPUQuotaPerSecUSec,TasksMax",
-            "deployer-sandboxed.service",
+            "sandboxed.service",
         ]);
         for want in [
             "MemoryMax=268435456",
@@ -472,11 +486,21 @@ exec "$(dirname "$0")/hello"
             .stdout_str()
             .trim()
             .to_owned();
-        let (uid, _) = main_process("deployer-named.service");
+        let (uid, _) = main_process("named.service");
         assert_eq!(uid, appuser, "runs as exec.user");
+        // Its output is in the journal under its own name (`journalctl -u named`), also for
+        // a service that does not run as root.
+        assert!(
+            eventually(10, || journal("named")
+                .contains("check: starts as appuser")
+                .then_some(()))
+            .is_some(),
+            "{}",
+            journal("named")
+        );
 
         // "user": null: an account of its own, made while it runs.
-        let (uid, _) = main_process("deployer-dynamic.service");
+        let (uid, _) = main_process("dynamic.service");
         let uid: u32 = uid.parse().unwrap();
         assert!((61184..=65519).contains(&uid), "a dynamic uid, got {uid}");
         assert_eq!(report("dynamic")["usr"], "denied");
@@ -486,6 +510,120 @@ exec "$(dirname "$0")/hello"
         let out = run_checked(|args| agent(&fx, args));
         assert_eq!(out.code(), 0, "{}", out.stderr_str());
         assert_eq!(body(ports[3]).as_deref(), Some("hello from v1\n"));
+    });
+}
+
+/// A service's units carry its name (`systemctl restart hello`, `journalctl -u hello` are
+/// in `the_production_path_…`). A name the host's own units have is never taken: a vendor
+/// unit (`rescue.service`, in /lib, which a file of ours in /run would override), one the
+/// operator wrote in /etc, and an alias of it are refused with the reason, and left as they
+/// were, while the other services deploy; once the operator frees a name, the next run
+/// deploys it. A service an older agent deployed as `deployer-<service>.service` is moved to
+/// its own name at the next run, though the manifest did not change.
+#[test]
+fn a_unit_name_the_host_owns_is_refused_and_old_names_are_moved() {
+    on_system_manager(|| {
+        let fx = Fixture::file();
+        let app = App::new();
+        let port = free_port();
+        declare_hello(&fx, port);
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let names = ["rescue", "web", "www"];
+        for (name, port) in names.iter().zip(&ports) {
+            let service = json!({
+                "name": name, "namespace": "Examples/Hello.py",
+                "artifact": {"storePath": "/nix/store/placeholder"}, "hosts": ["biz"],
+                "exec": {"command": "bin/hello"},
+                "env": {"PORT": port.to_string()},
+                "health": {"http": {"path": "/healthz", "port": port}, "timeout": "20s",
+                           "interval": "200ms"}
+            });
+            fx.dm(&["add-service", &service.to_string()]).ok();
+        }
+        app.set_version("v1", false);
+        for name in ["hello", "rescue", "web", "www"] {
+            let args = ["Examples/Hello.py", "--service", name];
+            run_in(app.path(), "push.sh", &args, &fx.env).ok();
+        }
+        let etc = Path::new("/etc/systemd/system");
+        std::fs::write(
+            etc.join("web.service"),
+            "[Unit]\nDescription=the host's own web\n[Service]\nExecStart=/bin/sleep infinity\n",
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(etc.join("web.service"), etc.join("www.service")).unwrap();
+        systemctl(&["daemon-reload"]);
+        systemctl(&["start", "web.service"]);
+        assert_eq!(systemctl(&["is-active", "web.service"]), "active");
+
+        let out = run_checked(|args| agent(&fx, args));
+        let stderr = out.stderr_str();
+        assert_eq!(out.code(), 8, "{stderr}");
+        for needle in [
+            "the unit name is taken: rescue.service is a unit of this host's, from ",
+            "/lib/systemd/system/rescue.service; rename the service in the manifest",
+            "the unit name is taken: web.service is a unit of this host's, from /etc/systemd/system/web.service",
+            "the unit name is taken: www.service is another name of web.service",
+        ] {
+            assert!(stderr.contains(needle), "{needle} in:\n{stderr}");
+        }
+        assert_eq!(body(port).as_deref(), Some("hello from v1\n"), "{stderr}");
+        for name in names {
+            let ours = Path::new("/run/systemd/system").join(format!("{name}.service"));
+            assert!(!ours.exists(), "{} written", ours.display());
+        }
+        assert_eq!(
+            systemctl(&["show", "-p", "Description", "web.service"]),
+            "Description=the host's own web"
+        );
+        assert_eq!(systemctl(&["is-active", "web.service"]), "active");
+        let rescue = systemctl(&["show", "-p", "FragmentPath", "rescue.service"]);
+        assert!(
+            rescue.ends_with("/lib/systemd/system/rescue.service"),
+            "{rescue}"
+        );
+        assert!(ports.iter().all(|p| body(*p).is_none()));
+
+        // The operator frees web's and www's names; rescue is dropped from the manifest.
+        systemctl(&["stop", "web.service"]);
+        std::fs::remove_file(etc.join("www.service")).unwrap();
+        std::fs::remove_file(etc.join("web.service")).unwrap();
+        systemctl(&["daemon-reload"]);
+        fx.dm(&["remove-service", "rescue"]).ok();
+        let out = run_checked(|args| agent(&fx, args));
+        assert_eq!(out.code(), 0, "{}", out.stderr_str());
+        for p in &ports[1..] {
+            assert_eq!(body(*p).as_deref(), Some("hello from v1\n"));
+        }
+        assert_eq!(
+            systemctl(&["show", "-p", "Description", "web.service"]),
+            "Description=deployer: web"
+        );
+
+        // What an older agent left: hello running as deployer-hello.service, recorded so.
+        let run = Path::new("/run/systemd/system");
+        systemctl(&["stop", "hello.service"]);
+        std::fs::rename(
+            run.join("hello.service"),
+            run.join("deployer-hello.service"),
+        )
+        .unwrap();
+        let mut old = state();
+        old["services"]["hello"]["unit"] = json!("deployer-hello.service");
+        std::fs::write("/var/lib/deployer/state.json", old.to_string()).unwrap();
+        systemctl(&["daemon-reload"]);
+        systemctl(&["start", "deployer-hello.service"]);
+        assert!(eventually(10, || body(port)).is_some());
+        let out = run_checked(|args| agent(&fx, args));
+        assert_eq!(out.code(), 0, "{}", out.stderr_str());
+        assert_eq!(state()["services"]["hello"]["unit"], "hello.service");
+        assert_eq!(systemctl(&["is-active", "hello.service"]), "active");
+        assert_ne!(
+            systemctl(&["is-active", "deployer-hello.service"]),
+            "active"
+        );
+        assert!(!run.join("deployer-hello.service").exists());
+        assert_eq!(body(port).as_deref(), Some("hello from v1\n"));
     });
 }
 
@@ -739,10 +877,7 @@ fn the_demo_runs_on_a_user_and_on_the_system_manager() {
         assert!(text.contains("(exit 3)"), "bad input refused: {text}");
         if args == ["--system"] {
             assert!(text.contains("on the system manager"), "{text}");
-            assert!(
-                text.contains("\"unit\": \"deployer-hello.service\""),
-                "{text}"
-            );
+            assert!(text.contains("\"unit\": \"hello.service\""), "{text}");
         }
     }
 }
@@ -797,12 +932,12 @@ fn zero_downtime_through_caddy_on_the_system_manager() {
         let unit = hello["unit"].as_str().unwrap().to_owned();
         let port = hello["current"]["route"]["port"].as_u64().unwrap();
         assert_ne!(port, u64::from(internal), "a generation has its own port");
-        assert_eq!(unit, format!("deployer-hello.{port}.service"));
+        assert_eq!(unit, format!("hello.{port}.service"));
         assert_eq!(systemctl(&["is-active", &unit]), "active");
         let ours: Vec<String> = std::fs::read_dir("/run/systemd/system")
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("deployer-hello"))
+            .filter(|n| n.starts_with("hello"))
             .collect();
         assert_eq!(ours, [unit], "only the serving generation is left");
     });

@@ -18,7 +18,8 @@ use crate::health::Probes;
 use crate::proxy::{ProxyError, Route};
 use crate::state::State;
 use crate::systemd::{
-    ActiveState, JobResult, ListedUnit, LoadState, ServiceManager, SystemdError, UnitStatus,
+    ActiveState, JobResult, ListedUnit, LoadState, ServiceManager, SystemdError, UnitSource,
+    UnitStatus,
 };
 use crate::unit::{EnvFile, TransientSpec};
 
@@ -42,6 +43,8 @@ pub struct World {
     pub read_only: bool,
     /// Units that are active but fail their health probes.
     pub unhealthy: BTreeSet<String>,
+    /// Units of the host's own, not the deployer's: name → what systemd says of it.
+    pub foreign: BTreeMap<String, UnitSource>,
     /// Accounts this host does not have (every other one exists).
     pub missing_accounts: BTreeSet<String>,
     /// The state as last saved.
@@ -160,6 +163,22 @@ impl ServiceManager for MemoryHost {
         })
     }
 
+    async fn source(&self, unit: &str) -> Result<UnitSource, SystemdError> {
+        let w = self.world();
+        if let Some(source) = w.foreign.get(unit) {
+            return Ok(source.clone());
+        }
+        let load_state = w.load_state(unit);
+        Ok(UnitSource {
+            id: unit.to_owned(),
+            fragment_path: match load_state {
+                LoadState::Loaded => self.unit_path(unit).display().to_string(),
+                _ => String::new(),
+            },
+            load_state,
+        })
+    }
+
     async fn run_transient(&self, _spec: &TransientSpec) -> Result<JobResult, SystemdError> {
         Ok(JobResult::Done)
     }
@@ -178,7 +197,7 @@ impl ServiceManager for MemoryHost {
         let w = self.world();
         Ok(w.units
             .iter()
-            .filter(|(name, _)| name.starts_with(prefix))
+            .filter(|(name, _)| name.starts_with(prefix) && name.ends_with(".service"))
             .map(|(name, (active, description))| ListedUnit {
                 name: name.clone(),
                 description: description.clone(),
@@ -198,6 +217,10 @@ impl Host for MemoryHost {
 
     fn manager(&self) -> &MemoryHost {
         self
+    }
+
+    fn unit_path(&self, unit: &str) -> PathBuf {
+        PathBuf::from("/mem/units").join(unit)
     }
 
     fn read_unit(&self, unit: &str) -> Option<String> {

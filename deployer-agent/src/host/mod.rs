@@ -32,6 +32,8 @@ pub trait Host {
     /// The service manager (systemd).
     fn manager(&self) -> &Self::Manager;
 
+    /// Where `unit`'s file is in the unit directory.
+    fn unit_path(&self, unit: &str) -> PathBuf;
     /// The text of `unit`'s file in the unit directory, if there is one.
     fn read_unit(&self, unit: &str) -> Option<String>;
     /// Write `unit`'s file (atomically); the manager sees it after a reload.

@@ -2,7 +2,7 @@
 //! directory, the state and secrets directories, loopback ports, Caddy or nginx.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use deploy_manifest::model::{Artifact, InfraService, Manifest, Service};
@@ -33,10 +33,6 @@ impl<M> SystemHost<M> {
         }
     }
 
-    fn unit_path(&self, unit: &str) -> PathBuf {
-        self.config.unit_dir.join(unit)
-    }
-
     /// Whom secret files must belong to: root, or with --user the agent's own user.
     fn owner_uid(&self) -> u32 {
         if self.config.user { current_uid() } else { 0 }
@@ -48,6 +44,10 @@ impl<M: ServiceManager> Host for SystemHost<M> {
 
     fn manager(&self) -> &M {
         &self.manager
+    }
+
+    fn unit_path(&self, unit: &str) -> PathBuf {
+        self.config.unit_dir.join(unit)
     }
 
     fn read_unit(&self, unit: &str) -> Option<String> {
@@ -66,6 +66,7 @@ impl<M: ServiceManager> Host for SystemHost<M> {
                 .map_err(|e| AgentError::io(format!("creating {}", logs.display()), e))?;
         }
         let path = self.unit_path(unit);
+        not_foreign(&path)?;
         deploy_manifest::fsutil::write_atomically(&path, text.as_bytes(), 0o644)
             .map_err(|e| AgentError::io(format!("writing {}", path.display()), e))
     }
@@ -73,6 +74,7 @@ impl<M: ServiceManager> Host for SystemHost<M> {
     fn remove_unit(&self, unit: &str) -> Result<(), AgentError> {
         check_unit_name(unit)?;
         let path = self.unit_path(unit);
+        not_foreign(&path)?;
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 Err(AgentError::io(format!("removing {}", path.display()), e))
@@ -194,5 +196,24 @@ impl<M: ServiceManager> Host for SystemHost<M> {
 
     async fn apply_routes(&self, routes: &[Route]) -> Result<(), ProxyError> {
         self.proxy.apply(routes).await
+    }
+}
+
+/// A file in the unit directory that is not ours (no header) is never overwritten or
+/// removed: the unit directory is shared with the host's own runtime units.
+fn not_foreign(path: &Path) -> Result<(), AgentError> {
+    use std::io::Read;
+    let header = crate::unit::HEADER.as_bytes();
+    let mut head = Vec::new();
+    let read =
+        std::fs::File::open(path).and_then(|f| f.take(header.len() as u64).read_to_end(&mut head));
+    match read {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Ok(_) if head == header => Ok(()),
+        _ => Err(AgentError::ForeignUnit(format!(
+            "{} is not the deployer's (it does not start with {:?}): left alone; rename the service in the manifest, or remove that file",
+            path.display(),
+            crate::unit::HEADER.trim_end()
+        ))),
     }
 }

@@ -284,6 +284,17 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                         Health::Unhealthy
                     }
                 };
+                if stage == Stage::Touched
+                    && d.strategy == Strategy::InPlace
+                    && let Some(old) = &d.replaces
+                {
+                    // What ran is back under the new name (or the new unit is gone): the
+                    // old name's unit is stopped, and goes.
+                    if let Err(e) = self.retire(old).await {
+                        tracing::warn!(error = %e, unit = %old, "could not remove the renamed unit");
+                    }
+                    entry.unit = d.unit.clone();
+                }
                 entry.rollbacks += 1;
                 entry.failed = Some(Failure {
                     spec_hash: hash,
@@ -398,6 +409,12 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             .map_err(untouched)?;
         crate::fault::point("unit-written");
         manager.reload().await.map_err(|e| touched(e.into()))?;
+        if d.strategy == Strategy::InPlace
+            && let Some(old) = &d.replaces
+        {
+            // A unit renamed: the old one holds the service's port until it stops.
+            manager.stop(old).await.map_err(|e| touched(e.into()))?;
+        }
         manager
             .restart(&d.unit)
             .await
