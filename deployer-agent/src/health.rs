@@ -31,7 +31,7 @@ pub struct ExecProbe {
     /// working directory = the artifact), or root for infrastructure. Its `exec_start` is
     /// the probe's argv.
     pub unit: UnitSpec,
-    /// Whose probe it is (a service name, or `infra-<name>`): names its transient units
+    /// Whose probe it is (a service name, or `names::infra_owner`): names its transient units
     /// (`names::probe_unit`).
     pub label: String,
 }

@@ -8,9 +8,8 @@
 //! after the one dot, says which unit of that service it is: none for the service itself,
 //! `<port>` for a zero-downtime generation, `release` for the release command, `probe-<hex>`
 //! for one run of an exec probe. Infrastructure's units are `deployer-infra-<name>.service`
-//! (and `deployer-infra-<name>.probe-<hex>.service`); service names starting with
-//! `deployer`, `infra-` or `systemd-` are refused by the validator, so none of these can
-//! be a service's. [`parse_unit`] reads a name back, and also the names units of a service
+//! (and `deployer-infra-<name>.probe-<hex>.service`); the validator refuses service names
+//! `deployer`, `deployer-*`, `infra-*` and `systemd-*`, so none of these can be a service's. [`parse_unit`] reads a name back, and also the names units of a service
 //! had before (`deployer-<service>[.<role>].service`), so a host deployed by an older agent
 //! converges ([`legacy_service_unit`]).
 //!
@@ -40,9 +39,23 @@ pub fn legacy_service_unit(service: &str) -> String {
     format!("{PREFIX}{service}{SUFFIX}")
 }
 
-/// How the `Description=` of every unit of ours starts (services, their releases and
-/// probes, infrastructure): what tells a loaded unit whose file is gone as ours.
-pub const DESCRIPTION_PREFIX: &str = "deployer";
+/// Whether `description` is what a unit of ours in `role` is described as (a loaded unit
+/// whose file is gone is told as ours by it).
+pub fn describes(role: &UnitRole, description: &str) -> bool {
+    match role {
+        UnitRole::Service(s) | UnitRole::Generation { service: s, .. } => {
+            description == self::description(s)
+        }
+        UnitRole::Release(s) => description == format!("{} release", self::description(s)),
+        UnitRole::Infra(name) => description == infra_description(name),
+        UnitRole::Probe(_) => description.starts_with("deployer probe: "),
+    }
+}
+
+/// The `Description=` of infrastructure service `name`'s unit.
+pub fn infra_description(name: &str) -> String {
+    format!("deployer infrastructure: {name}")
+}
 
 /// The `Description=` of `service`'s units (its release unit adds ` release`).
 pub fn description(service: &str) -> String {
@@ -123,8 +136,8 @@ pub fn parse_unit(unit: &str) -> Option<UnitRole> {
         Some((owner, role)) => (owner, Some(role)),
         None => (stem, None),
     };
-    // Infrastructure, or a service's unit named by an older agent; a service of its own
-    // never starts with `deployer` (the validator refuses it).
+    // Infrastructure, or a service's unit named by an older agent; a service of its own is
+    // never `deployer` nor `deployer-*` (the validator refuses them).
     let (owner, infra) = match owner.strip_prefix(PREFIX) {
         Some(rest) => match rest.strip_prefix("infra-") {
             Some(infra) => (infra, true),

@@ -60,6 +60,15 @@ pub enum Step {
         recheck: bool,
         retire_after: Vec<String>,
     },
+    /// Deployed by an older agent as `from` (`deployer-<service>.service`): the recorded
+    /// generation is moved, as it is, to `to` (`<service>.service`): `to` is written from
+    /// the recorded unit file, `from` stopped, `to` started and health-checked, then `from`
+    /// removed. If `to` does not come up, it is removed and `from` started again.
+    Rename {
+        service: String,
+        from: String,
+        to: String,
+    },
     /// This exact spec failed before; not retried until the manifest changes it.
     Skip { service: String, reason: String },
     /// Cannot be deployed on this run (no free port, undeclared infrastructure); the next
@@ -133,9 +142,6 @@ pub enum Reason {
     New,
     NewArtifact,
     SettingsChanged,
-    /// Deployed as `deployer-<service>.service` by an older agent: the same generation,
-    /// moved to `<service>.service`.
-    Renamed,
 }
 
 impl fmt::Display for Reason {
@@ -144,7 +150,6 @@ impl fmt::Display for Reason {
             Reason::New => "new on this host",
             Reason::NewArtifact => "new artifact",
             Reason::SettingsChanged => "service settings changed",
-            Reason::Renamed => "its unit takes the service's name",
         })
     }
 }
@@ -173,6 +178,9 @@ pub enum Recovery {
     RestoreFound,
     /// Side by side: the new unit is stopped and removed; the old one never stopped.
     StopNew,
+    /// In place under a new name (`replaces`, an older agent's unit): the new unit is
+    /// stopped and removed, and the old one, whose file was never touched, started again.
+    StartReplaced,
 }
 
 /// How a unit stands against what it should run.
@@ -187,6 +195,9 @@ pub enum Condition {
     Changed,
     /// systemd could not tell: nothing is done; the error is recorded.
     Unknown(String),
+    /// It would be written or started, but its name now stands for a unit that is not ours
+    /// (see [`foreign`]): nothing is done; the reason is recorded.
+    Taken(String),
 }
 
 impl Step {
@@ -194,7 +205,8 @@ impl Step {
     pub fn subject(&self) -> &str {
         match self {
             Step::Deploy(d) => &d.service,
-            Step::Keep { service, .. }
+            Step::Rename { service, .. }
+            | Step::Keep { service, .. }
             | Step::Skip { service, .. }
             | Step::Wait { service, .. }
             | Step::Remove { service, .. } => service,
@@ -218,12 +230,19 @@ pub fn desired<'m>(manifest: &'m Manifest, host: &str) -> Vec<&'m Service> {
 /// How `unit` stands against `file`, the file it should run from.
 async fn condition<H: Host>(host: &H, unit: &str, file: &str) -> Condition {
     use crate::systemd::ServiceManager;
-    match host.manager().status(unit).await {
+    let condition = match host.manager().status(unit).await {
         Err(e) => Condition::Unknown(e.to_string()),
         Ok(_) if host.read_unit(unit).as_deref() != Some(file) => Condition::Changed,
         Ok(status) if status.is_active() => Condition::Running,
         Ok(_) => Condition::Stopped,
+    };
+    // Before it is written or started again: is the name still ours?
+    if matches!(condition, Condition::Changed | Condition::Stopped)
+        && let Some(why) = foreign(host, unit).await
+    {
+        return Condition::Taken(why);
     }
+    condition
 }
 
 /// Units of ours on the host: files in the unit directory with our header, and units
@@ -231,7 +250,8 @@ async fn condition<H: Host>(host: &H, unit: &str, file: &str) -> Condition {
 async fn found_units<H: Host>(host: &H) -> BTreeSet<String> {
     use crate::systemd::{ActiveState, LoadState, ServiceManager};
     let mut found: BTreeSet<String> = host.our_unit_files().into_iter().collect();
-    // Any name: a service's units carry its own name. Ours are those with our description.
+    // Any name: a service's units carry its own name. Ours: named as ours, and described as
+    // the unit of ours of that name is.
     match host.manager().list_units("*.service").await {
         Ok(units) => found.extend(
             units
@@ -239,7 +259,8 @@ async fn found_units<H: Host>(host: &H) -> BTreeSet<String> {
                 .filter(|u| {
                     u.load_state == LoadState::NotFound
                         && u.active_state != ActiveState::Inactive
-                        && u.description.starts_with(names::DESCRIPTION_PREFIX)
+                        && names::parse_unit(&u.name)
+                            .is_some_and(|role| names::describes(&role, &u.description))
                 })
                 .map(|u| u.name),
         ),
@@ -413,6 +434,17 @@ pub async fn plan<H: Host>(
     if host.has_proxy() {
         steps.push(Step::Routes);
     }
+    // A unit this plan deploys or renames to is not retired at its end (a run killed after
+    // it wrote that unit left it unrecorded).
+    let targets: BTreeSet<&str> = steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Deploy(d) => Some(d.unit.as_str()),
+            Step::Rename { to, .. } => Some(to.as_str()),
+            _ => None,
+        })
+        .collect();
+    retire.retain(|r| !matches!(r, Step::Retire { unit } if targets.contains(unit.as_str())));
     steps.extend(retire);
     Plan {
         manifest_version: manifest.version.clone(),
@@ -445,11 +477,24 @@ async fn service_step<H: Host>(
     let hash = spec_hash(s);
     let entry = state.services.get(&s.name);
     let current = entry.and_then(|e| e.current.as_ref());
-    // Deployed by an older agent as `deployer-<service>.service`: moved to its own name.
+    // Deployed by an older agent as `deployer-<service>.service`: moved to its own name,
+    // unless that name is taken (then it stays as it is, kept).
     let legacy = entry.is_some_and(|e| e.unit == names::legacy_service_unit(&s.name));
     if let (Some(entry), Some(c)) = (entry, current)
         && c.spec_hash == hash
-        && !legacy
+        && legacy
+    {
+        let to = names::service_unit(&s.name);
+        if foreign(host, &to).await.is_none() {
+            return Step::Rename {
+                service: s.name.clone(),
+                from: entry.unit.clone(),
+                to,
+            };
+        }
+    }
+    if let (Some(entry), Some(c)) = (entry, current)
+        && c.spec_hash == hash
     {
         let recheck =
             entry.failed.is_some() || entry.last_error.is_some() || entry.health != Health::Healthy;
@@ -522,29 +567,26 @@ async fn service_step<H: Host>(
     // the service's unit name or the one an older agent gave it. Ours, and this service's:
     // our header and its description (not another service's unit copied or linked under
     // its name).
-    let (found_unit, found_as) = if strategy == Strategy::InPlace && current.is_none() {
-        let description = format!("Description={}", names::description(&s.name));
-        let ours = |name: String| {
-            host.read_unit(&name)
-                .filter(|t| {
-                    t.starts_with(crate::unit::HEADER) && t.lines().any(|l| l == description)
-                })
-                .map(|t| (t, name))
-        };
-        match ours(unit.clone()).or_else(|| ours(names::legacy_service_unit(&s.name))) {
-            Some((text, name)) => (Some(text), Some(name)),
-            None => (None, None),
-        }
-    } else {
-        (None, None)
+    let description = format!("Description={}", names::description(&s.name));
+    let ours = |name: &str| {
+        host.read_unit(name)
+            .filter(|t| t.starts_with(crate::unit::HEADER) && t.lines().any(|l| l == description))
     };
+    let found_unit = (strategy == Strategy::InPlace && current.is_none())
+        .then(|| ours(&unit))
+        .flatten();
     let replaces = match strategy {
         Strategy::SideBySide => current.is_some().then_some(old_unit),
-        Strategy::InPlace if current.is_some() && old_unit != unit => Some(old_unit),
-        Strategy::InPlace => found_as.filter(|found| *found != unit),
+        Strategy::InPlace if current.is_some() => (old_unit != unit).then_some(old_unit),
+        // Found under the name an older agent gave it (state.json lost too).
+        Strategy::InPlace => {
+            let legacy = names::legacy_service_unit(&s.name);
+            (found_unit.is_none() && ours(&legacy).is_some()).then_some(legacy)
+        }
     };
     let on_failure = match (strategy, current, &found_unit) {
         (Strategy::SideBySide, _, _) => Recovery::StopNew,
+        (Strategy::InPlace, _, _) if replaces.is_some() => Recovery::StartReplaced,
         (Strategy::InPlace, Some(_), _) => Recovery::RestorePrevious,
         (Strategy::InPlace, None, Some(_)) => Recovery::RestoreFound,
         (Strategy::InPlace, None, None) => Recovery::RemoveNew,
@@ -552,8 +594,7 @@ async fn service_step<H: Host>(
     let reason = match current {
         None => Reason::New,
         Some(c) if c.artifact != s.artifact => Reason::NewArtifact,
-        Some(c) if c.spec_hash != hash => Reason::SettingsChanged,
-        Some(_) => Reason::Renamed,
+        Some(_) => Reason::SettingsChanged,
     };
     let mut retire_after = retire_after.remove(&s.name).unwrap_or_default();
     retire_after.retain(|u| *u != unit && Some(u) != replaces.as_ref());
@@ -583,8 +624,9 @@ async fn service_step<H: Host>(
 /// Why this host's `unit` is not the deployer's to write, if it is not: systemd gives the
 /// name to a file that is not ours (a unit of the host's, like `nginx.service`, or one in
 /// a directory that takes precedence over ours), it is another unit's alias, or it is
-/// masked. A name no file defines, or our own file, is ours.
-async fn foreign<H: Host>(host: &H, unit: &str) -> Option<String> {
+/// masked, or a unit whose file is gone still runs under it and is not described as ours.
+/// A name no file defines, or our own file, is ours.
+pub(crate) async fn foreign<H: Host>(host: &H, unit: &str) -> Option<String> {
     use crate::systemd::{LoadState, ServiceManager};
     let fix = "rename the service in the manifest (a service's units are named <service>.service), or remove that unit from this host";
     let source = match host.manager().source(unit).await {
@@ -592,12 +634,24 @@ async fn foreign<H: Host>(host: &H, unit: &str) -> Option<String> {
         Err(e) => return Some(format!("cannot tell whether {unit} is free: {e}")),
     };
     let ours = host.unit_path(unit);
+    let same = |fragment: &Path| {
+        fragment == ours
+            || std::fs::canonicalize(fragment)
+                .is_ok_and(|f| std::fs::canonicalize(&ours).is_ok_and(|o| o == f))
+    };
+    let described_as_ours =
+        names::parse_unit(unit).is_some_and(|role| names::describes(&role, &source.description));
     let taken = if source.id != unit {
         format!("{unit} is another name of {} on this host", source.id)
     } else if source.load_state == LoadState::Masked {
         format!("{unit} is masked on this host")
+    } else if source.load_state == LoadState::NotFound && source.running && !described_as_ours {
+        format!(
+            "{unit} is a unit of this host's that still runs ({:?}), its file gone",
+            source.description
+        )
     } else if source.load_state == LoadState::NotFound
-        || Path::new(&source.fragment_path) == ours
+        || same(Path::new(&source.fragment_path))
             && host
                 .read_unit(unit)
                 .is_none_or(|t| t.starts_with(crate::unit::HEADER))
@@ -693,6 +747,7 @@ impl fmt::Display for Condition {
             Condition::Stopped => f.write_str("stopped: start it again"),
             Condition::Changed => f.write_str("unit file missing or changed: write it, start"),
             Condition::Unknown(e) => write!(f, "systemd cannot tell ({e}): left alone"),
+            Condition::Taken(e) => write!(f, "{e}: left alone"),
         }
     }
 }
@@ -759,6 +814,9 @@ impl fmt::Display for Plan {
                         Recovery::RemoveNew => "stop and remove the new unit",
                         Recovery::RestoreFound => "put back the unit file found on the host",
                         Recovery::StopNew => "stop the new unit; the old one keeps running",
+                        Recovery::StartReplaced => {
+                            "remove the new unit, start the one it replaces again"
+                        }
                     };
                     writeln!(f, "          if it fails: {undo}")?;
                 }
@@ -780,6 +838,10 @@ impl fmt::Display for Plan {
                         writeln!(f, "          then stops {u} (no state records it)")?;
                     }
                 }
+                Step::Rename { service, from, to } => writeln!(
+                    f,
+                    "  rename  {service}: {from} -> {to} (the recorded generation, restarted)"
+                )?,
                 Step::Skip { service, reason } => writeln!(f, "  skip    {service}: {reason}")?,
                 Step::Wait { service, reason } => {
                     writeln!(f, "  wait    {service}: {reason}; the next run retries")?

@@ -149,6 +149,7 @@ fn kinds(plan: &Plan) -> Vec<String> {
                 Step::Infra(_) => "infra",
                 Step::Deploy(_) => "deploy",
                 Step::Keep { .. } => "keep",
+                Step::Rename { .. } => "rename",
                 Step::Skip { .. } => "skip",
                 Step::Wait { .. } => "wait",
                 Step::Remove { .. } => "remove",
@@ -362,6 +363,35 @@ async fn an_account_the_host_lacks_changes_nothing_and_is_retried() {
     assert!(b.file("a.service").unwrap().contains("User=app\n"));
 }
 
+/// A file at a recorded unit's path that no longer starts with our header is not ours to
+/// overwrite (someone replaced it): left alone, reported as drift with the reason.
+#[tokio::test]
+async fn a_recorded_units_file_replaced_by_someone_else_is_left_alone() {
+    let mut b = Bench::new(false);
+    let m = manifest(&[("a", "/nix/store/a-v1", json!({}))], Value::Null);
+    b.run(&m).await;
+    let theirs = "[Service]\nExecStart=/bin/theirs\n";
+    b.host()
+        .world()
+        .files
+        .insert("a.service".into(), theirs.into());
+    b.host().world().log.clear();
+    let (plan, report) = b.run_unchanged().await;
+    assert!(
+        matches!(
+            &plan.steps[..],
+            [Step::Keep {
+                condition: Condition::Taken(_),
+                ..
+            }]
+        ),
+        "{plan:?}"
+    );
+    assert!(matches!(&report.services["a"], Outcome::Drifted { .. }));
+    assert_eq!(b.file("a.service").as_deref(), Some(theirs));
+    assert!(b.host().world().log.is_empty());
+}
+
 #[tokio::test]
 async fn drift_is_repaired_from_the_state() {
     // (what happens to the unit, the condition the plan sees, what the repair does)
@@ -378,7 +408,8 @@ async fn drift_is_repaired_from_the_state() {
         (
             "file edited",
             |h| {
-                h.world().files.insert("a.service".into(), "edited".into());
+                let edited = format!("{}[Service]\nExecStart=/bin/edited\n", crate::unit::HEADER);
+                h.world().files.insert("a.service".into(), edited);
             },
             Condition::Changed,
             "write a.service",
@@ -594,16 +625,22 @@ async fn a_unit_loaded_with_its_file_gone_is_found_too() {
         .world()
         .units
         .insert("a.20005.service".into(), (true, "deployer: a".into()));
-    // Not ours by description: left alone.
-    b.host()
-        .world()
-        .units
-        .insert("x.service".into(), (true, "someone else's".into()));
+    // Not ours by description (not exactly what ours of that name would say): left alone.
+    for (unit, description) in [
+        ("x.service", "someone else's"),
+        ("ci-runner.service", "deployer-ci runner"),
+        ("gone.service", "deployer: other"),
+    ] {
+        b.host()
+            .world()
+            .units
+            .insert(unit.into(), (true, description.into()));
+    }
     let m2 = manifest(&[("a", "/nix/store/a-v2", json!({}))], Value::Null);
     let (plan, _) = b.run(&m2).await;
     assert_eq!(kinds(&plan), ["deploy a", "retire a.20005.service"]);
     assert!(!b.active("a.20005.service"));
-    assert!(b.active("x.service"));
+    assert!(b.active("x.service") && b.active("ci-runner.service") && b.active("gone.service"));
 }
 
 #[tokio::test]
@@ -950,32 +987,42 @@ async fn a_kept_service_retires_untracked_units_once_it_is_healthy_again() {
     }
 }
 
-/// A host an older agent deployed (`deployer-a.service`, recorded so): the next full run
-/// moves a to `a.service` in place (the old unit stopped first: it holds the port), removes
-/// the old unit, and records the new name; the run after that keeps it.
-#[tokio::test]
-async fn a_unit_an_older_agent_named_is_renamed_in_place() {
+/// What an older agent left: `a` deployed from `m`, its unit `deployer-a.service`, recorded
+/// so; the unit file's text.
+async fn legacy_bench(m: &Manifest) -> (Bench, String) {
     let mut b = Bench::new(false);
-    let v1 = manifest(&[("a", "/nix/store/a-v1", json!({}))], Value::Null);
-    b.run(&v1).await;
+    b.run(m).await;
     let text = b.file("a.service").unwrap();
-    // What the older agent left: its unit under the old name, recorded.
     {
         let mut w = b.host().world();
-        let (name, running) = w.units.remove_entry("a.service").unwrap();
-        w.files.remove(&name);
+        let running = w.units.remove("a.service").unwrap();
+        w.files.remove("a.service");
         w.files.insert("deployer-a.service".into(), text.clone());
         w.units.insert("deployer-a.service".into(), running);
         w.log.clear();
     }
     b.state.services.get_mut("a").unwrap().unit = "deployer-a.service".into();
+    (b, text)
+}
+
+/// The next full run moves the recorded generation to `a.service` as it is (the old unit
+/// stopped first: it holds the port), removes the old unit and records the new name; the
+/// run after that keeps it.
+#[tokio::test]
+async fn a_unit_an_older_agent_named_is_renamed_in_place() {
+    let v1 = manifest(&[("a", "/nix/store/a-v1", json!({}))], Value::Null);
+    let (mut b, text) = legacy_bench(&v1).await;
+    let deploys = b.state.services["a"].deploys;
     let (plan, report) = b.run(&v1).await;
-    let d = deploy(&plan, "a");
-    assert_eq!(d.reason, crate::plan::Reason::Renamed);
-    assert_eq!(d.strategy, Strategy::InPlace);
-    assert_eq!(d.unit, "a.service");
-    assert_eq!(d.replaces.as_deref(), Some("deployer-a.service"));
-    assert_eq!(report.services["a"], Outcome::Deployed);
+    assert_eq!(
+        plan.steps,
+        [Step::Rename {
+            service: "a".into(),
+            from: "deployer-a.service".into(),
+            to: "a.service".into()
+        }]
+    );
+    assert_eq!(report.services["a"], Outcome::Kept);
     let log = b.host().world().log.clone();
     let at = |entry: &str| {
         log.iter()
@@ -990,31 +1037,133 @@ async fn a_unit_an_older_agent_named_is_renamed_in_place() {
     assert_eq!(b.file("a.service").as_deref(), Some(text.as_str()));
     assert!(b.file("deployer-a.service").is_none());
     assert_eq!(b.state.services["a"].unit, "a.service");
+    assert_eq!(
+        b.state.services["a"].deploys, deploys,
+        "the same generation"
+    );
     let (plan, _) = b.run(&v1).await;
     assert_eq!(kinds(&plan), ["keep a"]);
 
-    // A rename whose new unit fails its health check: the previous generation is put back
-    // under the new name, the old name's unit goes, and the state says so.
-    let mut b = Bench::new(false);
-    b.run(&v1).await;
-    let text = b.file("a.service").unwrap();
-    {
-        let mut w = b.host().world();
-        let running = w.units.remove("a.service").unwrap();
-        w.files.remove("a.service");
-        w.files.insert("deployer-a.service".into(), text.clone());
-        w.units.insert("deployer-a.service".into(), running);
-        w.unhealthy.insert("a.service".into());
-    }
-    b.state.services.get_mut("a").unwrap().unit = "deployer-a.service".into();
+    // Killed after it wrote a.service, before the state named it: the next run renames
+    // again and does not retire the unrecorded a.service at its end.
+    let (mut b, text) = legacy_bench(&v1).await;
+    b.host()
+        .world()
+        .files
+        .insert("a.service".into(), text.clone());
+    let (plan, _) = b.run(&v1).await;
+    assert_eq!(kinds(&plan), ["rename a"]);
+    assert!(b.active("a.service") && b.file("a.service").is_some());
+    assert!(b.file("deployer-a.service").is_none());
+
+    // The new name is taken on this host: it stays as it is, kept (and put back if it
+    // drifted).
+    let (mut b, _) = legacy_bench(&v1).await;
+    b.host().world().foreign.insert(
+        "a.service".into(),
+        crate::systemd::UnitSource {
+            id: "a.service".into(),
+            load_state: crate::systemd::LoadState::Loaded,
+            fragment_path: "/etc/systemd/system/a.service".into(),
+            running: true,
+            description: "theirs".into(),
+        },
+    );
+    b.host().world().units.remove("deployer-a.service");
+    let (plan, report) = b.run(&v1).await;
+    assert_eq!(kinds(&plan), ["keep a"]);
+    assert_eq!(report.services["a"], Outcome::Repaired);
+    assert!(b.active("deployer-a.service") && b.file("a.service").is_none());
+}
+
+/// A rename whose new unit does not come up: the new unit goes, the old one (its file never
+/// touched) runs again and stays recorded; the next run retries. A deploy of a changed spec
+/// over an older agent's unit that fails does the same.
+#[tokio::test]
+async fn a_failed_rename_starts_the_old_unit_again() {
+    let v1 = manifest(&[("a", "/nix/store/a-v1", json!({}))], Value::Null);
+    let (mut b, text) = legacy_bench(&v1).await;
+    b.host().world().unhealthy.insert("a.service".into());
     let (_, report) = b.run(&v1).await;
+    let Outcome::Retrying { error } = &report.services["a"] else {
+        panic!("{report:?}");
+    };
+    assert!(
+        error.contains("deployer-a.service was started again"),
+        "{error}"
+    );
+    assert!(b.active("deployer-a.service") && !b.active("a.service"));
+    assert_eq!(b.file("deployer-a.service").as_deref(), Some(text.as_str()));
+    assert!(b.file("a.service").is_none());
+    assert_eq!(b.state.services["a"].unit, "deployer-a.service");
+    b.host().world().unhealthy.clear();
+    let (plan, _) = b.run(&v1).await;
+    assert_eq!(kinds(&plan), ["rename a"]);
+    assert!(b.active("a.service") && b.file("deployer-a.service").is_none());
+
+    let (mut b, text) = legacy_bench(&v1).await;
+    b.host().world().broken.insert(path("/nix/store/a-v2"));
+    let v2 = manifest(&[("a", "/nix/store/a-v2", json!({}))], Value::Null);
+    let (plan, report) = b.run(&v2).await;
+    let d = deploy(&plan, "a");
+    assert_eq!(
+        (d.strategy, d.on_failure),
+        (Strategy::InPlace, Recovery::StartReplaced)
+    );
+    assert_eq!(d.replaces.as_deref(), Some("deployer-a.service"));
     assert!(
         matches!(&report.services["a"], Outcome::RolledBack { .. }),
         "{report:?}"
     );
-    assert_eq!(b.state.services["a"].unit, "a.service");
-    assert_eq!(b.file("a.service").as_deref(), Some(text.as_str()));
-    assert!(b.file("deployer-a.service").is_none());
+    assert!(b.active("deployer-a.service") && !b.active("a.service"));
+    assert_eq!(b.file("deployer-a.service").as_deref(), Some(text.as_str()));
+    assert!(b.file("a.service").is_none());
+    assert_eq!(b.state.services["a"].unit, "deployer-a.service");
+}
+
+/// A recorded unit whose name now stands for a unit of the host's (an alias enabled since,
+/// say `sshd.service` for `ssh.service`): removing the service does not stop it, and a
+/// drifted one is not written or started.
+#[tokio::test]
+async fn a_recorded_name_the_host_took_since_is_not_stopped_or_started() {
+    use crate::systemd::{LoadState, UnitSource};
+    let v1 = manifest(&[("a", "/nix/store/a-v1", json!({}))], Value::Null);
+    let alias = UnitSource {
+        id: "ssh.service".into(),
+        load_state: LoadState::Loaded,
+        fragment_path: "/lib/systemd/system/ssh.service".into(),
+        running: true,
+        description: "OpenBSD Secure Shell server".into(),
+    };
+    let mut b = Bench::new(false);
+    b.run(&v1).await;
+    b.host().world().files.remove("a.service");
+    b.host()
+        .world()
+        .foreign
+        .insert("a.service".into(), alias.clone());
+    b.host().world().log.clear();
+    let (plan, report) = b.run(&v1).await;
+    assert!(
+        matches!(&plan.steps[..], [Step::Keep { condition: Condition::Taken(why), .. }] if why.contains("another name of ssh.service")),
+        "{plan:?}"
+    );
+    assert!(matches!(&report.services["a"], Outcome::Drifted { .. }));
+    assert!(
+        b.host().world().log.is_empty(),
+        "{:?}",
+        b.host().world().log
+    );
+
+    let mut b = Bench::new(false);
+    b.run(&v1).await;
+    b.host().world().foreign.insert("a.service".into(), alias);
+    b.host().world().log.clear();
+    let (_, report) = b.run(&manifest(&[], Value::Null)).await;
+    assert_eq!(report.services["a"], Outcome::Removed);
+    let log = b.host().world().log.clone();
+    assert!(!log.contains(&"stop a.service".to_owned()), "{log:?}");
+    assert!(b.file("a.service").is_none(), "our file goes");
 }
 
 /// A unit name systemd gives to something that is not ours (a unit of the host's, an
@@ -1030,6 +1179,8 @@ async fn a_unit_name_the_host_uses_is_refused() {
                 id: "a.service".into(),
                 load_state: LoadState::Loaded,
                 fragment_path: "/lib/systemd/system/a.service".into(),
+                running: true,
+                description: "theirs".into(),
             },
             "a.service is a unit of this host's, from /lib/systemd/system/a.service",
         ),
@@ -1038,6 +1189,8 @@ async fn a_unit_name_the_host_uses_is_refused() {
                 id: "ssh.service".into(),
                 load_state: LoadState::Loaded,
                 fragment_path: "/lib/systemd/system/ssh.service".into(),
+                running: true,
+                description: "OpenBSD Secure Shell server".into(),
             },
             "a.service is another name of ssh.service",
         ),
@@ -1046,6 +1199,8 @@ async fn a_unit_name_the_host_uses_is_refused() {
                 id: "a.service".into(),
                 load_state: LoadState::Masked,
                 fragment_path: "/etc/systemd/system/a.service".into(),
+                running: false,
+                description: "theirs".into(),
             },
             "a.service is masked",
         ),
@@ -1084,6 +1239,8 @@ async fn a_unit_name_the_host_uses_is_refused() {
             id: "a.release.service".into(),
             load_state: LoadState::Loaded,
             fragment_path: "/etc/systemd/system/a.release.service".into(),
+            running: false,
+            description: "theirs".into(),
         },
     );
     let (plan, _) = b.run(&with_release).await;

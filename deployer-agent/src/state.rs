@@ -93,7 +93,8 @@ pub struct InfraState {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServiceState {
-    /// The unit file, e.g. `deployer-hello.service`.
+    /// The unit it runs as, e.g. `hello.service` (`deployer-hello.service` from an older
+    /// agent, until the next full run renames it).
     pub unit: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current: Option<Generation>,
@@ -135,8 +136,8 @@ pub struct Generation {
     pub deployed_at: String,
     /// The generated unit file (no secrets: those stay in the env file).
     pub unit_file: String,
-    /// The unit it runs as, when not the service's default `deployer-<name>.service`
-    /// (zero-downtime generations run as `deployer-<name>.<port>.service`).
+    /// The unit it runs as, when not the service's default `<name>.service`
+    /// (zero-downtime generations run as `<name>.<port>.service`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unit: Option<String>,
     /// The proxy route to it.
@@ -189,11 +190,13 @@ impl State {
                         ),
                     })?;
                 // Written by an agent that named a service's unit `deployer-<service>.service`:
-                // the next run plans in full (not a 304 poll), which renames those units.
-                if state
-                    .services
-                    .iter()
-                    .any(|(name, s)| s.unit == crate::names::legacy_service_unit(name))
+                // the next run plans in full (not a 304 poll), which renames those units (not
+                // with an expired manifest, which a full poll would refuse).
+                if state.expired.is_none()
+                    && state
+                        .services
+                        .iter()
+                        .any(|(name, s)| s.unit == crate::names::legacy_service_unit(name))
                 {
                     state.manifest_etag = None;
                 }

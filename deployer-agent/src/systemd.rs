@@ -72,6 +72,8 @@ trait Unit {
     #[zbus(property)]
     fn id(&self) -> zbus::Result<String>;
     #[zbus(property)]
+    fn description(&self) -> zbus::Result<String>;
+    #[zbus(property)]
     fn fragment_path(&self) -> zbus::Result<String>;
     fn unref(&self) -> zbus::Result<()>;
 }
@@ -226,6 +228,9 @@ pub struct UnitSource {
     pub load_state: LoadState,
     /// The file it is loaded from (`FragmentPath`); empty for none.
     pub fragment_path: String,
+    /// It runs (any state but `inactive`/`failed`): a unit whose file is gone may still run.
+    pub running: bool,
+    pub description: String,
 }
 
 /// A unit the manager has loaded (`ListUnitsByPatterns`).
@@ -579,10 +584,13 @@ impl ServiceManager for Systemd {
             source: Box::new(source),
         };
         let u = self.unit(unit).await?;
+        let active: ActiveState = u.active_state().await.map_err(call_err)?.into();
         Ok(UnitSource {
             id: u.id().await.map_err(call_err)?,
             load_state: u.load_state().await.map_err(call_err)?.into(),
             fragment_path: u.fragment_path().await.map_err(call_err)?,
+            running: !matches!(active, ActiveState::Inactive | ActiveState::Failed),
+            description: u.description().await.map_err(call_err)?,
         })
     }
 

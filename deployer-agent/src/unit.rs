@@ -465,7 +465,7 @@ pub enum Property {
 /// collected by systemd once it has finished, whether it passed or failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TransientSpec {
-    /// A unit name of its own, e.g. `deployer-probe-web.1f2e3d4c5b6a7988.service`.
+    /// A unit name of its own, e.g. `web.probe-1f2e3d4c5b6a7988.service`.
     pub name: String,
     /// What runs (`exec_start`), where, as whom, how sandboxed, with which environment:
     /// as in a unit file. `oneshot`, `start_timeout` and `Restart=` do not apply: a

@@ -169,6 +169,10 @@ impl ServiceManager for MemoryHost {
             return Ok(source.clone());
         }
         let load_state = w.load_state(unit);
+        let (running, description) = match w.units.get(unit) {
+            Some((active, description)) => (*active, description.clone()),
+            None => (false, String::new()),
+        };
         Ok(UnitSource {
             id: unit.to_owned(),
             fragment_path: match load_state {
@@ -176,6 +180,8 @@ impl ServiceManager for MemoryHost {
                 _ => String::new(),
             },
             load_state,
+            running,
+            description,
         })
     }
 

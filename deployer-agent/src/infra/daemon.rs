@@ -159,7 +159,7 @@ pub fn unit_file(
     });
     let account = account.filter(|_| system).map(str::to_owned);
     Ok(crate::unit::UnitSpec {
-        description: format!("deployer infrastructure: {name}"),
+        description: crate::names::infra_description(name),
         exec_start: argv,
         working_directory: Some(data),
         user: account.clone(),

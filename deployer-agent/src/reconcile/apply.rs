@@ -94,6 +94,21 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 }
                 report.services.insert(name.clone(), outcome);
             }
+            Step::Rename {
+                service: name,
+                from,
+                to,
+            } => {
+                let Some(s) = service(name) else { return };
+                let outcome = match self.rename(s, from, to, state).await {
+                    Ok(()) => Outcome::Kept,
+                    Err(error) => {
+                        tracing::error!(%error, "not renamed; it runs under its old name");
+                        Outcome::Retrying { error }
+                    }
+                };
+                report.services.insert(name.clone(), outcome);
+            }
             Step::Skip { service, reason } => {
                 tracing::warn!(%reason, "not retrying a deploy that failed");
                 report.services.insert(service.clone(), Outcome::Skipped);
@@ -183,7 +198,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         }
         let outcome = match &step.condition {
             Condition::Running => InfraOutcome::Running,
-            Condition::Unknown(e) => {
+            Condition::Unknown(e) | Condition::Taken(e) => {
                 tracing::warn!(error = %e, "cannot tell whether it runs; left as it is");
                 InfraOutcome::Unknown { error: e.clone() }
             }
@@ -300,7 +315,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         }
         match condition {
             Condition::Running => Outcome::Kept,
-            Condition::Unknown(e) => {
+            Condition::Unknown(e) | Condition::Taken(e) => {
                 entry.last_error = Some(e.clone());
                 Outcome::Drifted { error: e.clone() }
             }
@@ -431,7 +446,14 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
     /// Stop a unit and remove its file.
     pub(crate) async fn retire(&self, unit: &str) -> Result<(), AgentError> {
         let manager = self.host.manager();
-        let _ = manager.stop(unit).await;
+        // A name that now stands for a unit of the host's (an alias made since, a file in
+        // a directory that takes precedence) is not stopped: only our file goes.
+        match crate::plan::foreign(&self.host, unit).await {
+            None => {
+                let _ = manager.stop(unit).await;
+            }
+            Some(why) => tracing::warn!(%unit, %why, "not stopping it: the name is not ours now"),
+        }
         self.host.remove_unit(unit)?;
         manager.reload().await?;
         Ok(())

@@ -244,6 +244,12 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                         self.restore(&d.unit, Some(prev)).await.map(|()| Some(prev))
                     }
                     (_, Recovery::StopNew, _) => self.retire(&d.unit).await.map(|()| None),
+                    (_, Recovery::StartReplaced, _) => {
+                        let old = d.replaces.as_deref().unwrap_or_default();
+                        self.start_replaced(&d.unit, old)
+                            .await
+                            .map(|()| previous.as_ref())
+                    }
                     (_, Recovery::RestoreFound, _) => {
                         message
                             .push_str(&self.restore_found(&d.unit, d.found_unit.as_deref()).await);
@@ -256,10 +262,14 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 entry.health = match restored {
                     // Probe the restored generation (with the manifest's health settings).
                     Ok(Some(prev)) => {
+                        let unit = match d.on_failure {
+                            Recovery::StartReplaced => d.replaces.as_deref().unwrap_or_default(),
+                            _ => &d.unit,
+                        };
                         let healthy = match self.restored_probes(service, prev) {
                             Ok(probes) => {
                                 self.host
-                                    .wait_healthy(&d.unit, &probes, self.config.settle)
+                                    .wait_healthy(unit, &probes, self.config.settle)
                                     .await
                             }
                             Err(e) => Err(e.to_string()),
@@ -284,17 +294,6 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                         Health::Unhealthy
                     }
                 };
-                if stage == Stage::Touched
-                    && d.strategy == Strategy::InPlace
-                    && let Some(old) = &d.replaces
-                {
-                    // What ran is back under the new name (or the new unit is gone): the
-                    // old name's unit is stopped, and goes.
-                    if let Err(e) = self.retire(old).await {
-                        tracing::warn!(error = %e, unit = %old, "could not remove the renamed unit");
-                    }
-                    entry.unit = d.unit.clone();
-                }
                 entry.rollbacks += 1;
                 entry.failed = Some(Failure {
                     spec_hash: hash,
@@ -307,6 +306,75 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 Err(Failed::RolledBack(message))
             }
         }
+    }
+
+    /// [`Step::Rename`](crate::plan::Step::Rename): `service`'s recorded generation, running
+    /// as `from`, moved as it is to `to`. Nothing is fetched or provisioned: `to` is written
+    /// from the recorded unit file. On failure `to` is removed, `from` (whose file was never
+    /// touched) started again, and the error says so.
+    pub(super) async fn rename(
+        &self,
+        service: &Service,
+        from: &str,
+        to: &str,
+        state: &mut State,
+    ) -> Result<(), String> {
+        let Some(entry) = state.services.get_mut(&service.name) else {
+            return Ok(());
+        };
+        let Some(current) = entry.current.clone() else {
+            return Ok(());
+        };
+        tracing::info!(%from, %to, "moving the service to its own unit name");
+        let manager = self.host.manager();
+        let moved = async {
+            if let Some(why) = crate::plan::foreign(&self.host, to).await {
+                return Err((AgentError::ForeignUnit(why), false));
+            }
+            let touched = |e: AgentError| (e, true);
+            self.host
+                .write_unit(to, &current.unit_file)
+                .map_err(|e| (e, false))?;
+            manager.reload().await.map_err(|e| touched(e.into()))?;
+            if let Err(e) = manager.stop(from).await {
+                tracing::warn!(error = %e, unit = %from, "could not stop the old unit");
+            }
+            manager.restart(to).await.map_err(|e| touched(e.into()))?;
+            let probes = self.restored_probes(service, &current).map_err(touched)?;
+            self.host
+                .wait_healthy(to, &probes, self.config.settle)
+                .await
+                .map_err(|detail| touched(AgentError::Unhealthy(detail)))
+        }
+        .await;
+        match moved {
+            Ok(()) => {
+                entry.unit = to.to_owned();
+                if let Err(e) = self.retire(from).await {
+                    tracing::warn!(error = %e, unit = %from, "could not remove the old unit");
+                }
+                Ok(())
+            }
+            Err((e, false)) => Err(format!(
+                "not renamed to {to}: {e}; it runs as {from}, the next run retries"
+            )),
+            Err((e, true)) => {
+                let back = match self.start_replaced(to, from).await {
+                    Ok(()) => format!("{from} was started again"),
+                    Err(r) => format!("starting {from} again failed too: {r}"),
+                };
+                Err(format!(
+                    "renaming {from} to {to} failed: {e}; {back}, the next run retries"
+                ))
+            }
+        }
+    }
+
+    /// [`Recovery::StartReplaced`]: `new` stopped and removed, `old` started again.
+    async fn start_replaced(&self, new: &str, old: &str) -> Result<(), AgentError> {
+        self.retire(new).await?;
+        self.host.manager().restart(old).await?;
+        Ok(())
     }
 
     /// [`Recovery::RestoreFound`]: put back the unit file found (what served before the state
@@ -402,6 +470,10 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         }
         let touched = |e: AgentError| (e, Stage::Touched);
         let manager = self.host.manager();
+        // The name was ours when the run was planned; a fetch or a release later, again.
+        if let Some(why) = crate::plan::foreign(&self.host, &d.unit).await {
+            return Err(untouched(AgentError::ForeignUnit(why)));
+        }
         // Written atomically: a write that fails (a full disk) leaves the old file, so
         // nothing changed yet and the next run retries.
         self.host
@@ -412,8 +484,11 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         if d.strategy == Strategy::InPlace
             && let Some(old) = &d.replaces
         {
-            // A unit renamed: the old one holds the service's port until it stops.
-            manager.stop(old).await.map_err(|e| touched(e.into()))?;
+            // A unit renamed: the old one holds the service's port until it stops. One that
+            // is not loaded (a reboot cleared /run) has nothing to stop.
+            if let Err(e) = manager.stop(old).await {
+                tracing::warn!(error = %e, unit = %old, "could not stop the unit it replaces");
+            }
         }
         manager
             .restart(&d.unit)
