@@ -219,6 +219,15 @@ impl UnitStatus {
     }
 }
 
+/// The error of `LoadUnit` or of reading a property of the unit `unit` it loaded.
+fn load_error(unit: &str) -> impl Fn(zbus::Error) -> SystemdError + Copy + '_ {
+    move |source| SystemdError::Call {
+        call: "LoadUnit",
+        unit: unit.to_owned(),
+        source: Box::new(source),
+    }
+}
+
 /// What a unit name stands for in the manager: which unit it loads (an alias loads another)
 /// and from which file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -425,11 +434,7 @@ impl Systemd {
 
     /// `unit`, loaded (`LoadUnit`), with its properties read fresh on every call.
     async fn unit(&self, unit: &str) -> Result<UnitProxy<'_>, SystemdError> {
-        let call_err = |source| SystemdError::Call {
-            call: "LoadUnit",
-            unit: unit.to_owned(),
-            source: Box::new(source),
-        };
+        let call_err = load_error(unit);
         let path = self.manager.load_unit(unit).await.map_err(call_err)?;
         UnitProxy::builder(&self.conn)
             .path(path)
@@ -578,11 +583,7 @@ impl ServiceManager for Systemd {
     }
 
     async fn source(&self, unit: &str) -> Result<UnitSource, SystemdError> {
-        let call_err = |source| SystemdError::Call {
-            call: "LoadUnit",
-            unit: unit.to_owned(),
-            source: Box::new(source),
-        };
+        let call_err = load_error(unit);
         let u = self.unit(unit).await?;
         let active: ActiveState = u.active_state().await.map_err(call_err)?.into();
         Ok(UnitSource {
@@ -595,11 +596,7 @@ impl ServiceManager for Systemd {
     }
 
     async fn status(&self, unit: &str) -> Result<UnitStatus, SystemdError> {
-        let call_err = |source| SystemdError::Call {
-            call: "LoadUnit",
-            unit: unit.to_owned(),
-            source: Box::new(source),
-        };
+        let call_err = load_error(unit);
         let u = self.unit(unit).await?;
         let path = u.inner().path().to_owned();
         let s = ServiceProxy::builder(&self.conn)
