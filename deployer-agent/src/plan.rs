@@ -115,8 +115,8 @@ pub struct Deploy {
     /// The unit of the generation it replaces, when that is another unit. Side by side: stopped
     /// once the new one is healthy and has the route (after the drain period with `drain`).
     /// In place (a unit an older agent named `deployer-<service>.service`): stopped before
-    /// the new one starts, and its file removed once the new one runs (or the previous
-    /// generation was put back under the new name).
+    /// the new one starts, its file removed once the new one is healthy, started again if
+    /// it is not ([`Recovery::StartReplaced`]).
     pub replaces: Option<String>,
     pub drain: bool,
     /// The release command runs first (once per artifact); if it fails, nothing changed.
@@ -133,6 +133,17 @@ pub struct Deploy {
     /// With [`Recovery::RestoreFound`]: the unit file found, as it was.
     #[serde(skip)]
     pub found_unit: Option<String>,
+}
+
+impl Deploy {
+    /// The unit that runs the service once a failure of this deploy was undone: the one it
+    /// replaces with [`Recovery::StartReplaced`], its own otherwise.
+    pub fn restored_unit(&self) -> &str {
+        match (self.on_failure, &self.replaces) {
+            (Recovery::StartReplaced, Some(old)) => old,
+            _ => &self.unit,
+        }
+    }
 }
 
 /// Why a service is deployed.

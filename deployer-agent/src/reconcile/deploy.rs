@@ -244,12 +244,10 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                         self.restore(&d.unit, Some(prev)).await.map(|()| Some(prev))
                     }
                     (_, Recovery::StopNew, _) => self.retire(&d.unit).await.map(|()| None),
-                    (_, Recovery::StartReplaced, _) => {
-                        let old = d.replaces.as_deref().unwrap_or_default();
-                        self.start_replaced(&d.unit, old)
-                            .await
-                            .map(|()| previous.as_ref())
-                    }
+                    (_, Recovery::StartReplaced, _) => self
+                        .start_replaced(&d.unit, d.restored_unit())
+                        .await
+                        .map(|()| previous.as_ref()),
                     (_, Recovery::RestoreFound, _) => {
                         message
                             .push_str(&self.restore_found(&d.unit, d.found_unit.as_deref()).await);
@@ -262,14 +260,10 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 entry.health = match restored {
                     // Probe the restored generation (with the manifest's health settings).
                     Ok(Some(prev)) => {
-                        let unit = match d.on_failure {
-                            Recovery::StartReplaced => d.replaces.as_deref().unwrap_or_default(),
-                            _ => &d.unit,
-                        };
                         let healthy = match self.restored_probes(service, prev) {
                             Ok(probes) => {
                                 self.host
-                                    .wait_healthy(unit, &probes, self.config.settle)
+                                    .wait_healthy(d.restored_unit(), &probes, self.config.settle)
                                     .await
                             }
                             Err(e) => Err(e.to_string()),
@@ -326,27 +320,13 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             return Ok(());
         };
         tracing::info!(%from, %to, "moving the service to its own unit name");
-        let manager = self.host.manager();
-        let moved = async {
-            if let Some(why) = crate::plan::foreign(&self.host, to).await {
-                return Err((AgentError::ForeignUnit(why), false));
+        let moved = match self.restored_probes(service, &current) {
+            Ok(probes) => {
+                self.start_unit(to, &current.unit_file, Some(from), &probes)
+                    .await
             }
-            let touched = |e: AgentError| (e, true);
-            self.host
-                .write_unit(to, &current.unit_file)
-                .map_err(|e| (e, false))?;
-            manager.reload().await.map_err(|e| touched(e.into()))?;
-            if let Err(e) = manager.stop(from).await {
-                tracing::warn!(error = %e, unit = %from, "could not stop the old unit");
-            }
-            manager.restart(to).await.map_err(|e| touched(e.into()))?;
-            let probes = self.restored_probes(service, &current).map_err(touched)?;
-            self.host
-                .wait_healthy(to, &probes, self.config.settle)
-                .await
-                .map_err(|detail| touched(AgentError::Unhealthy(detail)))
-        }
-        .await;
+            Err(e) => Err((e, Stage::Untouched)),
+        };
         match moved {
             Ok(()) => {
                 entry.unit = to.to_owned();
@@ -355,10 +335,10 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 }
                 Ok(())
             }
-            Err((e, false)) => Err(format!(
+            Err((e, Stage::Untouched | Stage::ReleaseFailed)) => Err(format!(
                 "not renamed to {to}: {e}; it runs as {from}, the next run retries"
             )),
-            Err((e, true)) => {
+            Err((e, Stage::Touched)) => {
                 let back = match self.start_replaced(to, from).await {
                     Ok(()) => format!("{from} was started again"),
                     Err(r) => format!("starting {from} again failed too: {r}"),
@@ -468,38 +448,13 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                     e => untouched(e),
                 })?;
         }
-        let touched = |e: AgentError| (e, Stage::Touched);
-        let manager = self.host.manager();
-        // The name was ours when the run was planned; a fetch or a release later, again.
-        if let Some(why) = crate::plan::foreign(&self.host, &d.unit).await {
-            return Err(untouched(AgentError::ForeignUnit(why)));
-        }
-        // Written atomically: a write that fails (a full disk) leaves the old file, so
-        // nothing changed yet and the next run retries.
-        self.host
-            .write_unit(&d.unit, &unit_file)
-            .map_err(untouched)?;
-        crate::fault::point("unit-written");
-        manager.reload().await.map_err(|e| touched(e.into()))?;
-        if d.strategy == Strategy::InPlace
-            && let Some(old) = &d.replaces
-        {
-            // A unit renamed: the old one holds the service's port until it stops. One that
-            // is not loaded (a reboot cleared /run) has nothing to stop.
-            if let Err(e) = manager.stop(old).await {
-                tracing::warn!(error = %e, unit = %old, "could not stop the unit it replaces");
-            }
-        }
-        manager
-            .restart(&d.unit)
-            .await
-            .map_err(|e| touched(e.into()))?;
-        crate::fault::point("restarted");
         let probes = Probes::of(service, &artifact, d.port, &spec);
-        self.host
-            .wait_healthy(&d.unit, &probes, self.config.settle)
-            .await
-            .map_err(|detail| touched(AgentError::Unhealthy(detail)))?;
+        let in_place_of = d
+            .replaces
+            .as_deref()
+            .filter(|_| d.strategy == Strategy::InPlace);
+        self.start_unit(&d.unit, &unit_file, in_place_of, &probes)
+            .await?;
         crate::fault::point("healthy");
         Ok(Generation {
             artifact: service.artifact.clone(),
@@ -511,6 +466,42 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             unit: d.port.map(|_| d.unit.clone()),
             route: d.route.clone(),
         })
+    }
+
+    /// Write `unit` as `text`, start it (after stopping `in_place_of`, which holds the
+    /// service's port) and wait until it passes `probes`. The error says whether the host
+    /// was touched: the name not ours (checked again here: a fetch or a release may have
+    /// taken long since the plan) or a write that failed (atomic: the old file stays) leave
+    /// everything as it was.
+    async fn start_unit(
+        &self,
+        unit: &str,
+        text: &str,
+        in_place_of: Option<&str>,
+        probes: &Probes,
+    ) -> Result<(), (AgentError, Stage)> {
+        let untouched = |e: AgentError| (e, Stage::Untouched);
+        let touched = |e: AgentError| (e, Stage::Touched);
+        let manager = self.host.manager();
+        if let Some(why) = crate::plan::foreign(&self.host, unit).await {
+            return Err(untouched(AgentError::ForeignUnit(why)));
+        }
+        self.host.write_unit(unit, text).map_err(untouched)?;
+        crate::fault::point("unit-written");
+        manager.reload().await.map_err(|e| touched(e.into()))?;
+        if let Some(old) = in_place_of {
+            // One that is not loaded (a reboot cleared /run) has nothing to stop.
+            if let Err(e) = manager.stop(old).await {
+                tracing::warn!(error = %e, unit = %old, "could not stop the unit it replaces");
+            }
+        }
+        manager.restart(unit).await.map_err(|e| touched(e.into()))?;
+        crate::fault::point("restarted");
+        self.host
+            .wait_healthy(unit, probes, self.config.settle)
+            .await
+            .map_err(|detail| touched(AgentError::Unhealthy(detail)))?;
+        Ok(())
     }
 
     /// Run `service`'s release command as its one-shot release unit (from `text`), which
