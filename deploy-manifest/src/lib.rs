@@ -10,6 +10,7 @@
 //! - [`diff`]: what changed between two versions, env values redacted.
 //! - [`render`]: human tables for the CLI.
 //! - [`status`]: host reports in the store and the fleet view of `deploy-manifest status`.
+//! - [`rollout`]: staged rollouts: policy, waves, the rollout objects, the gate (pure).
 //! - [`archive`]: deterministic, hashed packing and safe unpacking of artifact archives.
 
 pub mod archive;
@@ -20,6 +21,7 @@ pub mod fsutil;
 pub mod model;
 pub mod render;
 pub mod repo;
+pub mod rollout;
 pub mod seen;
 pub mod sign;
 pub mod status;

@@ -50,6 +50,9 @@ pub struct Manifest {
     pub services: Vec<Service>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub infrastructure: Option<Infrastructure>,
+    /// Staged rollouts: host labels and the fleet's default policy (see [`crate::rollout`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<FleetRollout>,
     /// ed25519 signature over the manifest without this field (see `sign`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<ManifestSignature>,
@@ -80,6 +83,7 @@ impl Manifest {
             rolled_back_to: None,
             services: Vec::new(),
             infrastructure: None,
+            rollout: None,
             signature: None,
         }
     }
@@ -136,6 +140,72 @@ pub struct Service {
     pub release: Option<Release>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub infrastructure: Option<ServiceInfrastructure>,
+    /// How a new version of this service reaches its hosts, field by field over the
+    /// fleet's default (`rollout.policy`). Not part of the service's generation: changing
+    /// it restarts nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutPolicy>,
+}
+
+/// The manifest's `rollout`: labels that waves can name, and the default policy.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FleetRollout {
+    /// Host labels: label → host names.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, Vec<String>>,
+    /// The policy of every service that does not override a field of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<RolloutPolicy>,
+}
+
+/// How a service's new version is rolled out; every field optional (a service's policy
+/// overrides the fleet's field by field).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RolloutPolicy {
+    /// The waves, in order. No waves (or `[]`): every host deploys at its next poll.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waves: Option<Vec<Wave>>,
+    /// How long a wave must stay healthy before the next starts (default 0s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bake: Option<Span>,
+    /// Hosts whose health-gated deploy may fail before the rollout aborts (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_failures: Option<u32>,
+    /// How long a wave may take to become healthy (default 1h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress_deadline: Option<Span>,
+    /// What a missed deadline does (default `abort`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_deadline: Option<OnDeadline>,
+}
+
+/// One wave: exactly one of `hosts`, `labels` or `percent` says which of the service's
+/// hosts it takes (of those no earlier wave took).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Wave {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
+    /// The service's hosts this wave and the earlier ones cover together, in percent
+    /// (rounded up), picked in an order fixed by a hash of service and host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u8>,
+    /// Healthy hosts the wave needs before the next one starts (default: all of them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_healthy: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDeadline {
+    /// Abort the rollout: no further wave starts, hosts that run the version roll back.
+    Abort,
+    /// Go on as if the wave were healthy.
+    Continue,
 }
 
 /// What to run: a Nix store path (closure in the store's binary cache) or a
@@ -562,6 +632,36 @@ mod schema_drift {
                 redis: Some(true),
                 services: [("search".to_owned(), infra_service())].into(),
             }),
+            rollout: Some(policy()),
+        }
+    }
+
+    fn policy() -> RolloutPolicy {
+        RolloutPolicy {
+            waves: Some(vec![
+                Wave {
+                    hosts: vec!["biz".into()],
+                    labels: vec![],
+                    percent: None,
+                    min_healthy: Some(1),
+                },
+                Wave {
+                    hosts: vec![],
+                    labels: vec!["eu".into()],
+                    percent: None,
+                    min_healthy: None,
+                },
+                Wave {
+                    hosts: vec![],
+                    labels: vec![],
+                    percent: Some(50),
+                    min_healthy: None,
+                },
+            ]),
+            bake: Some(Span::parse("10m").unwrap()),
+            max_failures: Some(1),
+            progress_deadline: Some(Span::parse("1h").unwrap()),
+            on_deadline: Some(OnDeadline::Continue),
         }
     }
 
@@ -591,6 +691,10 @@ mod schema_drift {
             ],
             infrastructure: Some(Infrastructure {
                 services: [("db".to_owned(), infra_service())].into(),
+            }),
+            rollout: Some(FleetRollout {
+                labels: [("eu".to_owned(), vec!["biz".to_owned()])].into(),
+                policy: Some(policy()),
             }),
             signature: Some(ManifestSignature {
                 key: "ci-2026".into(),
@@ -653,6 +757,9 @@ mod schema_drift {
                         missing,
                     ),
                     None => missing.push(format!("{pointer}/properties/{name}")),
+                }
+                if instance.get(name).is_some() {
+                    missing.push(format!("+{pointer}/properties/{name}"));
                 }
             }
         }
@@ -721,9 +828,17 @@ mod schema_drift {
             &mut visited,
             &mut missing,
         );
+        // A property counts as written when some instance has it (a wave has one of
+        // hosts, labels or percent; the maximal manifest has a wave of each).
+        let written: BTreeSet<&str> = missing.iter().filter_map(|m| m.strip_prefix('+')).collect();
+        let never: BTreeSet<&str> = missing
+            .iter()
+            .filter(|m| !m.starts_with('+') && !written.contains(m.as_str()))
+            .map(String::as_str)
+            .collect();
         assert_eq!(
-            missing,
-            Vec::<String>::new(),
+            never,
+            BTreeSet::new(),
             "schema properties the model never writes"
         );
         let mut all = BTreeSet::new();

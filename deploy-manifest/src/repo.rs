@@ -115,7 +115,8 @@ pub fn normalize_version(arg: &str) -> String {
     arg.strip_suffix(".json").unwrap_or(arg).to_owned()
 }
 
-fn version_key(version: &str) -> String {
+/// `manifests/<version>.json`: the immutable copy of a version.
+pub fn version_key(version: &str) -> String {
     format!("{VERSIONS_PREFIX}{version}.json")
 }
 

@@ -254,6 +254,16 @@ fn check_rules(m: &Manifest, origin: &str) -> Result<(), Invalid> {
             }
         }
     }
+    let labels = m.rollout.as_ref().map(|r| &r.labels);
+    if let Some(policy) = m.rollout.as_ref().and_then(|r| r.policy.as_ref()) {
+        rollout_rules(policy, labels, "rollout.policy", &mut problems);
+    }
+    for (i, s) in m.services.iter().enumerate() {
+        if let Some(policy) = &s.rollout {
+            let at = format!("services[{i}] ({}).rollout", s.name);
+            rollout_rules(policy, labels, &at, &mut problems);
+        }
+    }
     if let Some(infra) = &m.infrastructure {
         for (name, svc) in &infra.services {
             for dep in &svc.depends_on {
@@ -267,6 +277,50 @@ fn check_rules(m: &Manifest, origin: &str) -> Result<(), Invalid> {
         }
     }
     Invalid::check(origin, problems)
+}
+
+/// A rollout policy's waves: each says which hosts it takes in exactly one way, names only
+/// labels the manifest defines, and shares grow from wave to wave (they are cumulative).
+fn rollout_rules(
+    policy: &crate::model::RolloutPolicy,
+    labels: Option<&std::collections::BTreeMap<String, Vec<String>>>,
+    at: &str,
+    problems: &mut Vec<Problem>,
+) {
+    let mut share = 0;
+    for (i, wave) in policy.waves.iter().flatten().enumerate() {
+        let field = format!("{at}.waves[{i}]");
+        let ways = usize::from(!wave.hosts.is_empty())
+            + usize::from(!wave.labels.is_empty())
+            + usize::from(wave.percent.is_some());
+        if ways != 1 {
+            problems.push(Problem {
+                field: field.clone(),
+                message: "give exactly one of hosts, labels or percent".into(),
+            });
+        }
+        for label in &wave.labels {
+            if !labels.is_some_and(|l| l.contains_key(label)) {
+                problems.push(Problem {
+                    field: format!("{field}.labels"),
+                    message: format!(
+                        "unknown label {label:?}: define it in rollout.labels (label -> hosts)"
+                    ),
+                });
+            }
+        }
+        if let Some(p) = wave.percent {
+            if p <= share {
+                problems.push(Problem {
+                    field: format!("{field}.percent"),
+                    message: format!(
+                        "{p} is not above the {share} % an earlier wave reached; percentages count all the waves so far"
+                    ),
+                });
+            }
+            share = share.max(p);
+        }
+    }
 }
 
 /// A route's path as the proxies match it: repeated `/` collapsed, no trailing `/` (but `/`
@@ -1006,6 +1060,52 @@ mod tests {
             });
             assert_eq!(p, Vec::<String>::new(), "{name}");
         }
+    }
+
+    #[test]
+    fn rollout_policies_are_checked() {
+        let with = |edit: &dyn Fn(&mut Value)| {
+            let mut m = manifest_with(seed_service());
+            edit(&mut m);
+            problems(m)
+        };
+        let found = with(&|m| {
+            m["rollout"] = json!({
+                "labels": {"canary": ["biz"]},
+                "policy": {"waves": [
+                    {"labels": ["canary"]},
+                    {"percent": 50},
+                    {"percent": 50},
+                    {"hosts": ["a"], "percent": 10},
+                    {},
+                ]},
+            });
+            m["services"][0]["rollout"] = json!({"waves": [{"labels": ["nowhere"]}]});
+        });
+        let text = found.join("\n");
+        assert!(
+            text.contains("rollout.policy.waves[2].percent: 50 is not above the 50 %"),
+            "{text}"
+        );
+        assert!(
+            text.contains("rollout.policy.waves[3]: give exactly one of hosts, labels or percent"),
+            "{text}"
+        );
+        assert!(
+            text.contains("rollout.policy.waves[4]: give exactly one"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "services[0] (my-service).rollout.waves[0].labels: unknown label \"nowhere\""
+            ),
+            "{text}"
+        );
+        assert_eq!(found.len(), 5, "{text}");
+        let found = with(&|m| {
+            m["rollout"] = json!({"policy": {"waves": [{"percent": 101}], "maxFailures": 0, "onDeadline": "wait"}});
+        });
+        assert_eq!(found.len(), 3, "{found:?}");
     }
 
     #[test]

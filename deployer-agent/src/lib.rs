@@ -35,6 +35,9 @@ pub mod reconcile;
 mod reconcile_tests;
 pub mod report;
 pub mod resp;
+pub mod rollout;
+#[cfg(test)]
+mod rollout_tests;
 pub mod secrets;
 pub mod state;
 pub mod systemd;

@@ -10,19 +10,20 @@ use std::fmt;
 use std::path::Path;
 
 use deploy_manifest::model::{InfraService, Manifest, Service};
+use deploy_manifest::rollout::Gate;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use crate::config::AgentConfig;
 use crate::host::Host;
 use crate::names::{self, UnitRole};
-use crate::state::{Health, RouteState, State};
+use crate::rollout::{Gated, Rollouts};
+use crate::state::{Generation, Health, RouteState, ServiceState, State};
 use crate::{AgentError, infra};
 
-/// The identity of a service's manifest entry: any change to it is a new generation.
+/// The identity of a service's manifest entry: any change to it (but its rollout policy)
+/// is a new generation.
 pub fn spec_hash(service: &Service) -> String {
-    let bytes = serde_json::to_vec(service).expect("the model serialises");
-    deploy_manifest::hex(&Sha256::digest(bytes))
+    deploy_manifest::rollout::spec_hash(service)
 }
 
 /// What one run does, in order.
@@ -34,6 +35,9 @@ pub struct Plan {
     /// `manifest.json` is unchanged since the last run: only drift is repaired.
     pub unchanged: bool,
     pub steps: Vec<Step>,
+    /// The services rolled out in waves, and what their gates said to this host.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rollouts: Vec<Gated>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -69,6 +73,9 @@ pub enum Step {
         from: String,
         to: String,
     },
+    /// Its new version is rolled out in waves and this host's may not start yet (or the
+    /// rollout was aborted): what runs keeps running (a `Keep` step before this one).
+    Hold { service: String, reason: String },
     /// This exact spec failed before; not retried until the manifest changes it.
     Skip { service: String, reason: String },
     /// Cannot be deployed on this run (no free port, undeclared infrastructure); the next
@@ -133,6 +140,10 @@ pub struct Deploy {
     /// With [`Recovery::RestoreFound`]: the unit file found, as it was.
     #[serde(skip)]
     pub found_unit: Option<String>,
+    /// A revert ([`Reason::Reverted`]): the service as this host ran it before, and the
+    /// manifest version it came from; deployed instead of the manifest's.
+    #[serde(skip)]
+    pub revert: Option<Box<(Service, Option<String>)>>,
 }
 
 impl Deploy {
@@ -153,6 +164,8 @@ pub enum Reason {
     New,
     NewArtifact,
     SettingsChanged,
+    /// Its rollout was aborted: back to the version this host ran before.
+    Reverted,
 }
 
 impl fmt::Display for Reason {
@@ -161,6 +174,7 @@ impl fmt::Display for Reason {
             Reason::New => "new on this host",
             Reason::NewArtifact => "new artifact",
             Reason::SettingsChanged => "service settings changed",
+            Reason::Reverted => "its rollout was aborted: back to the version it ran before",
         })
     }
 }
@@ -219,6 +233,7 @@ impl Step {
             Step::Rename { service, .. }
             | Step::Keep { service, .. }
             | Step::Skip { service, .. }
+            | Step::Hold { service, .. }
             | Step::Wait { service, .. }
             | Step::Remove { service, .. } => service,
             Step::Infra(i) => &i.name,
@@ -320,6 +335,7 @@ pub async fn plan<H: Host>(
     state: &State,
     host: &H,
     config: &AgentConfig,
+    rollouts: &Rollouts,
 ) -> Plan {
     let me = config.host.as_str();
     let desired = desired(manifest, me);
@@ -369,13 +385,78 @@ pub async fn plan<H: Host>(
     let mut ports = Ports::new(state, config.port_range, &found);
     let mut services = Vec::new();
     let mut wanted = BTreeSet::new();
+    let mut gates = Vec::new();
     for s in &desired {
         let needs = infra::needs(s, manifest);
         if let Ok(needs) = &needs {
             wanted.extend(needs.iter().cloned());
         }
-        let step = service_step(s, needs, state, host, &mut ports, &mut retire_after).await;
-        services.push(step);
+        // Rolled out in waves: the gate says whether this host deploys it now.
+        let entry = state.services.get(&s.name);
+        let view = rollouts.get(&s.name);
+        let runs = view.is_some_and(|v| {
+            entry
+                .and_then(|e| e.current.as_ref())
+                .is_some_and(|c| c.spec_hash == v.spec_hash)
+        });
+        let gate = view.map(|v| v.gate(runs));
+        if let Some(v) = view {
+            gates.push(Gated {
+                service: s.name.clone(),
+                spec_hash: v.spec_hash.clone(),
+                wave: v.wave,
+                waves: v.waves,
+                gate: gate.clone().expect("a view has a gate"),
+                abort: v.abort_due().filter(|_| v.stored.abort.is_none()),
+            });
+        }
+        match (gate, view) {
+            (Some(Gate::Hold { reason }), _) => {
+                if let Some((entry, current)) = entry.and_then(|e| Some((e, e.current.as_ref()?))) {
+                    services
+                        .push(keep_step(&s.name, entry, current, host, &mut retire_after).await);
+                }
+                services.push(Step::Hold {
+                    service: s.name.clone(),
+                    reason,
+                });
+            }
+            (Some(Gate::Revert { reason }), Some(v)) => {
+                let step = match &v.previous {
+                    Ok(Some((before, version))) => {
+                        let needs = infra::needs(before, manifest);
+                        if let Ok(needs) = &needs {
+                            wanted.extend(needs.iter().cloned());
+                        }
+                        let mut step =
+                            service_step(before, needs, state, host, &mut ports, &mut retire_after)
+                                .await;
+                        if let Step::Deploy(d) = &mut step {
+                            d.reason = Reason::Reverted;
+                            d.revert = Some(Box::new((before.clone(), version.clone())));
+                        }
+                        step
+                    }
+                    // Nothing ran before it here: it goes, as a removed service does.
+                    Ok(None) => Step::Remove {
+                        service: s.name.clone(),
+                        unit: entry
+                            .map_or_else(|| names::service_unit(&s.name), |e| e.unit.clone()),
+                    },
+                    Err(e) => Step::Wait {
+                        service: s.name.clone(),
+                        reason: format!(
+                            "{reason}; cannot return to the version it ran before: {e}"
+                        ),
+                    },
+                };
+                services.push(step);
+            }
+            _ => {
+                let step = service_step(s, needs, state, host, &mut ports, &mut retire_after).await;
+                services.push(step);
+            }
+        }
     }
 
     // Infrastructure the declared services need, provisioned here, before them. Recorded
@@ -461,6 +542,7 @@ pub async fn plan<H: Host>(
         manifest_version: manifest.version.clone(),
         unchanged: false,
         steps,
+        rollouts: gates,
     }
 }
 
@@ -507,19 +589,7 @@ async fn service_step<H: Host>(
     if let (Some(entry), Some(c)) = (entry, current)
         && c.spec_hash == hash
     {
-        let recheck =
-            entry.failed.is_some() || entry.last_error.is_some() || entry.health != Health::Healthy;
-        let mut retire_after = retire_after.remove(&s.name).unwrap_or_default();
-        retire_after.retain(|u| *u != entry.unit);
-        return Step::Keep {
-            service: s.name.clone(),
-            artifact: s.artifact.label(),
-            unit: entry.unit.clone(),
-            condition: condition(host, &entry.unit, &c.unit_file).await,
-            // Units to retire once it is healthy: probe it.
-            recheck: recheck || !retire_after.is_empty(),
-            retire_after,
-        };
+        return keep_step(&s.name, entry, c, host, retire_after).await;
     }
     if let Some(f) = entry
         .and_then(|e| e.failed.as_ref())
@@ -629,7 +699,31 @@ async fn service_step<H: Host>(
         retire_after,
         on_failure,
         found_unit,
+        revert: None,
     }))
+}
+
+/// The recorded generation `current` of service `name`, kept (put back if it drifted).
+async fn keep_step<H: Host>(
+    name: &str,
+    entry: &ServiceState,
+    current: &Generation,
+    host: &H,
+    retire_after: &mut BTreeMap<String, Vec<String>>,
+) -> Step {
+    let recheck =
+        entry.failed.is_some() || entry.last_error.is_some() || entry.health != Health::Healthy;
+    let mut retire_after = retire_after.remove(name).unwrap_or_default();
+    retire_after.retain(|u| *u != entry.unit);
+    Step::Keep {
+        service: name.to_owned(),
+        artifact: current.artifact.label(),
+        unit: entry.unit.clone(),
+        condition: condition(host, &entry.unit, &current.unit_file).await,
+        // Units to retire once it is healthy: probe it.
+        recheck: recheck || !retire_after.is_empty(),
+        retire_after,
+    }
 }
 
 /// Why this host's `unit` is not the deployer's to write, if it is not: systemd gives the
@@ -748,6 +842,7 @@ pub async fn plan_unchanged<H: Host>(state: &State, host: &H) -> Plan {
         manifest_version: state.manifest_version.clone(),
         unchanged: true,
         steps,
+        rollouts: Vec::new(),
     }
 }
 
@@ -854,6 +949,9 @@ impl fmt::Display for Plan {
                     "  rename  {service}: {from} -> {to} (the recorded generation, restarted)"
                 )?,
                 Step::Skip { service, reason } => writeln!(f, "  skip    {service}: {reason}")?,
+                Step::Hold { service, reason } => {
+                    writeln!(f, "  hold    {service}: {reason}; what runs keeps running")?
+                }
                 Step::Wait { service, reason } => {
                     writeln!(f, "  wait    {service}: {reason}; the next run retries")?
                 }
@@ -873,6 +971,9 @@ impl fmt::Display for Plan {
                 }
                 Step::Routes => writeln!(f, "  routes  apply every recorded route")?,
             }
+        }
+        for g in &self.rollouts {
+            writeln!(f, "  rollout {g}")?;
         }
         Ok(())
     }

@@ -16,16 +16,16 @@ use crate::state::{Health, State};
 
 const ME: &str = "biz";
 
-struct Bench {
-    agent: Agent<FileStore, MemoryHost>,
-    state: State,
+pub(crate) struct Bench {
+    pub(crate) agent: Agent<FileStore, MemoryHost>,
+    pub(crate) state: State,
     _dir: tempfile::TempDir,
 }
 
-fn config(dir: &std::path::Path) -> AgentConfig {
+fn config(dir: &std::path::Path, host: &str, store: &std::path::Path) -> AgentConfig {
     AgentConfig {
-        store: format!("file://{}", dir.join("store").display()),
-        host: ME.into(),
+        store: format!("file://{}", store.display()),
+        host: host.into(),
         state_dir: dir.join("state"),
         secrets_dir: dir.join("secrets"),
         unit_dir: dir.join("units"),
@@ -46,8 +46,19 @@ fn config(dir: &std::path::Path) -> AgentConfig {
 impl Bench {
     fn new(proxy: bool) -> Bench {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("store")).unwrap();
-        let config = config(dir.path());
+        let store = dir.path().join("store");
+        std::fs::create_dir_all(&store).unwrap();
+        Bench::on(ME, &store, proxy, dir)
+    }
+
+    /// Host `host` (its state in `dir`) polling the store directory `store`.
+    pub(crate) fn on(
+        host: &str,
+        store: &std::path::Path,
+        proxy: bool,
+        dir: tempfile::TempDir,
+    ) -> Bench {
+        let config = config(dir.path(), host, store);
         let store = FileStore::open(&config.store).unwrap();
         Bench {
             agent: Agent {
@@ -60,12 +71,39 @@ impl Bench {
         }
     }
 
-    fn host(&self) -> &MemoryHost {
+    pub(crate) fn host(&self) -> &MemoryHost {
         &self.agent.host
     }
 
     async fn plan(&self, m: &Manifest) -> Plan {
-        plan(m, &self.state, &self.agent.host, &self.agent.config).await
+        let none = crate::rollout::Rollouts::new();
+        plan(m, &self.state, &self.agent.host, &self.agent.config, &none).await
+    }
+
+    /// A full run as `run_once` makes it, on this bench's state: read the rollouts, plan,
+    /// apply (exactly the plan's steps), record this host's part. Returns whether a
+    /// rollout is still going on (the next poll reads the manifest in full).
+    pub(crate) async fn run_gated(&mut self, m: &Manifest) -> (Plan, RunReport, bool) {
+        let rollouts = self.agent.gather(m, &self.state).await;
+        let plan = plan(
+            m,
+            &self.state,
+            &self.agent.host,
+            &self.agent.config,
+            &rollouts,
+        )
+        .await;
+        let mut report = RunReport::default();
+        self.agent
+            .apply(&plan, Some(m), &mut self.state, &mut report)
+            .await
+            .unwrap();
+        assert_eq!(report.steps, plan.steps, "apply executed the plan's steps");
+        let rolling = self
+            .agent
+            .record(&plan, &rollouts, &mut self.state, &mut report)
+            .await;
+        (plan, report, rolling)
     }
 
     /// Plan and apply `m`; apply must execute exactly the plan's steps.
@@ -140,7 +178,7 @@ fn deploy(plan: &Plan, service: &str) -> Deploy {
 }
 
 /// A short name for each step, for comparing whole plans.
-fn kinds(plan: &Plan) -> Vec<String> {
+pub(crate) fn kinds(plan: &Plan) -> Vec<String> {
     plan.steps
         .iter()
         .map(|s| {
@@ -151,6 +189,7 @@ fn kinds(plan: &Plan) -> Vec<String> {
                 Step::Keep { .. } => "keep",
                 Step::Rename { .. } => "rename",
                 Step::Skip { .. } => "skip",
+                Step::Hold { .. } => "hold",
                 Step::Wait { .. } => "wait",
                 Step::Remove { .. } => "remove",
                 Step::StopInfra { .. } => "stop-infra",
@@ -161,7 +200,7 @@ fn kinds(plan: &Plan) -> Vec<String> {
         .collect()
 }
 
-fn path(p: &str) -> String {
+pub(crate) fn path(p: &str) -> String {
     artifact_path(&deploy_manifest::model::Artifact::StorePath(p.into()))
         .display()
         .to_string()

@@ -115,6 +115,10 @@ pub struct ServiceState {
     /// The artifact whose release command last succeeded (it runs once per artifact).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub released: Option<Artifact>,
+    /// The spec hash whose staged rollout this host saw done: it no longer reads that
+    /// rollout's objects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_out: Option<String>,
     /// Successful deploys and rolled-back ones on this host (metrics counters).
     #[serde(default)]
     pub deploys: u64,
@@ -387,6 +391,7 @@ mod tests {
                     deploys: 3,
                     rollbacks: 1,
                     released: Some(Artifact::StorePath("/nix/store/x".into())),
+                    rolled_out: Some("b".repeat(64)),
                 },
             )]
             .into(),

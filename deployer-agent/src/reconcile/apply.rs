@@ -109,6 +109,18 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 };
                 report.services.insert(name.clone(), outcome);
             }
+            Step::Hold { service, reason } => {
+                tracing::info!(%reason, "held by its rollout; what runs keeps running");
+                // The Keep step before it may have found drift it could not repair.
+                if report.services.get(service).is_none_or(|o| !o.failed()) {
+                    report.services.insert(
+                        service.clone(),
+                        Outcome::Held {
+                            reason: reason.clone(),
+                        },
+                    );
+                }
+            }
             Step::Skip { service, reason } => {
                 tracing::warn!(%reason, "not retrying a deploy that failed");
                 report.services.insert(service.clone(), Outcome::Skipped);
@@ -126,7 +138,13 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 );
             }
             Step::Deploy(d) => {
-                let (Some(s), Some(m)) = (service(&d.service), manifest) else {
+                // A revert deploys the service as this host ran it before.
+                let spec = d
+                    .revert
+                    .as_ref()
+                    .map(|r| &r.0)
+                    .or_else(|| service(&d.service));
+                let (Some(s), Some(m)) = (spec, manifest) else {
                     return;
                 };
                 let outcome = match self.deploy(d, s, m, state, infra_failed, report).await {

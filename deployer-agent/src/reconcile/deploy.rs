@@ -199,7 +199,10 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         let entry = state.services.get_mut(&service.name).expect("inserted");
         entry.updated_at = Some(now());
         match outcome {
-            Ok(generation) => {
+            Ok(mut generation) => {
+                if let Some(revert) = &d.revert {
+                    generation.version = revert.1.clone();
+                }
                 if let Some(old) = &d.replaces {
                     if d.drain {
                         tokio::time::sleep(self.config.drain).await;

@@ -10,6 +10,7 @@ mod apply;
 mod deploy;
 mod poll;
 mod publish;
+mod rollout;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
@@ -42,6 +43,8 @@ pub struct RunReport {
     pub infra: BTreeMap<String, InfraOutcome>,
     /// The proxy routes could not be applied; retried on the next run.
     pub route_error: Option<String>,
+    /// This host's part in a staged rollout could not be recorded; retried on the next run.
+    pub rollout_error: Option<String>,
     /// Units of ours that no state recorded (left by a run killed mid-deploy), retired.
     pub retired: Vec<String>,
     /// Requests this run made to the store (an idle poll: 1), where counted.
@@ -66,6 +69,9 @@ pub enum Outcome {
     Unhealthy { error: String },
     /// Its deploy of this spec failed before; not retried until the manifest changes.
     Skipped,
+    /// Its new version is rolled out in waves and this host's wave has not started (or the
+    /// rollout was aborted); what ran keeps running.
+    Held { reason: String },
     /// Not deployed (or not removed) and nothing changed on the host; the next run retries.
     Retrying { error: String },
     /// The deploy failed and what ran before was put back.
@@ -103,6 +109,7 @@ impl std::fmt::Display for Outcome {
             Self::Skipped => {
                 f.write_str("its deploy failed before; not retried until the manifest changes")
             }
+            Self::Held { reason } => write!(f, "held: {reason}"),
             Self::Retrying { error } => {
                 write!(f, "{error} (nothing changed; the next run retries)")
             }
@@ -154,6 +161,7 @@ impl RunReport {
         });
         self.route_error
             .iter()
+            .chain(&self.rollout_error)
             .cloned()
             .chain(services)
             .chain(infra)
@@ -212,7 +220,8 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             match self.poll(&state, state.manifest_etag.as_deref()).await? {
                 Polled::Unchanged => plan_unchanged(&state, &self.host).await,
                 Polled::Changed { manifest, .. } => {
-                    plan(&manifest, &state, &self.host, &self.config).await
+                    let rollouts = self.gather(&manifest, &state).await;
+                    plan(&manifest, &state, &self.host, &self.config, &rollouts).await
                 }
             },
         )
@@ -272,20 +281,24 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         };
 
         crate::fault::point("manifest");
-        let plan = plan(&manifest, &state, &self.host, &self.config).await;
+        let rollouts = self.gather(&manifest, &state).await;
+        let plan = plan(&manifest, &state, &self.host, &self.config, &rollouts).await;
         let mut report = RunReport {
             manifest_version: manifest.version.clone(),
             ..RunReport::default()
         };
         self.apply(&plan, Some(&manifest), &mut state, &mut report)
             .await?;
+        let rolling = self.record(&plan, &rollouts, &mut state, &mut report).await;
         state.manifest_version = manifest.version.clone();
         state.manifest_created_at = manifest.created_at.clone();
         state.manifest_sequence = manifest.sequence;
         state.manifest_expires = manifest.expires.clone();
         // Remembering the ETag makes the next poll a cheap 304; forget it when a host-side
-        // problem (secrets file, fetch) should be retried with a full plan.
-        state.manifest_etag = (!report.retry()).then_some(etag);
+        // problem (secrets file, fetch) should be retried with a full plan, or while a
+        // staged rollout this host takes part in goes on (its gates change without the
+        // manifest).
+        state.manifest_etag = (!report.retry() && !rolling).then_some(etag);
         state.last_error = report.failure();
         if report.ok() {
             state.last_success = Some(now());
