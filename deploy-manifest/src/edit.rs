@@ -119,6 +119,30 @@ pub fn set_infrastructure(m: &mut Manifest, infrastructure: &Value) -> Result<St
     Ok(format!("set infrastructure ({})", names.join(", ")))
 }
 
+/// Replace the manifest's `rollout` (host labels and the fleet's default policy); `null`
+/// removes it (every host deploys at its next poll, unless a service has its own policy).
+pub fn set_rollout(m: &mut Manifest, rollout: &Value) -> Result<String, Error> {
+    edit_value(m, "set-rollout", |doc| {
+        let map = doc.as_object_mut().expect("a manifest is an object");
+        if rollout.is_null() {
+            map.remove("rollout");
+        } else {
+            map.insert("rollout".to_owned(), rollout.clone());
+        }
+        Ok(())
+    })?;
+    let waves = m
+        .rollout
+        .as_ref()
+        .and_then(|r| r.policy.as_ref())
+        .and_then(|p| p.waves.as_ref())
+        .map_or(0, Vec::len);
+    Ok(match waves {
+        0 => "set rollout (no default waves)".to_owned(),
+        n => format!("set rollout ({n} default waves)"),
+    })
+}
+
 fn service_name(service: &Value) -> Result<String, Error> {
     match service.get("name").and_then(Value::as_str) {
         Some(n) => Ok(n.to_owned()),

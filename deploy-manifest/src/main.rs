@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use deploy_manifest::repo::default_author;
 use deploy_manifest::sign::{PublicKey, SecretKey};
 use deploy_manifest::store::{DEFAULT_STORE, Store};
-use deploy_manifest::{Error, Manifest, diff, edit, exit, render, status, validate};
+use deploy_manifest::{Error, Manifest, diff, edit, exit, render, rollout, status, validate};
 
 #[derive(Parser)]
 #[command(
@@ -67,6 +67,13 @@ enum Command {
         #[arg(value_name = "JSON")]
         infrastructure: String,
     },
+    /// Replace the staged-rollout settings (the manifest's "rollout": host labels and the
+    /// fleet's default policy), e.g. '{"policy": {"waves": [{"labels": ["canary"]},
+    /// {"percent": 50}], "bake": "10m"}, "labels": {"canary": ["web-1"]}}'; null removes it.
+    SetRollout {
+        #[arg(value_name = "JSON")]
+        rollout: String,
+    },
     /// Point a service at a new artifact: a /nix/store path or archive JSON.
     SetArtifact { service: String, artifact: String },
     /// Make VERSION current again (default: the version before the current one).
@@ -83,6 +90,11 @@ enum Command {
         #[arg(long, env = "DEPLOY_HOST_KEYS", value_name = "FILE")]
         host_keys: Option<std::path::PathBuf>,
     },
+    /// Staged rollouts of the current version of services with a rollout policy.
+    Rollout {
+        #[command(subcommand)]
+        action: RolloutCommand,
+    },
     /// Check the current version (or, with --all, every version) against the trusted keys.
     /// Exit 0 when the current version verifies and has not expired, 11 otherwise.
     Verify {
@@ -97,6 +109,27 @@ enum Command {
         #[arg(long)]
         accept_unverified: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum RolloutCommand {
+    /// Per service (or SERVICE): the version, each wave's hosts and their outcomes, time
+    /// left in the bake, the abort reason.
+    Status { service: Option<String> },
+    /// Skip the bake of the wave deploying or baking now: the next wave starts as soon as
+    /// this one has its healthy hosts.
+    Promote { service: String },
+    /// Stop the rollout: no further wave starts, hosts that run the version return to the
+    /// one they ran before.
+    Abort {
+        service: String,
+        /// Recorded in the abort marker and shown by `rollout status`.
+        #[arg(long, default_value = "aborted by hand")]
+        reason: String,
+    },
+    /// Go on after an abort: failures so far are forgiven and the progress deadline counts
+    /// again from now.
+    Resume { service: String },
 }
 
 fn main() -> ExitCode {
@@ -167,6 +200,13 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 cli.json,
             )?;
         }
+        Command::SetRollout { rollout } => {
+            let value = edit::parse_json_arg(&arg_or_stdin(&rollout)?, "the rollout")?;
+            report(
+                repo.update(|m| edit::set_rollout(m, &value)).await?,
+                cli.json,
+            )?;
+        }
         Command::RemoveService { name } => {
             report(
                 repo.update(|m| edit::remove_service(m, &name)).await?,
@@ -230,6 +270,51 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Validate { file: Some(_) } | Command::Keygen { .. } => {
             unreachable!("handled before opening the store")
+        }
+        Command::Rollout { action } => {
+            let manifest = repo.current().await?.manifest;
+            let store = repo.store();
+            let now = std::time::SystemTime::now();
+            match action {
+                RolloutCommand::Status { service } => {
+                    let statuses =
+                        rollout::statuses(store, &manifest, service.as_deref(), now).await?;
+                    if cli.json {
+                        println!("{}", serde_json::to_string_pretty(&statuses)?);
+                    } else if statuses.is_empty() {
+                        println!("no service of {} has a rollout policy", version(&manifest));
+                    } else {
+                        let last_reports = status::read_reports(store)
+                            .await?
+                            .into_iter()
+                            .map(|r| (r.host, r.reported_at))
+                            .collect();
+                        print!("{}", render::rollouts(&statuses, &last_reports, now));
+                    }
+                }
+                RolloutCommand::Promote { service } => {
+                    let wave = rollout::promote(store, &manifest, &service, now).await?;
+                    println!(
+                        "{service}: wave {} (and those before it) skip the bake",
+                        wave + 1
+                    );
+                }
+                RolloutCommand::Abort { service, reason } => {
+                    let marker =
+                        rollout::abort(store, &manifest, &service, &default_author(), &reason, now)
+                            .await?;
+                    println!(
+                        "{service}: rollout aborted by {} at {}: {}",
+                        render::escape(&marker.by),
+                        render::escape(&marker.at),
+                        render::escape(&marker.reason)
+                    );
+                }
+                RolloutCommand::Resume { service } => {
+                    rollout::resume(store, &manifest, &service, now).await?;
+                    println!("{service}: rollout resumed");
+                }
+            }
         }
         Command::Status { host_keys } => {
             let host_keys = host_keys

@@ -167,6 +167,94 @@ fn field(f: &crate::diff::FieldChange) -> String {
     }
 }
 
+/// `deploy-manifest rollout status`: per service, where its rollout stands, then a row per
+/// wave with each host's outcome (a host with none yet: when its last report was written,
+/// from `last_reports`, so a silent host shows as one).
+pub fn rollouts(
+    statuses: &[crate::rollout::Status],
+    last_reports: &std::collections::BTreeMap<String, String>,
+    now: std::time::SystemTime,
+) -> String {
+    use crate::rollout::{HostState, Phase, WaveState};
+    let mut out = String::new();
+    for s in statuses {
+        let p = &s.progress;
+        let waves = p.waves.len();
+        let state = match &p.phase {
+            Phase::Deploying { wave } => format!("wave {} of {waves} deploying", wave + 1),
+            Phase::Baking { wave, until } => format!(
+                "wave {} of {waves} baking until {until} ({} left)",
+                wave + 1,
+                p.waves[*wave]
+                    .bake_left_seconds
+                    .map(
+                        |s| humantime::format_duration(std::time::Duration::from_secs(s))
+                            .to_string()
+                    )
+                    .unwrap_or_default()
+            ),
+            Phase::Done => "done: every wave has its healthy hosts".to_owned(),
+            Phase::Aborting { reason, .. } => format!("aborting: {reason}"),
+            Phase::Aborted {
+                by,
+                cause,
+                reason,
+                at,
+            } => format!("aborted by {by} at {at} ({cause:?}): {reason}").to_lowercase(),
+        };
+        let _ = writeln!(
+            out,
+            "{}  {}  spec {}  started {}",
+            escape(&s.service),
+            escape(&s.artifact),
+            s.spec_hash.get(..12).unwrap_or(&s.spec_hash),
+            s.started_at.as_deref().map_or("-".into(), escape)
+        );
+        let _ = writeln!(out, "  {}", escape(&state));
+        let rows: Vec<Vec<String>> = p
+            .waves
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let hosts: Vec<String> = w
+                    .hosts
+                    .iter()
+                    .map(|h| match (h.state, &h.error) {
+                        (Some(HostState::Failed), Some(e)) => format!("{} failed: {e}", h.host),
+                        (Some(state), _) => format!("{} {state:?}", h.host).to_lowercase(),
+                        (None, _) => match last_reports.get(&h.host) {
+                            Some(at) => format!(
+                                "{} pending (last report {} ago)",
+                                h.host,
+                                humantime::format_duration(std::time::Duration::from_secs(
+                                    crate::status::age(at, now).min(100 * 365 * 86400)
+                                ))
+                            ),
+                            None => format!("{} pending (never reported)", h.host),
+                        },
+                    })
+                    .collect();
+                let mut state = format!("{:?}", w.state).to_lowercase();
+                if w.state == WaveState::Deploying
+                    && let Some(d) = &w.deadline
+                {
+                    state = format!("{state} (deadline {d})");
+                }
+                vec![
+                    (i + 1).to_string(),
+                    state,
+                    format!("{}/{}", w.healthy, w.min_healthy),
+                    hosts.join(", "),
+                ]
+            })
+            .collect();
+        for line in table(&["WAVE", "STATE", "HEALTHY", "HOSTS"], &rows).lines() {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

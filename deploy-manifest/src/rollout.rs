@@ -256,8 +256,21 @@ pub enum HostState {
 pub struct Abort {
     /// The host (`host <name>`) or the person (`user@host`) that aborted it.
     pub by: String,
+    pub cause: Cause,
     pub reason: String,
     pub at: String,
+}
+
+/// Why a rollout stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Cause {
+    /// `max_failures` hosts failed their health-gated deploy.
+    Failures,
+    /// A wave missed its progress deadline (policy `abort`).
+    Deadline,
+    /// `deploy-manifest rollout abort`.
+    Manual,
 }
 
 /// Where one rollout stands.
@@ -270,11 +283,12 @@ pub enum Phase {
     Baking { wave: usize, until: String },
     /// Every wave has its healthy hosts.
     Done,
-    /// It must stop, and nobody wrote the abort marker yet: the reason the marker gets.
-    Aborting { reason: String },
+    /// It must stop, and nobody wrote the abort marker yet: what the marker gets.
+    Aborting { cause: Cause, reason: String },
     /// The abort marker exists.
     Aborted {
         by: String,
+        cause: Cause,
         reason: String,
         at: String,
     },
@@ -288,7 +302,7 @@ impl Phase {
     /// The reason it stopped.
     pub fn reason(&self) -> Option<&str> {
         match self {
-            Phase::Aborting { reason } | Phase::Aborted { reason, .. } => Some(reason),
+            Phase::Aborting { reason, .. } | Phase::Aborted { reason, .. } => Some(reason),
             _ => None,
         }
     }
@@ -471,6 +485,7 @@ pub fn progress(
                         .map(String::as_str)
                         .collect();
                     phase = Some(Phase::Aborting {
+                        cause: Cause::Deadline,
                         reason: format!(
                             "wave {} missed its progress deadline ({}): {} of {} hosts healthy; not healthy: {}",
                             i + 1,
@@ -497,6 +512,7 @@ pub fn progress(
     if failures.len() >= policy.max_failures as usize && !matches!(phase, Phase::Done) {
         let (host, error) = &failures[failures.len() - 1];
         phase = Phase::Aborting {
+            cause: Cause::Failures,
             reason: match failures.len() {
                 1 => format!("host {host} failed: {error}"),
                 n => format!("{n} hosts failed; the last, {host}: {error}"),
@@ -506,6 +522,7 @@ pub fn progress(
     if let Some(a) = abort {
         phase = Phase::Aborted {
             by: a.by.clone(),
+            cause: a.cause,
             reason: a.reason.clone(),
             at: a.at.clone(),
         };
@@ -569,11 +586,13 @@ fn waiting_for(progress: &Progress) -> String {
         return "waiting for an earlier wave".to_owned();
     };
     match w.state {
-        WaveState::Baking => format!(
-            "waiting for wave {} to bake: {} left",
-            i + 1,
-            seconds(Duration::from_secs(w.bake_left_seconds.unwrap_or(0)))
-        ),
+        // Times as instants, not as time left: the same words from one reader to the next.
+        WaveState::Baking => match &progress.phase {
+            Phase::Baking { until, .. } => {
+                format!("waiting for wave {} to bake until {until}", i + 1)
+            }
+            _ => format!("waiting for wave {} to bake", i + 1),
+        },
         _ => {
             let pending: Vec<&str> = w
                 .hosts
@@ -610,17 +629,19 @@ fn parse<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, E
     })
 }
 
-/// Read one version's rollout objects: two GETs.
+/// Read one version's rollout objects: two GETs. The marker first: `resume` writes the
+/// record (failures forgiven) before it deletes the marker, so a reader that finds no
+/// marker reads a record at least that new, and never aborts again on the old failures.
 pub async fn read(store: &impl ObjectStore, service: &str, hash: &str) -> Result<Stored, Error> {
-    let key = record_key(service, hash);
-    let (record, etag) = match store.get(&key, None).await? {
-        Fetched::Found { bytes, etag } => (Some(parse::<Record>(&key, &bytes)?), Some(etag)),
-        _ => (None, None),
-    };
     let key = abort_key(service, hash);
     let abort = match store.get(&key, None).await? {
         Fetched::Found { bytes, .. } => Some(parse::<Abort>(&key, &bytes)?),
         _ => None,
+    };
+    let key = record_key(service, hash);
+    let (record, etag) = match store.get(&key, None).await? {
+        Fetched::Found { bytes, etag } => (Some(parse::<Record>(&key, &bytes)?), Some(etag)),
+        _ => (None, None),
     };
     Ok(Stored {
         record,
@@ -632,7 +653,7 @@ pub async fn read(store: &impl ObjectStore, service: &str, hash: &str) -> Result
 /// Change one version's record by compare-and-swap: `edit` returns whether it changed
 /// anything (nothing is written otherwise; a missing record is created). Starts from
 /// `known` (what [`read`] found, record and ETag, or none) and reads again only when
-/// another writer got there first.
+/// another writer got there first. Returns the record as it is now, and its ETag.
 pub async fn update(
     store: &impl ObjectStore,
     service: &str,
@@ -640,7 +661,7 @@ pub async fn update(
     known: Option<(Option<Record>, Option<String>)>,
     now: SystemTime,
     mut edit: impl FnMut(&mut Record) -> bool,
-) -> Result<Record, Error> {
+) -> Result<(Record, String), Error> {
     const ATTEMPTS: u32 = 20;
     let key = record_key(service, hash);
     let mut known = known;
@@ -654,18 +675,18 @@ pub async fn update(
                 _ => (None, None),
             },
         };
-        let created = record.is_none();
         let mut record = record.unwrap_or_else(|| Record::new(service, hash, now));
-        if !edit(&mut record) && !created {
-            return Ok(record);
-        }
-        let body = serde_json::to_vec_pretty(&record).expect("a record serialises");
         let condition = match etag {
+            Some(e) if !edit(&mut record) => return Ok((record, e)),
             Some(e) => Precondition::IfMatch(e),
-            None => Precondition::IfAbsent,
+            None => {
+                edit(&mut record);
+                Precondition::IfAbsent
+            }
         };
+        let body = serde_json::to_vec_pretty(&record).expect("a record serialises");
         match store.put(&key, body, condition).await {
-            Ok(_) => return Ok(record),
+            Ok(etag) => return Ok((record, etag)),
             Err(StoreError::PreconditionFailed { .. }) => {
                 // Another host wrote first: read again, after a short, spread-out pause.
                 let spread = u64::from(
@@ -704,6 +725,190 @@ pub async fn write_abort(
         },
         Err(e) => Err(e.into()),
     }
+}
+
+/// One service's rollout of its current version, as `deploy-manifest rollout` shows it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    pub service: String,
+    pub spec_hash: String,
+    pub artifact: String,
+    /// When the first host saw this version; none: no host has polled since it was written.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    /// Waves below this index skip their bake.
+    pub promoted: u32,
+    pub progress: Progress,
+}
+
+/// A service's rollout policy, waves and current spec hash; an error if it has none.
+fn resolve<'m>(
+    manifest: &'m Manifest,
+    service: &str,
+) -> Result<(&'m Service, Policy, Vec<Assigned>, String), Error> {
+    let s = manifest
+        .service(service)
+        .ok_or_else(|| Error::UnknownService {
+            name: service.to_owned(),
+        })?;
+    let policy = Policy::of(manifest, s).ok_or_else(|| {
+        Error::BadArgument(format!(
+            "service {service:?} has no rollout policy (no waves): every host deploys it at its next poll"
+        ))
+    })?;
+    let waves = assign(manifest, s, &policy);
+    Ok((s, policy, waves, spec_hash(s)))
+}
+
+/// Where the rollout of `service`'s current version stands, and what was read.
+pub async fn status(
+    store: &impl ObjectStore,
+    manifest: &Manifest,
+    service: &str,
+    now: SystemTime,
+) -> Result<(Status, Stored), Error> {
+    let (s, policy, waves, hash) = resolve(manifest, service)?;
+    let stored = read(store, service, &hash).await?;
+    let progress = progress(
+        &policy,
+        &waves,
+        stored.record.as_ref(),
+        stored.abort.as_ref(),
+        now,
+    );
+    let status = Status {
+        service: service.to_owned(),
+        spec_hash: hash,
+        artifact: s.artifact.label(),
+        started_at: stored.record.as_ref().map(|r| r.started_at.clone()),
+        promoted: stored.record.as_ref().map_or(0, |r| r.promoted),
+        progress,
+    };
+    Ok((status, stored))
+}
+
+/// Every service of `manifest` with a rollout policy, or only `only`.
+pub async fn statuses(
+    store: &impl ObjectStore,
+    manifest: &Manifest,
+    only: Option<&str>,
+    now: SystemTime,
+) -> Result<Vec<Status>, Error> {
+    let mut out = Vec::new();
+    for s in &manifest.services {
+        if only.is_some_and(|o| o != s.name)
+            || (only.is_none() && Policy::of(manifest, s).is_none())
+        {
+            continue;
+        }
+        out.push(status(store, manifest, &s.name, now).await?.0);
+    }
+    if let Some(name) = only
+        && out.is_empty()
+    {
+        return Err(Error::UnknownService {
+            name: name.to_owned(),
+        });
+    }
+    Ok(out)
+}
+
+/// `rollout promote`: the wave deploying or baking now (and those before it) skip their
+/// bake; the next wave starts as soon as this one has its healthy hosts.
+pub async fn promote(
+    store: &impl ObjectStore,
+    manifest: &Manifest,
+    service: &str,
+    now: SystemTime,
+) -> Result<usize, Error> {
+    let (status, stored) = status(store, manifest, service, now).await?;
+    let wave = match &status.progress.phase {
+        Phase::Deploying { wave } | Phase::Baking { wave, .. } => *wave,
+        Phase::Done => {
+            return Err(Error::BadArgument(format!(
+                "the rollout of {service} is done: every wave has its healthy hosts"
+            )));
+        }
+        Phase::Aborting { .. } | Phase::Aborted { .. } => {
+            return Err(Error::BadArgument(format!(
+                "the rollout of {service} was aborted ({}); `deploy-manifest rollout resume {service}` first",
+                status.progress.phase.reason().unwrap_or_default()
+            )));
+        }
+    };
+    let target = wave as u32 + 1;
+    update(
+        store,
+        service,
+        &status.spec_hash,
+        Some((stored.record, stored.etag)),
+        now,
+        |r| {
+            let changed = r.promoted < target;
+            r.promoted = r.promoted.max(target);
+            changed
+        },
+    )
+    .await?;
+    Ok(wave)
+}
+
+/// `rollout abort`: create the abort marker (the first one stays). Returns the marker in
+/// the store.
+pub async fn abort(
+    store: &impl ObjectStore,
+    manifest: &Manifest,
+    service: &str,
+    by: &str,
+    reason: &str,
+    now: SystemTime,
+) -> Result<Abort, Error> {
+    let (status, _) = status(store, manifest, service, now).await?;
+    if status.progress.phase == Phase::Done {
+        return Err(Error::BadArgument(format!(
+            "the rollout of {service} is done; to go back, `deploy-manifest rollback`"
+        )));
+    }
+    let marker = Abort {
+        by: by.to_owned(),
+        cause: Cause::Manual,
+        reason: reason.to_owned(),
+        at: rfc3339(now),
+    };
+    write_abort(store, service, &status.spec_hash, marker).await
+}
+
+/// `rollout resume`: forgive the failures so far and restart the deadline clock (in the
+/// record), then remove the abort marker. Hosts that returned to their previous version
+/// deploy this one again when their wave is open; a host whose own deploy failed does not
+/// retry this version.
+pub async fn resume(
+    store: &impl ObjectStore,
+    manifest: &Manifest,
+    service: &str,
+    now: SystemTime,
+) -> Result<(), Error> {
+    let (status, stored) = status(store, manifest, service, now).await?;
+    if !status.progress.phase.stopped() {
+        return Err(Error::BadArgument(format!(
+            "the rollout of {service} is not aborted; nothing to resume"
+        )));
+    }
+    update(
+        store,
+        service,
+        &status.spec_hash,
+        Some((stored.record, stored.etag)),
+        now,
+        |r| {
+            r.resumed_at = Some(rfc3339(now));
+            true
+        },
+    )
+    .await?;
+    store.delete(&abort_key(service, &status.spec_hash)).await?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -880,7 +1085,10 @@ mod tests {
         let pr = progress(&p, &w, Some(&r), None, at(400));
         assert!(matches!(pr.phase, Phase::Baking { wave: 0, .. }));
         assert_eq!(pr.waves[0].bake_left_seconds, Some(300));
-        assert!(matches!(gate(&pr, 1, false), Gate::Hold { reason } if reason.contains("5m left")));
+        let until = rfc3339(at(700));
+        assert!(
+            matches!(gate(&pr, 1, false), Gate::Hold { reason } if reason.ends_with(&format!("bake until {until}")))
+        );
         assert_eq!(gate(&pr, 0, true), Gate::Watch);
         let pr = progress(&p, &w, Some(&r), None, at(700));
         assert_eq!(gate(&pr, 1, false), Gate::Go);
@@ -912,6 +1120,7 @@ mod tests {
         assert_eq!(
             pr.phase,
             Phase::Aborting {
+                cause: Cause::Failures,
                 reason: "host h1 failed: health check failed".into()
             }
         );
@@ -926,6 +1135,7 @@ mod tests {
         // A marker wins over everything.
         let abort = Abort {
             by: "ops@laptop".into(),
+            cause: Cause::Manual,
             reason: "by hand".into(),
             at: rfc3339(at(5)),
         };
@@ -941,7 +1151,7 @@ mod tests {
         assert!(matches!(gate(&pr, 1, false), Gate::Hold { reason } if reason.contains("h1")));
         let pr = progress(&p, &w, Some(&r), None, at(1800));
         assert!(
-            matches!(&pr.phase, Phase::Aborting { reason } if reason.contains("wave 1 missed its progress deadline (30m)") && reason.contains("h1")),
+            matches!(&pr.phase, Phase::Aborting { cause: Cause::Deadline, reason } if reason.contains("wave 1 missed its progress deadline (30m)") && reason.contains("h1")),
             "{:?}",
             pr.phase
         );

@@ -300,7 +300,8 @@ pub struct ServiceView {
     pub last_error: Option<String>,
 }
 
-fn age(reported_at: &str, now: SystemTime) -> u64 {
+/// Seconds since `reported_at` (`u64::MAX` if it does not parse or lies ahead).
+pub fn age(reported_at: &str, now: SystemTime) -> u64 {
     humantime::parse_rfc3339(reported_at)
         .ok()
         .and_then(|t| now.duration_since(t).ok())

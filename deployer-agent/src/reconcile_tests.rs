@@ -84,7 +84,7 @@ impl Bench {
     /// apply (exactly the plan's steps), record this host's part. Returns whether a
     /// rollout is still going on (the next poll reads the manifest in full).
     pub(crate) async fn run_gated(&mut self, m: &Manifest) -> (Plan, RunReport, bool) {
-        let rollouts = self.agent.gather(m, &self.state).await;
+        let rollouts = self.agent.gather(m, &self.state, true).await;
         let plan = plan(
             m,
             &self.state,

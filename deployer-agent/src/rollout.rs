@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use deploy_manifest::model::Service;
-use deploy_manifest::rollout::{Assigned, Gate, Policy, Progress, Stored};
+use deploy_manifest::rollout::{Assigned, Cause, Gate, Policy, Progress, Stored};
 use serde::Serialize;
 
 /// The rollouts of the manifest's services this host takes part in, by service.
@@ -36,6 +36,12 @@ pub struct RolloutView {
 impl RolloutView {
     /// The gate for this host, which runs the rolled-out version (`runs`) or not.
     pub fn gate(&self, runs: bool) -> Gate {
+        // Ran it before any host recorded anything of it (deployed before the policy was
+        // set): not rolled out, nothing to watch.
+        let unrecorded = self.stored.record.is_none() && self.stored.abort.is_none();
+        if runs && unrecorded && self.progress.is_ok() {
+            return Gate::Done;
+        }
         match &self.progress {
             Ok(p) => deploy_manifest::rollout::gate(p, self.wave, runs),
             // Unknown: what runs keeps running, nothing new starts.
@@ -48,12 +54,12 @@ impl RolloutView {
 
     /// The abort marker this host writes: the rollout must stop (a missed deadline, too
     /// many failures) and nobody wrote the marker yet.
-    pub fn abort_due(&self) -> Option<String> {
+    pub fn abort_due(&self) -> Option<(Cause, String)> {
         match &self.progress {
             Ok(Progress {
-                phase: deploy_manifest::rollout::Phase::Aborting { reason },
+                phase: deploy_manifest::rollout::Phase::Aborting { cause, reason },
                 ..
-            }) => Some(reason.clone()),
+            }) => Some((*cause, reason.clone())),
             _ => None,
         }
     }
@@ -70,9 +76,9 @@ pub struct Gated {
     pub waves: usize,
     #[serde(flatten)]
     pub gate: Gate,
-    /// The abort marker this run writes, with this reason.
+    /// The abort marker this run writes, with this cause and reason.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub abort: Option<String>,
+    pub abort: Option<(Cause, String)>,
 }
 
 impl fmt::Display for Gated {
@@ -91,7 +97,7 @@ impl fmt::Display for Gated {
             self.wave + 1,
             self.waves
         )?;
-        if let Some(reason) = &self.abort {
+        if let Some((_, reason)) = &self.abort {
             write!(f, "; writes the abort marker ({reason})")?;
         }
         Ok(())

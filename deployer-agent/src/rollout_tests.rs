@@ -246,6 +246,7 @@ async fn a_revert_needs_the_spec_the_host_ran_and_nothing_else() {
         &hash,
         rollout::Abort {
             by: "mallory".into(),
+            cause: rollout::Cause::Manual,
             reason: "x".into(),
             at: "2026-11-24T10:00:00Z".into(),
         },

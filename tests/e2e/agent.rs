@@ -182,6 +182,20 @@ impl App {
         std::fs::write(self.dir.path().join("app/VERSION"), version).unwrap();
     }
 
+    /// Build `version` so that it exits at once on a host whose environment has `var`
+    /// set (its secrets file), and runs as usual elsewhere.
+    pub(crate) fn set_version_broken_where(&self, version: &str, var: &str) {
+        self.set_version(version, false);
+        let bin = self.dir.path().join("app/bin");
+        std::fs::rename(bin.join("hello"), bin.join("hello.py")).unwrap();
+        let wrapper = format!(
+            "#!/bin/sh\nif [ -n \"${var}\" ]; then echo 'broken here' >&2; exit 3; fi\nexec \"$(dirname \"$0\")/hello.py\" \"$@\"\n"
+        );
+        std::fs::write(bin.join("hello"), wrapper).unwrap();
+        std::fs::set_permissions(bin.join("hello"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+    }
+
     pub(crate) fn path(&self) -> &Path {
         self.dir.path()
     }

@@ -14,5 +14,6 @@ mod packaging;
 mod probes;
 mod proxy;
 mod push;
+mod rollout;
 mod system;
 mod trust;

@@ -220,7 +220,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             match self.poll(&state, state.manifest_etag.as_deref()).await? {
                 Polled::Unchanged => plan_unchanged(&state, &self.host).await,
                 Polled::Changed { manifest, .. } => {
-                    let rollouts = self.gather(&manifest, &state).await;
+                    let rollouts = self.gather(&manifest, &state, false).await;
                     plan(&manifest, &state, &self.host, &self.config, &rollouts).await
                 }
             },
@@ -281,7 +281,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         };
 
         crate::fault::point("manifest");
-        let rollouts = self.gather(&manifest, &state).await;
+        let rollouts = self.gather(&manifest, &state, true).await;
         let plan = plan(&manifest, &state, &self.host, &self.config, &rollouts).await;
         let mut report = RunReport {
             manifest_version: manifest.version.clone(),

@@ -22,7 +22,14 @@ use crate::state::{Health, ServiceState, State};
 impl<S: ObjectStore, H> Agent<S, H> {
     /// The rollouts of `manifest` this host takes part in and is not finished with: their
     /// objects, where each stands now, and for a revert the spec this host ran before.
-    pub(crate) async fn gather(&self, manifest: &Manifest, state: &State) -> Rollouts {
+    /// With `create` (a run), a missing record of a version this host must wait for or
+    /// deploy is created first.
+    pub(crate) async fn gather(
+        &self,
+        manifest: &Manifest,
+        state: &State,
+        create: bool,
+    ) -> Rollouts {
         let me = self.config.host.as_str();
         let now = SystemTime::now();
         let mut out = Rollouts::new();
@@ -42,7 +49,24 @@ impl<S: ObjectStore, H> Agent<S, H> {
             let runs = entry
                 .and_then(|e| e.current.as_ref())
                 .is_some_and(|c| c.spec_hash == hash);
-            let (stored, progress) = match rollout::read(&self.store, &s.name, &hash).await {
+            let read = rollout::read(&self.store, &s.name, &hash).await;
+            // The first host that must wait or act on a new version creates its record:
+            // the rollout starts then (a run only; `plan` acts on nothing). A host that
+            // runs the version already while no record exists ran it before the policy.
+            let read = match read {
+                Ok(mut stored) if create && !runs && stored.record.is_none() => {
+                    let fresh = (None, None);
+                    rollout::update(&self.store, &s.name, &hash, Some(fresh), now, |_| false)
+                        .await
+                        .map(|(record, etag)| {
+                            stored.record = Some(record);
+                            stored.etag = Some(etag);
+                            stored
+                        })
+                }
+                other => other,
+            };
+            let (stored, progress) = match read {
                 Ok(stored) => {
                     let p = progress(
                         &policy,
@@ -140,9 +164,7 @@ impl<S: ObjectStore, H> Agent<S, H> {
                 .map(|r| r.state);
             let now = SystemTime::now();
             let mut abort = g.abort.clone();
-            if view.stored.record.is_none()
-                || (mine.is_some() && mine.as_ref().map(|m| m.state) != recorded)
-            {
+            if mine.is_some() && mine.as_ref().map(|m| m.state) != recorded {
                 let known = (view.stored.record.clone(), view.stored.etag.clone());
                 let written = rollout::update(
                     &self.store,
@@ -160,7 +182,7 @@ impl<S: ObjectStore, H> Agent<S, H> {
                 )
                 .await;
                 match written {
-                    Ok(record) => {
+                    Ok((record, _)) => {
                         // This host's failure may be the one too many.
                         if abort.is_none() && view.stored.abort.is_none() {
                             let after = rollout::progress(
@@ -170,8 +192,8 @@ impl<S: ObjectStore, H> Agent<S, H> {
                                 None,
                                 now,
                             );
-                            if let Phase::Aborting { reason } = after.phase {
-                                abort = Some(reason);
+                            if let Phase::Aborting { cause, reason } = after.phase {
+                                abort = Some((cause, reason));
                             }
                         }
                     }
@@ -183,9 +205,10 @@ impl<S: ObjectStore, H> Agent<S, H> {
                     }
                 }
             }
-            if let Some(reason) = abort {
+            if let Some((cause, reason)) = abort {
                 let marker = Abort {
                     by: format!("host {me}"),
+                    cause,
                     reason,
                     at: deploy_manifest::repo::rfc3339(now),
                 };
