@@ -29,6 +29,12 @@ pub const EXIT_BUILD: i32 = 7;
 pub const EXIT_WAIT_FAILED: i32 = 8;
 /// `--wait`: not every host reported the new artifact healthy in time.
 pub const EXIT_WAIT_TIMEOUT: i32 = 10;
+/// `--wait`, a service rolled out in waves: the rollout was aborted (a host failed, or by
+/// hand).
+pub const EXIT_ROLLOUT_ABORTED: i32 = 12;
+/// `--wait`, a service rolled out in waves: a wave missed its progress deadline and the
+/// policy aborted the rollout.
+pub const EXIT_ROLLOUT_DEADLINE: i32 = 13;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PushError {
@@ -61,6 +67,13 @@ pub enum PushError {
         secs: u64,
         pending: Vec<(String, String)>,
     },
+    #[error("{service}: the rollout was aborted by {by}: {reason}")]
+    RolloutAborted {
+        service: String,
+        cause: deploy_manifest::rollout::Cause,
+        by: String,
+        reason: String,
+    },
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -85,6 +98,10 @@ impl PushError {
             PushError::Archive(_) | PushError::Io { .. } => exit::FAILURE,
             PushError::WaitFailed { .. } => EXIT_WAIT_FAILED,
             PushError::WaitTimeout { .. } => EXIT_WAIT_TIMEOUT,
+            PushError::RolloutAborted { cause, .. } => match cause {
+                deploy_manifest::rollout::Cause::Deadline => EXIT_ROLLOUT_DEADLINE,
+                _ => EXIT_ROLLOUT_ABORTED,
+            },
         }
     }
 }
@@ -228,6 +245,12 @@ pub async fn push<S: ObjectStore>(
 
 /// `push --wait`: poll the hosts' reports until every host that runs `service` reports
 /// `artifact` healthy. A host that reports this artifact failed ends the wait at once.
+/// Returns the line that says how it ended.
+///
+/// A service rolled out in waves is followed through its rollout instead: each change of
+/// wave or phase is printed; it ends when every wave has its healthy hosts, or with
+/// [`PushError::RolloutAborted`] when the rollout stops (a host failing is the rollout's
+/// to judge, by its `maxFailures`).
 ///
 /// Given `host_keys`, only a report the host signed itself counts (see
 /// [`deploy_manifest::status::verify_report`]): any other is as if the host had not
@@ -239,11 +262,16 @@ pub async fn wait_for<S: ObjectStore>(
     artifact: &Artifact,
     timeout: std::time::Duration,
     host_keys: Option<&[PublicKey]>,
-) -> Result<(), PushError> {
+) -> Result<String, PushError> {
     use deploy_manifest::render::escape;
+    use deploy_manifest::rollout::{self, Phase, Policy};
     use deploy_manifest::status::{StoredReport, report_key};
     let deadline = std::time::Instant::now() + timeout;
     let manifest = repo.current_verified().await?.manifest;
+    let staged = manifest
+        .service(service)
+        .is_some_and(|s| Policy::of(&manifest, s).is_some());
+    let mut said = String::new();
     let hosts = manifest
         .service(service)
         .map(|s| s.hosts.clone())
@@ -251,6 +279,66 @@ pub async fn wait_for<S: ObjectStore>(
     // Hosts whose report was not counted, and why (said once per change, not every poll).
     let mut unverified: std::collections::BTreeMap<String, String> = Default::default();
     loop {
+        if staged {
+            let now = std::time::SystemTime::now();
+            let (status, _) = rollout::status(repo.store(), &manifest, service, now).await?;
+            let p = &status.progress;
+            let waves = p.waves.len();
+            let line = match &p.phase {
+                Phase::Deploying { wave } => format!(
+                    "wave {} of {waves} deploying: {} of {} hosts healthy",
+                    wave + 1,
+                    p.waves[*wave].healthy,
+                    p.waves[*wave].min_healthy
+                ),
+                Phase::Baking { wave, until } => {
+                    format!("wave {} of {waves} healthy, baking until {until}", wave + 1)
+                }
+                Phase::Done => {
+                    return Ok(format!(
+                        "the rollout of {service} is done: every wave ({waves}) has its healthy hosts"
+                    ));
+                }
+                Phase::Aborting { cause, reason } => {
+                    return Err(PushError::RolloutAborted {
+                        service: service.to_owned(),
+                        cause: *cause,
+                        by: "its policy".into(),
+                        reason: escape(reason).into_owned(),
+                    });
+                }
+                Phase::Aborted {
+                    by, cause, reason, ..
+                } => {
+                    return Err(PushError::RolloutAborted {
+                        service: service.to_owned(),
+                        cause: *cause,
+                        by: escape(by).into_owned(),
+                        reason: escape(reason).into_owned(),
+                    });
+                }
+            };
+            if line != said {
+                eprintln!("push: {service}: {line}");
+                said = line;
+            }
+            if std::time::Instant::now() >= deadline {
+                let pending = p
+                    .waves
+                    .iter()
+                    .flat_map(|w| &w.hosts)
+                    .filter(|h| h.state != Some(rollout::HostState::Healthy))
+                    .map(|h| (h.host.clone(), "not healthy with it yet".to_owned()))
+                    .collect();
+                return Err(PushError::WaitTimeout {
+                    service: service.to_owned(),
+                    secs: timeout.as_secs(),
+                    pending,
+                });
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            continue;
+        }
         let reports = deploy_manifest::status::read_stored_reports(repo.store(), host_keys).await?;
         let mut pending = Vec::new();
         let mut failures = Vec::new();
@@ -305,7 +393,7 @@ pub async fn wait_for<S: ObjectStore>(
             });
         }
         if pending.is_empty() {
-            return Ok(());
+            return Ok(format!("every host running {service} reports it healthy"));
         }
         if std::time::Instant::now() >= deadline {
             return Err(PushError::WaitTimeout {

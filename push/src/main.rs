@@ -18,7 +18,9 @@ use deployer_push::{PushError, PushOptions, push, upload, wait_for};
     about = "Build a namespace, upload its artifact, and point the manifest at it",
     after_help = "Exit codes: 0 ok, 1 failure, 2 usage or config, 3 invalid manifest, 4 no such service, \
                   5 store unusable, 6 conflict, 7 build failed, 8 (--wait) a host failed the deploy, \
-                  10 (--wait) timed out (with --host-keys: also when a host's report is not verified)"
+                  10 (--wait) timed out (with --host-keys: also when a host's report is not verified), \
+                  12 (--wait) the service's staged rollout was aborted, 13 (--wait) a wave missed its \
+                  progress deadline and the rollout aborted"
 )]
 struct Cli {
     /// What to build, e.g. Biz/PodcastItLater/Web.py (a key of deploy.toml's [namespaces]).
@@ -119,7 +121,7 @@ async fn run(cli: Cli) -> Result<(), PushError> {
             "{}",
             serde_json::to_string_pretty(&report).expect("serialises")
         );
-        return waited.unwrap_or(Ok(()));
+        return waited.map_or(Ok(()), |r| r.map(drop));
     }
     let u = &report.uploaded;
     let sent = format!(
@@ -144,8 +146,7 @@ async fn run(cli: Cli) -> Result<(), PushError> {
         }
     }
     if let Some(result) = waited {
-        result?;
-        println!("every host running {} reports it healthy", report.service);
+        println!("{}", result?);
     }
     Ok(())
 }

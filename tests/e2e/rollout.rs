@@ -373,3 +373,77 @@ fn two_services_roll_out_at_once_each_in_its_own_waves() {
         assert_eq!(s["progress"]["phase"], json!("done"), "{s}");
     }
 }
+
+#[test]
+fn push_wait_follows_the_waves_and_exits_by_how_the_rollout_ended() {
+    let f = Fleet::new(&[("c", "BREAK_V3=1\n")]);
+    f.rollout(json!({"waves": [{"hosts": ["a"]}, {"hosts": ["b"]}], "progressDeadline": "5s"}));
+    let mut agents: Vec<std::process::Child> = ["a", "b", "c"]
+        .iter()
+        .map(|n| crate::agent::spawn_agent(&f.host(n).0, &f.fx, &["run", "--interval", "1s"]))
+        .collect();
+    let wait = |f: &Fleet| {
+        deployer_tests::run_in(
+            f.app.path(),
+            "push.sh",
+            &["Examples/Hello.py", "--wait", "--timeout", "120s"],
+            &f.fx.env,
+        )
+    };
+
+    // A good release: done, wave after wave.
+    f.app.set_version("v2", false);
+    let out = wait(&f);
+    assert_eq!(out.code(), 0, "{}", out.stderr_str());
+    assert!(
+        out.stdout_str()
+            .contains("the rollout of hello is done: every wave (3) has its healthy hosts"),
+        "{}",
+        out.stdout_str()
+    );
+    let err = out.stderr_str();
+    let first = err.find("hello: wave 1 of 3 deploying").expect(&err);
+    let third = err.find("hello: wave 3 of 3 deploying").expect(&err);
+    assert!(first < third, "{err}");
+    for n in ["a", "b", "c"] {
+        assert_eq!(f.body(n).as_deref(), Some("hello from v2\n"), "{n}");
+    }
+
+    // v3 fails on c (the last wave): the rollout aborts, exit 12.
+    f.app.set_version_broken_where("v3", "BREAK_V3");
+    let out = wait(&f);
+    assert_eq!(out.code(), 12, "{}\n{}", out.stdout_str(), out.stderr_str());
+    assert!(
+        out.stderr_str()
+            .contains("hello: the rollout was aborted by host c: host c failed: "),
+        "{}",
+        out.stderr_str()
+    );
+    // a and b ran v3; they come back to v2.
+    for n in ["a", "b", "c"] {
+        let back = eventually(30, || {
+            (f.body(n).as_deref() == Some("hello from v2\n")).then_some(())
+        });
+        assert!(back.is_some(), "{n} returns to v2");
+    }
+
+    // v4 while the canary's agent is stopped: its wave misses the deadline, exit 13.
+    agents[0].kill().unwrap();
+    agents[0].wait().unwrap();
+    f.app.set_version("v4", false);
+    let out = wait(&f);
+    assert_eq!(out.code(), 13, "{}\n{}", out.stdout_str(), out.stderr_str());
+    assert!(
+        out.stderr_str()
+            .contains("wave 1 missed its progress deadline (5s)"),
+        "{}",
+        out.stderr_str()
+    );
+    for n in ["b", "c"] {
+        assert_eq!(f.body(n).as_deref(), Some("hello from v2\n"), "{n}");
+    }
+    for a in &mut agents[1..] {
+        a.kill().unwrap();
+        a.wait().unwrap();
+    }
+}
