@@ -421,6 +421,20 @@ impl<S: ObjectStore> Repo<S> {
             let summary = edit(&mut next)?;
             next.summary = Some(summary);
             self.stamp(&mut next, parent, sequence);
+            // A service whose spec becomes current again (a rollback, a setting changed
+            // back) starts a fresh staged rollout: the objects of an earlier rollout of that
+            // spec (a timed-out record, an abort marker) must not decide for it. No host acts
+            // on that spec before the commit below makes it current.
+            for s in &next.services {
+                let hash = crate::rollout::spec_hash(s);
+                let before = current
+                    .manifest
+                    .service(&s.name)
+                    .map(crate::rollout::spec_hash);
+                if before.as_deref() != Some(hash.as_str()) {
+                    crate::rollout::forget(&self.store, &s.name, &hash).await?;
+                }
+            }
             match self.commit(&next, &current.etag).await {
                 Ok(()) => {
                     self.remember(&next);

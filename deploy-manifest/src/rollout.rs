@@ -112,7 +112,8 @@ pub struct Assigned {
 /// The service's hosts, wave by wave. A wave takes, of the hosts no earlier wave took, the
 /// ones it lists, the ones with one of its labels, or (`percent`) as many as bring the
 /// waves so far to that share of the service's hosts (rounded up), in the order of
-/// sha256(service, host): the same for every version. Hosts no wave takes form a last wave.
+/// sha256(service, host): the same for every version. Hosts no wave takes form a last wave;
+/// a wave that takes none of the service's hosts is left out.
 pub fn assign(manifest: &Manifest, service: &Service, policy: &Policy) -> Vec<Assigned> {
     let labels = manifest.rollout.as_ref().map(|r| &r.labels);
     let mut ranked: Vec<(String, &String)> = service
@@ -171,7 +172,11 @@ pub fn assign(manifest: &Manifest, service: &Service, policy: &Policy) -> Vec<As
         let min_healthy = wave
             .min_healthy
             .map_or(hosts.len(), |m| (m as usize).min(hosts.len()));
-        waves.push(Assigned { hosts, min_healthy });
+        // A wave that takes none of this service's hosts is no wave of its rollout (it would
+        // only bake).
+        if !hosts.is_empty() {
+            waves.push(Assigned { hosts, min_healthy });
+        }
     }
     let rest: Vec<String> = service
         .hosts
@@ -204,9 +209,13 @@ pub struct Record {
     /// Waves below this index skip their bake (`rollout promote`).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub promoted: u32,
-    /// Set by `rollout resume`: deadlines count from here, failures before it are forgiven.
+    /// Set by `rollout resume`: deadlines count from here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resumed_at: Option<String>,
+    /// Raised by every `rollout resume`: failures and abort markers of an earlier epoch are
+    /// forgiven (a counter, not a time: no clock decides it).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub epoch: u32,
     /// Each host's outcome with this version.
     #[serde(default)]
     pub hosts: BTreeMap<String, HostRecord>,
@@ -224,6 +233,7 @@ impl Record {
             started_at: rfc3339(now),
             promoted: 0,
             resumed_at: None,
+            epoch: 0,
             hosts: BTreeMap::new(),
         }
     }
@@ -237,6 +247,9 @@ pub struct HostRecord {
     pub at: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The record's epoch when the host wrote this.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub epoch: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -259,6 +272,10 @@ pub struct Abort {
     pub cause: Cause,
     pub reason: String,
     pub at: String,
+    /// The record's epoch the writer saw: a marker of an earlier epoch (written by a host
+    /// that decided before a `resume`) is ignored.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub epoch: u32,
 }
 
 /// Why a rollout stopped.
@@ -354,6 +371,9 @@ pub struct HostProgress {
     pub at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// A failure from before the last `resume`: it no longer counts.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub forgiven: bool,
 }
 
 /// Where a rollout stands at `now`.
@@ -369,8 +389,10 @@ pub struct Progress {
     pub failures: Vec<(String, String)>,
 }
 
-fn parse_time(t: &str) -> Option<SystemTime> {
-    humantime::parse_rfc3339_weak(t).ok()
+/// A time read from a record, never later than `now`: a host whose clock runs ahead (or a
+/// forged record) cannot push a bake or a deadline into the future.
+fn parse_time(t: &str, now: SystemTime) -> Option<SystemTime> {
+    humantime::parse_rfc3339_weak(t).ok().map(|t| t.min(now))
 }
 
 fn seconds(d: Duration) -> String {
@@ -393,12 +415,14 @@ pub fn progress(
     now: SystemTime,
 ) -> Progress {
     let recorded = |h: &str| record.and_then(|r| r.hosts.get(h));
+    let epoch = record.map_or(0, |r| r.epoch);
+    let forgiven = |r: &HostRecord| r.state == HostState::Failed && r.epoch < epoch;
     let started = record
-        .and_then(|r| parse_time(&r.started_at))
+        .and_then(|r| parse_time(&r.started_at, now))
         .unwrap_or(now);
     let resumed = record
         .and_then(|r| r.resumed_at.as_deref())
-        .and_then(parse_time);
+        .and_then(|t| parse_time(t, now));
     let promoted = record.map_or(0, |r| r.promoted as usize);
     let mut at = resumed.map_or(started, |r| r.max(started));
     let mut phase = None;
@@ -416,6 +440,7 @@ pub fn progress(
                     state: r.map(|r| r.state),
                     at: r.map(|r| r.at.clone()),
                     error: r.and_then(|r| r.error.clone()),
+                    forgiven: r.is_some_and(forgiven),
                 }
             })
             .collect();
@@ -424,7 +449,7 @@ pub fn progress(
             .iter()
             .filter_map(|h| recorded(h))
             .filter(|r| r.state == HostState::Healthy)
-            .map(|r| parse_time(&r.at).unwrap_or(now))
+            .map(|r| parse_time(&r.at, now).unwrap_or(now))
             .collect();
         healthy_at.sort();
         let mut progress = WaveProgress {
@@ -504,8 +529,7 @@ pub fn progress(
         .iter()
         .flat_map(|w| &w.hosts)
         .filter_map(|h| recorded(h).map(|r| (h, r)))
-        .filter(|(_, r)| r.state == HostState::Failed)
-        .filter(|(_, r)| resumed.is_none_or(|t| parse_time(&r.at).is_none_or(|a| a >= t)))
+        .filter(|(_, r)| r.state == HostState::Failed && !forgiven(r))
         .map(|(h, r)| (h.clone(), r.error.clone().unwrap_or_default()))
         .collect();
     let mut phase = phase.unwrap_or(Phase::Done);
@@ -519,7 +543,7 @@ pub fn progress(
             },
         };
     }
-    if let Some(a) = abort {
+    if let Some(a) = abort.filter(|a| a.epoch >= epoch) {
         phase = Phase::Aborted {
             by: a.by.clone(),
             cause: a.cause,
@@ -624,7 +648,7 @@ pub struct Stored {
 fn parse<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, Error> {
     serde_json::from_slice(bytes).map_err(|e| {
         Error::BadArgument(format!(
-            "{key} is not a rollout object ({e}); delete it (`deploy-manifest rollout resume` rewrites the record) or restore it"
+            "{key} is not a rollout object ({e}); the deployer never writes one like it: delete that object (hosts then start its record again)"
         ))
     })
 }
@@ -707,8 +731,9 @@ pub async fn update(
     Err(Error::Conflict { attempts: ATTEMPTS })
 }
 
-/// Create the abort marker, unless one exists: the first reason stays. Returns the marker
-/// that is in the store.
+/// Create the abort marker, unless one of this epoch exists: the first reason stays (a
+/// marker of an earlier epoch, which readers ignore, is replaced by compare-and-swap).
+/// Returns the marker that is in the store.
 pub async fn write_abort(
     store: &impl ObjectStore,
     service: &str,
@@ -717,14 +742,30 @@ pub async fn write_abort(
 ) -> Result<Abort, Error> {
     let key = abort_key(service, hash);
     let body = serde_json::to_vec_pretty(&abort).expect("an abort serialises");
-    match store.put(&key, body, Precondition::IfAbsent).await {
-        Ok(_) => Ok(abort),
-        Err(StoreError::PreconditionFailed { .. }) => match store.get(&key, None).await? {
-            Fetched::Found { bytes, .. } => parse(&key, &bytes),
-            _ => Ok(abort),
-        },
-        Err(e) => Err(e.into()),
+    let mut condition = Precondition::IfAbsent;
+    for _ in 0..3 {
+        match store.put(&key, body.clone(), condition).await {
+            Ok(_) => return Ok(abort),
+            Err(StoreError::PreconditionFailed { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        condition = match store.get(&key, None).await? {
+            Fetched::Found { bytes, etag } => match parse::<Abort>(&key, &bytes) {
+                Ok(there) if there.epoch >= abort.epoch => return Ok(there),
+                _ => Precondition::IfMatch(etag),
+            },
+            _ => Precondition::IfAbsent,
+        };
     }
+    Err(Error::Conflict { attempts: 3 })
+}
+
+/// Delete a version's rollout objects: a spec that becomes current again (a rollback, a
+/// setting changed back) starts a fresh rollout, not the end of an earlier one.
+pub async fn forget(store: &impl ObjectStore, service: &str, hash: &str) -> Result<(), Error> {
+    store.delete(&abort_key(service, hash)).await?;
+    store.delete(&record_key(service, hash)).await?;
+    Ok(())
 }
 
 /// One service's rollout of its current version, as `deploy-manifest rollout` shows it.
@@ -864,7 +905,7 @@ pub async fn abort(
     reason: &str,
     now: SystemTime,
 ) -> Result<Abort, Error> {
-    let (status, _) = status(store, manifest, service, now).await?;
+    let (status, stored) = status(store, manifest, service, now).await?;
     if status.progress.phase == Phase::Done {
         return Err(Error::BadArgument(format!(
             "the rollout of {service} is done; to go back, `deploy-manifest rollback`"
@@ -875,14 +916,15 @@ pub async fn abort(
         cause: Cause::Manual,
         reason: reason.to_owned(),
         at: rfc3339(now),
+        epoch: stored.record.as_ref().map_or(0, |r| r.epoch),
     };
     write_abort(store, service, &status.spec_hash, marker).await
 }
 
-/// `rollout resume`: forgive the failures so far and restart the deadline clock (in the
-/// record), then remove the abort marker. Hosts that returned to their previous version
-/// deploy this one again when their wave is open; a host whose own deploy failed does not
-/// retry this version.
+/// `rollout resume`: a new epoch in the record (the failures and abort markers so far no
+/// longer count; the deadline counts from now), then the abort marker removed. Hosts that
+/// returned to their previous version, and hosts whose own deploy failed, deploy this one
+/// again when their wave is open.
 pub async fn resume(
     store: &impl ObjectStore,
     manifest: &Manifest,
@@ -903,6 +945,7 @@ pub async fn resume(
         now,
         |r| {
             r.resumed_at = Some(rfc3339(now));
+            r.epoch += 1;
             true
         },
     )
@@ -960,6 +1003,7 @@ mod tests {
                 state: HostState::Healthy,
                 at: rfc3339(at(t)),
                 error: None,
+                epoch: r.epoch,
             },
         );
     }
@@ -1114,6 +1158,7 @@ mod tests {
                 state: HostState::Failed,
                 at: rfc3339(at(10)),
                 error: Some("health check failed".into()),
+                epoch: 0,
             },
         );
         let pr = progress(&p, &w, Some(&r), None, at(20));
@@ -1128,19 +1173,28 @@ mod tests {
             matches!(gate(&pr, 1, false), Gate::Hold { reason } if reason.contains("h1 failed"))
         );
         assert!(matches!(gate(&pr, 0, true), Gate::Revert { .. }));
-        // Resumed after it: the failure is forgiven, the deadline counts again.
-        r.resumed_at = Some(rfc3339(at(3000)));
-        let pr = progress(&p, &w, Some(&r), None, at(3001));
-        assert_eq!(pr.phase, Phase::Deploying { wave: 0 });
         // A marker wins over everything.
-        let abort = Abort {
+        let mut abort = Abort {
             by: "ops@laptop".into(),
             cause: Cause::Manual,
             reason: "by hand".into(),
             at: rfc3339(at(5)),
+            epoch: 0,
         };
-        let pr = progress(&p, &w, Some(&r), Some(&abort), at(3001));
+        let pr = progress(&p, &w, Some(&r), Some(&abort), at(21));
         assert!(matches!(&pr.phase, Phase::Aborted { reason, .. } if reason == "by hand"));
+        // Resumed (a new epoch): the failure is forgiven, whatever the clocks say, the
+        // deadline counts again, and a marker of the old epoch (written late by a host
+        // that decided before the resume) is ignored.
+        r.resumed_at = Some(rfc3339(at(3000)));
+        r.epoch = 1;
+        r.hosts.get_mut("h1").unwrap().at = rfc3339(at(9000));
+        let pr = progress(&p, &w, Some(&r), Some(&abort), at(3001));
+        assert_eq!(pr.phase, Phase::Deploying { wave: 0 });
+        assert!(pr.waves[0].hosts[0].forgiven);
+        abort.epoch = 1;
+        let pr = progress(&p, &w, Some(&r), Some(&abort), at(3001));
+        assert!(pr.phase.stopped(), "a marker of this epoch counts");
     }
 
     #[test]
@@ -1186,6 +1240,102 @@ mod tests {
             gate(&pr, 0, false),
             Gate::Go,
             "h1 still goes: its wave is open"
+        );
+    }
+
+    #[test]
+    fn a_wave_without_hosts_of_the_service_is_left_out() {
+        // The fleet's canary label names a host that does not run this service.
+        let m = Manifest {
+            rollout: Some(FleetRollout {
+                labels: [("canary".to_owned(), vec!["elsewhere".to_owned()])].into(),
+                policy: Some(RolloutPolicy {
+                    waves: Some(vec![
+                        Wave {
+                            labels: vec!["canary".into()],
+                            ..Wave::default()
+                        },
+                        percent(50),
+                        percent(50),
+                    ]),
+                    bake: Some(Span::parse("1h").unwrap()),
+                    ..RolloutPolicy::default()
+                }),
+            }),
+            ..Manifest::empty()
+        };
+        let s = service("web", &["h1", "h2"]);
+        let p = Policy::of(&m, &s).unwrap();
+        let w = assign(&m, &s, &p);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert_eq!((w[0].hosts.len(), w[1].hosts.len()), (1, 1));
+        // So the first real wave opens at once, and no empty wave bakes.
+        let pr = progress(&p, &w, None, None, at(0));
+        assert_eq!(gate(&pr, 0, false), Gate::Go);
+    }
+
+    #[test]
+    fn times_ahead_of_now_count_as_now() {
+        let (p, w) = two_waves("10m");
+        let mut r = Record::new("web", "x", at(0));
+        // A forged (or skewed) healthy time far ahead would bake forever.
+        r.hosts.insert(
+            "h1".into(),
+            HostRecord {
+                state: HostState::Healthy,
+                at: "9999-01-01T00:00:00Z".into(),
+                error: None,
+                epoch: 0,
+            },
+        );
+        let pr = progress(&p, &w, Some(&r), None, at(100));
+        assert_eq!(pr.waves[0].bake_left_seconds, Some(600));
+        assert_eq!(
+            gate(&pr, 1, false),
+            Gate::Hold {
+                reason: format!("waiting for wave 1 to bake until {}", rfc3339(at(700)))
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_spec_that_becomes_current_again_starts_a_fresh_rollout() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            crate::store::FileStore::open(&format!("file://{}", dir.path().display())).unwrap();
+        let repo = crate::Repo::new(store.clone(), "t");
+        repo.init().await.unwrap();
+        let web = serde_json::json!({"name": "web", "artifact": {"storePath": "/nix/store/a-v2"}, "hosts": ["h1"]});
+        repo.update(|m| crate::edit::add_service(m, &web))
+            .await
+            .unwrap();
+        let v2 = repo.current().await.unwrap().manifest;
+        let hash = spec_hash(v2.service("web").unwrap());
+        // v2's rollout timed out and was aborted; then v3; then a rollback to v2.
+        update(&store, "web", &hash, None, at(0), |_| false)
+            .await
+            .unwrap();
+        let marker = Abort {
+            by: "host h1".into(),
+            cause: Cause::Deadline,
+            reason: "old".into(),
+            at: rfc3339(at(0)),
+            epoch: 0,
+        };
+        write_abort(&store, "web", &hash, marker).await.unwrap();
+        repo.update(|m| crate::edit::set_artifact(m, "web", "/nix/store/b-v3"))
+            .await
+            .unwrap();
+        let stored = read(&store, "web", &hash).await.unwrap();
+        assert!(
+            stored.record.is_some(),
+            "an unrelated spec keeps its objects"
+        );
+        repo.rollback(v2.version.as_deref()).await.unwrap();
+        let stored = read(&store, "web", &hash).await.unwrap();
+        assert!(
+            stored.record.is_none() && stored.abort.is_none(),
+            "{stored:?}"
         );
     }
 }

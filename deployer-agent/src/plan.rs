@@ -144,6 +144,10 @@ pub struct Deploy {
     /// manifest version it came from; deployed instead of the manifest's.
     #[serde(skip)]
     pub revert: Option<Box<(Service, Option<String>)>>,
+    /// Deployed through the gate of its staged rollout: the spec hash, recorded with the
+    /// generation (the host then watches the rollout, and an abort brings it back).
+    #[serde(skip)]
+    pub rollout: Option<String>,
 }
 
 impl Deploy {
@@ -407,7 +411,7 @@ pub async fn plan<H: Host>(
                 wave: v.wave,
                 waves: v.waves,
                 gate: gate.clone().expect("a view has a gate"),
-                abort: v.abort_due().filter(|_| v.stored.abort.is_none()),
+                abort: v.abort_due(),
             });
         }
         match (gate, view) {
@@ -428,20 +432,43 @@ pub async fn plan<H: Host>(
                         if let Ok(needs) = &needs {
                             wanted.extend(needs.iter().cloned());
                         }
-                        let mut step =
-                            service_step(before, needs, state, host, &mut ports, &mut retire_after)
-                                .await;
-                        if let Step::Deploy(d) = &mut step {
-                            d.reason = Reason::Reverted;
-                            d.revert = Some(Box::new((before.clone(), version.clone())));
+                        let step = service_step(
+                            before,
+                            needs,
+                            state,
+                            host,
+                            &mut ports,
+                            &mut retire_after,
+                            false,
+                        )
+                        .await;
+                        match step {
+                            Step::Deploy(mut d) => {
+                                d.reason = Reason::Reverted;
+                                d.revert = Some(Box::new((before.clone(), version.clone())));
+                                Step::Deploy(d)
+                            }
+                            // Returning to it failed before: it keeps what runs, and says so.
+                            Step::Skip { reason: why, .. } => Step::Wait {
+                                service: s.name.clone(),
+                                reason: format!(
+                                    "{reason}; returning to the version it ran before failed ({why})"
+                                ),
+                            },
+                            other => other,
                         }
-                        step
                     }
-                    // Nothing ran before it here: it goes, as a removed service does.
-                    Ok(None) => Step::Remove {
+                    // Its first generation here: it goes, as a removed service does.
+                    Ok(None) if v.first => Step::Remove {
                         service: s.name.clone(),
                         unit: entry
                             .map_or_else(|| names::service_unit(&s.name), |e| e.unit.clone()),
+                    },
+                    Ok(None) => Step::Wait {
+                        service: s.name.clone(),
+                        reason: format!(
+                            "{reason}; this host has no record of the version it ran before (its state was lost?): it keeps what runs"
+                        ),
                     },
                     Err(e) => Step::Wait {
                         service: s.name.clone(),
@@ -452,8 +479,22 @@ pub async fn plan<H: Host>(
                 };
                 services.push(step);
             }
-            _ => {
-                let step = service_step(s, needs, state, host, &mut ports, &mut retire_after).await;
+            (gate, view) => {
+                // A failure forgiven by `rollout resume` is tried again.
+                let forgiven = view.is_some_and(|v| v.forgiven);
+                let mut step = service_step(
+                    s,
+                    needs,
+                    state,
+                    host,
+                    &mut ports,
+                    &mut retire_after,
+                    forgiven,
+                )
+                .await;
+                if let (Some(Gate::Go), Some(v), Step::Deploy(d)) = (gate, view, &mut step) {
+                    d.rollout = Some(v.spec_hash.clone());
+                }
                 services.push(step);
             }
         }
@@ -566,6 +607,7 @@ async fn service_step<H: Host>(
     host: &H,
     ports: &mut Ports,
     retire_after: &mut BTreeMap<String, Vec<String>>,
+    forgiven: bool,
 ) -> Step {
     let hash = spec_hash(s);
     let entry = state.services.get(&s.name);
@@ -593,7 +635,7 @@ async fn service_step<H: Host>(
     }
     if let Some(f) = entry
         .and_then(|e| e.failed.as_ref())
-        .filter(|f| f.spec_hash == hash)
+        .filter(|f| f.spec_hash == hash && !forgiven)
     {
         return Step::Skip {
             service: s.name.clone(),
@@ -700,6 +742,7 @@ async fn service_step<H: Host>(
         on_failure,
         found_unit,
         revert: None,
+        rollout: None,
     }))
 }
 

@@ -31,17 +31,17 @@ pub struct RolloutView {
     /// that generation came from, and only if its spec hash is the one recorded):
     /// `Ok(None)`, nothing ran before; `Err`, why it is not available.
     pub previous: Result<Option<(Service, Option<String>)>, String>,
+    /// This host deployed the version through its gate as the service's first generation
+    /// here (an abort removes it rather than returning to an earlier one).
+    pub first: bool,
+    /// This host's deploy of the version failed in an earlier epoch, forgiven by a
+    /// `resume`: it tries again.
+    pub forgiven: bool,
 }
 
 impl RolloutView {
     /// The gate for this host, which runs the rolled-out version (`runs`) or not.
     pub fn gate(&self, runs: bool) -> Gate {
-        // Ran it before any host recorded anything of it (deployed before the policy was
-        // set): not rolled out, nothing to watch.
-        let unrecorded = self.stored.record.is_none() && self.stored.abort.is_none();
-        if runs && unrecorded && self.progress.is_ok() {
-            return Gate::Done;
-        }
         match &self.progress {
             Ok(p) => deploy_manifest::rollout::gate(p, self.wave, runs),
             // Unknown: what runs keeps running, nothing new starts.

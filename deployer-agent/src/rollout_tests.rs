@@ -247,6 +247,7 @@ async fn a_revert_needs_the_spec_the_host_ran_and_nothing_else() {
         rollout::Abort {
             by: "mallory".into(),
             cause: rollout::Cause::Manual,
+            epoch: 0,
             reason: "x".into(),
             at: "2026-11-24T10:00:00Z".into(),
         },
@@ -330,4 +331,161 @@ async fn an_idle_poll_outside_a_rollout_reads_nothing_more() {
             .unwrap(),
         Fetched::Found { .. }
     ));
+}
+
+fn store_of(fleet: &Fleet) -> FileStore {
+    FileStore::open(&format!("file://{}", fleet.store.path().display())).unwrap()
+}
+
+async fn forge_abort(fleet: &Fleet, m: &Manifest) {
+    let hash = rollout::spec_hash(m.service("web").unwrap());
+    let marker = rollout::Abort {
+        by: "mallory".into(),
+        cause: rollout::Cause::Manual,
+        reason: "forged".into(),
+        at: "2026-11-24T10:00:00Z".into(),
+        epoch: 0,
+    };
+    rollout::write_abort(&store_of(fleet), "web", &hash, marker)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_version_deployed_before_the_policy_is_not_part_of_a_rollout() {
+    let hosts = ["h1", "h2"];
+    let mut fleet = Fleet::new(&hosts);
+    let v0 = web("/nix/store/web-v0", &hosts, Value::Null);
+    publish_version(fleet.store.path(), &v0);
+    let v1 = web("/nix/store/web-v1", &hosts, Value::Null);
+    for m in [&v0, &v1] {
+        for h in hosts {
+            fleet.run(h, m).await;
+        }
+    }
+    // The policy comes later (same spec); someone who writes the bucket adds a marker.
+    let staged = web(
+        "/nix/store/web-v1",
+        &hosts,
+        json!({"waves": [{"hosts": ["h2"]}]}),
+    );
+    forge_abort(&fleet, &staged).await;
+    for h in hosts {
+        let (plan, report, rolling) = fleet.host(h).run_gated(&staged).await;
+        assert!(
+            plan.rollouts.is_empty(),
+            "nothing read: {:?}",
+            plan.rollouts
+        );
+        assert_eq!(report.services["web"], Outcome::Kept);
+        assert!(!rolling);
+        assert_eq!(fleet.runs(h), path("/nix/store/web-v1"), "{h} stays on v1");
+    }
+}
+
+#[tokio::test]
+async fn resume_forgives_a_failure_and_the_failed_host_tries_again() {
+    let hosts = ["h1", "h2", "h3"];
+    let mut fleet = Fleet::new(&hosts);
+    let v1 = web("/nix/store/web-v1", &hosts, Value::Null);
+    publish_version(fleet.store.path(), &v1);
+    for h in hosts {
+        fleet.run(h, &v1).await;
+    }
+    let v2 = web(
+        "/nix/store/web-v2",
+        &hosts,
+        json!({"waves": [{"hosts": ["h1", "h2"]}]}),
+    );
+    let v2_path = path("/nix/store/web-v2");
+    fleet
+        .host("h2")
+        .host()
+        .world()
+        .broken
+        .insert(v2_path.clone());
+    fleet.run("h1", &v2).await;
+    let (_, outcome, _) = fleet.run("h2", &v2).await;
+    assert!(matches!(outcome, Outcome::RolledBack { .. }));
+    assert!(fleet.aborted(&v2).await.is_some());
+    // h1 reverts; a kill -9 right after loses its "reverted" record: the next poll writes it.
+    fleet.run("h1", &v2).await;
+    assert_eq!(fleet.runs("h1"), path("/nix/store/web-v1"));
+    let store = store_of(&fleet);
+    let hash = rollout::spec_hash(v2.service("web").unwrap());
+    let read = rollout::read(&store, "web", &hash).await.unwrap();
+    rollout::update(
+        &store,
+        "web",
+        &hash,
+        Some((read.record, read.etag)),
+        std::time::SystemTime::now(),
+        |r| {
+            r.hosts.get_mut("h1").unwrap().state = HostState::Healthy;
+            true
+        },
+    )
+    .await
+    .unwrap();
+    fleet.run("h1", &v2).await;
+    assert_eq!(
+        fleet.record(&v2).await.hosts["h1"].state,
+        HostState::Reverted
+    );
+
+    // Fixed on h2; the operator resumes: h2's failure no longer counts and h2 tries again.
+    fleet.host("h2").host().world().broken.clear();
+    rollout::resume(&store, &v2, "web", std::time::SystemTime::now())
+        .await
+        .unwrap();
+    let (_, outcome, _) = fleet.run("h2", &v2).await;
+    assert_eq!(outcome, Outcome::Deployed, "the forgiven host retries");
+    fleet.run("h1", &v2).await;
+    fleet.run("h3", &v2).await;
+    for h in hosts {
+        assert_eq!(fleet.runs(h), v2_path, "{h}");
+    }
+    let record = fleet.record(&v2).await;
+    assert_eq!(record.epoch, 1);
+    assert!(
+        record
+            .hosts
+            .values()
+            .all(|h| h.state == HostState::Healthy && h.epoch == 1)
+    );
+}
+
+#[tokio::test]
+async fn a_revert_that_fails_is_reported_as_a_failure() {
+    let hosts = ["h1", "h2"];
+    let mut fleet = Fleet::new(&hosts);
+    let v1 = web("/nix/store/web-v1", &hosts, Value::Null);
+    publish_version(fleet.store.path(), &v1);
+    for h in hosts {
+        fleet.run(h, &v1).await;
+    }
+    let v2 = web(
+        "/nix/store/web-v2",
+        &hosts,
+        json!({"waves": [{"hosts": ["h1"]}]}),
+    );
+    fleet.run("h1", &v2).await;
+    // v1 no longer starts on h1; the rollout is aborted.
+    fleet
+        .host("h1")
+        .host()
+        .world()
+        .broken
+        .insert(path("/nix/store/web-v1"));
+    forge_abort(&fleet, &v2).await;
+    let (_, outcome, _) = fleet.run("h1", &v2).await;
+    assert!(matches!(outcome, Outcome::RolledBack { .. }), "{outcome:?}");
+    assert_eq!(fleet.runs("h1"), path("/nix/store/web-v2"), "v2 put back");
+    let (steps, outcome, rolling) = fleet.run("h1", &v2).await;
+    assert_eq!(steps, ["wait web"]);
+    assert!(
+        matches!(&outcome, Outcome::Retrying { error } if error.contains("returning to the version it ran before failed")),
+        "{outcome:?}"
+    );
+    assert!(outcome.failed() && rolling);
 }

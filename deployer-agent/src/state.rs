@@ -115,15 +115,34 @@ pub struct ServiceState {
     /// The artifact whose release command last succeeded (it runs once per artifact).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub released: Option<Artifact>,
-    /// The spec hash whose staged rollout this host saw done: it no longer reads that
-    /// rollout's objects.
+    /// Its part in the staged rollout of a version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rolled_out: Option<String>,
+    pub rollout: Option<RolloutMark>,
     /// Successful deploys and rolled-back ones on this host (metrics counters).
     #[serde(default)]
     pub deploys: u64,
     #[serde(default)]
     pub rollbacks: u64,
+}
+
+/// A service's part in the staged rollout of one version (its spec hash).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RolloutMark {
+    pub spec_hash: String,
+    pub stage: RolloutStage,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RolloutStage {
+    /// Deployed through its gate over a generation that ran here: the host watches the
+    /// rollout until it is done, and an abort returns it to that generation.
+    Deployed,
+    /// Deployed through its gate as the service's first generation here: an abort removes it.
+    First,
+    /// The rollout is done (or this host's part in it ended): its objects are not read again.
+    Done,
 }
 
 /// One deployed generation of a service.
@@ -391,7 +410,10 @@ mod tests {
                     deploys: 3,
                     rollbacks: 1,
                     released: Some(Artifact::StorePath("/nix/store/x".into())),
-                    rolled_out: Some("b".repeat(64)),
+                    rollout: Some(RolloutMark {
+                        spec_hash: "b".repeat(64),
+                        stage: RolloutStage::Deployed,
+                    }),
                 },
             )]
             .into(),

@@ -15,7 +15,7 @@ use crate::health::Probes;
 use crate::host::Host;
 use crate::names;
 use crate::plan::{Deploy, Recovery, Strategy, spec_hash};
-use crate::state::{Failure, Generation, Health, ServiceState, State};
+use crate::state::{Failure, Generation, Health, RolloutMark, RolloutStage, ServiceState, State};
 use crate::systemd::{JobResult, ServiceManager};
 use crate::unit::{EnvFile, Limits, Sandbox, UnitSpec, split_command};
 
@@ -203,6 +203,17 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 if let Some(revert) = &d.revert {
                     generation.version = revert.1.clone();
                 }
+                // Through its rollout's gate: watched until the rollout is done. Over
+                // nothing that ran here (no generation, no unit found), an abort removes it.
+                let first = previous.is_none() && d.found_unit.is_none() && d.replaces.is_none();
+                entry.rollout = d.rollout.as_ref().map(|hash| RolloutMark {
+                    spec_hash: hash.clone(),
+                    stage: if first {
+                        RolloutStage::First
+                    } else {
+                        RolloutStage::Deployed
+                    },
+                });
                 if let Some(old) = &d.replaces {
                     if d.drain {
                         tokio::time::sleep(self.config.drain).await;

@@ -17,19 +17,14 @@ use deploy_manifest::validate::parse_manifest;
 use super::{Agent, Outcome, RunReport};
 use crate::plan::{Plan, desired, spec_hash};
 use crate::rollout::{RolloutView, Rollouts};
-use crate::state::{Health, ServiceState, State};
+use crate::state::{Health, RolloutMark, RolloutStage, ServiceState, State};
 
 impl<S: ObjectStore, H> Agent<S, H> {
     /// The rollouts of `manifest` this host takes part in and is not finished with: their
     /// objects, where each stands now, and for a revert the spec this host ran before.
     /// With `create` (a run), a missing record of a version this host must wait for or
     /// deploy is created first.
-    pub(crate) async fn gather(
-        &self,
-        manifest: &Manifest,
-        state: &State,
-        create: bool,
-    ) -> Rollouts {
+    pub async fn gather(&self, manifest: &Manifest, state: &State, create: bool) -> Rollouts {
         let me = self.config.host.as_str();
         let now = SystemTime::now();
         let mut out = Rollouts::new();
@@ -39,20 +34,26 @@ impl<S: ObjectStore, H> Agent<S, H> {
             };
             let hash = spec_hash(s);
             let entry = state.services.get(&s.name);
-            if entry.and_then(|e| e.rolled_out.as_deref()) == Some(hash.as_str()) {
+            let mark = entry
+                .and_then(|e| e.rollout.as_ref())
+                .filter(|m| m.spec_hash == hash)
+                .map(|m| m.stage);
+            let runs = entry
+                .and_then(|e| e.current.as_ref())
+                .is_some_and(|c| c.spec_hash == hash);
+            // Done with it, or runs it without having deployed it through its gate (before
+            // the policy was set, or by an older agent): not part of its rollout, nothing
+            // to read (and no unsigned object can make this host leave it).
+            if mark == Some(RolloutStage::Done) || (runs && mark.is_none()) {
                 continue;
             }
             let waves = assign(manifest, s, &policy);
             let Some(wave) = wave_of(&waves, me) else {
                 continue;
             };
-            let runs = entry
-                .and_then(|e| e.current.as_ref())
-                .is_some_and(|c| c.spec_hash == hash);
             let read = rollout::read(&self.store, &s.name, &hash).await;
             // The first host that must wait or act on a new version creates its record:
-            // the rollout starts then (a run only; `plan` acts on nothing). A host that
-            // runs the version already while no record exists ran it before the policy.
+            // the rollout starts then (a run only; `plan` acts on nothing).
             let read = match read {
                 Ok(mut stored) if create && !runs && stored.record.is_none() => {
                     let fresh = (None, None);
@@ -84,6 +85,11 @@ impl<S: ObjectStore, H> Agent<S, H> {
                 Some(entry) if runs && stopped => self.previous(s, entry).await,
                 _ => Ok(None),
             };
+            let forgiven = stored.record.as_ref().is_some_and(|r| {
+                r.hosts
+                    .get(me)
+                    .is_some_and(|h| h.state == HostState::Failed && h.epoch < r.epoch)
+            });
             out.insert(
                 s.name.clone(),
                 RolloutView {
@@ -95,6 +101,8 @@ impl<S: ObjectStore, H> Agent<S, H> {
                     progress,
                     stored,
                     previous,
+                    first: mark == Some(RolloutStage::First),
+                    forgiven,
                 },
             );
         }
@@ -134,10 +142,11 @@ impl<S: ObjectStore, H> Agent<S, H> {
     }
 
     /// Write what this run changed of this host's part in its rollouts: its outcome (only
-    /// when it differs from what the record says; the record is created if missing) and
-    /// the abort marker when the rollout must stop. Returns whether a rollout this host
-    /// takes part in is not finished (the next poll must then read the manifest in full).
-    pub(crate) async fn record(
+    /// when it differs from what the record says) and the abort marker when the rollout
+    /// must stop (checked again on a fresh read first: a `resume` may have come since the
+    /// plan). Returns whether a rollout this host takes part in is not finished (the next
+    /// poll must then read the manifest in full).
+    pub async fn record(
         &self,
         plan: &Plan,
         views: &Rollouts,
@@ -155,16 +164,26 @@ impl<S: ObjectStore, H> Agent<S, H> {
                 continue;
             };
             let entry = state.services.get(&g.service);
-            let mine = outcome_record(&g.gate, report.services.get(&g.service), entry);
+            let runs = entry
+                .and_then(|e| e.current.as_ref())
+                .is_some_and(|c| c.spec_hash == g.spec_hash);
+            let epoch = view.stored.record.as_ref().map_or(0, |r| r.epoch);
             let recorded = view
                 .stored
                 .record
                 .as_ref()
                 .and_then(|r| r.hosts.get(me))
-                .map(|r| r.state);
+                .map(|r| (r.state, r.epoch));
+            let mine = outcome_record(
+                &g.gate,
+                report.services.get(&g.service),
+                entry,
+                runs,
+                recorded,
+            );
             let now = SystemTime::now();
-            let mut abort = g.abort.clone();
-            if mine.is_some() && mine.as_ref().map(|m| m.state) != recorded {
+            let mut abort = g.abort.is_some();
+            if let Some(m) = mine.as_ref().filter(|m| recorded != Some((m.state, epoch))) {
                 let known = (view.stored.record.clone(), view.stored.etag.clone());
                 let written = rollout::update(
                     &self.store,
@@ -172,31 +191,23 @@ impl<S: ObjectStore, H> Agent<S, H> {
                     &g.spec_hash,
                     Some(known),
                     now,
-                    |r| match &mine {
-                        Some(m) if r.hosts.get(me).map(|h| h.state) != Some(m.state) => {
-                            r.hosts.insert(me.to_owned(), m.clone());
-                            true
+                    |r| {
+                        let new = HostRecord {
+                            epoch: r.epoch,
+                            ..m.clone()
+                        };
+                        let same = r.hosts.get(me).map(|h| (h.state, h.epoch))
+                            == Some((new.state, new.epoch));
+                        if !same {
+                            r.hosts.insert(me.to_owned(), new);
                         }
-                        _ => false,
+                        !same
                     },
                 )
                 .await;
                 match written {
-                    Ok((record, _)) => {
-                        // This host's failure may be the one too many.
-                        if abort.is_none() && view.stored.abort.is_none() {
-                            let after = rollout::progress(
-                                &view.policy,
-                                &view.assigned,
-                                Some(&record),
-                                None,
-                                now,
-                            );
-                            if let Phase::Aborting { cause, reason } = after.phase {
-                                abort = Some((cause, reason));
-                            }
-                        }
-                    }
+                    // This host's failure may be the one too many.
+                    Ok(_) => abort |= m.state == HostState::Failed,
                     Err(e) => {
                         tracing::warn!(service = %g.service, error = %e, "could not record this host's part in the rollout; the next run retries");
                         report.rollout_error =
@@ -205,28 +216,21 @@ impl<S: ObjectStore, H> Agent<S, H> {
                     }
                 }
             }
-            if let Some((cause, reason)) = abort {
-                let marker = Abort {
-                    by: format!("host {me}"),
-                    cause,
-                    reason,
-                    at: deploy_manifest::repo::rfc3339(now),
-                };
-                match rollout::write_abort(&self.store, &g.service, &g.spec_hash, marker).await {
-                    Ok(a) => {
-                        tracing::warn!(service = %g.service, reason = %a.reason, by = %a.by, "rollout aborted")
-                    }
-                    Err(e) => {
-                        report.rollout_error =
-                            Some(format!("{}: could not abort its rollout: {e}", g.service));
-                    }
-                }
+            if abort && let Err(e) = self.abort_if_due(view, &g.service, &g.spec_hash, now).await {
+                report.rollout_error =
+                    Some(format!("{}: could not abort its rollout: {e}", g.service));
             }
-            match (&g.gate, &stands.phase) {
+            let failed = entry
+                .and_then(|e| e.failed.as_ref())
+                .is_some_and(|f| f.spec_hash == g.spec_hash);
+            match &stands.phase {
                 // Every wave done: this host no longer reads this rollout's objects.
-                (Gate::Done, _) | (_, Phase::Done) => {
+                Phase::Done if runs || failed => {
                     if let Some(e) = state.services.get_mut(&g.service) {
-                        e.rolled_out = Some(g.spec_hash.clone());
+                        e.rollout = Some(RolloutMark {
+                            spec_hash: g.spec_hash.clone(),
+                            stage: RolloutStage::Done,
+                        });
                     }
                 }
                 _ => pending = true,
@@ -234,19 +238,53 @@ impl<S: ObjectStore, H> Agent<S, H> {
         }
         pending
     }
+
+    /// Write the abort marker if the rollout, as it stands in the store now (read again),
+    /// must stop and has no marker of its epoch yet.
+    async fn abort_if_due(
+        &self,
+        view: &RolloutView,
+        service: &str,
+        hash: &str,
+        now: SystemTime,
+    ) -> Result<(), deploy_manifest::Error> {
+        let fresh = rollout::read(&self.store, service, hash).await?;
+        let stands = rollout::progress(
+            &view.policy,
+            &view.assigned,
+            fresh.record.as_ref(),
+            fresh.abort.as_ref(),
+            now,
+        );
+        let Phase::Aborting { cause, reason } = stands.phase else {
+            return Ok(());
+        };
+        let marker = Abort {
+            by: format!("host {}", self.config.host),
+            cause,
+            reason,
+            at: deploy_manifest::repo::rfc3339(now),
+            epoch: fresh.record.as_ref().map_or(0, |r| r.epoch),
+        };
+        let a = rollout::write_abort(&self.store, service, hash, marker).await?;
+        tracing::warn!(%service, reason = %a.reason, by = %a.by, "rollout aborted");
+        Ok(())
+    }
 }
 
 /// What this host records for its run's outcome with a gated service, if anything.
+/// `recorded`: what the record says of it (state, epoch).
 fn outcome_record(
     gate: &Gate,
     outcome: Option<&Outcome>,
     entry: Option<&ServiceState>,
+    runs: bool,
+    recorded: Option<(HostState, u32)>,
 ) -> Option<HostRecord> {
     let at = super::now();
     let (state, error) = match (gate, outcome?) {
         (Gate::Go, Outcome::Deployed) => (HostState::Healthy, None),
-        // Runs it, healthy (a record the last run could not write, or a version deployed
-        // before its policy was set).
+        // Runs it, healthy (a record the last run could not write).
         (Gate::Watch | Gate::Done, Outcome::Kept | Outcome::Repaired)
             if entry.is_some_and(|e| e.health == Health::Healthy) =>
         {
@@ -260,7 +298,19 @@ fn outcome_record(
                 .map(|f| f.error.clone()),
         ),
         (Gate::Revert { .. }, Outcome::Deployed | Outcome::Removed) => (HostState::Reverted, None),
+        // Recorded healthy with it, and no longer runs it: it reverted (a run killed
+        // before it could record so).
+        (Gate::Hold { .. }, _)
+            if !runs && recorded.is_some_and(|(s, _)| s == HostState::Healthy) =>
+        {
+            (HostState::Reverted, None)
+        }
         _ => return None,
     };
-    Some(HostRecord { state, at, error })
+    Some(HostRecord {
+        state,
+        at,
+        error,
+        epoch: 0,
+    })
 }
