@@ -90,6 +90,10 @@ pub enum Error {
         "gave up after {attempts} attempts: the manifest kept changing underneath; nothing was written, try again"
     )]
     Conflict { attempts: u32 },
+    #[error(
+        "gave up after {attempts} attempts to change {key}: other hosts kept writing it; nothing was written, the next run retries"
+    )]
+    RolloutConflict { key: String, attempts: u32 },
 }
 
 impl Error {
@@ -117,7 +121,7 @@ impl Error {
             Error::BadArgument(_) => exit::USAGE,
             Error::Trust(_) | Error::UntrustedBase { .. } => exit::UNTRUSTED,
             Error::DuplicateService { .. } => exit::INVALID,
-            Error::Conflict { .. } => exit::CONFLICT,
+            Error::Conflict { .. } | Error::RolloutConflict { .. } => exit::CONFLICT,
         }
     }
 }

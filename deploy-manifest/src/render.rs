@@ -200,7 +200,7 @@ pub fn rollouts(
                 cause,
                 reason,
                 at,
-            } => format!("aborted by {by} at {at} ({cause:?}): {reason}").to_lowercase(),
+            } => format!("aborted by {by} at {at} ({cause}): {reason}"),
         };
         let _ = writeln!(
             out,
@@ -220,8 +220,9 @@ pub fn rollouts(
                     .hosts
                     .iter()
                     .map(|h| match (h.state, &h.error) {
+                        (Some(_), _) if h.forgiven => format!("{} failed (forgiven)", h.host),
                         (Some(HostState::Failed), Some(e)) => format!("{} failed: {e}", h.host),
-                        (Some(state), _) => format!("{} {state:?}", h.host).to_lowercase(),
+                        (Some(state), _) => format!("{} {state}", h.host),
                         (None, _) => match last_reports.get(&h.host) {
                             Some(at) => format!(
                                 "{} pending (last report {} ago)",
@@ -234,7 +235,7 @@ pub fn rollouts(
                         },
                     })
                     .collect();
-                let mut state = format!("{:?}", w.state).to_lowercase();
+                let mut state = w.state.to_string();
                 if w.state == WaveState::Deploying
                     && let Some(d) = &w.deadline
                 {

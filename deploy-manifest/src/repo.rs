@@ -953,7 +953,8 @@ fn version_bytes(m: &Manifest) -> Result<Vec<u8>, Error> {
 }
 
 /// Jittered exponential backoff: 10 ms doubling to at most 500 ms.
-async fn backoff(attempt: u32) {
+/// A pause before attempt `attempt + 1` of a compare-and-swap: growing, spread out.
+pub(crate) async fn backoff(attempt: u32) {
     let base = 10u64 << attempt.min(6);
     let cap = base.min(500);
     let nanos = SystemTime::now()

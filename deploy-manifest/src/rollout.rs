@@ -263,6 +263,32 @@ pub enum HostState {
     Reverted,
 }
 
+/// The word for `value` its serde name gives (`healthy`, `failures`, `baking`, …).
+fn word<T: Serialize>(value: &T, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(s)) => f.write_str(&s),
+        _ => Err(std::fmt::Error),
+    }
+}
+
+impl std::fmt::Display for HostState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        word(self, f)
+    }
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        word(self, f)
+    }
+}
+
+impl std::fmt::Display for WaveState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        word(self, f)
+    }
+}
+
 /// `rollouts/<service>/<spec hash>.abort`: the rollout of that version stopped.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -686,7 +712,7 @@ pub async fn update(
     now: SystemTime,
     mut edit: impl FnMut(&mut Record) -> bool,
 ) -> Result<(Record, String), Error> {
-    const ATTEMPTS: u32 = 20;
+    const ATTEMPTS: u32 = 40;
     let key = record_key(service, hash);
     let mut known = known;
     for attempt in 0..ATTEMPTS {
@@ -711,24 +737,15 @@ pub async fn update(
         let body = serde_json::to_vec_pretty(&record).expect("a record serialises");
         match store.put(&key, body, condition).await {
             Ok(etag) => return Ok((record, etag)),
-            Err(StoreError::PreconditionFailed { .. }) => {
-                // Another host wrote first: read again, after a short, spread-out pause.
-                let spread = u64::from(
-                    SystemTime::now()
-                        .duration_since(SystemTime::UNIX_EPOCH)
-                        .unwrap_or_default()
-                        .subsec_micros()
-                        % 50,
-                );
-                tokio::time::sleep(Duration::from_millis(
-                    5 * u64::from(attempt.min(10)) + spread,
-                ))
-                .await;
-            }
+            // Another host wrote first: read again, after a growing, spread-out pause.
+            Err(StoreError::PreconditionFailed { .. }) => crate::repo::backoff(attempt).await,
             Err(e) => return Err(e.into()),
         }
     }
-    Err(Error::Conflict { attempts: ATTEMPTS })
+    Err(Error::RolloutConflict {
+        key,
+        attempts: ATTEMPTS,
+    })
 }
 
 /// Create the abort marker, unless one of this epoch exists: the first reason stays (a

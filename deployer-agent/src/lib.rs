@@ -8,7 +8,9 @@
 //!
 //! - [`reconcile`]: the run. `poll` (fetch + trust, shared by run, plan and fetch), `apply`
 //!   (executes a plan's steps, decides nothing), `deploy` (the deploy step and its recovery),
+//!   `rollout` (the staged rollouts' objects: read before the plan, written after),
 //!   `publish` (report and metrics), the loop.
+//! - [`rollout`]: what a host read of a staged rollout and the gate it gives (plan data).
 //! - [`plan`]: pure decisions over the manifest, the state and what the host shows.
 //! - [`host`]: the `Host` trait, every side effect; `system` (the real one), `memory`
 //!   (tests).

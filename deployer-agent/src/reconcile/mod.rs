@@ -2,9 +2,10 @@
 //!
 //! `run_once`: lock → one conditional GET of `manifest.json` (`poll`) → unchanged: plan
 //! drift repair from the state alone (no further store request) → changed: validate, check
-//! trust, plan ([`crate::plan`]) → apply the plan's steps (`apply`), each with its own
-//! error boundary, saving the state after each → save → publish the host's report
-//! (`publish`), still under the lock.
+//! trust, read the staged rollouts this host takes part in (`rollout::gather`), plan
+//! ([`crate::plan`]) → apply the plan's steps (`apply`), each with its own error boundary,
+//! saving the state after each → record this host's part in its rollouts
+//! (`rollout::record`) → save → publish the host's report (`publish`), still under the lock.
 
 mod apply;
 mod deploy;
