@@ -1013,16 +1013,19 @@ mod tests {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + s)
     }
 
+    /// Record `state` for `host` at `time`, in the record's epoch.
+    fn put(r: &mut Record, host: &str, state: HostState, time: &str, error: Option<&str>) {
+        let entry = HostRecord {
+            state,
+            at: time.into(),
+            error: error.map(str::to_owned),
+            epoch: r.epoch,
+        };
+        r.hosts.insert(host.into(), entry);
+    }
+
     fn healthy(r: &mut Record, host: &str, t: u64) {
-        r.hosts.insert(
-            host.into(),
-            HostRecord {
-                state: HostState::Healthy,
-                at: rfc3339(at(t)),
-                error: None,
-                epoch: r.epoch,
-            },
-        );
+        put(r, host, HostState::Healthy, &rfc3339(at(t)), None);
     }
 
     #[test]
@@ -1169,14 +1172,12 @@ mod tests {
     fn a_failure_aborts_and_hosts_that_run_the_version_revert() {
         let (p, w) = two_waves("0s");
         let mut r = Record::new("web", "x", at(0));
-        r.hosts.insert(
-            "h1".into(),
-            HostRecord {
-                state: HostState::Failed,
-                at: rfc3339(at(10)),
-                error: Some("health check failed".into()),
-                epoch: 0,
-            },
+        put(
+            &mut r,
+            "h1",
+            HostState::Failed,
+            &rfc3339(at(10)),
+            Some("health check failed"),
         );
         let pr = progress(&p, &w, Some(&r), None, at(20));
         assert_eq!(
@@ -1296,14 +1297,12 @@ mod tests {
         let (p, w) = two_waves("10m");
         let mut r = Record::new("web", "x", at(0));
         // A forged (or skewed) healthy time far ahead would bake forever.
-        r.hosts.insert(
-            "h1".into(),
-            HostRecord {
-                state: HostState::Healthy,
-                at: "9999-01-01T00:00:00Z".into(),
-                error: None,
-                epoch: 0,
-            },
+        put(
+            &mut r,
+            "h1",
+            HostState::Healthy,
+            "9999-01-01T00:00:00Z",
+            None,
         );
         let pr = progress(&p, &w, Some(&r), None, at(100));
         assert_eq!(pr.waves[0].bake_left_seconds, Some(600));

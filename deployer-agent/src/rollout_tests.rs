@@ -97,6 +97,18 @@ fn publish_version(store: &Path, m: &Manifest) {
     .unwrap();
 }
 
+/// A fleet of `hosts` that all run v1 of `web` (deployed before any policy; v1 kept as
+/// its version's file, as writers keep it), and v1.
+async fn running_v1(hosts: &[&str]) -> (Fleet, Manifest) {
+    let mut fleet = Fleet::new(hosts);
+    let v1 = web("/nix/store/web-v1", hosts, Value::Null);
+    publish_version(fleet.store.path(), &v1);
+    for h in hosts {
+        fleet.run(h, &v1).await;
+    }
+    (fleet, v1)
+}
+
 #[tokio::test]
 async fn a_good_release_goes_wave_by_wave_to_every_host() {
     let hosts = ["h1", "h2", "h3"];
@@ -148,12 +160,7 @@ async fn a_good_release_goes_wave_by_wave_to_every_host() {
 #[tokio::test]
 async fn a_release_that_fails_on_a_canary_aborts_and_the_canaries_return() {
     let hosts = ["h1", "h2", "h3"];
-    let mut fleet = Fleet::new(&hosts);
-    let v1 = web("/nix/store/web-v1", &hosts, Value::Null);
-    publish_version(fleet.store.path(), &v1);
-    for h in hosts {
-        fleet.run(h, &v1).await;
-    }
+    let (mut fleet, v1) = running_v1(&hosts).await;
     let v2 = web(
         "/nix/store/web-v2",
         &hosts,
@@ -222,11 +229,7 @@ async fn a_release_that_fails_on_a_canary_aborts_and_the_canaries_return() {
 #[tokio::test]
 async fn a_revert_needs_the_spec_the_host_ran_and_nothing_else() {
     let hosts = ["h1", "h2"];
-    let mut fleet = Fleet::new(&hosts);
-    let v1 = web("/nix/store/web-v1", &hosts, Value::Null);
-    for h in hosts {
-        fleet.run(h, &v1).await;
-    }
+    let (mut fleet, v1) = running_v1(&hosts).await;
     // Someone who writes the bucket puts another spec under v1's version name.
     let mut forged = v1.clone();
     forged.services[0].artifact =
@@ -281,11 +284,7 @@ async fn a_revert_needs_the_spec_the_host_ran_and_nothing_else() {
 async fn a_silent_canary_stalls_its_wave_until_the_deadline() {
     let hosts = ["h1", "h2"];
     for (on_deadline, goes) in [("abort", false), ("continue", true)] {
-        let mut fleet = Fleet::new(&hosts);
-        let v1 = web("/nix/store/web-v1", &hosts, Value::Null);
-        for h in hosts {
-            fleet.run(h, &v1).await;
-        }
+        let (mut fleet, _) = running_v1(&hosts).await;
         // h1 never polls. A deadline of 0s has passed at once.
         let v2 = web(
             "/nix/store/web-v2",
@@ -386,12 +385,7 @@ async fn a_version_deployed_before_the_policy_is_not_part_of_a_rollout() {
 #[tokio::test]
 async fn resume_forgives_a_failure_and_the_failed_host_tries_again() {
     let hosts = ["h1", "h2", "h3"];
-    let mut fleet = Fleet::new(&hosts);
-    let v1 = web("/nix/store/web-v1", &hosts, Value::Null);
-    publish_version(fleet.store.path(), &v1);
-    for h in hosts {
-        fleet.run(h, &v1).await;
-    }
+    let (mut fleet, _) = running_v1(&hosts).await;
     let v2 = web(
         "/nix/store/web-v2",
         &hosts,
@@ -458,12 +452,7 @@ async fn resume_forgives_a_failure_and_the_failed_host_tries_again() {
 #[tokio::test]
 async fn a_revert_that_fails_is_reported_as_a_failure() {
     let hosts = ["h1", "h2"];
-    let mut fleet = Fleet::new(&hosts);
-    let v1 = web("/nix/store/web-v1", &hosts, Value::Null);
-    publish_version(fleet.store.path(), &v1);
-    for h in hosts {
-        fleet.run(h, &v1).await;
-    }
+    let (mut fleet, _) = running_v1(&hosts).await;
     let v2 = web(
         "/nix/store/web-v2",
         &hosts,
