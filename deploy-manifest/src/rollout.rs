@@ -671,6 +671,19 @@ pub struct Stored {
     pub abort: Option<Abort>,
 }
 
+impl Stored {
+    /// Where the rollout these objects describe stands at `now` ([`progress`]).
+    pub fn progress(&self, policy: &Policy, waves: &[Assigned], now: SystemTime) -> Progress {
+        progress(
+            policy,
+            waves,
+            self.record.as_ref(),
+            self.abort.as_ref(),
+            now,
+        )
+    }
+}
+
 fn parse<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, Error> {
     serde_json::from_slice(bytes).map_err(|e| {
         Error::BadArgument(format!(
@@ -828,13 +841,7 @@ pub async fn status(
 ) -> Result<(Status, Stored), Error> {
     let (s, policy, waves, hash) = resolve(manifest, service)?;
     let stored = read(store, service, &hash).await?;
-    let progress = progress(
-        &policy,
-        &waves,
-        stored.record.as_ref(),
-        stored.abort.as_ref(),
-        now,
-    );
+    let progress = stored.progress(&policy, &waves, now);
     let status = Status {
         service: service.to_owned(),
         spec_hash: hash,

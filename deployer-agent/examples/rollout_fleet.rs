@@ -11,84 +11,22 @@
 //! per poll during the rollout and after it, and compare-and-swap retries.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use deploy_manifest::model::{Artifact, Manifest};
 use deploy_manifest::repo::{CURRENT_KEY, Repo};
 use deploy_manifest::rollout::Gate;
-use deploy_manifest::store::{Fetched, ObjectStore, Store};
+use deploy_manifest::store::{Counted, Fetched, ObjectStore, Store};
 use deployer_agent::config::AgentConfig;
 use deployer_agent::plan::{Plan, spec_hash};
 use deployer_agent::reconcile::{Agent, Outcome, RunReport};
-use deployer_agent::rollout::Gated;
 use deployer_agent::state::{Generation, Health, ServiceState, State};
 use futures_util::{StreamExt, stream};
 
 const CONCURRENCY: usize = 32;
 
-/// The store, with its requests counted.
-struct Counting {
-    inner: Store,
-    n: AtomicU64,
-}
-
-impl ObjectStore for Counting {
-    fn url(&self) -> &str {
-        self.inner.url()
-    }
-    async fn get(
-        &self,
-        key: &str,
-        inm: Option<&str>,
-    ) -> Result<Fetched, deploy_manifest::StoreError> {
-        self.n.fetch_add(1, Ordering::Relaxed);
-        self.inner.get(key, inm).await
-    }
-    async fn put(
-        &self,
-        key: &str,
-        bytes: Vec<u8>,
-        pre: deploy_manifest::store::Precondition,
-    ) -> Result<String, deploy_manifest::StoreError> {
-        self.n.fetch_add(1, Ordering::Relaxed);
-        self.inner.put(key, bytes, pre).await
-    }
-    async fn head(&self, key: &str) -> Result<Option<u64>, deploy_manifest::StoreError> {
-        self.n.fetch_add(1, Ordering::Relaxed);
-        self.inner.head(key).await
-    }
-    async fn list(&self, prefix: &str) -> Result<Vec<String>, deploy_manifest::StoreError> {
-        self.n.fetch_add(1, Ordering::Relaxed);
-        self.inner.list(prefix).await
-    }
-    async fn delete(&self, key: &str) -> Result<(), deploy_manifest::StoreError> {
-        self.n.fetch_add(1, Ordering::Relaxed);
-        self.inner.delete(key).await
-    }
-    async fn put_file(
-        &self,
-        key: &str,
-        path: &std::path::Path,
-        progress: &dyn deploy_manifest::store::Progress,
-    ) -> Result<(), deploy_manifest::StoreError> {
-        self.n.fetch_add(1, Ordering::Relaxed);
-        self.inner.put_file(key, path, progress).await
-    }
-    async fn get_to_file(
-        &self,
-        key: &str,
-        dest: &std::path::Path,
-        progress: &dyn deploy_manifest::store::Progress,
-        max_bytes: Option<u64>,
-    ) -> Result<Option<deploy_manifest::store::Downloaded>, deploy_manifest::StoreError> {
-        self.n.fetch_add(1, Ordering::Relaxed);
-        self.inner.get_to_file(key, dest, progress, max_bytes).await
-    }
-}
-
 struct SimHost {
-    agent: Agent<Counting, ()>,
+    agent: Agent<Counted<Store>, ()>,
     state: State,
     /// The ETag of manifest.json this host remembers (none while a rollout goes on).
     etag: Option<String>,
@@ -134,10 +72,14 @@ fn generation(m: &Manifest) -> Generation {
 }
 
 impl SimHost {
+    fn requests(&self) -> u64 {
+        self.agent.store.requests().expect("a counted store")
+    }
+
     /// One poll: the manifest (a 304 while nothing changed and no rollout goes on), then
     /// the rollout phase, a deploy that succeeds at once when the gate says go.
     async fn poll(&mut self) {
-        let before = self.agent.store.n.load(Ordering::Relaxed);
+        let before = self.requests();
         let fetched = self
             .agent
             .store
@@ -150,8 +92,7 @@ impl SimHost {
                 etag,
             ),
             _ => {
-                self.polls
-                    .push(self.agent.store.n.load(Ordering::Relaxed) - before);
+                self.polls.push(self.requests() - before);
                 return;
             }
         };
@@ -165,20 +106,13 @@ impl SimHost {
             None if !runs => self.deploy(wanted, &mut report),
             None => {}
             Some(v) => {
-                let gate = v.gate(runs);
-                if gate == Gate::Go {
+                let gated = v.gated("web", runs);
+                if gated.gate == Gate::Go {
                     self.deploy(wanted, &mut report);
                 } else if runs {
                     report.services.insert("web".into(), Outcome::Kept);
                 }
-                rollouts.push(Gated {
-                    service: "web".into(),
-                    spec_hash: v.spec_hash.clone(),
-                    wave: v.wave,
-                    waves: v.waves,
-                    gate,
-                    abort: v.abort_due(),
-                });
+                rollouts.push(gated);
             }
         }
         let plan = Plan {
@@ -197,8 +131,7 @@ impl SimHost {
             self.gave_up += 1;
         }
         self.etag = (!rolling).then_some(etag);
-        self.polls
-            .push(self.agent.store.n.load(Ordering::Relaxed) - before);
+        self.polls.push(self.requests() - before);
     }
 
     fn deploy(&mut self, g: Generation, report: &mut RunReport) {
@@ -265,10 +198,7 @@ async fn rollout(
         );
         fleet.push(SimHost {
             agent: Agent {
-                store: Counting {
-                    inner: Store::open(url).await.unwrap(),
-                    n: AtomicU64::new(0),
-                },
+                store: Counted::new(Store::open(url).await.unwrap()),
                 host: (),
                 config: config(h, url),
             },

@@ -403,17 +403,9 @@ pub async fn plan<H: Host>(
                 .and_then(|e| e.current.as_ref())
                 .is_some_and(|c| c.spec_hash == v.spec_hash)
         });
-        let gate = view.map(|v| v.gate(runs));
-        if let Some(v) = view {
-            gates.push(Gated {
-                service: s.name.clone(),
-                spec_hash: v.spec_hash.clone(),
-                wave: v.wave,
-                waves: v.waves,
-                gate: gate.clone().expect("a view has a gate"),
-                abort: v.abort_due(),
-            });
-        }
+        let gated = view.map(|v| v.gated(&s.name, runs));
+        let gate = gated.as_ref().map(|g| g.gate.clone());
+        gates.extend(gated);
         match (gate, view) {
             (Some(Gate::Hold { reason }), _) => {
                 if let Some((entry, current)) = entry.and_then(|e| Some((e, e.current.as_ref()?))) {

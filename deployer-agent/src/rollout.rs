@@ -17,9 +17,8 @@ pub type Rollouts = BTreeMap<String, RolloutView>;
 pub struct RolloutView {
     /// The version rolled out (the service's spec hash in the manifest).
     pub spec_hash: String,
-    /// This host's wave, and how many there are.
+    /// This host's wave.
     pub wave: usize,
-    pub waves: usize,
     /// The service's policy and its hosts by wave.
     pub policy: Policy,
     pub assigned: Vec<Assigned>,
@@ -49,6 +48,18 @@ impl RolloutView {
             Err(e) => Gate::Hold {
                 reason: format!("cannot read the rollout ({e}); the next run retries"),
             },
+        }
+    }
+
+    /// What the plan shows of it for `service`: the gate, and the abort marker due.
+    pub fn gated(&self, service: &str, runs: bool) -> Gated {
+        Gated {
+            service: service.to_owned(),
+            spec_hash: self.spec_hash.clone(),
+            wave: self.wave,
+            waves: self.assigned.len(),
+            gate: self.gate(runs),
+            abort: self.abort_due(),
         }
     }
 

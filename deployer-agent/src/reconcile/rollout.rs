@@ -9,7 +9,7 @@ use std::time::SystemTime;
 use deploy_manifest::model::{Manifest, Service};
 use deploy_manifest::repo::version_key;
 use deploy_manifest::rollout::{
-    self, Abort, Gate, HostRecord, HostState, Phase, Policy, Stored, assign, progress, wave_of,
+    self, Abort, Gate, HostRecord, HostState, Phase, Policy, Stored, assign, wave_of,
 };
 use deploy_manifest::store::{Fetched, ObjectStore};
 use deploy_manifest::validate::parse_manifest;
@@ -69,13 +69,7 @@ impl<S: ObjectStore, H> Agent<S, H> {
             };
             let (stored, progress) = match read {
                 Ok(stored) => {
-                    let p = progress(
-                        &policy,
-                        &waves,
-                        stored.record.as_ref(),
-                        stored.abort.as_ref(),
-                        now,
-                    );
+                    let p = stored.progress(&policy, &waves, now);
                     (stored, Ok(p))
                 }
                 Err(e) => (Stored::default(), Err(e.to_string())),
@@ -95,7 +89,6 @@ impl<S: ObjectStore, H> Agent<S, H> {
                 RolloutView {
                     spec_hash: hash,
                     wave,
-                    waves: waves.len(),
                     policy,
                     assigned: waves,
                     progress,
@@ -249,13 +242,7 @@ impl<S: ObjectStore, H> Agent<S, H> {
         now: SystemTime,
     ) -> Result<(), deploy_manifest::Error> {
         let fresh = rollout::read(&self.store, service, hash).await?;
-        let stands = rollout::progress(
-            &view.policy,
-            &view.assigned,
-            fresh.record.as_ref(),
-            fresh.abort.as_ref(),
-            now,
-        );
+        let stands = fresh.progress(&view.policy, &view.assigned, now);
         let Phase::Aborting { cause, reason } = stands.phase else {
             return Ok(());
         };
