@@ -650,13 +650,14 @@ fn waiting_for(progress: &Progress) -> String {
                 .filter(|h| h.state != Some(HostState::Healthy))
                 .map(|h| h.host.as_str())
                 .collect();
+            // No deadline here: before the first host creates the record, each reader
+            // counts it from its own now (`rollout status` shows it).
             format!(
-                "waiting for wave {}: {} of {} hosts healthy (not yet: {}), deadline {}",
+                "waiting for wave {}: {} of {} hosts healthy (not yet: {})",
                 i + 1,
                 w.healthy,
                 w.min_healthy,
                 pending.join(", "),
-                w.deadline.as_deref().unwrap_or("-")
             )
         }
     }
