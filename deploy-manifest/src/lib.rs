@@ -10,6 +10,7 @@
 //! - [`diff`]: what changed between two versions, env values redacted.
 //! - [`render`]: human tables for the CLI.
 //! - [`status`]: host reports in the store and the fleet view of `deploy-manifest status`.
+//! - [`history`]: what each host did (deploys, rollbacks, failures), kept in the store.
 //! - [`rollout`]: staged rollouts: policy, waves, the rollout objects, the gate (pure).
 //! - [`archive`]: deterministic, hashed packing and safe unpacking of artifact archives.
 
@@ -18,6 +19,7 @@ pub mod cli;
 pub mod diff;
 pub mod edit;
 pub mod fsutil;
+pub mod history;
 pub mod model;
 pub mod render;
 pub mod repo;
@@ -73,6 +75,10 @@ pub enum Error {
     )]
     UnknownService { name: String },
     #[error(
+        "no host {host:?}: it has no report in the store and the manifest does not name it; `deploy-manifest status` lists the hosts"
+    )]
+    UnknownHost { host: String },
+    #[error(
         "service {name:?} already exists; change it with `deploy-manifest update-service {name} '<json>'`"
     )]
     DuplicateService { name: String },
@@ -117,7 +123,8 @@ impl Error {
             Error::Invalid(_) => exit::INVALID,
             Error::NotInitialized { .. }
             | Error::UnknownVersion { .. }
-            | Error::UnknownService { .. } => exit::NOT_FOUND,
+            | Error::UnknownService { .. }
+            | Error::UnknownHost { .. } => exit::NOT_FOUND,
             Error::BadArgument(_) => exit::USAGE,
             Error::Trust(_) | Error::UntrustedBase { .. } => exit::UNTRUSTED,
             Error::DuplicateService { .. } => exit::INVALID,

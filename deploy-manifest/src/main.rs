@@ -9,7 +9,9 @@ use clap::{Parser, Subcommand};
 use deploy_manifest::repo::default_author;
 use deploy_manifest::sign::{PublicKey, SecretKey};
 use deploy_manifest::store::{DEFAULT_STORE, Store};
-use deploy_manifest::{Error, Manifest, diff, edit, exit, render, rollout, status, validate};
+use deploy_manifest::{
+    Error, Manifest, diff, edit, exit, history, render, rollout, status, validate,
+};
 
 #[derive(Parser)]
 #[command(
@@ -82,11 +84,42 @@ enum Command {
     Diff { a: String, b: Option<String> },
     /// Validate FILE (- for stdin), or the current manifest when no file is given.
     Validate { file: Option<String> },
-    /// Which version runs where: every host's last report, hosts × services.
+    /// Which version runs where: every host's last report, hosts × services, and every
+    /// host the manifest names that never reported. With HOST, that host in full: each
+    /// service's last deploy phases and, when it failed, the log its unit left.
     Status {
+        /// Show this host in full.
+        host: Option<String>,
+        /// With HOST: only this service.
+        #[arg(long, requires = "host")]
+        service: Option<String>,
+        /// Refresh in place (on a terminal; elsewhere, print each change) until every host
+        /// is settled (none still converging), then exit.
+        #[arg(long)]
+        watch: bool,
         /// Check each report's signature against the hosts' public keys in FILE (one
         /// HOST:BASE64 per line, as `deployer-agent host-key` prints; `#` comments). Without
         /// it, reports are shown as "unchecked".
+        #[arg(long, env = "DEPLOY_HOST_KEYS", value_name = "FILE")]
+        host_keys: Option<std::path::PathBuf>,
+    },
+    /// What the hosts did, newest first: each deploy, rollback, removal and failure, with
+    /// the version and who pushed it, when the host applied it, how long each phase took.
+    History {
+        /// Only this host's events.
+        #[arg(long)]
+        host: Option<String>,
+        /// Only this service's events.
+        #[arg(long)]
+        service: Option<String>,
+        /// Show at most N events.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Also print the log each failed deploy left (secrets masked on the host).
+        #[arg(long)]
+        logs: bool,
+        /// Count only records their host signed (see `status --host-keys`); the others
+        /// are left out and named on stderr.
         #[arg(long, env = "DEPLOY_HOST_KEYS", value_name = "FILE")]
         host_keys: Option<std::path::PathBuf>,
     },
@@ -316,25 +349,168 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 }
             }
         }
-        Command::Status { host_keys } => {
-            let host_keys = host_keys
-                .as_deref()
-                .map(PublicKey::load_all)
-                .transpose()
-                .map_err(Error::from)?;
-            let reports = status::read_stored_reports(repo.store(), host_keys.as_deref()).await?;
-            let manifest = repo.read_current().await?.map(|c| c.manifest);
-            let view = status::fleet(&reports, manifest.as_ref(), std::time::SystemTime::now());
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&view)?);
-            } else if view.is_empty() {
-                println!("no host has reported to {} yet", cli.store);
+        Command::Status {
+            host,
+            service,
+            watch,
+            host_keys,
+        } => {
+            let host_keys = load_host_keys(host_keys.as_deref())?;
+            let show = Show {
+                host: host.as_deref(),
+                service: service.as_deref(),
+                json: cli.json,
+                store: &cli.store,
+            };
+            if watch {
+                watch_status(&repo, host_keys.as_deref(), &show).await?;
             } else {
-                print!("{}", status::render(&view));
+                let view = fleet_view(&repo, host_keys.as_deref()).await?;
+                print!("{}", show.render(&view)?);
+            }
+        }
+        Command::History {
+            host,
+            service,
+            limit,
+            logs,
+            host_keys,
+        } => {
+            let host_keys = load_host_keys(host_keys.as_deref())?;
+            let filter = history::Filter {
+                host,
+                service,
+                limit,
+            };
+            let found = history::read(repo.store(), &filter, host_keys.as_deref()).await?;
+            for skipped in &found.skipped {
+                eprintln!("deploy-manifest: skipped {}", render::escape(skipped));
+            }
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&found.events)?);
+            } else if found.events.is_empty() {
+                println!("no history in {} matches", cli.store);
+            } else {
+                print!("{}", history::render(&found.events));
+                for s in found
+                    .events
+                    .iter()
+                    .filter(|s| logs && !s.event.log.is_empty())
+                {
+                    let e = &s.event;
+                    println!(
+                        "\n{} {} {} at {}:",
+                        render::escape(&e.host),
+                        render::escape(&e.service),
+                        e.kind,
+                        render::escape(&e.at)
+                    );
+                    print!("{}", history::render_log(e));
+                }
             }
         }
     }
     Ok(exit::OK)
+}
+
+fn load_host_keys(path: Option<&std::path::Path>) -> anyhow::Result<Option<Vec<PublicKey>>> {
+    Ok(path
+        .map(PublicKey::load_all)
+        .transpose()
+        .map_err(Error::from)?)
+}
+
+async fn fleet_view(
+    repo: &deploy_manifest::Repo<Store>,
+    host_keys: Option<&[PublicKey]>,
+) -> anyhow::Result<Vec<status::HostView>> {
+    let reports = status::read_stored_reports(repo.store(), host_keys).await?;
+    let manifest = repo.read_current().await?.map(|c| c.manifest);
+    Ok(status::fleet(
+        &reports,
+        manifest.as_ref(),
+        std::time::SystemTime::now(),
+    ))
+}
+
+/// How `status` prints a fleet view.
+struct Show<'a> {
+    host: Option<&'a str>,
+    service: Option<&'a str>,
+    json: bool,
+    store: &'a str,
+}
+
+impl Show<'_> {
+    fn render(&self, view: &[status::HostView]) -> anyhow::Result<String> {
+        let Some(host) = self.host else {
+            return Ok(if self.json {
+                format!("{}\n", serde_json::to_string_pretty(&view)?)
+            } else if view.is_empty() {
+                format!("no host has reported to {} yet\n", self.store)
+            } else {
+                status::render(view)
+            });
+        };
+        let Some(h) = view.iter().find(|h| h.host == host) else {
+            return Err(Error::UnknownHost {
+                host: host.to_owned(),
+            }
+            .into());
+        };
+        Ok(if self.json {
+            let mut h = h.clone();
+            if let Some(want) = self.service {
+                h.services.retain(|s| s.service == want);
+            }
+            format!("{}\n", serde_json::to_string_pretty(&h)?)
+        } else {
+            status::render_host(h, self.service)
+        })
+    }
+}
+
+/// `status --watch`: print the view every 2 s (in place on a terminal, otherwise only when
+/// it changed) until every host shown is settled.
+async fn watch_status(
+    repo: &deploy_manifest::Repo<Store>,
+    host_keys: Option<&[PublicKey]>,
+    show: &Show<'_>,
+) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    let terminal = std::io::stdout().is_terminal() && !show.json;
+    let mut last = String::new();
+    loop {
+        let view = fleet_view(repo, host_keys).await?;
+        let shown: Vec<&status::HostView> = view
+            .iter()
+            .filter(|h| show.host.is_none_or(|want| h.host == want))
+            .collect();
+        let settled = shown.iter().all(|h| h.state.settled());
+        let text = show.render(&view)?;
+        if terminal {
+            // Home, clear the screen, then the view: refreshed in place.
+            print!("\x1b[H\x1b[2J{text}");
+            let waiting = shown.iter().filter(|h| !h.state.settled()).count();
+            if !settled {
+                println!(
+                    "\n{waiting} host(s) still converging; refreshing every 2 s (Ctrl-C to stop)"
+                );
+            }
+        } else if text != last {
+            print!("{text}");
+            if !show.json {
+                println!();
+            }
+        }
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        if settled {
+            return Ok(());
+        }
+        last = text;
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    }
 }
 
 fn version(m: &Manifest) -> &str {

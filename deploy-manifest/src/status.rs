@@ -79,6 +79,13 @@ pub struct ServiceReport {
     pub failed_artifact: Option<Artifact>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Seconds per phase of its last deploy (the one that failed, if it failed).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub phases: crate::history::Phases,
+    /// The last lines the unit logged when its last deploy failed, secrets masked on
+    /// the host.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub log: Vec<String>,
 }
 
 pub fn report_key(host: &str) -> String {
@@ -104,6 +111,8 @@ pub enum Verification {
     /// The signature does not match the content (tampered with) or was made by another key
     /// of the host's name.
     BadSignature,
+    /// There is no report to check: the host never reported.
+    NoReport,
 }
 
 impl Verification {
@@ -118,19 +127,31 @@ pub fn verify_report(
     r: &HostReport,
     host_keys: Option<&[PublicKey]>,
 ) -> Verification {
+    verify_signed(object == report_key(&r.host), &r.host, r, host_keys)
+}
+
+/// Check a document a host signs (its report, its history records), claiming to be
+/// `host`'s and found at `host`'s own object or not, against `host_keys` (`None`: none
+/// given).
+pub fn verify_signed<T: SignedJson>(
+    at_own_object: bool,
+    host: &str,
+    doc: &T,
+    host_keys: Option<&[PublicKey]>,
+) -> Verification {
     let Some(keys) = host_keys else {
         return Verification::Unchecked;
     };
-    if object != report_key(&r.host) {
+    if !at_own_object {
         return Verification::WrongObject;
     }
-    let Some(sig) = &r.signature else {
+    let Some(sig) = doc.signature() else {
         return Verification::Unsigned;
     };
-    if sig.key != r.host {
+    if sig.key != host {
         return Verification::WrongKey;
     }
-    match verify_json(r, keys) {
+    match verify_json(doc, keys) {
         Ok(()) => Verification::Verified,
         Err(JsonSignatureError::Unsigned) => Verification::Unsigned,
         Err(JsonSignatureError::UnknownKey) => Verification::NoHostKey,
@@ -149,6 +170,7 @@ impl std::fmt::Display for Verification {
             Verification::WrongKey => "NO: not signed by the host's key",
             Verification::WrongObject => "NO: not at status/<host>.json",
             Verification::BadSignature => "NO: bad signature",
+            Verification::NoReport => "-",
         })
     }
 }
@@ -167,7 +189,9 @@ impl StoredReport {
     pub fn why_unverified(&self) -> String {
         let r = &self.report;
         match self.verification {
-            Verification::Verified | Verification::Unchecked => self.verification.to_string(),
+            Verification::Verified | Verification::Unchecked | Verification::NoReport => {
+                self.verification.to_string()
+            }
             Verification::Unsigned => format!("{} is not signed", self.object),
             Verification::NoHostKey => format!("the host keys hold no key named {}", r.host),
             Verification::WrongKey => format!(
@@ -268,6 +292,28 @@ pub enum HostState {
     /// The newest signed manifest it saw has expired: it applies nothing new until a
     /// writer runs `deploy-manifest refresh`.
     Expired,
+    /// The manifest names it, and it never reported (no agent runs there, or it cannot
+    /// reach the store).
+    Never,
+}
+
+impl HostState {
+    pub fn name(self) -> &'static str {
+        match self {
+            HostState::Ok => "ok",
+            HostState::Failing => "failing",
+            HostState::Behind => "behind",
+            HostState::Silent => "silent",
+            HostState::Expired => "expired",
+            HostState::Never => "never",
+        }
+    }
+
+    /// Nothing more will change without a new push or someone acting: what `status
+    /// --watch` waits for. A host still converging (`behind`) is not settled.
+    pub fn settled(self) -> bool {
+        self != HostState::Behind
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -281,8 +327,10 @@ pub struct HostView {
     /// The name of the key that signed it, if signed.
     pub signed_by: Option<String>,
     pub state: HostState,
-    /// Seconds since the report was written.
-    pub age_seconds: u64,
+    /// Seconds since the report was written (`null`: never reported).
+    pub age_seconds: Option<u64>,
+    /// Seconds since the host's last run without errors (`null`: none reported).
+    pub last_success_age_seconds: Option<u64>,
     pub manifest_version: Option<String>,
     pub services: Vec<ServiceView>,
     pub last_error: Option<String>,
@@ -298,6 +346,12 @@ pub struct ServiceView {
     pub current: bool,
     pub deployed_at: Option<String>,
     pub last_error: Option<String>,
+    /// Seconds per phase of its last deploy.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub phases: crate::history::Phases,
+    /// The last lines the unit logged when its last deploy failed (secrets masked).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub log: Vec<String>,
 }
 
 /// Seconds since `reported_at` (`u64::MAX` if it does not parse or lies ahead).
@@ -309,13 +363,14 @@ pub fn age(reported_at: &str, now: SystemTime) -> u64 {
         .as_secs()
 }
 
-/// Hosts × services, judged against `manifest` at `now`.
+/// Hosts × services, judged against `manifest` at `now`: every host that reported, and
+/// every host the manifest names that never did (`never`), sorted by host.
 pub fn fleet(
     reports: &[StoredReport],
     manifest: Option<&Manifest>,
     now: SystemTime,
 ) -> Vec<HostView> {
-    reports
+    let mut view: Vec<HostView> = reports
         .iter()
         .map(|stored| {
             let r = &stored.report;
@@ -332,6 +387,8 @@ pub fn fleet(
                         current: wanted.is_some() && wanted == s.artifact.as_ref(),
                         deployed_at: s.deployed_at.clone(),
                         last_error: s.last_error.clone(),
+                        phases: s.phases.clone(),
+                        log: s.log.clone(),
                     }
                 })
                 .collect();
@@ -358,13 +415,47 @@ pub fn fleet(
                 } else {
                     HostState::Ok
                 },
-                age_seconds,
+                age_seconds: Some(age_seconds),
+                last_success_age_seconds: r.last_success.as_deref().map(|t| age(t, now)),
                 manifest_version: r.manifest_version.clone(),
                 services,
                 last_error: r.last_error.clone(),
             }
         })
-        .collect()
+        .collect();
+    let reported: std::collections::BTreeSet<&str> =
+        reports.iter().map(|s| s.report.host.as_str()).collect();
+    let named: std::collections::BTreeSet<&str> = manifest
+        .into_iter()
+        .flat_map(|m| &m.services)
+        .flat_map(|s| &s.hosts)
+        .map(String::as_str)
+        .filter(|h| !reported.contains(h))
+        .collect();
+    view.extend(named.into_iter().map(|host| HostView {
+        host: host.to_owned(),
+        object: report_key(host),
+        verification: Verification::NoReport,
+        signed_by: None,
+        state: HostState::Never,
+        age_seconds: None,
+        last_success_age_seconds: None,
+        manifest_version: None,
+        services: Vec::new(),
+        last_error: None,
+    }));
+    view.sort_by(|a, b| (&a.host, &a.object).cmp(&(&b.host, &b.object)));
+    view
+}
+
+/// `3h 20m`: the first two units of `secs`, or `never`.
+pub fn ago(secs: Option<u64>) -> String {
+    let Some(secs) = secs else {
+        return "never".into();
+    };
+    let age =
+        humantime::format_duration(Duration::from_secs(secs.min(10 * 365 * 86400))).to_string();
+    age.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
 }
 
 /// `deploy-manifest status`: one line per host and service. Every cell is escaped
@@ -373,11 +464,8 @@ pub fn render(view: &[HostView]) -> String {
     let mut rows = Vec::new();
     for h in view {
         let verified = h.verification.to_string();
-        let state = format!("{:?}", h.state).to_lowercase();
-        let age =
-            humantime::format_duration(Duration::from_secs(h.age_seconds.min(10 * 365 * 86400)))
-                .to_string();
-        let age = age.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+        let state = h.state.name().to_owned();
+        let age = ago(h.age_seconds);
         if h.services.is_empty() {
             rows.push(vec![
                 h.host.clone(),
@@ -418,6 +506,89 @@ pub fn render(view: &[HostView]) -> String {
     )
 }
 
+/// `deploy-manifest status HOST [--service S]`: one host in full, each service with the
+/// phases of its last deploy and, when that deploy failed, the log its unit left. Every
+/// value is escaped: a report's text never reaches the terminal as control characters.
+pub fn render_host(h: &HostView, service: Option<&str>) -> String {
+    use std::fmt::Write;
+    let e = |t: &str| escape(t).into_owned();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "host {}: {} (reported {} ago, verified: {})",
+        e(&h.host),
+        h.state.name(),
+        ago(h.age_seconds),
+        h.verification
+    );
+    if h.state == HostState::Never {
+        let _ = writeln!(
+            out,
+            "  the manifest names this host, but it never reported to the store: is an agent installed there, with --host {}?",
+            e(&h.host)
+        );
+    }
+    let field = |out: &mut String, indent: &str, name: &str, value: Option<&str>| {
+        if let Some(v) = value {
+            let _ = writeln!(out, "{indent}{name:<18}{}", e(v));
+        }
+    };
+    field(
+        &mut out,
+        "  ",
+        "manifest version",
+        h.manifest_version.as_deref(),
+    );
+    if h.age_seconds.is_some() {
+        let success = match h.last_success_age_seconds {
+            Some(_) => format!("{} ago", ago(h.last_success_age_seconds)),
+            None => "never".into(),
+        };
+        field(&mut out, "  ", "last success", Some(&success));
+    }
+    field(&mut out, "  ", "error", h.last_error.as_deref());
+    for s in h
+        .services
+        .iter()
+        .filter(|s| service.is_none_or(|want| s.service == want))
+    {
+        let _ = writeln!(out, "\n  service {}", e(&s.service));
+        let artifact = format!(
+            "{}{}",
+            s.artifact.as_deref().unwrap_or("-"),
+            if s.current { "" } else { " (not current)" }
+        );
+        field(&mut out, "    ", "artifact", Some(&artifact));
+        field(&mut out, "    ", "health", Some(&s.health));
+        field(&mut out, "    ", "deployed at", s.deployed_at.as_deref());
+        if !s.phases.is_empty() {
+            field(
+                &mut out,
+                "    ",
+                "last deploy",
+                Some(&crate::history::phases_text(&s.phases)),
+            );
+        }
+        field(&mut out, "    ", "error", s.last_error.as_deref());
+        if !s.log.is_empty() {
+            let _ = writeln!(
+                out,
+                "    log (its last {} lines when the deploy failed, secrets masked):",
+                s.log.len()
+            );
+            for line in &s.log {
+                let _ = writeln!(out, "      | {}", e(line));
+            }
+        }
+    }
+    if let Some(want) = service
+        && !h.services.iter().any(|s| s.service == want)
+    {
+        let _ = writeln!(out, "\n  service {}: not reported by this host", e(want));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -444,6 +615,8 @@ mod tests {
                     deployed_at: None,
                     failed_artifact: None,
                     last_error: None,
+                    phases: Default::default(),
+                    log: Vec::new(),
                 },
             )]
             .into(),
@@ -465,7 +638,7 @@ mod tests {
         m.version = Some("manifest-20261122T140000Z-3f2a9c1d".into());
         crate::edit::add_service(
             &mut m,
-            &serde_json::json!({"name": "ava", "artifact": {"storePath": "/nix/store/new"}, "hosts": ["a", "b", "c", "d"]}),
+            &serde_json::json!({"name": "ava", "artifact": {"storePath": "/nix/store/new"}, "hosts": ["a", "b", "c", "d", "e"]}),
         )
         .unwrap();
         m.version = Some("manifest-20261122T140000Z-3f2a9c1d".into());
@@ -484,10 +657,14 @@ mod tests {
                 HostState::Ok,
                 HostState::Failing,
                 HostState::Behind,
-                HostState::Silent
+                HostState::Silent,
+                HostState::Never
             ]
         );
+        assert_eq!(view[4].host, "e", "named in the manifest, never reported");
+        assert_eq!(view[4].age_seconds, None);
         let text = render(&view);
+        assert!(text.contains("e     -          never    never"), "{text}");
         assert!(text.contains("(not current)"), "{text}");
         assert!(text.starts_with("HOST  VERIFIED   STATE"), "{text}");
         assert!(text.contains("a     unchecked  ok"), "{text}");
@@ -574,6 +751,40 @@ mod tests {
     }
 
     #[test]
+    fn one_host_in_full_shows_phases_and_the_log_escaped() {
+        let mut r = report("a", 0, "unhealthy", "/nix/store/new");
+        let s = r.services.get_mut("ava").unwrap();
+        s.last_error = Some("not healthy within 20s".into());
+        s.phases = [
+            (crate::history::Phase::Fetch, 0.5),
+            (crate::history::Phase::Health, 20.0),
+        ]
+        .into();
+        s.log = vec![
+            "starting".into(),
+            "\u{1b}]0;owned\u{7}password=*** rejected".into(),
+        ];
+        let view = fleet(&[stored(r)], None, SystemTime::now());
+        let text = render_host(&view[0], Some("ava"));
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\u{7}'),
+            "{text:?}"
+        );
+        assert!(
+            text.contains("last deploy       fetch 0.50s, health 20.00s"),
+            "{text}"
+        );
+        assert!(
+            text.contains("      | \\x1b]0;owned\\x07password=*** rejected"),
+            "{text}"
+        );
+        assert!(text.contains("its last 2 lines"), "{text}");
+        let other = render_host(&view[0], Some("bob"));
+        assert!(other.contains("service bob: not reported"), "{other}");
+        assert!(!other.contains("starting"), "{other}");
+    }
+
+    #[test]
     fn a_full_report_matches_the_schema() {
         let schema: serde_json::Value = serde_json::from_str(STATUS_SCHEMA).unwrap();
         let validator = jsonschema::validator_for(&schema).unwrap();
@@ -586,6 +797,8 @@ mod tests {
         s.deployed_at = Some(r.reported_at.clone());
         s.failed_artifact = Some(Artifact::StorePath("/nix/store/y".into()));
         s.last_error = Some("e".into());
+        s.phases = [(crate::history::Phase::Restart, 0.25)].into();
+        s.log = vec!["line".into()];
         crate::sign::SecretKey::generate("a")
             .unwrap()
             .sign_json(&mut r);

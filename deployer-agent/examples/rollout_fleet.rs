@@ -54,6 +54,8 @@ fn config(host: &str, store: &str) -> AgentConfig {
         nix_trusted_keys: Vec::new(),
         unpack_limits: deploy_manifest::archive::UnpackLimits::HOST_DEFAULT,
         store_deadline: Duration::from_secs(60),
+        history_keep: deploy_manifest::history::DEFAULT_KEEP,
+        notify: Default::default(),
     }
 }
 

@@ -33,6 +33,10 @@ pub struct AgentConfig {
     pub unpack_limits: deploy_manifest::archive::UnpackLimits,
     /// The most time one run may spend waiting on the store, all calls together.
     pub store_deadline: Duration,
+    /// How many history records of this host the store keeps (older ones are deleted).
+    pub history_keep: usize,
+    /// Where each event goes besides the history (`--notify-command`, `--notify-url`).
+    pub notify: crate::notify::Notify,
 }
 
 impl AgentConfig {
@@ -76,6 +80,9 @@ pub struct ConfigFile {
     pub max_unpacked_bytes: Option<ByteSize>,
     pub max_archive_entries: Option<u64>,
     pub store_deadline: Option<String>,
+    pub history_keep: Option<usize>,
+    pub notify_command: Option<String>,
+    pub notify_url: Option<String>,
 }
 
 /// A size in a config file: a number of bytes, or a string such as "16GiB" or "512 MiB".

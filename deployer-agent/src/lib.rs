@@ -18,18 +18,22 @@
 //!   escaped), [`health`] (probes), [`fetch`] (artifacts and Nix closures), [`secrets`]
 //!   (a service's own secrets only), [`infra`] (`daemon`: presets and custom daemons, `postgres`,
 //!   `redis`, `app`: what a service gets), [`proxy`] (`caddy`, `nginx`), [`resp`] (a small Redis client).
+//! - [`evidence`]: a failed unit's log tail, secrets masked and bounded. [`notify`]: the
+//!   notification command and webhook.
 //! - [`names`]: every generated name. [`state`]: state.json and the run lock.
 //!   [`report`]: the host report and metrics. [`config`]: settings. [`fault`]: the
 //!   fault-injection hook. [`accounts`]: system users and groups (NSS).
 
 pub mod accounts;
 pub mod config;
+pub mod evidence;
 pub mod fault;
 pub mod fetch;
 pub mod health;
 pub mod host;
 pub mod infra;
 pub mod names;
+pub mod notify;
 pub mod plan;
 pub mod proxy;
 pub mod reconcile;

@@ -100,6 +100,18 @@ struct Cli {
     /// together, e.g. 10m (default); then the run stops and the host keeps what it runs.
     #[arg(long, global = true, env = "DEPLOYER_STORE_DEADLINE")]
     store_deadline: Option<String>,
+    /// How many history records of this host the store keeps (`deploy-manifest
+    /// history`); older ones are deleted. Default 200.
+    #[arg(long, global = true, env = "DEPLOYER_HISTORY_KEEP")]
+    history_keep: Option<usize>,
+    /// Run this shell command for each event (deploy, rollback, failure, removal, rollout
+    /// abort), the event's JSON on its stdin; killed after 30 s. Never delays a deploy.
+    #[arg(long, global = true, env = "DEPLOYER_NOTIFY_COMMAND")]
+    notify_command: Option<String>,
+    /// POST each event's JSON to this http(s) URL, retried with backoff for about 30 s.
+    /// Never delays a deploy.
+    #[arg(long, global = true, env = "DEPLOYER_NOTIFY_URL")]
+    notify_url: Option<String>,
     /// Machine-readable output (plan, status, run).
     #[arg(long, global = true)]
     json: bool,
@@ -282,6 +294,16 @@ fn config(cli: &Cli, interval: Option<Duration>) -> Result<AgentConfig, AgentErr
         },
         unpack_limits,
         store_deadline,
+        history_keep: match cli.history_keep.or(file.history_keep) {
+            Some(0) => return Err(bad("history-keep must be more than 0".into())),
+            Some(n) => n,
+            None => deploy_manifest::history::DEFAULT_KEEP,
+        },
+        notify: deployer_agent::notify::Notify::new(
+            cli.notify_command.clone().or(file.notify_command),
+            cli.notify_url.clone().or(file.notify_url),
+        )
+        .map_err(bad)?,
     })
 }
 
@@ -334,7 +356,10 @@ async fn run(cli: Cli) -> Result<i32, AgentError> {
     };
     match cli.command {
         Command::Run { once: true, .. } => {
-            let report = agent.run_once().await?;
+            let result = agent.run_once().await;
+            // The run is done and its lock released: wait for its notifications.
+            agent.config.notify.flush().await;
+            let report = result?;
             if cli.json {
                 println!(
                     "{}",

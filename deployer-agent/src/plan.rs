@@ -231,19 +231,30 @@ pub enum Condition {
 
 impl Step {
     /// The service (or infrastructure, or unit) the step is about.
-    pub fn subject(&self) -> &str {
+    /// The service this step is about, if it is about one.
+    pub fn service(&self) -> Option<&str> {
         match self {
-            Step::Deploy(d) => &d.service,
+            Step::Deploy(d) => Some(&d.service),
             Step::Rename { service, .. }
             | Step::Keep { service, .. }
             | Step::Skip { service, .. }
             | Step::Hold { service, .. }
             | Step::Wait { service, .. }
-            | Step::Remove { service, .. } => service,
+            | Step::Remove { service, .. } => Some(service),
+            Step::Infra(_) | Step::StopInfra { .. } | Step::Retire { .. } | Step::Routes => None,
+        }
+    }
+
+    pub fn subject(&self) -> &str {
+        if let Some(service) = self.service() {
+            return service;
+        }
+        match self {
             Step::Infra(i) => &i.name,
             Step::StopInfra { name, .. } => name,
             Step::Retire { unit } => unit,
             Step::Routes => "routes",
+            _ => unreachable!("a service's step"),
         }
     }
 }

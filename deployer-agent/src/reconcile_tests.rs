@@ -40,6 +40,8 @@ fn config(dir: &std::path::Path, host: &str, store: &std::path::Path) -> AgentCo
         nix_trusted_keys: Vec::new(),
         unpack_limits: deploy_manifest::archive::UnpackLimits::HOST_DEFAULT,
         store_deadline: std::time::Duration::from_secs(10),
+        history_keep: deploy_manifest::history::DEFAULT_KEEP,
+        notify: Default::default(),
     }
 }
 
@@ -1284,4 +1286,144 @@ async fn a_unit_name_the_host_uses_is_refused() {
     );
     let (plan, _) = b.run(&with_release).await;
     assert_eq!(kinds(&plan), ["wait a"]);
+}
+
+/// What each run tells the history: a deploy with its phases, a rollback with the unit's
+/// log masked with the service's secret values, a removal; a failure that repeats every
+/// run is told once, and again after the service was fine in between.
+#[tokio::test]
+async fn events_say_what_happened_once_with_phases_and_a_masked_log() {
+    use deploy_manifest::history::{EventKind, Phase};
+    let mut b = Bench::new(false);
+    let kinds = |r: &RunReport| -> Vec<(String, EventKind)> {
+        r.events
+            .iter()
+            .map(|e| (e.service.clone(), e.kind))
+            .collect()
+    };
+    let v1 = manifest(
+        &[
+            ("a", "/nix/store/a-v1", json!({})),
+            ("b", "/nix/store/b-v1", json!({})),
+        ],
+        Value::Null,
+    );
+    let (_, report) = b.run(&v1).await;
+    assert_eq!(
+        kinds(&report),
+        [
+            ("a".into(), EventKind::Deployed),
+            ("b".into(), EventKind::Deployed)
+        ]
+    );
+    let e = &report.events[0];
+    assert_eq!(e.host, ME);
+    assert_eq!(e.artifact.as_deref(), Some("/nix/store/a-v1"));
+    assert!(e.previous.is_none() && e.error.is_none() && e.log.is_empty());
+    for phase in [
+        Phase::Fetch,
+        Phase::Infrastructure,
+        Phase::Restart,
+        Phase::Health,
+    ] {
+        assert!(e.phases.contains_key(&phase), "{phase:?} in {:?}", e.phases);
+    }
+    assert!(
+        !e.phases.contains_key(&Phase::Release),
+        "no release command"
+    );
+    assert_eq!(
+        b.state.services["a"].phases, e.phases,
+        "kept for the report"
+    );
+    assert_eq!(b.state.phase_histogram[&Phase::Restart].count, 2);
+
+    // Unchanged: nothing to tell.
+    let (_, report) = b.run(&v1).await;
+    assert!(report.events.is_empty(), "{:?}", report.events);
+
+    // a's v2 crashes and prints its secret; b's v2 is not in the store.
+    {
+        let mut w = b.host().world();
+        w.broken.insert(path("/nix/store/a-v2"));
+        w.missing.insert("/nix/store/b-v2".into());
+        w.env_values.insert(
+            "/mem/secrets/a.env".into(),
+            crate::evidence::secret_values("API_TOKEN=tok-SECRET-42\n"),
+        );
+        w.unit_logs
+            .insert("a.service".into(), vec!["v1 started".into()]);
+        w.prints.insert(
+            "a.service".into(),
+            vec!["starting with token tok-SECRET-42".into(), "exit 3".into()],
+        );
+    }
+    let v2 = manifest(
+        &[
+            ("a", "/nix/store/a-v2", json!({})),
+            ("b", "/nix/store/b-v2", json!({})),
+        ],
+        Value::Null,
+    );
+    let (_, report) = b.run(&v2).await;
+    assert_eq!(
+        kinds(&report),
+        [
+            ("a".into(), EventKind::RolledBack),
+            ("b".into(), EventKind::Failed)
+        ]
+    );
+    let rolled = &report.events[0];
+    assert_eq!(rolled.previous.as_deref(), Some("/nix/store/a-v1"));
+    assert!(rolled.error.is_some());
+    assert_eq!(
+        rolled.log,
+        ["starting with token ***", "exit 3"],
+        "only what it logged since the deploy began, the secret masked"
+    );
+    let json = serde_json::to_string(&report.events).unwrap();
+    assert!(!json.contains("tok-SECRET-42"), "{json}");
+    assert_eq!(
+        b.state.services["a"].failed.as_ref().unwrap().log,
+        rolled.log
+    );
+    let state_json = serde_json::to_string(&b.state).unwrap();
+    assert!(!state_json.contains("tok-SECRET-42"));
+
+    // Next run: b still cannot fetch (the same failure: not told again); a is skipped.
+    let (_, report) = b.run(&v2).await;
+    assert!(report.events.is_empty(), "{:?}", report.events);
+    // b deploys; when it fails the same way later, that is news again.
+    b.host().world().missing.clear();
+    let (_, report) = b.run(&v2).await;
+    assert_eq!(kinds(&report), [("b".into(), EventKind::Deployed)]);
+
+    // A secrets file that cannot be read: the log is withheld, not sent unmasked.
+    b.host().world().broken.insert(path("/nix/store/b-v3"));
+    b.host()
+        .world()
+        .unreadable
+        .insert("/mem/secrets/b.env".into());
+    let v3 = manifest(
+        &[
+            ("a", "/nix/store/a-v2", json!({})),
+            ("b", "/nix/store/b-v3", json!({})),
+        ],
+        Value::Null,
+    );
+    let (_, report) = b.run(&v3).await;
+    let e = report.events.iter().find(|e| e.service == "b").unwrap();
+    assert_eq!(e.kind, EventKind::RolledBack);
+    assert_eq!(e.log.len(), 1);
+    assert!(e.log[0].starts_with("(log withheld: "), "{:?}", e.log);
+
+    // Removed from the manifest.
+    let (_, report) = b.run(&manifest(&[], Value::Null)).await;
+    assert_eq!(
+        kinds(&report),
+        [
+            ("a".into(), EventKind::Removed),
+            ("b".into(), EventKind::Removed)
+        ]
+    );
 }

@@ -106,7 +106,23 @@ fn health(h: Health) -> &'static str {
     }
 }
 
+/// The most bytes of failure logs one report carries, all services together: a report
+/// stays far below the readers' object cap however many services fail at once (the
+/// services past it report their error without the log; `state.json` and the history
+/// keep it).
+pub const REPORT_LOG_BUDGET: usize = 512 * 1024;
+
 pub fn host_report(state: &State, interval: Duration) -> HostReport {
+    let mut budget = REPORT_LOG_BUDGET;
+    let mut log_of = |s: &crate::state::ServiceState| {
+        let log = s.failed.as_ref().map(|f| f.log.clone()).unwrap_or_default();
+        let size: usize = log.iter().map(String::len).sum();
+        if size > budget {
+            return vec!["(log left out: this report carries at most 512 KiB of logs; see deploy-manifest history --logs)".to_owned()];
+        }
+        budget -= size;
+        log
+    };
     HostReport {
         schema_version: 1,
         host: state.host.clone(),
@@ -131,6 +147,8 @@ pub fn host_report(state: &State, interval: Duration) -> HostReport {
                         deployed_at: s.current.as_ref().map(|g| g.deployed_at.clone()),
                         failed_artifact: s.failed.as_ref().map(|f| f.artifact.clone()),
                         last_error: s.last_error.clone(),
+                        phases: s.phases.clone(),
+                        log: log_of(s),
                     },
                 )
             })
@@ -152,6 +170,13 @@ pub fn report_hash(r: &HostReport) -> String {
     }
     let bytes = serde_json::to_vec(&r).expect("the report serialises");
     deploy_manifest::hex(&Sha256::digest(bytes))
+}
+
+/// A label value as the exposition format wants it: `\`, `"` and newlines escaped.
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// The Prometheus text exposition of the last run, written atomically (what the
@@ -224,6 +249,65 @@ pub fn write_metrics(
         "counter",
         "Deploys of the service that failed and were rolled back on this host.",
         per_service(&|_, s| s.rollbacks.to_string()),
+    );
+    family(
+        "deployer_service_info",
+        "gauge",
+        "1 per service: the manifest version and artifact its current generation runs.",
+        state
+            .services
+            .iter()
+            .filter_map(|(name, s)| {
+                let g = s.current.as_ref()?;
+                Some((
+                    format!(
+                        "{{service=\"{name}\",version=\"{}\",artifact=\"{}\"}}",
+                        label_value(g.version.as_deref().unwrap_or("")),
+                        label_value(&g.artifact.label())
+                    ),
+                    "1".to_owned(),
+                ))
+            })
+            .collect(),
+    );
+    family(
+        "deployer_last_deploy_phase_seconds",
+        "gauge",
+        "Seconds each phase of the service's last deploy took.",
+        state
+            .services
+            .iter()
+            .flat_map(|(name, s)| {
+                s.phases.iter().map(move |(phase, secs)| {
+                    (
+                        format!("{{service=\"{name}\",phase=\"{}\"}}", phase.name()),
+                        format!("{secs:.3}"),
+                    )
+                })
+            })
+            .collect(),
+    );
+    let mut buckets = Vec::new();
+    for (phase, h) in &state.phase_histogram {
+        let p = phase.name();
+        for (bound, count) in crate::state::Histogram::BUCKETS.iter().zip(&h.buckets) {
+            buckets.push((
+                format!("_bucket{{phase=\"{p}\",le=\"{bound}\"}}"),
+                count.to_string(),
+            ));
+        }
+        buckets.push((
+            format!("_bucket{{phase=\"{p}\",le=\"+Inf\"}}"),
+            h.count.to_string(),
+        ));
+        buckets.push((format!("_sum{{phase=\"{p}\"}}"), format!("{:.3}", h.sum)));
+        buckets.push((format!("_count{{phase=\"{p}\"}}"), h.count.to_string()));
+    }
+    family(
+        "deployer_deploy_phase_seconds",
+        "histogram",
+        "Seconds per phase (fetch, infrastructure, release, restart, health, route) of every deploy on this host.",
+        buckets,
     );
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;

@@ -7,6 +7,7 @@ use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
+use deploy_manifest::history::{Phase, Phases};
 use deploy_manifest::model::Artifact;
 use serde::{Deserialize, Serialize};
 
@@ -81,6 +82,39 @@ pub struct State {
     /// Data left behind by removed services (databases, Redis indexes): never dropped.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub orphans: Vec<String>,
+    /// Per service, the last failure written to the history: a failure that repeats every
+    /// run (a missing secrets file, an unreachable artifact) is told once.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub told: BTreeMap<String, String>,
+    /// `deployer_deploy_phase_seconds`: the phases of every deploy on this host.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub phase_histogram: BTreeMap<Phase, Histogram>,
+}
+
+/// A Prometheus histogram: counts per bucket of [`Histogram::BUCKETS`] (cumulative, as
+/// exposed: `le`), their count and sum.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Histogram {
+    pub buckets: Vec<u64>,
+    pub count: u64,
+    pub sum: f64,
+}
+
+impl Histogram {
+    /// Upper bounds in seconds (`+Inf` is `count`).
+    pub const BUCKETS: [f64; 11] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
+
+    pub fn observe(&mut self, seconds: f64) {
+        self.buckets.resize(Self::BUCKETS.len(), 0);
+        for (count, bound) in self.buckets.iter_mut().zip(Self::BUCKETS) {
+            if seconds <= bound {
+                *count += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += seconds;
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -115,6 +149,9 @@ pub struct ServiceState {
     /// The artifact whose release command last succeeded (it runs once per artifact).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub released: Option<Artifact>,
+    /// Seconds per phase of its last deploy (the one that failed, if it failed).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub phases: Phases,
     /// Its part in the staged rollout of a version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutMark>,
@@ -184,6 +221,9 @@ pub struct Failure {
     pub version: Option<String>,
     pub error: String,
     pub at: String,
+    /// The last lines the failed unit logged, secrets masked ([`crate::evidence`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub log: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -403,6 +443,7 @@ mod tests {
                         version: None,
                         error: "unhealthy".into(),
                         at: "2026-11-22T14:00:00Z".into(),
+                        log: vec!["boom".into()],
                     }),
                     warning: Some("w".into()),
                     last_error: Some("unhealthy".into()),
@@ -414,6 +455,7 @@ mod tests {
                         spec_hash: "b".repeat(64),
                         stage: RolloutStage::Deployed,
                     }),
+                    phases: [(Phase::Fetch, 0.5), (Phase::Health, 2.0)].into(),
                 },
             )]
             .into(),
@@ -427,6 +469,13 @@ mod tests {
             .into(),
             redis_indexes: [("hello".to_owned(), 1)].into(),
             orphans: vec!["database gone (in db)".into()],
+            told: [("hello".to_owned(), "failed: x".to_owned())].into(),
+            phase_histogram: [(Phase::Restart, {
+                let mut h = Histogram::default();
+                h.observe(0.3);
+                h
+            })]
+            .into(),
         };
         let value = serde_json::to_value(&state).unwrap();
         assert_eq!(validate(&value), Ok(()));

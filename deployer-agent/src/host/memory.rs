@@ -14,6 +14,7 @@ use deploy_manifest::store::ObjectStore;
 
 use super::Host;
 use crate::AgentError;
+use crate::evidence::LogMark;
 use crate::health::Probes;
 use crate::proxy::{ProxyError, Route};
 use crate::state::State;
@@ -47,6 +48,13 @@ pub struct World {
     pub foreign: BTreeMap<String, UnitSource>,
     /// Accounts this host does not have (every other one exists).
     pub missing_accounts: BTreeSet<String>,
+    /// What each unit logged (every line, oldest first).
+    pub unit_logs: BTreeMap<String, Vec<String>>,
+    /// What a unit prints to its log each time it starts.
+    pub prints: BTreeMap<String, Vec<String>>,
+    /// The values each env file sets (by path); a path in `unreadable` cannot be read.
+    pub env_values: BTreeMap<PathBuf, Vec<String>>,
+    pub unreadable: BTreeSet<PathBuf>,
     /// The state as last saved.
     pub saved: Option<State>,
     /// The proxy's routes.
@@ -136,6 +144,11 @@ impl ServiceManager for MemoryHost {
             .unwrap_or_default()
             .to_owned();
         w.units.insert(unit.to_owned(), (!broken, description));
+        let printed = w.prints.get(unit).cloned().unwrap_or_default();
+        w.unit_logs
+            .entry(unit.to_owned())
+            .or_default()
+            .extend(printed);
         Ok(())
     }
 
@@ -333,6 +346,33 @@ impl Host for MemoryHost {
         } else {
             Ok(())
         }
+    }
+
+    fn log_mark(&self, unit: &str) -> LogMark {
+        let lines = self.world().unit_logs.get(unit).map_or(0, Vec::len);
+        LogMark {
+            at: std::time::SystemTime::now(),
+            offset: lines as u64,
+        }
+    }
+
+    async fn unit_log(&self, unit: &str, mark: &LogMark) -> Result<Vec<String>, String> {
+        let w = self.world();
+        let lines = w.unit_logs.get(unit).map(Vec::as_slice).unwrap_or_default();
+        let after = lines.get(mark.offset as usize..).unwrap_or_default();
+        Ok(after.to_vec())
+    }
+
+    fn secret_values(&self, files: &[EnvFile]) -> Result<Vec<String>, String> {
+        let w = self.world();
+        let mut values = Vec::new();
+        for f in files {
+            if w.unreadable.contains(&f.path) {
+                return Err(format!("{} cannot be read", f.path.display()));
+            }
+            values.extend(w.env_values.get(&f.path).cloned().unwrap_or_default());
+        }
+        Ok(values)
     }
 
     fn has_proxy(&self) -> bool {

@@ -15,6 +15,7 @@ use deploy_manifest::model::{Artifact, InfraService, Manifest, Service};
 use deploy_manifest::store::ObjectStore;
 
 use crate::AgentError;
+use crate::evidence::LogMark;
 use crate::health::Probes;
 use crate::proxy::{ProxyError, Route};
 use crate::state::State;
@@ -87,6 +88,21 @@ pub trait Host {
         probes: &Probes,
         settle: Duration,
     ) -> impl Future<Output = Result<(), String>>;
+
+    /// Where `unit`'s log ends now: [`Host::unit_log`] reads what comes after.
+    fn log_mark(&self, unit: &str) -> LogMark;
+    /// The newest lines (at most [`crate::evidence::LOG_LINES`]) `unit` logged after
+    /// `mark`, as written (not yet masked): the journal under the system manager, the
+    /// unit's log file under a user manager.
+    fn unit_log(
+        &self,
+        unit: &str,
+        mark: &LogMark,
+    ) -> impl Future<Output = Result<Vec<String>, String>>;
+    /// Every value the env files `files` set (the service's own secrets file and its
+    /// generated one): what is masked in its log. An existing file that cannot be read (a
+    /// refused mode or owner) is an error: its values could not be masked.
+    fn secret_values(&self, files: &[EnvFile]) -> Result<Vec<String>, String>;
 
     /// A reverse proxy is configured.
     fn has_proxy(&self) -> bool;

@@ -11,6 +11,7 @@ use deploy_manifest::store::ObjectStore;
 use super::Host;
 use crate::AgentError;
 use crate::config::{AgentConfig, current_uid};
+use crate::evidence::LogMark;
 use crate::health::Probes;
 use crate::proxy::{Proxy, ProxyError, Route};
 use crate::state::State;
@@ -37,6 +38,73 @@ impl<M> SystemHost<M> {
     fn owner_uid(&self) -> u32 {
         if self.config.user { current_uid() } else { 0 }
     }
+}
+
+impl<M> SystemHost<M> {
+    /// A unit's log file under a user manager (`<state>/logs/<unit>.log`).
+    fn log_path(&self, unit: &str) -> PathBuf {
+        crate::names::log_file(&self.config.state_dir.join("logs"), unit)
+    }
+}
+
+/// The newest lines of `path` past `offset` (from the start if the file is now shorter:
+/// it was replaced), reading at most the last 64 KiB.
+fn tail_file(path: &Path, offset: u64) -> Result<Vec<String>, String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let len = file.metadata().map_err(|e| e.to_string())?.len();
+    let from = if offset > len { 0 } else { offset };
+    let from = from.max(len.saturating_sub(64 * 1024));
+    file.seek(SeekFrom::Start(from))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut bytes = Vec::new();
+    file.take(len - from)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(crate::evidence::lines_of(&bytes))
+}
+
+/// `journalctl -u UNIT --since @T -n 50 -o cat`, bounded in time (the journal is asked to
+/// flush first, so the lines a crashing process wrote last are in).
+async fn journal_tail(unit: &str, since: std::time::SystemTime) -> Result<Vec<String>, String> {
+    let since = since
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let limit = Duration::from_secs(10);
+    let mut sync = tokio::process::Command::new("journalctl");
+    sync.arg("--sync")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let _ = tokio::time::timeout(limit, sync.status()).await;
+    let mut read = tokio::process::Command::new("journalctl");
+    read.arg(format!("--unit={unit}"))
+        .arg(format!(
+            "--since=@{}.{:06}",
+            since.as_secs(),
+            since.subsec_micros()
+        ))
+        .arg(format!("--lines={}", crate::evidence::LOG_LINES))
+        .args(["--output=cat", "--no-pager", "--quiet"])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let out = match tokio::time::timeout(limit, read.output()).await {
+        Err(_) => return Err(format!("journalctl did not answer within {limit:?}")),
+        Ok(Err(e)) => return Err(format!("running journalctl: {e}")),
+        Ok(Ok(out)) => out,
+    };
+    if !out.status.success() {
+        return Err(format!(
+            "journalctl {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(crate::evidence::lines_of(&out.stdout))
 }
 
 impl<M: ServiceManager> Host for SystemHost<M> {
@@ -188,6 +256,44 @@ impl<M: ServiceManager> Host for SystemHost<M> {
         settle: Duration,
     ) -> Result<(), String> {
         crate::health::wait_healthy(&self.manager, unit, probes, settle).await
+    }
+
+    fn log_mark(&self, unit: &str) -> LogMark {
+        let offset = if self.config.user {
+            std::fs::metadata(self.log_path(unit)).map_or(0, |m| m.len())
+        } else {
+            0
+        };
+        LogMark {
+            at: std::time::SystemTime::now(),
+            offset,
+        }
+    }
+
+    async fn unit_log(&self, unit: &str, mark: &LogMark) -> Result<Vec<String>, String> {
+        if self.config.user {
+            return tail_file(&self.log_path(unit), mark.offset);
+        }
+        journal_tail(unit, mark.at).await
+    }
+
+    fn secret_values(&self, files: &[EnvFile]) -> Result<Vec<String>, String> {
+        let owner = self.owner_uid();
+        let mut values = Vec::new();
+        for f in files {
+            match secrets::read_checked(&f.path, owner) {
+                Ok(text) => values.extend(crate::evidence::secret_values(&text)),
+                Err(secrets::Refusal::Missing) => {}
+                Err(r) => {
+                    return Err(format!(
+                        "{} could not be read to mask its values: {}",
+                        f.path.display(),
+                        r.explain(&f.path, owner)
+                    ));
+                }
+            }
+        }
+        Ok(values)
     }
 
     fn has_proxy(&self) -> bool {

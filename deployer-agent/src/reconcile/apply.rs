@@ -10,6 +10,7 @@ use deploy_manifest::store::ObjectStore;
 use tracing::Instrument;
 
 use super::deploy::Failed;
+use super::events::{Detail, event_of};
 use super::{Agent, InfraOutcome, Outcome, RunReport, now};
 use crate::AgentError;
 use crate::health::{ExecProbe, Probes};
@@ -35,9 +36,25 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         let mut infra_failed = BTreeMap::new();
         for step in &plan.steps {
             let span = tracing::info_span!("step", subject = %step.subject());
-            self.step(step, manifest, state, report, &mut infra_failed)
+            let started = std::time::Instant::now();
+            let detail = self
+                .step(step, manifest, state, report, &mut infra_failed)
                 .instrument(span)
                 .await;
+            if let Some(service) = step.service()
+                && let Some(outcome) = report.services.get(service)
+                && let Some(event) = event_of(
+                    &self.config.host,
+                    service,
+                    outcome,
+                    detail,
+                    started.elapsed(),
+                    manifest,
+                    state,
+                )
+            {
+                report.events.push(event);
+            }
             report.steps.push(step.clone());
             // A crash after this point loses nothing that is done.
             self.host.save_state(state)?;
@@ -53,7 +70,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         state: &mut State,
         report: &mut RunReport,
         infra_failed: &mut BTreeMap<String, String>,
-    ) {
+    ) -> Option<Detail> {
         let service = |name: &str| manifest.and_then(|m| m.service(name));
         match step {
             Step::Retire { unit } => {
@@ -99,7 +116,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 from,
                 to,
             } => {
-                let Some(s) = service(name) else { return };
+                let s = service(name)?;
                 let outcome = match self.rename(s, from, to, state).await {
                     Ok(()) => Outcome::Kept,
                     Err(error) => {
@@ -145,9 +162,15 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                     .map(|r| &r.0)
                     .or_else(|| service(&d.service));
                 let (Some(s), Some(m)) = (spec, manifest) else {
-                    return;
+                    return None;
                 };
-                let outcome = match self.deploy(d, s, m, state, infra_failed, report).await {
+                let previous = state
+                    .services
+                    .get(&d.service)
+                    .and_then(|e| e.current.as_ref())
+                    .map(|g| g.artifact.label());
+                let (deployed, trace) = self.deploy(d, s, m, state, infra_failed, report).await;
+                let outcome = match deployed {
                     Ok(()) => Outcome::Deployed,
                     Err(Failed::Retry(error)) => {
                         tracing::error!(%error, "not deployed, nothing changed; the next run retries");
@@ -159,6 +182,13 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                     }
                 };
                 report.services.insert(d.service.clone(), outcome);
+                return Some(Detail {
+                    phases: trace.phases,
+                    log: trace.log,
+                    artifact: Some(s.artifact.label()),
+                    previous,
+                    reverted_to: d.revert.as_ref().map(|r| r.1.clone()),
+                });
             }
             Step::Remove { service, unit } => {
                 let outcome = match self.remove(service, unit, state).await {
@@ -195,6 +225,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             },
             Step::Routes => report.route_error = self.sync_routes(state).await,
         }
+        None
     }
 
     /// Infrastructure as the step says: started (its data directory prepared) when it is

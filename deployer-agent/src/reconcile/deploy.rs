@@ -4,13 +4,16 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use deploy_manifest::history::{self, Phase, Phases};
 
 use deploy_manifest::model::{Exec, Manifest, Release, RunAs, Service};
 use deploy_manifest::store::ObjectStore;
 
 use super::{Agent, RunReport, now};
 use crate::AgentError;
+use crate::evidence::LogMark;
 use crate::health::Probes;
 use crate::host::Host;
 use crate::names;
@@ -27,6 +30,19 @@ pub(super) enum Failed {
     /// The new generation failed; it was undone as the step's recovery rule says and its
     /// spec is not tried again.
     RolledBack(String),
+}
+
+/// What a deploy step measured and saw: seconds per phase, and when it failed, the log
+/// its unit left (masked, bounded: [`crate::evidence`]).
+#[derive(Debug, Clone, Default)]
+pub(super) struct Trace {
+    pub phases: Phases,
+    pub log: Vec<String>,
+}
+
+/// Add the time since `since` to `phase`.
+fn timed(phases: &mut Phases, phase: Phase, since: Instant) {
+    *phases.entry(phase).or_default() += history::seconds(since.elapsed());
 }
 
 /// How far a deploy got before it failed.
@@ -132,7 +148,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
     }
 
     /// Deploy one service as the step says; on failure, undo what its recovery rule says
-    /// and record why.
+    /// and record why. With what it measured and saw.
     pub(super) async fn deploy(
         &self,
         d: &Deploy,
@@ -141,6 +157,32 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         state: &mut State,
         infra_failed: &BTreeMap<String, String>,
         report: &mut RunReport,
+    ) -> (Result<(), Failed>, Trace) {
+        let mut trace = Trace::default();
+        let result = self
+            .deploy_traced(
+                d,
+                service,
+                manifest,
+                state,
+                infra_failed,
+                report,
+                &mut trace,
+            )
+            .await;
+        (result, trace)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn deploy_traced(
+        &self,
+        d: &Deploy,
+        service: &Service,
+        manifest: &Manifest,
+        state: &mut State,
+        infra_failed: &BTreeMap<String, String>,
+        report: &mut RunReport,
+        trace: &mut Trace,
     ) -> Result<(), Failed> {
         let entry = state
             .services
@@ -157,10 +199,12 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             entry.last_error = Some(error.clone());
             return Err(Failed::Retry(error));
         }
-        let generated = match self
+        let provisioning = Instant::now();
+        let generated = self
             .host
-            .app_env(service, manifest, &mut state.redis_indexes)
-        {
+            .app_env(service, manifest, &mut state.redis_indexes);
+        timed(&mut trace.phases, Phase::Infrastructure, provisioning);
+        let generated = match generated {
             Ok(g) => g,
             Err(e) => {
                 let error = e.to_string();
@@ -177,7 +221,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         let hash = spec_hash(service);
         let side_by_side = d.strategy == Strategy::SideBySide;
         let mut outcome = self
-            .try_deploy(service, d, generated.as_deref(), &hash, manifest)
+            .try_deploy(service, d, generated.as_deref(), &hash, manifest, trace)
             .await;
 
         // Switch the route to the healthy new generation (before the old one stops).
@@ -185,7 +229,10 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             && self.host.has_proxy()
         {
             let routes = Self::routes(state, Some((&service.name, generation.route.as_ref())));
-            if let Err(e) = self.host.apply_routes(&routes).await {
+            let switching = Instant::now();
+            let applied = self.host.apply_routes(&routes).await;
+            timed(&mut trace.phases, Phase::Route, switching);
+            if let Err(e) = applied {
                 if side_by_side {
                     // The old generation still has the route: give up the new one, retry later.
                     outcome = Err((AgentError::Proxy(e), Stage::Touched));
@@ -234,6 +281,8 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 entry.health = Health::Healthy;
                 entry.failed = None;
                 entry.last_error = None;
+                entry.phases = trace.phases.clone();
+                observe(&mut state.phase_histogram, &trace.phases);
                 Ok(())
             }
             Err((error, stage))
@@ -309,8 +358,11 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                     version: manifest.version.clone(),
                     error: message.clone(),
                     at: now(),
+                    log: trace.log.clone(),
                 });
                 entry.last_error = Some(message.clone());
+                entry.phases = trace.phases.clone();
+                observe(&mut state.phase_histogram, &trace.phases);
                 Err(Failed::RolledBack(message))
             }
         }
@@ -336,7 +388,8 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         tracing::info!(%from, %to, "moving the service to its own unit name");
         let moved = match self.restored_probes(service, &current) {
             Ok(probes) => {
-                self.start_unit(to, &current.unit_file, Some(from), &probes)
+                let mut phases = Phases::new();
+                self.start_unit(to, &current.unit_file, Some(from), &probes, &mut phases)
                     .await
             }
             Err(e) => Err((e, Stage::Untouched)),
@@ -426,17 +479,17 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         generated_env: Option<&Path>,
         hash: &str,
         manifest: &Manifest,
+        trace: &mut Trace,
     ) -> Result<Generation, (AgentError, Stage)> {
         let untouched = |e: AgentError| (e, Stage::Untouched);
         let env_file = self
             .host
             .env_file(&service.name, service.env_file.as_deref())
             .map_err(untouched)?;
-        let artifact = self
-            .host
-            .fetch(&self.store, &service.artifact)
-            .await
-            .map_err(untouched)?;
+        let fetching = Instant::now();
+        let artifact = self.host.fetch(&self.store, &service.artifact).await;
+        timed(&mut trace.phases, Phase::Fetch, fetching);
+        let artifact = artifact.map_err(untouched)?;
         crate::fault::point("fetched");
         // Generated settings first, the operator's secrets file last (it wins).
         let env_files: Vec<EnvFile> = generated_env
@@ -455,20 +508,33 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 .unit_spec(service, &artifact, &env_files, d.port, Some(release))
                 .and_then(|spec| Ok(spec.render()?))
                 .map_err(untouched)?;
-            self.run_release(service, release, &text)
-                .await
-                .map_err(|e| match e {
-                    AgentError::Release(_) => (e, Stage::ReleaseFailed),
-                    e => untouched(e),
-                })?;
+            let unit = names::release_unit(&service.name);
+            let mark = self.host.log_mark(&unit);
+            let releasing = Instant::now();
+            let released = self.run_release(service, release, &text).await;
+            timed(&mut trace.phases, Phase::Release, releasing);
+            match released {
+                Ok(()) => {}
+                Err(e @ AgentError::Release(_)) => {
+                    trace.log = self.evidence(&unit, &mark, &env_files).await;
+                    return Err((e, Stage::ReleaseFailed));
+                }
+                Err(e) => return Err(untouched(e)),
+            }
         }
         let probes = Probes::of(service, &artifact, d.port, &spec);
         let in_place_of = d
             .replaces
             .as_deref()
             .filter(|_| d.strategy == Strategy::InPlace);
-        self.start_unit(&d.unit, &unit_file, in_place_of, &probes)
-            .await?;
+        let mark = self.host.log_mark(&d.unit);
+        let started = self
+            .start_unit(&d.unit, &unit_file, in_place_of, &probes, &mut trace.phases)
+            .await;
+        if let Err((_, Stage::Touched)) = &started {
+            trace.log = self.evidence(&d.unit, &mark, &env_files).await;
+        }
+        started?;
         crate::fault::point("healthy");
         Ok(Generation {
             artifact: service.artifact.clone(),
@@ -493,10 +559,12 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         text: &str,
         in_place_of: Option<&str>,
         probes: &Probes,
+        phases: &mut Phases,
     ) -> Result<(), (AgentError, Stage)> {
         let untouched = |e: AgentError| (e, Stage::Untouched);
         let touched = |e: AgentError| (e, Stage::Touched);
         let manager = self.host.manager();
+        let restarting = Instant::now();
         if let Some(why) = crate::plan::foreign(&self.host, unit).await {
             return Err(untouched(AgentError::ForeignUnit(why)));
         }
@@ -509,13 +577,31 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 tracing::warn!(error = %e, unit = %old, "could not stop the unit it replaces");
             }
         }
-        manager.restart(unit).await.map_err(|e| touched(e.into()))?;
+        let restarted = manager.restart(unit).await;
+        timed(phases, Phase::Restart, restarting);
+        restarted.map_err(|e| touched(e.into()))?;
         crate::fault::point("restarted");
-        self.host
+        let checking = Instant::now();
+        let healthy = self
+            .host
             .wait_healthy(unit, probes, self.config.settle)
-            .await
-            .map_err(|detail| touched(AgentError::Unhealthy(detail)))?;
-        Ok(())
+            .await;
+        timed(phases, Phase::Health, checking);
+        healthy.map_err(|detail| touched(AgentError::Unhealthy(detail)))
+    }
+
+    /// The log `unit` left after `mark`, masked with the values of `env_files` (the
+    /// service's secrets) and bounded; a line saying why when it cannot be had. A log
+    /// whose secrets cannot be read is withheld, not sent unmasked.
+    async fn evidence(&self, unit: &str, mark: &LogMark, env_files: &[EnvFile]) -> Vec<String> {
+        let secrets = match self.host.secret_values(env_files) {
+            Ok(values) => values,
+            Err(e) => return vec![format!("(log withheld: {e})")],
+        };
+        match self.host.unit_log(unit, mark).await {
+            Ok(lines) => crate::evidence::evidence(lines, &secrets),
+            Err(e) => vec![format!("(no log: {e})")],
+        }
     }
 
     /// Run `service`'s release command as its one-shot release unit (from `text`), which
@@ -562,5 +648,12 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             Some(g) => self.put_back(unit, &g.unit_file, false).await,
             None => self.retire(unit).await,
         }
+    }
+}
+
+/// Count a deploy's phases into `deployer_deploy_phase_seconds`.
+fn observe(histogram: &mut BTreeMap<Phase, crate::state::Histogram>, phases: &Phases) {
+    for (phase, seconds) in phases {
+        histogram.entry(*phase).or_default().observe(*seconds);
     }
 }

@@ -9,6 +9,7 @@
 
 mod apply;
 mod deploy;
+mod events;
 mod poll;
 mod publish;
 mod rollout;
@@ -52,6 +53,8 @@ pub struct RunReport {
     pub store_requests: Option<u64>,
     /// systemd calls this run made that change something (reload, restart, stop).
     pub systemd_changes: u64,
+    /// What happened, as written to the store's history and sent to notifications.
+    pub events: Vec<deploy_manifest::history::Event>,
 }
 
 /// What one run did to one service.
@@ -243,8 +246,16 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             .map_err(|e| AgentError::io(format!("creating {}", dirs.display()), e))?;
         // Held until the report is published: publishing saves state.json too.
         let _lock = RunLock::acquire(dir)?;
-        let mut result = self.run_once_inner().instrument(span.clone()).await;
-        self.publish(started.elapsed()).instrument(span).await;
+        let mut events = Vec::new();
+        let mut result = self
+            .run_once_inner(&mut events)
+            .instrument(span.clone())
+            .await;
+        self.publish(started.elapsed())
+            .instrument(span.clone())
+            .await;
+        self.write_history(&events).instrument(span).await;
+        self.config.notify.spawn(events);
         if let Ok(report) = &mut result {
             report.store_requests = self
                 .store
@@ -256,8 +267,12 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         result
     }
 
-    /// The run, under the run lock.
-    async fn run_once_inner(&self) -> Result<RunReport, AgentError> {
+    /// The run, under the run lock; what happened also goes to `events` (a run that fails
+    /// may still have repaired drift).
+    async fn run_once_inner(
+        &self,
+        events: &mut Vec<deploy_manifest::history::Event>,
+    ) -> Result<RunReport, AgentError> {
         let dir = &self.config.state_dir;
         let mut state = State::load(dir, &self.config.host)?;
         state.host = self.config.host.clone();
@@ -267,9 +282,15 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         let (manifest, etag) = match polled {
             Ok(Polled::Changed { manifest, etag }) => match self.accept(&manifest, &mut state) {
                 Ok(()) => (manifest, etag),
-                Err(e) => return self.fail_run(&mut state, e).await,
+                Err(e) => return self.fail_run(&mut state, e, events).await,
             },
-            Ok(Polled::Unchanged) => return self.run_unchanged(&mut state).await,
+            Ok(Polled::Unchanged) => {
+                let report = self.run_unchanged(&mut state).await;
+                if let Ok(r) = &report {
+                    events.clone_from(&r.events);
+                }
+                return report;
+            }
             Err(e) => {
                 if let AgentError::Manifest(deploy_manifest::Error::Trust(
                     deploy_manifest::sign::TrustError::Expired { expires, .. },
@@ -277,7 +298,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 {
                     state.expired = Some(expires.clone());
                 }
-                return self.fail_run(&mut state, e).await;
+                return self.fail_run(&mut state, e, events).await;
             }
         };
 
@@ -291,6 +312,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         self.apply(&plan, Some(&manifest), &mut state, &mut report)
             .await?;
         let rolling = self.record(&plan, &rollouts, &mut state, &mut report).await;
+        events.clone_from(&report.events);
         state.manifest_version = manifest.version.clone();
         state.manifest_created_at = manifest.created_at.clone();
         state.manifest_sequence = manifest.sequence;
@@ -340,7 +362,12 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
 
     /// No manifest to act on (unreachable store, invalid or refused manifest): nothing new
     /// is applied; what runs keeps running (drift repaired from the state alone).
-    async fn fail_run(&self, state: &mut State, e: AgentError) -> Result<RunReport, AgentError> {
+    async fn fail_run(
+        &self,
+        state: &mut State,
+        e: AgentError,
+        events: &mut Vec<deploy_manifest::history::Event>,
+    ) -> Result<RunReport, AgentError> {
         tracing::error!(error = %e, "run failed; nothing new was applied, keeping what runs");
         let plan = plan_unchanged(state, &self.host).await;
         let mut report = RunReport::default();
@@ -349,6 +376,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         if !repaired.is_empty() {
             tracing::warn!(?repaired, "restored services that had drifted");
         }
+        *events = std::mem::take(&mut report.events);
         state.last_error = Some(e.to_string());
         self.host.save_state(state)?;
         Err(e)

@@ -6,6 +6,7 @@
 
 use std::time::SystemTime;
 
+use deploy_manifest::history::{Event, EventKind};
 use deploy_manifest::model::{Manifest, Service};
 use deploy_manifest::repo::version_key;
 use deploy_manifest::rollout::{
@@ -209,9 +210,29 @@ impl<S: ObjectStore, H> Agent<S, H> {
                     }
                 }
             }
-            if abort && let Err(e) = self.abort_if_due(view, &g.service, &g.spec_hash, now).await {
-                report.rollout_error =
-                    Some(format!("{}: could not abort its rollout: {e}", g.service));
+            if abort {
+                match self.abort_if_due(view, &g.service, &g.spec_hash, now).await {
+                    Ok(Some(marker)) => report.events.push(Event {
+                        host: me.to_owned(),
+                        service: g.service.clone(),
+                        kind: EventKind::RolloutAborted,
+                        at: marker.at,
+                        version: None,
+                        pushed_by: None,
+                        pushed_at: None,
+                        artifact: None,
+                        previous: None,
+                        phases: Default::default(),
+                        seconds: None,
+                        error: Some(format!("{}: {}", marker.cause, marker.reason)),
+                        log: Vec::new(),
+                    }),
+                    Ok(None) => {}
+                    Err(e) => {
+                        report.rollout_error =
+                            Some(format!("{}: could not abort its rollout: {e}", g.service))
+                    }
+                }
             }
             let failed = entry
                 .and_then(|e| e.failed.as_ref())
@@ -233,18 +254,18 @@ impl<S: ObjectStore, H> Agent<S, H> {
     }
 
     /// Write the abort marker if the rollout, as it stands in the store now (read again),
-    /// must stop and has no marker of its epoch yet.
+    /// must stop and has no marker of its epoch yet; the marker, if this host wrote it.
     async fn abort_if_due(
         &self,
         view: &RolloutView,
         service: &str,
         hash: &str,
         now: SystemTime,
-    ) -> Result<(), deploy_manifest::Error> {
+    ) -> Result<Option<Abort>, deploy_manifest::Error> {
         let fresh = rollout::read(&self.store, service, hash).await?;
         let stands = fresh.progress(&view.policy, &view.assigned, now);
         let Phase::Aborting { cause, reason } = stands.phase else {
-            return Ok(());
+            return Ok(None);
         };
         let marker = Abort {
             by: format!("host {}", self.config.host),
@@ -253,9 +274,9 @@ impl<S: ObjectStore, H> Agent<S, H> {
             at: deploy_manifest::repo::rfc3339(now),
             epoch: fresh.record.as_ref().map_or(0, |r| r.epoch),
         };
-        let a = rollout::write_abort(&self.store, service, hash, marker).await?;
+        let a = rollout::write_abort(&self.store, service, hash, marker.clone()).await?;
         tracing::warn!(%service, reason = %a.reason, by = %a.by, "rollout aborted");
-        Ok(())
+        Ok((a.by == marker.by && a.at == marker.at).then_some(a))
     }
 }
 
