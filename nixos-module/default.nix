@@ -29,6 +29,10 @@ let
   ] ++ proxyArgs
     ++ lib.optionals (cfg.trustedKeysFile != null) [ "--trusted-keys" cfg.trustedKeysFile ]
     ++ lib.optionals (cfg.nixTrustedKeysFile != null) [ "--nix-trusted-keys" cfg.nixTrustedKeysFile ]
+    ++ [ "--history-keep" (toString cfg.historyKeep) ]
+    ++ lib.optionals (cfg.notifyCommand != null) [ "--notify-command" cfg.notifyCommand ]
+    ++ lib.optionals (cfg.notifyUrl != null) [ "--notify-url" cfg.notifyUrl ]
+    ++ lib.optionals (cfg.metricsFile != null) [ "--metrics-file" cfg.metricsFile ]
     ++ cfg.extraArgs ++ [ "run" "--once" ];
 in
 {
@@ -117,6 +121,33 @@ in
       description = "Import Nix closures only if their narinfos are signed by a key in this file (trusted-public-keys format).";
     };
 
+    notifyCommand = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "logger -t deployer-event";
+      description = "A shell command run for each event (deploy, rollback, failure, removal, rollout abort) with the event's JSON on its stdin; killed after 30 s, never delaying a deploy.";
+    };
+
+    notifyUrl = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "https://hooks.example.com/deployer";
+      description = "POST each event's JSON here (retried with backoff, never delaying a deploy). The Nix store is world-readable: a URL that carries a token belongs in environmentFile as DEPLOYER_NOTIFY_URL=... instead.";
+    };
+
+    historyKeep = mkOption {
+      type = types.ints.positive;
+      default = 200;
+      description = "How many history records of this host the store keeps (deploy-manifest history); older ones are deleted.";
+    };
+
+    metricsFile = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "/var/lib/prometheus-node-exporter-text-files/deployer.prom";
+      description = "Write Prometheus metrics here after every run (node_exporter's textfile collector).";
+    };
+
     extraArgs = mkOption {
       type = types.listOf types.str;
       default = [ ];
@@ -134,7 +165,8 @@ in
       description = "deployer: converge this host to the manifest";
       wants = [ "network-online.target" ];
       after = [ "network-online.target" ];
-      path = [ pkgs.nix ] ++ lib.optional (cfg.proxy == "openresty") pkgs.openresty;
+      # journalctl: a failed deploy's log goes into the host's report.
+      path = [ pkgs.nix config.systemd.package ] ++ lib.optional (cfg.proxy == "openresty") pkgs.openresty;
       serviceConfig = {
         Type = "oneshot";
         ExecStart = lib.escapeShellArgs ([ "${cfg.package}/bin/deployer-agent" ] ++ args);

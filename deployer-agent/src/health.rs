@@ -268,7 +268,7 @@ pub async fn wait_healthy(
 ) -> Result<(), String> {
     let start = Instant::now();
     let deadline = start + probes.timeout.max(settle);
-    let client = reqwest::Client::builder()
+    let client = crate::http_client()
         .timeout(HTTP_TIMEOUT)
         .no_proxy()
         .build()

@@ -51,6 +51,18 @@ pub mod unit;
 
 use deploy_manifest::exit;
 
+/// Every HTTP client of the agent (health probes, Caddy's admin API, webhooks) starts here:
+/// TLS (for https:// webhooks) through rustls with ring, the provider the S3 client uses
+/// too, installed once per process.
+pub(crate) fn http_client() -> reqwest::ClientBuilder {
+    static TLS: std::sync::Once = std::sync::Once::new();
+    TLS.call_once(|| {
+        // Refused only if another provider was installed first: that one serves.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+    reqwest::Client::builder()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error(transparent)]

@@ -87,7 +87,7 @@ impl Notify {
     /// Every event to every receiver, in order; failures are logged.
     pub async fn send_all(&self, events: &[Event]) {
         let client = self.url.as_ref().and_then(|_| {
-            reqwest::Client::builder()
+            crate::http_client()
                 .timeout(REQUEST_TIMEOUT)
                 .connect_timeout(REQUEST_TIMEOUT)
                 .build()

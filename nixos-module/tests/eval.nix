@@ -21,6 +21,7 @@ let
       enum = values: { name = "one of ${builtins.toJSON values}"; check = v: builtins.elem v values; };
       nullOr = t: { name = "null or ${t.name}"; check = v: v == null || t.check v; };
       listOf = t: { name = "list of ${t.name}"; check = v: builtins.isList v && builtins.all t.check v; };
+      ints.positive = { name = "positive integer"; check = v: builtins.isInt v && v > 0; };
     };
   };
   pkgs = {
@@ -31,7 +32,11 @@ let
   module = import ../default.nix;
   evalWith = cfg: module {
     inherit lib pkgs;
-    config = { services.deployer = cfg; networking.hostName = hostName; };
+    config = {
+      services.deployer = cfg;
+      networking.hostName = hostName;
+      systemd.package = "/nix/store/00000000000000000000000000000000-systemd";
+    };
   };
   declared = (evalWith { }).options.services.deployer;
   unknown = builtins.filter (n: !(declared ? ${n})) (builtins.attrNames settings);

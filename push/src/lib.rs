@@ -243,6 +243,33 @@ pub async fn push<S: ObjectStore>(
     Ok(report)
 }
 
+/// `push --wait`'s per-host progress: a line on stderr each time what a host is doing
+/// changes (`push: <service>: <host>: <what>`).
+struct HostProgress<'a> {
+    service: &'a str,
+    said: std::collections::BTreeMap<String, String>,
+}
+
+impl<'a> HostProgress<'a> {
+    fn new(service: &'a str) -> Self {
+        HostProgress {
+            service,
+            said: Default::default(),
+        }
+    }
+
+    fn say(&mut self, host: &str, what: &str) {
+        if self.said.get(host).map(String::as_str) != Some(what) {
+            eprintln!(
+                "push: {}: {}: {what}",
+                self.service,
+                deploy_manifest::render::escape(host)
+            );
+            self.said.insert(host.to_owned(), what.to_owned());
+        }
+    }
+}
+
 /// `push --wait`: poll the hosts' reports until every host that runs `service` reports
 /// `artifact` healthy. A host that reports this artifact failed ends the wait at once.
 /// Returns the line that says how it ended.
@@ -278,6 +305,8 @@ pub async fn wait_for<S: ObjectStore>(
         .unwrap_or_default();
     // Hosts whose report was not counted, and why (said once per change, not every poll).
     let mut unverified: std::collections::BTreeMap<String, String> = Default::default();
+    // What each host was last said to be doing: a line per host when it changes.
+    let mut progress = HostProgress::new(service);
     loop {
         if staged {
             let now = std::time::SystemTime::now();
@@ -322,6 +351,16 @@ pub async fn wait_for<S: ObjectStore>(
                 eprintln!("push: {service}: {line}");
                 said = line;
             }
+            for (i, w) in p.waves.iter().enumerate() {
+                for h in &w.hosts {
+                    let what = match (&h.state, &h.error) {
+                        (None, _) => "waiting for its wave or its next poll".to_owned(),
+                        (Some(state), Some(error)) => format!("{state}: {}", escape(error)),
+                        (Some(state), None) => state.to_string(),
+                    };
+                    progress.say(&h.host, &format!("wave {}: {what}", i + 1));
+                }
+            }
             if std::time::Instant::now() >= deadline {
                 let pending = p
                     .waves
@@ -349,6 +388,7 @@ pub async fn wait_for<S: ObjectStore>(
                 Some(_) => reports.iter().find(|s| s.object == report_key(host)),
             };
             let Some(stored) = found else {
+                progress.say(host, "no report yet");
                 pending.push((host.clone(), "no report yet".to_owned()));
                 continue;
             };
@@ -360,20 +400,30 @@ pub async fn wait_for<S: ObjectStore>(
                     );
                     unverified.insert(host.clone(), why.clone());
                 }
+                progress.say(host, &format!("report not verified: {why}"));
                 pending.push((host.clone(), format!("report not verified: {why}")));
                 continue;
             }
             unverified.remove(host);
             let r = &stored.report;
             match r.services.get(service) {
-                Some(s) if s.artifact.as_ref() == Some(artifact) && s.health == "healthy" => {}
-                Some(s) if s.failed_artifact.as_ref() == Some(artifact) => failures.push((
-                    host.clone(),
-                    escape(s.last_error.as_deref().unwrap_or("failed")).into_owned(),
-                )),
-                Some(s) => pending.push((
-                    host.clone(),
-                    escape(&format!(
+                Some(s) if s.artifact.as_ref() == Some(artifact) && s.health == "healthy" => {
+                    let took = match s.phases.values().sum::<f64>() {
+                        0.0 => String::new(),
+                        secs => format!(
+                            " (deployed in {secs:.1}s: {})",
+                            deploy_manifest::history::phases_text(&s.phases)
+                        ),
+                    };
+                    progress.say(host, &format!("healthy{took}"));
+                }
+                Some(s) if s.failed_artifact.as_ref() == Some(artifact) => {
+                    let error = escape(s.last_error.as_deref().unwrap_or("failed")).into_owned();
+                    progress.say(host, &format!("failed: {error}"));
+                    failures.push((host.clone(), error));
+                }
+                Some(s) => {
+                    let runs = escape(&format!(
                         "runs {} ({})",
                         s.artifact
                             .as_ref()
@@ -381,9 +431,14 @@ pub async fn wait_for<S: ObjectStore>(
                             .unwrap_or_else(|| "nothing".into()),
                         s.health
                     ))
-                    .into_owned(),
-                )),
-                None => pending.push((host.clone(), "not deployed yet".to_owned())),
+                    .into_owned();
+                    progress.say(host, &format!("{runs}, not the new artifact yet"));
+                    pending.push((host.clone(), runs));
+                }
+                None => {
+                    progress.say(host, "not deployed yet");
+                    pending.push((host.clone(), "not deployed yet".to_owned()));
+                }
             }
         }
         if !failures.is_empty() {

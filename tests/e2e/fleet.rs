@@ -297,9 +297,17 @@ fn signed_host_reports_count_and_spoofed_ones_do_not() {
         err.contains("host-b: report not verified: status/host-b.json: its signature does not match its content"),
         "{err}"
     );
+    let error = err
+        .lines()
+        .find(|l| l.starts_with("push: error:"))
+        .unwrap_or_else(|| panic!("{err}"));
     assert!(
-        !err.contains("host-a: "),
+        !error.contains("host-a"),
         "host-a's own report counts: {err}"
+    );
+    assert!(
+        err.contains("push: hello: host-a: healthy (deployed in "),
+        "each host's progress: {err}"
     );
 
     let hosts = status_with_keys(&fx, &keys);

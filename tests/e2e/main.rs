@@ -10,6 +10,7 @@ mod infra;
 mod limits;
 mod manifest_cli;
 mod manifest_concurrency;
+mod observe;
 mod packaging;
 mod probes;
 mod proxy;

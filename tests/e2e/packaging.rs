@@ -67,9 +67,13 @@ fn module_options_defaults_and_units() {
             "enable",
             "environmentFile",
             "extraArgs",
+            "historyKeep",
             "hostName",
             "interval",
+            "metricsFile",
             "nixTrustedKeysFile",
+            "notifyCommand",
+            "notifyUrl",
             "openrestyConfig",
             "openrestyReload",
             "package",
@@ -157,8 +161,8 @@ fn module_settings_flow_into_the_units() {
     );
     assert_eq!(
         service["path"].as_array().unwrap().len(),
-        2,
-        "nginx is on the agent's PATH"
+        3,
+        "nix, systemd (journalctl) and nginx are on the agent's PATH"
     );
     // Trust settings become flags.
     let signed = eval_ok(
@@ -168,7 +172,18 @@ fn module_settings_flow_into_the_units() {
         .as_str()
         .unwrap();
     assert!(
-        exec.contains("'--trusted-keys' '/etc/deployer/keys' '--nix-trusted-keys' '/etc/deployer/nix-keys' 'run' '--once'"),
+        exec.contains("'--trusted-keys' '/etc/deployer/keys' '--nix-trusted-keys' '/etc/deployer/nix-keys' '--history-keep' '200' 'run' '--once'"),
+        "{exec}"
+    );
+    // Notifications, history and metrics settings become flags.
+    let told = eval_ok(
+        r#"{ enable = true; store = "s3://b/p"; notifyCommand = "logger -t deployer"; notifyUrl = "http://127.0.0.1:9/hook"; historyKeep = 50; metricsFile = "/var/lib/m/deployer.prom"; }"#,
+    );
+    let exec = told["config"]["systemd"]["services"]["deployer"]["serviceConfig"]["ExecStart"]
+        .as_str()
+        .unwrap();
+    assert!(
+        exec.contains("'--history-keep' '50' '--notify-command' 'logger -t deployer' '--notify-url' 'http://127.0.0.1:9/hook' '--metrics-file' '/var/lib/m/deployer.prom' 'run' '--once'"),
         "{exec}"
     );
     // An empty store is an assertion failure.
@@ -196,6 +211,10 @@ fn module_rejects_bad_settings() {
         (
             r#"{ enable = true; store = 3; }"#,
             "services.deployer.store",
+        ),
+        (
+            r#"{ enable = true; store = "s3://b/p"; historyKeep = 0; }"#,
+            "services.deployer.historyKeep",
         ),
     ] {
         let out = eval(settings);

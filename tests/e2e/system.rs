@@ -158,13 +158,35 @@ fn the_production_path_deploys_upgrades_rolls_back_repairs_and_removes() {
 
         // A broken release: the health gate fails it, v2 is put back; its output is in the
         // journal under the service's unit.
-        app.set_version("v3", true);
+        crate::observe::leaky_crash(&app, "v3", "HELLO_TOKEN");
         app.push(&fx);
         let out = run_checked(|args| agent(&fx, args));
         out.fails_with(8, "(rolled back)");
         assert_eq!(body(port).as_deref(), Some("hello from v2\n"));
         // `journalctl -u hello`, as seed 004 types it.
-        assert!(journal("hello").contains("broken release"));
+        let journal_text = journal("hello");
+        assert!(journal_text.contains("broken release"));
+        assert!(
+            journal_text.contains("token s3cr3t-token"),
+            "it did print its secret"
+        );
+        // The same lines without ssh, from the journal, the secret masked; nowhere in
+        // the store.
+        let status = fx
+            .dm(&["status", "biz", "--service", "hello"])
+            .ok()
+            .stdout_str();
+        assert!(status.contains("| broken release"), "{status}");
+        assert!(status.contains("| starting with token ***"), "{status}");
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let mut texts: Vec<String> = runtime
+            .block_on(crate::observe::store_texts(&fx))
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect();
+        texts.push(std::fs::read_to_string("/var/lib/deployer/state.json").unwrap());
+        texts.push(status);
+        deployer_tests::assert_not_leaked("s3cr3t-token", &texts);
 
         // `systemctl restart hello`: the service's own name.
         let pid = systemctl(&["show", "-p", "MainPID", "--value", unit]);

@@ -73,7 +73,7 @@ impl Proxy {
     pub fn new(config: ProxyConfig) -> Proxy {
         // No connection reuse: Caddy's admin endpoint may close connections when its config
         // changes, and a request on a stale pooled connection would fail.
-        let http = reqwest::Client::builder()
+        let http = crate::http_client()
             .timeout(Duration::from_secs(10))
             .pool_max_idle_per_host(0)
             .no_proxy()
