@@ -180,6 +180,27 @@ pub struct Event {
     pub log: Vec<String>,
 }
 
+impl Event {
+    /// What happened to `service` on `host`, at `at`, with nothing else said yet.
+    pub fn new(host: &str, service: &str, kind: EventKind, at: String) -> Event {
+        Event {
+            host: host.to_owned(),
+            service: service.to_owned(),
+            kind,
+            at,
+            version: None,
+            pushed_by: None,
+            pushed_at: None,
+            artifact: None,
+            previous: None,
+            phases: Phases::new(),
+            seconds: None,
+            error: None,
+            log: Vec::new(),
+        }
+    }
+}
+
 /// `history/<host>/<time>-<nonce>.json`: what one run of one host did.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -211,23 +232,13 @@ pub fn host_prefix(host: &str) -> String {
 /// A new record's key: `history/<host>/<YYYYMMDDTHHMMSS.mmmZ>-<8 hex>.json`, sortable by
 /// time; the suffix keeps two records of the same millisecond apart.
 pub fn record_key(host: &str, at: SystemTime, content: &[u8]) -> String {
-    use sha2::{Digest, Sha256};
     let stamp = humantime::format_rfc3339_millis(at)
         .to_string()
         .replace(['-', ':'], "");
-    let mut h = Sha256::new();
-    h.update(content);
-    h.update(
-        at.duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos()
-            .to_le_bytes(),
-    );
-    h.update(std::process::id().to_le_bytes());
     format!(
         "{}{stamp}-{}.json",
         host_prefix(host),
-        crate::hex(&h.finalize()[..4])
+        crate::repo::unique_suffix(at, content)
     )
 }
 
@@ -444,20 +455,23 @@ mod tests {
 
     fn event(host: &str, service: &str, kind: EventKind) -> Event {
         Event {
-            host: host.into(),
-            service: service.into(),
-            kind,
-            at: "2026-11-24T10:00:00Z".into(),
             version: Some("manifest-20261124T095900Z-3f2a9c1d".into()),
             pushed_by: Some("ben@laptop".into()),
             pushed_at: Some("2026-11-24T09:59:00Z".into()),
             artifact: Some("/nix/store/abc-hello".into()),
-            previous: None,
             phases: [(Phase::Fetch, 0.25), (Phase::Health, 1.5)].into(),
             seconds: Some(1.8),
-            error: None,
-            log: Vec::new(),
+            ..Event::new(host, service, kind, "2026-11-24T10:00:00Z".into())
         }
+    }
+
+    /// Every event in the store, newest first.
+    async fn all(store: &FileStore, host_keys: Option<&[PublicKey]>) -> Found {
+        let filter = Filter {
+            limit: 10,
+            ..Filter::default()
+        };
+        read(store, &filter, host_keys).await.unwrap()
     }
 
     fn record(host: &str, events: Vec<Event>) -> HistoryRecord {
@@ -504,17 +518,12 @@ mod tests {
             write(&store, &record(host, vec![e])).await.unwrap();
             tokio::time::sleep(Duration::from_millis(3)).await;
         }
-        let all = read(
-            &store,
-            &Filter {
-                limit: 10,
-                ..Filter::default()
-            },
-            None,
-        )
-        .await
-        .unwrap();
-        let ats: Vec<&str> = all.events.iter().map(|s| s.event.at.as_str()).collect();
+        let newest_first = all(&store, None).await;
+        let ats: Vec<&str> = newest_first
+            .events
+            .iter()
+            .map(|s| s.event.at.as_str())
+            .collect();
         assert_eq!(
             ats,
             [
@@ -534,16 +543,7 @@ mod tests {
         assert_eq!(one.events[0].event.at, "2026-11-24T10:00:03Z");
 
         assert_eq!(prune(&store, "a", 1).await.unwrap(), 2);
-        let left = read(
-            &store,
-            &Filter {
-                limit: 10,
-                ..Filter::default()
-            },
-            None,
-        )
-        .await
-        .unwrap();
+        let left = all(&store, None).await;
         let left: Vec<(&str, &str)> = left
             .events
             .iter()
@@ -583,16 +583,7 @@ mod tests {
             .await
             .unwrap();
         let keys = [key.public()];
-        let found = read(
-            &store,
-            &Filter {
-                limit: 10,
-                ..Filter::default()
-            },
-            Some(&keys),
-        )
-        .await
-        .unwrap();
+        let found = all(&store, Some(&keys)).await;
         let kinds: Vec<(&str, EventKind)> = found
             .events
             .iter()
@@ -601,19 +592,11 @@ mod tests {
         assert_eq!(kinds, [("a", EventKind::Deployed)]);
         assert_eq!(found.skipped.len(), 4, "{:?}", found.skipped);
         // Without keys, everything shows, marked unchecked.
-        let all = read(
-            &store,
-            &Filter {
-                limit: 10,
-                ..Filter::default()
-            },
-            None,
-        )
-        .await
-        .unwrap();
-        assert_eq!(all.events.len(), 5);
+        let everything = all(&store, None).await;
+        assert_eq!(everything.events.len(), 5);
         assert!(
-            all.events
+            everything
+                .events
                 .iter()
                 .all(|s| s.verification != Verification::Verified)
         );

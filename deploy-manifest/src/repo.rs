@@ -123,8 +123,17 @@ pub fn version_key(version: &str) -> String {
 /// `manifest-YYYYMMDDTHHMMSSZ-<8hex>`: sortable by time; the suffix keeps two versions
 /// written in the same second apart.
 fn new_version_name(now: SystemTime, content: &[u8]) -> String {
+    format!(
+        "manifest-{}-{}",
+        compact_timestamp(now),
+        unique_suffix(now, content)
+    )
+}
+
+/// 8 hex digits that tell apart two names made at the same `now` (from the content, the
+/// time to the nanosecond, the process and a counter).
+pub fn unique_suffix(now: SystemTime, content: &[u8]) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let stamp = compact_timestamp(now);
     let mut h = Sha256::new();
     h.update(content);
     h.update(
@@ -135,8 +144,7 @@ fn new_version_name(now: SystemTime, content: &[u8]) -> String {
     );
     h.update(std::process::id().to_le_bytes());
     h.update(COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
-    let digest = h.finalize();
-    format!("manifest-{stamp}-{}", crate::hex(&digest[..4]))
+    crate::hex(&h.finalize()[..4])
 }
 
 /// RFC 3339, UTC, whole seconds: `2026-11-22T14:00:00Z`.

@@ -8,9 +8,10 @@
 //! A path outside its service's place is refused before anything touches it. A file inside
 //! is opened without following a symlink (`O_NOFOLLOW`) and must be a regular file, with no
 //! group or other permission bits, owned by root (by the agent's own user with `--user`);
-//! otherwise it is refused with the commands that fix it. The operator's env file is never
-//! read by the agent (systemd reads it through `EnvironmentFile=`); secret files and admin
-//! credentials are read through [`read_checked`].
+//! otherwise it is refused with the commands that fix it. systemd reads the operator's env
+//! file for the service (`EnvironmentFile=`); the agent reads it only to mask its values in a
+//! failed unit's log ([`crate::evidence`]), through [`read_checked`] like secret files and
+//! admin credentials.
 
 use std::fs::File;
 use std::io::Read;

@@ -91,10 +91,6 @@ pub(super) fn event_of(
         ),
     };
     Some(Event {
-        host: host.to_owned(),
-        service: service.to_owned(),
-        kind,
-        at: now(),
         version: version.filter(|_| kind != EventKind::Removed),
         pushed_by: pushed.and_then(|m| m.created_by.clone()),
         pushed_at: pushed.and_then(|m| m.created_at.clone()),
@@ -104,6 +100,7 @@ pub(super) fn event_of(
         seconds: deployed.then(|| history::seconds(took)),
         error: error.cloned(),
         log: detail.log,
+        ..Event::new(host, service, kind, now())
     })
 }
 

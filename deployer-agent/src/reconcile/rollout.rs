@@ -213,19 +213,8 @@ impl<S: ObjectStore, H> Agent<S, H> {
             if abort {
                 match self.abort_if_due(view, &g.service, &g.spec_hash, now).await {
                     Ok(Some(marker)) => report.events.push(Event {
-                        host: me.to_owned(),
-                        service: g.service.clone(),
-                        kind: EventKind::RolloutAborted,
-                        at: marker.at,
-                        version: None,
-                        pushed_by: None,
-                        pushed_at: None,
-                        artifact: None,
-                        previous: None,
-                        phases: Default::default(),
-                        seconds: None,
                         error: Some(format!("{}: {}", marker.cause, marker.reason)),
-                        log: Vec::new(),
+                        ..Event::new(me, &g.service, EventKind::RolloutAborted, marker.at)
                     }),
                     Ok(None) => {}
                     Err(e) => {
