@@ -2,6 +2,7 @@
 //! [`Bench`] is a host with its own state, and they poll in the order a test says. The
 //! same scenarios run with real agents, systemd and S3 in `tests/e2e/rollout.rs`.
 
+use deploy_manifest::history::EventKind;
 use std::path::Path;
 
 use deploy_manifest::model::Manifest;
@@ -175,9 +176,15 @@ async fn a_release_that_fails_on_a_canary_aborts_and_the_canaries_return() {
         .insert(path("/nix/store/web-v2"));
     let (_, outcome, _) = fleet.run("h1", &v2).await;
     assert_eq!(outcome, Outcome::Deployed);
-    let (_, outcome, rolling) = fleet.run("h2", &v2).await;
+    let (_, report, rolling) = fleet.host("h2").run_gated(&v2).await;
+    let outcome = &report.services["web"];
     assert!(matches!(outcome, Outcome::RolledBack { .. }), "{outcome:?}");
     assert!(rolling);
+    // Told as it happened: the rollback, then the abort this host wrote.
+    let told: Vec<EventKind> = report.events.iter().map(|e| e.kind).collect();
+    assert_eq!(told, [EventKind::RolledBack, EventKind::RolloutAborted]);
+    let error = report.events[1].error.as_deref().unwrap_or_default();
+    assert!(error.contains("host h2 failed"), "{error}");
     let abort = fleet.aborted(&v2).await.expect("the abort marker");
     assert_eq!(abort.by, "host h2");
     assert!(
@@ -188,8 +195,10 @@ async fn a_release_that_fails_on_a_canary_aborts_and_the_canaries_return() {
     let record = fleet.record(&v2).await;
     assert_eq!(record.hosts["h2"].state, HostState::Failed);
 
-    // The next wave never starts.
-    let (steps, outcome, _) = fleet.run("h3", &v2).await;
+    // The next wave never starts; h3 has nothing to tell.
+    let (plan, report, _) = fleet.host("h3").run_gated(&v2).await;
+    assert!(report.events.is_empty(), "{:?}", report.events);
+    let (steps, outcome) = (kinds(&plan), report.services["web"].clone());
     assert_eq!(steps, ["keep web", "hold web"]);
     assert!(held(&outcome).contains("rollout aborted: host h2 failed"));
     assert_eq!(fleet.runs("h3"), path("/nix/store/web-v1"));
@@ -201,6 +210,8 @@ async fn a_release_that_fails_on_a_canary_aborts_and_the_canaries_return() {
         "{plan}"
     );
     assert_eq!(report.services["web"], Outcome::Deployed);
+    assert_eq!(report.events[0].kind, EventKind::Reverted);
+    assert_eq!(report.events[0].version, v1.version, "it went back to v1");
     assert_eq!(fleet.runs("h1"), path("/nix/store/web-v1"));
     assert_eq!(
         fleet.host("h1").state.services["web"]
