@@ -2,9 +2,9 @@
 //! [`Bench`] is a host with its own state, and they poll in the order a test says. The
 //! same scenarios run with real agents, systemd and S3 in `tests/e2e/rollout.rs`.
 
-use deploy_manifest::history::EventKind;
 use std::path::Path;
 
+use deploy_manifest::history::EventKind;
 use deploy_manifest::model::Manifest;
 use deploy_manifest::rollout::{self, HostState, Record};
 use deploy_manifest::store::{Fetched, FileStore, ObjectStore};
