@@ -207,7 +207,8 @@ impl Event {
 pub struct HistoryRecord {
     pub schema_version: u32,
     pub host: String,
-    /// When the run wrote it.
+    /// When the run wrote it (RFC 3339, milliseconds): also the time in its key, so a
+    /// signed record copied under another time does not verify.
     pub written_at: String,
     pub events: Vec<Event>,
     /// The host key's signature over this record without the signature.
@@ -232,14 +233,24 @@ pub fn host_prefix(host: &str) -> String {
 /// A new record's key: `history/<host>/<YYYYMMDDTHHMMSS.mmmZ>-<8 hex>.json`, sortable by
 /// time; the suffix keeps two records of the same millisecond apart.
 pub fn record_key(host: &str, at: SystemTime, content: &[u8]) -> String {
-    let stamp = humantime::format_rfc3339_millis(at)
-        .to_string()
-        .replace(['-', ':'], "");
+    let stamp = stamp(at);
     format!(
         "{}{stamp}-{}.json",
         host_prefix(host),
         crate::repo::unique_suffix(at, content)
     )
+}
+
+/// `YYYYMMDDTHHMMSS.mmmZ`: how a key spells a time (sortable as text).
+fn stamp(at: SystemTime) -> String {
+    humantime::format_rfc3339_millis(at)
+        .to_string()
+        .replace(['-', ':'], "")
+}
+
+/// A record's `writtenAt` as its key spells it.
+fn stamp_of(written_at: &str) -> Option<String> {
+    humantime::parse_rfc3339(written_at).ok().map(stamp)
 }
 
 /// The host and time stamp a record key names, if it is one.
@@ -253,20 +264,26 @@ fn parse_key(key: &str) -> Option<(&str, &str)> {
 /// Write `record` as a new object (never replacing one); its key.
 pub async fn write(store: &impl ObjectStore, record: &HistoryRecord) -> Result<String, Error> {
     let bytes = serde_json::to_vec_pretty(record).expect("a record serialises");
-    let key = record_key(&record.host, SystemTime::now(), &bytes);
+    let at = humantime::parse_rfc3339(&record.written_at).unwrap_or_else(|_| SystemTime::now());
+    let key = record_key(&record.host, at, &bytes);
     store.put(&key, bytes, Precondition::IfAbsent).await?;
     Ok(key)
 }
 
-/// Keep the newest `keep` records of `host`, delete the rest; how many were deleted.
+/// Keep the newest `keep` records of `host`, delete the rest, and any key dated more than
+/// a day ahead of now (no run of this host wrote it: it would push real records out);
+/// how many were deleted.
 pub async fn prune(store: &impl ObjectStore, host: &str, keep: usize) -> Result<usize, Error> {
-    let mut keys = record_keys(store, Some(host)).await?;
-    let old = keys.len().saturating_sub(keep);
-    keys.reverse(); // oldest first
-    for key in keys.iter().take(old) {
+    let horizon = stamp(SystemTime::now() + Duration::from_secs(86_400));
+    let keys = record_keys(store, Some(host)).await?;
+    let (ahead, keys): (Vec<String>, Vec<String>) = keys
+        .into_iter()
+        .partition(|k| parse_key(k).is_some_and(|(_, s)| s > horizon.as_str()));
+    let old: Vec<&String> = keys.iter().skip(keep).chain(&ahead).collect();
+    for key in &old {
         store.delete(key).await?;
     }
-    Ok(old)
+    Ok(old.len())
 }
 
 /// The record keys of `host` (or every host), newest first.
@@ -315,8 +332,13 @@ pub struct Found {
     pub skipped: Vec<String>,
 }
 
-/// The newest events matching `filter`, reading records newest first (32 at a time) until
-/// it has `filter.limit`. Given `host_keys`, only records their host signed count.
+/// The most records one [`read`] looks at beyond its limit: planted empty or filtered-out
+/// records cannot make it read the whole bucket.
+pub const READ_SLACK: usize = 1000;
+
+/// The newest events matching `filter`, reading records newest first (8 at a time) until
+/// it has `filter.limit`, or has read `limit + READ_SLACK` records. Given `host_keys`, only
+/// records their host signed count, each once.
 pub async fn read(
     store: &impl ObjectStore,
     filter: &Filter,
@@ -328,14 +350,17 @@ pub async fn read(
         by_host.entry(k.name.as_str()).or_default().push(k.clone());
     }
     let mut found = Found::default();
-    let mut records = stream::iter(keys.into_iter().map(|key| async move {
+    let budget = filter.limit.saturating_add(READ_SLACK);
+    let more = keys.len() > budget;
+    let mut records = stream::iter(keys.into_iter().take(budget).map(|key| async move {
         let fetched = store.get(&key, None).await;
         (key, fetched)
     }))
-    .buffered(32);
+    .buffered(8);
+    let mut signatures = std::collections::BTreeSet::new();
     while let Some((key, fetched)) = records.next().await {
         if found.events.len() >= filter.limit {
-            break;
+            return Ok(found);
         }
         let bytes = match fetched {
             Ok(Fetched::Found { bytes, .. }) => bytes,
@@ -356,18 +381,17 @@ pub async fn read(
                 continue;
             }
         };
-        let object_host = parse_key(&key).map(|(h, _)| h).unwrap_or_default();
+        let (object_host, object_stamp) = parse_key(&key).unwrap_or_default();
+        // The key must name the host and the time the record says (both signed).
+        let at_own_object = object_host == record.host
+            && stamp_of(&record.written_at).as_deref() == Some(object_stamp);
         let keys_of = host_keys.map(|_| {
             by_host
                 .get(record.host.as_str())
                 .map_or(&[][..], |v| &v[..])
         });
-        let mut verification = crate::status::verify_signed(
-            object_host == record.host,
-            &record.host,
-            &record,
-            keys_of,
-        );
+        let mut verification =
+            crate::status::verify_signed(at_own_object, &record.host, &record, keys_of);
         // Every event must be of the host that signed the record.
         if record.events.iter().any(|e| e.host != record.host) {
             verification = Verification::WrongObject;
@@ -376,6 +400,15 @@ pub async fn read(
             found
                 .skipped
                 .push(format!("{key}: not counted, {verification}"));
+            continue;
+        }
+        // A signed record copied under another name counts once.
+        if let Some(sig) = &record.signature
+            && !signatures.insert(sig.value.clone())
+        {
+            found
+                .skipped
+                .push(format!("{key}: a copy of another record"));
             continue;
         }
         let matching = record
@@ -393,6 +426,11 @@ pub async fn read(
                 verification,
             });
         }
+    }
+    if more && found.events.len() < filter.limit {
+        found.skipped.push(format!(
+            "stopped after reading {budget} records; narrow it with --host or --service"
+        ));
     }
     Ok(found)
 }
@@ -474,11 +512,14 @@ mod tests {
         read(store, &filter, host_keys).await.unwrap()
     }
 
+    /// A record written when its last event happened.
     fn record(host: &str, events: Vec<Event>) -> HistoryRecord {
         HistoryRecord {
             schema_version: 1,
             host: host.into(),
-            written_at: "2026-11-24T10:00:00Z".into(),
+            written_at: events
+                .last()
+                .map_or("2026-11-24T10:00:00Z".into(), |e| e.at.clone()),
             events,
             signature: None,
         }
@@ -577,6 +618,16 @@ mod tests {
         store
             .put(
                 "history/b/20261124T100000.000Z-00000000.json",
+                bytes.clone(),
+                Precondition::None,
+            )
+            .await
+            .unwrap();
+        // The host's own signed record, copied under a later time: it would show as the
+        // newest, and push real records out of the history.
+        store
+            .put(
+                "history/a/99991231T000000.000Z-00000000.json",
                 bytes,
                 Precondition::None,
             )
@@ -590,16 +641,27 @@ mod tests {
             .map(|s| (s.event.host.as_str(), s.event.kind))
             .collect();
         assert_eq!(kinds, [("a", EventKind::Deployed)]);
-        assert_eq!(found.skipped.len(), 4, "{:?}", found.skipped);
-        // Without keys, everything shows, marked unchecked.
+        assert_eq!(found.skipped.len(), 5, "{:?}", found.skipped);
+        assert!(
+            found.skipped[0].starts_with("history/a/99991231T"),
+            "{:?}",
+            found.skipped
+        );
+        // Without keys, everything shows, marked unchecked, each signed record once (the
+        // two copies of the good one as one).
         let everything = all(&store, None).await;
-        assert_eq!(everything.events.len(), 5);
+        assert_eq!(everything.events.len(), 4);
         assert!(
             everything
                 .events
                 .iter()
                 .all(|s| s.verification != Verification::Verified)
         );
+        // Pruning to 10 keeps the real records and drops the one dated ahead.
+        assert_eq!(prune(&store, "a", 10).await.unwrap(), 1);
+        let keys = record_keys(&store, Some("a")).await.unwrap();
+        assert_eq!(keys.len(), 4);
+        assert!(!keys.iter().any(|k| k.contains("9999")), "{keys:?}");
     }
 
     #[test]

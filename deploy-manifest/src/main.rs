@@ -452,7 +452,14 @@ impl Show<'_> {
                 status::render(view)
             });
         };
-        let Some(h) = view.iter().find(|h| h.host == host) else {
+        // The report at the host's own object first: one planted elsewhere in its name
+        // must not stand in for it.
+        let own = status::report_key(host);
+        let found = view
+            .iter()
+            .find(|h| h.host == host && h.object == own)
+            .or_else(|| view.iter().find(|h| h.host == host));
+        let Some(h) = found else {
             return Err(Error::UnknownHost {
                 host: host.to_owned(),
             }

@@ -27,27 +27,21 @@ pub struct LogMark {
     pub offset: u64,
 }
 
-/// The values an env file sets (systemd's `EnvironmentFile=` syntax: `KEY=VALUE`, quotes,
-/// `#`/`;` comments), as written and unquoted, and of a URL value also its password, as
-/// written and percent-decoded: what is masked in the service's log.
+/// The values an env file sets, parsed as systemd parses `EnvironmentFile=` (its
+/// `parse_env_file` state machine: quotes, escapes, line continuations, values over
+/// several lines, `#`/`;` comments), each also line by line; and of a URL value its
+/// password, as written and percent-decoded: what is masked in the service's log.
 pub fn secret_values(env_file: &str) -> Vec<String> {
     let mut values = Vec::new();
-    for line in env_file.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
-            continue;
-        }
-        let Some((_, value)) = line.split_once('=') else {
-            continue;
-        };
-        let raw = value.trim();
-        let unquoted = unquote(raw);
-        if let Some(password) = url_password(&unquoted) {
+    for value in env_values(env_file) {
+        if let Some(password) = url_password(&value) {
             values.push(percent_decode(password));
             values.push(password.to_owned());
         }
-        values.push(unquoted);
-        values.push(raw.to_owned());
+        if value.contains('\n') {
+            values.extend(value.lines().map(|l| l.trim().to_owned()));
+        }
+        values.push(value);
     }
     values.retain(|v| !v.is_empty());
     values.sort_by(|a, b| b.len().cmp(&a.len()).then(a.cmp(b)));
@@ -55,23 +49,101 @@ pub fn secret_values(env_file: &str) -> Vec<String> {
     values
 }
 
-fn unquote(v: &str) -> String {
-    let quoted = |q: char| v.len() >= 2 && v.starts_with(q) && v.ends_with(q);
-    if quoted('\'') {
-        v[1..v.len() - 1].to_owned()
-    } else if quoted('"') {
-        let mut out = String::new();
-        let mut chars = v[1..v.len() - 1].chars();
-        while let Some(c) = chars.next() {
-            match c {
-                '\\' => out.extend(chars.next()),
-                c => out.push(c),
-            }
-        }
-        out
-    } else {
-        v.to_owned()
+/// The values of `text`'s assignments, as systemd reads them (`src/basic/env-file.c`).
+fn env_values(text: &str) -> Vec<String> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum S {
+        PreKey,
+        Key,
+        PreValue,
+        Value,
+        ValueEscape,
+        Single,
+        Double,
+        DoubleEscape,
+        Comment,
+        CommentEscape,
     }
+    let mut values = Vec::new();
+    let mut state = S::PreKey;
+    let mut value = String::new();
+    // Where trailing whitespace of an unquoted part starts (stripped at the end).
+    let mut trailing: Option<usize> = None;
+    let mut emit = |value: &mut String, trailing: &mut Option<usize>| {
+        if let Some(at) = trailing.take() {
+            value.truncate(at);
+        }
+        values.push(std::mem::take(value));
+    };
+    for c in text.chars() {
+        let newline = c == '\n' || c == '\r';
+        let blank = c == ' ' || c == '\t' || newline;
+        state = match state {
+            S::PreKey if c == '#' || c == ';' => S::Comment,
+            S::PreKey if blank => S::PreKey,
+            S::PreKey => S::Key,
+            S::Key if newline => S::PreKey,
+            S::Key if c == '=' => S::PreValue,
+            S::Key => S::Key,
+            S::PreValue | S::Value if newline => {
+                emit(&mut value, &mut trailing);
+                S::PreKey
+            }
+            S::PreValue if c == '\'' => S::Single,
+            S::PreValue if c == '"' => S::Double,
+            S::PreValue | S::Value if c == '\\' => S::ValueEscape,
+            S::PreValue if blank => S::PreValue,
+            S::PreValue | S::Value => {
+                if blank {
+                    trailing.get_or_insert(value.len());
+                } else {
+                    trailing = None;
+                }
+                value.push(c);
+                S::Value
+            }
+            S::ValueEscape => {
+                trailing = None;
+                if !newline {
+                    value.push(c);
+                }
+                S::Value
+            }
+            S::Single if c == '\'' => S::PreValue,
+            S::Single => {
+                value.push(c);
+                S::Single
+            }
+            S::Double if c == '"' => S::PreValue,
+            S::Double if c == '\\' => S::DoubleEscape,
+            S::Double => {
+                value.push(c);
+                S::Double
+            }
+            S::DoubleEscape => {
+                if matches!(c, '"' | '\\' | '`' | '$') {
+                    value.push(c);
+                } else if c != '\n' {
+                    value.push('\\');
+                    value.push(c);
+                }
+                S::Double
+            }
+            S::Comment if c == '\\' => S::CommentEscape,
+            S::Comment if newline => S::PreKey,
+            S::Comment | S::CommentEscape => S::Comment,
+        };
+        if matches!(state, S::Single | S::Double) {
+            trailing = None;
+        }
+    }
+    if matches!(
+        state,
+        S::PreValue | S::Value | S::ValueEscape | S::Single | S::Double | S::DoubleEscape
+    ) {
+        emit(&mut value, &mut trailing);
+    }
+    values
 }
 
 /// `scheme://user:PASSWORD@host…` → PASSWORD.
@@ -103,27 +175,18 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// `lines` as they may leave the host: every value of `secrets` masked (longest first),
-/// then bounded (see the module). Masking comes before cutting, so no cut leaves a part of
-/// a secret behind.
+/// `lines` as they may leave the host: every occurrence of every value of `secrets`
+/// masked (overlapping ones as one), then bounded (see the module). Masking comes before
+/// cutting, so no cut leaves a part of a secret behind.
 pub fn evidence(lines: impl IntoIterator<Item = String>, secrets: &[String]) -> Vec<String> {
-    let mut secrets: Vec<&str> = secrets
+    let secrets: Vec<&str> = secrets
         .iter()
         .map(String::as_str)
         .filter(|s| !s.is_empty())
         .collect();
-    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
     let mut kept: Vec<String> = lines
         .into_iter()
-        .map(|line| {
-            let mut line = line;
-            for s in &secrets {
-                if line.contains(s) {
-                    line = line.replace(s, MASK);
-                }
-            }
-            cut(line)
-        })
+        .map(|line| cut(mask(&line, &secrets)))
         .collect();
     if kept.len() > LOG_LINES {
         kept.drain(..kept.len() - LOG_LINES);
@@ -133,6 +196,41 @@ pub fn evidence(lines: impl IntoIterator<Item = String>, secrets: &[String]) -> 
         total -= kept.remove(0).len();
     }
     kept
+}
+
+/// `line` with every byte range that any of `secrets` covers replaced, a run of
+/// overlapping or adjacent ranges by one [`MASK`].
+fn mask(line: &str, secrets: &[&str]) -> String {
+    let mut ranges: Vec<(usize, usize)> = Vec::new();
+    for s in secrets {
+        let mut from = 0;
+        while let Some(at) = line.get(from..).and_then(|rest| rest.find(s)) {
+            let start = from + at;
+            ranges.push((start, start + s.len()));
+            // Overlapping occurrences too: the next may start inside this one.
+            from = start + line[start..].chars().next().map_or(1, char::len_utf8);
+        }
+    }
+    if ranges.is_empty() {
+        return line.to_owned();
+    }
+    ranges.sort_unstable();
+    let mut out = String::with_capacity(line.len());
+    let mut done = 0;
+    let mut i = 0;
+    while i < ranges.len() {
+        let (start, mut end) = ranges[i];
+        while i + 1 < ranges.len() && ranges[i + 1].0 <= end {
+            end = end.max(ranges[i + 1].1);
+            i += 1;
+        }
+        out.push_str(&line[done..start.max(done)]);
+        out.push_str(MASK);
+        done = done.max(end);
+        i += 1;
+    }
+    out.push_str(&line[done..]);
+    out
 }
 
 fn cut(mut line: String) -> String {
@@ -162,28 +260,64 @@ mod tests {
     use super::*;
 
     #[test]
-    fn env_file_values_are_found_quoted_or_not_with_url_passwords() {
-        let file = "# comment\n; also\nAPI_TOKEN=tok-123\n  QUOTED=\"a \\\"b\\\" c\"\nSINGLE='x y'\nDATABASE_URL=postgres://app:p%40ss@127.0.0.1:5432/app\nEMPTY=\nnot a line\n";
+    fn env_file_values_are_read_as_systemd_reads_them() {
+        let file = concat!(
+            "# comment\n; also\n",
+            "API_TOKEN=tok-123\n",
+            "  QUOTED=\"a \\\"b\\\" c\"\n",
+            "SINGLE='x y'\n",
+            "DATABASE_URL=postgres://app:p%40ss@127.0.0.1:5432/app\n",
+            "EMPTY=\n",
+            "not a line\n",
+            "KEY=\"-----BEGIN KEY-----\nMIIEsecretbody\n-----END KEY-----\"\n",
+            "CONT=tok-abc\\\ndef-123\n",
+            "ESC=p\\$ssw0rd\n",
+            "BACK=\"s3cr\\et-pw\"\n",
+            "JOINED=\"hunter two\"more\n",
+            "TRAIL=value-with-space   \n",
+        );
         let values = secret_values(file);
         for want in [
             "tok-123",
             "a \"b\" c",
-            "\"a \\\"b\\\" c\"",
             "x y",
             "postgres://app:p%40ss@127.0.0.1:5432/app",
             "p%40ss",
             "p@ss",
+            "MIIEsecretbody",
+            "-----BEGIN KEY-----\nMIIEsecretbody\n-----END KEY-----",
+            "tok-abcdef-123",
+            "p$ssw0rd",
+            "s3cr\\et-pw",
+            "hunter twomore",
+            "value-with-space",
         ] {
             assert!(
                 values.contains(&want.to_owned()),
                 "{want:?} not in {values:?}"
             );
         }
-        assert!(!values.iter().any(|v| v.is_empty() || v.contains("comment")));
+        assert!(
+            !values
+                .iter()
+                .any(|v| v.is_empty() || v.contains("comment") || v.contains("not a line"))
+        );
         assert!(
             values.windows(2).all(|w| w[0].len() >= w[1].len()),
             "longest first"
         );
+    }
+
+    #[test]
+    fn overlapping_secrets_leave_no_fragment() {
+        let secrets = vec!["abcdXYZW".to_owned(), "XYZWefgh".to_owned()];
+        assert_eq!(
+            mask("> abcdXYZWefgh <", &["abcdXYZW", "XYZWefgh"]),
+            "> *** <"
+        );
+        assert_eq!(evidence(["abcdXYZWefgh".to_owned()], &secrets), ["***"]);
+        assert_eq!(mask("aaaa", &["aa"]), "***");
+        assert_eq!(mask("é-tok-é", &["tok"]), "é-***-é");
     }
 
     #[test]

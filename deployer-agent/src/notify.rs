@@ -16,6 +16,10 @@ use deploy_manifest::history::Event;
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long one POST may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a one-shot run waits for its notifications before it exits
+/// ([`Notify::flush`]); what is not delivered by then is dropped with a warning (the
+/// history keeps every event).
+pub const FLUSH_LIMIT: Duration = Duration::from_secs(60);
 /// The waits between a webhook's attempts: 6 attempts in about 30 s plus their timeouts.
 pub const RETRY_DELAYS: [Duration; 5] = [
     Duration::from_secs(1),
@@ -42,11 +46,13 @@ pub struct Notify {
 impl Notify {
     pub fn new(command: Option<String>, url: Option<String>) -> Result<Notify, String> {
         if let Some(u) = &url {
-            let parsed = reqwest::Url::parse(u).map_err(|e| format!("--notify-url {u:?}: {e}"))?;
+            // Not repeated back: a webhook URL often carries a token.
+            let parsed = reqwest::Url::parse(u).map_err(|e| format!("--notify-url: {e}"))?;
             if !matches!(parsed.scheme(), "http" | "https") {
-                return Err(format!(
-                    "--notify-url {u:?}: use an http:// or https:// URL (for anything else, --notify-command)"
-                ));
+                return Err(
+                    "--notify-url: use an http:// or https:// URL (for anything else, --notify-command)"
+                        .into(),
+                );
             }
         }
         Ok(Notify {
@@ -74,13 +80,25 @@ impl Notify {
         sending.push(task);
     }
 
-    /// Wait for the notifications still being sent (a one-shot run does, before it
-    /// exits; each is bounded by its timeouts and retries).
+    /// Wait for the notifications still being sent, at most [`FLUSH_LIMIT`] (a one-shot
+    /// run does, before it exits, so that the timer's next run is never held back long).
     pub async fn flush(&self) {
         let tasks: Vec<_> =
             std::mem::take(&mut *self.sending.lock().unwrap_or_else(|e| e.into_inner()));
-        for t in tasks {
-            let _ = t.await;
+        let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
+        let all = async {
+            for t in tasks {
+                let _ = t.await;
+            }
+        };
+        if tokio::time::timeout(FLUSH_LIMIT, all).await.is_err() {
+            tracing::warn!(
+                limit = ?FLUSH_LIMIT,
+                "notifications still not delivered were dropped; the events are in the store's history"
+            );
+            for a in aborts {
+                a.abort();
+            }
         }
     }
 
@@ -113,6 +131,11 @@ impl Notify {
 
     async fn post(&self, client: &reqwest::Client, url: &str, json: &[u8]) -> Result<(), String> {
         let mut delays = self.retry_delays.iter();
+        // A webhook URL often carries a token: messages name its scheme and host only.
+        let shown = reqwest::Url::parse(url).map_or_else(
+            |_| "the notify URL".to_owned(),
+            |u| format!("{}://{}/…", u.scheme(), u.host_str().unwrap_or("")),
+        );
         loop {
             let sent = client
                 .post(url)
@@ -126,10 +149,10 @@ impl Notify {
                     let s = r.status();
                     (
                         s.is_server_error() || s == reqwest::StatusCode::TOO_MANY_REQUESTS,
-                        format!("{url} answered {s}"),
+                        format!("{shown} answered {s}"),
                     )
                 }
-                Err(e) => (true, format!("POST {url}: {e}")),
+                Err(e) => (true, format!("POST {shown}: {}", e.without_url())),
             };
             match delays.next() {
                 Some(wait) if retry => {

@@ -1393,6 +1393,12 @@ async fn events_say_what_happened_once_with_phases_and_a_masked_log() {
     // Next run: b still cannot fetch (the same failure: not told again); a is skipped.
     let (_, report) = b.run(&v2).await;
     assert!(report.events.is_empty(), "{:?}", report.events);
+    // A run that could not read the manifest (kept what runs) proves nothing: the same
+    // failure after it is still not news.
+    let (_, report) = b.run_unchanged().await;
+    assert!(report.events.is_empty(), "{:?}", report.events);
+    let (_, report) = b.run(&v2).await;
+    assert!(report.events.is_empty(), "{:?}", report.events);
     // b deploys; when it fails the same way later, that is news again.
     b.host().world().missing.clear();
     let (_, report) = b.run(&v2).await;
@@ -1416,6 +1422,18 @@ async fn events_say_what_happened_once_with_phases_and_a_masked_log() {
     assert_eq!(e.kind, EventKind::RolledBack);
     assert_eq!(e.log.len(), 1);
     assert!(e.log[0].starts_with("(log withheld: "), "{:?}", e.log);
+
+    // A crash loop is repaired every run: told once (until a run that read the manifest
+    // finds it kept as it was, as for a failure above).
+    let repaired = |b: &mut Bench| {
+        b.host().world().units.remove("a.service");
+    };
+    repaired(&mut b);
+    let (_, report) = b.run_unchanged().await;
+    assert_eq!(kinds(&report), [("a".into(), EventKind::Repaired)]);
+    repaired(&mut b);
+    let (_, report) = b.run_unchanged().await;
+    assert!(report.events.is_empty(), "{:?}", report.events);
 
     // Removed from the manifest.
     let (_, report) = b.run(&manifest(&[], Value::Null)).await;

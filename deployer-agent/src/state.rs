@@ -274,12 +274,13 @@ impl State {
         }
     }
 
-    /// Write the state atomically.
+    /// Write the state atomically, readable by its owner only: it holds the failed units'
+    /// log tails (masked, but a service's output all the same).
     pub fn save(&self, state_dir: &Path) -> Result<(), AgentError> {
         let path = Self::path(state_dir);
         let mut bytes = serde_json::to_vec_pretty(self).expect("the state serialises");
         bytes.push(b'\n');
-        deploy_manifest::fsutil::write_atomically(&path, &bytes, 0o644)
+        deploy_manifest::fsutil::write_atomically(&path, &bytes, 0o600)
             .map_err(|e| AgentError::io(format!("writing {}", path.display()), e))
     }
 }

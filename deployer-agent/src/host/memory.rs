@@ -363,7 +363,7 @@ impl Host for MemoryHost {
         Ok(after.to_vec())
     }
 
-    fn secret_values(&self, files: &[EnvFile]) -> Result<Vec<String>, String> {
+    fn secret_values(&self, _service: &str, files: &[EnvFile]) -> Result<Vec<String>, String> {
         let w = self.world();
         let mut values = Vec::new();
         for f in files {

@@ -99,10 +99,12 @@ pub trait Host {
         unit: &str,
         mark: &LogMark,
     ) -> impl Future<Output = Result<Vec<String>, String>>;
-    /// Every value the env files `files` set (the service's own secrets file and its
-    /// generated one): what is masked in its log. An existing file that cannot be read (a
-    /// refused mode or owner) is an error: its values could not be masked.
-    fn secret_values(&self, files: &[EnvFile]) -> Result<Vec<String>, String>;
+    /// Every secret value of `service`: what its env files `files` set (its own secrets
+    /// file and its generated one), the content of each file in its secrets directory (what
+    /// `${secret:…}` reads, whole and line by line) and its database password: what is
+    /// masked in its log. An existing file that cannot be read (a refused mode or owner) is
+    /// an error: its values could not be masked.
+    fn secret_values(&self, service: &str, files: &[EnvFile]) -> Result<Vec<String>, String>;
 
     /// A reverse proxy is configured.
     fn has_proxy(&self) -> bool;

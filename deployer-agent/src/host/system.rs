@@ -51,12 +51,16 @@ impl<M> SystemHost<M> {
 /// it was replaced), reading at most the last 64 KiB.
 fn tail_file(path: &Path, offset: u64) -> Result<Vec<String>, String> {
     use std::io::{Read, Seek, SeekFrom};
-    let mut file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(format!("{}: {e}", path.display())),
+    // Not following a symlink, not waiting on a FIFO: only the unit's own regular file.
+    let (mut file, meta) = match secrets::open_regular(path) {
+        Ok(opened) => opened,
+        Err(secrets::Refusal::Missing) => return Ok(Vec::new()),
+        Err(secrets::Refusal::NotRegular) => {
+            return Err(format!("{} is not a regular file", path.display()));
+        }
+        Err(e) => return Err(format!("{}: {}", path.display(), e.explain(path, 0))),
     };
-    let len = file.metadata().map_err(|e| e.to_string())?.len();
+    let len = meta.len();
     let from = if offset > len { 0 } else { offset };
     let from = from.max(len.saturating_sub(64 * 1024));
     file.seek(SeekFrom::Start(from))
@@ -277,22 +281,44 @@ impl<M: ServiceManager> Host for SystemHost<M> {
         journal_tail(unit, mark.at).await
     }
 
-    fn secret_values(&self, files: &[EnvFile]) -> Result<Vec<String>, String> {
+    fn secret_values(&self, service: &str, files: &[EnvFile]) -> Result<Vec<String>, String> {
         let owner = self.owner_uid();
+        let read = |path: &Path| match secrets::read_checked(path, owner) {
+            Ok(text) => Ok(Some(text)),
+            Err(secrets::Refusal::Missing) => Ok(None),
+            Err(r) => Err(format!(
+                "{} could not be read to mask its values: {}",
+                path.display(),
+                r.explain(path, owner)
+            )),
+        };
         let mut values = Vec::new();
         for f in files {
-            match secrets::read_checked(&f.path, owner) {
-                Ok(text) => values.extend(crate::evidence::secret_values(&text)),
-                Err(secrets::Refusal::Missing) => {}
-                Err(r) => {
-                    return Err(format!(
-                        "{} could not be read to mask its values: {}",
-                        f.path.display(),
-                        r.explain(&f.path, owner)
-                    ));
-                }
+            if let Some(text) = read(&f.path)? {
+                values.extend(crate::evidence::secret_values(&text));
             }
         }
+        // The files `${secret:NAME}` reads (and an envFile kept there), and the database
+        // password: each value may be printed on its own.
+        let dir = self.config.secrets_dir.join(service);
+        let mut own: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| !t.is_dir()))
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default();
+        own.push(infra::password_path(&self.config.secrets_dir, service));
+        for path in own {
+            if let Some(text) = read(&path)? {
+                values.extend(crate::evidence::secret_values(&text));
+                values.push(text.trim().to_owned());
+                values.extend(text.lines().map(|l| l.trim().to_owned()));
+            }
+        }
+        values.retain(|v| !v.is_empty());
         Ok(values)
     }
 

@@ -516,7 +516,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             match released {
                 Ok(()) => {}
                 Err(e @ AgentError::Release(_)) => {
-                    trace.log = self.evidence(&unit, &mark, &env_files).await;
+                    trace.log = self.evidence(service, &unit, &mark, &env_files).await;
                     return Err((e, Stage::ReleaseFailed));
                 }
                 Err(e) => return Err(untouched(e)),
@@ -532,7 +532,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             .start_unit(&d.unit, &unit_file, in_place_of, &probes, &mut trace.phases)
             .await;
         if let Err((_, Stage::Touched)) = &started {
-            trace.log = self.evidence(&d.unit, &mark, &env_files).await;
+            trace.log = self.evidence(service, &d.unit, &mark, &env_files).await;
         }
         started?;
         crate::fault::point("healthy");
@@ -593,8 +593,14 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
     /// The log `unit` left after `mark`, masked with the values of `env_files` (the
     /// service's secrets) and bounded; a line saying why when it cannot be had. A log
     /// whose secrets cannot be read is withheld, not sent unmasked.
-    async fn evidence(&self, unit: &str, mark: &LogMark, env_files: &[EnvFile]) -> Vec<String> {
-        let secrets = match self.host.secret_values(env_files) {
+    async fn evidence(
+        &self,
+        service: &Service,
+        unit: &str,
+        mark: &LogMark,
+        env_files: &[EnvFile],
+    ) -> Vec<String> {
+        let secrets = match self.host.secret_values(&service.name, env_files) {
             Ok(values) => values,
             Err(e) => return vec![format!("(log withheld: {e})")],
         };

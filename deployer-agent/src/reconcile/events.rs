@@ -34,9 +34,11 @@ pub(super) struct Detail {
     pub reverted_to: Option<Option<String>>,
 }
 
-/// The event `outcome` makes for `service`, if it is news. A failure that is the same as
-/// the last one told for this service (`state.told`) is not: it repeats every run until
-/// something changes. Anything else that ends well forgets what was told.
+/// The event `outcome` makes for `service`, if it is news. A failure (or a repair) that is
+/// the same as the last one told for this service (`state.told`, compared without the
+/// numbers and paths that differ from run to run) is not: it repeats every run until
+/// something changes. A run that read the manifest and kept the service as it was forgets
+/// what was told (a run that could not read it proves nothing).
 pub(super) fn event_of(
     host: &str,
     service: &str,
@@ -60,20 +62,28 @@ pub(super) fn event_of(
             (EventKind::Unhealthy, Some(error))
         }
         Outcome::Kept => {
-            state.told.remove(service);
+            if manifest.is_some() {
+                state.told.remove(service);
+            }
             return None;
         }
         Outcome::Skipped | Outcome::Held { .. } => return None,
     };
-    match error {
-        Some(error) => {
-            let told = format!("{kind}: {error}");
-            // A rollback is news every time (its spec is not tried again); a failure that
-            // repeats every run is told once.
-            if kind != EventKind::RolledBack && state.told.get(service) == Some(&told) {
-                return None;
-            }
+    // A rollback is news every time (its spec is not tried again); a failure, or a
+    // repair (a crash loop is repaired every run), that repeats is told once.
+    let repeats = match (error, kind) {
+        (_, EventKind::RolledBack) => None,
+        (Some(error), _) => Some(format!("{kind}: {}", gist(error))),
+        (None, EventKind::Repaired) => Some(kind.to_string()),
+        (None, _) => None,
+    };
+    match repeats {
+        Some(told) if state.told.get(service) == Some(&told) => return None,
+        Some(told) => {
             state.told.insert(service.to_owned(), told);
+        }
+        None if kind == EventKind::RolledBack => {
+            state.told.insert(service.to_owned(), kind.to_string());
         }
         None => {
             state.told.remove(service);
@@ -104,6 +114,17 @@ pub(super) fn event_of(
     })
 }
 
+/// What stays the same when a failure repeats: its words, without the numbers (restart
+/// counts, sizes, seconds) and paths (temporary files) that differ from run to run.
+fn gist(error: &str) -> String {
+    error
+        .split_whitespace()
+        .map(|w| if w.contains('/') { "…" } else { w })
+        .collect::<Vec<_>>()
+        .join(" ")
+        .replace(|c: char| c.is_ascii_digit(), "")
+}
+
 impl<S: ObjectStore, H: Host> Agent<S, H> {
     /// Write this run's events as one signed history record, after any records an earlier
     /// run could not write; prune the host's history to `--history-keep`. A record the
@@ -118,7 +139,8 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             let mut record = HistoryRecord {
                 schema_version: 1,
                 host: self.config.host.clone(),
-                written_at: now(),
+                written_at: humantime::format_rfc3339_millis(std::time::SystemTime::now())
+                    .to_string(),
                 events: events.to_vec(),
                 signature: None,
             };

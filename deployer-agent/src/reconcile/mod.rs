@@ -284,13 +284,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 Ok(()) => (manifest, etag),
                 Err(e) => return self.fail_run(&mut state, e, events).await,
             },
-            Ok(Polled::Unchanged) => {
-                let report = self.run_unchanged(&mut state).await;
-                if let Ok(r) = &report {
-                    events.clone_from(&r.events);
-                }
-                return report;
-            }
+            Ok(Polled::Unchanged) => return self.run_unchanged(&mut state, events).await,
             Err(e) => {
                 if let AgentError::Manifest(deploy_manifest::Error::Trust(
                     deploy_manifest::sign::TrustError::Expired { expires, .. },
@@ -309,8 +303,12 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             manifest_version: manifest.version.clone(),
             ..RunReport::default()
         };
-        self.apply(&plan, Some(&manifest), &mut state, &mut report)
-            .await?;
+        let applied = self
+            .apply(&plan, Some(&manifest), &mut state, &mut report)
+            .await;
+        // What was done is told even if the state could not be saved after it.
+        events.clone_from(&report.events);
+        applied?;
         let rolling = self.record(&plan, &rollouts, &mut state, &mut report).await;
         events.clone_from(&report.events);
         state.manifest_version = manifest.version.clone();
@@ -331,7 +329,11 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
     }
 
     /// `manifest.json` unchanged: repair drift from the state alone.
-    async fn run_unchanged(&self, state: &mut State) -> Result<RunReport, AgentError> {
+    async fn run_unchanged(
+        &self,
+        state: &mut State,
+        events: &mut Vec<deploy_manifest::history::Event>,
+    ) -> Result<RunReport, AgentError> {
         if !self.config.trusted_keys.is_empty() {
             state.expired = state
                 .manifest_expires
@@ -347,7 +349,9 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             manifest_version: state.manifest_version.clone(),
             ..RunReport::default()
         };
-        self.apply(&plan, None, state, &mut report).await?;
+        let applied = self.apply(&plan, None, state, &mut report).await;
+        events.clone_from(&report.events);
+        applied?;
         tracing::info!(
             repaired = ?report.services_where(|o| *o == Outcome::Repaired),
             "manifest unchanged"
@@ -371,12 +375,13 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         tracing::error!(error = %e, "run failed; nothing new was applied, keeping what runs");
         let plan = plan_unchanged(state, &self.host).await;
         let mut report = RunReport::default();
-        self.apply(&plan, None, state, &mut report).await?;
+        let applied = self.apply(&plan, None, state, &mut report).await;
+        *events = std::mem::take(&mut report.events);
+        applied?;
         let repaired = report.services_where(|o| *o == Outcome::Repaired);
         if !repaired.is_empty() {
             tracing::warn!(?repaired, "restored services that had drifted");
         }
-        *events = std::mem::take(&mut report.events);
         state.last_error = Some(e.to_string());
         self.host.save_state(state)?;
         Err(e)
