@@ -19,18 +19,8 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/deployer-target}"
 cargo build --quiet --release -p deployer-agent -p deploy-manifest -p push
 bin="$CARGO_TARGET_DIR/release"
 export PATH="$bin:$PWD/push:$PATH"
-moto="${DEPLOYER_MOTO:-$PWD/.venv-s3/bin/moto_server}"
-[[ -x "$moto" ]] || { echo "no moto server: run scripts/test.sh first" >&2; exit 2; }
-
 work=$(mktemp -d)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-"$moto" -H 127.0.0.1 -p "$port" >/dev/null 2>&1 &
-moto_pid=$!
-trap 'kill $moto_pid 2>/dev/null; rm -rf "$work"' EXIT
-for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$port" && break; sleep 0.1; done
-export AWS_ENDPOINT_URL="http://127.0.0.1:$port" AWS_REGION=us-east-1
-export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_EC2_METADATA_DISABLED=true
-s3curl=(curl -s --aws-sigv4 "aws:amz:us-east-1:s3" --user "bench:bench")
+source bench/moto.sh
 calc() { python3 -c "print($1)"; }
 measure() {  # "<wall> <user+sys> <peak KiB>" of a command (its stdout to $work/out)
   /usr/bin/time -f "%e %U %S %M" -o "$work/time" "$@" > "$work/out"
@@ -40,7 +30,6 @@ mkdir -p "$work/secrets" && chmod 700 "$work/secrets"
 agent=(deployer-agent --user --host bench --state-dir "$work/state" --secrets-dir "$work/secrets")
 
 # --- 1 and 2: one S3 store with a service whose artifact is SIZE_MIB of random data.
-"${s3curl[@]}" -X PUT "http://127.0.0.1:$port/bench" >/dev/null
 export DEPLOY_STORE=s3://bench/deploy
 deploy-manifest init >/dev/null
 big=$(free=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'); echo "$free")

@@ -13,14 +13,5 @@ cd "$(dirname "$0")/.."
 hosts="${1:-1000}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/deployer-target}"
 cargo build --quiet --release -p deployer-agent --example rollout_fleet
-moto="${DEPLOYER_MOTO:-$PWD/.venv-s3/bin/moto_server}"
-[[ -x "$moto" ]] || { echo "no moto server: run scripts/test.sh first" >&2; exit 2; }
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-"$moto" -H 127.0.0.1 -p "$port" >/dev/null 2>&1 &
-moto_pid=$!
-trap 'kill $moto_pid 2>/dev/null' EXIT
-for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$port" && break; sleep 0.1; done
-export AWS_ENDPOINT_URL="http://127.0.0.1:$port" AWS_REGION=us-east-1
-export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_EC2_METADATA_DISABLED=true
-curl -s --aws-sigv4 "aws:amz:us-east-1:s3" --user "bench:bench" -X PUT "http://127.0.0.1:$port/bench" >/dev/null
+source bench/moto.sh
 "$CARGO_TARGET_DIR/release/examples/rollout_fleet" s3://bench/rollout "$hosts"

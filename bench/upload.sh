@@ -14,19 +14,8 @@ size_mib="${1:-512}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/deployer-target}"
 cargo build --quiet --release -p push -p deploy-manifest
 bin="$CARGO_TARGET_DIR/release"
-moto="${DEPLOYER_MOTO:-$PWD/.venv-s3/bin/moto_server}"
-[[ -x "$moto" ]] || { echo "no moto server: run scripts/test.sh first" >&2; exit 2; }
-
 work=$(mktemp -d)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-"$moto" -H 127.0.0.1 -p "$port" >/dev/null 2>&1 &
-moto_pid=$!
-trap 'kill $moto_pid 2>/dev/null; rm -rf "$work"' EXIT
-for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$port" && break; sleep 0.1; done
-curl -s -X PUT "http://127.0.0.1:$port/bench" >/dev/null
-
-export AWS_ENDPOINT_URL="http://127.0.0.1:$port" AWS_REGION=us-east-1
-export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_EC2_METADATA_DISABLED=true
+source bench/moto.sh
 
 mkdir -p "$work/repo/out"
 head -c "$((size_mib << 20))" /dev/urandom > "$work/repo/out/blob"

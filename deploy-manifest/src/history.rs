@@ -18,7 +18,6 @@ use futures_util::{StreamExt, stream};
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
-use crate::render::escape;
 use crate::sign::{PublicKey, Signature, SignedJson};
 use crate::status::Verification;
 use crate::store::{Fetched, ObjectStore, Precondition};
@@ -345,10 +344,7 @@ pub async fn read(
     host_keys: Option<&[PublicKey]>,
 ) -> Result<Found, Error> {
     let keys = record_keys(store, filter.host.as_deref()).await?;
-    let mut by_host: BTreeMap<&str, Vec<PublicKey>> = BTreeMap::new();
-    for k in host_keys.unwrap_or_default() {
-        by_host.entry(k.name.as_str()).or_default().push(k.clone());
-    }
+    let by_host = crate::status::HostKeys::new(host_keys);
     let mut found = Found::default();
     let budget = filter.limit.saturating_add(READ_SLACK);
     let more = keys.len() > budget;
@@ -385,13 +381,12 @@ pub async fn read(
         // The key must name the host and the time the record says (both signed).
         let at_own_object = object_host == record.host
             && stamp_of(&record.written_at).as_deref() == Some(object_stamp);
-        let keys_of = host_keys.map(|_| {
-            by_host
-                .get(record.host.as_str())
-                .map_or(&[][..], |v| &v[..])
-        });
-        let mut verification =
-            crate::status::verify_signed(at_own_object, &record.host, &record, keys_of);
+        let mut verification = crate::status::verify_signed(
+            at_own_object,
+            &record.host,
+            &record,
+            by_host.of(&record.host),
+        );
         // Every event must be of the host that signed the record.
         if record.events.iter().any(|e| e.host != record.host) {
             verification = Verification::WrongObject;
@@ -473,17 +468,6 @@ pub fn render(events: &[StoredEvent]) -> String {
         ],
         &rows,
     )
-}
-
-/// One event as the operator reads it in full (`history --service S` shows logs this way).
-pub fn render_log(e: &Event) -> String {
-    let mut out = String::new();
-    for line in &e.log {
-        out.push_str("    | ");
-        out.push_str(&escape(line));
-        out.push('\n');
-    }
-    out
 }
 
 #[cfg(test)]

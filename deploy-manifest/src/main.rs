@@ -405,7 +405,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                         e.kind,
                         render::escape(&e.at)
                     );
-                    print!("{}", history::render_log(e));
+                    print!("{}", render::log_lines(&e.log, "    "));
                 }
             }
         }

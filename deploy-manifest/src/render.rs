@@ -35,6 +35,15 @@ pub fn escape(text: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// A log's lines as `status HOST` and `history --logs` print them: `indent| line`, each
+/// escaped.
+pub fn log_lines(lines: &[String], indent: &str) -> String {
+    lines
+        .iter()
+        .map(|l| format!("{indent}| {}\n", escape(l)))
+        .collect()
+}
+
 /// Left-aligned columns separated by two spaces; the last column is not padded. Cells are
 /// [`escape`]d: a cell never breaks the line or reaches the terminal as a control sequence.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {

@@ -121,6 +121,32 @@ impl Verification {
     }
 }
 
+/// The readers' host keys by host: each document a host signs is checked against that
+/// host's keys only (a fleet has many).
+pub struct HostKeys<'a> {
+    given: bool,
+    by_host: BTreeMap<&'a str, Vec<PublicKey>>,
+}
+
+impl<'a> HostKeys<'a> {
+    pub fn new(host_keys: Option<&'a [PublicKey]>) -> Self {
+        let mut by_host: BTreeMap<&str, Vec<PublicKey>> = BTreeMap::new();
+        for k in host_keys.unwrap_or_default() {
+            by_host.entry(k.name.as_str()).or_default().push(k.clone());
+        }
+        HostKeys {
+            given: host_keys.is_some(),
+            by_host,
+        }
+    }
+
+    /// `host`'s keys (none: it has none), or `None` when no host keys were given.
+    pub fn of(&self, host: &str) -> Option<&[PublicKey]> {
+        self.given
+            .then(|| self.by_host.get(host).map_or(&[][..], |v| &v[..]))
+    }
+}
+
 /// Check one report read from `object` against `host_keys` (`None`: none given).
 pub fn verify_report(
     object: &str,
@@ -246,18 +272,13 @@ pub async fn read_stored_reports(
     .buffer_unordered(32)
     .try_collect()
     .await?;
-    // Each report is checked against its host's keys only (a fleet has many).
-    let mut by_host: BTreeMap<&str, Vec<PublicKey>> = BTreeMap::new();
-    for k in host_keys.unwrap_or_default() {
-        by_host.entry(k.name.as_str()).or_default().push(k.clone());
-    }
-    let keys_of = |host: &str| host_keys.map(|_| by_host.get(host).map_or(&[][..], |v| &v[..]));
+    let by_host = HostKeys::new(host_keys);
     let mut reports: Vec<StoredReport> = fetched
         .into_iter()
         .filter_map(|(key, f)| match f {
             Fetched::Found { bytes, .. } => match serde_json::from_slice::<HostReport>(&bytes) {
                 Ok(report) => Some(StoredReport {
-                    verification: verify_report(&key, &report, keys_of(&report.host)),
+                    verification: verify_report(&key, &report, by_host.of(&report.host)),
                     object: key,
                     report,
                 }),
@@ -576,9 +597,7 @@ pub fn render_host(h: &HostView, service: Option<&str>) -> String {
                 "    log (its last {} lines when the deploy failed, secrets masked):",
                 s.log.len()
             );
-            for line in &s.log {
-                let _ = writeln!(out, "      | {}", e(line));
-            }
+            out.push_str(&crate::render::log_lines(&s.log, "      "));
         }
     }
     if let Some(want) = service

@@ -9,7 +9,7 @@ use deploy_manifest::model::{Manifest, Service};
 use deploy_manifest::store::ObjectStore;
 use tracing::Instrument;
 
-use super::deploy::Failed;
+use super::deploy::{Failed, Trace};
 use super::events::{Detail, event_of};
 use super::{Agent, InfraOutcome, Outcome, RunReport, now};
 use crate::AgentError;
@@ -169,7 +169,10 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                     .get(&d.service)
                     .and_then(|e| e.current.as_ref())
                     .map(|g| g.artifact.label());
-                let (deployed, trace) = self.deploy(d, s, m, state, infra_failed, report).await;
+                let mut trace = Trace::default();
+                let deployed = self
+                    .deploy(d, s, m, state, infra_failed, report, &mut trace)
+                    .await;
                 let outcome = match deployed {
                     Ok(()) => Outcome::Deployed,
                     Err(Failed::Retry(error)) => {

@@ -148,33 +148,9 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
     }
 
     /// Deploy one service as the step says; on failure, undo what its recovery rule says
-    /// and record why. With what it measured and saw.
-    pub(super) async fn deploy(
-        &self,
-        d: &Deploy,
-        service: &Service,
-        manifest: &Manifest,
-        state: &mut State,
-        infra_failed: &BTreeMap<String, String>,
-        report: &mut RunReport,
-    ) -> (Result<(), Failed>, Trace) {
-        let mut trace = Trace::default();
-        let result = self
-            .deploy_traced(
-                d,
-                service,
-                manifest,
-                state,
-                infra_failed,
-                report,
-                &mut trace,
-            )
-            .await;
-        (result, trace)
-    }
-
+    /// and record why. What it measured and saw goes into `trace`.
     #[allow(clippy::too_many_arguments)]
-    async fn deploy_traced(
+    pub(super) async fn deploy(
         &self,
         d: &Deploy,
         service: &Service,
