@@ -430,3 +430,98 @@ fn status_watch_ends_when_the_fleet_settles_and_push_wait_shows_each_host() {
         "{err}"
     );
 }
+
+/// From a bucket writer's seat: a signed history record copied under a later time, and an
+/// unsigned one claiming a rollback. Readers given the host keys see neither, and the
+/// agent's next eventful run prunes by real time: the copies go, the real records stay.
+#[tokio::test(flavor = "multi_thread")]
+async fn forged_history_neither_shows_nor_pushes_real_records_out() {
+    use deploy_manifest::store::{Fetched, ObjectStore, Precondition};
+    let fx = Fixture::file();
+    let mut host = Host::new();
+    host.flags
+        .extend(["--history-keep".to_owned(), "2".to_owned()]);
+    let port = free_port();
+    declare_hello(&fx, port);
+    let app = App::new();
+    for v in ["v1", "v2"] {
+        app.set_version(v, false);
+        app.push(&fx);
+        host.run_once(&fx).ok();
+    }
+    let keys_file = host.dir.path().join("host-keys");
+    let key = host.agent(&fx, &["host-key"]).ok().stdout_str();
+    std::fs::write(&keys_file, key).unwrap();
+    let keys = keys_file.to_str().unwrap();
+    let verified = |fx: &Fixture| -> Vec<String> {
+        let out = fx.dm(&["--json", "history", "--host-keys", keys]).ok();
+        let events: Value = serde_json::from_slice(&out.stdout).unwrap();
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                format!(
+                    "{} {}",
+                    e["kind"].as_str().unwrap(),
+                    e["artifact"].as_str().unwrap()
+                )
+            })
+            .collect()
+    };
+    let honest = verified(&fx);
+    assert_eq!(honest.len(), 2, "{honest:?}");
+
+    // The attacker's copies.
+    let store = fx.store().await;
+    let mut records = store.list("history/biz/").await.unwrap();
+    records.sort();
+    let newest = records.last().unwrap().clone();
+    let Fetched::Found { bytes, .. } = store.get(&newest, None).await.unwrap() else {
+        panic!("{newest}");
+    };
+    let mut forged: Value = serde_json::from_slice(&bytes).unwrap();
+    for (i, key) in [
+        "99991231T000000.000Z-00000000",
+        "99991231T000000.000Z-11111111",
+    ]
+    .iter()
+    .enumerate()
+    {
+        if i == 1 {
+            forged["events"][0]["kind"] = "rolledBack".into();
+            forged.as_object_mut().unwrap().remove("signature");
+        }
+        let body = if i == 0 {
+            bytes.clone()
+        } else {
+            serde_json::to_vec(&forged).unwrap()
+        };
+        store
+            .put(&format!("history/biz/{key}.json"), body, Precondition::None)
+            .await
+            .unwrap();
+    }
+    let out = fx.dm(&["history", "--host-keys", keys]).ok();
+    assert_eq!(verified(&fx), honest, "the copies do not count");
+    assert!(
+        out.stderr_str()
+            .contains("99991231T000000.000Z-00000000.json: not counted"),
+        "{}",
+        out.stderr_str()
+    );
+
+    // An honest deploy: its run prunes to 2 by real time.
+    app.set_version("v3", false);
+    app.push(&fx);
+    host.run_once(&fx).ok();
+    let left = store.list("history/biz/").await.unwrap();
+    assert!(!left.iter().any(|k| k.contains("9999")), "{left:?}");
+    let now = verified(&fx);
+    assert_eq!(now.len(), 2, "{now:?}");
+    assert_eq!(
+        now[1], honest[0],
+        "the newest real record before it is kept"
+    );
+    assert!(now.iter().all(|e| e.starts_with("deployed ")), "{now:?}");
+}

@@ -349,3 +349,41 @@ fn not_foreign(path: &Path) -> Result<(), AgentError> {
         ))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The unlucky operator's (or a service's) FIFO or symlink where a unit's log file
+    /// should be: refused at once, never waited on or followed.
+    #[test]
+    fn a_log_tail_reads_only_the_units_own_regular_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("hello.log");
+        std::fs::write(&log, "old run\nnew 1\nnew 2\n").unwrap();
+        assert_eq!(tail_file(&log, 8).unwrap(), ["new 1", "new 2"]);
+        assert_eq!(
+            tail_file(&log, 1 << 20).unwrap().len(),
+            3,
+            "shorter than the mark: replaced, read from the start"
+        );
+        assert!(
+            tail_file(&dir.path().join("missing.log"), 0)
+                .unwrap()
+                .is_empty()
+        );
+
+        let fifo = dir.path().join("fifo.log");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let err = tail_file(&fifo, 0).unwrap_err();
+        assert!(err.contains("not a regular file"), "{err}");
+
+        let secret = dir.path().join("host.key");
+        std::fs::write(&secret, "key material\n").unwrap();
+        let link = dir.path().join("link.log");
+        std::os::unix::fs::symlink(&secret, &link).unwrap();
+        let err = tail_file(&link, 0).unwrap_err();
+        assert!(err.contains("not a regular file"), "{err}");
+    }
+}
