@@ -268,14 +268,48 @@ pub fn desired<'m>(manifest: &'m Manifest, host: &str) -> Vec<&'m Service> {
         .collect()
 }
 
+/// Whether each unit a plan looks at is active, as systemd said when asked once for all of
+/// them (`ListUnitsByNames`): a run's cost in calls does not grow with the services it keeps.
+struct Seen(BTreeMap<String, bool>);
+
+impl Seen {
+    async fn ask<H: Host>(host: &H, units: BTreeSet<&str>) -> Seen {
+        use crate::systemd::{ActiveState, ServiceManager};
+        let units: Vec<&str> = units.into_iter().collect();
+        match host.manager().unit_states(&units).await {
+            Ok(listed) => Seen(
+                listed
+                    .into_iter()
+                    .map(|u| (u.name, u.active_state == ActiveState::Active))
+                    .collect(),
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "asking systemd about every unit at once failed; asking one by one");
+                Seen(BTreeMap::new())
+            }
+        }
+    }
+
+    /// Whether `unit` is active: as said in the batch, else asked now.
+    async fn active<H: Host>(&self, host: &H, unit: &str) -> Result<bool, String> {
+        use crate::systemd::ServiceManager;
+        match self.0.get(unit) {
+            Some(active) => Ok(*active),
+            None => match host.manager().status(unit).await {
+                Ok(status) => Ok(status.is_active()),
+                Err(e) => Err(e.to_string()),
+            },
+        }
+    }
+}
+
 /// How `unit` stands against `file`, the file it should run from.
-async fn condition<H: Host>(host: &H, unit: &str, file: &str) -> Condition {
-    use crate::systemd::ServiceManager;
-    let condition = match host.manager().status(unit).await {
-        Err(e) => Condition::Unknown(e.to_string()),
+async fn condition<H: Host>(host: &H, seen: &Seen, unit: &str, file: &str) -> Condition {
+    let condition = match seen.active(host, unit).await {
+        Err(e) => Condition::Unknown(e),
         Ok(_) if host.read_unit(unit).as_deref() != Some(file) => Condition::Changed,
-        Ok(status) if status.is_active() => Condition::Running,
-        Ok(_) => Condition::Stopped,
+        Ok(true) => Condition::Running,
+        Ok(false) => Condition::Stopped,
     };
     // Before it is written or started again: is the name still ours?
     if matches!(condition, Condition::Changed | Condition::Stopped)
@@ -362,6 +396,19 @@ pub async fn plan<H: Host>(
     // or, of a service that may be served by them, once that service is healthy again.
     let known = known_units(state);
     let found = found_units(host).await;
+    let infra_units: Vec<String> = infra_specs(manifest, me)
+        .iter()
+        .map(|(name, _)| names::infra_unit(name))
+        .collect();
+    let seen = Seen::ask(
+        host,
+        known
+            .iter()
+            .copied()
+            .chain(infra_units.iter().map(String::as_str))
+            .collect(),
+    )
+    .await;
     let mut retire = Vec::new();
     let mut retire_after: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for unit in found.iter().cloned() {
@@ -420,8 +467,9 @@ pub async fn plan<H: Host>(
         match (gate, view) {
             (Some(Gate::Hold { reason }), _) => {
                 if let Some((entry, current)) = entry.and_then(|e| Some((e, e.current.as_ref()?))) {
-                    services
-                        .push(keep_step(&s.name, entry, current, host, &mut retire_after).await);
+                    services.push(
+                        keep_step(&s.name, entry, current, host, &seen, &mut retire_after).await,
+                    );
                 }
                 services.push(Step::Hold {
                     service: s.name.clone(),
@@ -439,7 +487,7 @@ pub async fn plan<H: Host>(
                             before,
                             needs,
                             state,
-                            host,
+                            (host, &seen),
                             &mut ports,
                             &mut retire_after,
                             false,
@@ -489,7 +537,7 @@ pub async fn plan<H: Host>(
                     s,
                     needs,
                     state,
-                    host,
+                    (host, &seen),
                     &mut ports,
                     &mut retire_after,
                     forgiven,
@@ -524,14 +572,14 @@ pub async fn plan<H: Host>(
         let ready = deploying.contains(name.as_str());
         let step = match state.infra.get(&name).filter(|_| !ready) {
             Some(recorded) => InfraStep {
-                condition: condition(host, &recorded.unit, &recorded.unit_file).await,
+                condition: condition(host, &seen, &recorded.unit, &recorded.unit_file).await,
                 unit_file: recorded.unit_file.clone(),
                 ready,
                 ..infra_step(&name, &recorded.unit, spec)
             },
             None => match infra::unit_file(&name, spec, config) {
                 Ok(unit_file) => InfraStep {
-                    condition: condition(host, &unit, &unit_file).await,
+                    condition: condition(host, &seen, &unit, &unit_file).await,
                     unit_file,
                     ready,
                     ..infra_step(&name, &unit, spec)
@@ -607,7 +655,7 @@ async fn service_step<H: Host>(
     s: &Service,
     needs: Result<Vec<String>, AgentError>,
     state: &State,
-    host: &H,
+    (host, seen): (&H, &Seen),
     ports: &mut Ports,
     retire_after: &mut BTreeMap<String, Vec<String>>,
     forgiven: bool,
@@ -634,7 +682,7 @@ async fn service_step<H: Host>(
     if let (Some(entry), Some(c)) = (entry, current)
         && c.spec_hash == hash
     {
-        return keep_step(&s.name, entry, c, host, retire_after).await;
+        return keep_step(&s.name, entry, c, host, seen, retire_after).await;
     }
     if let Some(f) = entry
         .and_then(|e| e.failed.as_ref())
@@ -755,6 +803,7 @@ async fn keep_step<H: Host>(
     entry: &ServiceState,
     current: &Generation,
     host: &H,
+    seen: &Seen,
     retire_after: &mut BTreeMap<String, Vec<String>>,
 ) -> Step {
     let recheck =
@@ -765,7 +814,7 @@ async fn keep_step<H: Host>(
         service: name.to_owned(),
         artifact: current.artifact.label(),
         unit: entry.unit.clone(),
-        condition: condition(host, &entry.unit, &current.unit_file).await,
+        condition: condition(host, seen, &entry.unit, &current.unit_file).await,
         // Units to retire once it is healthy: probe it.
         recheck: recheck || !retire_after.is_empty(),
         retire_after,
@@ -857,12 +906,13 @@ impl Ports {
 /// The plan when `manifest.json` is unchanged since the last run (or cannot be read):
 /// every recorded unit is put back as recorded if it drifted, from the state alone.
 pub async fn plan_unchanged<H: Host>(state: &State, host: &H) -> Plan {
+    let seen = Seen::ask(host, known_units(state)).await;
     let mut steps = Vec::new();
     for (name, recorded) in &state.infra {
         steps.push(Step::Infra(Box::new(InfraStep {
             name: name.clone(),
             unit: recorded.unit.clone(),
-            condition: condition(host, &recorded.unit, &recorded.unit_file).await,
+            condition: condition(host, &seen, &recorded.unit, &recorded.unit_file).await,
             ready: false,
             error: None,
             unit_file: recorded.unit_file.clone(),
@@ -875,7 +925,7 @@ pub async fn plan_unchanged<H: Host>(state: &State, host: &H) -> Plan {
                 service: name.clone(),
                 artifact: current.artifact.label(),
                 unit: entry.unit.clone(),
-                condition: condition(host, &entry.unit, &current.unit_file).await,
+                condition: condition(host, &seen, &entry.unit, &current.unit_file).await,
                 recheck: false,
                 retire_after: Vec::new(),
             });

@@ -1445,3 +1445,53 @@ async fn events_say_what_happened_once_with_phases_and_a_masked_log() {
         ]
     );
 }
+
+/// A run's cost grows with what changed, not with what exists: keeping 3 or 30 services
+/// costs the same calls to the manager and no state write, one drifted service costs one
+/// write, and the plan asked about every unit at once.
+#[tokio::test]
+async fn keeping_services_costs_no_write_and_the_same_calls_however_many() {
+    async fn costs(n: usize) -> [u64; 4] {
+        let mut b = Bench::new(false);
+        let paths: Vec<String> = (0..n).map(|i| format!("/nix/store/s{i}-v1")).collect();
+        let names: Vec<String> = (0..n).map(|i| format!("s{i}")).collect();
+        let services: Vec<(&str, &str, Value)> = names
+            .iter()
+            .zip(&paths)
+            .map(|(name, path)| (name.as_str(), path.as_str(), json!({})))
+            .collect();
+        let m = manifest(&services, Value::Null);
+        b.run(&m).await;
+        let count = |b: &Bench| {
+            let w = b.host().world();
+            (w.calls, w.saves)
+        };
+        // A full plan that keeps everything (the manifest changed elsewhere).
+        let (calls, saves) = count(&b);
+        let (_, report) = b.run(&m).await;
+        assert_eq!(report.services_where(|o| *o == Outcome::Kept).len(), n);
+        let full = count(&b);
+        // An unchanged manifest: drift repair only.
+        b.run_unchanged().await;
+        let idle = count(&b);
+        // One service drifted: one write, whatever the rest.
+        b.host().world().units.remove("s0.service");
+        let (_, report) = b.run_unchanged().await;
+        assert_eq!(report.services["s0"], Outcome::Repaired);
+        let drift = count(&b);
+        [
+            full.0 - calls,
+            (full.1 - saves) + 10 * (idle.1 - full.1),
+            idle.0 - full.0,
+            drift.1 - idle.1,
+        ]
+    }
+    let small = costs(3).await;
+    // Calls: found units (1) and every unit's state at once (1); no write for keeping.
+    assert_eq!(
+        small,
+        [2, 0, 1, 1],
+        "full calls, writes, idle calls, drift writes"
+    );
+    assert_eq!(costs(30).await, small, "30 services cost what 3 do");
+}

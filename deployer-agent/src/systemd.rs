@@ -1,6 +1,8 @@
 //! The only module that talks to D-Bus: systemd's Manager, over the system bus or (with
 //! `--user`) the session bus. No `systemctl` anywhere.
 
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -8,6 +10,21 @@ use zbus::proxy::CacheProperties;
 use zbus::zvariant::{OwnedObjectPath, Value};
 
 use crate::unit::{PROBE_STOP_TIMEOUT, Property, TransientSpec, UnitError};
+
+/// A row of `ListUnits*`: name, description, load state, active state, sub state, followed
+/// unit, object path, job id, job type, job path.
+type UnitRow = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    OwnedObjectPath,
+    u32,
+    String,
+    OwnedObjectPath,
+);
 
 #[zbus::proxy(
     interface = "org.freedesktop.systemd1.Manager",
@@ -22,25 +39,12 @@ trait Manager {
     fn load_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
     fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
     fn get_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
-    #[allow(clippy::type_complexity)]
     fn list_units_by_patterns(
         &self,
         states: &[&str],
         patterns: &[&str],
-    ) -> zbus::Result<
-        Vec<(
-            String,
-            String,
-            String,
-            String,
-            String,
-            String,
-            OwnedObjectPath,
-            u32,
-            String,
-            OwnedObjectPath,
-        )>,
-    >;
+    ) -> zbus::Result<Vec<UnitRow>>;
+    fn list_units_by_names(&self, names: &[&str]) -> zbus::Result<Vec<UnitRow>>;
     fn start_transient_unit(
         &self,
         name: &str,
@@ -282,15 +286,30 @@ pub trait ServiceManager {
         &self,
         pattern: &str,
     ) -> impl Future<Output = Result<Vec<ListedUnit>, SystemdError>>;
+    /// How each of `units` stands (each loaded if it was not: one with no file is
+    /// `not-found`), in one call (`ListUnitsByNames`) however many there are.
+    fn unit_states(
+        &self,
+        units: &[&str],
+    ) -> impl Future<Output = Result<Vec<ListedUnit>, SystemdError>>;
+    /// How many times systemd restarted each of the active `units` on its own (`NRestarts`):
+    /// for the metrics file. Units it cannot tell are left out.
+    fn restarts(&self, units: &[&str]) -> impl Future<Output = BTreeMap<String, u32>>;
     /// Calls so far that change something (reload, restart, stop), where counted.
     fn changes(&self) -> u64 {
+        0
+    }
+    /// Calls so far to the manager of any kind (each D-Bus method call or property read),
+    /// where counted.
+    fn calls(&self) -> u64 {
         0
     }
 }
 
 /// A connection to a systemd manager.
 pub struct Systemd {
-    changes: std::sync::atomic::AtomicU64,
+    changes: AtomicU64,
+    calls: AtomicU64,
     conn: zbus::Connection,
     manager: ManagerProxy<'static>,
     job_timeout: Duration,
@@ -326,6 +345,7 @@ impl Systemd {
         manager.subscribe().await.map_err(connect_err)?;
         Ok(Systemd {
             changes: Default::default(),
+            calls: Default::default(),
             conn,
             manager,
             job_timeout: Duration::from_secs(120),
@@ -377,7 +397,7 @@ impl Systemd {
             unit: unit.to_owned(),
             source: Box::new(source),
         };
-        let mut removed = self.manager.receive_job_removed().await.map_err(call_err)?;
+        let mut removed = self.bus().receive_job_removed().await.map_err(call_err)?;
         let job = start().await.map_err(call_err)?;
         let removed = async {
             while let Some(signal) = removed.next().await {
@@ -420,7 +440,7 @@ impl Systemd {
 
     /// A loaded service unit's `Result` and `ExecMainStatus`.
     async fn service_result(&self, unit: &str) -> Option<(String, i32)> {
-        let path = self.manager.get_unit(unit).await.ok()?;
+        let path = self.bus().get_unit(unit).await.ok()?;
         let s = ServiceProxy::builder(&self.conn)
             .path(path)
             .ok()?
@@ -428,6 +448,7 @@ impl Systemd {
             .build()
             .await
             .ok()?;
+        self.count(2);
         let result = s.result().await.ok()?;
         Some((result, s.exec_main_status().await.unwrap_or(0)))
     }
@@ -435,7 +456,7 @@ impl Systemd {
     /// `unit`, loaded (`LoadUnit`), with its properties read fresh on every call.
     async fn unit(&self, unit: &str) -> Result<UnitProxy<'_>, SystemdError> {
         let call_err = load_error(unit);
-        let path = self.manager.load_unit(unit).await.map_err(call_err)?;
+        let path = self.bus().load_unit(unit).await.map_err(call_err)?;
         UnitProxy::builder(&self.conn)
             .path(path)
             .map_err(call_err)?
@@ -450,7 +471,7 @@ impl Systemd {
     async fn stop_stuck(&self, unit: &str) {
         tracing::warn!(%unit, "still running past its timeout; stopping it");
         if let Err(e) = self
-            .job("StopUnit", unit, || self.manager.stop_unit(unit, "replace"))
+            .job("StopUnit", unit, || self.bus().stop_unit(unit, "replace"))
             .await
         {
             tracing::warn!(%unit, error = %e, "could not stop it");
@@ -476,19 +497,43 @@ fn dbus_value(p: &Property) -> Value<'_> {
 
 impl Systemd {
     fn changed(&self) {
-        self.changes
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.changes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The manager, for one call (counted).
+    fn bus(&self) -> &ManagerProxy<'static> {
+        self.count(1);
+        &self.manager
+    }
+
+    /// `n` calls made other than through [`Systemd::bus`] (property reads).
+    fn count(&self, n: u64) {
+        self.calls.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// A `ListUnits*` row as a [`ListedUnit`].
+fn listed((name, description, load_state, active_state, ..): UnitRow) -> ListedUnit {
+    ListedUnit {
+        name,
+        description,
+        load_state: load_state.into(),
+        active_state: active_state.into(),
     }
 }
 
 impl ServiceManager for Systemd {
     fn changes(&self) -> u64 {
-        self.changes.load(std::sync::atomic::Ordering::Relaxed)
+        self.changes.load(Ordering::Relaxed)
+    }
+
+    fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
     }
 
     async fn reload(&self) -> Result<(), SystemdError> {
         self.changed();
-        self.manager
+        self.bus()
             .reload()
             .await
             .map_err(|source| SystemdError::Call {
@@ -501,16 +546,16 @@ impl ServiceManager for Systemd {
     async fn restart(&self, unit: &str) -> Result<(), SystemdError> {
         self.changed();
         // A unit that hit its start limit or failed stays "failed" until reset.
-        let _ = self.manager.reset_failed_unit(unit).await;
+        let _ = self.bus().reset_failed_unit(unit).await;
         self.job("RestartUnit", unit, || {
-            self.manager.restart_unit(unit, "replace")
+            self.bus().restart_unit(unit, "replace")
         })
         .await
     }
 
     async fn stop(&self, unit: &str) -> Result<(), SystemdError> {
         self.changed();
-        self.job("StopUnit", unit, || self.manager.stop_unit(unit, "replace"))
+        self.job("StopUnit", unit, || self.bus().stop_unit(unit, "replace"))
             .await
     }
 
@@ -531,15 +576,17 @@ impl ServiceManager for Systemd {
         let wait = spec.timeout + PROBE_STOP_TIMEOUT + Duration::from_secs(5);
         let result = self
             .job_result("StartTransientUnit", unit, wait, || {
-                self.manager
-                    .start_transient_unit(unit, "fail", &values, &[])
+                self.bus().start_transient_unit(unit, "fail", &values, &[])
             })
             .await?;
         let outcome = self.outcome(unit, result).await;
-        if let Ok(path) = self.manager.get_unit(unit).await
+        if let Ok(path) = self.bus().get_unit(unit).await
             && let Ok(u) = UnitProxy::builder(&self.conn).path(path)
             && let Ok(u) = u.cache_properties(CacheProperties::No).build().await
-            && let Err(e) = u.unref().await
+            && let Err(e) = {
+                self.count(1);
+                u.unref().await
+            }
         {
             tracing::warn!(%unit, error = %e, "could not release the transient unit");
         }
@@ -548,20 +595,20 @@ impl ServiceManager for Systemd {
 
     async fn run_oneshot(&self, unit: &str, wait: Duration) -> Result<JobResult, SystemdError> {
         self.changed();
-        let _ = self.manager.reset_failed_unit(unit).await;
+        let _ = self.bus().reset_failed_unit(unit).await;
         let result = self
             .job_result("RestartUnit", unit, wait, || {
-                self.manager.restart_unit(unit, "replace")
+                self.bus().restart_unit(unit, "replace")
             })
             .await?;
         let outcome = self.outcome(unit, result).await;
-        let _ = self.manager.reset_failed_unit(unit).await;
+        let _ = self.bus().reset_failed_unit(unit).await;
         Ok(outcome)
     }
 
     async fn list_units(&self, pattern: &str) -> Result<Vec<ListedUnit>, SystemdError> {
         let units = self
-            .manager
+            .bus()
             .list_units_by_patterns(&[], &[pattern])
             .await
             .map_err(|source| SystemdError::Call {
@@ -569,22 +616,54 @@ impl ServiceManager for Systemd {
                 unit: pattern.to_owned(),
                 source: Box::new(source),
             })?;
-        Ok(units
-            .into_iter()
-            .map(
-                |(name, description, load_state, active_state, ..)| ListedUnit {
-                    name,
-                    description,
-                    load_state: load_state.into(),
-                    active_state: active_state.into(),
-                },
-            )
-            .collect())
+        Ok(units.into_iter().map(listed).collect())
+    }
+
+    async fn unit_states(&self, units: &[&str]) -> Result<Vec<ListedUnit>, SystemdError> {
+        if units.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = self
+            .bus()
+            .list_units_by_names(units)
+            .await
+            .map_err(|source| SystemdError::Call {
+                call: "ListUnitsByNames",
+                unit: format!("({} units)", units.len()),
+                source: Box::new(source),
+            })?;
+        Ok(rows.into_iter().map(listed).collect())
+    }
+
+    async fn restarts(&self, units: &[&str]) -> BTreeMap<String, u32> {
+        let Ok(rows) = self.bus().list_units_by_names(units).await else {
+            return BTreeMap::new();
+        };
+        // One property read per active unit, at its object path; 32 in flight.
+        let reads = rows.into_iter().filter(|row| row.3 == "active").map(
+            |(name, .., path, _, _, _)| async move {
+                let s = ServiceProxy::builder(&self.conn)
+                    .path(path)
+                    .ok()?
+                    .cache_properties(CacheProperties::No)
+                    .build()
+                    .await
+                    .ok()?;
+                self.count(1);
+                Some((name, s.n_restarts().await.ok()?))
+            },
+        );
+        futures_util::stream::iter(reads)
+            .buffer_unordered(32)
+            .filter_map(std::future::ready)
+            .collect()
+            .await
     }
 
     async fn source(&self, unit: &str) -> Result<UnitSource, SystemdError> {
         let call_err = load_error(unit);
         let u = self.unit(unit).await?;
+        self.count(4);
         let active: ActiveState = u.active_state().await.map_err(call_err)?.into();
         Ok(UnitSource {
             id: u.id().await.map_err(call_err)?,
@@ -606,6 +685,7 @@ impl ServiceManager for Systemd {
             .build()
             .await
             .map_err(call_err)?;
+        self.count(5);
         Ok(UnitStatus {
             load_state: u.load_state().await.map_err(call_err)?.into(),
             active_state: u.active_state().await.map_err(call_err)?.into(),

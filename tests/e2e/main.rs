@@ -16,5 +16,6 @@ mod probes;
 mod proxy;
 mod push;
 mod rollout;
+mod scale;
 mod system;
 mod trust;

@@ -55,8 +55,11 @@ pub struct World {
     /// The values each env file sets (by path); a path in `unreadable` cannot be read.
     pub env_values: BTreeMap<PathBuf, Vec<String>>,
     pub unreadable: BTreeSet<PathBuf>,
-    /// The state as last saved.
+    /// The state as last saved, and how many times it was.
     pub saved: Option<State>,
+    pub saves: u64,
+    /// Calls to the manager of any kind (status, source, list, change).
+    pub calls: u64,
     /// The proxy's routes.
     pub routes: Vec<Route>,
     /// Every change, in order: `write U`, `remove U`, `reload`, `restart U`, `stop U`,
@@ -79,6 +82,15 @@ impl World {
             LoadState::Loaded
         } else {
             LoadState::NotFound
+        }
+    }
+
+    /// What the manager says of `unit`'s activity.
+    fn active_state(&self, unit: &str) -> ActiveState {
+        match self.units.get(unit) {
+            Some((true, _)) => ActiveState::Active,
+            Some((false, _)) => ActiveState::Failed,
+            None => ActiveState::Inactive,
         }
     }
 }
@@ -111,6 +123,13 @@ impl MemoryHost {
         self.world().log.push(what);
     }
 
+    /// The world, for one call to the manager (counted).
+    fn call(&self) -> MutexGuard<'_, World> {
+        let mut w = self.world();
+        w.calls += 1;
+        w
+    }
+
     /// Whether `unit` runs.
     pub fn is_active(&self, unit: &str) -> bool {
         self.world().units.get(unit).is_some_and(|(a, _)| *a)
@@ -127,13 +146,13 @@ fn job_error(call: &'static str, unit: &str, result: &str) -> SystemdError {
 
 impl ServiceManager for MemoryHost {
     async fn reload(&self) -> Result<(), SystemdError> {
-        self.log("reload".into());
+        self.call().log.push("reload".into());
         Ok(())
     }
 
     async fn restart(&self, unit: &str) -> Result<(), SystemdError> {
-        self.log(format!("restart {unit}"));
-        let mut w = self.world();
+        let mut w = self.call();
+        w.log.push(format!("restart {unit}"));
         let Some(text) = w.files.get(unit).cloned() else {
             return Err(job_error("restart", unit, "not loaded"));
         };
@@ -153,23 +172,19 @@ impl ServiceManager for MemoryHost {
     }
 
     async fn stop(&self, unit: &str) -> Result<(), SystemdError> {
-        self.log(format!("stop {unit}"));
-        match self.world().units.remove(unit) {
+        let mut w = self.call();
+        w.log.push(format!("stop {unit}"));
+        match w.units.remove(unit) {
             Some(_) => Ok(()),
             None => Err(job_error("stop", unit, "not loaded")),
         }
     }
 
     async fn status(&self, unit: &str) -> Result<UnitStatus, SystemdError> {
-        let w = self.world();
-        let active_state = match w.units.get(unit) {
-            Some((true, _)) => ActiveState::Active,
-            Some((false, _)) => ActiveState::Failed,
-            None => ActiveState::Inactive,
-        };
+        let w = self.call();
         Ok(UnitStatus {
             load_state: w.load_state(unit),
-            active_state,
+            active_state: w.active_state(unit),
             sub_state: String::new(),
             n_restarts: 0,
             main_pid: 0,
@@ -177,7 +192,7 @@ impl ServiceManager for MemoryHost {
     }
 
     async fn source(&self, unit: &str) -> Result<UnitSource, SystemdError> {
-        let w = self.world();
+        let w = self.call();
         if let Some(source) = w.foreign.get(unit) {
             return Ok(source.clone());
         }
@@ -203,7 +218,7 @@ impl ServiceManager for MemoryHost {
     }
 
     async fn run_oneshot(&self, unit: &str, _wait: Duration) -> Result<JobResult, SystemdError> {
-        self.log(format!("run {unit}"));
+        self.call().log.push(format!("run {unit}"));
         Ok(if self.world().release_fails {
             JobResult::Failed("exited with status 1".into())
         } else {
@@ -213,7 +228,7 @@ impl ServiceManager for MemoryHost {
 
     async fn list_units(&self, pattern: &str) -> Result<Vec<ListedUnit>, SystemdError> {
         let prefix = pattern.trim_end_matches("*.service");
-        let w = self.world();
+        let w = self.call();
         Ok(w.units
             .iter()
             .filter(|(name, _)| name.starts_with(prefix) && name.ends_with(".service"))
@@ -228,6 +243,32 @@ impl ServiceManager for MemoryHost {
                 },
             })
             .collect())
+    }
+
+    async fn unit_states(&self, units: &[&str]) -> Result<Vec<ListedUnit>, SystemdError> {
+        let w = self.call();
+        Ok(units
+            .iter()
+            .map(|unit| ListedUnit {
+                name: (*unit).to_owned(),
+                description: w.units.get(*unit).map(|u| u.1.clone()).unwrap_or_default(),
+                load_state: w.load_state(unit),
+                active_state: w.active_state(unit),
+            })
+            .collect())
+    }
+
+    async fn restarts(&self, units: &[&str]) -> BTreeMap<String, u32> {
+        let w = self.call();
+        units
+            .iter()
+            .filter(|u| w.active_state(u) == ActiveState::Active)
+            .map(|u| ((*u).to_owned(), 0))
+            .collect()
+    }
+
+    fn calls(&self) -> u64 {
+        self.world().calls
     }
 }
 
@@ -273,8 +314,14 @@ impl Host for MemoryHost {
     }
 
     fn save_state(&self, state: &State) -> Result<(), AgentError> {
-        self.world().saved = Some(state.clone());
+        let mut w = self.world();
+        w.saved = Some(state.clone());
+        w.saves += 1;
         Ok(())
+    }
+
+    fn state_writes(&self) -> u64 {
+        self.world().saves
     }
 
     fn port_free(&self, port: u16) -> bool {

@@ -46,6 +46,8 @@ pub trait Host {
 
     /// Write `state.json` (atomically: [`State::save`]).
     fn save_state(&self, state: &State) -> Result<(), AgentError>;
+    /// Times [`Host::save_state`] wrote it so far.
+    fn state_writes(&self) -> u64;
 
     /// Nothing listens on this loopback port.
     fn port_free(&self, port: u16) -> bool;

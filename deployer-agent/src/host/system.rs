@@ -23,6 +23,8 @@ pub struct SystemHost<M> {
     pub manager: M,
     pub proxy: Proxy,
     pub config: AgentConfig,
+    /// Times `state.json` was written.
+    writes: std::sync::atomic::AtomicU64,
 }
 
 impl<M> SystemHost<M> {
@@ -31,6 +33,7 @@ impl<M> SystemHost<M> {
             manager,
             proxy: Proxy::new(config.proxy.clone()),
             config: config.clone(),
+            writes: Default::default(),
         }
     }
 
@@ -172,7 +175,13 @@ impl<M: ServiceManager> Host for SystemHost<M> {
     }
 
     fn save_state(&self, state: &State) -> Result<(), AgentError> {
+        self.writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         state.save(&self.config.state_dir)
+    }
+
+    fn state_writes(&self) -> u64 {
+        self.writes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn port_free(&self, port: u16) -> bool {

@@ -1,6 +1,6 @@
 //! Executing a plan ([`crate::plan`]): each step as written, in order, with its own error
-//! boundary, the state saved after each. Nothing here decides what to do; it does what the
-//! step says and records how it went.
+//! boundary, the state saved after each step that changed it. Nothing here decides what to
+//! do; it does what the step says and records how it went.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -18,13 +18,14 @@ use crate::host::Host;
 use crate::names;
 use crate::plan::{Condition, InfraStep, Plan, Step};
 use crate::proxy::Route;
-use crate::state::{Health, InfraState, RouteState, State};
+use crate::state::{Health, InfraState, RouteState, ServiceState, State};
 use crate::systemd::ServiceManager;
 use crate::unit::EnvFile;
 
 impl<S: ObjectStore, H: Host> Agent<S, H> {
-    /// Execute `plan`: every step, in order, saving the state after each (a crash loses at
-    /// most the step in progress). `manifest` is what a full plan was made from.
+    /// Execute `plan`: every step, in order, saving the state after each that changed it (a
+    /// crash loses at most the step in progress; a step that changed nothing costs no write).
+    /// `manifest` is what a full plan was made from.
     pub(crate) async fn apply(
         &self,
         plan: &Plan,
@@ -34,7 +35,10 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
     ) -> Result<(), AgentError> {
         // Infrastructure that failed this run, and why: the deploys that need it wait.
         let mut infra_failed = BTreeMap::new();
+        #[cfg(debug_assertions)]
+        let mut last_saved = state.clone();
         for step in &plan.steps {
+            let before = Touched::of(step, state);
             let span = tracing::info_span!("step", subject = %step.subject());
             let started = std::time::Instant::now();
             let detail = self
@@ -56,9 +60,20 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 report.events.push(event);
             }
             report.steps.push(step.clone());
-            // A crash after this point loses nothing that is done.
-            self.host.save_state(state)?;
-            crate::fault::point("saved");
+            if before.changes(step, state) {
+                // A crash after this point loses nothing that is done.
+                self.host.save_state(state)?;
+                crate::fault::point("saved");
+                #[cfg(debug_assertions)]
+                last_saved.clone_from(state);
+            } else {
+                #[cfg(debug_assertions)]
+                assert!(
+                    last_saved == *state,
+                    "step {} changed the state, but Touched did not see it",
+                    step.subject()
+                );
+            }
         }
         Ok(())
     }
@@ -531,5 +546,45 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         state.orphans.dedup();
         tracing::info!("removed (artifacts, data and secrets are kept)");
         Ok(())
+    }
+}
+
+/// The part of the state a step that may change nothing can touch, as it was before the
+/// step: compared after it to tell whether the state must be written. Cheap (one entry), so
+/// that a run that keeps 1,000 services costs no write per service. Debug builds check the
+/// whole state against the last write, so a step touching more than this says so.
+#[derive(PartialEq)]
+enum Touched {
+    /// A step that changes the state whenever it runs (a deploy, a rename, a removal,
+    /// infrastructure stopped): always written.
+    Always,
+    Service(Option<Box<ServiceState>>, Option<String>),
+    Infra(Option<InfraState>),
+    /// Changes the host only (a unit retired, the routes applied).
+    Nothing,
+}
+
+impl Touched {
+    fn of(step: &Step, state: &State) -> Touched {
+        match step {
+            Step::Deploy(_)
+            | Step::Rename { .. }
+            | Step::Remove { .. }
+            | Step::StopInfra { .. } => Touched::Always,
+            Step::Keep { service, .. }
+            | Step::Hold { service, .. }
+            | Step::Skip { service, .. }
+            | Step::Wait { service, .. } => Touched::Service(
+                state.services.get(service).cloned().map(Box::new),
+                state.told.get(service).cloned(),
+            ),
+            Step::Infra(i) => Touched::Infra(state.infra.get(&i.name).cloned()),
+            Step::Retire { .. } | Step::Routes => Touched::Nothing,
+        }
+    }
+
+    /// Whether `step` changed the state since this was taken.
+    fn changes(&self, step: &Step, state: &State) -> bool {
+        *self == Touched::Always || *self != Touched::of(step, state)
     }
 }

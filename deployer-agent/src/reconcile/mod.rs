@@ -53,6 +53,13 @@ pub struct RunReport {
     pub store_requests: Option<u64>,
     /// systemd calls this run made that change something (reload, restart, stop).
     pub systemd_changes: u64,
+    /// Calls this run made to systemd of any kind (D-Bus method calls and property reads),
+    /// where counted: a run that keeps every service makes the same few however many
+    /// there are.
+    pub systemd_calls: u64,
+    /// Times this run wrote `state.json`: once for a run that changed nothing, plus once
+    /// per step that changed something.
+    pub state_writes: u64,
     /// What happened, as written to the store's history and sent to notifications.
     pub events: Vec<deploy_manifest::history::Event>,
 }
@@ -237,7 +244,12 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         let started = std::time::Instant::now();
         self.store.start_run();
         let manager = self.host.manager();
-        let (requests, changes) = (self.store.requests(), manager.changes());
+        let (requests, changes, calls, writes) = (
+            self.store.requests(),
+            manager.changes(),
+            manager.calls(),
+            self.host.state_writes(),
+        );
         let dir = &self.config.state_dir;
         // With a user manager, units log to files under logs/ (there is no journal for them).
         let logs = dir.join("logs");
@@ -263,6 +275,8 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 .zip(requests)
                 .map(|(after, before)| after - before);
             report.systemd_changes = manager.changes() - changes;
+            report.systemd_calls = manager.calls() - calls;
+            report.state_writes = self.host.state_writes() - writes;
         }
         result
     }

@@ -20,18 +20,23 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         let Ok(mut state) = State::load(dir, &self.config.host) else {
             return;
         };
-        let mut restarts = std::collections::BTreeMap::new();
-        for (name, s) in &state.services {
-            if s.current.is_some()
-                && let Ok(status) = self.host.manager().status(&s.unit).await
-            {
-                restarts.insert(name.clone(), status.n_restarts);
+        if let Some(path) = &self.config.metrics_file {
+            // Only the metrics file needs the restart counts: one read per active unit.
+            let units: Vec<&str> = state
+                .services
+                .values()
+                .filter(|s| s.current.is_some())
+                .map(|s| s.unit.as_str())
+                .collect();
+            let by_unit = self.host.manager().restarts(&units).await;
+            let restarts = state
+                .services
+                .iter()
+                .filter_map(|(name, s)| Some((name.clone(), *by_unit.get(&s.unit)?)))
+                .collect();
+            if let Err(e) = crate::report::write_metrics(path, &state, &restarts, took) {
+                tracing::warn!(error = %e, path = %path.display(), "could not write metrics");
             }
-        }
-        if let Some(path) = &self.config.metrics_file
-            && let Err(e) = crate::report::write_metrics(path, &state, &restarts, took)
-        {
-            tracing::warn!(error = %e, path = %path.display(), "could not write metrics");
         }
         let mut report = crate::report::host_report(&state, self.config.interval);
         match crate::report::host_key(dir, &self.config.host) {
@@ -61,7 +66,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             Ok(_) => {
                 state.reported_at = Some(report.reported_at.clone());
                 state.report_hash = Some(hash);
-                if let Err(e) = state.save(dir) {
+                if let Err(e) = self.host.save_state(&state) {
                     tracing::warn!(error = %e, "could not record the report in state.json");
                 }
             }
