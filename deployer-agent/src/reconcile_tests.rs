@@ -1495,3 +1495,80 @@ async fn keeping_services_costs_no_write_and_the_same_calls_however_many() {
     );
     assert_eq!(costs(30).await, small, "30 services cost what 3 do");
 }
+
+/// Deploys go as one batch: every unit file written, one reload, then started; a service
+/// that fails is undone alone (its own recovery, its own reload) while the others deploy,
+/// and removals go with one reload too.
+#[tokio::test]
+async fn a_batch_of_deploys_reloads_once_and_a_failure_is_undone_alone() {
+    let mut b = Bench::new(false);
+    let reloads = |b: &Bench| {
+        b.host()
+            .world()
+            .log
+            .iter()
+            .filter(|l| *l == "reload")
+            .count()
+    };
+    let names: Vec<String> = (0..6).map(|i| format!("s{i}")).collect();
+    let version = |v: &str| -> Vec<(String, String)> {
+        names
+            .iter()
+            .map(|n| (n.clone(), format!("/nix/store/{n}-{v}")))
+            .collect()
+    };
+    let manifest_of = |specs: &[(String, String)]| {
+        let services: Vec<(&str, &str, Value)> = specs
+            .iter()
+            .map(|(n, p)| (n.as_str(), p.as_str(), json!({})))
+            .collect();
+        manifest(&services, Value::Null)
+    };
+    // First deploy: s2 crashes; it is removed alone, the five others run.
+    b.host().world().broken.insert(path("/nix/store/s2-v1"));
+    let (_, report) = b.run(&manifest_of(&version("v1"))).await;
+    assert_eq!(
+        report.services_where(|o| *o == Outcome::Deployed),
+        ["s0", "s1", "s3", "s4", "s5"]
+    );
+    assert!(matches!(report.services["s2"], Outcome::RolledBack { .. }));
+    assert!(b.file("s2.service").is_none() && !b.active("s2.service"));
+    assert_eq!(reloads(&b), 2, "the batch's reload, and s2's removal");
+    let log = b.host().world().log.clone();
+    let first_restart = log.iter().position(|l| l.starts_with("restart")).unwrap();
+    let last_write = log.iter().rposition(|l| l.starts_with("write")).unwrap();
+    assert!(
+        last_write < first_restart,
+        "all written before any starts: {log:?}"
+    );
+
+    // Upgrade: s4 crashes and gets v1 back; the others run v2.
+    b.host().world().log.clear();
+    b.host().world().broken.insert(path("/nix/store/s4-v2"));
+    let (_, report) = b.run(&manifest_of(&version("v2"))).await;
+    assert!(matches!(report.services["s4"], Outcome::RolledBack { .. }));
+    assert!(b.active("s4.service"));
+    assert!(
+        b.file("s4.service")
+            .unwrap()
+            .contains(&path("/nix/store/s4-v1"))
+    );
+    assert!(
+        b.file("s0.service")
+            .unwrap()
+            .contains(&path("/nix/store/s0-v2"))
+    );
+    assert_eq!(reloads(&b), 2, "the batch's reload, and s4's restore");
+    assert_eq!(b.state.services["s0"].health, Health::Healthy);
+
+    // Everything removed: one reload.
+    b.host().world().log.clear();
+    let (plan, report) = b.run(&manifest(&[], Value::Null)).await;
+    assert!(
+        kinds(&plan).iter().all(|k| k.starts_with("remove")),
+        "{plan:?}"
+    );
+    assert_eq!(report.services_where(|o| *o == Outcome::Removed), names);
+    assert_eq!(reloads(&b), 1);
+    assert!(b.host().world().files.is_empty());
+}

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use deploy_manifest::model::{Manifest, Service};
 use deploy_manifest::store::ObjectStore;
+use futures_util::StreamExt;
 use tracing::Instrument;
 
-use super::deploy::{Failed, Trace};
+use super::deploy::{Failed, Job, STARTING_AT_ONCE};
 use super::events::{Detail, event_of};
 use super::{Agent, InfraOutcome, Outcome, RunReport, now};
 use crate::AgentError;
@@ -25,7 +26,9 @@ use crate::unit::EnvFile;
 impl<S: ObjectStore, H: Host> Agent<S, H> {
     /// Execute `plan`: every step, in order, saving the state after each that changed it (a
     /// crash loses at most the step in progress; a step that changed nothing costs no write).
-    /// `manifest` is what a full plan was made from.
+    /// Consecutive deploys go as one batch ([`Agent::deploy_all`]: one reload, started and
+    /// health-checked several at once), and consecutive removals too (one reload); the
+    /// state is saved once after each batch. `manifest` is what a full plan was made from.
     pub(crate) async fn apply(
         &self,
         plan: &Plan,
@@ -37,30 +40,49 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         let mut infra_failed = BTreeMap::new();
         #[cfg(debug_assertions)]
         let mut last_saved = state.clone();
-        for step in &plan.steps {
-            let before = Touched::of(step, state);
-            let span = tracing::info_span!("step", subject = %step.subject());
+        let mut at = 0;
+        while at < plan.steps.len() {
+            let rest = &plan.steps[at..];
+            let batch = |pick: fn(&Step) -> bool| rest.iter().take_while(|s| pick(s)).count();
+            let deploys = batch(|s| matches!(s, Step::Deploy(_)));
+            let removals = batch(|s| matches!(s, Step::Remove { .. }));
+            let group = &rest[..deploys.max(removals).max(1)];
+            at += group.len();
+            let before: Vec<Touched> = group.iter().map(|s| Touched::of(s, state)).collect();
             let started = std::time::Instant::now();
-            let detail = self
-                .step(step, manifest, state, report, &mut infra_failed)
-                .instrument(span)
-                .await;
-            if let Some(service) = step.service()
-                && let Some(outcome) = report.services.get(service)
-                && let Some(event) = event_of(
-                    &self.config.host,
-                    service,
-                    outcome,
-                    detail,
-                    started.elapsed(),
-                    manifest,
-                    state,
-                )
-            {
-                report.events.push(event);
+            let details: Vec<(Option<Detail>, Duration)> = if deploys > 0 {
+                self.deploy_steps(group, manifest, state, report, &infra_failed)
+                    .await
+            } else if removals > 0 {
+                self.remove_all(group, state, report).await;
+                group.iter().map(|_| (None, started.elapsed())).collect()
+            } else {
+                let step = &group[0];
+                let span = tracing::info_span!("step", subject = %step.subject());
+                let detail = self
+                    .step(step, manifest, state, report, &mut infra_failed)
+                    .instrument(span)
+                    .await;
+                vec![(detail, started.elapsed())]
+            };
+            for (step, (detail, took)) in group.iter().zip(details) {
+                if let Some(service) = step.service()
+                    && let Some(outcome) = report.services.get(service)
+                    && let Some(event) = event_of(
+                        &self.config.host,
+                        service,
+                        outcome,
+                        detail,
+                        took,
+                        manifest,
+                        state,
+                    )
+                {
+                    report.events.push(event);
+                }
+                report.steps.push(step.clone());
             }
-            report.steps.push(step.clone());
-            if before.changes(step, state) {
+            if group.iter().zip(&before).any(|(s, b)| b.changes(s, state)) {
                 // A crash after this point loses nothing that is done.
                 self.host.save_state(state)?;
                 crate::fault::point("saved");
@@ -71,11 +93,109 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 assert!(
                     last_saved == *state,
                     "step {} changed the state, but Touched did not see it",
-                    step.subject()
+                    group[0].subject()
                 );
             }
         }
         Ok(())
+    }
+
+    /// Consecutive deploy steps as one batch ([`Agent::deploy_all`]), each outcome in the
+    /// report: for each, what it measured and saw, and how long it took.
+    async fn deploy_steps(
+        &self,
+        steps: &[Step],
+        manifest: Option<&Manifest>,
+        state: &mut State,
+        report: &mut RunReport,
+        infra_failed: &BTreeMap<String, String>,
+    ) -> Vec<(Option<Detail>, Duration)> {
+        let Some(m) = manifest else {
+            return steps.iter().map(|_| (None, Duration::ZERO)).collect();
+        };
+        // A revert deploys the service as this host ran it before.
+        let jobs: Vec<Job<'_>> = steps
+            .iter()
+            .filter_map(|step| match step {
+                Step::Deploy(d) => Some(d),
+                _ => None,
+            })
+            .filter_map(|d| {
+                let spec = d
+                    .revert
+                    .as_ref()
+                    .map(|r| &r.0)
+                    .or_else(|| m.service(&d.service));
+                Some(Job { d, service: spec? })
+            })
+            .collect();
+        let previous: Vec<Option<String>> = jobs
+            .iter()
+            .map(|job| {
+                let entry = state.services.get(&job.d.service)?;
+                Some(entry.current.as_ref()?.artifact.label())
+            })
+            .collect();
+        let results = self.deploy_all(&jobs, m, state, infra_failed, report).await;
+        let mut details: BTreeMap<&str, (Option<Detail>, Duration)> = BTreeMap::new();
+        for ((job, previous), (result, trace)) in jobs.iter().zip(previous).zip(results) {
+            let outcome = match result {
+                Ok(()) => Outcome::Deployed,
+                Err(Failed::Retry(error)) => {
+                    tracing::error!(service = %job.d.service, %error, "not deployed, nothing changed; the next run retries");
+                    Outcome::Retrying { error }
+                }
+                Err(Failed::RolledBack(error)) => {
+                    tracing::error!(service = %job.d.service, %error, "deploy failed and was rolled back");
+                    Outcome::RolledBack { error }
+                }
+            };
+            report.services.insert(job.d.service.clone(), outcome);
+            let took = Duration::from_secs_f64(trace.phases.values().sum::<f64>());
+            let detail = Detail {
+                phases: trace.phases,
+                log: trace.log,
+                artifact: Some(job.service.artifact.label()),
+                previous,
+                reverted_to: job.d.revert.as_ref().map(|r| r.1.clone()),
+            };
+            details.insert(&job.d.service, (Some(detail), took));
+        }
+        steps
+            .iter()
+            .map(|step| {
+                step.service()
+                    .and_then(|s| details.remove(s))
+                    .unwrap_or((None, Duration::ZERO))
+            })
+            .collect()
+    }
+
+    /// Consecutive remove steps: each service's unit stopped and its file removed, one
+    /// reload for all, each outcome recorded.
+    async fn remove_all(&self, steps: &[Step], state: &mut State, report: &mut RunReport) {
+        let removals: Vec<(&String, &String)> = steps
+            .iter()
+            .filter_map(|step| match step {
+                Step::Remove { service, unit } => Some((service, unit)),
+                _ => None,
+            })
+            .collect();
+        let units: Vec<String> = removals.iter().map(|(_, u)| (*u).clone()).collect();
+        let retired = self.retire_all(&units).await;
+        for ((service, _), (_, result)) in removals.into_iter().zip(retired) {
+            let outcome = match result {
+                Ok(()) => {
+                    self.forget(service, state);
+                    Outcome::Removed
+                }
+                Err(error) => {
+                    tracing::error!(%service, %error, "could not remove it; the next run retries");
+                    Outcome::NotRemoved { error }
+                }
+            };
+            report.services.insert(service.clone(), outcome);
+        }
     }
 
     async fn step(
@@ -169,56 +289,8 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                     },
                 );
             }
-            Step::Deploy(d) => {
-                // A revert deploys the service as this host ran it before.
-                let spec = d
-                    .revert
-                    .as_ref()
-                    .map(|r| &r.0)
-                    .or_else(|| service(&d.service));
-                let (Some(s), Some(m)) = (spec, manifest) else {
-                    return None;
-                };
-                let previous = state
-                    .services
-                    .get(&d.service)
-                    .and_then(|e| e.current.as_ref())
-                    .map(|g| g.artifact.label());
-                let mut trace = Trace::default();
-                let deployed = self
-                    .deploy(d, s, m, state, infra_failed, report, &mut trace)
-                    .await;
-                let outcome = match deployed {
-                    Ok(()) => Outcome::Deployed,
-                    Err(Failed::Retry(error)) => {
-                        tracing::error!(%error, "not deployed, nothing changed; the next run retries");
-                        Outcome::Retrying { error }
-                    }
-                    Err(Failed::RolledBack(error)) => {
-                        tracing::error!(%error, "deploy failed and was rolled back");
-                        Outcome::RolledBack { error }
-                    }
-                };
-                report.services.insert(d.service.clone(), outcome);
-                return Some(Detail {
-                    phases: trace.phases,
-                    log: trace.log,
-                    artifact: Some(s.artifact.label()),
-                    previous,
-                    reverted_to: d.revert.as_ref().map(|r| r.1.clone()),
-                });
-            }
-            Step::Remove { service, unit } => {
-                let outcome = match self.remove(service, unit, state).await {
-                    Ok(()) => Outcome::Removed,
-                    Err(e) => {
-                        tracing::error!(error = %e, "could not remove it; the next run retries");
-                        Outcome::NotRemoved {
-                            error: e.to_string(),
-                        }
-                    }
-                };
-                report.services.insert(service.clone(), outcome);
+            Step::Deploy(_) | Step::Remove { .. } => {
+                unreachable!("deploys and removals go in batches")
             }
             Step::StopInfra { name, unit } => match self.retire(unit).await {
                 Ok(()) => {
@@ -473,20 +545,18 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         Ok(())
     }
 
-    /// The routes of every deployed generation, with `service`'s replaced by `route`.
-    pub(super) fn routes(
-        state: &State,
-        service: Option<(&str, Option<&RouteState>)>,
-    ) -> Vec<Route> {
+    /// The routes of every deployed generation, with those of the services in `changed`
+    /// replaced by theirs.
+    pub(super) fn routes(state: &State, changed: &[(&str, Option<&RouteState>)]) -> Vec<Route> {
         let mut routes: Vec<Route> = state
             .services
             .iter()
-            .filter(|(name, _)| service.is_none_or(|(s, _)| s != name.as_str()))
+            .filter(|(name, _)| !changed.iter().any(|(s, _)| s == name))
             .filter_map(|(name, s)| {
                 let r = s.current.as_ref()?.route.as_ref()?;
                 Some((name.as_str(), r))
             })
-            .chain(service.and_then(|(name, r)| r.map(|r| (name, r))))
+            .chain(changed.iter().filter_map(|(name, r)| r.map(|r| (*name, r))))
             .map(|(name, r)| Route {
                 service: name.to_owned(),
                 domain: r.domain.to_ascii_lowercase(),
@@ -503,7 +573,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         if !self.host.has_proxy() {
             return None;
         }
-        let result = self.host.apply_routes(&Self::routes(state, None)).await;
+        let result = self.host.apply_routes(&Self::routes(state, &[])).await;
         result.err().map(|e| {
             tracing::error!(error = %e, "routes not applied; retrying on the next run");
             e.to_string()
@@ -512,24 +582,58 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
 
     /// Stop a unit and remove its file.
     pub(crate) async fn retire(&self, unit: &str) -> Result<(), AgentError> {
-        let manager = self.host.manager();
+        self.stop_and_remove(unit).await?;
+        self.host.manager().reload().await?;
+        Ok(())
+    }
+
+    /// Stop units and remove their files, several at once, with one reload for all: what
+    /// came of each, in order.
+    pub(crate) async fn retire_all(&self, units: &[String]) -> Vec<(String, Result<(), String>)> {
+        if units.is_empty() {
+            return Vec::new();
+        }
+        let stops = units.iter().enumerate().map(|(i, unit)| async move {
+            (
+                i,
+                self.stop_and_remove(unit).await.map_err(|e| e.to_string()),
+            )
+        });
+        let mut done: Vec<_> = futures_util::stream::iter(stops)
+            .buffer_unordered(STARTING_AT_ONCE)
+            .collect()
+            .await;
+        done.sort_by_key(|(i, _)| *i);
+        let reloaded = self.host.manager().reload().await;
+        units
+            .iter()
+            .zip(done)
+            .map(|(unit, (_, result))| {
+                let result = result.and_then(|()| match &reloaded {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(e.to_string()),
+                });
+                (unit.clone(), result)
+            })
+            .collect()
+    }
+
+    /// Stop a unit and remove its file; the manager sees the file gone at the next reload.
+    async fn stop_and_remove(&self, unit: &str) -> Result<(), AgentError> {
         // A name that now stands for a unit of the host's (an alias made since, a file in
         // a directory that takes precedence) is not stopped: only our file goes.
         match crate::plan::foreign(&self.host, unit).await {
             None => {
-                let _ = manager.stop(unit).await;
+                let _ = self.host.manager().stop(unit).await;
             }
             Some(why) => tracing::warn!(%unit, %why, "not stopping it: the name is not ours now"),
         }
-        self.host.remove_unit(unit)?;
-        manager.reload().await?;
-        Ok(())
+        self.host.remove_unit(unit)
     }
 
-    /// Stop and remove a service no longer declared for this host. Its artifacts, data and
-    /// secrets stay.
-    async fn remove(&self, name: &str, unit: &str, state: &mut State) -> Result<(), AgentError> {
-        self.retire(unit).await?;
+    /// A service no longer declared for this host, whose unit is gone: forgotten. Its
+    /// artifacts, data and secrets stay.
+    fn forget(&self, name: &str, state: &mut State) {
         state.services.remove(name);
         // Its data stays: say what is left behind.
         if self.host.has_database(name) {
@@ -544,8 +648,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         }
         state.orphans.sort();
         state.orphans.dedup();
-        tracing::info!("removed (artifacts, data and secrets are kept)");
-        Ok(())
+        tracing::info!(service = %name, "removed (artifacts, data and secrets are kept)");
     }
 }
 

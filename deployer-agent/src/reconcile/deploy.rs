@@ -10,6 +10,8 @@ use deploy_manifest::history::{self, Phase, Phases};
 
 use deploy_manifest::model::{Exec, Manifest, Release, RunAs, Service};
 use deploy_manifest::store::ObjectStore;
+use futures_util::StreamExt;
+use tracing::Instrument;
 
 use super::{Agent, RunReport, now};
 use crate::AgentError;
@@ -18,7 +20,9 @@ use crate::health::Probes;
 use crate::host::Host;
 use crate::names;
 use crate::plan::{Deploy, Recovery, Strategy, spec_hash};
-use crate::state::{Failure, Generation, Health, RolloutMark, RolloutStage, ServiceState, State};
+use crate::state::{
+    Failure, Generation, Health, RolloutMark, RolloutStage, RouteState, ServiceState, State,
+};
 use crate::systemd::{JobResult, ServiceManager};
 use crate::unit::{EnvFile, Limits, Sandbox, UnitSpec, split_command};
 
@@ -45,17 +49,51 @@ fn timed(phases: &mut Phases, phase: Phase, since: Instant) {
     *phases.entry(phase).or_default() += history::seconds(since.elapsed());
 }
 
-/// How far a deploy got before it failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stage {
-    /// Nothing on the host changed (secrets file, fetch, unit rendering): retried next run.
-    Untouched,
-    /// The release command failed: the spec is marked failed, the old generation never
-    /// stopped.
-    ReleaseFailed,
-    /// The unit was written and restarted: the step's recovery rule undoes it.
-    Touched,
+/// How many new generations start and are health-checked at once (and units stopped at
+/// once): systemd runs their jobs in parallel, and a batch of 1,000 small services does not
+/// wait 1,000 health gates one after another.
+pub(super) const STARTING_AT_ONCE: usize = 32;
+
+/// One deploy of a batch: the step, and the service as it deploys (the manifest's, or for a
+/// revert, as this host ran it before).
+pub(super) struct Job<'a> {
+    pub d: &'a Deploy,
+    pub service: &'a Service,
 }
+
+/// A deploy made ready by its first pass: its unit file written, not yet loaded.
+struct Ready {
+    /// What is recorded once it is healthy.
+    generation: Generation,
+    env_files: Vec<EnvFile>,
+    probes: Probes,
+    /// Where its unit's log ended before it was touched.
+    mark: LogMark,
+}
+
+/// How a deploy's first pass ended.
+enum Prepared {
+    Ready(Box<Ready>),
+    Undone(Undone),
+    /// Not tried: infrastructure it needs failed, the host lacks its account, or its
+    /// settings could not be provisioned.
+    Refused(String),
+}
+
+/// How a deploy that did not complete ended, before it is recorded.
+enum Undone {
+    /// Not tried (see [`Prepared::Refused`]): the next run retries.
+    Refused(String),
+    /// Nothing on the host changed (secrets file, fetch, the unit's name taken), or the new
+    /// generation was given up without a verdict on its spec: the next run retries.
+    Retry(String),
+    /// The new generation (or its release command) failed and was undone as its recovery
+    /// rule says; its spec is not tried again. The message, and the service's health now.
+    RolledBack { message: String, health: Health },
+}
+
+/// A deploy's new generation, healthy, or how it did not get there.
+type Ended = Result<Generation, Undone>;
 
 impl<S: ObjectStore, H: Host> Agent<S, H> {
     /// The unit for `service` running the artifact at `artifact` (with `release`, the
@@ -147,20 +185,174 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         Ok(Probes::of(service, artifact, port, &spec))
     }
 
-    /// Deploy one service as the step says; on failure, undo what its recovery rule says
-    /// and record why. What it measured and saw goes into `trace`.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) async fn deploy(
+    /// The deploy steps `jobs` (consecutive in the plan) as one batch:
+    /// 1. one by one, each made ready: infrastructure and account checked, its settings
+    ///    provisioned, secrets file checked, artifact fetched, release command run, unit file
+    ///    written (a failure here changed nothing, or only ran a release that failed);
+    /// 2. one daemon-reload for every unit file written;
+    /// 3. up to [`STARTING_AT_ONCE`] at a time: each started and health-checked, and if it
+    ///    fails, undone right away by its own recovery rule;
+    /// 4. the routes of every generation that passed switched at once, then (after the drain
+    ///    period) the units they replace stopped, with one reload;
+    /// 5. each outcome recorded in `state`, in order.
+    ///
+    /// Each job's outcome, and what it measured and saw.
+    pub(super) async fn deploy_all(
         &self,
-        d: &Deploy,
-        service: &Service,
+        jobs: &[Job<'_>],
         manifest: &Manifest,
         state: &mut State,
         infra_failed: &BTreeMap<String, String>,
         report: &mut RunReport,
+    ) -> Vec<(Result<(), Failed>, Trace)> {
+        let mut traces = vec![Trace::default(); jobs.len()];
+        let mut outcomes: Vec<Option<Ended>> = Vec::new();
+        let mut ready = Vec::new();
+        for (i, job) in jobs.iter().enumerate() {
+            let prepared = self
+                .prepare(job, manifest, state, infra_failed, &mut traces[i])
+                .await;
+            outcomes.push(match prepared {
+                Prepared::Ready(r) => {
+                    ready.push((i, r));
+                    None
+                }
+                Prepared::Undone(undone) => Some(Err(undone)),
+                Prepared::Refused(error) => Some(Err(Undone::Refused(error))),
+            });
+        }
+        if !ready.is_empty() {
+            let reloading = Instant::now();
+            let reloaded = self.host.manager().reload().await;
+            for (i, _) in &ready {
+                timed(&mut traces[*i].phases, Phase::Restart, reloading);
+            }
+            let reload_error = reloaded.err().map(|e| e.to_string());
+            let activations = ready.into_iter().map(|(i, r)| {
+                let job = &jobs[i];
+                let entry = state.services.get(&job.service.name);
+                let before = entry.and_then(|e| e.current.clone());
+                let health = entry.map_or(Health::Unknown, |e| e.health);
+                let mut trace = std::mem::take(&mut traces[i]);
+                let reload_error = reload_error.clone();
+                async move {
+                    let started = self
+                        .activate(job, r, before, health, reload_error, &mut trace)
+                        .instrument(tracing::info_span!("step", subject = %job.d.service))
+                        .await;
+                    (i, started, trace)
+                }
+            });
+            let mut started: Vec<_> = futures_util::stream::iter(activations)
+                .buffer_unordered(STARTING_AT_ONCE)
+                .collect()
+                .await;
+            started.sort_by_key(|(i, ..)| *i);
+            for (i, outcome, trace) in started {
+                outcomes[i] = Some(outcome);
+                traces[i] = trace;
+            }
+        }
+        let mut outcomes: Vec<Ended> = outcomes
+            .into_iter()
+            .map(|o| o.expect("every job has an outcome"))
+            .collect();
+        self.switch_routes(jobs, &mut outcomes, state, &mut traces)
+            .await;
+        // The units the new generations replace, and units no state records that may have
+        // served before them: stopped once they serve.
+        let done: Vec<&Deploy> = jobs
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, o)| o.is_ok())
+            .map(|(job, _)| job.d)
+            .collect();
+        if done.iter().any(|d| d.drain && d.replaces.is_some()) {
+            tokio::time::sleep(self.config.drain).await;
+        }
+        let replaced: Vec<String> = done.iter().filter_map(|d| d.replaces.clone()).collect();
+        for (unit, result) in self.retire_all(&replaced).await {
+            if let Err(e) = result {
+                tracing::warn!(error = %e, %unit, "could not stop the previous generation");
+            }
+        }
+        let untracked: Vec<String> = done
+            .iter()
+            .flat_map(|d| d.retire_after.iter().cloned())
+            .collect();
+        self.retire_untracked(&untracked, report).await;
+        jobs.iter()
+            .zip(outcomes)
+            .zip(traces)
+            .map(|((job, outcome), trace)| {
+                let result = self.finish(job, manifest, state, outcome, &trace);
+                (result, trace)
+            })
+            .collect()
+    }
+
+    /// Switch the routes of every new generation that passed its health checks, at once.
+    /// If the proxy refuses them, a side-by-side generation is given up (the old one still
+    /// has the route; the next run retries) and one restarted in place keeps running (its
+    /// route is retried on the next run).
+    async fn switch_routes(
+        &self,
+        jobs: &[Job<'_>],
+        outcomes: &mut [Ended],
+        state: &State,
+        traces: &mut [Trace],
+    ) {
+        if !self.host.has_proxy() {
+            return;
+        }
+        let healthy: Vec<usize> = (0..jobs.len()).filter(|i| outcomes[*i].is_ok()).collect();
+        if healthy.is_empty() {
+            return;
+        }
+        let changed: Vec<(&str, Option<&RouteState>)> = healthy
+            .iter()
+            .filter_map(|i| {
+                let generation = outcomes[*i].as_ref().ok()?;
+                Some((jobs[*i].service.name.as_str(), generation.route.as_ref()))
+            })
+            .collect();
+        let routes = Self::routes(state, &changed);
+        let switching = Instant::now();
+        let applied = self.host.apply_routes(&routes).await;
+        for i in &healthy {
+            timed(&mut traces[*i].phases, Phase::Route, switching);
+        }
+        let Err(e) = applied else { return };
+        let error = AgentError::Proxy(e).to_string();
+        let mut given_up = Vec::new();
+        for i in healthy {
+            if jobs[i].d.strategy == Strategy::SideBySide {
+                given_up.push(jobs[i].d.unit.clone());
+                outcomes[i] = Err(Undone::Refused(error.clone()));
+            } else {
+                tracing::error!(service = %jobs[i].d.service, %error, "deployed, but the route was not applied");
+            }
+        }
+        for (unit, result) in self.retire_all(&given_up).await {
+            if let Err(e) = result {
+                tracing::warn!(error = %e, %unit, "could not stop the new generation");
+            }
+        }
+    }
+
+    /// A deploy's first pass (one at a time: provisioning, fetches and release commands do
+    /// not overlap): everything that can fail before the service's unit is touched, ending
+    /// with its unit file written (loaded by the batch's one reload).
+    async fn prepare(
+        &self,
+        job: &Job<'_>,
+        manifest: &Manifest,
+        state: &mut State,
+        infra_failed: &BTreeMap<String, String>,
         trace: &mut Trace,
-    ) -> Result<(), Failed> {
-        let entry = state
+    ) -> Prepared {
+        let (d, service) = (job.d, job.service);
+        state
             .services
             .entry(service.name.clone())
             .or_insert_with(|| ServiceState {
@@ -168,12 +360,10 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 ..ServiceState::default()
             });
         if let Some(error) = d.infra.iter().find_map(|n| infra_failed.get(n)) {
-            entry.last_error = Some(error.clone());
-            return Err(Failed::Retry(error.clone()));
+            return Prepared::Refused(error.clone());
         }
         if let Err(error) = self.host.check_exec(service) {
-            entry.last_error = Some(error.clone());
-            return Err(Failed::Retry(error));
+            return Prepared::Refused(error);
         }
         let provisioning = Instant::now();
         let generated = self
@@ -182,53 +372,225 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         timed(&mut trace.phases, Phase::Infrastructure, provisioning);
         let generated = match generated {
             Ok(g) => g,
-            Err(e) => {
-                let error = e.to_string();
-                state
-                    .services
-                    .get_mut(&service.name)
-                    .expect("inserted")
-                    .last_error = Some(error.clone());
-                return Err(Failed::Retry(error));
-            }
+            Err(e) => return Prepared::Refused(e.to_string()),
         };
-        let entry = state.services.get_mut(&service.name).expect("inserted");
-        let previous = entry.current.clone();
-        let hash = spec_hash(service);
-        let side_by_side = d.strategy == Strategy::SideBySide;
-        let mut outcome = self
-            .try_deploy(service, d, generated.as_deref(), &hash, manifest, trace)
-            .await;
-
-        // Switch the route to the healthy new generation (before the old one stops).
-        if let Ok(generation) = &outcome
-            && self.host.has_proxy()
+        let untouched = |e: AgentError| Prepared::Undone(Undone::Retry(e.to_string()));
+        let env_file = match self
+            .host
+            .env_file(&service.name, service.env_file.as_deref())
         {
-            let routes = Self::routes(state, Some((&service.name, generation.route.as_ref())));
-            let switching = Instant::now();
-            let applied = self.host.apply_routes(&routes).await;
-            timed(&mut trace.phases, Phase::Route, switching);
-            if let Err(e) = applied {
-                if side_by_side {
-                    // The old generation still has the route: give up the new one, retry later.
-                    outcome = Err((AgentError::Proxy(e), Stage::Touched));
-                } else {
-                    // Restarted in place: the service runs; the route is retried next run.
-                    tracing::error!(error = %e, "deployed, but the route was not applied");
+            Ok(f) => f,
+            Err(e) => return untouched(e),
+        };
+        let fetching = Instant::now();
+        let artifact = self.host.fetch(&self.store, &service.artifact).await;
+        timed(&mut trace.phases, Phase::Fetch, fetching);
+        let artifact = match artifact {
+            Ok(a) => a,
+            Err(e) => return untouched(e),
+        };
+        crate::fault::point("fetched");
+        // Generated settings first, the operator's secrets file last (it wins).
+        let env_files: Vec<EnvFile> = generated
+            .as_deref()
+            .map(EnvFile::required)
+            .into_iter()
+            .chain([env_file])
+            .collect();
+        let rendered = self
+            .unit_spec(service, &artifact, &env_files, d.port, None)
+            .and_then(|spec| Ok((spec.render()?, spec)));
+        let (unit_file, spec) = match rendered {
+            Ok(r) => r,
+            Err(e) => return untouched(e),
+        };
+        if d.release
+            && let Some(release) = &service.release
+        {
+            let text = match self
+                .unit_spec(service, &artifact, &env_files, d.port, Some(release))
+                .and_then(|spec| Ok(spec.render()?))
+            {
+                Ok(t) => t,
+                Err(e) => return untouched(e),
+            };
+            let unit = names::release_unit(&service.name);
+            let mark = self.host.log_mark(&unit);
+            let releasing = Instant::now();
+            let released = self.run_release(service, release, &text).await;
+            timed(&mut trace.phases, Phase::Release, releasing);
+            match released {
+                Ok(()) => {}
+                Err(e @ AgentError::Release(_)) => {
+                    trace.log = self.evidence(service, &unit, &mark, &env_files).await;
+                    // The service's unit was never touched: what ran still runs.
+                    let entry = &state.services[&service.name];
+                    let health = match entry.current {
+                        Some(_) => entry.health,
+                        None => Health::Unknown,
+                    };
+                    return Prepared::Undone(Undone::RolledBack {
+                        message: e.to_string(),
+                        health,
+                    });
                 }
+                Err(e) => return untouched(e),
             }
         }
+        let probes = Probes::of(service, &artifact, d.port, &spec);
+        let mark = self.host.log_mark(&d.unit);
+        let restarting = Instant::now();
+        if let Err(e) = self.write_new(&d.unit, &unit_file).await {
+            return untouched(e);
+        }
+        timed(&mut trace.phases, Phase::Restart, restarting);
+        Prepared::Ready(Box::new(Ready {
+            generation: Generation {
+                artifact: service.artifact.clone(),
+                path: artifact.display().to_string(),
+                spec_hash: spec_hash(service),
+                version: manifest.version.clone(),
+                deployed_at: String::new(),
+                unit_file,
+                unit: d.port.map(|_| d.unit.clone()),
+                route: d.route.clone(),
+            },
+            env_files,
+            probes,
+            mark,
+        }))
+    }
 
-        let entry = state.services.get_mut(&service.name).expect("inserted");
-        entry.updated_at = Some(now());
-        match outcome {
-            Ok(mut generation) => {
+    /// A deploy's second pass (several at once): its written unit started (after the one
+    /// it replaces in place is stopped) and health-checked; if that fails, the log it left
+    /// is kept and its recovery rule undoes it. `before`: the generation recorded before,
+    /// and `health`, its health; `reload_error`: the batch's reload failed.
+    async fn activate(
+        &self,
+        job: &Job<'_>,
+        ready: Box<Ready>,
+        before: Option<Generation>,
+        health: Health,
+        reload_error: Option<String>,
+        trace: &mut Trace,
+    ) -> Ended {
+        let (d, service) = (job.d, job.service);
+        let in_place_of = d
+            .replaces
+            .as_deref()
+            .filter(|_| d.strategy == Strategy::InPlace);
+        let started = match reload_error {
+            Some(e) => Err(e),
+            None => {
+                self.start_written(&d.unit, in_place_of, &ready.probes, &mut trace.phases)
+                    .await
+            }
+        };
+        let error = match started {
+            Ok(()) => {
+                crate::fault::point("healthy");
+                let mut generation = ready.generation;
+                generation.deployed_at = now();
                 if let Some(revert) = &d.revert {
                     generation.version = revert.1.clone();
                 }
+                return Ok(generation);
+            }
+            Err(error) => error,
+        };
+        trace.log = self
+            .evidence(service, &d.unit, &ready.mark, &ready.env_files)
+            .await;
+        Err(self.undo(d, service, before.as_ref(), health, error).await)
+    }
+
+    /// Undo a new generation that failed after its unit was touched, as `d`'s recovery rule
+    /// says, and probe what runs again: the error message (with what the recovery found)
+    /// and the service's health now.
+    async fn undo(
+        &self,
+        d: &Deploy,
+        service: &Service,
+        previous: Option<&Generation>,
+        health: Health,
+        error: String,
+    ) -> Undone {
+        tracing::error!(service = %d.service, %error, recovery = ?d.on_failure, "deploy failed; undoing it");
+        let mut message = error;
+        let restored = match (d.on_failure, previous) {
+            (Recovery::RestorePrevious, Some(prev)) => {
+                self.restore(&d.unit, Some(prev)).await.map(|()| Some(prev))
+            }
+            (Recovery::StopNew, _) => self.retire(&d.unit).await.map(|()| None),
+            (Recovery::StartReplaced, _) => self
+                .start_replaced(&d.unit, d.restored_unit())
+                .await
+                .map(|()| previous),
+            (Recovery::RestoreFound, _) => {
+                message.push_str(&self.restore_found(&d.unit, d.found_unit.as_deref()).await);
+                Ok(None)
+            }
+            (Recovery::RemoveNew | Recovery::RestorePrevious, _) => {
+                self.restore(&d.unit, None).await.map(|()| None)
+            }
+        };
+        let health = match restored {
+            // Probe the restored generation (with the manifest's health settings).
+            Ok(Some(prev)) => {
+                let healthy = match self.restored_probes(service, prev) {
+                    Ok(probes) => {
+                        self.host
+                            .wait_healthy(d.restored_unit(), &probes, self.config.settle)
+                            .await
+                    }
+                    Err(e) => Err(e.to_string()),
+                };
+                match healthy {
+                    Ok(()) => Health::Healthy,
+                    Err(e) => {
+                        message = format!(
+                            "{message}; the restored previous generation is unhealthy too: {e}"
+                        );
+                        Health::Unhealthy
+                    }
+                }
+            }
+            // What ran before never stopped.
+            Ok(None) if previous.is_some() => health,
+            Ok(None) => Health::Unknown,
+            Err(e) => {
+                message = format!("{message}; restoring the previous generation also failed: {e}");
+                Health::Unhealthy
+            }
+        };
+        Undone::RolledBack { message, health }
+    }
+
+    /// Record how a deploy ended in `state`.
+    fn finish(
+        &self,
+        job: &Job<'_>,
+        manifest: &Manifest,
+        state: &mut State,
+        outcome: Ended,
+        trace: &Trace,
+    ) -> Result<(), Failed> {
+        let (d, service) = (job.d, job.service);
+        let entry = state
+            .services
+            .get_mut(&service.name)
+            .expect("made ready first");
+        let undone = match outcome {
+            Err(Undone::Refused(error)) => {
+                entry.last_error = Some(error.clone());
+                return Err(Failed::Retry(error));
+            }
+            Ok(generation) => {
+                entry.updated_at = Some(now());
                 // Through its rollout's gate: watched until the rollout is done. Over
                 // nothing that ran here (no generation, no unit found), an abort removes it.
-                let first = previous.is_none() && d.found_unit.is_none() && d.replaces.is_none();
+                let first =
+                    entry.current.is_none() && d.found_unit.is_none() && d.replaces.is_none();
                 entry.rollout = d.rollout.as_ref().map(|hash| RolloutMark {
                     spec_hash: hash.clone(),
                     stage: if first {
@@ -237,18 +599,9 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                         RolloutStage::Deployed
                     },
                 });
-                if let Some(old) = &d.replaces {
-                    if d.drain {
-                        tokio::time::sleep(self.config.drain).await;
-                    }
-                    if let Err(e) = self.retire(old).await {
-                        tracing::warn!(error = %e, unit = %old, "could not stop the previous generation");
-                    }
-                }
-                self.retire_untracked(&d.retire_after, report).await;
-                tracing::info!(artifact = %generation.artifact.label(), unit = %d.unit, "deployed and healthy");
+                tracing::info!(service = %d.service, artifact = %generation.artifact.label(), unit = %d.unit, "deployed and healthy");
                 entry.unit = d.unit.clone();
-                entry.previous = previous;
+                entry.previous = entry.current.take();
                 entry.current = Some(generation);
                 entry.deploys += 1;
                 if service.release.is_some() {
@@ -259,77 +612,22 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 entry.last_error = None;
                 entry.phases = trace.phases.clone();
                 observe(&mut state.phase_histogram, &trace.phases);
-                Ok(())
+                return Ok(());
             }
-            Err((error, stage))
-                if stage == Stage::Untouched
-                    || side_by_side && matches!(error, AgentError::Proxy(_)) =>
-            {
-                if stage == Stage::Touched {
-                    let _ = self.retire(&d.unit).await;
-                }
-                let error = error.to_string();
+            Err(undone) => undone,
+        };
+        entry.updated_at = Some(now());
+        match undone {
+            Undone::Refused(_) => unreachable!("handled above"),
+            Undone::Retry(error) => {
                 entry.last_error = Some(error.clone());
                 Err(Failed::Retry(error))
             }
-            Err((error, stage)) => {
-                let error = error.to_string();
-                tracing::error!(%error, recovery = ?d.on_failure, "deploy failed; undoing it");
-                let mut message = error.clone();
-                let restored = match (stage, d.on_failure, &previous) {
-                    // The service's unit was never touched: what ran still runs.
-                    (Stage::ReleaseFailed, _, _) => Ok(None),
-                    (_, Recovery::RestorePrevious, Some(prev)) => {
-                        self.restore(&d.unit, Some(prev)).await.map(|()| Some(prev))
-                    }
-                    (_, Recovery::StopNew, _) => self.retire(&d.unit).await.map(|()| None),
-                    (_, Recovery::StartReplaced, _) => self
-                        .start_replaced(&d.unit, d.restored_unit())
-                        .await
-                        .map(|()| previous.as_ref()),
-                    (_, Recovery::RestoreFound, _) => {
-                        message
-                            .push_str(&self.restore_found(&d.unit, d.found_unit.as_deref()).await);
-                        Ok(None)
-                    }
-                    (_, Recovery::RemoveNew | Recovery::RestorePrevious, _) => {
-                        self.restore(&d.unit, None).await.map(|()| None)
-                    }
-                };
-                entry.health = match restored {
-                    // Probe the restored generation (with the manifest's health settings).
-                    Ok(Some(prev)) => {
-                        let healthy = match self.restored_probes(service, prev) {
-                            Ok(probes) => {
-                                self.host
-                                    .wait_healthy(d.restored_unit(), &probes, self.config.settle)
-                                    .await
-                            }
-                            Err(e) => Err(e.to_string()),
-                        };
-                        match healthy {
-                            Ok(()) => Health::Healthy,
-                            Err(e) => {
-                                message = format!(
-                                    "{message}; the restored previous generation is unhealthy too: {e}"
-                                );
-                                Health::Unhealthy
-                            }
-                        }
-                    }
-                    // What ran before never stopped.
-                    Ok(None) if previous.is_some() => entry.health,
-                    Ok(None) => Health::Unknown,
-                    Err(e) => {
-                        message = format!(
-                            "{message}; restoring the previous generation also failed: {e}"
-                        );
-                        Health::Unhealthy
-                    }
-                };
+            Undone::RolledBack { message, health } => {
+                entry.health = health;
                 entry.rollbacks += 1;
                 entry.failed = Some(Failure {
-                    spec_hash: hash,
+                    spec_hash: spec_hash(service),
                     artifact: service.artifact.clone(),
                     version: manifest.version.clone(),
                     error: message.clone(),
@@ -362,13 +660,19 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             return Ok(());
         };
         tracing::info!(%from, %to, "moving the service to its own unit name");
+        // Err((why, touched)).
         let moved = match self.restored_probes(service, &current) {
-            Ok(probes) => {
-                let mut phases = Phases::new();
-                self.start_unit(to, &current.unit_file, Some(from), &probes, &mut phases)
-                    .await
-            }
-            Err(e) => Err((e, Stage::Untouched)),
+            Err(e) => Err((e.to_string(), false)),
+            Ok(probes) => match self.write_new(to, &current.unit_file).await {
+                Err(e) => Err((e.to_string(), false)),
+                Ok(()) => match self.host.manager().reload().await {
+                    Err(e) => Err((AgentError::from(e).to_string(), true)),
+                    Ok(()) => self
+                        .start_written(to, Some(from), &probes, &mut Phases::new())
+                        .await
+                        .map_err(|e| (e, true)),
+                },
+            },
         };
         match moved {
             Ok(()) => {
@@ -378,10 +682,10 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 }
                 Ok(())
             }
-            Err((e, Stage::Untouched | Stage::ReleaseFailed)) => Err(format!(
+            Err((e, false)) => Err(format!(
                 "not renamed to {to}: {e}; it runs as {from}, the next run retries"
             )),
-            Err((e, Stage::Touched)) => {
+            Err((e, true)) => {
                 let back = match self.start_replaced(to, from).await {
                     Ok(()) => format!("{from} was started again"),
                     Err(r) => format!("starting {from} again failed too: {r}"),
@@ -447,106 +751,30 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         }
     }
 
-    /// The deploy's actions. The error says how far they got (and so what must be undone).
-    async fn try_deploy(
-        &self,
-        service: &Service,
-        d: &Deploy,
-        generated_env: Option<&Path>,
-        hash: &str,
-        manifest: &Manifest,
-        trace: &mut Trace,
-    ) -> Result<Generation, (AgentError, Stage)> {
-        let untouched = |e: AgentError| (e, Stage::Untouched);
-        let env_file = self
-            .host
-            .env_file(&service.name, service.env_file.as_deref())
-            .map_err(untouched)?;
-        let fetching = Instant::now();
-        let artifact = self.host.fetch(&self.store, &service.artifact).await;
-        timed(&mut trace.phases, Phase::Fetch, fetching);
-        let artifact = artifact.map_err(untouched)?;
-        crate::fault::point("fetched");
-        // Generated settings first, the operator's secrets file last (it wins).
-        let env_files: Vec<EnvFile> = generated_env
-            .map(EnvFile::required)
-            .into_iter()
-            .chain([env_file])
-            .collect();
-        let spec = self
-            .unit_spec(service, &artifact, &env_files, d.port, None)
-            .map_err(untouched)?;
-        let unit_file = spec.render().map_err(|e| untouched(e.into()))?;
-        if d.release
-            && let Some(release) = &service.release
-        {
-            let text = self
-                .unit_spec(service, &artifact, &env_files, d.port, Some(release))
-                .and_then(|spec| Ok(spec.render()?))
-                .map_err(untouched)?;
-            let unit = names::release_unit(&service.name);
-            let mark = self.host.log_mark(&unit);
-            let releasing = Instant::now();
-            let released = self.run_release(service, release, &text).await;
-            timed(&mut trace.phases, Phase::Release, releasing);
-            match released {
-                Ok(()) => {}
-                Err(e @ AgentError::Release(_)) => {
-                    trace.log = self.evidence(service, &unit, &mark, &env_files).await;
-                    return Err((e, Stage::ReleaseFailed));
-                }
-                Err(e) => return Err(untouched(e)),
-            }
+    /// Write `unit` as `text`, unless its name is not ours now (checked again here: a fetch
+    /// or a release may have taken long since the plan). If it fails, nothing was touched
+    /// (the write is atomic: the old file stays). The manager loads it at the next reload.
+    async fn write_new(&self, unit: &str, text: &str) -> Result<(), AgentError> {
+        if let Some(why) = crate::plan::foreign(&self.host, unit).await {
+            return Err(AgentError::ForeignUnit(why));
         }
-        let probes = Probes::of(service, &artifact, d.port, &spec);
-        let in_place_of = d
-            .replaces
-            .as_deref()
-            .filter(|_| d.strategy == Strategy::InPlace);
-        let mark = self.host.log_mark(&d.unit);
-        let started = self
-            .start_unit(&d.unit, &unit_file, in_place_of, &probes, &mut trace.phases)
-            .await;
-        if let Err((_, Stage::Touched)) = &started {
-            trace.log = self.evidence(service, &d.unit, &mark, &env_files).await;
-        }
-        started?;
-        crate::fault::point("healthy");
-        Ok(Generation {
-            artifact: service.artifact.clone(),
-            path: artifact.display().to_string(),
-            spec_hash: hash.to_owned(),
-            version: manifest.version.clone(),
-            deployed_at: now(),
-            unit_file,
-            unit: d.port.map(|_| d.unit.clone()),
-            route: d.route.clone(),
-        })
+        self.host.write_unit(unit, text)?;
+        crate::fault::point("unit-written");
+        Ok(())
     }
 
-    /// Write `unit` as `text`, start it (after stopping `in_place_of`, which holds the
-    /// service's port) and wait until it passes `probes`. The error says whether the host
-    /// was touched: the name not ours (checked again here: a fetch or a release may have
-    /// taken long since the plan) or a write that failed (atomic: the old file stays) leave
-    /// everything as it was.
-    async fn start_unit(
+    /// Start `unit`, written and loaded (after stopping `in_place_of`, which holds the
+    /// service's port), and wait until it passes `probes`. An error means the host was
+    /// touched.
+    async fn start_written(
         &self,
         unit: &str,
-        text: &str,
         in_place_of: Option<&str>,
         probes: &Probes,
         phases: &mut Phases,
-    ) -> Result<(), (AgentError, Stage)> {
-        let untouched = |e: AgentError| (e, Stage::Untouched);
-        let touched = |e: AgentError| (e, Stage::Touched);
+    ) -> Result<(), String> {
         let manager = self.host.manager();
         let restarting = Instant::now();
-        if let Some(why) = crate::plan::foreign(&self.host, unit).await {
-            return Err(untouched(AgentError::ForeignUnit(why)));
-        }
-        self.host.write_unit(unit, text).map_err(untouched)?;
-        crate::fault::point("unit-written");
-        manager.reload().await.map_err(|e| touched(e.into()))?;
         if let Some(old) = in_place_of {
             // One that is not loaded (a reboot cleared /run) has nothing to stop.
             if let Err(e) = manager.stop(old).await {
@@ -555,7 +783,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         }
         let restarted = manager.restart(unit).await;
         timed(phases, Phase::Restart, restarting);
-        restarted.map_err(|e| touched(e.into()))?;
+        restarted.map_err(|e| AgentError::from(e).to_string())?;
         crate::fault::point("restarted");
         let checking = Instant::now();
         let healthy = self
@@ -563,7 +791,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             .wait_healthy(unit, probes, self.config.settle)
             .await;
         timed(phases, Phase::Health, checking);
-        healthy.map_err(|detail| touched(AgentError::Unhealthy(detail)))
+        healthy.map_err(|detail| AgentError::Unhealthy(detail).to_string())
     }
 
     /// The log `unit` left after `mark`, masked with the values of `env_files` (the
