@@ -89,7 +89,7 @@ rm -rf "$work/state"
 "${agent[@]}" --config "$work/agent.toml" run --once >/dev/null 2>&1
 deploy-manifest add-service '{"name": "elsewhere", "artifact": {"storePath": "/nix/store/placeholder"}, "hosts": ["other"]}' >/dev/null
 read -r n_wall n_cpu n_rss < <(measure "${agent[@]}" --config "$work/agent.toml" --json run --once)
-changes=$(jq .systemdChanges "$work/out"); kept=$(jq '.kept | length' "$work/out")
+changes=$(jq .systemdChanges "$work/out"); kept=$(jq '[.services[] | select(.outcome == "kept")] | length' "$work/out")
 
 # --- 5: push-to-serving latency (small service, forced run).
 hello_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')

@@ -158,11 +158,15 @@ pub fn default_unit_dir(user: bool) -> PathBuf {
     }
 }
 
+/// The agent's user id (read once: it does not change while the process runs).
 pub fn current_uid() -> u32 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self")
-        .map(|m| m.uid())
-        .unwrap_or(0)
+    static UID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *UID.get_or_init(|| {
+        std::fs::metadata("/proc/self")
+            .map(|m| m.uid())
+            .unwrap_or(0)
+    })
 }
 
 /// `20000-29999` → (20000, 29999).

@@ -259,11 +259,12 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         // Held until the report is published: publishing saves state.json too.
         let _lock = RunLock::acquire(dir)?;
         let mut events = Vec::new();
+        let mut state = State::load(dir, &self.config.host)?;
         let mut result = self
-            .run_once_inner(&mut events)
+            .run_once_inner(&mut state, &mut events)
             .instrument(span.clone())
             .await;
-        self.publish(started.elapsed())
+        self.publish(&mut state, started.elapsed())
             .instrument(span.clone())
             .await;
         self.write_history(&events).instrument(span).await;
@@ -285,20 +286,19 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
     /// may still have repaired drift).
     async fn run_once_inner(
         &self,
+        state: &mut State,
         events: &mut Vec<deploy_manifest::history::Event>,
     ) -> Result<RunReport, AgentError> {
-        let dir = &self.config.state_dir;
-        let mut state = State::load(dir, &self.config.host)?;
         state.host = self.config.host.clone();
         state.last_poll = Some(now());
         let etag = state.manifest_etag.clone();
-        let polled = self.poll(&state, etag.as_deref()).await;
+        let polled = self.poll(state, etag.as_deref()).await;
         let (manifest, etag) = match polled {
-            Ok(Polled::Changed { manifest, etag }) => match self.accept(&manifest, &mut state) {
+            Ok(Polled::Changed { manifest, etag }) => match self.accept(&manifest, state) {
                 Ok(()) => (manifest, etag),
-                Err(e) => return self.fail_run(&mut state, e, events).await,
+                Err(e) => return self.fail_run(state, e, events).await,
             },
-            Ok(Polled::Unchanged) => return self.run_unchanged(&mut state, events).await,
+            Ok(Polled::Unchanged) => return self.run_unchanged(state, events).await,
             Err(e) => {
                 if let AgentError::Manifest(deploy_manifest::Error::Trust(
                     deploy_manifest::sign::TrustError::Expired { expires, .. },
@@ -306,24 +306,22 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 {
                     state.expired = Some(expires.clone());
                 }
-                return self.fail_run(&mut state, e, events).await;
+                return self.fail_run(state, e, events).await;
             }
         };
 
         crate::fault::point("manifest");
-        let rollouts = self.gather(&manifest, &state, true).await;
-        let plan = plan(&manifest, &state, &self.host, &self.config, &rollouts).await;
+        let rollouts = self.gather(&manifest, state, true).await;
+        let plan = plan(&manifest, state, &self.host, &self.config, &rollouts).await;
         let mut report = RunReport {
             manifest_version: manifest.version.clone(),
             ..RunReport::default()
         };
-        let applied = self
-            .apply(&plan, Some(&manifest), &mut state, &mut report)
-            .await;
+        let applied = self.apply(&plan, Some(&manifest), state, &mut report).await;
         // What was done is told even if the state could not be saved after it.
         events.clone_from(&report.events);
         applied?;
-        let rolling = self.record(&plan, &rollouts, &mut state, &mut report).await;
+        let rolling = self.record(&plan, &rollouts, state, &mut report).await;
         events.clone_from(&report.events);
         state.manifest_version = manifest.version.clone();
         state.manifest_created_at = manifest.created_at.clone();
@@ -338,7 +336,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         if report.ok() {
             state.last_success = Some(now());
         }
-        self.host.save_state(&state)?;
+        self.host.save_state(state)?;
         Ok(report)
     }
 

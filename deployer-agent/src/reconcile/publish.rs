@@ -14,12 +14,9 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
     /// After a run: write the metrics file, and `status/<host>.json` when what it says
     /// changed or the last one is older than two intervals (a heartbeat, so that
     /// `deploy-manifest status` can tell a silent agent). Failures are logged, not fatal.
-    pub(super) async fn publish(&self, took: Duration) {
+    pub(super) async fn publish(&self, state: &mut State, took: Duration) {
         crate::fault::point("publish");
         let dir = &self.config.state_dir;
-        let Ok(mut state) = State::load(dir, &self.config.host) else {
-            return;
-        };
         if let Some(path) = &self.config.metrics_file {
             // Only the metrics file needs the restart counts: one read per active unit.
             let units: Vec<&str> = state
@@ -34,18 +31,18 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 .iter()
                 .filter_map(|(name, s)| Some((name.clone(), *by_unit.get(&s.unit)?)))
                 .collect();
-            if let Err(e) = crate::report::write_metrics(path, &state, &restarts, took) {
+            if let Err(e) = crate::report::write_metrics(path, state, &restarts, took) {
                 tracing::warn!(error = %e, path = %path.display(), "could not write metrics");
             }
         }
-        let mut report = crate::report::host_report(&state, self.config.interval);
-        match crate::report::host_key(dir, &self.config.host) {
-            Ok(key) => key.sign_json(&mut report),
-            Err(e) => tracing::warn!(
-                error = %e,
-                "publishing this report unsigned: readers given host keys will not count it"
-            ),
-        }
+        let mut report = crate::report::host_report(state, self.config.interval);
+        let key = crate::report::host_key(dir, &self.config.host);
+        // Which key signs it is part of what it says; the signature is made only for a
+        // report that goes out.
+        report.signature = key.as_ref().ok().map(|k| deploy_manifest::sign::Signature {
+            key: k.name.clone(),
+            value: String::new(),
+        });
         let hash = crate::report::report_hash(&report);
         let heartbeat_due = state
             .reported_at
@@ -55,6 +52,13 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             .is_none_or(|age| age >= 2 * self.config.interval);
         if state.report_hash.as_deref() == Some(hash.as_str()) && !heartbeat_due {
             return;
+        }
+        match key {
+            Ok(key) => key.sign_json(&mut report),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "publishing this report unsigned: readers given host keys will not count it"
+            ),
         }
         let bytes = serde_json::to_vec_pretty(&report).expect("the report serialises");
         let key = deploy_manifest::status::report_key(&self.config.host);
@@ -66,7 +70,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             Ok(_) => {
                 state.reported_at = Some(report.reported_at.clone());
                 state.report_hash = Some(hash);
-                if let Err(e) = self.host.save_state(&state) {
+                if let Err(e) = self.host.save_state(state) {
                     tracing::warn!(error = %e, "could not record the report in state.json");
                 }
             }
