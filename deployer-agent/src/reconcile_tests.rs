@@ -1572,3 +1572,110 @@ async fn a_batch_of_deploys_reloads_once_and_a_failure_is_undone_alone() {
     assert_eq!(reloads(&b), 1);
     assert!(b.host().world().files.is_empty());
 }
+
+/// A daemon-reload that fails once is retried; one that keeps failing starts nothing: each
+/// unit file goes back as it was, what ran keeps running, and no spec is blamed (the next
+/// run deploys them).
+#[tokio::test]
+async fn a_failing_reload_starts_nothing_and_blames_no_spec() {
+    let mut b = Bench::new(false);
+    let names = ["s0", "s1", "s2"];
+    let m = |v: &str| {
+        let paths: Vec<String> = names
+            .iter()
+            .map(|n| format!("/nix/store/{n}-{v}"))
+            .collect();
+        let services: Vec<(&str, &str, Value)> = names
+            .iter()
+            .zip(&paths)
+            .map(|(n, p)| (*n, p.as_str(), json!({})))
+            .collect();
+        manifest(&services, Value::Null)
+    };
+    b.run(&m("v1")).await;
+    // Once: retried, and the batch deploys.
+    b.host().world().reload_fails = 1;
+    let (_, report) = b.run(&m("v2")).await;
+    assert_eq!(report.services_where(|o| *o == Outcome::Deployed), names);
+    // Twice: nothing starts, and the unit files go back to v2.
+    b.host().world().reload_fails = 2;
+    b.host().world().log.clear();
+    let (_, report) = b.run(&m("v3")).await;
+    assert_eq!(
+        report.services_where(|o| matches!(o, Outcome::Retrying { .. })),
+        names,
+        "{:?}",
+        report.services
+    );
+    let log = b.host().world().log.clone();
+    assert!(
+        !log.iter()
+            .any(|l| l.starts_with("restart") || l.starts_with("stop")),
+        "{log:?}"
+    );
+    for n in names {
+        let unit = format!("{n}.service");
+        assert!(b.active(&unit));
+        assert!(
+            b.file(&unit)
+                .unwrap()
+                .contains(&path(&format!("/nix/store/{n}-v2")))
+        );
+        assert!(b.state.services[n].failed.is_none(), "no spec blamed");
+    }
+    // The next run deploys v3.
+    let (_, report) = b.run(&m("v3")).await;
+    assert_eq!(report.services_where(|o| *o == Outcome::Deployed), names);
+}
+
+/// The agent is killed while a batch stops the generations it replaced: the state saved
+/// before that already records every new generation, so the next run keeps them, retires
+/// what is left of the old ones, and every route points at a generation that runs.
+#[tokio::test]
+async fn a_kill_while_a_batch_stops_the_old_generations_loses_no_new_one() {
+    use futures_util::FutureExt;
+    let mut b = Bench::new(true);
+    b.agent.config.port_range = (20000, 20019);
+    let http = |d: &str| json!({"http": {"domain": d, "internalPort": 8000, "zeroDowntime": true}});
+    let m = |v: &str| {
+        manifest(
+            &[
+                ("a", &format!("/nix/store/a-{v}"), http("a.test")),
+                ("b", &format!("/nix/store/b-{v}"), http("b.test")),
+            ],
+            Value::Null,
+        )
+    };
+    b.run(&m("v1")).await;
+    let (a_v1, b_v1) = (
+        b.state.services["a"].unit.clone(),
+        b.state.services["b"].unit.clone(),
+    );
+    b.host().world().kill_on_stop = Some(b_v1.clone());
+    let v2 = m("v2");
+    let plan = b.plan(&v2).await;
+    let mut report = RunReport::default();
+    let run = b.agent.apply(&plan, Some(&v2), &mut b.state, &mut report);
+    let killed = std::panic::AssertUnwindSafe(run).catch_unwind().await;
+    assert!(killed.is_err(), "the kill happened");
+    b.host().world().kill_on_stop = None;
+    // The next run starts from state.json as saved.
+    let saved = b.host().world().saved.clone().unwrap();
+    b.state = saved;
+    for s in ["a", "b"] {
+        let unit = &b.state.services[s].unit;
+        assert!(
+            unit != &a_v1 && unit != &b_v1 && b.active(unit),
+            "{s}: {unit}"
+        );
+    }
+    let (plan, _) = b.run(&v2).await;
+    assert!(kinds(&plan).contains(&format!("retire {b_v1}")), "{plan:?}");
+    assert!(!b.active(&b_v1) && !b.active(&a_v1));
+    let routes = b.host().world().routes.clone();
+    assert_eq!(routes.len(), 2);
+    for route in routes {
+        let unit = format!("{}.{}.service", route.service, route.port);
+        assert!(b.active(&unit), "{route:?} points at {unit}, which runs");
+    }
+}

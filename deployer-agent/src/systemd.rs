@@ -292,8 +292,9 @@ pub trait ServiceManager {
         &self,
         units: &[&str],
     ) -> impl Future<Output = Result<Vec<ListedUnit>, SystemdError>>;
-    /// How many times systemd restarted each of the active `units` on its own (`NRestarts`):
-    /// for the metrics file. Units it cannot tell are left out.
+    /// How many times systemd restarted each of the loaded `units` on its own
+    /// (`NRestarts`), whatever their state: for the metrics file. Units it cannot tell are
+    /// left out.
     fn restarts(&self, units: &[&str]) -> impl Future<Output = BTreeMap<String, u32>>;
     /// Calls so far that change something (reload, restart, stop), where counted.
     fn changes(&self) -> u64 {
@@ -636,11 +637,16 @@ impl ServiceManager for Systemd {
     }
 
     async fn restarts(&self, units: &[&str]) -> BTreeMap<String, u32> {
-        let Ok(rows) = self.bus().list_units_by_names(units).await else {
-            return BTreeMap::new();
+        let rows = match self.bus().list_units_by_names(units).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the units' restart counts");
+                return BTreeMap::new();
+            }
         };
-        // One property read per active unit, at its object path; 32 in flight.
-        let reads = rows.into_iter().filter(|row| row.3 == "active").map(
+        // One property read per loaded unit (a crash loop's too), at its object path; 32
+        // in flight.
+        let reads = rows.into_iter().filter(|row| row.2 == "loaded").map(
             |(name, .., path, _, _, _)| async move {
                 let s = ServiceProxy::builder(&self.conn)
                     .path(path)

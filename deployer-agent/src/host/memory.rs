@@ -40,6 +40,10 @@ pub struct World {
     pub missing: BTreeSet<String>,
     /// Release commands fail.
     pub release_fails: bool,
+    /// The next this many daemon-reloads fail.
+    pub reload_fails: u32,
+    /// Stopping this unit kills the agent (a panic: the test's kill -9).
+    pub kill_on_stop: Option<String>,
     /// The unit directory cannot be changed: writing or removing a unit file fails.
     pub read_only: bool,
     /// Units that are active but fail their health probes.
@@ -146,7 +150,12 @@ fn job_error(call: &'static str, unit: &str, result: &str) -> SystemdError {
 
 impl ServiceManager for MemoryHost {
     async fn reload(&self) -> Result<(), SystemdError> {
-        self.call().log.push("reload".into());
+        let mut w = self.call();
+        w.log.push("reload".into());
+        if w.reload_fails > 0 {
+            w.reload_fails -= 1;
+            return Err(job_error("reload", "-", "timeout"));
+        }
         Ok(())
     }
 
@@ -173,6 +182,10 @@ impl ServiceManager for MemoryHost {
 
     async fn stop(&self, unit: &str) -> Result<(), SystemdError> {
         let mut w = self.call();
+        if w.kill_on_stop.as_deref() == Some(unit) {
+            drop(w);
+            panic!("killed while stopping {unit}");
+        }
         w.log.push(format!("stop {unit}"));
         match w.units.remove(unit) {
             Some(_) => Ok(()),
@@ -262,7 +275,7 @@ impl ServiceManager for MemoryHost {
         let w = self.call();
         units
             .iter()
-            .filter(|u| w.active_state(u) == ActiveState::Active)
+            .filter(|u| w.load_state(u) == LoadState::Loaded)
             .map(|u| ((*u).to_owned(), 0))
             .collect()
     }

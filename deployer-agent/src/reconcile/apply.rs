@@ -10,7 +10,7 @@ use deploy_manifest::store::ObjectStore;
 use futures_util::StreamExt;
 use tracing::Instrument;
 
-use super::deploy::{Failed, Job, STARTING_AT_ONCE};
+use super::deploy::{Failed, Job, Replaced, STARTING_AT_ONCE};
 use super::events::{Detail, event_of};
 use super::{Agent, InfraOutcome, Outcome, RunReport, now};
 use crate::AgentError;
@@ -44,15 +44,24 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         while at < plan.steps.len() {
             let rest = &plan.steps[at..];
             let batch = |pick: fn(&Step) -> bool| rest.iter().take_while(|s| pick(s)).count();
-            let deploys = batch(|s| matches!(s, Step::Deploy(_)));
+            // A deploy that runs a release command goes alone: it starts right after its
+            // migration.
+            let deploys = match rest.first() {
+                Some(Step::Deploy(d)) if d.release => 1,
+                _ => batch(|s| matches!(s, Step::Deploy(d) if !d.release)),
+            };
             let removals = batch(|s| matches!(s, Step::Remove { .. }));
             let group = &rest[..deploys.max(removals).max(1)];
             at += group.len();
             let before: Vec<Touched> = group.iter().map(|s| Touched::of(s, state)).collect();
             let started = std::time::Instant::now();
+            let mut replaced = None;
             let details: Vec<(Option<Detail>, Duration)> = if deploys > 0 {
-                self.deploy_steps(group, manifest, state, report, &infra_failed)
-                    .await
+                let (details, r) = self
+                    .deploy_steps(group, manifest, state, report, &infra_failed)
+                    .await;
+                replaced = Some(r);
+                details
             } else if removals > 0 {
                 self.remove_all(group, state, report).await;
                 group.iter().map(|_| (None, started.elapsed())).collect()
@@ -96,12 +105,17 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                     group[0].subject()
                 );
             }
+            // Only once the state records the new generations: what they replaced stops.
+            if let Some(replaced) = replaced {
+                self.retire_replaced(replaced, report).await;
+            }
         }
         Ok(())
     }
 
     /// Consecutive deploy steps as one batch ([`Agent::deploy_all`]), each outcome in the
-    /// report: for each, what it measured and saw, and how long it took.
+    /// report: for each, what it measured and saw, and how long it took; and what the new
+    /// generations replaced, to stop once the state is saved.
     async fn deploy_steps(
         &self,
         steps: &[Step],
@@ -109,9 +123,10 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         state: &mut State,
         report: &mut RunReport,
         infra_failed: &BTreeMap<String, String>,
-    ) -> Vec<(Option<Detail>, Duration)> {
+    ) -> (Vec<(Option<Detail>, Duration)>, Replaced) {
         let Some(m) = manifest else {
-            return steps.iter().map(|_| (None, Duration::ZERO)).collect();
+            let none = steps.iter().map(|_| (None, Duration::ZERO)).collect();
+            return (none, Replaced::default());
         };
         // A revert deploys the service as this host ran it before.
         let jobs: Vec<Job<'_>> = steps
@@ -136,7 +151,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 Some(entry.current.as_ref()?.artifact.label())
             })
             .collect();
-        let results = self.deploy_all(&jobs, m, state, infra_failed, report).await;
+        let (results, replaced) = self.deploy_all(&jobs, m, state, infra_failed).await;
         let mut details: BTreeMap<&str, (Option<Detail>, Duration)> = BTreeMap::new();
         for ((job, previous), (result, trace)) in jobs.iter().zip(previous).zip(results) {
             let outcome = match result {
@@ -151,7 +166,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 }
             };
             report.services.insert(job.d.service.clone(), outcome);
-            let took = Duration::from_secs_f64(trace.phases.values().sum::<f64>());
+            let took = trace.took;
             let detail = Detail {
                 phases: trace.phases,
                 log: trace.log,
@@ -161,14 +176,15 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             };
             details.insert(&job.d.service, (Some(detail), took));
         }
-        steps
+        let details = steps
             .iter()
             .map(|step| {
                 step.service()
                     .and_then(|s| details.remove(s))
                     .unwrap_or((None, Duration::ZERO))
             })
-            .collect()
+            .collect();
+        (details, replaced)
     }
 
     /// Consecutive remove steps: each service's unit stopped and its file removed, one

@@ -42,6 +42,8 @@ pub(super) enum Failed {
 pub(super) struct Trace {
     pub phases: Phases,
     pub log: Vec<String>,
+    /// The deploy's own time: made ready, started, health-checked, undone if it failed.
+    pub took: Duration,
 }
 
 /// Add the time since `since` to `phase`.
@@ -61,14 +63,12 @@ pub(super) struct Job<'a> {
     pub service: &'a Service,
 }
 
-/// A deploy made ready by its first pass: its unit file written, not yet loaded.
+/// A deploy made ready by its first pass: fetched, its release run, its unit file rendered.
 struct Ready {
     /// What is recorded once it is healthy.
     generation: Generation,
     env_files: Vec<EnvFile>,
     probes: Probes,
-    /// Where its unit's log ended before it was touched.
-    mark: LogMark,
 }
 
 /// How a deploy's first pass ended.
@@ -94,6 +94,17 @@ enum Undone {
 
 /// A deploy's new generation, healthy, or how it did not get there.
 type Ended = Result<Generation, Undone>;
+
+/// What a batch's new generations replace: stopped once the state records them.
+#[derive(Debug, Default)]
+pub(super) struct Replaced {
+    /// Wait the drain period first (a zero-downtime generation took over a route).
+    drain: bool,
+    /// The units they replace.
+    units: Vec<String>,
+    /// Units no state records that may have served before them.
+    untracked: Vec<String>,
+}
 
 impl<S: ObjectStore, H: Host> Agent<S, H> {
     /// The unit for `service` running the artifact at `artifact` (with `release`, the
@@ -185,33 +196,38 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         Ok(Probes::of(service, artifact, port, &spec))
     }
 
-    /// The deploy steps `jobs` (consecutive in the plan) as one batch:
+    /// The deploy steps `jobs` (consecutive in the plan; a deploy that runs a release
+    /// command goes alone, so that it starts right after its migration) as one batch:
     /// 1. one by one, each made ready: infrastructure and account checked, its settings
-    ///    provisioned, secrets file checked, artifact fetched, release command run, unit file
-    ///    written (a failure here changed nothing, or only ran a release that failed);
-    /// 2. one daemon-reload for every unit file written;
+    ///    provisioned, secrets file checked, artifact fetched, release command run, unit
+    ///    rendered (a failure here changed nothing, or only ran a release that failed);
+    /// 2. the unit files written, then one daemon-reload for all (retried once; if it still
+    ///    fails, the files are put back as they were and the next run retries);
     /// 3. up to [`STARTING_AT_ONCE`] at a time: each started and health-checked, and if it
     ///    fails, undone right away by its own recovery rule;
-    /// 4. the routes of every generation that passed switched at once, then (after the drain
-    ///    period) the units they replace stopped, with one reload;
+    /// 4. the routes of every generation that passed switched at once (one by one if the
+    ///    proxy refuses them together);
     /// 5. each outcome recorded in `state`, in order.
     ///
-    /// Each job's outcome, and what it measured and saw.
+    /// Each job's outcome and what it measured and saw, and what to stop once the state
+    /// records them ([`Agent::retire_replaced`]: the caller saves the state first, so that a
+    /// crash while they stop loses no new generation).
     pub(super) async fn deploy_all(
         &self,
         jobs: &[Job<'_>],
         manifest: &Manifest,
         state: &mut State,
         infra_failed: &BTreeMap<String, String>,
-        report: &mut RunReport,
-    ) -> Vec<(Result<(), Failed>, Trace)> {
+    ) -> (Vec<(Result<(), Failed>, Trace)>, Replaced) {
         let mut traces = vec![Trace::default(); jobs.len()];
         let mut outcomes: Vec<Option<Ended>> = Vec::new();
         let mut ready = Vec::new();
         for (i, job) in jobs.iter().enumerate() {
+            let preparing = Instant::now();
             let prepared = self
                 .prepare(job, manifest, state, infra_failed, &mut traces[i])
                 .await;
+            traces[i].took += preparing.elapsed();
             outcomes.push(match prepared {
                 Prepared::Ready(r) => {
                     ready.push((i, r));
@@ -221,36 +237,72 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 Prepared::Refused(error) => Some(Err(Undone::Refused(error))),
             });
         }
-        if !ready.is_empty() {
-            let reloading = Instant::now();
-            let reloaded = self.host.manager().reload().await;
-            for (i, _) in &ready {
-                timed(&mut traces[*i].phases, Phase::Restart, reloading);
+        // The unit files, written together just before the reload that loads them.
+        let writing = Instant::now();
+        let mut written = Vec::new();
+        for (i, r) in ready {
+            match self
+                .write_new(&jobs[i].d.unit, &r.generation.unit_file)
+                .await
+            {
+                Ok(()) => written.push((i, r)),
+                Err(e) => outcomes[i] = Some(Err(Undone::Retry(e.to_string()))),
             }
-            let reload_error = reloaded.err().map(|e| e.to_string());
-            let activations = ready.into_iter().map(|(i, r)| {
-                let job = &jobs[i];
-                let entry = state.services.get(&job.service.name);
-                let before = entry.and_then(|e| e.current.clone());
-                let health = entry.map_or(Health::Unknown, |e| e.health);
-                let mut trace = std::mem::take(&mut traces[i]);
-                let reload_error = reload_error.clone();
-                async move {
-                    let started = self
-                        .activate(job, r, before, health, reload_error, &mut trace)
-                        .instrument(tracing::info_span!("step", subject = %job.d.service))
-                        .await;
-                    (i, started, trace)
+        }
+        if !written.is_empty() {
+            let manager = self.host.manager();
+            let mut reloaded = manager.reload().await;
+            if let Err(e) = &reloaded {
+                tracing::warn!(error = %e, "daemon-reload failed; trying once more");
+                reloaded = manager.reload().await;
+            }
+            for (i, _) in &written {
+                timed(&mut traces[*i].phases, Phase::Restart, writing);
+                traces[*i].took += writing.elapsed();
+            }
+            match reloaded {
+                Err(e) => {
+                    // Nothing was started: each unit file goes back to what it was.
+                    let error = format!(
+                        "{}; nothing was started, the next run retries",
+                        AgentError::from(e)
+                    );
+                    for (i, _) in written {
+                        let d = jobs[i].d;
+                        let before = state
+                            .services
+                            .get(&d.service)
+                            .and_then(|e| e.current.as_ref());
+                        self.unwrite(d, before);
+                        outcomes[i] = Some(Err(Undone::Retry(error.clone())));
+                    }
                 }
-            });
-            let mut started: Vec<_> = futures_util::stream::iter(activations)
-                .buffer_unordered(STARTING_AT_ONCE)
-                .collect()
-                .await;
-            started.sort_by_key(|(i, ..)| *i);
-            for (i, outcome, trace) in started {
-                outcomes[i] = Some(outcome);
-                traces[i] = trace;
+                Ok(()) => {
+                    let activations = written.into_iter().map(|(i, r)| {
+                        let job = &jobs[i];
+                        let entry = state.services.get(&job.service.name);
+                        let before = entry.and_then(|e| e.current.clone());
+                        let health = entry.map_or(Health::Unknown, |e| e.health);
+                        let mut trace = std::mem::take(&mut traces[i]);
+                        async move {
+                            let starting = Instant::now();
+                            let started = self
+                                .activate(job, r, before, health, &mut trace)
+                                .instrument(tracing::info_span!("step", subject = %job.d.service))
+                                .await;
+                            trace.took += starting.elapsed();
+                            (i, started, trace)
+                        }
+                    });
+                    let started: Vec<_> = futures_util::stream::iter(activations)
+                        .buffer_unordered(STARTING_AT_ONCE)
+                        .collect()
+                        .await;
+                    for (i, outcome, trace) in started {
+                        outcomes[i] = Some(outcome);
+                        traces[i] = trace;
+                    }
+                }
             }
         }
         let mut outcomes: Vec<Ended> = outcomes
@@ -259,42 +311,72 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             .collect();
         self.switch_routes(jobs, &mut outcomes, state, &mut traces)
             .await;
-        // The units the new generations replace, and units no state records that may have
-        // served before them: stopped once they serve.
+        // What the new generations replace, and units no state records that may have
+        // served before them: stopped once they serve and the state says so.
         let done: Vec<&Deploy> = jobs
             .iter()
             .zip(&outcomes)
             .filter(|(_, o)| o.is_ok())
             .map(|(job, _)| job.d)
             .collect();
-        if done.iter().any(|d| d.drain && d.replaces.is_some()) {
-            tokio::time::sleep(self.config.drain).await;
-        }
-        let replaced: Vec<String> = done.iter().filter_map(|d| d.replaces.clone()).collect();
-        for (unit, result) in self.retire_all(&replaced).await {
-            if let Err(e) = result {
-                tracing::warn!(error = %e, %unit, "could not stop the previous generation");
-            }
-        }
-        let untracked: Vec<String> = done
+        let replaced = Replaced {
+            drain: done.iter().any(|d| d.drain && d.replaces.is_some()),
+            units: done.iter().filter_map(|d| d.replaces.clone()).collect(),
+            untracked: done
+                .iter()
+                .flat_map(|d| d.retire_after.iter().cloned())
+                .collect(),
+        };
+        let results = jobs
             .iter()
-            .flat_map(|d| d.retire_after.iter().cloned())
-            .collect();
-        self.retire_untracked(&untracked, report).await;
-        jobs.iter()
             .zip(outcomes)
             .zip(traces)
             .map(|((job, outcome), trace)| {
                 let result = self.finish(job, manifest, state, outcome, &trace);
                 (result, trace)
             })
-            .collect()
+            .collect();
+        (results, replaced)
     }
 
-    /// Switch the routes of every new generation that passed its health checks, at once.
-    /// If the proxy refuses them, a side-by-side generation is given up (the old one still
-    /// has the route; the next run retries) and one restarted in place keeps running (its
-    /// route is retried on the next run).
+    /// Stop what a batch's new generations replaced (after the drain period), with one
+    /// reload, and the units no state recorded that may have served before them. Called
+    /// once the state recording the new generations is saved: a crash before or during
+    /// this leaves the old units to the next run, which retires units no state records.
+    pub(super) async fn retire_replaced(&self, replaced: Replaced, report: &mut RunReport) {
+        if replaced.drain {
+            tokio::time::sleep(self.config.drain).await;
+        }
+        for (unit, result) in self.retire_all(&replaced.units).await {
+            if let Err(e) = result {
+                tracing::warn!(error = %e, %unit, "could not stop the previous generation");
+            }
+        }
+        self.retire_untracked(&replaced.untracked, report).await;
+    }
+
+    /// Put `d`'s unit file back as it was before this deploy wrote it (nothing was started
+    /// from it): the previous generation's, the one found on the host, or none.
+    fn unwrite(&self, d: &Deploy, previous: Option<&Generation>) {
+        let put_back = match (d.on_failure, previous, &d.found_unit) {
+            (Recovery::RestorePrevious, Some(prev), _) => Some(prev.unit_file.as_str()),
+            (Recovery::RestoreFound, _, Some(found)) => Some(found.as_str()),
+            _ => None,
+        };
+        let result = match put_back {
+            Some(text) => self.host.write_unit(&d.unit, text),
+            None => self.host.remove_unit(&d.unit),
+        };
+        if let Err(e) = result {
+            tracing::warn!(unit = %d.unit, error = %e, "could not put the unit file back");
+        }
+    }
+
+    /// Switch the routes of every new generation that passed its health checks, at once;
+    /// if the proxy refuses them together, one service at a time, so that one bad route
+    /// costs only its own deploy. A side-by-side generation whose route was refused is
+    /// given up (the old one still has the route; the next run retries); one restarted in
+    /// place keeps running (its route is retried on the next run).
     async fn switch_routes(
         &self,
         jobs: &[Job<'_>],
@@ -309,26 +391,37 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         if healthy.is_empty() {
             return;
         }
-        let changed: Vec<(&str, Option<&RouteState>)> = healthy
-            .iter()
-            .filter_map(|i| {
-                let generation = outcomes[*i].as_ref().ok()?;
-                Some((jobs[*i].service.name.as_str(), generation.route.as_ref()))
-            })
-            .collect();
-        let routes = Self::routes(state, &changed);
+        let route_of = |i: usize| {
+            let route = outcomes[i].as_ref().ok().and_then(|g| g.route.as_ref());
+            (jobs[i].service.name.as_str(), route)
+        };
+        let all: Vec<(&str, Option<&RouteState>)> = healthy.iter().map(|i| route_of(*i)).collect();
         let switching = Instant::now();
-        let applied = self.host.apply_routes(&routes).await;
+        let mut refused = Vec::new();
+        if let Err(e) = self.host.apply_routes(&Self::routes(state, &all)).await {
+            tracing::warn!(error = %e, "the proxy refused the batch's routes; applying them one service at a time");
+            let mut accepted: Vec<(&str, Option<&RouteState>)> = Vec::new();
+            for i in &healthy {
+                accepted.push(route_of(*i));
+                if let Err(e) = self
+                    .host
+                    .apply_routes(&Self::routes(state, &accepted))
+                    .await
+                {
+                    accepted.pop();
+                    refused.push((*i, AgentError::Proxy(e).to_string()));
+                }
+            }
+        }
         for i in &healthy {
             timed(&mut traces[*i].phases, Phase::Route, switching);
+            traces[*i].took += switching.elapsed();
         }
-        let Err(e) = applied else { return };
-        let error = AgentError::Proxy(e).to_string();
         let mut given_up = Vec::new();
-        for i in healthy {
+        for (i, error) in refused {
             if jobs[i].d.strategy == Strategy::SideBySide {
                 given_up.push(jobs[i].d.unit.clone());
-                outcomes[i] = Err(Undone::Refused(error.clone()));
+                outcomes[i] = Err(Undone::Retry(error));
             } else {
                 tracing::error!(service = %jobs[i].d.service, %error, "deployed, but the route was not applied");
             }
@@ -438,12 +531,6 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             }
         }
         let probes = Probes::of(service, &artifact, d.port, &spec);
-        let mark = self.host.log_mark(&d.unit);
-        let restarting = Instant::now();
-        if let Err(e) = self.write_new(&d.unit, &unit_file).await {
-            return untouched(e);
-        }
-        timed(&mut trace.phases, Phase::Restart, restarting);
         Prepared::Ready(Box::new(Ready {
             generation: Generation {
                 artifact: service.artifact.clone(),
@@ -457,21 +544,19 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             },
             env_files,
             probes,
-            mark,
         }))
     }
 
-    /// A deploy's second pass (several at once): its written unit started (after the one
-    /// it replaces in place is stopped) and health-checked; if that fails, the log it left
-    /// is kept and its recovery rule undoes it. `before`: the generation recorded before,
-    /// and `health`, its health; `reload_error`: the batch's reload failed.
+    /// A deploy's second pass (several at once): its written and loaded unit started (after
+    /// the one it replaces in place is stopped) and health-checked; if that fails, the log
+    /// it left is kept and its recovery rule undoes it. `before`: the generation recorded
+    /// before, and `health`, its health.
     async fn activate(
         &self,
         job: &Job<'_>,
         ready: Box<Ready>,
         before: Option<Generation>,
         health: Health,
-        reload_error: Option<String>,
         trace: &mut Trace,
     ) -> Ended {
         let (d, service) = (job.d, job.service);
@@ -479,13 +564,10 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             .replaces
             .as_deref()
             .filter(|_| d.strategy == Strategy::InPlace);
-        let started = match reload_error {
-            Some(e) => Err(e),
-            None => {
-                self.start_written(&d.unit, in_place_of, &ready.probes, &mut trace.phases)
-                    .await
-            }
-        };
+        let mark = self.host.log_mark(&d.unit);
+        let started = self
+            .start_written(&d.unit, in_place_of, &ready.probes, &mut trace.phases)
+            .await;
         let error = match started {
             Ok(()) => {
                 crate::fault::point("healthy");
@@ -499,7 +581,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             Err(error) => error,
         };
         trace.log = self
-            .evidence(service, &d.unit, &ready.mark, &ready.env_files)
+            .evidence(service, &d.unit, &mark, &ready.env_files)
             .await;
         Err(self.undo(d, service, before.as_ref(), health, error).await)
     }

@@ -18,7 +18,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         crate::fault::point("publish");
         let dir = &self.config.state_dir;
         if let Some(path) = &self.config.metrics_file {
-            // Only the metrics file needs the restart counts: one read per active unit.
+            // Only the metrics file needs the restart counts: one read per loaded unit.
             let units: Vec<&str> = state
                 .services
                 .values()
