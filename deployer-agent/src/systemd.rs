@@ -439,16 +439,19 @@ impl Systemd {
         }
     }
 
-    /// A loaded service unit's `Result` and `ExecMainStatus`.
-    async fn service_result(&self, unit: &str) -> Option<(String, i32)> {
-        let path = self.bus().get_unit(unit).await.ok()?;
-        let s = ServiceProxy::builder(&self.conn)
-            .path(path)
-            .ok()?
+    /// The service unit at `path`, its properties read fresh on every call.
+    async fn service_at(&self, path: OwnedObjectPath) -> zbus::Result<ServiceProxy<'static>> {
+        ServiceProxy::builder(&self.conn)
+            .path(path)?
             .cache_properties(CacheProperties::No)
             .build()
             .await
-            .ok()?;
+    }
+
+    /// A loaded service unit's `Result` and `ExecMainStatus`.
+    async fn service_result(&self, unit: &str) -> Option<(String, i32)> {
+        let path = self.bus().get_unit(unit).await.ok()?;
+        let s = self.service_at(path).await.ok()?;
         self.count(2);
         let result = s.result().await.ok()?;
         Some((result, s.exec_main_status().await.unwrap_or(0)))
@@ -648,13 +651,7 @@ impl ServiceManager for Systemd {
         // in flight.
         let reads = rows.into_iter().filter(|row| row.2 == "loaded").map(
             |(name, .., path, _, _, _)| async move {
-                let s = ServiceProxy::builder(&self.conn)
-                    .path(path)
-                    .ok()?
-                    .cache_properties(CacheProperties::No)
-                    .build()
-                    .await
-                    .ok()?;
+                let s = self.service_at(path).await.ok()?;
                 self.count(1);
                 Some((name, s.n_restarts().await.ok()?))
             },
@@ -683,14 +680,8 @@ impl ServiceManager for Systemd {
     async fn status(&self, unit: &str) -> Result<UnitStatus, SystemdError> {
         let call_err = load_error(unit);
         let u = self.unit(unit).await?;
-        let path = u.inner().path().to_owned();
-        let s = ServiceProxy::builder(&self.conn)
-            .path(path)
-            .map_err(call_err)?
-            .cache_properties(CacheProperties::No)
-            .build()
-            .await
-            .map_err(call_err)?;
+        let path = u.inner().path().to_owned().into();
+        let s = self.service_at(path).await.map_err(call_err)?;
         self.count(5);
         Ok(UnitStatus {
             load_state: u.load_state().await.map_err(call_err)?.into(),
