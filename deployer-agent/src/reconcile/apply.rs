@@ -564,10 +564,12 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
     /// The routes of every deployed generation, with those of the services in `changed`
     /// replaced by theirs.
     pub(super) fn routes(state: &State, changed: &[(&str, Option<&RouteState>)]) -> Vec<Route> {
+        let changed_names: std::collections::BTreeSet<&str> =
+            changed.iter().map(|(name, _)| *name).collect();
         let mut routes: Vec<Route> = state
             .services
             .iter()
-            .filter(|(name, _)| !changed.iter().any(|(s, _)| s == name))
+            .filter(|(name, _)| !changed_names.contains(name.as_str()))
             .filter_map(|(name, s)| {
                 let r = s.current.as_ref()?.route.as_ref()?;
                 Some((name.as_str(), r))

@@ -71,18 +71,10 @@ struct Ready {
     probes: Probes,
 }
 
-/// How a deploy's first pass ended.
-enum Prepared {
-    Ready(Box<Ready>),
-    Undone(Undone),
-    /// Not tried: infrastructure it needs failed, the host lacks its account, or its
-    /// settings could not be provisioned.
-    Refused(String),
-}
-
 /// How a deploy that did not complete ended, before it is recorded.
 enum Undone {
-    /// Not tried (see [`Prepared::Refused`]): the next run retries.
+    /// Not tried: infrastructure it needs failed, the host lacks its account, or its
+    /// settings could not be provisioned. The next run retries.
     Refused(String),
     /// Nothing on the host changed (secrets file, fetch, the unit's name taken), or the new
     /// generation was given up without a verdict on its spec: the next run retries.
@@ -229,12 +221,11 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 .await;
             traces[i].took += preparing.elapsed();
             outcomes.push(match prepared {
-                Prepared::Ready(r) => {
+                Ok(r) => {
                     ready.push((i, r));
                     None
                 }
-                Prepared::Undone(undone) => Some(Err(undone)),
-                Prepared::Refused(error) => Some(Err(Undone::Refused(error))),
+                Err(undone) => Some(Err(undone)),
             });
         }
         // The unit files, written together just before the reload that loads them.
@@ -443,7 +434,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         state: &mut State,
         infra_failed: &BTreeMap<String, String>,
         trace: &mut Trace,
-    ) -> Prepared {
+    ) -> Result<Box<Ready>, Undone> {
         let (d, service) = (job.d, job.service);
         state
             .services
@@ -453,10 +444,10 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 ..ServiceState::default()
             });
         if let Some(error) = d.infra.iter().find_map(|n| infra_failed.get(n)) {
-            return Prepared::Refused(error.clone());
+            return Err(Undone::Refused(error.clone()));
         }
         if let Err(error) = self.host.check_exec(service) {
-            return Prepared::Refused(error);
+            return Err(Undone::Refused(error));
         }
         let provisioning = Instant::now();
         let generated = self
@@ -465,9 +456,9 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         timed(&mut trace.phases, Phase::Infrastructure, provisioning);
         let generated = match generated {
             Ok(g) => g,
-            Err(e) => return Prepared::Refused(e.to_string()),
+            Err(e) => return Err(Undone::Refused(e.to_string())),
         };
-        let untouched = |e: AgentError| Prepared::Undone(Undone::Retry(e.to_string()));
+        let untouched = |e: AgentError| Err(Undone::Retry(e.to_string()));
         let env_file = match self
             .host
             .env_file(&service.name, service.env_file.as_deref())
@@ -522,7 +513,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                         Some(_) => entry.health,
                         None => Health::Unknown,
                     };
-                    return Prepared::Undone(Undone::RolledBack {
+                    return Err(Undone::RolledBack {
                         message: e.to_string(),
                         health,
                     });
@@ -531,7 +522,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             }
         }
         let probes = Probes::of(service, &artifact, d.port, &spec);
-        Prepared::Ready(Box::new(Ready {
+        Ok(Box::new(Ready {
             generation: Generation {
                 artifact: service.artifact.clone(),
                 path: artifact.display().to_string(),
@@ -662,10 +653,10 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             .services
             .get_mut(&service.name)
             .expect("made ready first");
-        let undone = match outcome {
+        match outcome {
             Err(Undone::Refused(error)) => {
                 entry.last_error = Some(error.clone());
-                return Err(Failed::Retry(error));
+                Err(Failed::Retry(error))
             }
             Ok(generation) => {
                 entry.updated_at = Some(now());
@@ -694,18 +685,15 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 entry.last_error = None;
                 entry.phases = trace.phases.clone();
                 observe(&mut state.phase_histogram, &trace.phases);
-                return Ok(());
+                Ok(())
             }
-            Err(undone) => undone,
-        };
-        entry.updated_at = Some(now());
-        match undone {
-            Undone::Refused(_) => unreachable!("handled above"),
-            Undone::Retry(error) => {
+            Err(Undone::Retry(error)) => {
+                entry.updated_at = Some(now());
                 entry.last_error = Some(error.clone());
                 Err(Failed::Retry(error))
             }
-            Undone::RolledBack { message, health } => {
+            Err(Undone::RolledBack { message, health }) => {
+                entry.updated_at = Some(now());
                 entry.health = health;
                 entry.rollbacks += 1;
                 entry.failed = Some(Failure {
