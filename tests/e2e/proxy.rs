@@ -77,7 +77,7 @@ fn caddy_host(caddy: &Caddy) -> Host {
 /// Twenty ports for zero-downtime generations, apart from other tests' (the agent skips
 /// any that is in use).
 fn port_range() -> String {
-    let base = free_port().min(65000);
+    let base = deployer_tests::free_ports(20);
     format!("{base}-{}", base + 19)
 }
 

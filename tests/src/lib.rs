@@ -42,10 +42,29 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// A free TCP port on 127.0.0.1 (bound, read and released; the caller binds it next).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    free_ports(1)
+}
+
+/// The first of `n` consecutive free TCP ports on 127.0.0.1 (each bound, read and released).
+///
+/// Taken from 10000-19999: below the kernel's ephemeral range (32768-60999), where an
+/// outgoing connection (an agent polling the store every second) can take a port between
+/// this call and the service's bind, and below the agent's default range for side-by-side
+/// generations (20000-29999). No two calls in this process get the same port.
+pub fn free_ports(n: u16) -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7919);
+    for _ in 0..10_000 {
+        let first = NEXT.fetch_add(u32::from(n), Ordering::Relaxed);
+        let base = 10_000 + (start.wrapping_add(first) % 10_000) as u16;
+        if base + n <= 20_000
+            && (base..base + n).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok())
+        {
+            return base;
+        }
+    }
+    panic!("no {n} free loopback ports in 10000-19999")
 }
 
 fn wait_for_port(port: u16, child: &mut Child, what: &str) {
