@@ -2,13 +2,13 @@
 # Agent benchmarks, each printed with a reference measured in the same run:
 #   1. idle poll: requests, wall, CPU, peak RSS of `deployer-agent run --once` when nothing
 #      changed, against `curl` of the same manifest.json (SigV4-signed) from the same server;
-#   2. fetch + verify + unpack of a SIZE_MIB artifact (default 512) with `deployer-agent
-#      fetch`, against curl + sha256sum + tar of the same object; peak RSS;
+#   2. fetch + verify + unpack: see bench/fetch.sh (against the streaming reference);
 #   3. plan over a 1,000-service manifest against `jq` reading it;
 #   4. a no-op apply of 100 deployed services: time and systemd calls that change anything;
 #   5. push-to-serving latency of a small service with a forced run.
 #
-#   bench/agent.sh [SIZE_MIB]     (needs root; runs beside a private systemd user manager)
+#   bench/agent.sh [SIZE_MIB]     (needs root; runs beside a private systemd user manager;
+#                                  SIZE_MIB sizes the deployed artifact, default 512)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ -z "${SDSANDBOX_DIR:-}" ]]; then
@@ -39,11 +39,7 @@ cp examples/hello/bin/hello "$work/repo/out/bin/hello"; echo big > "$work/repo/o
 head -c "$((size_mib << 20))" /dev/urandom > "$work/repo/out/blob"
 printf '[namespaces."Bench/Big"]\ncommand = "true"\noutput = "out"\n' > "$work/repo/deploy.toml"
 (cd "$work/repo" && push.sh Bench/Big --json) > "$work/push.json" 2>/dev/null
-key=$(jq -r '.artifact.archive | "artifacts/\(.sha256)-\(.name).tar.zst"' "$work/push.json")
 
-read -r f_wall f_cpu f_rss < <(measure "${agent[@]}" fetch)
-mkdir -p "$work/ref"
-read -r r_wall r_cpu r_rss < <(measure bash -c "cd '$work/ref' && curl -s --aws-sigv4 aws:amz:us-east-1:s3 --user bench:bench -o a 'http://127.0.0.1:$port/bench/deploy/$key' && sha256sum a >/dev/null && tar --zstd -xf a")
 
 "${agent[@]}" run --once >/dev/null 2>&1            # deploy it
 "${agent[@]}" run --once >/dev/null 2>&1            # settle the report heartbeat
@@ -106,8 +102,6 @@ start_s=$(python3 -c "v,u='$start'.split(); print(float(v)/(1000 if u=='ms' else
 printf '\n%-44s %9s %9s %10s\n' "" wall cpu "peak RSS"
 printf '%-44s %8.3fs %8.3fs %7d KiB   store requests: %s\n' "idle poll: deployer-agent run --once" "$i_wall" "$i_cpu" "$i_rss" "$requests"
 printf '%-44s %8.3fs %8.3fs %7d KiB   ratio %.1f (agent/curl)\n' "  reference: curl of manifest.json" "$c_wall" "$c_cpu" "$c_rss" "$(calc "max($i_wall,0.001)/max($c_wall,0.001)")"
-printf '%-44s %8.3fs %8.3fs %7d KiB\n' "fetch+verify+unpack ${size_mib} MiB: deployer-agent fetch" "$f_wall" "$f_cpu" "$f_rss"
-printf '%-44s %8.3fs %8.3fs %7d KiB   ratio %.2f (agent/reference)\n' "  reference: curl + sha256sum + tar -x" "$r_wall" "$r_cpu" "$r_rss" "$(calc "$f_wall/$r_wall")"
 printf '%-44s %8.3fs %8.3fs %7d KiB   %s steps\n' "plan over 1,000 services" "$p_wall" "$p_cpu" "$p_rss" "$steps"
 printf '%-44s %8.3fs %8.3fs %7d KiB   ratio %.1f (plan/jq)\n' "  reference: jq reading the manifest" "$j_wall" "$j_cpu" "$j_rss" "$(calc "max($p_wall,0.001)/max($j_wall,0.001)")"
 printf '%-44s %8.3fs %8.3fs %7d KiB   %s kept, %s systemd calls that change anything\n' "no-op apply of 100 deployed services" "$n_wall" "$n_cpu" "$n_rss" "$kept" "$changes"

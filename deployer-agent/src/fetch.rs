@@ -1,11 +1,14 @@
 //! Put an artifact on this host, verified, or fail without installing anything.
 //!
-//! - Archives: download to a temp dir under `<state>/store/`, hashing while streaming and
-//!   stopping at the declared size + 1 byte; a sha256 or size mismatch is refused; unpack
-//!   within [`UnpackLimits`] (escapes refused), make read-only, then rename to
-//!   `<state>/store/<sha256>-<name>`. A directory of that name was only ever created by that
-//!   rename, so it is trusted as is. On any error (or a cancelled download) the temp dir is
-//!   removed: nothing is installed.
+//! - Archives: one pass. The download is hashed as it streams (stopping at the declared
+//!   size + 1 byte) while a blocking thread unpacks it into a private temp dir under
+//!   `<state>/store/` within [`UnpackLimits`] (escapes refused) and makes it read-only.
+//!   Only when the whole object's sha256 and size match the manifest is the tree renamed to
+//!   `<state>/store/<sha256>-<name>`; a mismatch is refused whatever the unpacker made of
+//!   the bytes. Unverified bytes do reach the unpacker, so its limits and path checks are
+//!   what bound a hostile archive before the hash refuses it. A directory of the final name
+//!   was only ever created by that rename, so it is trusted as is. On any error (or a
+//!   cancelled download) the temp dir is removed: nothing is installed.
 //! - Nix store paths: used as is if the host's store has them; otherwise the closure's
 //!   narinfos and NARs are fetched from the store's `nix-cache/` into a local binary cache
 //!   (each NAR capped at its narinfo's `FileSize`, written to a temp file and renamed) and
@@ -67,50 +70,75 @@ async fn ensure_archive(
         .map_err(|e| {
             AgentError::io(format!("creating a temp dir in {}", store_dir.display()), e)
         })?;
-    let file = tmp.path().join("archive");
+    let root = tmp.path().join("root");
+    let format = a.format.unwrap_or_default();
+    let limits = UnpackLimits::for_archive(a.size, host_limits);
+    // One pass: the download is hashed on this task while a blocking thread unpacks what
+    // arrives into the temp dir. Nothing leaves the temp dir unless the hash matches.
+    // Either end dropped closes the pipe: the unpacker sees the end of the stream, the
+    // download a broken pipe.
+    let (mut writer, reader) = tokio::io::duplex(PIPE_BYTES);
+    let unpacker = {
+        let root = root.clone();
+        tokio::task::spawn_blocking(move || unpack_stream(reader, format, &root, limits))
+    };
     let got = store
-        .get_to_file(&a.key(), &file, &(), Some(a.size))
-        .await?
-        .ok_or_else(|| AgentError::Fetch {
-            artifact: a.key(),
-            detail: "not in the store; re-run push for this service".into(),
-        })?;
+        .get_into(&a.key(), &mut writer, &(), Some(a.size))
+        .await;
+    drop(writer); // the unpacker sees the end of the stream
+    let unpacked = unpacker.await.expect("unpacking does not panic");
+    let got = got?.ok_or_else(|| AgentError::Fetch {
+        artifact: a.key(),
+        detail: "not in the store; re-run push for this service".into(),
+    })?;
     if got.sha256 != a.sha256 || got.size != a.size {
         return Err(AgentError::Fetch {
             artifact: a.key(),
             detail: format!(
-                "hash mismatch: the manifest says sha256 {} ({} bytes), the store has {} ({} bytes); refusing to install it",
-                a.sha256, a.size, got.sha256, got.size
+                "hash mismatch: the manifest says sha256 {} ({} bytes), the store has {} ({} bytes); refusing to install it. The object changed after push: delete {} from the store and re-run push for this service",
+                a.sha256,
+                a.size,
+                got.sha256,
+                got.size,
+                a.key()
             ),
         });
     }
-    let root = tmp.path().join("root");
-    let format = a.format.unwrap_or_default();
-    let limits = UnpackLimits::for_archive(a.size, host_limits);
-    let (file2, root2) = (file.clone(), root.clone());
-    tokio::task::spawn_blocking(move || -> Result<(), archive::ArchiveError> {
-        std::fs::create_dir(&root2).map_err(|e| archive::ArchiveError::Io {
-            op: "create",
-            path: root2.display().to_string(),
-            source: e,
-        })?;
-        let input = std::fs::File::open(&file2).map_err(|e| archive::ArchiveError::Io {
-            op: "open",
-            path: file2.display().to_string(),
-            source: e,
-        })?;
-        archive::unpack(std::io::BufReader::new(input), format, &root2, limits)?;
-        archive::make_read_only(&root2)
-    })
-    .await
-    .expect("unpacking does not panic")
-    .map_err(|e| AgentError::Fetch {
+    unpacked.map_err(|e| AgentError::Fetch {
         artifact: a.key(),
         detail: e.to_string(),
     })?;
     std::fs::rename(&root, &dest)
         .map_err(|e| AgentError::io(format!("installing {}", dest.display()), e))?;
     Ok(dest)
+}
+
+/// What the download may run ahead of the unpacker.
+const PIPE_BYTES: usize = 4 << 20;
+
+/// Unpack the archive arriving on `input` into `root` (created here) and make it
+/// read-only, then read `input` to its end whatever happened, so the download's hash
+/// covers every byte and the downloader is never left blocked on a full pipe.
+fn unpack_stream(
+    input: tokio::io::DuplexStream,
+    format: deploy_manifest::model::ArchiveFormat,
+    root: &Path,
+    limits: UnpackLimits,
+) -> Result<(), archive::ArchiveError> {
+    let mut input = tokio_util::io::SyncIoBridge::new(input);
+    let result = std::fs::create_dir(root)
+        .map_err(|e| archive::ArchiveError::Io {
+            op: "create",
+            path: root.display().to_string(),
+            source: e,
+        })
+        .and_then(|()| {
+            // Each decoder buffers its own input.
+            archive::unpack(&mut input, format, root, limits)?;
+            archive::make_read_only(root)
+        });
+    let _ = std::io::copy(&mut input, &mut std::io::sink());
+    result
 }
 
 fn hash_part(store_path_or_name: &str) -> &str {

@@ -1,5 +1,5 @@
 //! Endless data and slow retrieval, from the attacker's seat: an artifact object swapped for
-//! a much larger one, archive bombs, an oversized manifest, a store that hangs or trickles,
+//! a much larger one or for a valid archive of the same size, archive bombs, an oversized manifest, a store that hangs or trickles,
 //! and a `file://` store whose `status/` is a symlink out of it. In every case the host keeps
 //! running what it ran, nothing half-done is left behind, and the honest path still works.
 
@@ -80,6 +80,60 @@ fn an_artifact_swapped_for_a_larger_object_is_refused_by_its_declared_size() {
     app.push(&fx);
     host.run_once(&fx).ok();
     assert_eq!(body(port).as_deref(), Some("hello from v2\n"));
+}
+
+#[test]
+fn an_artifact_swapped_for_a_valid_archive_of_the_same_size_is_unpacked_but_never_installed() {
+    let fx = Fixture::file();
+    let (host, app, port) = hello_v1_running(&fx);
+    let before = host.state()["services"]["hello"]["current"].clone();
+    let v1_installed = installed(&host);
+    app.set_version("v2", false);
+    app.push(&fx);
+    let v2 = hello_archive(&fx);
+
+    // The attacker replaces v2's object with a well-formed archive of exactly the declared
+    // size whose bin/hello leaves a mark: the one-pass fetch unpacks it (into its private
+    // temp dir) before the hash is known, so only the hash stands between it and the host.
+    let mark = tempfile::tempdir().unwrap();
+    let marker = mark.path().join("pwned");
+    let script = format!("#!/bin/sh\ntouch {}\nexec sleep 1000\n", marker.display());
+    let mut evil = zstd_tar(3, |b| {
+        let mut h = file_header(script.len() as u64);
+        b.append_data(&mut h, "bin/hello", script.as_bytes())
+            .unwrap();
+    });
+    assert!(evil.len() as u64 <= v2.size, "{} > {}", evil.len(), v2.size);
+    // Padding after the archive's end: the hash must cover bytes the unpacker never needs.
+    evil.resize(v2.size as usize, 0);
+    let path = store_dir(&fx).join(v2.key());
+    std::fs::write(&path, &evil).unwrap();
+
+    let refused = |host: &Host| {
+        let out = host.run_once(&fx);
+        out.fails_with(8, &format!("{}: hash mismatch", v2.key()));
+        assert!(
+            out.stderr_str()
+                .contains(&format!("delete {} from the store", v2.key())),
+            "{}",
+            out.stderr_str()
+        );
+        assert_eq!(body(port).as_deref(), Some("hello from v1\n"));
+        assert_eq!(host.state()["services"]["hello"]["current"], before);
+        assert_eq!(installed(&host), v1_installed, "nothing installed or left");
+        assert!(!marker.exists(), "the attacker's bin/hello never ran");
+    };
+    refused(&host);
+    // An honest re-push of the same build finds an object of the right size and keeps it:
+    // the host still refuses it, and says what to do.
+    app.push(&fx);
+    refused(&host);
+    // Doing what the message says converges.
+    std::fs::remove_file(&path).unwrap();
+    app.push(&fx);
+    host.run_once(&fx).ok();
+    assert_eq!(body(port).as_deref(), Some("hello from v2\n"));
+    assert!(!marker.exists());
 }
 
 /// A tar.zst built entry by entry, the way an attacker crafts one.

@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 
 use super::{
     Downloaded, Fetched, ObjectStore, Precondition, Progress, StoreError, Transfer, check_key,
-    copy_hashed, copy_hashed_into, max_object_bytes, too_large,
+    copy_hashed, max_object_bytes, too_large,
 };
 
 const LOCK_FILE: &str = ".lock";
@@ -462,14 +462,9 @@ impl ObjectStore for FileStore {
                 key,
                 max_bytes: None,
             };
-            copy_hashed_into(
-                source,
-                tokio::fs::File::from_std(tmp),
-                &target,
-                progress,
-                &transfer,
-            )
-            .await?;
+            let mut tmp = tokio::fs::File::from_std(tmp);
+            copy_hashed(source, &mut tmp, progress, &transfer).await?;
+            tmp.sync_all().await.map_err(Self::io("fsync", &target))?;
             let this = self.clone();
             let (key, name) = (key.to_owned(), tmp_name.clone());
             let parent_fd = parent.dir.try_clone().map_err(Self::io("open", &target))?;
@@ -486,10 +481,10 @@ impl ObjectStore for FileStore {
         copied
     }
 
-    async fn get_to_file(
+    async fn get_into(
         &self,
         key: &str,
-        dest: &Path,
+        out: &mut (dyn tokio::io::AsyncWrite + Unpin + Send),
         progress: &dyn Progress,
         max_bytes: Option<u64>,
     ) -> Result<Option<Downloaded>, StoreError> {
@@ -504,7 +499,7 @@ impl ObjectStore for FileStore {
             max_bytes,
         };
         transfer.check_announced(size)?;
-        copy_hashed(tokio::fs::File::from_std(source), dest, progress, &transfer)
+        copy_hashed(tokio::fs::File::from_std(source), out, progress, &transfer)
             .await
             .map(Some)
     }

@@ -13,6 +13,8 @@ use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
+use tokio::io::AsyncWrite;
+
 pub use file::FileStore;
 #[cfg(feature = "s3")]
 pub use s3::{S3Options, S3Store};
@@ -248,18 +250,49 @@ pub trait ObjectStore: Send + Sync {
         progress: &dyn Progress,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Download an object into `dest` (created or truncated), hashing it as it streams.
-    /// `None` when the object does not exist. With `max_bytes`, an object larger than that
-    /// is refused ([`StoreError::LargerThanDeclared`]): by its announced size before any
-    /// byte is read where the backend knows it, else after `max_bytes + 1` bytes; `dest`
-    /// is removed on any error.
+    /// Stream an object into `out`, hashing it as it goes (one pass: `out` may be a pipe
+    /// into an unpacker). `None` when the object does not exist. With `max_bytes`, an
+    /// object larger than that is refused ([`StoreError::LargerThanDeclared`]): by its
+    /// announced size before any byte is read where the backend knows it, else after
+    /// `max_bytes + 1` bytes. A read that waits longer than [`IDLE_TIMEOUT`] ends the
+    /// transfer. What reached `out` before an error is the caller's to throw away.
+    fn get_into(
+        &self,
+        key: &str,
+        out: &mut (dyn AsyncWrite + Unpin + Send),
+        progress: &dyn Progress,
+        max_bytes: Option<u64>,
+    ) -> impl Future<Output = Result<Option<Downloaded>, StoreError>> + Send;
+
+    /// [`ObjectStore::get_into`] a file `dest` (created or truncated), fsynced; `dest` is
+    /// removed on any error and when the object does not exist.
     fn get_to_file(
         &self,
         key: &str,
         dest: &Path,
         progress: &dyn Progress,
         max_bytes: Option<u64>,
-    ) -> impl Future<Output = Result<Option<Downloaded>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Option<Downloaded>, StoreError>> + Send {
+        async move {
+            let io = |op: &'static str| {
+                let path = dest.display().to_string();
+                move |source| StoreError::Io { op, path, source }
+            };
+            let mut out = tokio::fs::File::create(dest).await.map_err(io("create"))?;
+            let result = match self.get_into(key, &mut out, progress, max_bytes).await {
+                Ok(Some(got)) => out
+                    .sync_all()
+                    .await
+                    .map(|()| Some(got))
+                    .map_err(io("fsync")),
+                other => other,
+            };
+            if !matches!(result, Ok(Some(_))) {
+                let _ = tokio::fs::remove_file(dest).await;
+            }
+            result
+        }
+    }
 
     /// Requests made so far, where counted ([`Counted`]).
     fn requests(&self) -> Option<u64> {
@@ -336,15 +369,15 @@ impl<S: ObjectStore> ObjectStore for Counted<S> {
         self.inner.put_file(key, path, progress).await
     }
 
-    async fn get_to_file(
+    async fn get_into(
         &self,
         key: &str,
-        dest: &Path,
+        out: &mut (dyn AsyncWrite + Unpin + Send),
         progress: &dyn Progress,
         max_bytes: Option<u64>,
     ) -> Result<Option<Downloaded>, StoreError> {
         self.count();
-        self.inner.get_to_file(key, dest, progress, max_bytes).await
+        self.inner.get_into(key, out, progress, max_bytes).await
     }
 
     fn requests(&self) -> Option<u64> {
@@ -452,25 +485,19 @@ impl<S: ObjectStore> ObjectStore for Deadline<S> {
             .await
     }
 
-    async fn get_to_file(
+    async fn get_into(
         &self,
         key: &str,
-        dest: &Path,
+        out: &mut (dyn AsyncWrite + Unpin + Send),
         progress: &dyn Progress,
         max_bytes: Option<u64>,
     ) -> Result<Option<Downloaded>, StoreError> {
-        let result = self
-            .bound(
-                "get",
-                key,
-                self.inner.get_to_file(key, dest, progress, max_bytes),
-            )
-            .await;
-        if result.is_err() {
-            // A call cut off mid-download leaves its partial file behind.
-            let _ = std::fs::remove_file(dest);
-        }
-        result
+        self.bound(
+            "get",
+            key,
+            self.inner.get_into(key, out, progress, max_bytes),
+        )
+        .await
     }
 
     fn requests(&self) -> Option<u64> {
@@ -583,17 +610,17 @@ impl ObjectStore for Store {
         }
     }
 
-    async fn get_to_file(
+    async fn get_into(
         &self,
         key: &str,
-        dest: &Path,
+        out: &mut (dyn AsyncWrite + Unpin + Send),
         progress: &dyn Progress,
         max_bytes: Option<u64>,
     ) -> Result<Option<Downloaded>, StoreError> {
         match self {
-            Store::File(s) => s.get_to_file(key, dest, progress, max_bytes).await,
+            Store::File(s) => s.get_into(key, out, progress, max_bytes).await,
             #[cfg(feature = "s3")]
-            Store::S3(s) => s.get_to_file(key, dest, progress, max_bytes).await,
+            Store::S3(s) => s.get_into(key, out, progress, max_bytes).await,
         }
     }
 }
@@ -636,66 +663,55 @@ impl Transfer<'_> {
     }
 }
 
-/// Stream `reader` into `dest` (created or truncated) with progress, hashing as it goes;
-/// at most `transfer.max_bytes + 1` bytes are read, and a read that waits longer than
-/// [`IDLE_TIMEOUT`] ends the transfer. On any error `dest` is removed.
+/// Stream `reader` into `out` with progress, hashing as it goes; at most
+/// `transfer.max_bytes + 1` bytes are read, and a read that waits longer than
+/// [`IDLE_TIMEOUT`] ends the transfer. `out` is flushed, not synced.
 pub(crate) async fn copy_hashed(
-    reader: impl tokio::io::AsyncRead + Unpin,
-    dest: &Path,
-    progress: &dyn Progress,
-    transfer: &Transfer<'_>,
-) -> Result<Downloaded, StoreError> {
-    let io = |op: &'static str| {
-        let path = dest.display().to_string();
-        move |source| StoreError::Io { op, path, source }
-    };
-    let out = tokio::fs::File::create(dest).await.map_err(io("create"))?;
-    let result = copy_hashed_into(reader, out, dest, progress, transfer).await;
-    if result.is_err() {
-        let _ = tokio::fs::remove_file(dest).await;
-    }
-    result
-}
-
-/// [`copy_hashed`] into an open file (`dest` names it in errors; not removed on error).
-pub(crate) async fn copy_hashed_into(
     mut reader: impl tokio::io::AsyncRead + Unpin,
-    mut out: tokio::fs::File,
-    dest: &Path,
+    out: &mut (impl AsyncWrite + Unpin + ?Sized),
     progress: &dyn Progress,
     transfer: &Transfer<'_>,
 ) -> Result<Downloaded, StoreError> {
     use sha2::{Digest, Sha256};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let io = |op: &'static str| {
-        let path = dest.display().to_string();
+        let path = format!("the destination of {}", transfer.key);
         move |source| StoreError::Io { op, path, source }
     };
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
+    // Bytes read but not yet written: small network reads are gathered into writes of at
+    // least WRITE_AT_LEAST, so a pipe to another thread is not woken per packet.
+    const WRITE_AT_LEAST: usize = 256 << 10;
+    let mut held = 0;
     let mut size = 0u64;
     loop {
         // Never read past the first byte beyond the limit.
+        let room = buf.len() - held;
         let want = match transfer.max_bytes {
-            Some(max) => (max + 1 - size).min(buf.len() as u64) as usize,
-            None => buf.len(),
+            Some(max) => (max + 1 - size).min(room as u64) as usize,
+            None => room,
         };
-        let n = tokio::time::timeout(IDLE_TIMEOUT, reader.read(&mut buf[..want]))
+        let n = tokio::time::timeout(IDLE_TIMEOUT, reader.read(&mut buf[held..held + want]))
             .await
             .map_err(|_| transfer.idle())?
             .map_err(io("read into"))?;
-        if n == 0 {
-            break;
-        }
         size += n as u64;
         if transfer.max_bytes.is_some_and(|max| size > max) {
             return Err(transfer.too_large(size, false));
         }
-        hasher.update(&buf[..n]);
-        out.write_all(&buf[..n]).await.map_err(io("write"))?;
-        progress.advance(n as u64);
+        hasher.update(&buf[held..held + n]);
+        held += n;
+        if held >= WRITE_AT_LEAST || (n == 0 && held > 0) {
+            out.write_all(&buf[..held]).await.map_err(io("write"))?;
+            progress.advance(held as u64);
+            held = 0;
+        }
+        if n == 0 {
+            break;
+        }
     }
-    out.sync_all().await.map_err(io("fsync"))?;
+    out.flush().await.map_err(io("flush"))?;
     Ok(Downloaded {
         size,
         sha256: crate::hex(&hasher.finalize()),
@@ -833,14 +849,16 @@ mod tests {
         async fn put_file(&self, _: &str, _: &Path, _: &dyn Progress) -> Result<(), StoreError> {
             std::future::pending().await
         }
-        async fn get_to_file(
+        async fn get_into(
             &self,
             _: &str,
-            dest: &Path,
+            out: &mut (dyn AsyncWrite + Unpin + Send),
             _: &dyn Progress,
             _: Option<u64>,
         ) -> Result<Option<Downloaded>, StoreError> {
-            std::fs::write(dest, b"partial").unwrap();
+            tokio::io::AsyncWriteExt::write_all(out, b"partial")
+                .await
+                .unwrap();
             std::future::pending().await
         }
     }
@@ -892,7 +910,8 @@ mod tests {
             key: "artifacts/a.tar.gz",
             max_bytes: Some(740),
         };
-        let e = copy_hashed(endless, &dest, &(), &transfer)
+        let mut out = tokio::fs::File::create(&dest).await.unwrap();
+        let e = copy_hashed(endless, &mut out, &(), &transfer)
             .await
             .unwrap_err();
         assert!(
@@ -914,10 +933,11 @@ mod tests {
                 && text.contains("more than 740 bytes"),
             "{text}"
         );
-        assert!(!dest.exists());
+        assert!(std::fs::metadata(&dest).unwrap().len() <= 740);
         // Exactly the declared size passes.
         let exact = tokio::io::AsyncReadExt::take(tokio::io::repeat(b'x'), 740);
-        let got = copy_hashed(exact, &dest, &(), &transfer).await.unwrap();
+        let mut out = tokio::fs::File::create(&dest).await.unwrap();
+        let got = copy_hashed(exact, &mut out, &(), &transfer).await.unwrap();
         assert_eq!(got.size, 740);
     }
 

@@ -403,10 +403,10 @@ impl ObjectStore for S3Store {
         Ok(())
     }
 
-    async fn get_to_file(
+    async fn get_into(
         &self,
         key: &str,
-        dest: &Path,
+        out: &mut (dyn tokio::io::AsyncWrite + Unpin + Send),
         progress: &dyn Progress,
         max_bytes: Option<u64>,
     ) -> Result<Option<Downloaded>, StoreError> {
@@ -437,7 +437,7 @@ impl ObjectStore for S3Store {
             transfer.check_announced(size.max(0) as u64)?;
         }
         // The server may lie about the length: copy_hashed stops at max_bytes + 1 anyway.
-        copy_hashed(output.body.into_async_read(), dest, progress, &transfer)
+        copy_hashed(output.body.into_async_read(), out, progress, &transfer)
             .await
             .map(Some)
     }
