@@ -4,7 +4,7 @@
 moto="${DEPLOYER_MOTO:-$PWD/.venv-s3/bin/moto_server}"
 [[ -x "$moto" ]] || { echo "no moto server: run scripts/test.sh first" >&2; exit 2; }
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-"$moto" -H 127.0.0.1 -p "$port" >/dev/null 2>&1 &
+"$moto" -H 127.0.0.1 -p "$port" >/dev/null 2>"${MOTO_LOG:-/dev/null}" &   # MOTO_LOG: keep its access log
 moto_pid=$!
 trap 'kill $moto_pid 2>/dev/null; [[ -n "${work:-}" ]] && rm -rf "$work"' EXIT
 for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$port" && break; sleep 0.1; done

@@ -365,8 +365,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             if watch {
                 watch_status(&repo, host_keys.as_deref(), &show).await?;
             } else {
-                let view = fleet_view(&repo, host_keys.as_deref()).await?;
-                print!("{}", show.render(&view)?);
+                show.print(&repo, host_keys.as_deref()).await?;
             }
         }
         Command::History {
@@ -424,13 +423,21 @@ async fn fleet_view(
     repo: &deploy_manifest::Repo<Store>,
     host_keys: Option<&[PublicKey]>,
 ) -> anyhow::Result<Vec<status::HostView>> {
-    let reports = status::read_stored_reports(repo.store(), host_keys).await?;
     let manifest = repo.read_current().await?.map(|c| c.manifest);
-    Ok(status::fleet(
-        &reports,
+    let mut view = Vec::new();
+    status::scan(
+        repo.store(),
+        host_keys,
         manifest.as_ref(),
         std::time::SystemTime::now(),
-    ))
+        None,
+        |h| {
+            view.push(h);
+            Ok::<_, anyhow::Error>(())
+        },
+    )
+    .await?;
+    Ok(view)
 }
 
 /// How `status` prints a fleet view.
@@ -442,6 +449,82 @@ struct Show<'a> {
 }
 
 impl Show<'_> {
+    /// The fleet view, printed as the reports stream in: JSON host by host, the table's
+    /// rows kept compact until its widths are known, one host's views only for `status
+    /// HOST`. Memory stays bounded by the table's text, not by the reports.
+    async fn print(
+        &self,
+        repo: &deploy_manifest::Repo<Store>,
+        host_keys: Option<&[PublicKey]>,
+    ) -> anyhow::Result<()> {
+        use std::io::Write;
+        let manifest = repo.read_current().await?.map(|c| c.manifest);
+        // ETags come from S3 listings only; a file:// store is read directly.
+        let cache = self
+            .store
+            .starts_with("s3://")
+            .then(|| {
+                // The same bucket name on another endpoint is another store.
+                let endpoint = std::env::var("AWS_ENDPOINT_URL_S3")
+                    .or_else(|_| std::env::var("AWS_ENDPOINT_URL"))
+                    .unwrap_or_default();
+                status::ReportCache::open(&format!("{}\n{endpoint}", self.store))
+            })
+            .flatten();
+        let now = std::time::SystemTime::now();
+        let scan = async |each: &mut dyn FnMut(status::HostView) -> anyhow::Result<()>| {
+            status::scan(
+                repo.store(),
+                host_keys,
+                manifest.as_ref(),
+                now,
+                cache.as_ref(),
+                each,
+            )
+            .await
+        };
+        let stdout = std::io::stdout();
+        let mut out = std::io::BufWriter::new(stdout.lock());
+        if let Some(host) = self.host {
+            let mut views = Vec::new();
+            scan(&mut |h: status::HostView| {
+                if h.host == host {
+                    views.push(h);
+                }
+                Ok::<_, anyhow::Error>(())
+            })
+            .await?;
+            out.write_all(self.render(&views)?.as_bytes())?;
+        } else if self.json {
+            let mut first = true;
+            scan(&mut |h: status::HostView| {
+                let text = serde_json::to_string_pretty(&h)?;
+                out.write_all(if first { b"[\n" } else { b",\n" })?;
+                first = false;
+                for line in text.lines() {
+                    writeln!(out, "  {line}")?;
+                }
+                Ok::<_, anyhow::Error>(())
+            })
+            .await?;
+            out.write_all(if first { b"[]\n" } else { b"]\n" })?;
+        } else {
+            let mut table = status::fleet_table();
+            scan(&mut |h: status::HostView| {
+                status::table_rows(&h, &mut table);
+                Ok::<_, anyhow::Error>(())
+            })
+            .await?;
+            if table.rows() == 0 {
+                writeln!(out, "no host has reported to {} yet", self.store)?;
+            } else {
+                table.write_to(&mut out)?;
+            }
+        }
+        out.flush()?;
+        Ok(())
+    }
+
     fn render(&self, view: &[status::HostView]) -> anyhow::Result<String> {
         let Some(host) = self.host else {
             return Ok(if self.json {

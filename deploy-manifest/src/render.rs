@@ -47,30 +47,71 @@ pub fn log_lines(lines: &[String], indent: &str) -> String {
 /// Left-aligned columns separated by two spaces; the last column is not padded. Cells are
 /// [`escape`]d: a cell never breaks the line or reaches the terminal as a control sequence.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
-    let rows: Vec<Vec<Cow<'_, str>>> = rows
-        .iter()
-        .map(|row| row.iter().map(|cell| escape(cell)).collect())
-        .collect();
-    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in &rows {
-        for (i, cell) in row.iter().enumerate() {
-            widths[i] = widths[i].max(cell.chars().count());
-        }
+    let mut t = Table::new(header);
+    for row in rows {
+        t.push(row.iter().map(String::as_str));
     }
-    let mut out = String::new();
-    let header: Vec<Cow<'_, str>> = header.iter().map(|h| Cow::Borrowed(*h)).collect();
-    for row in std::iter::once(&header).chain(&rows) {
-        let last = row.len().saturating_sub(1);
-        for (i, cell) in row.iter().enumerate() {
-            if i == last {
-                out.push_str(cell);
-            } else {
-                let _ = write!(out, "{cell:<w$}  ", w = widths[i]);
+    t.to_string()
+}
+
+/// A [`table`] built a row at a time: each row is kept as one compact string of escaped
+/// cells (about the size of its text), the column widths as they grow.
+#[derive(Debug)]
+pub struct Table {
+    widths: Vec<usize>,
+    /// Escaped cells, each ended by a NUL (which [`escape`] never leaves in a cell).
+    lines: Vec<Box<str>>,
+}
+
+impl Table {
+    pub fn new(header: &[&str]) -> Table {
+        let mut t = Table {
+            widths: vec![0; header.len()],
+            lines: Vec::new(),
+        };
+        t.push(header.iter().copied());
+        t
+    }
+
+    pub fn push<'a>(&mut self, row: impl IntoIterator<Item = &'a str>) {
+        let mut line = String::new();
+        for (i, cell) in row.into_iter().enumerate() {
+            let cell = escape(cell);
+            self.widths[i] = self.widths[i].max(cell.chars().count());
+            line.push_str(&cell);
+            line.push('\0');
+        }
+        self.lines.push(line.into_boxed_str());
+    }
+
+    /// Rows pushed after the header.
+    pub fn rows(&self) -> usize {
+        self.lines.len() - 1
+    }
+
+    pub fn write_to(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        for line in &self.lines {
+            let cells: Vec<&str> = line.split_terminator('\0').collect();
+            let last = cells.len().saturating_sub(1);
+            for (i, cell) in cells.iter().enumerate() {
+                if i == last {
+                    out.write_all(cell.as_bytes())?;
+                } else {
+                    write!(out, "{cell:<w$}  ", w = self.widths[i])?;
+                }
             }
+            out.write_all(b"\n")?;
         }
-        out.push('\n');
+        Ok(())
     }
-    out
+}
+
+impl std::fmt::Display for Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut out = Vec::new();
+        self.write_to(&mut out).map_err(|_| std::fmt::Error)?;
+        f.write_str(&String::from_utf8_lossy(&out))
+    }
 }
 
 /// `deploy-manifest list`: newest first, `*` on the current version.

@@ -16,7 +16,7 @@ use crate::Error;
 use crate::model::{Artifact, Manifest};
 use crate::render::escape;
 use crate::sign::{JsonSignatureError, PublicKey, Signature, SignedJson, verify_json};
-use crate::store::{Fetched, ObjectStore};
+use crate::store::{Fetched, Listed, ObjectStore};
 
 pub const STATUS_PREFIX: &str = "status/";
 
@@ -276,26 +276,221 @@ pub async fn read_stored_reports(
     let mut reports: Vec<StoredReport> = fetched
         .into_iter()
         .filter_map(|(key, f)| match f {
-            Fetched::Found { bytes, .. } => match serde_json::from_slice::<HostReport>(&bytes) {
-                Ok(report) => Some(StoredReport {
-                    verification: verify_report(&key, &report, by_host.of(&report.host)),
-                    object: key,
-                    report,
-                }),
-                Err(e) => {
-                    tracing::warn!(
-                        key = %escape(&key),
-                        error = %escape(&e.to_string()),
-                        "skipping an unreadable host report"
-                    );
-                    None
-                }
-            },
+            Fetched::Found { bytes, .. } => parse_report(key, &bytes, &by_host),
             _ => None,
         })
         .collect();
     reports.sort_by(|a, b| (&a.report.host, &a.object).cmp(&(&b.report.host, &b.object)));
     Ok(reports)
+}
+
+/// A report's bytes, parsed and checked; `None` (with a warning) when they do not parse.
+fn parse_report(key: String, bytes: &[u8], by_host: &HostKeys<'_>) -> Option<StoredReport> {
+    match serde_json::from_slice::<HostReport>(bytes) {
+        Ok(report) => Some(StoredReport {
+            verification: verify_report(&key, &report, by_host.of(&report.host)),
+            object: key,
+            report,
+        }),
+        Err(e) => {
+            tracing::warn!(
+                key = %escape(&key),
+                error = %escape(&e.to_string()),
+                "skipping an unreadable host report"
+            );
+            None
+        }
+    }
+}
+
+/// Read one listed report: from `cache` when the listing's ETag says it is unchanged, else
+/// from the store (and into the cache). `None` when it vanished or is over the size cap.
+async fn fetch_report(
+    store: &impl ObjectStore,
+    listed: &Listed,
+    cache: Option<&ReportCache>,
+) -> Result<Option<Vec<u8>>, Error> {
+    if let (Some(cache), Some(etag)) = (cache, listed.etag.as_deref())
+        && let Some(bytes) = cache.get(&listed.key, etag)
+    {
+        return Ok(Some(bytes));
+    }
+    match store.get(&listed.key, None).await {
+        Ok(Fetched::Found { bytes, etag }) => {
+            if let Some(cache) = cache {
+                cache.put(&listed.key, &etag, &bytes);
+            }
+            Ok(Some(bytes))
+        }
+        Ok(_) => Ok(None),
+        // One planted oversized report must not hide the others.
+        Err(e @ crate::StoreError::TooLarge { .. }) => {
+            tracing::warn!(key = %listed.key, error = %e, "skipping an oversized host report");
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The host a report's key names: `status/<host>.json` → `<host>`.
+fn key_host(key: &str) -> &str {
+    let name = key.strip_prefix(STATUS_PREFIX).unwrap_or(key);
+    name.strip_suffix(".json").unwrap_or(name)
+}
+
+/// The fleet as `status` shows it, one host at a time and in bounded memory: every report
+/// is fetched (32 at once, in order), parsed, checked against `host_keys` and judged against
+/// `manifest`, then handed to `each` and dropped. Hosts come sorted by the host their
+/// object names, with every host the manifest names that has no object of its own (`never`)
+/// in its place. With `cache`, reports whose ETag the listing shows unchanged are read
+/// from it: a second `status` over an unchanged S3 fleet costs only the LIST requests.
+pub async fn scan<E: From<Error>>(
+    store: &impl ObjectStore,
+    host_keys: Option<&[PublicKey]>,
+    manifest: Option<&Manifest>,
+    now: SystemTime,
+    cache: Option<&ReportCache>,
+    mut each: impl FnMut(HostView) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut listed: Vec<Listed> = store
+        .list_etags(STATUS_PREFIX)
+        .await
+        .map_err(Error::from)?
+        .into_iter()
+        .filter(|l| l.key.ends_with(".json"))
+        .collect();
+    listed.sort_by(|a, b| (key_host(&a.key), &a.key).cmp(&(key_host(&b.key), &b.key)));
+    if let Some(cache) = cache {
+        cache.retain(listed.iter().map(|l| l.key.as_str()));
+    }
+    let own: std::collections::BTreeSet<&str> = listed.iter().map(|l| key_host(&l.key)).collect();
+    let mut never = manifest
+        .into_iter()
+        .flat_map(|m| &m.services)
+        .flat_map(|s| &s.hosts)
+        .map(String::as_str)
+        .filter(|h| !own.contains(h))
+        .collect::<std::collections::BTreeSet<&str>>()
+        .into_iter()
+        .peekable();
+    let by_host = HostKeys::new(host_keys);
+    let mut reports = stream::iter(
+        listed
+            .iter()
+            .map(|l| async move { Ok::<_, Error>((l, fetch_report(store, l, cache).await?)) }),
+    )
+    .buffered(32);
+    while let Some(next) = reports.next().await {
+        let (listed, bytes) = next?;
+        let host = key_host(&listed.key);
+        while let Some(h) = never.next_if(|h| *h < host) {
+            each(never_view(h))?;
+        }
+        let Some(bytes) = bytes else { continue };
+        if let Some(stored) = parse_report(listed.key.clone(), &bytes, &by_host) {
+            each(judge(&stored, manifest, now))?;
+        }
+    }
+    for h in never {
+        each(never_view(h))?;
+    }
+    Ok(())
+}
+
+/// Reports `status` read from an S3 store, each under its key with the ETag it had, in a
+/// private directory per store (`$DEPLOY_CACHE_DIR`, else `$XDG_CACHE_HOME/deployer`, else
+/// `~/.cache/deployer`; then `status/<hash of the store URL and endpoint>`). A cached report is only
+/// used while LIST shows the same ETag, and is verified like a fetched one: the cache saves
+/// requests, it is not trusted more than the store.
+#[derive(Debug)]
+pub struct ReportCache {
+    dir: std::path::PathBuf,
+}
+
+impl ReportCache {
+    /// The cache for the store `identity` names (its URL and endpoint), created 0700;
+    /// `None` (with a warning) if it cannot be.
+    pub fn open(identity: &str) -> Option<ReportCache> {
+        use sha2::{Digest, Sha256};
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+        let base = std::env::var_os("DEPLOY_CACHE_DIR")
+            .map(std::path::PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("XDG_CACHE_HOME")
+                    .map(|d| std::path::PathBuf::from(d).join("deployer"))
+            })
+            .or_else(|| {
+                std::env::var_os("HOME")
+                    .map(|d| std::path::PathBuf::from(d).join(".cache/deployer"))
+            })?;
+        let url_hash = crate::hex(&Sha256::digest(identity.as_bytes()));
+        let dir = base.join("status").join(&url_hash[..16]);
+        let ready = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .and_then(|()| std::fs::symlink_metadata(&dir));
+        match ready {
+            // Ours and private: another user could otherwise feed or read it.
+            Ok(m) if m.is_dir() && m.uid() == rustix::process::geteuid().as_raw() => {
+                if m.permissions().mode() & 0o077 != 0 {
+                    let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+                }
+                Some(ReportCache { dir })
+            }
+            Ok(_) => {
+                tracing::warn!(dir = %dir.display(), "not using the report cache: not a directory of this user");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "not using the report cache");
+                None
+            }
+        }
+    }
+
+    fn path(&self, key: &str) -> std::path::PathBuf {
+        use sha2::{Digest, Sha256};
+        self.dir.join(crate::hex(&Sha256::digest(key.as_bytes())))
+    }
+
+    /// The cached bytes of `key` if they were cached with `etag`. Entry format: the ETag,
+    /// a newline, the report.
+    fn get(&self, key: &str, etag: &str) -> Option<Vec<u8>> {
+        let file = std::fs::File::open(self.path(key)).ok()?;
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(file, crate::store::max_object_bytes() + 1024),
+            &mut bytes,
+        )
+        .ok()?;
+        let newline = bytes.iter().position(|b| *b == b'\n')?;
+        (&bytes[..newline] == etag.as_bytes()).then(|| bytes.split_off(newline + 1))
+    }
+
+    fn put(&self, key: &str, etag: &str, bytes: &[u8]) {
+        if etag.contains('\n') {
+            return;
+        }
+        let mut entry = Vec::with_capacity(etag.len() + 1 + bytes.len());
+        entry.extend_from_slice(etag.as_bytes());
+        entry.push(b'\n');
+        entry.extend_from_slice(bytes);
+        if let Err(e) = crate::fsutil::write_atomically(&self.path(key), &entry, 0o600) {
+            tracing::debug!(key, error = %e, "could not cache a host report");
+        }
+    }
+
+    /// Forget the reports whose keys are no longer listed.
+    fn retain<'k>(&self, keys: impl Iterator<Item = &'k str>) {
+        let keep: std::collections::HashSet<std::path::PathBuf> =
+            keys.map(|k| self.path(k)).collect();
+        for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            if !keep.contains(&entry.path()) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
 }
 
 /// How a host looks from here.
@@ -384,76 +579,85 @@ pub fn age(reported_at: &str, now: SystemTime) -> u64 {
         .as_secs()
 }
 
-/// Hosts × services, judged against `manifest` at `now`: every host that reported, and
-/// every host the manifest names that never did (`never`), sorted by host.
+/// Hosts × services, judged against `manifest` at `now`: every report, and every host the
+/// manifest names without an object of its own (`never`), sorted by the host each object
+/// names. [`scan`] yields the same, streaming.
 pub fn fleet(
     reports: &[StoredReport],
     manifest: Option<&Manifest>,
     now: SystemTime,
 ) -> Vec<HostView> {
-    let mut view: Vec<HostView> = reports
-        .iter()
-        .map(|stored| {
-            let r = &stored.report;
-            let age_seconds = age(&r.reported_at, now);
-            let services: Vec<ServiceView> = r
-                .services
-                .iter()
-                .map(|(name, s)| {
-                    let wanted = manifest.and_then(|m| m.service(name)).map(|s| &s.artifact);
-                    ServiceView {
-                        service: name.clone(),
-                        artifact: s.artifact.as_ref().map(Artifact::label),
-                        health: s.health.clone(),
-                        current: wanted.is_some() && wanted == s.artifact.as_ref(),
-                        deployed_at: s.deployed_at.clone(),
-                        last_error: s.last_error.clone(),
-                        phases: s.phases.clone(),
-                        log: s.log.clone(),
-                    }
-                })
-                .collect();
-            let silent = age_seconds > 3 * r.interval_seconds.max(1);
-            let failing = r.services.values().any(|s| {
-                s.health == "unhealthy" || s.failed_artifact.is_some() || s.last_error.is_some()
-            });
-            let behind = r.last_error.is_some()
-                || services.iter().any(|s| !s.current)
-                || manifest.is_some_and(|m| r.manifest_version != m.version);
-            HostView {
-                host: r.host.clone(),
-                object: stored.object.clone(),
-                verification: stored.verification,
-                signed_by: r.signature.as_ref().map(|s| s.key.clone()),
-                state: if silent {
-                    HostState::Silent
-                } else if r.expired.is_some() {
-                    HostState::Expired
-                } else if failing {
-                    HostState::Failing
-                } else if behind {
-                    HostState::Behind
-                } else {
-                    HostState::Ok
-                },
-                age_seconds: Some(age_seconds),
-                last_success_age_seconds: r.last_success.as_deref().map(|t| age(t, now)),
-                manifest_version: r.manifest_version.clone(),
-                services,
-                last_error: r.last_error.clone(),
-            }
-        })
-        .collect();
-    let reported: std::collections::BTreeSet<&str> =
-        reports.iter().map(|s| s.report.host.as_str()).collect();
-    let named: std::collections::BTreeSet<&str> = manifest
+    let mut view: Vec<HostView> = reports.iter().map(|s| judge(s, manifest, now)).collect();
+    let own: std::collections::BTreeSet<&str> =
+        reports.iter().map(|s| key_host(&s.object)).collect();
+    let never: std::collections::BTreeSet<&str> = manifest
         .into_iter()
         .flat_map(|m| &m.services)
         .flat_map(|s| &s.hosts)
         .map(String::as_str)
-        .filter(|h| !reported.contains(h))
+        .filter(|h| !own.contains(h))
         .collect();
-    view.extend(named.into_iter().map(|host| HostView {
+    view.extend(never.into_iter().map(never_view));
+    view.sort_by(|a, b| (key_host(&a.object), &a.object).cmp(&(key_host(&b.object), &b.object)));
+    view
+}
+
+/// One host's report judged against `manifest` at `now`.
+pub fn judge(stored: &StoredReport, manifest: Option<&Manifest>, now: SystemTime) -> HostView {
+    let r = &stored.report;
+    let age_seconds = age(&r.reported_at, now);
+    let services: Vec<ServiceView> = r
+        .services
+        .iter()
+        .map(|(name, s)| {
+            let wanted = manifest.and_then(|m| m.service(name)).map(|s| &s.artifact);
+            ServiceView {
+                service: name.clone(),
+                artifact: s.artifact.as_ref().map(Artifact::label),
+                health: s.health.clone(),
+                current: wanted.is_some() && wanted == s.artifact.as_ref(),
+                deployed_at: s.deployed_at.clone(),
+                last_error: s.last_error.clone(),
+                phases: s.phases.clone(),
+                log: s.log.clone(),
+            }
+        })
+        .collect();
+    let silent = age_seconds > 3 * r.interval_seconds.max(1);
+    let failing = r
+        .services
+        .values()
+        .any(|s| s.health == "unhealthy" || s.failed_artifact.is_some() || s.last_error.is_some());
+    let behind = r.last_error.is_some()
+        || services.iter().any(|s| !s.current)
+        || manifest.is_some_and(|m| r.manifest_version != m.version);
+    HostView {
+        host: r.host.clone(),
+        object: stored.object.clone(),
+        verification: stored.verification,
+        signed_by: r.signature.as_ref().map(|s| s.key.clone()),
+        state: if silent {
+            HostState::Silent
+        } else if r.expired.is_some() {
+            HostState::Expired
+        } else if failing {
+            HostState::Failing
+        } else if behind {
+            HostState::Behind
+        } else {
+            HostState::Ok
+        },
+        age_seconds: Some(age_seconds),
+        last_success_age_seconds: r.last_success.as_deref().map(|t| age(t, now)),
+        manifest_version: r.manifest_version.clone(),
+        services,
+        last_error: r.last_error.clone(),
+    }
+}
+
+/// A host the manifest names that never reported.
+fn never_view(host: &str) -> HostView {
+    HostView {
         host: host.to_owned(),
         object: report_key(host),
         verification: Verification::NoReport,
@@ -464,9 +668,7 @@ pub fn fleet(
         manifest_version: None,
         services: Vec::new(),
         last_error: None,
-    }));
-    view.sort_by(|a, b| (&a.host, &a.object).cmp(&(&b.host, &b.object)));
-    view
+    }
 }
 
 /// `3h 20m`: the first two units of `secs`, or `never`.
@@ -482,49 +684,45 @@ pub fn ago(secs: Option<u64>) -> String {
 /// `deploy-manifest status`: one line per host and service. Every cell is escaped
 /// (`render::table`): text from a report never reaches the terminal as control characters.
 pub fn render(view: &[HostView]) -> String {
-    let mut rows = Vec::new();
+    let mut table = fleet_table();
     for h in view {
-        let verified = h.verification.to_string();
-        let state = h.state.name().to_owned();
-        let age = ago(h.age_seconds);
-        if h.services.is_empty() {
-            rows.push(vec![
-                h.host.clone(),
-                verified.clone(),
-                state.clone(),
-                age.clone(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                h.last_error.clone().unwrap_or_default(),
-            ]);
-        }
-        for s in &h.services {
-            rows.push(vec![
-                h.host.clone(),
-                verified.clone(),
-                state.clone(),
-                age.clone(),
-                s.service.clone(),
-                format!(
-                    "{}{}",
-                    s.artifact.clone().unwrap_or_else(|| "-".into()),
-                    if s.current { "" } else { " (not current)" }
-                ),
-                s.health.clone(),
-                s.last_error
-                    .clone()
-                    .or(h.last_error.clone())
-                    .unwrap_or_default(),
-            ]);
-        }
+        table_rows(h, &mut table);
     }
-    crate::render::table(
-        &[
-            "HOST", "VERIFIED", "STATE", "REPORTED", "SERVICE", "ARTIFACT", "HEALTH", "ERROR",
-        ],
-        &rows,
-    )
+    table.to_string()
+}
+
+/// The fleet table, empty: [`table_rows`] adds each host.
+pub fn fleet_table() -> crate::render::Table {
+    crate::render::Table::new(&[
+        "HOST", "VERIFIED", "STATE", "REPORTED", "SERVICE", "ARTIFACT", "HEALTH", "ERROR",
+    ])
+}
+
+/// One host's rows in the fleet table: one per service, or one for a host without any.
+pub fn table_rows(h: &HostView, table: &mut crate::render::Table) {
+    let verified = h.verification.to_string();
+    let age = ago(h.age_seconds);
+    let head = [h.host.as_str(), &verified, h.state.name(), &age];
+    if h.services.is_empty() {
+        let error = h.last_error.as_deref().unwrap_or_default();
+        table.push(head.into_iter().chain(["-", "-", "-", error]));
+    }
+    for s in &h.services {
+        let artifact = format!(
+            "{}{}",
+            s.artifact.as_deref().unwrap_or("-"),
+            if s.current { "" } else { " (not current)" }
+        );
+        let error = s
+            .last_error
+            .as_deref()
+            .or(h.last_error.as_deref())
+            .unwrap_or_default();
+        table.push(
+            head.into_iter()
+                .chain([s.service.as_str(), &artifact, &s.health, error]),
+        );
+    }
 }
 
 /// `deploy-manifest status HOST [--service S]`: one host in full, each service with the

@@ -50,6 +50,11 @@ impl Fixture {
         }
     }
 
+    /// The requests the S3 server has answered so far (`GET /deploy/prod/...`).
+    pub fn s3_requests(&self) -> Vec<String> {
+        self._s3.as_ref().expect("an S3 fixture").requests()
+    }
+
     /// Stop the S3 server (the store becomes unreachable).
     pub fn stop_s3(&mut self) {
         self._s3 = None;

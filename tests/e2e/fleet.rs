@@ -417,3 +417,114 @@ fn report_text_reaches_the_terminal_escaped() {
         "{err}"
     );
 }
+
+/// A host report as an agent writes it (unsigned), `health` for its one service.
+fn synthetic_report(host: &str, health: &str) -> Value {
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    json!({"schemaVersion": 1, "host": host, "agentVersion": "0.1.0", "reportedAt": now,
+           "intervalSeconds": 300, "lastPoll": now,
+           "services": {"api": {"artifact": {"storePath": "/nix/store/00000000000000000000000000000000-api"},
+                                "health": health}}})
+}
+
+#[test]
+fn a_second_status_over_an_unchanged_s3_fleet_costs_only_the_listing() {
+    let fx = Fixture::s3();
+    fx.dm(&["init"]).ok();
+    let hosts: Vec<String> = (0..40).map(|i| format!("host-{i:02}")).collect();
+    for h in &hosts {
+        put_json(
+            &fx,
+            &format!("status/{h}.json"),
+            &synthetic_report(h, "healthy"),
+        );
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let mut env = fx.env.clone();
+    env.push((
+        "DEPLOY_CACHE_DIR".into(),
+        cache.path().display().to_string(),
+    ));
+    // The requests one `status --json` makes, and what it shows: host → health.
+    let status = || {
+        let before = fx.s3_requests().len();
+        let out = deployer_tests::run("deploy-manifest", &["status", "--json"], &env, None).ok();
+        let made = fx.s3_requests()[before..].to_vec();
+        let view: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+        let health: Vec<(String, String)> = view
+            .iter()
+            .map(|h| {
+                (
+                    h["host"].as_str().unwrap().to_owned(),
+                    h["services"][0]["health"]
+                        .as_str()
+                        .unwrap_or("-")
+                        .to_owned(),
+                )
+            })
+            .collect();
+        (made, health)
+    };
+    let gets = |made: &[String]| {
+        made.iter()
+            .filter(|r| r.starts_with("GET /deploy/prod/status/"))
+            .count()
+    };
+
+    let (made, first) = status();
+    assert_eq!(first.len(), 40, "{first:?}");
+    assert!(first.iter().all(|(_, h)| h == "healthy"));
+    assert_eq!(gets(&made), 40, "{made:#?}");
+    // Unchanged: the manifest and the listing, no report fetched again.
+    let (made, second) = status();
+    assert_eq!(second, first);
+    assert_eq!(gets(&made), 0, "{made:#?}");
+    assert!(made.len() <= 3, "{made:#?}");
+
+    // A host's report changes (as its agent rewrites it): that one is fetched, and shown.
+    put_json(
+        &fx,
+        "status/host-07.json",
+        &synthetic_report("host-07", "unhealthy"),
+    );
+    let (made, third) = status();
+    assert_eq!(gets(&made), 1, "{made:#?}");
+    assert_eq!(third[7], ("host-07".to_owned(), "unhealthy".to_owned()));
+    // A report removed from the store is gone from the view and from the cache.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        use deploy_manifest::store::ObjectStore;
+        fx.store()
+            .await
+            .delete("status/host-03.json")
+            .await
+            .unwrap()
+    });
+    let (made, fourth) = status();
+    assert_eq!(gets(&made), 0, "{made:#?}");
+    assert_eq!(fourth.len(), 39);
+    assert!(!fourth.iter().any(|(h, _)| h == "host-03"));
+    let cached: usize = walk_files(cache.path());
+    assert_eq!(cached, 39, "one cached report per listed one");
+    // Without the cache directory the answer is the same, fetched again.
+    let (made, fifth) = {
+        std::fs::remove_dir_all(cache.path()).unwrap();
+        status()
+    };
+    assert_eq!(fifth, fourth);
+    assert_eq!(gets(&made), 39);
+}
+
+fn walk_files(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                walk_files(&e.path())
+            } else {
+                1
+            }
+        })
+        .sum()
+}

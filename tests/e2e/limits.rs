@@ -120,7 +120,7 @@ fn an_artifact_swapped_for_a_valid_archive_of_the_same_size_is_unpacked_but_neve
         );
         assert_eq!(body(port).as_deref(), Some("hello from v1\n"));
         assert_eq!(host.state()["services"]["hello"]["current"], before);
-        assert_eq!(installed(&host), v1_installed, "nothing installed or left");
+        assert_eq!(installed(host), v1_installed, "nothing installed or left");
         assert!(!marker.exists(), "the attacker's bin/hello never ran");
     };
     refused(&host);

@@ -100,23 +100,44 @@ fn moto_binary() -> PathBuf {
     })
 }
 
-/// A real S3-compatible server (moto, in memory) on a loopback port; killed on drop.
+/// A real S3-compatible server (moto, in memory) on a loopback port; killed on drop. Its
+/// access log is kept, so tests can count the HTTP requests it answered.
 pub struct S3Server {
     child: Child,
     pub port: u16,
+    log: tempfile::NamedTempFile,
 }
 
 impl S3Server {
     pub fn start() -> S3Server {
         let port = free_port();
+        let log = tempfile::NamedTempFile::new().unwrap();
         let mut child = Command::new(moto_binary())
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log.reopen().unwrap())
             .spawn()
             .expect("moto_server starts");
         wait_for_port(port, &mut child, "moto_server");
-        S3Server { child, port }
+        S3Server { child, port, log }
+    }
+
+    /// The request lines (`GET /bucket/key HTTP/1.1`) the server has logged so far.
+    pub fn requests(&self) -> Vec<String> {
+        std::fs::read_to_string(self.log.path())
+            .unwrap()
+            .lines()
+            .filter_map(|l| {
+                // 127.0.0.1 - - [date] "<colour>GET /b/k HTTP/1.1<reset>" 200 -
+                let quoted = l.split_once('"')?.1;
+                let request = quoted.split_once(" HTTP/1.")?.0;
+                // Past the colour codes (ESC [ ... m) moto puts before the method.
+                let start = request.rfind('\x1b').map_or(0, |i| {
+                    request[i..].find('m').map_or(request.len(), |m| i + m + 1)
+                });
+                Some(request[start..].to_owned())
+            })
+            .collect()
     }
 
     pub fn endpoint(&self) -> String {

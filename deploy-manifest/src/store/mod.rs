@@ -203,6 +203,13 @@ impl Progress for () {
     fn advance(&self, _bytes: u64) {}
 }
 
+/// A listed object: its key and, where the listing gives one (S3), its ETag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub key: String,
+    pub etag: Option<String>,
+}
+
 /// What [`ObjectStore::get_to_file`] wrote, hashed while it streamed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Downloaded {
@@ -240,6 +247,21 @@ pub trait ObjectStore: Send + Sync {
 
     /// Remove an object; removing a missing object is not an error.
     fn delete(&self, key: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// [`ObjectStore::list`] with each object's ETag where the listing carries it (S3: the
+    /// same requests, 1,000 keys each), so a reader can skip objects it already has.
+    fn list_etags(
+        &self,
+        prefix: &str,
+    ) -> impl Future<Output = Result<Vec<Listed>, StoreError>> + Send {
+        async move {
+            let keys = self.list(prefix).await?;
+            Ok(keys
+                .into_iter()
+                .map(|key| Listed { key, etag: None })
+                .collect())
+        }
+    }
 
     /// Upload a local file, streaming it (multipart on S3 for large files). Unconditional:
     /// meant for content-addressed keys, whose integrity readers check by hash.
@@ -352,6 +374,11 @@ impl<S: ObjectStore> ObjectStore for Counted<S> {
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         self.count();
         self.inner.list(prefix).await
+    }
+
+    async fn list_etags(&self, prefix: &str) -> Result<Vec<Listed>, StoreError> {
+        self.count();
+        self.inner.list_etags(prefix).await
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
@@ -471,6 +498,11 @@ impl<S: ObjectStore> ObjectStore for Deadline<S> {
         self.bound("list", prefix, self.inner.list(prefix)).await
     }
 
+    async fn list_etags(&self, prefix: &str) -> Result<Vec<Listed>, StoreError> {
+        self.bound("list", prefix, self.inner.list_etags(prefix))
+            .await
+    }
+
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.bound("delete", key, self.inner.delete(key)).await
     }
@@ -586,6 +618,14 @@ impl ObjectStore for Store {
             Store::File(s) => s.list(prefix).await,
             #[cfg(feature = "s3")]
             Store::S3(s) => s.list(prefix).await,
+        }
+    }
+
+    async fn list_etags(&self, prefix: &str) -> Result<Vec<Listed>, StoreError> {
+        match self {
+            Store::File(s) => s.list_etags(prefix).await,
+            #[cfg(feature = "s3")]
+            Store::S3(s) => s.list_etags(prefix).await,
         }
     }
 

@@ -25,8 +25,8 @@ use futures_util::{StreamExt, TryStreamExt, stream};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::{
-    Downloaded, Fetched, ObjectStore, Precondition, Progress, StoreError, TimeoutBound, Transfer,
-    check_key, copy_hashed, max_object_bytes, read_capped, too_large,
+    Downloaded, Fetched, Listed, ObjectStore, Precondition, Progress, StoreError, TimeoutBound,
+    Transfer, check_key, copy_hashed, max_object_bytes, read_capped, too_large,
 };
 
 /// Connecting to the endpoint (TCP and TLS).
@@ -334,6 +334,11 @@ impl ObjectStore for S3Store {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let listed = self.list_etags(prefix).await?;
+        Ok(listed.into_iter().map(|l| l.key).collect())
+    }
+
+    async fn list_etags(&self, prefix: &str) -> Result<Vec<Listed>, StoreError> {
         let mut keys = Vec::new();
         let mut pages = self
             .client
@@ -346,7 +351,10 @@ impl ObjectStore for S3Store {
             let page = page.map_err(|e| self.error("list", prefix, e))?;
             for object in page.contents() {
                 if let Some(key) = object.key().and_then(|k| k.strip_prefix(&self.prefix)) {
-                    keys.push(key.to_owned());
+                    keys.push(Listed {
+                        key: key.to_owned(),
+                        etag: object.e_tag().map(str::to_owned),
+                    });
                 }
             }
         }
