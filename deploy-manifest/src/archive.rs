@@ -240,14 +240,87 @@ fn sorted_entries(root: &Path) -> Result<Vec<PathBuf>, ArchiveError> {
     Ok(out)
 }
 
-/// Pack the directory `root` into `out` (a tar stream compressed as `format`).
+/// A fingerprint of the tree at `root` taken from metadata alone (no file is read): every
+/// entry's path, type, mode, size, modification and change times, inode and device, and
+/// each symlink's target. The change time (ctime) cannot be set back by an unprivileged
+/// process, so a tree whose stamp is unchanged has unchanged content, as git's index and
+/// make assume. `settled`: nothing in it changed in the last 2 seconds; a stamp taken while
+/// something may still be writing within the timestamps' resolution is not to be trusted
+/// later ("racily clean" in git's terms).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeStamp {
+    pub fingerprint: String,
+    pub settled: bool,
+}
+
+pub fn stamp(root: &Path) -> Result<TreeStamp, ArchiveError> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    let nanos = |secs: i64, nsec: i64| i128::from(secs) * 1_000_000_000 + i128::from(nsec);
+    let settled_before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as i128
+        - 2_000_000_000;
+    let mut hasher = Sha256::new();
+    let mut settled = true;
+    for rel in sorted_entries(root)? {
+        let path = root.join(&rel);
+        let m = fs::symlink_metadata(&path).map_err(io_err("stat", &path))?;
+        hasher.update(rel.as_os_str().as_bytes());
+        hasher.update([0]);
+        for n in [
+            m.mode() as i64,
+            m.size() as i64,
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec(),
+            m.ino() as i64,
+            m.dev() as i64,
+        ] {
+            hasher.update(n.to_le_bytes());
+        }
+        if m.file_type().is_symlink() {
+            let target = fs::read_link(&path).map_err(io_err("read link", &path))?;
+            hasher.update(target.as_os_str().as_bytes());
+            hasher.update([0]);
+        }
+        settled &=
+            nanos(m.mtime(), m.mtime_nsec()).max(nanos(m.ctime(), m.ctime_nsec())) < settled_before;
+    }
+    Ok(TreeStamp {
+        fingerprint: crate::hex(&hasher.finalize()),
+        settled,
+    })
+}
+
+/// Pack the directory `root` into `out` (a tar stream compressed as `format`). The same
+/// tree packs to the same bytes on any machine: sorted entries, no owners or times, and
+/// zstd on as many threads as there are CPUs (its multi-threaded output does not depend on
+/// the number of threads). Hard links within the tree stay links.
 pub fn pack(root: &Path, format: ArchiveFormat, out: impl Write) -> Result<Packed, ArchiveError> {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    pack_on(root, format, out, workers)
+}
+
+fn pack_on(
+    root: &Path,
+    format: ArchiveFormat,
+    out: impl Write,
+    zstd_workers: u32,
+) -> Result<Packed, ArchiveError> {
     let entries = sorted_entries(root)?;
     let hashing = HashingWriter::new(BufWriter::with_capacity(1 << 20, out));
     let out_path = Path::new("(archive)");
     let (sha256, size, files) = match format {
         ArchiveFormat::TarZst => {
-            let encoder = zstd::Encoder::new(hashing, 3).map_err(io_err("compress", out_path))?;
+            let mut encoder =
+                zstd::Encoder::new(hashing, 3).map_err(io_err("compress", out_path))?;
+            // Always at least one worker: zstd's output with workers differs from without.
+            encoder
+                .multithread(zstd_workers.max(1))
+                .map_err(io_err("compress", out_path))?;
             let (encoder, files) = write_tar(root, &entries, encoder)?;
             let hashing = encoder.finish().map_err(io_err("compress", out_path))?;
             finish(hashing, files, out_path)?
@@ -279,9 +352,14 @@ fn finish<W: Write>(
 }
 
 fn write_tar<W: Write>(root: &Path, entries: &[PathBuf], out: W) -> Result<(W, u64), ArchiveError> {
+    use std::os::unix::fs::MetadataExt;
     let mut tar = tar::Builder::new(out);
     tar.follow_symlinks(false);
     let mut files = 0;
+    // (device, inode) of each multiply-linked file already packed → its path: later names
+    // of the same file are packed as hard links to it (entries are sorted, so the target
+    // comes first and is unpacked before its links).
+    let mut linked: std::collections::HashMap<(u64, u64), &Path> = Default::default();
     for rel in entries {
         let path = root.join(rel);
         let meta = fs::symlink_metadata(&path).map_err(io_err("stat", &path))?;
@@ -305,7 +383,18 @@ fn write_tar<W: Write>(root: &Path, entries: &[PathBuf], out: W) -> Result<(W, u
             header.set_size(0);
             tar.append_link(&mut header, rel, &target)
                 .map_err(tar_err)?;
+        } else if let Some(first) = (ft.is_file() && meta.nlink() > 1)
+            .then(|| linked.get(&(meta.dev(), meta.ino())))
+            .flatten()
+        {
+            header.set_entry_type(tar::EntryType::Link);
+            header.set_mode(if executable { 0o755 } else { 0o644 });
+            header.set_size(0);
+            tar.append_link(&mut header, rel, first).map_err(tar_err)?;
         } else if ft.is_file() {
+            if meta.nlink() > 1 {
+                linked.insert((meta.dev(), meta.ino()), rel);
+            }
             header.set_entry_type(tar::EntryType::Regular);
             header.set_mode(if executable { 0o755 } else { 0o644 });
             header.set_size(meta.len());
@@ -539,6 +628,87 @@ mod tests {
         let mut out = Vec::new();
         let p = pack(dir, format, &mut out).unwrap();
         (out, p)
+    }
+
+    #[test]
+    fn multithreaded_packing_gives_the_same_bytes_whatever_the_thread_count() {
+        let dir = tempfile::tempdir().unwrap();
+        // 24 MiB of compressible text: several zstd jobs, so the workers really split it.
+        let mut text = Vec::with_capacity(24 << 20);
+        let mut x: u64 = 1;
+        while text.len() < 24 << 20 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            text.extend_from_slice(format!("line {} of {}\n", x >> 40, x % 1000).as_bytes());
+        }
+        fs::write(dir.path().join("data"), &text).unwrap();
+        let on = |workers| {
+            let mut out = Vec::new();
+            pack_on(dir.path(), ArchiveFormat::TarZst, &mut out, workers).unwrap();
+            out
+        };
+        let one = on(1);
+        assert!(one.len() < text.len() / 2, "compressed: {}", one.len());
+        assert_eq!(on(2), one);
+        assert_eq!(on(4), one);
+        assert_eq!(
+            on(0),
+            one,
+            "0 means one worker, not the single-threaded format"
+        );
+    }
+
+    #[test]
+    fn hard_links_are_packed_once_and_unpacked_as_links() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("lib")).unwrap();
+        let blob: Vec<u8> = (0..1u32 << 20)
+            .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+            .collect();
+        fs::write(dir.path().join("lib/a.so"), &blob).unwrap();
+        fs::hard_link(dir.path().join("lib/a.so"), dir.path().join("lib/b.so")).unwrap();
+        fs::hard_link(dir.path().join("lib/a.so"), dir.path().join("z.so")).unwrap();
+        let (bytes, p) = packed(dir.path(), ArchiveFormat::TarZst);
+        // One copy of the megabyte, not three.
+        assert!(p.size < 2 * blob.len() as u64, "{} bytes", p.size);
+        let mut kinds = Vec::new();
+        let mut tar = tar::Archive::new(zstd::Decoder::new(&bytes[..]).unwrap());
+        for e in tar.entries().unwrap() {
+            let e = e.unwrap();
+            let link = e.link_name().unwrap().map(|l| l.display().to_string());
+            kinds.push((
+                e.path().unwrap().display().to_string(),
+                e.header().entry_type(),
+                link,
+            ));
+        }
+        use tar::EntryType::{Directory, Link, Regular};
+        assert_eq!(
+            kinds,
+            [
+                ("lib".into(), Directory, None),
+                ("lib/a.so".into(), Regular, None),
+                ("lib/b.so".into(), Link, Some("lib/a.so".into())),
+                ("z.so".into(), Link, Some("lib/a.so".into())),
+            ]
+        );
+        let out = tempfile::tempdir().unwrap();
+        unpack(
+            &bytes[..],
+            ArchiveFormat::TarZst,
+            out.path(),
+            UnpackLimits::for_archive(p.size, UnpackLimits::HOST_DEFAULT),
+        )
+        .unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let a = fs::metadata(out.path().join("lib/a.so")).unwrap();
+        assert_eq!(a.nlink(), 3);
+        assert_eq!(
+            fs::metadata(out.path().join("z.so")).unwrap().ino(),
+            a.ino()
+        );
+        assert_eq!(fs::read(out.path().join("lib/b.so")).unwrap(), blob);
     }
 
     #[test]

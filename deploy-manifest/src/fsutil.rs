@@ -17,3 +17,38 @@ pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> 
     tmp.persist(path).map_err(|e| e.error)?;
     File::open(dir)?.sync_all()
 }
+
+/// A private directory for a local cache: `$DEPLOY_CACHE_DIR/<sub>`, else
+/// `$XDG_CACHE_HOME/deployer/<sub>`, else `~/.cache/deployer/<sub>`; created 0700. `None`
+/// (with a warning) when there is no such place or it is not a directory of this user:
+/// another user could otherwise feed it or read it.
+pub fn private_cache_dir(sub: &str) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    use std::path::PathBuf;
+    let base = std::env::var_os("DEPLOY_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("deployer")))
+        .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/deployer")))?;
+    let dir = base.join(sub);
+    let ready = fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .and_then(|()| fs::symlink_metadata(&dir));
+    match ready {
+        Ok(m) if m.is_dir() && m.uid() == rustix::process::geteuid().as_raw() => {
+            if m.permissions().mode() & 0o077 != 0 {
+                fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).ok()?;
+            }
+            Some(dir)
+        }
+        Ok(_) => {
+            tracing::warn!(dir = %dir.display(), "not using this cache: not a directory of this user");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "not using this cache");
+            None
+        }
+    }
+}

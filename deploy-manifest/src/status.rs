@@ -412,41 +412,9 @@ impl ReportCache {
     /// `None` (with a warning) if it cannot be.
     pub fn open(identity: &str) -> Option<ReportCache> {
         use sha2::{Digest, Sha256};
-        use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-        let base = std::env::var_os("DEPLOY_CACHE_DIR")
-            .map(std::path::PathBuf::from)
-            .or_else(|| {
-                std::env::var_os("XDG_CACHE_HOME")
-                    .map(|d| std::path::PathBuf::from(d).join("deployer"))
-            })
-            .or_else(|| {
-                std::env::var_os("HOME")
-                    .map(|d| std::path::PathBuf::from(d).join(".cache/deployer"))
-            })?;
-        let url_hash = crate::hex(&Sha256::digest(identity.as_bytes()));
-        let dir = base.join("status").join(&url_hash[..16]);
-        let ready = std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .and_then(|()| std::fs::symlink_metadata(&dir));
-        match ready {
-            // Ours and private: another user could otherwise feed or read it.
-            Ok(m) if m.is_dir() && m.uid() == rustix::process::geteuid().as_raw() => {
-                if m.permissions().mode() & 0o077 != 0 {
-                    let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
-                }
-                Some(ReportCache { dir })
-            }
-            Ok(_) => {
-                tracing::warn!(dir = %dir.display(), "not using the report cache: not a directory of this user");
-                None
-            }
-            Err(e) => {
-                tracing::warn!(dir = %dir.display(), error = %e, "not using the report cache");
-                None
-            }
-        }
+        let hash = crate::hex(&Sha256::digest(identity.as_bytes()));
+        let dir = crate::fsutil::private_cache_dir(&format!("status/{}", &hash[..16]))?;
+        Some(ReportCache { dir })
     }
 
     fn path(&self, key: &str) -> std::path::PathBuf {

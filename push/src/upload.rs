@@ -27,6 +27,8 @@ pub struct Uploaded {
 }
 
 /// Pack `dir` (sha256 computed while packing) and upload it unless it is already there.
+/// A tree unchanged since the last push of it (same [`archive::stamp`]) is not packed
+/// again when the store still has its archive.
 pub async fn upload_archive(
     store: &impl ObjectStore,
     dir: &Path,
@@ -34,6 +36,28 @@ pub async fn upload_archive(
     format: ArchiveFormat,
     dry_run: bool,
 ) -> Result<(Artifact, Uploaded), PushError> {
+    let stamp_of = |dir: PathBuf| async move {
+        tokio::task::spawn_blocking(move || archive::stamp(&dir))
+            .await
+            .expect("stamping does not panic")
+    };
+    let before = stamp_of(dir.to_path_buf()).await?;
+    let cache = PackCache::open(dir, name, format);
+    if let Some(artifact) = cache.as_ref().and_then(|c| c.lookup(&before)) {
+        let key = artifact.key();
+        if store.head(&key).await? == Some(artifact.size) {
+            eprintln!(
+                "push: {} is unchanged since it was packed as {key}, which the store has; not packing or uploading",
+                dir.display()
+            );
+            let report = Uploaded {
+                skipped_objects: 1,
+                skipped_bytes: artifact.size,
+                ..Uploaded::default()
+            };
+            return Ok((Artifact::Archive(artifact), report));
+        }
+    }
     let tmp = tempfile::NamedTempFile::new().map_err(|e| PushError::Io {
         what: "creating a temporary file".into(),
         source: e,
@@ -54,6 +78,13 @@ pub async fn upload_archive(
         size: packed.size,
         format: Some(format),
     };
+    // Remember the tree only if it did not change while it was packed.
+    if let Some(cache) = &cache
+        && before.settled
+        && stamp_of(dir.to_path_buf()).await? == before
+    {
+        cache.record(&before, &artifact);
+    }
     let key = artifact.key();
     let mut report = Uploaded::default();
     if store.head(&key).await? == Some(artifact.size) {
@@ -71,6 +102,48 @@ pub async fn upload_archive(
         report.bytes = artifact.size;
     }
     Ok((Artifact::Archive(artifact), report))
+}
+
+/// What push last packed each output directory into: `<cache>/push/<hash of the
+/// directory, name and format>.json` holding the tree's stamp and the archive it made.
+struct PackCache {
+    file: PathBuf,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Packed {
+    fingerprint: String,
+    artifact: ArchiveRef,
+}
+
+impl PackCache {
+    fn open(dir: &Path, name: &str, format: ArchiveFormat) -> Option<PackCache> {
+        use sha2::{Digest, Sha256};
+        let dir = std::fs::canonicalize(dir).ok()?;
+        let id = format!("{}\n{name}\n{format:?}", dir.display());
+        let hash = deploy_manifest::hex(&Sha256::digest(id.as_bytes()));
+        let cache = deploy_manifest::fsutil::private_cache_dir("push")?;
+        Some(PackCache {
+            file: cache.join(format!("{}.json", &hash[..32])),
+        })
+    }
+
+    fn lookup(&self, stamp: &archive::TreeStamp) -> Option<ArchiveRef> {
+        let bytes = std::fs::read(&self.file).ok()?;
+        let packed: Packed = serde_json::from_slice(&bytes).ok()?;
+        (packed.fingerprint == stamp.fingerprint).then_some(packed.artifact)
+    }
+
+    fn record(&self, stamp: &archive::TreeStamp, artifact: &ArchiveRef) {
+        let packed = Packed {
+            fingerprint: stamp.fingerprint.clone(),
+            artifact: artifact.clone(),
+        };
+        let bytes = serde_json::to_vec(&packed).expect("serializable");
+        if let Err(e) = deploy_manifest::fsutil::write_atomically(&self.file, &bytes, 0o600) {
+            tracing::debug!(file = %self.file.display(), error = %e, "could not remember the packed tree");
+        }
+    }
 }
 
 /// The local staging binary cache `nix copy` writes into before upload. It persists between

@@ -29,7 +29,12 @@ impl Repo {
 
     /// `push.sh ARGS` from the repository's directory, as a developer runs it.
     fn push(&self, fx: &Fixture, args: &[&str]) -> Output {
+        self.push_with(fx, args, &[])
+    }
+
+    fn push_with(&self, fx: &Fixture, args: &[&str], extra: &[(String, String)]) -> Output {
         let mut env = fx.env.clone();
+        env.extend_from_slice(extra);
         env.push((
             "DEPLOY_NIX_STAGING".into(),
             self.path().join(".nix-staging").display().to_string(),
@@ -498,4 +503,66 @@ fn push_sh_finds_the_checkouts_push_and_ship_sh_waits() {
         before,
         "pushed before waiting"
     );
+}
+
+#[test]
+fn an_unchanged_tree_is_not_packed_again_and_a_changed_one_always_is() {
+    let fx = Fixture::file();
+    fx.dm(&["init"]).ok();
+    add_service(&fx, "app", "Biz/App.py");
+    // The build leaves out/ alone, as an up-to-date make does.
+    let repo = Repo::new(
+        "[namespaces.\"Biz/App.py\"]\nbuilder = \"command\"\ncommand = \"true\"\noutput = \"out\"\n",
+    );
+    let app = repo.path().join("out/bin/app");
+    std::fs::create_dir_all(app.parent().unwrap()).unwrap();
+    std::fs::write(&app, "#!/bin/sh\necho v1\n").unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let env = [(
+        "DEPLOY_CACHE_DIR".to_owned(),
+        cache.path().display().to_string(),
+    )];
+    let push = || {
+        let out = repo.push_with(&fx, &["Biz/App.py", "--json"], &env).ok();
+        let repacked = !out
+            .stderr_str()
+            .contains("is unchanged since it was packed");
+        (report(&out), repacked)
+    };
+    // Just written: a stamp taken now is not trusted later, so it is packed both times.
+    let (first, repacked) = push();
+    assert!(repacked);
+    assert_eq!(first["uploaded"]["objects"], json!(1), "{first}");
+    let (_, repacked) = push();
+    assert!(repacked, "a tree changed within 2 s is never remembered");
+    // Settled: the next push remembers it, the one after does not pack.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let (_, repacked) = push();
+    assert!(repacked);
+    let (again, repacked) = push();
+    assert!(!repacked, "unchanged tree packed again");
+    assert_eq!(again["unchanged"], json!(true), "{again}");
+    let v1 = current_artifact(&fx, "app");
+
+    // The store lost the archive: packed and uploaded again.
+    let Artifact::Archive(a) = &v1 else {
+        panic!("{v1:?}")
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async { fx.store().await.delete(&a.key()).await.unwrap() });
+    let (third, repacked) = push();
+    assert!(repacked);
+    assert_eq!(third["uploaded"]["objects"], json!(1), "{third}");
+    assert_eq!(fetch_app(&fx, &v1), "#!/bin/sh\necho v1\n");
+
+    // Changed in place, same size, same second: its change time moved, so it is packed.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    push();
+    std::fs::write(&app, "#!/bin/sh\necho v2\n").unwrap();
+    let (fourth, repacked) = push();
+    assert!(repacked);
+    assert_eq!(fourth["uploaded"]["objects"], json!(1), "{fourth}");
+    let v2 = current_artifact(&fx, "app");
+    assert_ne!(v1, v2);
+    assert_eq!(fetch_app(&fx, &v2), "#!/bin/sh\necho v2\n");
 }
