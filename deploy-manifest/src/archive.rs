@@ -300,7 +300,9 @@ pub fn stamp(root: &Path) -> Result<TreeStamp, ArchiveError> {
 /// zstd on as many threads as there are CPUs (its multi-threaded output does not depend on
 /// the number of threads). Hard links within the tree stay links.
 pub fn pack(root: &Path, format: ArchiveFormat, out: impl Write) -> Result<Packed, ArchiveError> {
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    // At most 8: enough for the 2-8 CPUs of build machines without zstd's per-worker
+    // buffers adding up on a large one (the output is the same either way).
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(8) as u32);
     pack_on(root, format, out, workers)
 }
 
@@ -588,6 +590,22 @@ fn unpack_entries<R: Read>(
         }
     }
     Ok(files)
+}
+
+/// Give this user write and search permission on every directory under `root` (symlinks
+/// are not followed), so the tree can be removed whatever modes its entries had. Best
+/// effort: errors are ignored, the removal that follows reports what is left.
+pub fn open_up(root: &Path) {
+    let Ok(meta) = fs::symlink_metadata(root) else {
+        return;
+    };
+    if !meta.is_dir() {
+        return;
+    }
+    let _ = fs::set_permissions(root, fs::Permissions::from_mode(0o700));
+    for entry in fs::read_dir(root).into_iter().flatten().flatten() {
+        open_up(&entry.path());
+    }
 }
 
 /// Make a tree read-only (files 0444/0555, directories 0555), as an installed artifact is.

@@ -498,16 +498,16 @@ impl Show<'_> {
         } else if self.json {
             let mut first = true;
             scan(&mut |h: status::HostView| {
+                // As serde_json's pretty array: `[`, elements indented and separated by `,`
+                // at the end of the previous one's last line, `]`.
                 let text = serde_json::to_string_pretty(&h)?;
-                out.write_all(if first { b"[\n" } else { b",\n" })?;
+                out.write_all(if first { b"[\n  " } else { b",\n  " })?;
                 first = false;
-                for line in text.lines() {
-                    writeln!(out, "  {line}")?;
-                }
+                out.write_all(text.replace('\n', "\n  ").as_bytes())?;
                 Ok::<_, anyhow::Error>(())
             })
             .await?;
-            out.write_all(if first { b"[]\n" } else { b"]\n" })?;
+            out.write_all(if first { b"[]\n" } else { b"\n]\n" })?;
         } else {
             let mut table = status::fleet_table();
             scan(&mut |h: status::HostView| {

@@ -364,13 +364,17 @@ pub async fn scan<E: From<Error>>(
         cache.retain(listed.iter().map(|l| l.key.as_str()));
     }
     let own: std::collections::BTreeSet<&str> = listed.iter().map(|l| key_host(&l.key)).collect();
-    let mut never = manifest
+    let named: std::collections::BTreeSet<&str> = manifest
         .into_iter()
         .flat_map(|m| &m.services)
         .flat_map(|s| &s.hosts)
         .map(String::as_str)
+        .collect();
+    let mut never = named
+        .iter()
+        .copied()
         .filter(|h| !own.contains(h))
-        .collect::<std::collections::BTreeSet<&str>>()
+        .collect::<Vec<&str>>()
         .into_iter()
         .peekable();
     let by_host = HostKeys::new(host_keys);
@@ -386,9 +390,15 @@ pub async fn scan<E: From<Error>>(
         while let Some(h) = never.next_if(|h| *h < host) {
             each(never_view(h))?;
         }
-        let Some(bytes) = bytes else { continue };
-        if let Some(stored) = parse_report(listed.key.clone(), &bytes, &by_host) {
+        let stored = bytes.and_then(|b| parse_report(listed.key.clone(), &b, &by_host));
+        let its_own = stored.as_ref().is_some_and(|s| s.report.host == host);
+        if let Some(stored) = stored {
             each(judge(&stored, manifest, now))?;
+        }
+        // An object that vanished, does not parse, is too large or claims another host is
+        // no report of the host it names: that host still shows, as never reported.
+        if !its_own && named.contains(host) {
+            each(never_view(host))?;
         }
     }
     for h in never {
@@ -556,8 +566,11 @@ pub fn fleet(
     now: SystemTime,
 ) -> Vec<HostView> {
     let mut view: Vec<HostView> = reports.iter().map(|s| judge(s, manifest, now)).collect();
-    let own: std::collections::BTreeSet<&str> =
-        reports.iter().map(|s| key_host(&s.object)).collect();
+    let own: std::collections::BTreeSet<&str> = reports
+        .iter()
+        .filter(|s| key_host(&s.object) == s.report.host)
+        .map(|s| key_host(&s.object))
+        .collect();
     let never: std::collections::BTreeSet<&str> = manifest
         .into_iter()
         .flat_map(|m| &m.services)
@@ -999,6 +1012,54 @@ mod tests {
         let mut extra = value.clone();
         extra["signature"]["typo"] = serde_json::json!(1);
         assert!(!validator.is_valid(&extra));
+    }
+
+    #[tokio::test]
+    async fn a_named_host_without_a_readable_report_of_its_own_still_shows_as_never() {
+        use crate::store::{FileStore, Precondition};
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(&format!("file://{}/store", dir.path().display())).unwrap();
+        let put = |key: String, bytes: Vec<u8>| {
+            let store = store.clone();
+            async move { store.put(&key, bytes, Precondition::None).await.unwrap() }
+        };
+        let json = |r: &HostReport| serde_json::to_vec(r).unwrap();
+        put(
+            report_key("a"),
+            json(&report("a", 0, "healthy", "/nix/store/x")),
+        )
+        .await;
+        put(report_key("b"), b"{not json".to_vec()).await;
+        // Planted at c's object, in d's name.
+        put(
+            report_key("c"),
+            json(&report("d", 0, "healthy", "/nix/store/x")),
+        )
+        .await;
+        let mut m = Manifest::empty();
+        crate::edit::add_service(
+            &mut m,
+            &serde_json::json!({"name": "ava", "artifact": {"storePath": "/nix/store/x"}, "hosts": ["a", "b", "c", "e"]}),
+        )
+        .unwrap();
+        let mut seen = Vec::new();
+        scan(&store, None, Some(&m), SystemTime::now(), None, |h| {
+            seen.push((h.host, h.object, h.state));
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap();
+        let never = |h: &str| (h.to_owned(), report_key(h), HostState::Never);
+        assert_eq!(
+            seen,
+            [
+                ("a".to_owned(), report_key("a"), HostState::Behind),
+                never("b"),
+                ("d".to_owned(), report_key("c"), HostState::Behind),
+                never("c"),
+                never("e"),
+            ]
+        );
     }
 
     #[tokio::test]

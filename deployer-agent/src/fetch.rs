@@ -64,12 +64,14 @@ async fn ensure_archive(
     let store_dir = state_dir.join("store");
     std::fs::create_dir_all(&store_dir)
         .map_err(|e| AgentError::io(format!("creating {}", store_dir.display()), e))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .tempdir_in(&store_dir)
-        .map_err(|e| {
-            AgentError::io(format!("creating a temp dir in {}", store_dir.display()), e)
-        })?;
+    let tmp = Scratch(
+        tempfile::Builder::new()
+            .prefix(".tmp-")
+            .tempdir_in(&store_dir)
+            .map_err(|e| {
+                AgentError::io(format!("creating a temp dir in {}", store_dir.display()), e)
+            })?,
+    );
     let root = tmp.path().join("root");
     let format = a.format.unwrap_or_default();
     let limits = UnpackLimits::for_archive(a.size, host_limits);
@@ -108,16 +110,41 @@ async fn ensure_archive(
         artifact: a.key(),
         detail: e.to_string(),
     })?;
+    // Read-only only now: a refused tree must stay removable by a non-root agent.
+    let ro = root.clone();
+    tokio::task::spawn_blocking(move || archive::make_read_only(&ro))
+        .await
+        .expect("chmod does not panic")
+        .map_err(|e| AgentError::Fetch {
+            artifact: a.key(),
+            detail: e.to_string(),
+        })?;
     std::fs::rename(&root, &dest)
         .map_err(|e| AgentError::io(format!("installing {}", dest.display()), e))?;
     Ok(dest)
 }
 
+/// The temp dir of a fetch. An archive may hold directories without write permission (its
+/// entries' modes), which a non-root agent could not empty: they are opened up first.
+struct Scratch(tempfile::TempDir);
+
+impl Scratch {
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        archive::open_up(self.0.path());
+    }
+}
+
 /// What the download may run ahead of the unpacker.
 const PIPE_BYTES: usize = 4 << 20;
 
-/// Unpack the archive arriving on `input` into `root` (created here) and make it
-/// read-only, then read `input` to its end whatever happened, so the download's hash
+/// Unpack the archive arriving on `input` into `root` (created here), then read `input` to
+/// its end whatever happened, so the download's hash
 /// covers every byte and the downloader is never left blocked on a full pipe.
 fn unpack_stream(
     input: tokio::io::DuplexStream,
@@ -132,11 +159,8 @@ fn unpack_stream(
             path: root.display().to_string(),
             source: e,
         })
-        .and_then(|()| {
-            // Each decoder buffers its own input.
-            archive::unpack(&mut input, format, root, limits)?;
-            archive::make_read_only(root)
-        });
+        // Each decoder buffers its own input.
+        .and_then(|()| archive::unpack(&mut input, format, root, limits).map(drop));
     let _ = std::io::copy(&mut input, &mut std::io::sink());
     result
 }

@@ -120,7 +120,9 @@ impl PackCache {
     fn open(dir: &Path, name: &str, format: ArchiveFormat) -> Option<PackCache> {
         use sha2::{Digest, Sha256};
         let dir = std::fs::canonicalize(dir).ok()?;
-        let id = format!("{}\n{name}\n{format:?}", dir.display());
+        // The packing's version: a change to how trees are packed must not be hidden by a
+        // tree remembered before it.
+        let id = format!("pack-v2\n{}\n{name}\n{format:?}", dir.display());
         let hash = deploy_manifest::hex(&Sha256::digest(id.as_bytes()));
         let cache = deploy_manifest::fsutil::private_cache_dir("push")?;
         Some(PackCache {

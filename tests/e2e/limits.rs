@@ -40,15 +40,22 @@ fn store_dir(fx: &Fixture) -> PathBuf {
     PathBuf::from(fx.url.strip_prefix("file://").unwrap())
 }
 
-#[test]
-fn an_artifact_swapped_for_a_larger_object_is_refused_by_its_declared_size() {
-    let fx = Fixture::s3();
-    let (host, app, port) = hello_v1_running(&fx);
+/// hello v1 running, v2 pushed but not deployed: the host, the app, the port, v1's state
+/// record, what `<state>/store` holds, and v2's archive (for the attacker to swap).
+fn v1_running_v2_pushed(fx: &Fixture) -> (Host, App, u16, Value, Vec<String>, ArchiveRef) {
+    let (host, app, port) = hello_v1_running(fx);
     let before = host.state()["services"]["hello"]["current"].clone();
     let v1_installed = installed(&host);
     app.set_version("v2", false);
-    app.push(&fx);
-    let v2 = hello_archive(&fx);
+    app.push(fx);
+    let v2 = hello_archive(fx);
+    (host, app, port, before, v1_installed, v2)
+}
+
+#[test]
+fn an_artifact_swapped_for_a_larger_object_is_refused_by_its_declared_size() {
+    let fx = Fixture::s3();
+    let (host, app, port, before, v1_installed, v2) = v1_running_v2_pushed(&fx);
 
     // The attacker overwrites v2's object with 32 MiB (the manifest says ~1 KB).
     let junk = tempfile::NamedTempFile::new().unwrap();
@@ -85,12 +92,7 @@ fn an_artifact_swapped_for_a_larger_object_is_refused_by_its_declared_size() {
 #[test]
 fn an_artifact_swapped_for_a_valid_archive_of_the_same_size_is_unpacked_but_never_installed() {
     let fx = Fixture::file();
-    let (host, app, port) = hello_v1_running(&fx);
-    let before = host.state()["services"]["hello"]["current"].clone();
-    let v1_installed = installed(&host);
-    app.set_version("v2", false);
-    app.push(&fx);
-    let v2 = hello_archive(&fx);
+    let (host, app, port, before, v1_installed, v2) = v1_running_v2_pushed(&fx);
 
     // The attacker replaces v2's object with a well-formed archive of exactly the declared
     // size whose bin/hello leaves a mark: the one-pass fetch unpacks it (into its private
