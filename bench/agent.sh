@@ -15,13 +15,8 @@ if [[ -z "${SDSANDBOX_DIR:-}" ]]; then
   exec bash scripts/systemd-sandbox.sh -- bash "$0" "$@"
 fi
 size_mib="${1:-512}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/deployer-target}"
-cargo build --quiet --release -p deployer-agent -p deploy-manifest -p push
-bin="$CARGO_TARGET_DIR/release"
-export PATH="$bin:$PWD/push:$PATH"
-work=$(mktemp -d)
+source bench/lib.sh
 source bench/moto.sh
-calc() { python3 -c "print($1)"; }
 measure() {  # "<wall> <user+sys> <peak KiB>" of a command (its stdout to $work/out)
   /usr/bin/time -f "%e %U %S %M" -o "$work/time" "$@" > "$work/out"
   read -r e u s m < "$work/time"; echo "$e $(calc "$u + $s") $m"

@@ -18,14 +18,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 size_mib="${1:-512}"
 rounds="${2:-7}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/deployer-target}"
-cargo build --quiet --release -p deployer-agent -p deploy-manifest -p push
-bin="$CARGO_TARGET_DIR/release"
-export PATH="$bin:$PWD/push:$PATH"
-for tool in curl openssl zstd tar jq; do
-  command -v "$tool" >/dev/null || { echo "bench/fetch.sh needs $tool" >&2; exit 2; }
-done
-work=$(mktemp -d)
+source bench/lib.sh
+needs curl openssl zstd tar jq
 source bench/moto.sh
 declare_big() {
   deploy-manifest init >/dev/null
@@ -71,11 +65,6 @@ unpack() {
   zstd -dq < "$work/archive" | tar -x -C "$work/ref"
 }
 download() { "${s3curl[@]}" "$url" > /dev/null; }
-secs() {  # wall seconds of "$@"
-  local t0 t1
-  t0=$(date +%s.%N); "$@"; t1=$(date +%s.%N)
-  python3 -c "print(f'{$t1 - $t0:.3f}')"
-}
 cat "$work/archive" > /dev/null
 agent; agent_file; stream; unpack   # warm-up (and checks: each must succeed)
 grep -q "$sha" "$work/ref.sha" || { echo "the reference's hash differs" >&2; exit 1; }

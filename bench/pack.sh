@@ -16,20 +16,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds="${1:-5}"
 tree="${TREE:-/usr/lib/x86_64-linux-gnu}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/deployer-target}"
-cargo build --quiet --release -p push -p deploy-manifest
-bin="$CARGO_TARGET_DIR/release"
-for tool in tar zstd jq; do
-  command -v "$tool" >/dev/null || { echo "bench/pack.sh needs $tool" >&2; exit 2; }
-done
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-calc() { python3 -c "print($1)"; }
-secs() {  # wall seconds of "$@"
-  local t0 t1
-  t0=$(date +%s.%N); "$@"; t1=$(date +%s.%N)
-  calc "round($t1 - $t0, 3)"
-}
+source bench/lib.sh
+needs tar zstd jq
 
 export DEPLOY_STORE="file://$work/store"
 "$bin/deploy-manifest" init >/dev/null

@@ -20,14 +20,7 @@ if [[ -z "${SDSANDBOX_DIR:-}" ]]; then
 fi
 n="${1:-1000}"
 rounds="${2:-11}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/deployer-target}"
-cargo build --quiet --release -p deployer-agent -p deploy-manifest -p push
-bin="$CARGO_TARGET_DIR/release"
-export PATH="$bin:$PWD/push:$PATH"
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-calc() { python3 -c "print($1)"; }
-now() { date +%s.%N; }
+source bench/lib.sh
 units_dir="$XDG_RUNTIME_DIR/systemd/user"
 
 before_bin=""

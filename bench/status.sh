@@ -12,21 +12,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 hosts="${1:-100000}"
 s3_hosts="${2:-10000}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/deployer-target}"
-cargo build --quiet --release -p deploy-manifest
-bin="$CARGO_TARGET_DIR/release/deploy-manifest"
-work=$(mktemp -d)
+source bench/lib.sh
 export MOTO_LOG="$work/moto.log"
 source bench/moto.sh
-calc() { python3 -c "print($1)"; }
 measure() {  # prints "<seconds> <peak KiB>"
   /usr/bin/time -f "%e %M" -o "$work/time" "$@" >/dev/null
   cat "$work/time"
 }
 declare_fleet() {
-  "$bin" init >/dev/null
-  "$bin" add-service '{"name": "api", "artifact": {"storePath": "/nix/store/00000000000000000000000000000000-api"}, "hosts": []}' >/dev/null
-  "$bin" add-service '{"name": "web", "artifact": {"storePath": "/nix/store/00000000000000000000000000000000-web"}, "hosts": []}' >/dev/null
+  "$bin/deploy-manifest" init >/dev/null
+  "$bin/deploy-manifest" add-service '{"name": "api", "artifact": {"storePath": "/nix/store/00000000000000000000000000000000-api"}, "hosts": []}' >/dev/null
+  "$bin/deploy-manifest" add-service '{"name": "web", "artifact": {"storePath": "/nix/store/00000000000000000000000000000000-web"}, "hosts": []}' >/dev/null
 }
 # Reports as agents write them: two services, one host in 97 unhealthy.
 reports() {  # DIR N: N reports as files in DIR
@@ -52,9 +48,9 @@ export DEPLOY_STORE="file://$work/store"
 declare_fleet
 reports "$work/store/status" "$hosts"
 read -r cat_s cat_kb < <(measure sh -c "find '$work/store/status' -name '*.json' -print0 | xargs -0 cat")
-read -r json_s json_kb < <(measure "$bin" status --json)
-read -r table_s table_kb < <(measure "$bin" status)
-"$bin" status --json | python3 -c "import json,sys; n=len(json.load(sys.stdin)); assert n == $hosts, n"
+read -r json_s json_kb < <(measure "$bin/deploy-manifest" status --json)
+read -r table_s table_kb < <(measure "$bin/deploy-manifest" status)
+"$bin/deploy-manifest" status --json | python3 -c "import json,sys; n=len(json.load(sys.stdin)); assert n == $hosts, n"
 
 # --- 2: S3 (moto), S3_HOSTS reports, uploaded with the venv's boto3.
 export DEPLOY_STORE=s3://bench/deploy DEPLOY_CACHE_DIR="$work/cache"
@@ -72,9 +68,9 @@ list(ThreadPoolExecutor(16).map(put, names))
 PY
 requests() { grep -c ' HTTP/1\.' "$MOTO_LOG" || true; }
 r0=$(requests)
-read -r s3a_s s3a_kb < <(measure "$bin" status --json)
+read -r s3a_s s3a_kb < <(measure "$bin/deploy-manifest" status --json)
 r1=$(requests)
-read -r s3b_s s3b_kb < <(measure "$bin" status --json)
+read -r s3b_s s3b_kb < <(measure "$bin/deploy-manifest" status --json)
 r2=$(requests)
 list_ref() {  # the LIST pages alone, with curl
   local token="" args

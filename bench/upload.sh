@@ -11,10 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size_mib="${1:-512}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/deployer-target}"
-cargo build --quiet --release -p push -p deploy-manifest
-bin="$CARGO_TARGET_DIR/release"
-work=$(mktemp -d)
+source bench/lib.sh
 source bench/moto.sh
 
 mkdir -p "$work/repo/out"
@@ -25,8 +22,6 @@ command = "true"
 output = "out"
 TOML
 
-now() { date +%s.%N; }
-calc() { python3 -c "print($1)"; }
 
 # One push into a fresh bucket; prints "<upload phase s> <end-to-end s>".
 push_once() {

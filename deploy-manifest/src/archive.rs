@@ -215,8 +215,9 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
-/// Every entry below `root`, relative, sorted by path bytes.
-fn sorted_entries(root: &Path) -> Result<Vec<PathBuf>, ArchiveError> {
+/// Every entry below `root`, relative, sorted by path bytes, with its metadata (not
+/// following symlinks) as the walk found it.
+fn sorted_entries(root: &Path) -> Result<Vec<(PathBuf, fs::Metadata)>, ArchiveError> {
     let mut out = Vec::new();
     let mut pending = vec![PathBuf::new()];
     while let Some(rel) = pending.pop() {
@@ -233,10 +234,10 @@ fn sorted_entries(root: &Path) -> Result<Vec<PathBuf>, ArchiveError> {
             if meta.is_dir() {
                 pending.push(child.clone());
             }
-            out.push(child);
+            out.push((child, meta));
         }
     }
-    out.sort();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
 }
 
@@ -264,9 +265,7 @@ pub fn stamp(root: &Path) -> Result<TreeStamp, ArchiveError> {
         - 2_000_000_000;
     let mut hasher = Sha256::new();
     let mut settled = true;
-    for rel in sorted_entries(root)? {
-        let path = root.join(&rel);
-        let m = fs::symlink_metadata(&path).map_err(io_err("stat", &path))?;
+    for (rel, m) in sorted_entries(root)? {
         hasher.update(rel.as_os_str().as_bytes());
         hasher.update([0]);
         for n in [
@@ -282,6 +281,7 @@ pub fn stamp(root: &Path) -> Result<TreeStamp, ArchiveError> {
             hasher.update(n.to_le_bytes());
         }
         if m.file_type().is_symlink() {
+            let path = root.join(&rel);
             let target = fs::read_link(&path).map_err(io_err("read link", &path))?;
             hasher.update(target.as_os_str().as_bytes());
             hasher.update([0]);
@@ -353,7 +353,11 @@ fn finish<W: Write>(
     Ok((sha, size, files))
 }
 
-fn write_tar<W: Write>(root: &Path, entries: &[PathBuf], out: W) -> Result<(W, u64), ArchiveError> {
+fn write_tar<W: Write>(
+    root: &Path,
+    entries: &[(PathBuf, fs::Metadata)],
+    out: W,
+) -> Result<(W, u64), ArchiveError> {
     use std::os::unix::fs::MetadataExt;
     let mut tar = tar::Builder::new(out);
     tar.follow_symlinks(false);
@@ -362,9 +366,8 @@ fn write_tar<W: Write>(root: &Path, entries: &[PathBuf], out: W) -> Result<(W, u
     // of the same file are packed as hard links to it (entries are sorted, so the target
     // comes first and is unpacked before its links).
     let mut linked: std::collections::HashMap<(u64, u64), &Path> = Default::default();
-    for rel in entries {
+    for (rel, meta) in entries {
         let path = root.join(rel);
-        let meta = fs::symlink_metadata(&path).map_err(io_err("stat", &path))?;
         let mut header = tar::Header::new_gnu();
         header.set_mtime(0);
         header.set_uid(0);
@@ -610,9 +613,8 @@ pub fn open_up(root: &Path) {
 
 /// Make a tree read-only (files 0444/0555, directories 0555), as an installed artifact is.
 pub fn make_read_only(root: &Path) -> Result<(), ArchiveError> {
-    for rel in sorted_entries(root)?.iter().rev() {
+    for (rel, meta) in sorted_entries(root)?.iter().rev() {
         let path = root.join(rel);
-        let meta = fs::symlink_metadata(&path).map_err(io_err("stat", &path))?;
         if meta.file_type().is_symlink() {
             continue;
         }
@@ -903,8 +905,7 @@ mod tests {
 
     fn written(dir: &Path) -> (u64, u64) {
         let (mut files, mut bytes) = (0, 0);
-        for rel in sorted_entries(dir).unwrap() {
-            let meta = fs::symlink_metadata(dir.join(rel)).unwrap();
+        for (_, meta) in sorted_entries(dir).unwrap() {
             if meta.is_file() {
                 files += 1;
                 bytes += meta.len();

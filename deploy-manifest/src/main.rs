@@ -419,23 +419,47 @@ fn load_host_keys(path: Option<&std::path::Path>) -> anyhow::Result<Option<Vec<P
         .map_err(Error::from)?)
 }
 
-async fn fleet_view(
+/// `status::scan` over the store as `status` sees it: the current manifest, the host
+/// keys, and on `s3://` the ETag report cache (a file:// store is read directly).
+async fn scan_fleet(
     repo: &deploy_manifest::Repo<Store>,
     host_keys: Option<&[PublicKey]>,
-) -> anyhow::Result<Vec<status::HostView>> {
+    store_url: &str,
+    each: impl FnMut(status::HostView) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let manifest = repo.read_current().await?.map(|c| c.manifest);
-    let mut view = Vec::new();
+    let cache = store_url
+        .starts_with("s3://")
+        .then(|| {
+            // The same bucket name on another endpoint is another store.
+            let endpoint = std::env::var("AWS_ENDPOINT_URL_S3")
+                .or_else(|_| std::env::var("AWS_ENDPOINT_URL"))
+                .unwrap_or_default();
+            status::ReportCache::open(&format!("{store_url}\n{endpoint}"))
+        })
+        .flatten();
     status::scan(
         repo.store(),
         host_keys,
         manifest.as_ref(),
         std::time::SystemTime::now(),
-        None,
-        |h| {
-            view.push(h);
-            Ok::<_, anyhow::Error>(())
-        },
+        cache.as_ref(),
+        each,
     )
+    .await
+}
+
+/// The whole fleet view in memory (`status --watch`).
+async fn fleet_view(
+    repo: &deploy_manifest::Repo<Store>,
+    host_keys: Option<&[PublicKey]>,
+    store_url: &str,
+) -> anyhow::Result<Vec<status::HostView>> {
+    let mut view = Vec::new();
+    scan_fleet(repo, host_keys, store_url, |h| {
+        view.push(h);
+        Ok(())
+    })
     .await?;
     Ok(view)
 }
@@ -458,61 +482,36 @@ impl Show<'_> {
         host_keys: Option<&[PublicKey]>,
     ) -> anyhow::Result<()> {
         use std::io::Write;
-        let manifest = repo.read_current().await?.map(|c| c.manifest);
-        // ETags come from S3 listings only; a file:// store is read directly.
-        let cache = self
-            .store
-            .starts_with("s3://")
-            .then(|| {
-                // The same bucket name on another endpoint is another store.
-                let endpoint = std::env::var("AWS_ENDPOINT_URL_S3")
-                    .or_else(|_| std::env::var("AWS_ENDPOINT_URL"))
-                    .unwrap_or_default();
-                status::ReportCache::open(&format!("{}\n{endpoint}", self.store))
-            })
-            .flatten();
-        let now = std::time::SystemTime::now();
-        let scan = async |each: &mut dyn FnMut(status::HostView) -> anyhow::Result<()>| {
-            status::scan(
-                repo.store(),
-                host_keys,
-                manifest.as_ref(),
-                now,
-                cache.as_ref(),
-                each,
-            )
-            .await
-        };
         let stdout = std::io::stdout();
         let mut out = std::io::BufWriter::new(stdout.lock());
         if let Some(host) = self.host {
             let mut views = Vec::new();
-            scan(&mut |h: status::HostView| {
+            scan_fleet(repo, host_keys, self.store, |h| {
                 if h.host == host {
                     views.push(h);
                 }
-                Ok::<_, anyhow::Error>(())
+                Ok(())
             })
             .await?;
             out.write_all(self.render(&views)?.as_bytes())?;
         } else if self.json {
             let mut first = true;
-            scan(&mut |h: status::HostView| {
+            scan_fleet(repo, host_keys, self.store, |h| {
                 // As serde_json's pretty array: `[`, elements indented and separated by `,`
                 // at the end of the previous one's last line, `]`.
                 let text = serde_json::to_string_pretty(&h)?;
                 out.write_all(if first { b"[\n  " } else { b",\n  " })?;
                 first = false;
                 out.write_all(text.replace('\n', "\n  ").as_bytes())?;
-                Ok::<_, anyhow::Error>(())
+                Ok(())
             })
             .await?;
             out.write_all(if first { b"[]\n" } else { b"\n]\n" })?;
         } else {
             let mut table = status::fleet_table();
-            scan(&mut |h: status::HostView| {
+            scan_fleet(repo, host_keys, self.store, |h| {
                 status::table_rows(&h, &mut table);
-                Ok::<_, anyhow::Error>(())
+                Ok(())
             })
             .await?;
             if table.rows() == 0 {
@@ -571,7 +570,7 @@ async fn watch_status(
     let terminal = std::io::stdout().is_terminal() && !show.json;
     let mut last = String::new();
     loop {
-        let view = fleet_view(repo, host_keys).await?;
+        let view = fleet_view(repo, host_keys, show.store).await?;
         let shown: Vec<&status::HostView> = view
             .iter()
             .filter(|h| show.host.is_none_or(|want| h.host == want))

@@ -557,32 +557,6 @@ pub fn age(reported_at: &str, now: SystemTime) -> u64 {
         .as_secs()
 }
 
-/// Hosts × services, judged against `manifest` at `now`: every report, and every host the
-/// manifest names without an object of its own (`never`), sorted by the host each object
-/// names. [`scan`] yields the same, streaming.
-pub fn fleet(
-    reports: &[StoredReport],
-    manifest: Option<&Manifest>,
-    now: SystemTime,
-) -> Vec<HostView> {
-    let mut view: Vec<HostView> = reports.iter().map(|s| judge(s, manifest, now)).collect();
-    let own: std::collections::BTreeSet<&str> = reports
-        .iter()
-        .filter(|s| key_host(&s.object) == s.report.host)
-        .map(|s| key_host(&s.object))
-        .collect();
-    let never: std::collections::BTreeSet<&str> = manifest
-        .into_iter()
-        .flat_map(|m| &m.services)
-        .flat_map(|s| &s.hosts)
-        .map(String::as_str)
-        .filter(|h| !own.contains(h))
-        .collect();
-    view.extend(never.into_iter().map(never_view));
-    view.sort_by(|a, b| (key_host(&a.object), &a.object).cmp(&(key_host(&b.object), &b.object)));
-    view
-}
-
 /// One host's report judged against `manifest` at `now`.
 pub fn judge(stored: &StoredReport, manifest: Option<&Manifest>, now: SystemTime) -> HostView {
     let r = &stored.report;
@@ -830,8 +804,30 @@ mod tests {
         }
     }
 
-    #[test]
-    fn hosts_are_ok_failing_behind_or_silent() {
+    /// The fleet view `status` shows for `reports`, each at its own object in a store.
+    async fn scanned(reports: &[HostReport], manifest: Option<&Manifest>) -> Vec<HostView> {
+        use crate::store::{FileStore, Precondition};
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(&format!("file://{}/store", dir.path().display())).unwrap();
+        for r in reports {
+            let bytes = serde_json::to_vec(r).unwrap();
+            store
+                .put(&report_key(&r.host), bytes, Precondition::None)
+                .await
+                .unwrap();
+        }
+        let mut view = Vec::new();
+        scan(&store, None, manifest, SystemTime::now(), None, |h| {
+            view.push(h);
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap();
+        view
+    }
+
+    #[tokio::test]
+    async fn hosts_are_ok_failing_behind_or_silent() {
         let mut m = Manifest::empty();
         m.version = Some("manifest-20261122T140000Z-3f2a9c1d".into());
         crate::edit::add_service(
@@ -845,9 +841,8 @@ mod tests {
             report("b", 10, "unhealthy", "/nix/store/new"),
             report("c", 10, "healthy", "/nix/store/old"),
             report("d", 3 * 300 + 1, "healthy", "/nix/store/new"),
-        ]
-        .map(stored);
-        let view = fleet(&reports, Some(&m), SystemTime::now());
+        ];
+        let view = scanned(&reports, Some(&m)).await;
         let states: Vec<HostState> = view.iter().map(|h| h.state).collect();
         assert_eq!(
             states,
@@ -937,7 +932,7 @@ mod tests {
         r.last_error = Some("\u{1b}[31mred\nsecond line".into());
         let svc = r.services.remove("ava").unwrap();
         r.services.insert("a\u{1b}[2Jva".into(), svc);
-        let view = fleet(&[stored(r)], None, SystemTime::now());
+        let view = [judge(&stored(r), None, SystemTime::now())];
         let text = render(&view);
         assert!(
             !text.contains('\u{1b}') && !text.contains('\u{7}'),
@@ -962,7 +957,7 @@ mod tests {
             "starting".into(),
             "\u{1b}]0;owned\u{7}password=*** rejected".into(),
         ];
-        let view = fleet(&[stored(r)], None, SystemTime::now());
+        let view = [judge(&stored(r), None, SystemTime::now())];
         let text = render_host(&view[0], Some("ava"));
         assert!(
             !text.contains('\u{1b}') && !text.contains('\u{7}'),

@@ -2,8 +2,8 @@
 //!
 //! - Archives: one pass. The download is hashed as it streams (stopping at the declared
 //!   size + 1 byte) while a blocking thread unpacks it into a private temp dir under
-//!   `<state>/store/` within [`UnpackLimits`] (escapes refused) and makes it read-only.
-//!   Only when the whole object's sha256 and size match the manifest is the tree renamed to
+//!   `<state>/store/` within [`UnpackLimits`] (escapes refused). Only when the whole
+//!   object's sha256 and size match the manifest is the tree made read-only and renamed to
 //!   `<state>/store/<sha256>-<name>`; a mismatch is refused whatever the unpacker made of
 //!   the bytes. Unverified bytes do reach the unpacker, so its limits and path checks are
 //!   what bound a hostile archive before the hash refuses it. A directory of the final name
@@ -106,19 +106,17 @@ async fn ensure_archive(
             ),
         });
     }
-    unpacked.map_err(|e| AgentError::Fetch {
+    let refused = |e: archive::ArchiveError| AgentError::Fetch {
         artifact: a.key(),
         detail: e.to_string(),
-    })?;
+    };
+    unpacked.map_err(refused)?;
     // Read-only only now: a refused tree must stay removable by a non-root agent.
     let ro = root.clone();
     tokio::task::spawn_blocking(move || archive::make_read_only(&ro))
         .await
         .expect("chmod does not panic")
-        .map_err(|e| AgentError::Fetch {
-            artifact: a.key(),
-            detail: e.to_string(),
-        })?;
+        .map_err(refused)?;
     std::fs::rename(&root, &dest)
         .map_err(|e| AgentError::io(format!("installing {}", dest.display()), e))?;
     Ok(dest)
@@ -144,8 +142,8 @@ impl Drop for Scratch {
 const PIPE_BYTES: usize = 4 << 20;
 
 /// Unpack the archive arriving on `input` into `root` (created here), then read `input` to
-/// its end whatever happened, so the download's hash
-/// covers every byte and the downloader is never left blocked on a full pipe.
+/// its end whatever happened, so the download's hash covers every byte and the downloader
+/// is never left blocked on a full pipe.
 fn unpack_stream(
     input: tokio::io::DuplexStream,
     format: deploy_manifest::model::ArchiveFormat,
