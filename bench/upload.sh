@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Upload throughput of `push` for a 512 MiB artifact, against `curl --upload-file` of the
-# same bytes to the same S3 server (moto on loopback), measured in the same run.
+# same bytes to the same S3 server (moto on loopback), measured in the same rounds.
 #
-#   bench/upload.sh [SIZE_MIB]     (default 512; needs scripts/test.sh's .venv-s3)
+#   bench/upload.sh [SIZE_MIB] [ROUNDS]   (default 512 and 5; needs scripts/test.sh's .venv-s3)
 #
-# Prints push's upload phase and push end to end (build + pack + sha256 + upload + manifest
-# compare-and-swap), each as one PUT and as a multipart upload, against curl. Random data,
-# so compression cannot help push. moto assembles multipart uploads in Python, which makes
-# the multipart figure a worst case; against AWS S3 parts go up in parallel.
+# Each round runs, in turn: curl's upload, push as one PUT, push as a multipart upload (each
+# into a fresh bucket). Prints the medians of push's upload phase and of push end to end
+# (build + pack + sha256 + upload + manifest compare-and-swap), and the median of the
+# per-round ratios against curl. Random data, so compression cannot help push. moto
+# assembles multipart uploads in Python, which makes the multipart figure a worst case;
+# against AWS S3 parts go up in parallel.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size_mib="${1:-512}"
+rounds="${2:-5}"
 source bench/lib.sh
 source bench/moto.sh
 
@@ -37,19 +40,46 @@ push_once() {
   echo "$(sed -n 's/.*uploading artifacts\/.*: .* in \([0-9.]*\) s.*/\1/p' "$work/push.log") $(calc "$t1 - $t0")"
 }
 
-read -r multi_upload multi_total < <(push_once multipart)
-read -r single_upload single_total < <(DEPLOY_S3_MULTIPART_MIB=1048576 push_once single)
-
 # curl uploads the same amount of data (the raw blob; the packed archive is 0.004% larger).
-t2=$(now)
-curl -s -o /dev/null --upload-file "$work/repo/out/blob" "http://127.0.0.1:$port/bench/curl-copy"
-t3=$(now)
-curl_upload=$(calc "$t3 - $t2")
+curl_once() {
+  local t0 t1
+  t0=$(now)
+  curl -s -o /dev/null --upload-file "$work/repo/out/blob" "http://127.0.0.1:$port/bench/curl-copy"
+  t1=$(now)
+  calc "$t1 - $t0"
+}
 
-ratio() { printf '%8.2f s   ratio %.2f (push/curl)' "$1" "$(calc "$1 / $curl_upload")"; }
-printf 'artifact: %s MiB of random data, packed to %s bytes\n' "$size_mib" "$(jq .artifact.archive.size "$work/report.json")"
-printf 'curl --upload-file (one PUT)      %8.2f s\n' "$curl_upload"
-printf 'push upload, one PUT              %s\n' "$(ratio "$single_upload")"
-printf 'push upload, multipart 16 MiB x4  %s\n' "$(ratio "$multi_upload")"
-printf 'push end to end, one PUT          %s\n' "$(ratio "$single_total")"
-printf 'push end to end, multipart        %s\n' "$(ratio "$multi_total")"
+curl -s -X PUT "http://127.0.0.1:$port/bench" >/dev/null
+: > "$work/rounds"
+for r in $(seq "$rounds"); do
+  c=$(curl_once)
+  read -r su st < <(DEPLOY_S3_MULTIPART_MIB=1048576 push_once "single-$r")
+  read -r mu mt < <(push_once "multi-$r")
+  echo "$c $su $st $mu $mt" >> "$work/rounds"
+  # moto keeps every object in memory: drop this round's.
+  for b in "single-$r" "multi-$r"; do
+    python3 - "$port" "$b" <<'PY'
+import sys, urllib.request, xml.etree.ElementTree as ET
+port, bucket = sys.argv[1], sys.argv[2]
+base = f"http://127.0.0.1:{port}/{bucket}"
+ns = {"s3": "http://s3.amazonaws.com/doc/2006-03-01/"}
+listing = ET.fromstring(urllib.request.urlopen(base + "?list-type=2").read())
+for key in listing.findall("s3:Contents/s3:Key", ns):
+    urllib.request.urlopen(urllib.request.Request(f"{base}/{key.text}", method="DELETE"))
+urllib.request.urlopen(urllib.request.Request(base, method="DELETE"))
+PY
+  done
+done
+
+python3 - "$work/rounds" "$size_mib" "$(jq .artifact.archive.size "$work/report.json")" <<'PY'
+import statistics as st, sys
+rows = [list(map(float, l.split())) for l in open(sys.argv[1])]
+print(f"artifact: {sys.argv[2]} MiB of random data, packed to {sys.argv[3]} bytes; {len(rows)} rounds, medians")
+curl = [r[0] for r in rows]
+print(f"{'curl --upload-file (one PUT)':34} {st.median(curl):8.2f} s   ({min(curl):.2f}-{max(curl):.2f})")
+for col, what in ((1, "push upload, one PUT"), (3, "push upload, multipart 16 MiB x4"),
+                  (2, "push end to end, one PUT"), (4, "push end to end, multipart")):
+    xs = [r[col] for r in rows]
+    ratios = [r[col] / r[0] for r in rows]
+    print(f"{what:34} {st.median(xs):8.2f} s   ratio {st.median(ratios):.2f} (push/curl; {min(ratios):.2f}-{max(ratios):.2f})")
+PY

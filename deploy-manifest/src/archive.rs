@@ -256,28 +256,14 @@ pub struct TreeStamp {
 
 pub fn stamp(root: &Path) -> Result<TreeStamp, ArchiveError> {
     use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::MetadataExt;
-    let nanos = |secs: i64, nsec: i64| i128::from(secs) * 1_000_000_000 + i128::from(nsec);
-    let settled_before = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos() as i128
-        - 2_000_000_000;
+    let now = std::time::SystemTime::now();
     let mut hasher = Sha256::new();
     let mut settled = true;
     for (rel, m) in sorted_entries(root)? {
         hasher.update(rel.as_os_str().as_bytes());
         hasher.update([0]);
-        for n in [
-            m.mode() as i64,
-            m.size() as i64,
-            m.mtime(),
-            m.mtime_nsec(),
-            m.ctime(),
-            m.ctime_nsec(),
-            m.ino() as i64,
-            m.dev() as i64,
-        ] {
+        let stamp = crate::fsutil::FileStamp::of(&m);
+        for n in stamp.fields() {
             hasher.update(n.to_le_bytes());
         }
         if m.file_type().is_symlink() {
@@ -286,8 +272,7 @@ pub fn stamp(root: &Path) -> Result<TreeStamp, ArchiveError> {
             hasher.update(target.as_os_str().as_bytes());
             hasher.update([0]);
         }
-        settled &=
-            nanos(m.mtime(), m.mtime_nsec()).max(nanos(m.ctime(), m.ctime_nsec())) < settled_before;
+        settled &= stamp.settled(now);
     }
     Ok(TreeStamp {
         fingerprint: crate::hex(&hasher.finalize()),

@@ -5,6 +5,47 @@ use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
+/// What `stat` says of a file that changes whenever its content may have: mode, size,
+/// mtime, ctime, inode and device. The change time cannot be set back by a process (any
+/// write, rename or chmod moves it on), so an unchanged stamp means unchanged content, as
+/// git's index and make assume, provided the stamp was [`FileStamp::settled`] when taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FileStamp([i64; 8]);
+
+impl FileStamp {
+    pub fn of(m: &fs::Metadata) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp([
+            m.mode() as i64,
+            m.size() as i64,
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec(),
+            m.ino() as i64,
+            m.dev() as i64,
+        ])
+    }
+
+    /// The fields, to hash.
+    pub fn fields(&self) -> [i64; 8] {
+        self.0
+    }
+
+    /// Nothing changed the file in the 2 s before `now`: within the timestamps' resolution
+    /// a write may still land without moving them, so a stamp taken earlier is not to be
+    /// trusted later ("racily clean" in git's terms).
+    pub fn settled(&self, now: std::time::SystemTime) -> bool {
+        let nanos = |secs: i64, nsec: i64| i128::from(secs) * 1_000_000_000 + i128::from(nsec);
+        let now = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as i128;
+        let [_, _, mtime, mtime_ns, ctime, ctime_ns, ..] = self.0;
+        nanos(mtime, mtime_ns).max(nanos(ctime, ctime_ns)) < now - 2_000_000_000
+    }
+}
+
 /// Write `bytes` to `path` so that readers see the old content or the new, never a part,
 /// even across a crash: temp file in the same directory, fsync, rename, fsync the directory.
 pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {

@@ -67,7 +67,8 @@ fn generation(m: &Manifest) -> Generation {
         spec_hash: spec_hash(s),
         version: m.version.clone(),
         deployed_at: String::new(),
-        unit_file: String::new(),
+        unit_hash: String::new(),
+        env_files: Vec::new(),
         unit: None,
         route: None,
     }

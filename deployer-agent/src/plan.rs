@@ -18,6 +18,7 @@ use crate::host::Host;
 use crate::names::{self, UnitRole};
 use crate::rollout::{Gated, Rollouts};
 use crate::state::{Generation, Health, RouteState, ServiceState, State};
+use crate::unit::text_hash;
 use crate::{AgentError, infra};
 
 /// The identity of a service's manifest entry: any change to it (but its rollout policy)
@@ -170,6 +171,9 @@ pub enum Reason {
     SettingsChanged,
     /// Its rollout was aborted: back to the version this host ran before.
     Reverted,
+    /// Its unit file changed on the host and the one recorded for it is gone: it cannot be
+    /// put back, so the manifest's spec is deployed again.
+    RecordLost,
 }
 
 impl fmt::Display for Reason {
@@ -179,6 +183,9 @@ impl fmt::Display for Reason {
             Reason::NewArtifact => "new artifact",
             Reason::SettingsChanged => "service settings changed",
             Reason::Reverted => "its rollout was aborted: back to the version it ran before",
+            Reason::RecordLost => {
+                "its unit file changed and the one recorded for it is gone: deployed again"
+            }
         })
     }
 }
@@ -303,11 +310,12 @@ impl Seen {
     }
 }
 
-/// How `unit` stands against `file`, the file it should run from.
-async fn condition<H: Host>(host: &H, seen: &Seen, unit: &str, file: &str) -> Condition {
+/// How `unit` stands against the file it should run from, whose hash is `hash`
+/// ([`crate::unit::text_hash`]).
+async fn condition<H: Host>(host: &H, seen: &Seen, unit: &str, hash: &str) -> Condition {
     let condition = match seen.active(host, unit).await {
         Err(e) => Condition::Unknown(e),
-        Ok(_) if host.read_unit(unit).as_deref() != Some(file) => Condition::Changed,
+        Ok(_) if !host.unit_matches(unit, hash) => Condition::Changed,
         Ok(true) => Condition::Running,
         Ok(false) => Condition::Stopped,
     };
@@ -572,14 +580,15 @@ pub async fn plan<H: Host>(
         let ready = deploying.contains(name.as_str());
         let step = match state.infra.get(&name).filter(|_| !ready) {
             Some(recorded) => InfraStep {
-                condition: condition(host, &seen, &recorded.unit, &recorded.unit_file).await,
+                condition: condition(host, &seen, &recorded.unit, &text_hash(&recorded.unit_file))
+                    .await,
                 unit_file: recorded.unit_file.clone(),
                 ready,
                 ..infra_step(&name, &recorded.unit, spec)
             },
             None => match infra::unit_file(&name, spec, config) {
                 Ok(unit_file) => InfraStep {
-                    condition: condition(host, &seen, &unit, &unit_file).await,
+                    condition: condition(host, &seen, &unit, &text_hash(&unit_file)).await,
                     unit_file,
                     ready,
                     ..infra_step(&name, &unit, spec)
@@ -679,10 +688,27 @@ async fn service_step<H: Host>(
             };
         }
     }
+    let mut lost = false;
     if let (Some(entry), Some(c)) = (entry, current)
         && c.spec_hash == hash
     {
-        return keep_step(&s.name, entry, c, host, seen, retire_after).await;
+        let keep = keep_step(&s.name, entry, c, host, seen, retire_after).await;
+        // Changed on the host, and the recorded file to put back is gone: deployed again.
+        lost = matches!(
+            &keep,
+            Step::Keep {
+                condition: Condition::Changed,
+                ..
+            }
+        ) && host.recorded_unit_text(&c.unit_hash).is_err();
+        match keep {
+            Step::Keep {
+                retire_after: r, ..
+            } if lost => {
+                retire_after.insert(s.name.clone(), r);
+            }
+            keep => return keep,
+        }
     }
     if let Some(f) = entry
         .and_then(|e| e.failed.as_ref())
@@ -766,6 +792,7 @@ async fn service_step<H: Host>(
         (Strategy::InPlace, None, None) => Recovery::RemoveNew,
     };
     let reason = match current {
+        Some(_) if lost => Reason::RecordLost,
         None => Reason::New,
         Some(c) if c.artifact != s.artifact => Reason::NewArtifact,
         Some(_) => Reason::SettingsChanged,
@@ -814,7 +841,7 @@ async fn keep_step<H: Host>(
         service: name.to_owned(),
         artifact: current.artifact.label(),
         unit: entry.unit.clone(),
-        condition: condition(host, seen, &entry.unit, &current.unit_file).await,
+        condition: condition(host, seen, &entry.unit, &current.unit_hash).await,
         // Units to retire once it is healthy: probe it.
         recheck: recheck || !retire_after.is_empty(),
         retire_after,
@@ -912,7 +939,8 @@ pub async fn plan_unchanged<H: Host>(state: &State, host: &H) -> Plan {
         steps.push(Step::Infra(Box::new(InfraStep {
             name: name.clone(),
             unit: recorded.unit.clone(),
-            condition: condition(host, &seen, &recorded.unit, &recorded.unit_file).await,
+            condition: condition(host, &seen, &recorded.unit, &text_hash(&recorded.unit_file))
+                .await,
             ready: false,
             error: None,
             unit_file: recorded.unit_file.clone(),
@@ -925,7 +953,7 @@ pub async fn plan_unchanged<H: Host>(state: &State, host: &H) -> Plan {
                 service: name.clone(),
                 artifact: current.artifact.label(),
                 unit: entry.unit.clone(),
-                condition: condition(host, &seen, &entry.unit, &current.unit_file).await,
+                condition: condition(host, &seen, &entry.unit, &current.unit_hash).await,
                 recheck: false,
                 retire_after: Vec::new(),
             });

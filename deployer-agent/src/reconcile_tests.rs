@@ -1679,3 +1679,45 @@ async fn a_kill_while_a_batch_stops_the_old_generations_loses_no_new_one() {
         assert!(b.active(&unit), "{route:?} points at {unit}, which runs");
     }
 }
+
+#[tokio::test]
+async fn a_changed_unit_whose_recorded_file_is_gone_is_deployed_again() {
+    let mut b = Bench::new(false);
+    let m = manifest(&[("a", "/nix/store/a-v1", json!({}))], Value::Null);
+    b.run(&m).await;
+    let generated = b.file("a.service").unwrap();
+    b.host().world().texts.clear();
+    // Only stopped: the file on the host is still the one to start, nothing is missing.
+    b.host().world().units.remove("a.service");
+    let (_, report) = b.run_unchanged().await;
+    assert_eq!(report.services["a"], Outcome::Repaired, "{report:?}");
+
+    b.host()
+        .world()
+        .files
+        .insert("a.service".into(), format!("{generated}# edited\n"));
+    b.host().world().log.clear();
+    let (_, report) = b.run_unchanged().await;
+    let Outcome::Retrying { error } = &report.services["a"] else {
+        panic!("nothing to put back: {report:?}");
+    };
+    assert!(error.contains("changed on the host"), "{error}");
+    assert!(report.retry(), "the next run plans in full");
+    assert!(
+        b.host().world().log.is_empty(),
+        "nothing changed on the host"
+    );
+
+    let (plan, report) = b.run(&m).await;
+    assert!(
+        matches!(&plan.steps[..], [Step::Deploy(d)] if d.reason == crate::plan::Reason::RecordLost),
+        "{plan:?}"
+    );
+    assert_eq!(report.services["a"], Outcome::Deployed, "{report:?}");
+    assert_eq!(b.file("a.service").unwrap(), generated);
+    let hash = &b.state.services["a"].current.as_ref().unwrap().unit_hash;
+    assert_eq!(
+        crate::host::Host::recorded_unit_text(b.host(), hash).unwrap(),
+        generated
+    );
+}

@@ -1,12 +1,18 @@
 //! `state.json`: what this host runs, as the agent last left it. Written atomically (temp
 //! file, fsync, rename), so a crash at any point leaves the old state or the new one, never
 //! a torn file. The schema is `schemas/state.schema.json`. No secret is ever stored here.
+//!
+//! The generated unit file of each recorded generation is kept beside it, in `units/`,
+//! named by its sha256 ([`UnitTexts`]): `state.json` records the hash, so that a run that
+//! changes nothing reads and writes a small file. A text is written (and synced) before
+//! the state that names it, and removed once no saved state names it.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
+use deploy_manifest::fsutil::FileStamp;
 use deploy_manifest::history::{Phase, Phases};
 use deploy_manifest::model::Artifact;
 use serde::{Deserialize, Serialize};
@@ -14,6 +20,8 @@ use serde::{Deserialize, Serialize};
 use crate::AgentError;
 
 pub const STATE_FILE: &str = "state.json";
+/// The schema version this agent writes; an older `state.json` is migrated when loaded.
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// The state schema, as committed in `schemas/state.schema.json`.
 pub const STATE_SCHEMA: &str = include_str!("../../schemas/state.schema.json");
@@ -194,8 +202,12 @@ pub struct Generation {
     /// The manifest version it came from.
     pub version: Option<String>,
     pub deployed_at: String,
-    /// The generated unit file (no secrets: those stay in the env file).
-    pub unit_file: String,
+    /// sha256 of its generated unit file (no secrets: those stay in the env file), whose
+    /// text is `units/<unitHash>` in the state directory.
+    pub unit_hash: String,
+    /// The unit file's `EnvironmentFile=`s, checked every run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env_files: Vec<crate::unit::EnvFile>,
     /// The unit it runs as, when not the service's default `<name>.service`
     /// (zero-downtime generations run as `<name>.<port>.service`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -240,18 +252,28 @@ impl State {
         state_dir.join(STATE_FILE)
     }
 
-    /// Read the state; a missing file is a fresh host.
+    /// Read the state; a missing file is a fresh host. One written by an older agent
+    /// (schema version 1, unit files inline) is migrated: its unit files are written to
+    /// `units/`; the next save writes the current version.
     pub fn load(state_dir: &Path, host: &str) -> Result<State, AgentError> {
         let path = Self::path(state_dir);
         match std::fs::read(&path) {
             Ok(bytes) => {
-                let mut state: State =
-                    serde_json::from_slice(&bytes).map_err(|e| AgentError::State {
-                        path: path.display().to_string(),
-                        detail: format!(
-                            "{e}; it is not valid agent state: move it aside to start fresh (running services are kept, the next run re-deploys)"
-                        ),
-                    })?;
+                let invalid = |e: &dyn std::fmt::Display| AgentError::State {
+                    path: path.display().to_string(),
+                    detail: format!(
+                        "{e}; it is not valid agent state: move it aside to start fresh (running services are kept, the next run re-deploys)"
+                    ),
+                };
+                let mut state: State = match serde_json::from_slice(&bytes) {
+                    Ok(state) => state,
+                    Err(e) => match migrate_v1(&bytes, &UnitTexts::new(state_dir)) {
+                        Some(migrated) => {
+                            serde_json::from_value(migrated?).map_err(|e| invalid(&e))?
+                        }
+                        None => return Err(invalid(&e)),
+                    },
+                };
                 // Written by an agent that named a service's unit `deployer-<service>.service`:
                 // the next run plans in full (not a 304 poll), which renames those units (not
                 // with an expired manifest, which a full poll would refuse).
@@ -266,7 +288,7 @@ impl State {
                 Ok(state)
             }
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(State {
-                schema_version: 1,
+                schema_version: SCHEMA_VERSION,
                 host: host.to_owned(),
                 ..State::default()
             }),
@@ -276,12 +298,263 @@ impl State {
 
     /// Write the state atomically, readable by its owner only: it holds the failed units'
     /// log tails (masked, but a service's output all the same).
+    /// Compact JSON (`jq . state.json` shows it indented): it is read and written every run.
     pub fn save(&self, state_dir: &Path) -> Result<(), AgentError> {
         let path = Self::path(state_dir);
-        let mut bytes = serde_json::to_vec_pretty(self).expect("the state serialises");
+        let mut bytes = serde_json::to_vec(self).expect("the state serialises");
         bytes.push(b'\n');
         deploy_manifest::fsutil::write_atomically(&path, &bytes, 0o600)
             .map_err(|e| AgentError::io(format!("writing {}", path.display()), e))
+    }
+
+    /// The unit hashes the recorded generations name.
+    pub fn unit_hashes(&self) -> std::collections::BTreeSet<&str> {
+        self.services
+            .values()
+            .flat_map(|s| [&s.current, &s.previous])
+            .flatten()
+            .map(|g| g.unit_hash.as_str())
+            .collect()
+    }
+}
+
+/// A schema version 1 state (`bytes`, which did not parse as the current one) as the
+/// current version: each generation's `unitFile` written to `texts`, its hash and env
+/// files recorded instead. `None` when it is not a version 1 state.
+fn migrate_v1(bytes: &[u8], texts: &UnitTexts) -> Option<Result<serde_json::Value, AgentError>> {
+    let mut value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    if value.get("schemaVersion") != Some(&serde_json::json!(1)) {
+        return None;
+    }
+    let generations = value
+        .get_mut("services")
+        .and_then(|s| s.as_object_mut())
+        .into_iter()
+        .flat_map(|services| services.values_mut())
+        .filter_map(|s| s.as_object_mut())
+        .flat_map(|s| {
+            let (mut current, mut previous) = (None, None);
+            for (k, v) in s.iter_mut() {
+                match k.as_str() {
+                    "current" => current = v.as_object_mut(),
+                    "previous" => previous = v.as_object_mut(),
+                    _ => {}
+                }
+            }
+            [current, previous]
+        })
+        .flatten();
+    for generation in generations {
+        let Some(serde_json::Value::String(text)) = generation.remove("unitFile") else {
+            continue;
+        };
+        let hash = match texts.record(&text) {
+            Ok(hash) => hash,
+            Err(e) => return Some(Err(e)),
+        };
+        let env_files = crate::unit::EnvFile::parse_all(&text);
+        generation.insert("unitHash".into(), hash.into());
+        if !env_files.is_empty() {
+            generation.insert("envFiles".into(), serde_json::json!(env_files));
+        }
+    }
+    if let Err(e) = texts.sync() {
+        return Some(Err(e));
+    }
+    value["schemaVersion"] = SCHEMA_VERSION.into();
+    Some(Ok(value))
+}
+
+/// What each unit file of ours was ([`FileStamp`]) when it last matched what was recorded
+/// for it, so that a run that finds a file's stamp unchanged need not read it again:
+/// `<state dir>/unit-stamps.json`, a cache (losing it costs one read of each file). Only a
+/// settled stamp is kept; a unit not checked is forgotten when it is written.
+pub struct UnitStamps {
+    path: PathBuf,
+    /// unit → (the hash it matched, its stamp then); loaded on first use.
+    known: Option<BTreeMap<String, (String, FileStamp)>>,
+    /// The units checked so far.
+    checked: std::collections::BTreeSet<String>,
+    dirty: bool,
+}
+
+impl UnitStamps {
+    pub const FILE: &str = "unit-stamps.json";
+
+    pub fn new(state_dir: &Path) -> UnitStamps {
+        UnitStamps {
+            path: state_dir.join(Self::FILE),
+            known: None,
+            checked: Default::default(),
+            dirty: false,
+        }
+    }
+
+    /// Whether `unit`'s file at `path` is the text whose hash is `hash`: by its stamp when
+    /// that is unchanged since it last matched, else by reading it.
+    pub fn matches(&mut self, unit: &str, path: &Path, hash: &str) -> bool {
+        self.checked.insert(unit.to_owned());
+        let Ok(meta) = std::fs::metadata(path) else {
+            self.dirty |= self.known().remove(unit).is_some();
+            return false;
+        };
+        let stamp = FileStamp::of(&meta);
+        if self
+            .known()
+            .get(unit)
+            .is_some_and(|(h, s)| h == hash && *s == stamp)
+        {
+            return true;
+        }
+        // Read after the stamp was taken: a change made since moves it on.
+        let matches =
+            std::fs::read_to_string(path).is_ok_and(|text| crate::unit::text_hash(&text) == hash);
+        if matches && stamp.settled(std::time::SystemTime::now()) {
+            self.known()
+                .insert(unit.to_owned(), (hash.to_owned(), stamp));
+            self.dirty = true;
+        } else {
+            self.dirty |= self.known().remove(unit).is_some();
+        }
+        matches
+    }
+
+    fn known(&mut self) -> &mut BTreeMap<String, (String, FileStamp)> {
+        let path = &self.path;
+        self.known.get_or_insert_with(|| {
+            std::fs::read(path)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+                .unwrap_or_default()
+        })
+    }
+
+    /// Write what changed, without the units not checked (a service gone). A failure is
+    /// logged: the next run reads the files again.
+    pub fn flush(&mut self) {
+        let Some(known) = &mut self.known else {
+            return;
+        };
+        let before = known.len();
+        known.retain(|unit, _| self.checked.contains(unit));
+        if !std::mem::take(&mut self.dirty) && known.len() == before {
+            return;
+        }
+        let bytes = serde_json::to_vec(known).expect("stamps serialise");
+        let written = tempfile::Builder::new()
+            .prefix(".tmp-")
+            .tempfile_in(self.path.parent().unwrap_or(Path::new(".")))
+            .and_then(|mut tmp| {
+                use std::io::Write;
+                tmp.write_all(&bytes)?;
+                tmp.persist(&self.path).map_err(|e| e.error)?;
+                Ok(())
+            });
+        if let Err(e) = written {
+            tracing::warn!(path = %self.path.display(), error = %e, "could not write the unit file stamps");
+        }
+    }
+}
+
+/// The recorded generations' unit files, `<state dir>/units/<sha256>`: written before the
+/// state that names them, checked against their name when read back.
+pub struct UnitTexts {
+    dir: PathBuf,
+    /// A text was written since the directory was last synced.
+    unsynced: std::sync::atomic::AtomicBool,
+}
+
+impl UnitTexts {
+    pub const DIR: &str = "units";
+
+    pub fn new(state_dir: &Path) -> UnitTexts {
+        UnitTexts {
+            dir: state_dir.join(Self::DIR),
+            unsynced: Default::default(),
+        }
+    }
+
+    pub fn path(&self, hash: &str) -> PathBuf {
+        self.dir.join(hash)
+    }
+
+    /// Keep `text` (unless it is kept already); its hash. The file is synced; the
+    /// directory entry is made durable by [`UnitTexts::sync`], before a state names it.
+    pub fn record(&self, text: &str) -> Result<String, AgentError> {
+        use std::io::Write;
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        let hash = crate::unit::text_hash(text);
+        let path = self.path(&hash);
+        if self.read(&hash).is_ok() {
+            return Ok(hash);
+        }
+        let io = |what: &str, e| AgentError::io(format!("{what} {}", path.display()), e);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)
+            .map_err(|e| io("creating the directory of", e))?;
+        let tmp = self.dir.join(format!(".tmp-{hash}"));
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| io("writing", e))?;
+        file.write_all(text.as_bytes())
+            .and_then(|()| file.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| io("writing", e))?;
+        self.unsynced
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(hash)
+    }
+
+    /// Make the texts recorded so far durable (one sync of the directory).
+    pub fn sync(&self) -> Result<(), AgentError> {
+        if self
+            .unsynced
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| AgentError::io(format!("syncing {}", self.dir.display()), e))?;
+        }
+        Ok(())
+    }
+
+    /// The text recorded as `hash`, if it is there and still is what was recorded.
+    pub fn read(&self, hash: &str) -> Result<String, AgentError> {
+        let path = self.path(hash);
+        let problem = match std::fs::read_to_string(&path) {
+            Ok(text) if crate::unit::text_hash(&text) == hash => return Ok(text),
+            Ok(_) => "it no longer holds the text recorded under that name".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        Err(AgentError::State {
+            path: path.display().to_string(),
+            detail: format!(
+                "{problem}; it is the unit file recorded for a deployed generation, kept to put the service back: restore it from a backup, or let the next run deploy the service again (it does when the unit file on the host changed too)"
+            ),
+        })
+    }
+
+    /// Remove the texts no generation of `state` names (after that state was saved).
+    pub fn prune(&self, state: &State) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let keep = state.unit_hashes();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if !keep.contains(name.as_ref())
+                && let Err(e) = std::fs::remove_file(entry.path())
+            {
+                tracing::warn!(path = %entry.path().display(), error = %e, "could not remove a unit file no generation names");
+            }
+        }
     }
 }
 
@@ -396,6 +669,149 @@ mod tests {
         assert_eq!(loaded.services["a"].unit, "deployer-a.service");
     }
 
+    /// A version 1 state (unit files inline) loads as the current version: each unit file
+    /// kept in `units/` under its hash, its env files recorded; saved, it matches the schema.
+    #[test]
+    fn a_version_1_state_is_migrated_as_it_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let unit = "[Service]\nEnvironmentFile=/run/app.env\nEnvironmentFile=-/s/a.env\n";
+        let generation = serde_json::json!({
+            "artifact": {"storePath": "/nix/store/a"}, "path": "/nix/store/a",
+            "specHash": "b".repeat(64), "version": null, "deployedAt": "2026-11-22T14:00:00Z",
+            "unitFile": unit,
+        });
+        let v1 = serde_json::json!({
+            "schemaVersion": 1, "host": "biz",
+            "services": {"a": {"unit": "a.service", "current": generation,
+                               "previous": generation, "health": "healthy"}},
+        });
+        std::fs::write(dir.path().join(STATE_FILE), v1.to_string()).unwrap();
+        let state = State::load(dir.path(), "biz").unwrap();
+        assert_eq!(state.schema_version, SCHEMA_VERSION);
+        let current = state.services["a"].current.clone().unwrap();
+        assert_eq!(current.unit_hash, crate::unit::text_hash(unit));
+        assert_eq!(
+            current.env_files,
+            vec![
+                crate::unit::EnvFile::required("/run/app.env"),
+                crate::unit::EnvFile::from("-/s/a.env")
+            ]
+        );
+        assert_eq!(state.services["a"].previous.as_ref(), Some(&current));
+        assert_eq!(
+            UnitTexts::new(dir.path()).read(&current.unit_hash).unwrap(),
+            unit
+        );
+        state.save(dir.path()).unwrap();
+        let saved: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join(STATE_FILE)).unwrap()).unwrap();
+        assert_eq!(validate(&saved), Ok(()));
+        assert_eq!(State::load(dir.path(), "biz").unwrap(), state);
+
+        // Not a state of either version: refused with the advice, nothing migrated.
+        let mut bad = v1.clone();
+        bad["schemaVersion"] = serde_json::json!(7);
+        std::fs::write(dir.path().join(STATE_FILE), bad.to_string()).unwrap();
+        let e = State::load(dir.path(), "biz").unwrap_err().to_string();
+        assert!(e.contains("move it aside"), "{e}");
+    }
+
+    /// A kept unit file is read back only as it was recorded; the texts no saved state
+    /// names are removed.
+    #[test]
+    fn unit_texts_are_checked_when_read_and_pruned_when_unnamed() {
+        let dir = tempfile::tempdir().unwrap();
+        let texts = UnitTexts::new(dir.path());
+        let (a, b) = (texts.record("a\n").unwrap(), texts.record("b\n").unwrap());
+        texts.sync().unwrap();
+        assert_eq!(texts.record("a\n").unwrap(), a, "named by content");
+        std::fs::write(texts.path(&b), "tampered\n").unwrap();
+        let e = texts.read(&b).unwrap_err().to_string();
+        assert!(
+            e.contains("no longer holds the text") && e.contains("backup"),
+            "{e}"
+        );
+        assert_eq!(
+            texts.record("b\n").unwrap(),
+            b,
+            "a damaged text is written again"
+        );
+        assert_eq!(texts.read(&b).unwrap(), "b\n");
+
+        let mut state = State::default();
+        let mut generation = Generation {
+            artifact: Artifact::StorePath("/nix/store/a".into()),
+            path: "/nix/store/a".into(),
+            spec_hash: "s".into(),
+            version: None,
+            deployed_at: String::new(),
+            unit_hash: a.clone(),
+            env_files: Vec::new(),
+            unit: None,
+            route: None,
+        };
+        state.services.insert(
+            "a".into(),
+            ServiceState {
+                current: Some(generation.clone()),
+                ..ServiceState::default()
+            },
+        );
+        texts.prune(&state);
+        assert!(texts.read(&a).is_ok() && texts.read(&b).is_err());
+        generation.unit_hash = b;
+        state.services.get_mut("a").unwrap().previous = Some(generation);
+        texts.prune(&state);
+        assert!(texts.read(&a).is_ok(), "a generation still names it");
+    }
+
+    /// A unit file's stamp stands for its content only once it matched and settled; any
+    /// change to the file (or a different recorded hash) makes the next check read it.
+    #[test]
+    fn unit_stamps_stand_for_a_settled_file_that_matched() {
+        let dir = tempfile::tempdir().unwrap();
+        let unit = dir.path().join("a.service");
+        let (text, hash) = ("[Unit]\n", crate::unit::text_hash("[Unit]\n"));
+        std::fs::write(&unit, text).unwrap();
+        let check = |hash: &str| {
+            let mut stamps = UnitStamps::new(dir.path());
+            let matched = stamps.matches("a.service", &unit, hash);
+            stamps.flush();
+            matched
+        };
+        let known = || std::fs::read_to_string(dir.path().join(UnitStamps::FILE)).ok();
+        assert!(check(&hash));
+        assert!(
+            known().is_none(),
+            "a file written just now is not trusted by its stamp"
+        );
+        // Settled: nothing changed it for 2 s (the change time cannot be set back).
+        std::thread::sleep(std::time::Duration::from_millis(2100));
+        assert!(check(&hash));
+        assert!(known().unwrap().contains(&hash));
+        assert!(
+            !check(&"0".repeat(64)),
+            "another recorded text does not match"
+        );
+        assert!(
+            known().is_none_or(|k| !k.contains("a.service")),
+            "forgotten"
+        );
+        assert!(check(&hash));
+        // Edited in place, same size, its mtime put back: the change time still moved.
+        let mtime = std::fs::metadata(&unit).unwrap().modified().unwrap();
+        std::fs::write(&unit, "[Unix]\n").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&unit)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        assert!(!check(&hash), "the edit is seen");
+        std::fs::remove_file(&unit).unwrap();
+        assert!(!check(&hash), "a missing file does not match");
+    }
+
     #[test]
     fn a_full_state_matches_the_schema() {
         let generation = Generation {
@@ -409,7 +825,10 @@ mod tests {
             spec_hash: "b".repeat(64),
             version: Some("manifest-20261122T140000Z-3f2a9c1d".into()),
             deployed_at: "2026-11-22T14:00:00Z".into(),
-            unit_file: "[Unit]\n".into(),
+            unit_hash: "d".repeat(64),
+            env_files: vec![crate::unit::EnvFile::from(
+                "-/var/lib/deployer-secrets/hello.env",
+            )],
             unit: Some("deployer-hello-20000.service".into()),
             route: Some(RouteState {
                 domain: "hello.test".into(),
@@ -418,7 +837,7 @@ mod tests {
             }),
         };
         let state = State {
-            schema_version: 1,
+            schema_version: SCHEMA_VERSION,
             host: "biz".into(),
             manifest_version: Some("manifest-20261122T140000Z-3f2a9c1d".into()),
             manifest_etag: Some("\"e\"".into()),

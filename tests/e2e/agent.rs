@@ -10,6 +10,7 @@ use deployer_tests::{OutputExt, SystemdSandbox, bin, eventually, free_port, http
 use serde_json::{Value, json};
 
 use crate::fixture::Fixture;
+use crate::infra::main_pid;
 
 const HELLO: &str = include_str!("../../examples/hello/bin/hello");
 
@@ -88,6 +89,21 @@ impl Host {
         let out = self.run_once(fx);
         serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|e| panic!("{e}: {}\n{}", out.stdout_str(), out.stderr_str()))
+    }
+
+    /// The unit file the state records as `hash` (`units/<hash>` beside it).
+    pub(crate) fn recorded_unit(&self, hash: &str) -> String {
+        std::fs::read_to_string(self.state_dir().join("units").join(hash)).unwrap()
+    }
+
+    /// The names in `units/` beside the state.
+    pub(crate) fn recorded_units(&self) -> Vec<String> {
+        std::fs::read_dir(self.state_dir().join("units"))
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     pub(crate) fn state(&self) -> Value {
@@ -256,6 +272,10 @@ fn lifecycle(fx: &Fixture) {
     let state = host.state();
     assert_eq!(state["services"]["hello"]["health"], json!("healthy"));
     let v1_artifact = state["services"]["hello"]["current"]["artifact"].clone();
+    let v1_sha = v1_artifact["archive"]["sha256"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let unit = std::fs::read_to_string(host.unit_file("hello")).unwrap();
     assert!(unit.contains("Environment=\"PORT="), "{unit}");
 
@@ -314,8 +334,20 @@ fn lifecycle(fx: &Fixture) {
     assert_eq!(hello["health"], json!("healthy"), "v2 runs again: {hello}");
     let failed_artifact = hello["failed"]["artifact"].clone();
     assert_ne!(failed_artifact, hello["current"]["artifact"]);
+    // The unit file recorded for each generation is kept beside the state, named by its
+    // hash: v2's is what the unit directory has; v3's, which no generation names, is gone.
     let unit_v2 = std::fs::read_to_string(host.unit_file("hello")).unwrap();
-    assert_eq!(unit_v2, hello["current"]["unitFile"].as_str().unwrap());
+    let recorded = |g: &str| host.recorded_unit(hello[g]["unitHash"].as_str().unwrap());
+    assert_eq!(unit_v2, recorded("current"));
+    assert!(
+        recorded("previous").contains(&v1_sha),
+        "v1 is kept to roll back to"
+    );
+    assert_eq!(
+        host.recorded_units().len(),
+        2,
+        "only the texts of current and previous"
+    );
 
     // Touch the manifest (another service's change): v3 is still skipped.
     fx.dm(&["add-service", r#"{"name": "elsewhere", "artifact": {"storePath": "/nix/store/placeholder"}, "hosts": ["other"]}"#])
@@ -403,6 +435,94 @@ fn kill_9_mid_apply_then_the_next_run_converges() {
         "{current}"
     );
     assert!(state["services"]["hello"]["failed"].is_null());
+}
+
+/// An agent upgraded over a state an older one wrote (schema version 1: each generation's
+/// unit file inline) migrates it as it loads it: the unit files go to `units/`, nothing is
+/// restarted, and the state it writes is the current version.
+#[test]
+fn an_older_agents_state_is_migrated_and_nothing_restarts() {
+    let fx = Fixture::file();
+    let (host, _app, port) = hello_v1_running(&fx);
+    let pid = main_pid(&host, "hello");
+    let unit = std::fs::read_to_string(host.unit_file("hello")).unwrap();
+    // The state as the older agent wrote it.
+    let mut state = host.state();
+    let current = state["services"]["hello"]["current"]
+        .as_object_mut()
+        .unwrap();
+    current.remove("unitHash").unwrap();
+    current.remove("envFiles").unwrap();
+    current.insert("unitFile".into(), json!(unit));
+    state["schemaVersion"] = json!(1);
+    std::fs::write(host.state_dir().join("state.json"), state.to_string()).unwrap();
+    std::fs::remove_dir_all(host.state_dir().join("units")).unwrap();
+
+    let report = host.run_report(&fx);
+    assert_eq!(report["unchanged"], json!(true), "{report}");
+    assert_eq!(report["services"], json!({"hello": {"outcome": "kept"}}));
+    assert_eq!(report["systemdChanges"], json!(0), "{report}");
+    assert_eq!(main_pid(&host, "hello"), pid, "not restarted");
+    assert_eq!(body(port).as_deref(), Some("hello from v1\n"));
+    let state = host.state();
+    assert_eq!(state["schemaVersion"], json!(2));
+    let current = &state["services"]["hello"]["current"];
+    assert!(current.get("unitFile").is_none(), "{current}");
+    assert_eq!(
+        host.recorded_unit(current["unitHash"].as_str().unwrap()),
+        unit
+    );
+    assert_eq!(
+        current["envFiles"],
+        json!([format!(
+            "-{}/hello.env",
+            host.dir.path().join("secrets").display()
+        )]),
+        "{current}"
+    );
+}
+
+/// The unit file recorded for a generation is gone (removed by hand) and the unit file on
+/// the host was edited: it cannot be put back, so the run says so, changes nothing, and
+/// the next one deploys the manifest's spec again.
+#[test]
+fn a_changed_unit_whose_recorded_file_is_gone_is_deployed_again() {
+    let fx = Fixture::file();
+    let (host, _app, port) = hello_v1_running(&fx);
+    std::fs::remove_dir_all(host.state_dir().join("units")).unwrap();
+    let unit_path = host.unit_file("hello");
+    let generated = std::fs::read_to_string(&unit_path).unwrap();
+    std::fs::write(&unit_path, format!("{generated}# edited by hand\n")).unwrap();
+
+    let out = host.run_once(&fx);
+    out.fails_with(8, "restore it from a backup, or let the next run deploy");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        report["services"]["hello"]["outcome"],
+        json!("retrying"),
+        "{report}"
+    );
+    assert_eq!(report["systemdChanges"], json!(0), "{report}");
+    assert_eq!(body(port).as_deref(), Some("hello from v1\n"));
+
+    let report = host.run_report(&fx);
+    assert_eq!(
+        report["unchanged"],
+        json!(false),
+        "planned in full: {report}"
+    );
+    assert_eq!(
+        report["services"]["hello"]["outcome"],
+        json!("deployed"),
+        "{report}"
+    );
+    assert_eq!(std::fs::read_to_string(&unit_path).unwrap(), generated);
+    let state = host.state();
+    let hash = state["services"]["hello"]["current"]["unitHash"]
+        .as_str()
+        .unwrap();
+    assert_eq!(host.recorded_unit(hash), generated);
+    assert_eq!(body(port).as_deref(), Some("hello from v1\n"));
 }
 
 /// The sha256 of the hello artifact the manifest names now.

@@ -83,7 +83,7 @@ fn redis_get(port: u16, index: u64, key: &str) -> String {
         .to_owned()
 }
 
-fn main_pid(host: &Host, unit: &str) -> String {
+pub(crate) fn main_pid(host: &Host, unit: &str) -> String {
     host.sandbox
         .systemctl(&["show", "-p", "MainPID", unit])
         .ok()

@@ -29,6 +29,8 @@ use crate::unit::{EnvFile, TransientSpec};
 pub struct World {
     /// The unit directory: unit → file text.
     pub files: BTreeMap<String, String>,
+    /// The recorded generations' unit files: hash → text.
+    pub texts: BTreeMap<String, String>,
     /// Units the manager runs: unit → (active, description when started).
     pub units: BTreeMap<String, (bool, String)>,
     /// Ports something listens on.
@@ -324,6 +326,25 @@ impl Host for MemoryHost {
             .filter(|(_, text)| text.starts_with(crate::unit::HEADER))
             .map(|(name, _)| name.clone())
             .collect()
+    }
+
+    fn record_unit_text(&self, text: &str) -> Result<String, AgentError> {
+        let hash = crate::unit::text_hash(text);
+        self.world().texts.insert(hash.clone(), text.to_owned());
+        Ok(hash)
+    }
+
+    fn recorded_unit_text(&self, hash: &str) -> Result<String, AgentError> {
+        let w = self.world();
+        w.texts.get(hash).cloned().ok_or_else(|| AgentError::State {
+            path: format!("units/{hash}"),
+            detail: "no unit file recorded as this".into(),
+        })
+    }
+
+    fn prune_unit_texts(&self, state: &State) {
+        let keep = state.unit_hashes();
+        self.world().texts.retain(|h, _| keep.contains(h.as_str()));
     }
 
     fn save_state(&self, state: &State) -> Result<(), AgentError> {

@@ -44,7 +44,21 @@ pub trait Host {
     /// The files in the unit directory that start with our header ([`crate::unit::HEADER`]).
     fn our_unit_files(&self) -> Vec<String>;
 
-    /// Write `state.json` (atomically: [`State::save`]).
+    /// Whether `unit`'s file in the unit directory is the text whose hash is `hash`
+    /// ([`crate::unit::text_hash`]).
+    fn unit_matches(&self, unit: &str, hash: &str) -> bool {
+        self.read_unit(unit)
+            .is_some_and(|text| crate::unit::text_hash(&text) == hash)
+    }
+    /// Keep a generation's unit file beside the state ([`crate::state::UnitTexts`]): its
+    /// hash, which the state records.
+    fn record_unit_text(&self, text: &str) -> Result<String, AgentError>;
+    /// The unit file kept as `hash`, or why it cannot be had.
+    fn recorded_unit_text(&self, hash: &str) -> Result<String, AgentError>;
+    /// Forget the unit files no generation of `state` (saved) names.
+    fn prune_unit_texts(&self, state: &State);
+
+    /// Write `state.json` (atomically: [`State::save`]), after the unit files it names.
     fn save_state(&self, state: &State) -> Result<(), AgentError>;
     /// Times [`Host::save_state`] wrote it so far.
     fn state_writes(&self) -> u64;

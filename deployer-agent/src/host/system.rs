@@ -14,7 +14,7 @@ use crate::config::{AgentConfig, current_uid};
 use crate::evidence::LogMark;
 use crate::health::Probes;
 use crate::proxy::{Proxy, ProxyError, Route};
-use crate::state::State;
+use crate::state::{State, UnitStamps, UnitTexts};
 use crate::systemd::ServiceManager;
 use crate::unit::{EnvFile, check_unit_name};
 use crate::{fetch, infra, secrets};
@@ -25,6 +25,8 @@ pub struct SystemHost<M> {
     pub config: AgentConfig,
     /// Times `state.json` was written.
     writes: std::sync::atomic::AtomicU64,
+    texts: UnitTexts,
+    stamps: std::sync::Mutex<UnitStamps>,
 }
 
 impl<M> SystemHost<M> {
@@ -34,6 +36,8 @@ impl<M> SystemHost<M> {
             proxy: Proxy::new(config.proxy.clone()),
             config: config.clone(),
             writes: Default::default(),
+            texts: UnitTexts::new(&config.state_dir),
+            stamps: std::sync::Mutex::new(UnitStamps::new(&config.state_dir)),
         }
     }
 
@@ -129,6 +133,12 @@ impl<M: ServiceManager> Host for SystemHost<M> {
         std::fs::read_to_string(self.unit_path(unit)).ok()
     }
 
+    fn unit_matches(&self, unit: &str, hash: &str) -> bool {
+        let path = self.unit_path(unit);
+        let mut stamps = self.stamps.lock().unwrap_or_else(|e| e.into_inner());
+        stamps.matches(unit, &path, hash)
+    }
+
     fn write_unit(&self, unit: &str, text: &str) -> Result<(), AgentError> {
         check_unit_name(unit)?;
         let dir = &self.config.unit_dir;
@@ -174,10 +184,28 @@ impl<M: ServiceManager> Host for SystemHost<M> {
         found
     }
 
+    fn record_unit_text(&self, text: &str) -> Result<String, AgentError> {
+        self.texts.record(text)
+    }
+
+    fn recorded_unit_text(&self, hash: &str) -> Result<String, AgentError> {
+        self.texts.read(hash)
+    }
+
+    fn prune_unit_texts(&self, state: &State) {
+        self.texts.prune(state)
+    }
+
     fn save_state(&self, state: &State) -> Result<(), AgentError> {
+        self.texts.sync()?;
         self.writes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        state.save(&self.config.state_dir)
+        state.save(&self.config.state_dir)?;
+        self.stamps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .flush();
+        Ok(())
     }
 
     fn state_writes(&self) -> u64 {

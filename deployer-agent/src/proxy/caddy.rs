@@ -15,7 +15,7 @@ impl Proxy {
         body: Option<&Value>,
     ) -> Result<(u16, String), ProxyError> {
         let url = format!("{}{path}", admin.trim_end_matches('/'));
-        let mut req = self.http.request(method.clone(), &url);
+        let mut req = self.http().request(method.clone(), &url);
         if let Some(b) = body {
             req = req
                 .header(reqwest::header::CONTENT_TYPE, "application/json")

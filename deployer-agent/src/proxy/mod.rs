@@ -66,20 +66,30 @@ impl ProxyConfig {
 
 pub struct Proxy {
     config: ProxyConfig,
-    http: reqwest::Client,
+    /// Made on first use: building one loads the system's root certificates, which a run
+    /// that does not touch Caddy should not pay for.
+    http: std::sync::OnceLock<reqwest::Client>,
 }
 
 impl Proxy {
     pub fn new(config: ProxyConfig) -> Proxy {
-        // No connection reuse: Caddy's admin endpoint may close connections when its config
-        // changes, and a request on a stale pooled connection would fail.
-        let http = crate::http_client()
-            .timeout(Duration::from_secs(10))
-            .pool_max_idle_per_host(0)
-            .no_proxy()
-            .build()
-            .expect("an HTTP client builds");
-        Proxy { config, http }
+        Proxy {
+            config,
+            http: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn http(&self) -> &reqwest::Client {
+        self.http.get_or_init(|| {
+            // No connection reuse: Caddy's admin endpoint may close connections when its
+            // config changes, and a request on a stale pooled connection would fail.
+            crate::http_client()
+                .timeout(Duration::from_secs(10))
+                .pool_max_idle_per_host(0)
+                .no_proxy()
+                .build()
+                .expect("an HTTP client builds")
+        })
     }
 
     pub fn is_none(&self) -> bool {

@@ -21,7 +21,6 @@ use crate::plan::{Condition, InfraStep, Plan, Step};
 use crate::proxy::Route;
 use crate::state::{Health, InfraState, RouteState, ServiceState, State};
 use crate::systemd::ServiceManager;
-use crate::unit::EnvFile;
 
 impl<S: ObjectStore, H: Host> Agent<S, H> {
     /// Execute `plan`: every step, in order, saving the state after each that changed it (a
@@ -360,7 +359,8 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             Condition::Stopped | Condition::Changed => {
                 tracing::info!(condition = %step.condition, "starting it");
                 let file_ok = step.condition == Condition::Stopped;
-                self.put_back(&step.unit, &step.unit_file, file_ok).await?;
+                let text = (!file_ok).then_some(step.unit_file.as_str());
+                self.put_back(&step.unit, text).await?;
                 // Put back as recorded, or started anew (first time, or a changed declaration).
                 match state.infra.get(name) {
                     Some(recorded) if recorded.unit_file == step.unit_file => {
@@ -462,9 +462,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             return Outcome::Kept;
         };
         // A secrets file created or changed since the deploy is read at the next restart.
-        entry.warning = self
-            .host
-            .env_warning(&EnvFile::parse_all(&current.unit_file));
+        entry.warning = self.host.env_warning(&current.env_files);
         if let Some(w) = &entry.warning {
             tracing::warn!(warning = %w, "fix it before the service restarts");
         }
@@ -476,8 +474,19 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             }
             Condition::Stopped | Condition::Changed => {
                 tracing::warn!(%condition, "drift: restoring the recorded generation");
-                let file_ok = *condition == Condition::Stopped;
-                let result = self.put_back(unit, &current.unit_file, file_ok).await;
+                let text = match condition {
+                    Condition::Stopped => None,
+                    _ => match self.host.recorded_unit_text(&current.unit_hash) {
+                        Ok(text) => Some(text),
+                        // Nothing to put back: a full plan deploys the manifest's spec again.
+                        Err(e) => {
+                            let error = format!("its unit file changed on the host: {e}");
+                            entry.last_error = Some(error.clone());
+                            return Outcome::Retrying { error };
+                        }
+                    },
+                };
+                let result = self.put_back(unit, text.as_deref()).await;
                 entry.updated_at = Some(now());
                 match result {
                     Ok(()) => {
@@ -544,17 +553,16 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         }
     }
 
-    /// Put `unit` back as `unit_file`: rewrite its file (and reload) unless `file_ok`,
-    /// then (re)start it.
+    /// Put `unit` back: rewrite its file as `unit_file` (and reload) if given, then
+    /// (re)start it.
     pub(super) async fn put_back(
         &self,
         unit: &str,
-        unit_file: &str,
-        file_ok: bool,
+        unit_file: Option<&str>,
     ) -> Result<(), AgentError> {
         let manager = self.host.manager();
-        if !file_ok {
-            self.host.write_unit(unit, unit_file)?;
+        if let Some(text) = unit_file {
+            self.host.write_unit(unit, text)?;
             manager.reload().await?;
         }
         manager.restart(unit).await?;

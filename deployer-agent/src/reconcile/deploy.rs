@@ -67,6 +67,8 @@ pub(super) struct Job<'a> {
 struct Ready {
     /// What is recorded once it is healthy.
     generation: Generation,
+    /// Its unit file (recorded beside the state as `generation.unit_hash`).
+    unit_file: String,
     env_files: Vec<EnvFile>,
     probes: Probes,
 }
@@ -180,11 +182,11 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         service: &Service,
         prev: &Generation,
     ) -> Result<Probes, AgentError> {
-        let env_files = EnvFile::parse_all(&prev.unit_file);
+        let env_files = &prev.env_files;
         let artifact = Path::new(&prev.path);
         // A zero-downtime generation listens on the port it was given.
         let port = prev.unit.as_ref().and(prev.route.as_ref()).map(|r| r.port);
-        let spec = self.unit_spec(service, artifact, &env_files, port, None)?;
+        let spec = self.unit_spec(service, artifact, env_files, port, None)?;
         Ok(Probes::of(service, artifact, port, &spec))
     }
 
@@ -232,10 +234,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         let writing = Instant::now();
         let mut written = Vec::new();
         for (i, r) in ready {
-            match self
-                .write_new(&jobs[i].d.unit, &r.generation.unit_file)
-                .await
-            {
+            match self.write_new(&jobs[i].d.unit, &r.unit_file).await {
                 Ok(()) => written.push((i, r)),
                 Err(e) => outcomes[i] = Some(Err(Undone::Retry(e.to_string()))),
             }
@@ -350,12 +349,15 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
     /// from it): the previous generation's, the one found on the host, or none.
     fn unwrite(&self, d: &Deploy, previous: Option<&Generation>) {
         let put_back = match (d.on_failure, previous, &d.found_unit) {
-            (Recovery::RestorePrevious, Some(prev), _) => Some(prev.unit_file.as_str()),
-            (Recovery::RestoreFound, _, Some(found)) => Some(found.as_str()),
+            (Recovery::RestorePrevious, Some(prev), _) => {
+                Some(self.host.recorded_unit_text(&prev.unit_hash))
+            }
+            (Recovery::RestoreFound, _, Some(found)) => Some(Ok(found.clone())),
             _ => None,
         };
         let result = match put_back {
-            Some(text) => self.host.write_unit(&d.unit, text),
+            Some(Ok(text)) => self.host.write_unit(&d.unit, &text),
+            Some(Err(e)) => Err(e),
             None => self.host.remove_unit(&d.unit),
         };
         if let Err(e) = result {
@@ -522,6 +524,10 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             }
         }
         let probes = Probes::of(service, &artifact, d.port, &spec);
+        let unit_hash = match self.host.record_unit_text(&unit_file) {
+            Ok(hash) => hash,
+            Err(e) => return untouched(e),
+        };
         Ok(Box::new(Ready {
             generation: Generation {
                 artifact: service.artifact.clone(),
@@ -529,10 +535,12 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 spec_hash: spec_hash(service),
                 version: manifest.version.clone(),
                 deployed_at: String::new(),
-                unit_file,
+                unit_hash,
+                env_files: EnvFile::parse_all(&unit_file),
                 unit: d.port.map(|_| d.unit.clone()),
                 route: d.route.clone(),
             },
+            unit_file,
             env_files,
             probes,
         }))
@@ -733,7 +741,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         // Err((why, touched)).
         let moved = match self.restored_probes(service, &current) {
             Err(e) => Err((e.to_string(), false)),
-            Ok(probes) => match self.write_new(to, &current.unit_file).await {
+            Ok(probes) => match self.write_recorded(to, &current).await {
                 Err(e) => Err((e.to_string(), false)),
                 Ok(()) => match self.host.manager().reload().await {
                     Err(e) => Err((AgentError::from(e).to_string(), true)),
@@ -796,7 +804,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             timeout: self.config.settle + Duration::from_secs(30),
             interval: Duration::from_millis(200),
         };
-        let outcome = match self.put_back(unit, found, file_ok).await {
+        let outcome = match self.put_back(unit, (!file_ok).then_some(found)).await {
             Ok(()) => {
                 self.host
                     .wait_healthy(unit, &stays_up, self.config.settle)
@@ -824,6 +832,12 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
     /// Write `unit` as `text`, unless its name is not ours now (checked again here: a fetch
     /// or a release may have taken long since the plan). If it fails, nothing was touched
     /// (the write is atomic: the old file stays). The manager loads it at the next reload.
+    /// Write `unit`'s file as recorded for `generation`.
+    async fn write_recorded(&self, unit: &str, generation: &Generation) -> Result<(), AgentError> {
+        let text = self.host.recorded_unit_text(&generation.unit_hash)?;
+        self.write_new(unit, &text).await
+    }
+
     async fn write_new(&self, unit: &str, text: &str) -> Result<(), AgentError> {
         if let Some(why) = crate::plan::foreign(&self.host, unit).await {
             return Err(AgentError::ForeignUnit(why));
@@ -925,7 +939,10 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         // otherwise fire after the previous generation is back.
         let _ = self.host.manager().stop(unit).await;
         match previous {
-            Some(g) => self.put_back(unit, &g.unit_file, false).await,
+            Some(g) => {
+                let text = self.host.recorded_unit_text(&g.unit_hash)?;
+                self.put_back(unit, Some(&text)).await
+            }
             None => self.retire(unit).await,
         }
     }

@@ -337,6 +337,8 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             state.last_success = Some(now());
         }
         self.host.save_state(state)?;
+        // Only now that no saved state names them: the unit files of generations gone.
+        self.host.prune_unit_texts(state);
         Ok(report)
     }
 
@@ -364,6 +366,10 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         let applied = self.apply(&plan, None, state, &mut report).await;
         events.clone_from(&report.events);
         applied?;
+        // What could not be repaired from the state alone is planned in full next time.
+        if report.retry() {
+            state.manifest_etag = None;
+        }
         tracing::info!(
             repaired = ?report.services_where(|o| *o == Outcome::Repaired),
             "manifest unchanged"
