@@ -458,9 +458,10 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         let Some(entry) = state.services.get_mut(name) else {
             return Outcome::Kept;
         };
-        let Some(current) = entry.current.clone() else {
+        let Some(current) = &entry.current else {
             return Outcome::Kept;
         };
+        let unit_hash = current.unit_hash.clone();
         // A secrets file created or changed since the deploy is read at the next restart.
         entry.warning = self.host.env_warning(&current.env_files);
         if let Some(w) = &entry.warning {
@@ -476,7 +477,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 tracing::warn!(%condition, "drift: restoring the recorded generation");
                 let text = match condition {
                     Condition::Stopped => None,
-                    _ => match self.host.recorded_unit_text(&current.unit_hash) {
+                    _ => match self.host.recorded_unit_text(&unit_hash) {
                         Ok(text) => Some(text),
                         // Nothing to put back: a full plan deploys the manifest's spec again.
                         Err(e) => {
