@@ -63,6 +63,21 @@ pub(crate) fn http_client() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
 }
 
+/// An error and its causes, `outer: inner: …` (reqwest's own message is only the outer
+/// one: "error sending request for url …", without why).
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        cause = c.source();
+    }
+    text
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error(transparent)]
@@ -135,5 +150,24 @@ impl AgentError {
             AgentError::Busy { .. } => EXIT_BUSY,
             _ => exit::FAILURE,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug, thiserror::Error)]
+    #[error("error sending request")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn an_error_chain_says_why() {
+        let e = Outer(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "connection refused",
+        ));
+        assert_eq!(
+            super::error_chain(&e),
+            "error sending request: connection refused"
+        );
     }
 }

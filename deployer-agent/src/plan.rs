@@ -675,9 +675,11 @@ async fn service_step<H: Host>(
     // Deployed by an older agent as `deployer-<service>.service`: moved to its own name,
     // unless that name is taken (then it stays as it is, kept).
     let legacy = entry.is_some_and(|e| e.unit == names::legacy_service_unit(&s.name));
+    // (Not when its recorded unit file is gone: there is nothing to move.)
     if let (Some(entry), Some(c)) = (entry, current)
         && c.spec_hash == hash
         && legacy
+        && recorded(state, host, &c.unit_hash)
     {
         let to = names::service_unit(&s.name);
         if foreign(host, &to).await.is_none() {
@@ -700,7 +702,7 @@ async fn service_step<H: Host>(
                 condition: Condition::Changed,
                 ..
             }
-        ) && host.recorded_unit_text(&c.unit_hash).is_err();
+        ) && !recorded(state, host, &c.unit_hash);
         match keep {
             Step::Keep {
                 retire_after: r, ..
@@ -772,9 +774,12 @@ async fn service_step<H: Host>(
         host.read_unit(name)
             .filter(|t| t.starts_with(crate::unit::HEADER) && t.lines().any(|l| l == description))
     };
-    let found_unit = (strategy == Strategy::InPlace && current.is_none())
-        .then(|| ours(&unit))
-        .flatten();
+    let found_unit = match (strategy, current) {
+        (Strategy::InPlace, None) => ours(&unit),
+        // What runs now, edited on the host: what a failure of the new deploy puts back.
+        (Strategy::InPlace, Some(_)) if lost => host.read_unit(&unit),
+        _ => None,
+    };
     let replaces = match strategy {
         Strategy::SideBySide => current.is_some().then_some(old_unit),
         Strategy::InPlace if current.is_some() => (old_unit != unit).then_some(old_unit),
@@ -787,6 +792,9 @@ async fn service_step<H: Host>(
     let on_failure = match (strategy, current, &found_unit) {
         (Strategy::SideBySide, _, _) => Recovery::StopNew,
         (Strategy::InPlace, _, _) if replaces.is_some() => Recovery::StartReplaced,
+        // The recorded generation's unit file is gone: there is no previous to restore.
+        (Strategy::InPlace, Some(_), Some(_)) if lost => Recovery::RestoreFound,
+        (Strategy::InPlace, Some(_), None) if lost => Recovery::RemoveNew,
         (Strategy::InPlace, Some(_), _) => Recovery::RestorePrevious,
         (Strategy::InPlace, None, Some(_)) => Recovery::RestoreFound,
         (Strategy::InPlace, None, None) => Recovery::RemoveNew,
@@ -822,6 +830,12 @@ async fn service_step<H: Host>(
         revert: None,
         rollout: None,
     }))
+}
+
+/// Whether the unit file recorded as `hash` can be had (in `units/`, or in a schema 1
+/// state not yet moved there).
+fn recorded<H: Host>(state: &State, host: &H, hash: &str) -> bool {
+    state.migrated.contains_key(hash) || host.recorded_unit_text(hash).is_ok()
 }
 
 /// The recorded generation `current` of service `name`, kept (put back if it drifted).

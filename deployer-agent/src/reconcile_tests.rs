@@ -1686,7 +1686,13 @@ async fn a_changed_unit_whose_recorded_file_is_gone_is_deployed_again() {
     let m = manifest(&[("a", "/nix/store/a-v1", json!({}))], Value::Null);
     b.run(&m).await;
     let generated = b.file("a.service").unwrap();
-    b.host().world().texts.clear();
+    let lost = b.state.services["a"]
+        .current
+        .as_ref()
+        .unwrap()
+        .unit_hash
+        .clone();
+    b.host().world().lost_texts.insert(lost);
     // Only stopped: the file on the host is still the one to start, nothing is missing.
     b.host().world().units.remove("a.service");
     let (_, report) = b.run_unchanged().await;
@@ -1701,7 +1707,7 @@ async fn a_changed_unit_whose_recorded_file_is_gone_is_deployed_again() {
     let Outcome::Retrying { error } = &report.services["a"] else {
         panic!("nothing to put back: {report:?}");
     };
-    assert!(error.contains("changed on the host"), "{error}");
+    assert!(error.contains("deploys it again"), "{error}");
     assert!(report.retry(), "the next run plans in full");
     assert!(
         b.host().world().log.is_empty(),
@@ -1719,5 +1725,55 @@ async fn a_changed_unit_whose_recorded_file_is_gone_is_deployed_again() {
     assert_eq!(
         crate::host::Host::recorded_unit_text(b.host(), hash).unwrap(),
         generated
+    );
+}
+
+#[tokio::test]
+async fn a_rollback_whose_recorded_file_is_gone_uses_the_hosts_if_it_is_that_text() {
+    let mut b = Bench::new(false);
+    b.run(&manifest(
+        &[("a", "/nix/store/a-v1", json!({}))],
+        Value::Null,
+    ))
+    .await;
+    let v1 = b.file("a.service").unwrap();
+    let lost = b.state.services["a"]
+        .current
+        .as_ref()
+        .unwrap()
+        .unit_hash
+        .clone();
+    b.host().world().lost_texts.insert(lost.clone());
+    b.host().world().broken.insert(path("/nix/store/a-v2"));
+    let v2 = manifest(&[("a", "/nix/store/a-v2", json!({}))], Value::Null);
+    let (_, report) = b.run(&v2).await;
+    assert!(
+        matches!(&report.services["a"], Outcome::RolledBack { .. }),
+        "{report:?}"
+    );
+    assert_eq!(b.file("a.service").unwrap(), v1, "v1 put back");
+    assert!(b.active("a.service"));
+    assert!(
+        !b.host().world().lost_texts.contains(&lost),
+        "recorded again"
+    );
+
+    // Lost, and the host's file is not that text either: nothing is touched.
+    b.host().world().lost_texts.insert(lost);
+    b.host()
+        .world()
+        .files
+        .insert("a.service".into(), format!("{v1}# edited\n"));
+    b.host().world().log.clear();
+    let v3 = manifest(&[("a", "/nix/store/a-v3", json!({}))], Value::Null);
+    let (_, report) = b.run(&v3).await;
+    let Outcome::Retrying { error } = &report.services["a"] else {
+        panic!("not deployed without a way back: {report:?}");
+    };
+    assert!(error.contains("units/"), "{error}");
+    assert!(
+        b.host().world().log.is_empty(),
+        "{:?}",
+        b.host().world().log
     );
 }

@@ -97,6 +97,11 @@ pub struct State {
     /// `deployer_deploy_phase_seconds`: the phases of every deploy on this host.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub phase_histogram: BTreeMap<Phase, Histogram>,
+    /// Unit files a schema 1 state held inline (hash → text), not yet in `units/`: a run
+    /// records them under its lock ([`State::record_migrated`]); a read-only command
+    /// (`plan`, `status`, `fetch`) writes nothing.
+    #[serde(skip)]
+    pub migrated: BTreeMap<String, String>,
 }
 
 /// A Prometheus histogram: counts per bucket of [`Histogram::BUCKETS`] (cumulative, as
@@ -267,13 +272,25 @@ impl State {
                 };
                 let mut state: State = match serde_json::from_slice(&bytes) {
                     Ok(state) => state,
-                    Err(e) => match migrate_v1(&bytes, &UnitTexts::new(state_dir)) {
-                        Some(migrated) => {
-                            serde_json::from_value(migrated?).map_err(|e| invalid(&e))?
-                        }
+                    Err(e) => match migrate_v1(&bytes) {
+                        Some((value, migrated)) => State {
+                            migrated,
+                            ..serde_json::from_value(value).map_err(|e| invalid(&e))?
+                        },
                         None => return Err(invalid(&e)),
                     },
                 };
+                // Version 1 without a unit file to move parses as it is.
+                if state.schema_version > SCHEMA_VERSION {
+                    return Err(AgentError::State {
+                        path: path.display().to_string(),
+                        detail: format!(
+                            "schema version {} was written by a newer agent (this one writes {SCHEMA_VERSION}): run that agent, or move it aside to start fresh (running services are kept, the next run re-deploys)",
+                            state.schema_version
+                        ),
+                    });
+                }
+                state.schema_version = SCHEMA_VERSION;
                 // Written by an agent that named a service's unit `deployer-<service>.service`:
                 // the next run plans in full (not a 304 poll), which renames those units (not
                 // with an expired manifest, which a full poll would refuse).
@@ -307,6 +324,21 @@ impl State {
             .map_err(|e| AgentError::io(format!("writing {}", path.display()), e))
     }
 
+    /// Keep the unit files a schema 1 state held inline ([`State::migrated`]) with `record`
+    /// (under the run lock, before anything else is done).
+    pub fn record_migrated(
+        &mut self,
+        record: impl Fn(&str) -> Result<String, AgentError>,
+    ) -> Result<(), AgentError> {
+        for text in std::mem::take(&mut self.migrated).into_values() {
+            record(&text).map_err(|e| AgentError::State {
+                path: STATE_FILE.into(),
+                detail: format!("moving the unit files of a schema 1 state to units/: {e}"),
+            })?;
+        }
+        Ok(())
+    }
+
     /// The unit hashes the recorded generations name.
     pub fn unit_hashes(&self) -> std::collections::BTreeSet<&str> {
         self.services
@@ -319,9 +351,9 @@ impl State {
 }
 
 /// A schema version 1 state (`bytes`, which did not parse as the current one) as the
-/// current version: each generation's `unitFile` written to `texts`, its hash and env
-/// files recorded instead. `None` when it is not a version 1 state.
-fn migrate_v1(bytes: &[u8], texts: &UnitTexts) -> Option<Result<serde_json::Value, AgentError>> {
+/// current version, and the unit files it held (hash → text): each generation's `unitFile`
+/// replaced by its hash and env files. `None` when it is not a version 1 state.
+fn migrate_v1(bytes: &[u8]) -> Option<(serde_json::Value, BTreeMap<String, String>)> {
     let mut value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
     if value.get("schemaVersion") != Some(&serde_json::json!(1)) {
         return None;
@@ -344,25 +376,21 @@ fn migrate_v1(bytes: &[u8], texts: &UnitTexts) -> Option<Result<serde_json::Valu
             [current, previous]
         })
         .flatten();
+    let mut texts = BTreeMap::new();
     for generation in generations {
         let Some(serde_json::Value::String(text)) = generation.remove("unitFile") else {
             continue;
         };
-        let hash = match texts.record(&text) {
-            Ok(hash) => hash,
-            Err(e) => return Some(Err(e)),
-        };
+        let hash = crate::unit::text_hash(&text);
         let env_files = crate::unit::EnvFile::parse_all(&text);
-        generation.insert("unitHash".into(), hash.into());
+        generation.insert("unitHash".into(), hash.clone().into());
         if !env_files.is_empty() {
             generation.insert("envFiles".into(), serde_json::json!(env_files));
         }
-    }
-    if let Err(e) = texts.sync() {
-        return Some(Err(e));
+        texts.insert(hash, text);
     }
     value["schemaVersion"] = SCHEMA_VERSION.into();
-    Some(Ok(value))
+    Some((value, texts))
 }
 
 /// What each unit file of ours was ([`FileStamp`]) when it last matched what was recorded
@@ -429,18 +457,20 @@ impl UnitStamps {
         })
     }
 
-    /// Write what changed, without the units not checked (a service gone). A failure is
-    /// logged: the next run reads the files again.
+    /// Write what changed, without the units not checked (a service gone), once the units
+    /// of a run were checked; the next check (the next run, in loop mode) starts afresh
+    /// from the file. A failure is logged: the next run reads the unit files again.
     pub fn flush(&mut self) {
-        let Some(known) = &mut self.known else {
+        let Some(mut known) = self.known.take() else {
             return;
         };
+        let checked = std::mem::take(&mut self.checked);
         let before = known.len();
-        known.retain(|unit, _| self.checked.contains(unit));
+        known.retain(|unit, _| checked.contains(unit));
         if !std::mem::take(&mut self.dirty) && known.len() == before {
             return;
         }
-        let bytes = serde_json::to_vec(known).expect("stamps serialise");
+        let bytes = serde_json::to_vec(&known).expect("stamps serialise");
         let written = tempfile::Builder::new()
             .prefix(".tmp-")
             .tempfile_in(self.path.parent().unwrap_or(Path::new(".")))
@@ -482,9 +512,13 @@ impl UnitTexts {
     /// directory entry is made durable by [`UnitTexts::sync`], before a state names it.
     pub fn record(&self, text: &str) -> Result<String, AgentError> {
         use std::io::Write;
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        use std::os::unix::fs::DirBuilderExt;
         let hash = crate::unit::text_hash(text);
         let path = self.path(&hash);
+        // Even a text already there: the process that wrote it may have died before the
+        // directory was synced.
+        self.unsynced
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         if self.read(&hash).is_ok() {
             return Ok(hash);
         }
@@ -494,20 +528,14 @@ impl UnitTexts {
             .mode(0o700)
             .create(&self.dir)
             .map_err(|e| io("creating the directory of", e))?;
-        let tmp = self.dir.join(format!(".tmp-{hash}"));
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".tmp-")
+            .tempfile_in(&self.dir)
             .map_err(|e| io("writing", e))?;
-        file.write_all(text.as_bytes())
-            .and_then(|()| file.sync_all())
-            .and_then(|()| std::fs::rename(&tmp, &path))
+        tmp.write_all(text.as_bytes())
+            .and_then(|()| tmp.as_file().sync_all())
             .map_err(|e| io("writing", e))?;
-        self.unsynced
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        tmp.persist(&path).map_err(|e| io("writing", e.error))?;
         Ok(hash)
     }
 
@@ -535,7 +563,7 @@ impl UnitTexts {
         Err(AgentError::State {
             path: path.display().to_string(),
             detail: format!(
-                "{problem}; it is the unit file recorded for a deployed generation, kept to put the service back: restore it from a backup, or let the next run deploy the service again (it does when the unit file on the host changed too)"
+                "{problem}; it is the unit file recorded for a deployed generation, kept to put the service back or roll back to (units/ goes with state.json: back them up and restore them together)"
             ),
         })
     }
@@ -686,8 +714,15 @@ mod tests {
                                "previous": generation, "health": "healthy"}},
         });
         std::fs::write(dir.path().join(STATE_FILE), v1.to_string()).unwrap();
-        let state = State::load(dir.path(), "biz").unwrap();
+        let mut state = State::load(dir.path(), "biz").unwrap();
         assert_eq!(state.schema_version, SCHEMA_VERSION);
+        assert!(
+            !dir.path().join(UnitTexts::DIR).exists(),
+            "loading writes nothing"
+        );
+        let texts = UnitTexts::new(dir.path());
+        state.record_migrated(|t| texts.record(t)).unwrap();
+        assert!(state.migrated.is_empty());
         let current = state.services["a"].current.clone().unwrap();
         assert_eq!(current.unit_hash, crate::unit::text_hash(unit));
         assert_eq!(
@@ -708,7 +743,24 @@ mod tests {
         assert_eq!(validate(&saved), Ok(()));
         assert_eq!(State::load(dir.path(), "biz").unwrap(), state);
 
-        // Not a state of either version: refused with the advice, nothing migrated.
+        // Version 1 with no unit file to move (infrastructure only) is version 2 once
+        // loaded; a newer version is refused, saying so.
+        let infra_only = serde_json::json!({
+            "schemaVersion": 1, "host": "biz",
+            "infra": {"db": {"unit": "deployer-infra-db.service", "unitFile": "[Unit]\n"}},
+        });
+        std::fs::write(dir.path().join(STATE_FILE), infra_only.to_string()).unwrap();
+        let state = State::load(dir.path(), "biz").unwrap();
+        assert_eq!(state.schema_version, SCHEMA_VERSION);
+        let mut newer = infra_only.clone();
+        newer["schemaVersion"] = serde_json::json!(3);
+        std::fs::write(dir.path().join(STATE_FILE), newer.to_string()).unwrap();
+        let e = State::load(dir.path(), "biz").unwrap_err().to_string();
+        assert!(
+            e.contains("newer agent") && e.contains("move it aside"),
+            "{e}"
+        );
+        // Not a state of either shape: refused with the advice.
         let mut bad = v1.clone();
         bad["schemaVersion"] = serde_json::json!(7);
         std::fs::write(dir.path().join(STATE_FILE), bad.to_string()).unwrap();
@@ -728,7 +780,7 @@ mod tests {
         std::fs::write(texts.path(&b), "tampered\n").unwrap();
         let e = texts.read(&b).unwrap_err().to_string();
         assert!(
-            e.contains("no longer holds the text") && e.contains("backup"),
+            e.contains("no longer holds the text") && e.contains("back them up"),
             "{e}"
         );
         assert_eq!(
@@ -789,6 +841,17 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(2100));
         assert!(check(&hash));
         assert!(known().unwrap().contains(&hash));
+        // The stamp on record stands for the content: a cache that says the file is another
+        // text is believed (which is why it lives in the root-only state directory).
+        let other = "f".repeat(64);
+        let forged = known().unwrap().replace(&hash, &other);
+        std::fs::write(dir.path().join(UnitStamps::FILE), forged).unwrap();
+        assert!(check(&other), "not read again");
+        std::fs::write(
+            dir.path().join(UnitStamps::FILE),
+            known().unwrap().replace(&other, &hash),
+        )
+        .unwrap();
         assert!(
             !check(&"0".repeat(64)),
             "another recorded text does not match"
@@ -896,6 +959,8 @@ mod tests {
                 h
             })]
             .into(),
+            // Never written.
+            migrated: BTreeMap::new(),
         };
         let value = serde_json::to_value(&state).unwrap();
         assert_eq!(validate(&value), Ok(()));

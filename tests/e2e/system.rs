@@ -53,7 +53,8 @@ fn on_system_manager_with(sandbox_args: &[&str], test: impl FnOnce()) {
             .arg("--")
             .arg(std::env::current_exe().unwrap())
             .args(["--exact", &name, "--nocapture", "--test-threads=1"])
-            .env(INSIDE, "1"),
+            .env(INSIDE, "1")
+            .env(deployer_tests::PORTS_ENV, deployer_tests::port_block(400)),
         Duration::from_secs(300),
         "the system-manager sandbox",
     );

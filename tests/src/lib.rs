@@ -50,21 +50,66 @@ pub fn free_port() -> u16 {
 /// Taken from 10000-19999: below the kernel's ephemeral range (32768-60999), where an
 /// outgoing connection (an agent polling the store every second) can take a port between
 /// this call and the service's bind, and below the agent's default range for side-by-side
-/// generations (20000-29999). No two calls in this process get the same port.
+/// generations (20000-29999). No two calls in this process get the same port, nor two
+/// processes of one test run: a test that runs in a child process (the system-manager
+/// sandbox) gets a block of its parent's sequence ([`port_block`], `PORTS_ENV`). Without
+/// that, each sandboxed child, PID 54 of its own PID namespace, walked the same sequence,
+/// and two system-manager tests at once served on each other's ports.
 pub fn free_ports(n: u16) -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let start = std::process::id().wrapping_mul(7919);
-    for _ in 0..10_000 {
-        let first = NEXT.fetch_add(u32::from(n), Ordering::Relaxed);
-        let base = 10_000 + (start.wrapping_add(first) % 10_000) as u16;
-        if base + n <= 20_000
+    let (first, len) = port_range();
+    for _ in 0..len {
+        let base = first + (next_ports(n) % len) as u16;
+        if u32::from(base) + u32::from(n) <= u32::from(first) + len
             && (base..base + n).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok())
         {
             return base;
         }
     }
-    panic!("no {n} free loopback ports in 10000-19999")
+    panic!(
+        "no {n} free loopback ports in {first}-{}",
+        u32::from(first) + len - 1
+    )
+}
+
+/// Where a child test process takes its ports: `<first>-<last>`, from [`port_block`].
+pub const PORTS_ENV: &str = "DEPLOYER_TEST_PORTS";
+
+/// Reserve `len` consecutive port numbers of this process's sequence for a child test
+/// process (whether they are free is checked there, as they are used); the value for
+/// [`PORTS_ENV`].
+pub fn port_block(len: u16) -> String {
+    let (first, range) = port_range();
+    loop {
+        let base = u32::from(first) + next_ports(len) % range;
+        if base + u32::from(len) <= u32::from(first) + range {
+            return format!("{base}-{}", base + u32::from(len) - 1);
+        }
+    }
+}
+
+/// This process's port numbers: [`PORTS_ENV`]'s block, or 10000-19999 (first, length).
+fn port_range() -> (u16, u32) {
+    std::env::var(PORTS_ENV)
+        .ok()
+        .and_then(|v| {
+            let (a, b) = v.split_once('-')?;
+            let (a, b): (u16, u16) = (a.parse().ok()?, b.parse().ok()?);
+            (a <= b).then_some((a, u32::from(b - a) + 1))
+        })
+        .unwrap_or((10_000, 10_000))
+}
+
+/// The next `n` numbers of this process's sequence (offset by its PID, so that two test
+/// processes started apart do not start at the same place).
+fn next_ports(n: u16) -> u32 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = if std::env::var_os(PORTS_ENV).is_some() {
+        0
+    } else {
+        std::process::id().wrapping_mul(7919)
+    };
+    start.wrapping_add(NEXT.fetch_add(u32::from(n), Ordering::Relaxed))
 }
 
 fn wait_for_port(port: u16, child: &mut Child, what: &str) {

@@ -31,6 +31,9 @@ pub struct World {
     pub files: BTreeMap<String, String>,
     /// The recorded generations' unit files: hash → text.
     pub texts: BTreeMap<String, String>,
+    /// Recorded unit files removed behind the agent's back (by hash): not to be had until
+    /// recorded again.
+    pub lost_texts: BTreeSet<String>,
     /// Units the manager runs: unit → (active, description when started).
     pub units: BTreeMap<String, (bool, String)>,
     /// Ports something listens on.
@@ -330,13 +333,16 @@ impl Host for MemoryHost {
 
     fn record_unit_text(&self, text: &str) -> Result<String, AgentError> {
         let hash = crate::unit::text_hash(text);
-        self.world().texts.insert(hash.clone(), text.to_owned());
+        let mut w = self.world();
+        w.lost_texts.remove(&hash);
+        w.texts.insert(hash.clone(), text.to_owned());
         Ok(hash)
     }
 
     fn recorded_unit_text(&self, hash: &str) -> Result<String, AgentError> {
         let w = self.world();
-        w.texts.get(hash).cloned().ok_or_else(|| AgentError::State {
+        let kept = w.texts.get(hash).filter(|_| !w.lost_texts.contains(hash));
+        kept.cloned().ok_or_else(|| AgentError::State {
             path: format!("units/{hash}"),
             detail: "no unit file recorded as this".into(),
         })
@@ -349,6 +355,12 @@ impl Host for MemoryHost {
 
     fn save_state(&self, state: &State) -> Result<(), AgentError> {
         let mut w = self.world();
+        for hash in state.unit_hashes() {
+            assert!(
+                w.texts.contains_key(hash),
+                "a saved state names unit file {hash}, which was not recorded"
+            );
+        }
         w.saved = Some(state.clone());
         w.saves += 1;
         Ok(())

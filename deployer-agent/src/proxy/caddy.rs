@@ -15,16 +15,30 @@ impl Proxy {
         body: Option<&Value>,
     ) -> Result<(u16, String), ProxyError> {
         let url = format!("{}{path}", admin.trim_end_matches('/'));
-        let mut req = self.http().request(method.clone(), &url);
-        if let Some(b) = body {
-            req = req
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(b.to_string());
-        }
-        let resp = req.send().await.map_err(|e| ProxyError::Caddy {
-            admin: admin.to_owned(),
-            detail: format!("{method} {path}: {e}"),
-        })?;
+        let mut attempt = 0;
+        let resp = loop {
+            let mut req = self.http().request(method.clone(), &url);
+            if let Some(b) = body {
+                req = req
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(b.to_string());
+            }
+            match req.send().await {
+                Ok(resp) => break resp,
+                // Not connected, so not sent: Caddy may be restarting its admin endpoint
+                // after the config change just before. Tried again twice, 0.2 s and 0.4 s on.
+                Err(e) if e.is_connect() && attempt < 2 => {
+                    attempt += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
+                }
+                Err(e) => {
+                    return Err(ProxyError::Caddy {
+                        admin: admin.to_owned(),
+                        detail: format!("{method} {path}: {}", crate::error_chain(&e)),
+                    });
+                }
+            }
+        };
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap_or_default();
         Ok((status, text))

@@ -481,7 +481,9 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                         Ok(text) => Some(text),
                         // Nothing to put back: a full plan deploys the manifest's spec again.
                         Err(e) => {
-                            let error = format!("its unit file changed on the host: {e}");
+                            let error = format!(
+                                "its unit file changed on the host and the copy recorded to put it back is gone ({e}); the next run deploys it again from the manifest"
+                            );
                             entry.last_error = Some(error.clone());
                             return Outcome::Retrying { error };
                         }

@@ -461,6 +461,13 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             Err(e) => return Err(Undone::Refused(e.to_string())),
         };
         let untouched = |e: AgentError| Err(Undone::Retry(e.to_string()));
+        // What a failure puts back must be at hand before anything is touched.
+        if d.on_failure == Recovery::RestorePrevious
+            && let Some(previous) = &state.services[&service.name].current
+            && let Err(e) = self.rollback_text(&d.unit, previous)
+        {
+            return untouched(e);
+        }
         let env_file = match self
             .host
             .env_file(&service.name, service.env_file.as_deref())
@@ -829,15 +836,32 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         }
     }
 
-    /// Write `unit` as `text`, unless its name is not ours now (checked again here: a fetch
-    /// or a release may have taken long since the plan). If it fails, nothing was touched
-    /// (the write is atomic: the old file stays). The manager loads it at the next reload.
+    /// The unit file recorded for `generation`, which runs as `unit`: if its copy in
+    /// `units/` is gone but `unit`'s file on the host is still that text, recorded again.
+    fn rollback_text(&self, unit: &str, generation: &Generation) -> Result<String, AgentError> {
+        self.host
+            .recorded_unit_text(&generation.unit_hash)
+            .or_else(|lost| {
+                let text = self
+                    .host
+                    .read_unit(unit)
+                    .filter(|t| crate::unit::text_hash(t) == generation.unit_hash)
+                    .ok_or(lost)?;
+                tracing::warn!(%unit, "its recorded unit file was gone: recorded again from the host's");
+                self.host.record_unit_text(&text)?;
+                Ok(text)
+            })
+    }
+
     /// Write `unit`'s file as recorded for `generation`.
     async fn write_recorded(&self, unit: &str, generation: &Generation) -> Result<(), AgentError> {
         let text = self.host.recorded_unit_text(&generation.unit_hash)?;
         self.write_new(unit, &text).await
     }
 
+    /// Write `unit` as `text`, unless its name is not ours now (checked again here: a fetch
+    /// or a release may have taken long since the plan). If it fails, nothing was touched
+    /// (the write is atomic: the old file stays). The manager loads it at the next reload.
     async fn write_new(&self, unit: &str, text: &str) -> Result<(), AgentError> {
         if let Some(why) = crate::plan::foreign(&self.host, unit).await {
             return Err(AgentError::ForeignUnit(why));
@@ -937,12 +961,12 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
     async fn restore(&self, unit: &str, previous: Option<&Generation>) -> Result<(), AgentError> {
         // Stop first: a failed unit may have an automatic restart pending, which would
         // otherwise fire after the previous generation is back.
+        let text = previous
+            .map(|g| self.host.recorded_unit_text(&g.unit_hash))
+            .transpose()?;
         let _ = self.host.manager().stop(unit).await;
-        match previous {
-            Some(g) => {
-                let text = self.host.recorded_unit_text(&g.unit_hash)?;
-                self.put_back(unit, Some(&text)).await
-            }
+        match text {
+            Some(text) => self.put_back(unit, Some(&text)).await,
             None => self.retire(unit).await,
         }
     }

@@ -260,6 +260,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         let _lock = RunLock::acquire(dir)?;
         let mut events = Vec::new();
         let mut state = State::load(dir, &self.config.host)?;
+        state.record_migrated(|text| self.host.record_unit_text(text))?;
         let mut result = self
             .run_once_inner(&mut state, &mut events)
             .instrument(span.clone())
@@ -366,8 +367,9 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         let applied = self.apply(&plan, None, state, &mut report).await;
         events.clone_from(&report.events);
         applied?;
-        // What could not be repaired from the state alone is planned in full next time.
-        if report.retry() {
+        // What could not be repaired from the state alone is planned in full next time
+        // (not with an expired manifest, which a full poll would refuse).
+        if report.retry() && state.expired.is_none() {
             state.manifest_etag = None;
         }
         tracing::info!(
