@@ -56,7 +56,7 @@ manifest="$work/plan-store/manifest.json"
 jq --slurpfile s "$work/services.json" '.services = $s[0].services' "$manifest" > "$work/m.json"
 cp "$work/m.json" "$manifest"
 read -r p_wall p_cpu p_rss < <(measure "${agent[@]}" --json plan)
-steps=$(jq length "$work/out")
+steps=$(jq ".steps | length" "$work/out")
 read -r j_wall j_cpu j_rss < <(measure jq length "$manifest")
 
 # --- 4: no-op apply of 100 deployed services (file:// store, tiny services).
