@@ -49,6 +49,14 @@ impl FileStamp {
 /// Write `bytes` to `path` so that readers see the old content or the new, never a part,
 /// even across a crash: temp file in the same directory, fsync, rename, fsync the directory.
 pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    write_replacing(path, bytes, mode)?;
+    File::open(path.parent().unwrap_or_else(|| Path::new(".")))?.sync_all()
+}
+
+/// [`write_atomically`] but for the last step: the file is written and synced under a
+/// temp name and renamed into place; the rename is durable once the caller syncs the
+/// directory (once for many files).
+pub fn write_replacing(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
     tmp.write_all(bytes)?;
@@ -56,7 +64,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> 
         .set_permissions(fs::Permissions::from_mode(mode))?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
-    File::open(dir)?.sync_all()
+    Ok(())
 }
 
 /// A private directory for a local cache: `$DEPLOY_CACHE_DIR/<sub>`, else

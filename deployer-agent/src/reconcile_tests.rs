@@ -147,6 +147,12 @@ impl Bench {
     fn file(&self, unit: &str) -> Option<String> {
         self.host().world().files.get(unit).cloned()
     }
+
+    /// The unit hash of `service`'s current generation.
+    fn unit_hash(&self, service: &str) -> String {
+        let current = self.state.services[service].current.as_ref();
+        current.expect("deployed").unit_hash.clone()
+    }
 }
 
 /// A manifest of `services` (name, store path, extra fields) for host `biz`, with
@@ -1686,12 +1692,7 @@ async fn a_changed_unit_whose_recorded_file_is_gone_is_deployed_again() {
     let m = manifest(&[("a", "/nix/store/a-v1", json!({}))], Value::Null);
     b.run(&m).await;
     let generated = b.file("a.service").unwrap();
-    let lost = b.state.services["a"]
-        .current
-        .as_ref()
-        .unwrap()
-        .unit_hash
-        .clone();
+    let lost = b.unit_hash("a");
     b.host().world().lost_texts.insert(lost);
     // Only stopped: the file on the host is still the one to start, nothing is missing.
     b.host().world().units.remove("a.service");
@@ -1721,9 +1722,9 @@ async fn a_changed_unit_whose_recorded_file_is_gone_is_deployed_again() {
     );
     assert_eq!(report.services["a"], Outcome::Deployed, "{report:?}");
     assert_eq!(b.file("a.service").unwrap(), generated);
-    let hash = &b.state.services["a"].current.as_ref().unwrap().unit_hash;
+    let hash = b.unit_hash("a");
     assert_eq!(
-        crate::host::Host::recorded_unit_text(b.host(), hash).unwrap(),
+        crate::host::Host::recorded_unit_text(b.host(), &hash).unwrap(),
         generated
     );
 }
@@ -1737,12 +1738,7 @@ async fn a_rollback_whose_recorded_file_is_gone_uses_the_hosts_if_it_is_that_tex
     ))
     .await;
     let v1 = b.file("a.service").unwrap();
-    let lost = b.state.services["a"]
-        .current
-        .as_ref()
-        .unwrap()
-        .unit_hash
-        .clone();
+    let lost = b.unit_hash("a");
     b.host().world().lost_texts.insert(lost.clone());
     b.host().world().broken.insert(path("/nix/store/a-v2"));
     let v2 = manifest(&[("a", "/nix/store/a-v2", json!({}))], Value::Null);

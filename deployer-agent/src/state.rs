@@ -258,8 +258,9 @@ impl State {
     }
 
     /// Read the state; a missing file is a fresh host. One written by an older agent
-    /// (schema version 1, unit files inline) is migrated: its unit files are written to
-    /// `units/`; the next save writes the current version.
+    /// (schema version 1, unit files inline) is migrated in memory: its unit files are in
+    /// [`State::migrated`] until a run records them; the next save writes the current
+    /// version. One written by a newer agent is refused.
     pub fn load(state_dir: &Path, host: &str) -> Result<State, AgentError> {
         let path = Self::path(state_dir);
         match std::fs::read(&path) {
@@ -282,13 +283,10 @@ impl State {
                 };
                 // Version 1 without a unit file to move parses as it is.
                 if state.schema_version > SCHEMA_VERSION {
-                    return Err(AgentError::State {
-                        path: path.display().to_string(),
-                        detail: format!(
-                            "schema version {} was written by a newer agent (this one writes {SCHEMA_VERSION}): run that agent, or move it aside to start fresh (running services are kept, the next run re-deploys)",
-                            state.schema_version
-                        ),
-                    });
+                    return Err(invalid(&format_args!(
+                        "schema version {} was written by a newer agent (this one writes {SCHEMA_VERSION}): run that agent instead",
+                        state.schema_version
+                    )));
                 }
                 state.schema_version = SCHEMA_VERSION;
                 // Written by an agent that named a service's unit `deployer-<service>.service`:
@@ -358,36 +356,24 @@ fn migrate_v1(bytes: &[u8]) -> Option<(serde_json::Value, BTreeMap<String, Strin
     if value.get("schemaVersion") != Some(&serde_json::json!(1)) {
         return None;
     }
-    let generations = value
-        .get_mut("services")
-        .and_then(|s| s.as_object_mut())
-        .into_iter()
-        .flat_map(|services| services.values_mut())
-        .filter_map(|s| s.as_object_mut())
-        .flat_map(|s| {
-            let (mut current, mut previous) = (None, None);
-            for (k, v) in s.iter_mut() {
-                match k.as_str() {
-                    "current" => current = v.as_object_mut(),
-                    "previous" => previous = v.as_object_mut(),
-                    _ => {}
-                }
-            }
-            [current, previous]
-        })
-        .flatten();
     let mut texts = BTreeMap::new();
-    for generation in generations {
-        let Some(serde_json::Value::String(text)) = generation.remove("unitFile") else {
-            continue;
-        };
-        let hash = crate::unit::text_hash(&text);
-        let env_files = crate::unit::EnvFile::parse_all(&text);
-        generation.insert("unitHash".into(), hash.clone().into());
-        if !env_files.is_empty() {
-            generation.insert("envFiles".into(), serde_json::json!(env_files));
+    let services = value.get_mut("services").and_then(|s| s.as_object_mut());
+    for service in services.into_iter().flat_map(|s| s.values_mut()) {
+        for key in ["current", "previous"] {
+            let Some(generation) = service.get_mut(key).and_then(|g| g.as_object_mut()) else {
+                continue;
+            };
+            let Some(serde_json::Value::String(text)) = generation.remove("unitFile") else {
+                continue;
+            };
+            let hash = crate::unit::text_hash(&text);
+            let env_files = crate::unit::EnvFile::parse_all(&text);
+            generation.insert("unitHash".into(), hash.clone().into());
+            if !env_files.is_empty() {
+                generation.insert("envFiles".into(), serde_json::json!(env_files));
+            }
+            texts.insert(hash, text);
         }
-        texts.insert(hash, text);
     }
     value["schemaVersion"] = SCHEMA_VERSION.into();
     Some((value, texts))
@@ -471,16 +457,7 @@ impl UnitStamps {
             return;
         }
         let bytes = serde_json::to_vec(&known).expect("stamps serialise");
-        let written = tempfile::Builder::new()
-            .prefix(".tmp-")
-            .tempfile_in(self.path.parent().unwrap_or(Path::new(".")))
-            .and_then(|mut tmp| {
-                use std::io::Write;
-                tmp.write_all(&bytes)?;
-                tmp.persist(&self.path).map_err(|e| e.error)?;
-                Ok(())
-            });
-        if let Err(e) = written {
+        if let Err(e) = deploy_manifest::fsutil::write_atomically(&self.path, &bytes, 0o600) {
             tracing::warn!(path = %self.path.display(), error = %e, "could not write the unit file stamps");
         }
     }
@@ -511,7 +488,6 @@ impl UnitTexts {
     /// Keep `text` (unless it is kept already); its hash. The file is synced; the
     /// directory entry is made durable by [`UnitTexts::sync`], before a state names it.
     pub fn record(&self, text: &str) -> Result<String, AgentError> {
-        use std::io::Write;
         use std::os::unix::fs::DirBuilderExt;
         let hash = crate::unit::text_hash(text);
         let path = self.path(&hash);
@@ -522,20 +498,12 @@ impl UnitTexts {
         if self.read(&hash).is_ok() {
             return Ok(hash);
         }
-        let io = |what: &str, e| AgentError::io(format!("{what} {}", path.display()), e);
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&self.dir)
-            .map_err(|e| io("creating the directory of", e))?;
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".tmp-")
-            .tempfile_in(&self.dir)
-            .map_err(|e| io("writing", e))?;
-        tmp.write_all(text.as_bytes())
-            .and_then(|()| tmp.as_file().sync_all())
-            .map_err(|e| io("writing", e))?;
-        tmp.persist(&path).map_err(|e| io("writing", e.error))?;
+            .and_then(|()| deploy_manifest::fsutil::write_replacing(&path, text.as_bytes(), 0o600))
+            .map_err(|e| AgentError::io(format!("writing {}", path.display()), e))?;
         Ok(hash)
     }
 

@@ -392,8 +392,8 @@ impl ObjectStore for S3Store {
                 .put_multipart(key, &object_key, path, size, progress)
                 .await;
         }
-        // Read in 256 KiB chunks (the default, 4 KiB, is one syscall and one body chunk per
-        // page: a 512 MiB upload took twice curl's time).
+        // Read in 256 KiB chunks (the SDK's default, 4 KiB, is one read and one body chunk
+        // per page).
         let body = ByteStream::read_from()
             .path(path)
             .buffer_size(UPLOAD_CHUNK)

@@ -464,7 +464,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         // What a failure puts back must be at hand before anything is touched.
         if d.on_failure == Recovery::RestorePrevious
             && let Some(previous) = &state.services[&service.name].current
-            && let Err(e) = self.rollback_text(&d.unit, previous)
+            && let Err(e) = self.ensure_recorded(&d.unit, previous)
         {
             return untouched(e);
         }
@@ -836,21 +836,20 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         }
     }
 
-    /// The unit file recorded for `generation`, which runs as `unit`: if its copy in
-    /// `units/` is gone but `unit`'s file on the host is still that text, recorded again.
-    fn rollback_text(&self, unit: &str, generation: &Generation) -> Result<String, AgentError> {
-        self.host
-            .recorded_unit_text(&generation.unit_hash)
-            .or_else(|lost| {
-                let text = self
-                    .host
-                    .read_unit(unit)
-                    .filter(|t| crate::unit::text_hash(t) == generation.unit_hash)
-                    .ok_or(lost)?;
-                tracing::warn!(%unit, "its recorded unit file was gone: recorded again from the host's");
-                self.host.record_unit_text(&text)?;
-                Ok(text)
-            })
+    /// Make sure the unit file recorded for `generation`, which runs as `unit`, can be had:
+    /// if its copy in `units/` is gone but `unit`'s file on the host is still that text, it
+    /// is recorded again.
+    fn ensure_recorded(&self, unit: &str, generation: &Generation) -> Result<(), AgentError> {
+        let Err(lost) = self.host.recorded_unit_text(&generation.unit_hash) else {
+            return Ok(());
+        };
+        let text = self
+            .host
+            .read_unit(unit)
+            .filter(|t| crate::unit::text_hash(t) == generation.unit_hash)
+            .ok_or(lost)?;
+        tracing::warn!(%unit, "its recorded unit file was gone: recorded again from the host's");
+        self.host.record_unit_text(&text).map(drop)
     }
 
     /// Write `unit`'s file as recorded for `generation`.
