@@ -287,7 +287,7 @@ mod tests {
             .unwrap();
         assert_eq!(s, "set infrastructure (db)");
         assert!(
-            set_infrastructure(&mut m, &json!({"services": {"db": {"preset": "mysql"}}})).is_err()
+            set_infrastructure(&mut m, &json!({"services": {"db": {"preset": "oracle"}}})).is_err()
         );
         assert_eq!(
             m.infrastructure.as_ref().unwrap().services.len(),

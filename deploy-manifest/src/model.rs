@@ -460,15 +460,117 @@ impl Release {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServiceInfrastructure {
-    /// A database and role named after the service in the shared Postgres; injects `DATABASE_URL`.
+    /// `true`: a database and user named after the service in the shared Postgres; or how
+    /// (`dedicated`, `dialect`). Injects `DATABASE_URL`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub database: Option<bool>,
-    /// A Redis DB index of its own in the shared Redis; injects `REDIS_URL`.
+    pub database: Option<Need<DatabaseNeed>>,
+    /// `true`: a Redis DB index of its own in the shared Redis; or `{"dedicated": true}`.
+    /// Injects `REDIS_URL`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub redis: Option<bool>,
+    pub redis: Option<Need<RedisNeed>>,
     /// Custom requirements (seed 001's `IServiceRequirement`), by name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub services: BTreeMap<String, InfraService>,
+}
+
+impl ServiceInfrastructure {
+    /// The database it asks for, if any (`true` is the defaults).
+    pub fn database(&self) -> Option<DatabaseNeed> {
+        self.database.as_ref().and_then(Need::wanted)
+    }
+
+    /// The Redis it asks for, if any.
+    pub fn redis(&self) -> Option<RedisNeed> {
+        self.redis.as_ref().and_then(Need::wanted)
+    }
+}
+
+/// A shorthand of seed 001's app layer: `true`/`false`, or an object saying how.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Need<T> {
+    Flag(bool),
+    Spec(T),
+}
+
+impl<T: Clone + Default> Need<T> {
+    /// What is asked for: nothing for `false`, the defaults for `true`.
+    pub fn wanted(&self) -> Option<T> {
+        match self {
+            Need::Flag(false) => None,
+            Need::Flag(true) => Some(T::default()),
+            Need::Spec(spec) => Some(spec.clone()),
+        }
+    }
+}
+
+/// `database: {…}`: which server, shared or the service's own.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DatabaseNeed {
+    /// A server of its own (its own unit, data directory and port) instead of a database
+    /// in the shared one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedicated: Option<bool>,
+    /// `postgres` (default) or `mysql` (the `mysql` preset: MariaDB or MySQL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dialect: Option<Dialect>,
+    /// The dedicated server's port; by default the agent picks a free one and keeps it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+impl DatabaseNeed {
+    pub fn dedicated(&self) -> bool {
+        self.dedicated == Some(true)
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect.unwrap_or(Dialect::Postgres)
+    }
+}
+
+/// `redis: {…}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RedisNeed {
+    /// A Redis server of its own, password-protected, instead of an index in the shared one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedicated: Option<bool>,
+    /// The dedicated server's port; by default the agent picks a free one and keeps it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+impl RedisNeed {
+    pub fn dedicated(&self) -> bool {
+        self.dedicated == Some(true)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dialect {
+    Postgres,
+    Mysql,
+}
+
+impl Dialect {
+    /// How operators call it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dialect::Postgres => "PostgreSQL",
+            Dialect::Mysql => "MySQL",
+        }
+    }
+
+    /// The preset that serves this dialect.
+    pub fn preset(self) -> Preset {
+        match self {
+            Dialect::Postgres => Preset::Postgres,
+            Dialect::Mysql => Preset::Mysql,
+        }
+    }
 }
 
 /// The ecosystem layer: infrastructure shared by the services of a host.
@@ -481,7 +583,7 @@ pub struct Infrastructure {
 
 /// One infrastructure service: a preset (`postgres`, `redis`) or a full requirement in
 /// seed 001's `IServiceRequirement` shape; either may point at an `external` server.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct InfraService {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -523,6 +625,8 @@ pub struct InfraService {
 pub enum Preset {
     Postgres,
     Redis,
+    /// MariaDB (or MySQL): `mariadbd`, else `mysqld`.
+    Mysql,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -628,8 +732,23 @@ mod schema_drift {
                 timeout: Some(Span::parse("10m").unwrap()),
             }),
             infrastructure: Some(ServiceInfrastructure {
-                database: Some(true),
-                redis: Some(true),
+                database: Some(if name == "nix" {
+                    Need::Spec(DatabaseNeed {
+                        dedicated: Some(true),
+                        dialect: Some(Dialect::Mysql),
+                        port: Some(3307),
+                    })
+                } else {
+                    Need::Flag(true)
+                }),
+                redis: Some(if name == "nix" {
+                    Need::Spec(RedisNeed {
+                        dedicated: Some(true),
+                        port: Some(6380),
+                    })
+                } else {
+                    Need::Flag(true)
+                }),
                 services: [("search".to_owned(), infra_service())].into(),
             }),
             rollout: Some(policy()),

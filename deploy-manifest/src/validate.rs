@@ -241,8 +241,28 @@ fn check_rules(m: &Manifest, origin: &str) -> Result<(), Invalid> {
         .map(|n| (n.to_string(), format!("infrastructure.services.{n}")))
         .collect();
     for (i, s) in m.services.iter().enumerate() {
-        for req in s.infrastructure.iter().flat_map(|r| r.services.keys()) {
-            let here = format!("services[{i}] ({}).infrastructure.services.{req}", s.name);
+        let Some(infra) = &s.infrastructure else {
+            continue;
+        };
+        // A dedicated database or Redis runs as `<service>-database` / `<service>-redis`.
+        let dedicated = [
+            ("database", infra.database().is_some_and(|d| d.dedicated())),
+            ("redis", infra.redis().is_some_and(|r| r.dedicated())),
+        ];
+        let owned = dedicated
+            .iter()
+            .filter(|(_, on)| *on)
+            .map(|(what, _)| {
+                (
+                    *what,
+                    format!("services[{i}] ({}).infrastructure.{what}", s.name),
+                )
+            })
+            .chain(infra.services.keys().map(|req| {
+                let here = format!("services[{i}] ({}).infrastructure.services.{req}", s.name);
+                (req.as_str(), here)
+            }));
+        for (req, here) in owned {
             let full = format!("{}-{req}", s.name);
             if let Some(other) = infra_names.insert(full.clone(), here.clone()) {
                 problems.push(Problem {
@@ -253,6 +273,15 @@ fn check_rules(m: &Manifest, origin: &str) -> Result<(), Invalid> {
                 });
             }
         }
+    }
+    if let Some(cycle) = dependency_cycle(m) {
+        problems.push(Problem {
+            field: "infrastructure".into(),
+            message: format!(
+                "dependsOn goes round in a circle ({}); nothing in it could start first",
+                cycle.join(" -> ")
+            ),
+        });
     }
     let labels = m.rollout.as_ref().map(|r| &r.labels);
     if let Some(policy) = m.rollout.as_ref().and_then(|r| r.policy.as_ref()) {
@@ -277,6 +306,60 @@ fn check_rules(m: &Manifest, origin: &str) -> Result<(), Invalid> {
         }
     }
     Invalid::check(origin, problems)
+}
+
+/// A circle in the infrastructure's `dependsOn` (shared services by name, a service's own
+/// requirements as `<service>-<req>`, whose `dependsOn` names a sibling first), if any.
+fn dependency_cycle(m: &Manifest) -> Option<Vec<String>> {
+    let mut edges: std::collections::BTreeMap<String, Vec<String>> = m
+        .infrastructure
+        .iter()
+        .flat_map(|i| &i.services)
+        .map(|(n, s)| (n.clone(), s.depends_on.clone()))
+        .collect();
+    for s in &m.services {
+        for infra in s.infrastructure.iter() {
+            for (req, spec) in &infra.services {
+                let deps = spec
+                    .depends_on
+                    .iter()
+                    .map(|d| match infra.services.contains_key(d) {
+                        true => format!("{}-{d}", s.name),
+                        false => d.clone(),
+                    });
+                edges.insert(format!("{}-{req}", s.name), deps.collect());
+            }
+        }
+    }
+    // Depth first; `path` is the chain being walked, `done` what has no circle below it.
+    fn walk(
+        n: &str,
+        edges: &std::collections::BTreeMap<String, Vec<String>>,
+        path: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(i) = path.iter().position(|p| p == n) {
+            let mut cycle = path[i..].to_vec();
+            cycle.push(n.to_owned());
+            return Some(cycle);
+        }
+        if done.contains(n) {
+            return None;
+        }
+        path.push(n.to_owned());
+        for d in edges.get(n).into_iter().flatten() {
+            if let Some(c) = walk(d, edges, path, done) {
+                return Some(c);
+            }
+        }
+        path.pop();
+        done.insert(n.to_owned());
+        None
+    }
+    let mut done = BTreeSet::new();
+    edges
+        .keys()
+        .find_map(|n| walk(n, &edges, &mut Vec::new(), &mut done))
 }
 
 /// A rollout policy's waves: each says which hosts it takes in exactly one way, names only
@@ -359,9 +442,21 @@ pub fn reserved_service_name(name: &str) -> Option<&'static str> {
     }
 }
 
-/// Why a service with `database: true` may not be called `name` (its role and database are
-/// named after it), if it may not: Postgres's own role and databases.
-pub fn reserved_database_name(name: &str) -> Option<&'static str> {
+/// Why a service with a database of `dialect` may not be called `name` (its user and
+/// database are named after it), if it may not: the server's own users and databases.
+pub fn reserved_database_name(name: &str, dialect: crate::model::Dialect) -> Option<&'static str> {
+    if dialect == crate::model::Dialect::Mysql {
+        return match name {
+            "mysql" | "sys" | "information_schema" | "performance_schema" => {
+                Some("it is one of MySQL's own databases")
+            }
+            "root" => Some("\"root\" is MySQL's administrator"),
+            _ if name.starts_with("mariadb") => {
+                Some("names starting with \"mariadb\" are MariaDB's own accounts")
+            }
+            _ => None,
+        };
+    }
     if name == "postgres" {
         Some("\"postgres\" is the PostgreSQL superuser and its maintenance database")
     } else if name.starts_with("template") {
@@ -540,15 +635,34 @@ fn isolation_rules(s: &crate::model::Service, at: &str, problems: &mut Vec<Probl
             ),
         );
     }
-    let database = s.infrastructure.as_ref().and_then(|i| i.database) == Some(true);
-    if database && let Some(why) = reserved_database_name(&s.name) {
+    let database = s.infrastructure.as_ref().and_then(|i| i.database());
+    if let Some(db) = &database
+        && let Some(why) = reserved_database_name(&s.name, db.dialect())
+    {
         problem(
             format!("{at}.infrastructure.database"),
             format!(
-                "a service named {:?} cannot have \"database\": true: {why}; rename the service",
-                s.name
+                "a service named {:?} cannot have a {} database: {why}; rename the service",
+                s.name,
+                db.dialect().name()
             ),
         );
+    }
+    let redis = s.infrastructure.as_ref().and_then(|i| i.redis());
+    let shared_port = [
+        (
+            "database",
+            database.as_ref().map(|d| (d.dedicated(), d.port)),
+        ),
+        ("redis", redis.as_ref().map(|r| (r.dedicated(), r.port))),
+    ];
+    for (what, need) in shared_port {
+        if let Some((false, Some(_))) = need {
+            problem(
+                format!("{at}.infrastructure.{what}.port"),
+                "a port is for a dedicated server (\"dedicated\": true); a shared one's port is its preset's".into(),
+            );
+        }
     }
     if let Some(path) = &s.env_file
         && !env_file_fits(&s.name, path)
@@ -780,6 +894,82 @@ mod tests {
                 "services[0] (a).infrastructure.services.b: runs as infrastructure service \"a-b\", which is also infrastructure.services.a-b; rename one of them"
             ]
         );
+    }
+
+    /// The shorthand objects: a dedicated server is `<service>-database` / `<service>-redis`
+    /// (so it cannot share a name with a requirement), a port is for a dedicated server
+    /// only, and a MySQL database may not take MySQL's own names.
+    #[test]
+    fn database_and_redis_objects() {
+        let with = |name: &str, infra: Value| {
+            let mut s = seed_service();
+            s["name"] = json!(name);
+            s["envFile"] = json!(format!("/var/lib/deployer-secrets/{name}.env"));
+            s["infrastructure"] = infra;
+            json!({"schemaVersion": 1, "services": [s]})
+        };
+        let ok = with(
+            "a",
+            json!({"database": {"dedicated": true, "dialect": "mysql", "port": 3307},
+                   "redis": {"dedicated": true}}),
+        );
+        assert_eq!(problems(ok), Vec::<String>::new());
+        let p = problems(with(
+            "a",
+            json!({"database": {"dedicated": true},
+                   "services": {"database": {"command": ["/bin/true"]}}}),
+        ));
+        assert_eq!(
+            p,
+            [
+                "services[0] (a).infrastructure.services.database: runs as infrastructure service \"a-database\", which is also services[0] (a).infrastructure.database; rename one of them"
+            ]
+        );
+        let p = problems(with("a", json!({"redis": {"port": 6380}})));
+        assert_eq!(
+            p,
+            [
+                "services[0] (a).infrastructure.redis.port: a port is for a dedicated server (\"dedicated\": true); a shared one's port is its preset's"
+            ]
+        );
+        for name in ["mysql", "sys", "root", "mariadb-sys"] {
+            let p = problems(with(name, json!({"database": {"dialect": "mysql"}})));
+            assert!(
+                p.iter().any(|m| m.contains("cannot have a MySQL database")),
+                "{name}: {p:?}"
+            );
+        }
+        // `postgres` is fine for MySQL, not for PostgreSQL.
+        assert!(problems(with("postgres", json!({"database": {"dialect": "mysql"}}))).is_empty());
+        assert!(!problems(with("postgres", json!({"database": true}))).is_empty());
+        // Neither form takes what it does not know.
+        for bad in [
+            json!({"database": {"dedicate": true}}),
+            json!({"redis": "yes"}),
+            json!({"database": {"dialect": "oracle"}}),
+        ] {
+            assert!(!problems(with("a", bad.clone())).is_empty(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn dependency_circles_are_refused() {
+        let p = problems(json!({"schemaVersion": 1, "services": [],
+            "infrastructure": {"services": {
+                "a": {"command": ["/bin/a"], "dependsOn": ["b"]},
+                "b": {"command": ["/bin/b"], "dependsOn": ["a"]}}}}));
+        assert_eq!(
+            p,
+            [
+                "infrastructure: dependsOn goes round in a circle (a -> b -> a); nothing in it could start first"
+            ]
+        );
+        let mut s = seed_service();
+        s["infrastructure"] = json!({"services": {
+            "x": {"command": ["/bin/x"], "dependsOn": ["y"]},
+            "y": {"command": ["/bin/y"], "dependsOn": ["x"]}}});
+        let p = problems(json!({"schemaVersion": 1, "services": [s]}));
+        assert!(p.iter().any(|m| m.contains("circle")), "{p:?}");
     }
 
     #[test]

@@ -106,6 +106,9 @@ pub struct InfraStep {
     /// Its declaration (full runs; an unchanged manifest repairs from the state alone).
     #[serde(skip)]
     pub spec: Option<InfraService>,
+    /// The ports the state keeps for it: a dedicated server's, picked once.
+    #[serde(rename = "ports", skip_serializing_if = "BTreeMap::is_empty")]
+    pub keep_ports: BTreeMap<String, u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -369,23 +372,6 @@ fn known_units(state: &State) -> BTreeSet<&str> {
         .collect()
 }
 
-/// The infrastructure declared in `manifest`, shared first (owned requirements may depend
-/// on it), then each service's own (`<service>-<req>`).
-fn infra_specs<'m>(manifest: &'m Manifest, host: &str) -> Vec<(String, &'m InfraService)> {
-    let shared = manifest
-        .infrastructure
-        .iter()
-        .flat_map(|i| &i.services)
-        .map(|(name, spec)| (name.clone(), spec));
-    let owned = desired(manifest, host).into_iter().flat_map(|s| {
-        s.infrastructure
-            .iter()
-            .flat_map(|i| &i.services)
-            .map(|(req, spec)| (names::owned_infra(&s.name, req), spec))
-    });
-    shared.chain(owned).collect()
-}
-
 /// The plan for `manifest`, new or changed since the last run.
 pub async fn plan<H: Host>(
     manifest: &Manifest,
@@ -404,9 +390,10 @@ pub async fn plan<H: Host>(
     // or, of a service that may be served by them, once that service is healthy again.
     let known = known_units(state);
     let found = found_units(host).await;
-    let infra_units: Vec<String> = infra_specs(manifest, me)
+    let host_specs = infra::host_specs(manifest, me, &state.infra);
+    let infra_units: Vec<String> = host_specs
         .iter()
-        .map(|(name, _)| names::infra_unit(name))
+        .map(|h| names::infra_unit(&h.name))
         .collect();
     let seen = Seen::ask(
         host,
@@ -572,35 +559,52 @@ pub async fn plan<H: Host>(
         .flatten()
         .collect();
     let mut steps = Vec::new();
-    for (name, spec) in infra_specs(manifest, me) {
+    for infra::HostSpec {
+        name,
+        mut spec,
+        keeps_port,
+    } in host_specs
+    {
         if spec.external.is_some() || !wanted.contains(&name) {
             continue;
         }
         let unit = names::infra_unit(&name);
         let ready = deploying.contains(name.as_str());
-        let step = match state.infra.get(&name).filter(|_| !ready) {
+        let recorded = state.infra.get(&name).filter(|_| !ready);
+        // A dedicated server gets its port once, here; the state keeps it.
+        let picked = match keeps_port && spec.ports.is_empty() && recorded.is_none() {
+            true => ports.allocate(host).map(|p| {
+                spec.ports.insert("tcp".to_owned(), p);
+            }),
+            false => Ok(()),
+        };
+        let keep_ports = match keeps_port {
+            true => spec.ports.clone(),
+            false => BTreeMap::new(),
+        };
+        let step = match recorded {
             Some(recorded) => InfraStep {
                 condition: condition(host, &seen, &recorded.unit, &text_hash(&recorded.unit_file))
                     .await,
                 unit_file: recorded.unit_file.clone(),
                 ready,
-                ..infra_step(&name, &recorded.unit, spec)
+                ..infra_step(&name, &recorded.unit, &spec)
             },
-            None => match infra::unit_file(&name, spec, config) {
+            None => match picked.and_then(|()| infra::unit_file(&name, &spec, config)) {
                 Ok(unit_file) => InfraStep {
                     condition: condition(host, &seen, &unit, &text_hash(&unit_file)).await,
                     unit_file,
                     ready,
-                    ..infra_step(&name, &unit, spec)
+                    ..infra_step(&name, &unit, &spec)
                 },
                 Err(e) => InfraStep {
                     error: Some(e.to_string()),
                     ready,
-                    ..infra_step(&name, &unit, spec)
+                    ..infra_step(&name, &unit, &spec)
                 },
             },
         };
-        steps.push(Step::Infra(Box::new(step)));
+        steps.push(Step::Infra(Box::new(InfraStep { keep_ports, ..step })));
     }
     steps.extend(services);
     for (name, entry) in &state.services {
@@ -656,6 +660,7 @@ fn infra_step(name: &str, unit: &str, spec: &InfraService) -> InfraStep {
         error: None,
         unit_file: String::new(),
         spec: Some(spec.clone()),
+        keep_ports: BTreeMap::new(),
     }
 }
 
@@ -930,6 +935,7 @@ impl Ports {
             .flatten()
             .filter_map(|g| g.route.as_ref().map(|r| r.port))
             .chain(generations)
+            .chain(state.infra.values().flat_map(|i| i.ports.values().copied()))
             .collect();
         Ports { used, range }
     }
@@ -959,6 +965,7 @@ pub async fn plan_unchanged<H: Host>(state: &State, host: &H) -> Plan {
             error: None,
             unit_file: recorded.unit_file.clone(),
             spec: None,
+            keep_ports: recorded.ports.clone(),
         })));
     }
     for (name, entry) in &state.services {

@@ -811,6 +811,127 @@ async fn infrastructure_starts_before_its_dependants_is_repaired_and_stopped_whe
     assert!(b.state.orphans.iter().any(|o| o.contains("a-worker")));
 }
 
+/// `dependsOn` orders the start (and readiness) of infrastructure, transitively: a service
+/// needs what its infrastructure needs, and each starts after what it depends on, whatever
+/// the names' order.
+#[tokio::test]
+async fn infrastructure_starts_in_dependency_order() {
+    let mut b = Bench::new(false);
+    let shared = json!({"services": {
+        "db": {"command": ["/bin/db"], "dependsOn": ["vault"]},
+        "vault": {"command": ["/bin/vault"]},
+        "unused": {"command": ["/bin/unused"]}}});
+    let own = json!({"infrastructure": {"services": {
+        "a-side": {"command": ["/bin/side"], "dependsOn": ["b-side"]},
+        "b-side": {"command": ["/bin/b"], "dependsOn": ["db"]}}}});
+    let m = manifest(&[("a", "/nix/store/a-v1", own)], shared);
+    let (plan, report) = b.run(&m).await;
+    assert_eq!(
+        kinds(&plan),
+        [
+            "infra vault",
+            "infra db",
+            "infra a-b-side",
+            "infra a-a-side",
+            "deploy a"
+        ]
+    );
+    assert_eq!(
+        deploy(&plan, "a").infra,
+        ["a-a-side", "a-b-side", "db", "vault"]
+    );
+    assert!(report.ok(), "{report:?}");
+    let log = b.host().world().log.clone();
+    let at = |unit: &str| {
+        log.iter()
+            .position(|l| l == &format!("restart {unit}"))
+            .unwrap_or_else(|| panic!("{unit} started: {log:?}"))
+    };
+    assert!(at("deployer-infra-vault.service") < at("deployer-infra-db.service"));
+    assert!(at("deployer-infra-db.service") < at("deployer-infra-a-b-side.service"));
+    assert!(at("deployer-infra-a-a-side.service") < at("a.service"));
+    assert!(!b.active("deployer-infra-unused.service"));
+}
+
+/// A dedicated server (`redis: {"dedicated": true}`) is infrastructure of the service's
+/// own: its port is picked once from the free range, kept in the state, and the service
+/// is connected to that port, run after run; two services get two servers.
+#[tokio::test]
+async fn a_dedicated_server_gets_a_port_once_and_keeps_it() {
+    let mut b = Bench::new(false);
+    let own = |v: &str| json!({"env": {"V": v}, "infrastructure": {"redis": {"dedicated": true}}});
+    let m = manifest(
+        &[
+            ("a", "/nix/store/a-v1", own("1")),
+            ("b", "/nix/store/b-v1", own("1")),
+        ],
+        Value::Null,
+    );
+    let (plan, report) = b.run(&m).await;
+    assert_eq!(
+        kinds(&plan),
+        ["infra a-redis", "infra b-redis", "deploy a", "deploy b"]
+    );
+    assert!(report.ok(), "{report:?}");
+    let port = |b: &Bench, name: &str| b.state.infra[name].ports["tcp"];
+    let (pa, pb) = (port(&b, "a-redis"), port(&b, "b-redis"));
+    assert_ne!(pa, pb, "two servers, two ports");
+    assert!((20000..=20003).contains(&pa) && (20000..=20003).contains(&pb));
+    let unit = b.file("deployer-infra-a-redis.service").unwrap();
+    assert!(unit.contains(&format!("\"--port\" \"{pa}\"")), "{unit}");
+    assert!(unit.contains("redis.conf"), "password-protected: {unit}");
+    let log = b.host().world().log.clone();
+    assert!(
+        log.contains(&format!("env a: redis a-redis:{pa}")),
+        "{log:?}"
+    );
+    assert!(
+        log.contains(&format!("env b: redis b-redis:{pb}")),
+        "{log:?}"
+    );
+
+    // Another deploy of a: the same server, on the same port, untouched.
+    b.host().world().log.clear();
+    let m = manifest(
+        &[
+            ("a", "/nix/store/a-v1", own("2")),
+            ("b", "/nix/store/b-v1", own("1")),
+        ],
+        Value::Null,
+    );
+    let (plan, report) = b.run(&m).await;
+    assert_eq!(
+        kinds(&plan),
+        ["infra a-redis", "infra b-redis", "deploy a", "keep b"]
+    );
+    assert_eq!(report.infra["a-redis"], InfraOutcome::Running, "{report:?}");
+    assert_eq!(port(&b, "a-redis"), pa);
+    let log = b.host().world().log.clone();
+    assert!(
+        log.contains(&format!("env a: redis a-redis:{pa}")),
+        "{log:?}"
+    );
+    assert!(
+        !log.iter().any(|l| l.contains("restart deployer-infra")),
+        "{log:?}"
+    );
+
+    // Without it, the server stops (its data stays) and its port is free again.
+    let m = manifest(
+        &[
+            ("a", "/nix/store/a-v1", json!({})),
+            ("b", "/nix/store/b-v1", own("1")),
+        ],
+        Value::Null,
+    );
+    let (plan, _) = b.run(&m).await;
+    assert!(
+        kinds(&plan).contains(&"stop-infra a-redis".to_owned()),
+        "{plan:?}"
+    );
+    assert!(!b.state.infra.contains_key("a-redis"));
+}
+
 #[tokio::test]
 async fn infrastructure_that_does_not_start_holds_back_its_dependants_only() {
     let mut b = Bench::new(false);

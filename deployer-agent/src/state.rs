@@ -135,6 +135,10 @@ impl Histogram {
 pub struct InfraState {
     pub unit: String,
     pub unit_file: String,
+    /// The ports it was started with, where the agent picked them (a dedicated server
+    /// without a declared port keeps its port from run to run).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports: BTreeMap<String, u16>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -915,6 +919,7 @@ mod tests {
                 InfraState {
                     unit: "deployer-infra-db.service".into(),
                     unit_file: "[Unit]\n".into(),
+                    ports: [("tcp".to_owned(), 20001)].into(),
                 },
             )]
             .into(),

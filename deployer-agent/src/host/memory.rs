@@ -413,12 +413,32 @@ impl Host for MemoryHost {
         Ok(())
     }
 
+    /// Logs where the service's database and Redis answer (`env <service>: database
+    /// <name>:<port>`), as the real host would connect.
     fn app_env(
         &self,
-        _service: &Service,
-        _manifest: &Manifest,
+        service: &Service,
+        manifest: &Manifest,
+        infra: &BTreeMap<String, InfraService>,
         _indexes: &mut BTreeMap<String, u32>,
     ) -> Result<Option<PathBuf>, AgentError> {
+        let binding = crate::infra::binding(service, manifest)?;
+        let at = |name: &String| {
+            let port = infra
+                .get(name)
+                .map(|spec| crate::infra::endpoint(name, spec))
+                .and_then(|ep| ep.port());
+            format!(
+                "{name}:{}",
+                port.map_or("none".to_owned(), |p| p.to_string())
+            )
+        };
+        if let Some((name, _)) = &binding.database {
+            self.log(format!("env {}: database {}", service.name, at(name)));
+        }
+        if let Some((name, _)) = &binding.redis {
+            self.log(format!("env {}: redis {}", service.name, at(name)));
+        }
         Ok(None)
     }
 

@@ -87,11 +87,13 @@ pub trait Host {
     fn prepare_infra(&self, name: &str, spec: &InfraService) -> Result<(), AgentError>;
     /// Provision what `service` declares on top of its infrastructure (database and role,
     /// Redis index, resolved templates) and write its generated env file; that file, if
-    /// there is anything in it. `indexes` is the state's copy of the Redis indexes.
+    /// there is anything in it. `infra`: this host's infrastructure as it runs
+    /// ([`crate::infra::host_specs`]); `indexes` is the state's copy of the Redis indexes.
     fn app_env(
         &self,
         service: &Service,
         manifest: &Manifest,
+        infra: &std::collections::BTreeMap<String, InfraService>,
         indexes: &mut std::collections::BTreeMap<String, u32>,
     ) -> Result<Option<PathBuf>, AgentError>;
     /// Whether a database of `service`'s was provisioned here (its password is kept).

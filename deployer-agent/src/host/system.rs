@@ -269,13 +269,21 @@ impl<M: ServiceManager> Host for SystemHost<M> {
     }
 
     fn prepare_infra(&self, name: &str, spec: &InfraService) -> Result<(), AgentError> {
-        infra::prepare(name, spec, &self.config.state_dir, !self.config.user)
+        infra::prepare(
+            name,
+            spec,
+            &self.config.state_dir,
+            &self.config.secrets_dir,
+            self.owner_uid(),
+            !self.config.user,
+        )
     }
 
     fn app_env(
         &self,
         service: &Service,
         manifest: &Manifest,
+        infra: &BTreeMap<String, InfraService>,
         indexes: &mut BTreeMap<String, u32>,
     ) -> Result<Option<PathBuf>, AgentError> {
         let layer = infra::AppLayer {
@@ -283,11 +291,13 @@ impl<M: ServiceManager> Host for SystemHost<M> {
             state_dir: &self.config.state_dir,
             owner_uid: self.owner_uid(),
         };
-        layer.app_env(service, manifest, indexes)
+        layer.app_env(service, manifest, infra, indexes)
     }
 
     fn has_database(&self, service: &str) -> bool {
-        infra::password_path(&self.config.secrets_dir, service).exists()
+        infra::password_paths(&self.config.secrets_dir, service)
+            .iter()
+            .any(|p| p.exists())
     }
 
     async fn wait_healthy(
@@ -347,7 +357,12 @@ impl<M: ServiceManager> Host for SystemHost<M> {
                     .collect()
             })
             .unwrap_or_default();
-        own.push(infra::password_path(&self.config.secrets_dir, service));
+        // Its database password, and its own Redis's.
+        own.extend(infra::password_paths(&self.config.secrets_dir, service));
+        own.push(infra::redis_password_path(
+            &self.config.secrets_dir,
+            &infra::dedicated_name(service, "redis"),
+        ));
         for path in own {
             if let Some(text) = read(&path)? {
                 values.extend(crate::evidence::secret_values(&text));

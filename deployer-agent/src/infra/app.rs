@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use deploy_manifest::model::{Manifest, Preset, Service};
+use deploy_manifest::model::{Dialect, InfraService, Manifest, Service};
 
 use super::redis::{redis_index, redis_url};
 use super::{Endpoint, endpoint, err};
@@ -18,8 +18,43 @@ fn generated_dir(secrets_dir: &Path) -> PathBuf {
 }
 
 /// Where the database password the agent generated for `service` is kept.
-pub fn password_path(secrets_dir: &Path, service: &str) -> PathBuf {
-    generated_dir(secrets_dir).join(format!("{service}.postgres-password"))
+pub fn password_path(secrets_dir: &Path, service: &str, dialect: Dialect) -> PathBuf {
+    let kind = match dialect {
+        Dialect::Postgres => "postgres",
+        Dialect::Mysql => "mysql",
+    };
+    generated_dir(secrets_dir).join(format!("{service}.{kind}-password"))
+}
+
+/// Every database password the agent may keep for `service`.
+pub fn password_paths(secrets_dir: &Path, service: &str) -> [PathBuf; 2] {
+    [Dialect::Postgres, Dialect::Mysql].map(|d| password_path(secrets_dir, service, d))
+}
+
+/// Where the password of a password-protected Redis `infra_name` is kept.
+pub fn redis_password_path(secrets_dir: &Path, infra_name: &str) -> PathBuf {
+    generated_dir(secrets_dir).join(format!("infra-{infra_name}.redis-password"))
+}
+
+/// A new password: 24 random bytes, hex.
+pub fn new_password() -> Result<String, AgentError> {
+    let mut bytes = [0u8; 24];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .map_err(|e| err("password", format!("reading /dev/urandom: {e}")))?;
+    Ok(deploy_manifest::hex(&bytes))
+}
+
+/// The password kept in `path` (checked like every secret file), if there is one.
+pub fn read_password(path: &Path, owner_uid: u32) -> Result<Option<String>, AgentError> {
+    match crate::secrets::read_checked(path, owner_uid) {
+        Ok(p) => Ok(Some(p.trim().to_owned()).filter(|p| !p.is_empty())),
+        Err(crate::secrets::Refusal::Missing) => Ok(None),
+        Err(r) => Err(err(
+            "password",
+            format!("{}: {}", path.display(), r.explain(path, owner_uid)),
+        )),
+    }
 }
 
 /// The connection URL env vars of `service` (`DATABASE_URL`, `REDIS_URL`), creating its
@@ -34,58 +69,81 @@ pub struct AppLayer<'a> {
 
 impl AppLayer<'_> {
     /// Everything `service` gets from its infrastructure, resolved (the infrastructure
-    /// itself started already): `DATABASE_URL` (creating its role and database),
-    /// `REDIS_URL` (assigning its index; `indexes` is the state's copy, Redis wins), the
-    /// env of its own requirements and its templated env values, written to its generated
-    /// env file. That file, if there is anything in it.
+    /// itself started already; `infra` is this host's, as it runs: [`super::host_specs`]):
+    /// `DATABASE_URL` (creating its user and database), `REDIS_URL` (assigning its index
+    /// in a shared Redis; `indexes` is the state's copy, Redis wins), the env of its own
+    /// requirements and its templated env values, written to its generated env file. That
+    /// file, if there is anything in it.
     pub fn app_env(
         &self,
         service: &Service,
         manifest: &Manifest,
+        infra: &BTreeMap<String, InfraService>,
         indexes: &mut BTreeMap<String, u32>,
     ) -> Result<Option<PathBuf>, AgentError> {
         // A reserved name (`deployer`, `infra-*`) would reach the agent's own files.
         crate::secrets::check_service_name(&service.name, self.secrets_dir)?;
-        let eco = manifest.infrastructure.as_ref().map(|i| &i.services);
-        let find = |preset: Preset| {
-            eco.and_then(|e| e.iter().find(|(_, s)| s.preset == Some(preset)))
-                .map(|(name, spec)| (name, endpoint(name, spec)))
+        let binding = super::binding(service, manifest)?;
+        let at = |name: &str| {
+            let spec = infra
+                .get(name)
+                .ok_or_else(|| err(name, "is not declared for this host"))?;
+            let ep = endpoint(name, spec);
+            match ep.port() {
+                Some(_) => Ok((spec, ep)),
+                None => Err(err(name, "has no port yet; the next run gives it one")),
+            }
         };
         let mut vars = BTreeMap::new();
-        if let Some(req) = &service.infrastructure {
-            if req.database == Some(true)
-                && let Some((name, ep)) = find(Preset::Postgres)
-            {
-                vars.insert(
-                    "DATABASE_URL".to_owned(),
-                    self.database_url(&service.name, &ep, name)?,
-                );
-            }
-            if req.redis == Some(true)
-                && let Some((_, ep)) = find(Preset::Redis)
-            {
-                let (index, in_redis) = redis_index(&ep, &service.name, indexes)?;
-                for (name, i) in in_redis {
-                    if name == service.name || indexes.contains_key(&name) {
-                        indexes.insert(name, i);
+        if let Some((name, dialect)) = &binding.database {
+            let (_, ep) = at(name)?;
+            let url = match dialect {
+                Dialect::Postgres => self.database_url(&service.name, &ep, name)?,
+                Dialect::Mysql => self.mysql_url(&service.name, &ep, name)?,
+            };
+            vars.insert("DATABASE_URL".to_owned(), url);
+        }
+        if let Some((name, dedicated)) = &binding.redis {
+            let (spec, ep) = at(name)?;
+            let password = match super::redis::password_wanted(spec) {
+                true => Some(self.redis_password(name)?),
+                false => None,
+            };
+            // Its own server is all the service's: DB 0. A shared one gives an index.
+            let index = match dedicated {
+                true => 0,
+                false => {
+                    let (index, in_redis) =
+                        redis_index(&ep, password.as_deref(), &service.name, indexes)?;
+                    for (name, i) in in_redis {
+                        if name == service.name || indexes.contains_key(&name) {
+                            indexes.insert(name, i);
+                        }
                     }
+                    index
                 }
-                vars.insert("REDIS_URL".to_owned(), redis_url(&ep, index));
-            }
-            for (rname, spec) in &req.services {
-                let ep = endpoint(&crate::names::owned_infra(&service.name, rname), spec);
-                for (k, v) in &spec.env {
-                    let (value, _) = resolve(
-                        &service.name,
-                        k,
-                        v,
-                        Some(&ep),
-                        &spec.secrets,
-                        self.secrets_dir,
-                        self.owner_uid,
-                    )?;
-                    vars.insert(k.clone(), value);
-                }
+            };
+            vars.insert(
+                "REDIS_URL".to_owned(),
+                redis_url(&ep, password.as_deref(), index),
+            );
+        }
+        for (_, full) in &binding.owned {
+            let spec = infra
+                .get(full)
+                .ok_or_else(|| err(full, "is not declared for this host"))?;
+            let ep = endpoint(full, spec);
+            for (k, v) in &spec.env {
+                let (value, _) = resolve(
+                    &service.name,
+                    k,
+                    v,
+                    Some(&ep),
+                    &spec.secrets,
+                    self.secrets_dir,
+                    self.owner_uid,
+                )?;
+                vars.insert(k.clone(), value);
             }
         }
         for (k, v) in &service.env {
@@ -103,6 +161,47 @@ impl AppLayer<'_> {
             }
         }
         self.write_env(&service.name, &vars)
+    }
+
+    /// The password this host's agent generated for `service`'s database, if it keeps one.
+    pub(super) fn kept_password(
+        &self,
+        service: &str,
+        dialect: Dialect,
+    ) -> Result<Option<String>, AgentError> {
+        self.generated_dir()?;
+        read_password(
+            &password_path(self.secrets_dir, service, dialect),
+            self.owner_uid,
+        )
+    }
+
+    /// The password of the password-protected Redis `infra_name` (made when it was
+    /// prepared, before it started).
+    fn redis_password(&self, infra_name: &str) -> Result<String, AgentError> {
+        let path = redis_password_path(self.secrets_dir, infra_name);
+        read_password(&path, self.owner_uid)?.ok_or_else(|| {
+            err(
+                infra_name,
+                format!(
+                    "{} is missing; the next run that starts it makes one",
+                    path.display()
+                ),
+            )
+        })
+    }
+
+    /// Keep `password` for `service`'s database (mode 600), once it was set.
+    pub(super) fn keep_password(
+        &self,
+        service: &str,
+        dialect: Dialect,
+        password: &str,
+    ) -> Result<(), AgentError> {
+        self.generated_dir()?;
+        let path = password_path(self.secrets_dir, service, dialect);
+        deploy_manifest::fsutil::write_atomically(&path, password.as_bytes(), 0o600)
+            .map_err(|e| err(service, format!("{}: {e}", path.display())))
     }
 
     pub(super) fn generated_dir(&self) -> Result<PathBuf, AgentError> {

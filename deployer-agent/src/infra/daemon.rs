@@ -59,8 +59,15 @@ fn preset_account(preset: Option<Preset>) -> Option<&'static str> {
     match preset {
         Some(Preset::Postgres) => Some("postgres"),
         Some(Preset::Redis) => Some("redis"),
+        Some(Preset::Mysql) => Some("mysql"),
         None => None,
     }
+}
+
+/// The config file of a password-protected Redis: it holds the password, so it is the
+/// server's account's alone (0600), in its directory, never on a command line.
+fn redis_conf(root: &Path) -> PathBuf {
+    root.join("redis.conf")
 }
 
 /// `lchown` everything under `dir` (never following a symlink).
@@ -84,6 +91,7 @@ fn command(
     spec: &InfraService,
     ep: &Endpoint,
     state_dir: &Path,
+    system: bool,
 ) -> Result<(Vec<String>, PathBuf), AgentError> {
     let root = crate::names::infra_dir(state_dir, name);
     let data = root.join("data");
@@ -100,19 +108,32 @@ fn command(
             "-c".into(),
             "listen_addresses=127.0.0.1".into(),
         ],
-        Some(Preset::Redis) => vec![
-            "/usr/bin/redis-server".to_owned(),
-            "--port".into(),
-            port,
-            "--bind".into(),
-            "127.0.0.1".into(),
-            "--dir".into(),
-            data.display().to_string(),
-            "--appendonly".into(),
-            "yes".into(),
-            "--daemonize".into(),
-            "no".into(),
-        ],
+        Some(Preset::Redis) => ["/usr/bin/redis-server".to_owned()]
+            .into_iter()
+            .chain(
+                super::redis::password_wanted(spec)
+                    .then(|| redis_conf(&root).display().to_string()),
+            )
+            .chain([
+                "--port".into(),
+                port,
+                "--bind".into(),
+                "127.0.0.1".into(),
+                "--dir".into(),
+                data.display().to_string(),
+                "--appendonly".into(),
+                "yes".into(),
+                "--daemonize".into(),
+                "no".into(),
+            ])
+            .collect(),
+        // A user manager runs it as root: the server switches to its account itself.
+        Some(Preset::Mysql) => super::mysql::server_argv(
+            &root,
+            &data,
+            ep.port().unwrap_or(0),
+            (!system).then_some("mysql"),
+        )?,
         None => {
             let argv = spec.command.clone().ok_or_else(|| {
                 err(
@@ -144,9 +165,9 @@ pub fn unit_file(
 ) -> Result<String, AgentError> {
     let ep = endpoint(name, spec);
     let unit = crate::names::infra_unit(name);
-    let (mut argv, data) = command(name, spec, &ep, &config.state_dir)?;
-    let account = preset_account(spec.preset);
     let system = !config.user;
+    let (mut argv, data) = command(name, spec, &ep, &config.state_dir, system)?;
+    let account = preset_account(spec.preset);
     if !system && spec.preset == Some(Preset::Postgres) {
         // initdb and postgres refuse to run as root.
         let runuser = ["/usr/sbin/runuser", "-u", "postgres", "--"];
@@ -179,12 +200,16 @@ pub fn unit_file(
 }
 
 /// Prepare the data directory of a provisioned infrastructure service before it starts:
-/// owned by the preset's account where it runs as that account (Postgres always, Redis on
-/// the system manager), initdb on the first start of a postgres preset. Idempotent.
+/// owned by the preset's account where it runs as that account (Postgres and MariaDB
+/// always, Redis on the system manager), initdb or mariadb-install-db on the first start,
+/// a password-protected Redis's password (kept in the secrets directory) and config file.
+/// Idempotent.
 pub fn prepare(
     name: &str,
     spec: &InfraService,
     state_dir: &Path,
+    secrets_dir: &Path,
+    owner_uid: u32,
     system: bool,
 ) -> Result<(), AgentError> {
     let root = crate::names::infra_dir(state_dir, name);
@@ -197,7 +222,13 @@ pub fn prepare(
     mkdir(&root, 0o755)?;
     mkdir(&data, 0o700)?;
     let postgres = spec.preset == Some(Preset::Postgres);
-    let Some(owner) = preset_account(spec.preset).filter(|_| system || postgres) else {
+    let mysql = spec.preset == Some(Preset::Mysql);
+    let redis_password = spec.preset == Some(Preset::Redis) && super::redis::password_wanted(spec);
+    let owner = preset_account(spec.preset).filter(|_| system || postgres || mysql);
+    if redis_password {
+        write_redis_conf(name, &root, (secrets_dir, owner_uid), owner)?;
+    }
+    let Some(owner) = owner else {
         return Ok(());
     };
     let run_dir = root.join("run");
@@ -226,6 +257,11 @@ pub fn prepare(
         chown_tree(&data, uid, gid).map_err(|e| err(name, format!("handing over data: {e}")))?;
     }
     chown(&data)?;
+    if mysql {
+        mkdir(&run_dir, 0o755)?;
+        chown(&run_dir)?;
+        return super::mysql::install(name, &root, &data, owner);
+    }
     if !postgres {
         return Ok(());
     }
@@ -249,6 +285,45 @@ pub fn prepare(
                 .arg(&data),
             None,
         )?;
+    }
+    Ok(())
+}
+
+/// The password of a password-protected Redis (made once, kept in
+/// `<secrets>/deployer/infra-<name>.redis-password`, mode 600) and the config file that
+/// makes the server require it (rewritten when it differs), the server account's alone.
+fn write_redis_conf(
+    name: &str,
+    root: &Path,
+    (secrets_dir, owner_uid): (&Path, u32),
+    owner: Option<&str>,
+) -> Result<(), AgentError> {
+    let path = super::redis_password_path(secrets_dir, name);
+    let password = match super::app::read_password(&path, owner_uid)? {
+        Some(p) => p,
+        None => {
+            let p = super::app::new_password()?;
+            let dir = path.parent().expect("in the generated directory");
+            std::fs::create_dir_all(dir)
+                .map_err(|e| err(name, format!("{}: {e}", dir.display())))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| err(name, format!("{}: {e}", dir.display())))?;
+            deploy_manifest::fsutil::write_atomically(&path, p.as_bytes(), 0o600)
+                .map_err(|e| err(name, format!("{}: {e}", path.display())))?;
+            p
+        }
+    };
+    let conf = redis_conf(root);
+    let text = format!("# Written by deployer-agent.\nrequirepass \"{password}\"\n");
+    if std::fs::read_to_string(&conf).ok().as_deref() != Some(text.as_str()) {
+        deploy_manifest::fsutil::write_atomically(&conf, text.as_bytes(), 0o600)
+            .map_err(|e| err(name, format!("{}: {e}", conf.display())))?;
+    }
+    if let Some(owner) = owner {
+        let (uid, gid) = crate::accounts::user(owner)
+            .ok_or_else(|| err(name, format!("no `{owner}` system account")))?;
+        std::os::unix::fs::lchown(&conf, Some(uid), Some(gid))
+            .map_err(|e| err(name, format!("chown {}: {e}", conf.display())))?;
     }
     Ok(())
 }

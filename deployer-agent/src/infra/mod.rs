@@ -20,19 +20,21 @@
 
 pub mod app;
 pub mod daemon;
+pub mod mysql;
 pub mod postgres;
 pub mod redis;
 
-pub use app::{AppLayer, password_path};
+pub use app::{AppLayer, password_path, password_paths, redis_password_path};
 pub use daemon::{prepare, unit_file};
 pub use postgres::pg_bin;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use deploy_manifest::model::{InfraService, Manifest, Preset, Service};
+use deploy_manifest::model::{Dialect, InfraService, Manifest, Preset, Service};
 
 use crate::AgentError;
+use crate::state::InfraState;
 
 /// Where an infrastructure service answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,44 +65,240 @@ fn err(what: &str, detail: impl Into<String>) -> AgentError {
     }
 }
 
-/// The infrastructure services `service` needs: the postgres preset for `database`, the
-/// redis preset for `redis`, its own requirements (`<service>-<req>`) and what they depend
-/// on.
-pub fn needs(service: &Service, manifest: &Manifest) -> Result<Vec<String>, AgentError> {
-    let eco = manifest.infrastructure.as_ref().map(|i| &i.services);
-    let find = |preset: Preset| {
-        eco.and_then(|s| {
-            s.iter()
-                .find(|(_, v)| v.preset == Some(preset))
-                .map(|(k, _)| k.clone())
-        })
+/// Which infrastructure service gives `service` what it asks for (seed 001's shorthands).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Binding {
+    /// `database`: the server (a shared preset, or its own `<service>-database`) and its
+    /// dialect.
+    pub database: Option<(String, Dialect)>,
+    /// `redis`: the server (the shared preset, or its own `<service>-redis`) and whether it
+    /// is the service's own (then the whole server, behind a password).
+    pub redis: Option<(String, bool)>,
+    /// Its own requirements: `(req, <service>-<req>)`.
+    pub owned: Vec<(String, String)>,
+}
+
+/// The name of `service`'s dedicated database or Redis server (`what`: `database`,
+/// `redis`), an infrastructure service of its own like its requirements.
+pub fn dedicated_name(service: &str, what: &str) -> String {
+    crate::names::owned_infra(service, what)
+}
+
+/// The shared infrastructure service of `preset`: the first one the manifest declares.
+fn shared(manifest: &Manifest, preset: Preset) -> Option<(&String, &InfraService)> {
+    manifest
+        .infrastructure
+        .as_ref()?
+        .services
+        .iter()
+        .find(|(_, s)| s.preset == Some(preset))
+}
+
+/// What gives `service` its database, Redis and requirements; an error when a shorthand
+/// needs a shared preset the manifest does not declare.
+pub fn binding(service: &Service, manifest: &Manifest) -> Result<Binding, AgentError> {
+    let mut out = Binding::default();
+    let Some(infra) = &service.infrastructure else {
+        return Ok(out);
     };
-    let mut out = Vec::new();
-    if let Some(infra) = &service.infrastructure {
-        if infra.database == Some(true) {
-            out.push(find(Preset::Postgres).ok_or_else(|| {
-                err(
-                    &service.name,
-                    "declares \"database\": true but the manifest's infrastructure.services has no {\"preset\": \"postgres\"}",
-                )
-            })?);
+    let missing = |what: &str, preset: &str| {
+        err(
+            &service.name,
+            format!(
+                "declares a shared {what} but the manifest's infrastructure.services has no {{\"preset\": \"{preset}\"}}; declare one, or give the service its own (\"{what}\": {{\"dedicated\": true}})"
+            ),
+        )
+    };
+    if let Some(db) = infra.database() {
+        let dialect = db.dialect();
+        let name = if db.dedicated() {
+            dedicated_name(&service.name, "database")
+        } else {
+            let preset = dialect.preset();
+            shared(manifest, preset)
+                .ok_or_else(|| missing("database", preset_name(preset)))?
+                .0
+                .clone()
+        };
+        out.database = Some((name, dialect));
+    }
+    if let Some(redis) = infra.redis() {
+        let name = if redis.dedicated() {
+            dedicated_name(&service.name, "redis")
+        } else {
+            shared(manifest, Preset::Redis)
+                .ok_or_else(|| missing("redis", "redis"))?
+                .0
+                .clone()
+        };
+        out.redis = Some((name, redis.dedicated()));
+    }
+    out.owned = infra
+        .services
+        .keys()
+        .map(|req| (req.clone(), crate::names::owned_infra(&service.name, req)))
+        .collect();
+    Ok(out)
+}
+
+fn preset_name(preset: Preset) -> &'static str {
+    match preset {
+        Preset::Postgres => "postgres",
+        Preset::Redis => "redis",
+        Preset::Mysql => "mysql",
+    }
+}
+
+/// The infrastructure services `service` needs: what gives it its database and Redis, its
+/// own requirements (`<service>-<req>`), and everything those depend on, transitively.
+pub fn needs(service: &Service, manifest: &Manifest) -> Result<Vec<String>, AgentError> {
+    let b = binding(service, manifest)?;
+    let mut todo: Vec<String> = b
+        .database
+        .into_iter()
+        .map(|(n, _)| n)
+        .chain(b.redis.into_iter().map(|(n, _)| n))
+        .chain(b.owned.into_iter().map(|(_, n)| n))
+        .collect();
+    let own = service
+        .infrastructure
+        .iter()
+        .flat_map(|i| &i.services)
+        .collect::<BTreeMap<_, _>>();
+    let mut out = std::collections::BTreeSet::new();
+    while let Some(name) = todo.pop() {
+        if !out.insert(name.clone()) {
+            continue;
         }
-        if infra.redis == Some(true) {
-            out.push(find(Preset::Redis).ok_or_else(|| {
-                err(
-                    &service.name,
-                    "declares \"redis\": true but the manifest's infrastructure.services has no {\"preset\": \"redis\"}",
-                )
-            })?);
-        }
-        for (req, spec) in &infra.services {
-            out.extend(spec.depends_on.iter().cloned());
-            out.push(crate::names::owned_infra(&service.name, req));
+        // An own requirement's `dependsOn` names a sibling first, else a shared one; a
+        // shared one's names shared ones.
+        let sibling = own
+            .iter()
+            .find(|(req, _)| crate::names::owned_infra(&service.name, req) == name);
+        match sibling {
+            Some((_, spec)) => todo.extend(spec.depends_on.iter().map(|dep| {
+                if own.contains_key(dep) {
+                    crate::names::owned_infra(&service.name, dep)
+                } else {
+                    dep.clone()
+                }
+            })),
+            None => todo.extend(
+                manifest
+                    .infrastructure
+                    .iter()
+                    .filter_map(|i| i.services.get(&name))
+                    .flat_map(|s| s.depends_on.iter().cloned()),
+            ),
         }
     }
-    out.sort();
-    out.dedup();
-    Ok(out)
+    Ok(out.into_iter().collect())
+}
+
+/// One infrastructure service that may run on a host, as it runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostSpec {
+    pub name: String,
+    pub spec: InfraService,
+    /// A dedicated server without a declared port: the plan picks a free one the first
+    /// time (`spec.ports` is empty until then), and the state keeps it.
+    pub keeps_port: bool,
+}
+
+/// The spec of `service`'s dedicated server of `preset`: its declared port, else the one
+/// it was given when it first started (`recorded`), else none yet. A dedicated Redis is
+/// password-protected (the whole server is the service's).
+fn dedicated_spec(
+    name: String,
+    preset: Preset,
+    port: Option<u16>,
+    recorded: Option<&InfraState>,
+) -> HostSpec {
+    let ports = match (port, recorded) {
+        (Some(p), _) => [("tcp".to_owned(), p)].into(),
+        (None, Some(r)) => r.ports.clone(),
+        (None, None) => BTreeMap::new(),
+    };
+    HostSpec {
+        name,
+        keeps_port: port.is_none(),
+        spec: InfraService {
+            preset: Some(preset),
+            ports,
+            config: (preset == Preset::Redis).then(|| serde_json::json!({"password": true})),
+            ..InfraService::default()
+        },
+    }
+}
+
+/// Every infrastructure service that may run on `host`, as it runs: the shared ones, then
+/// for each service declared here its own requirements (`<service>-<req>`) and dedicated
+/// servers; in start order (what one depends on before it, else as listed). `recorded`
+/// gives a dedicated server without a declared port the one it has.
+pub fn host_specs(
+    manifest: &Manifest,
+    host: &str,
+    recorded: &BTreeMap<String, InfraState>,
+) -> Vec<HostSpec> {
+    let spec = |name: String, spec: &InfraService| HostSpec {
+        name,
+        spec: spec.clone(),
+        keeps_port: false,
+    };
+    let mut all: Vec<(HostSpec, Vec<String>)> = manifest
+        .infrastructure
+        .iter()
+        .flat_map(|i| &i.services)
+        .map(|(name, s)| (spec(name.clone(), s), s.depends_on.clone()))
+        .collect();
+    for s in crate::plan::desired(manifest, host) {
+        let Some(infra) = &s.infrastructure else {
+            continue;
+        };
+        for (req, s_req) in &infra.services {
+            let deps = s_req
+                .depends_on
+                .iter()
+                .map(|dep| match infra.services.contains_key(dep) {
+                    true => crate::names::owned_infra(&s.name, dep),
+                    false => dep.clone(),
+                })
+                .collect();
+            all.push((spec(crate::names::owned_infra(&s.name, req), s_req), deps));
+        }
+        let dedicated = [
+            infra
+                .database()
+                .filter(|d| d.dedicated())
+                .map(|d| ("database", d.dialect().preset(), d.port)),
+            infra
+                .redis()
+                .filter(|r| r.dedicated())
+                .map(|r| ("redis", Preset::Redis, r.port)),
+        ];
+        for (what, preset, port) in dedicated.into_iter().flatten() {
+            let name = dedicated_name(&s.name, what);
+            let recorded = recorded.get(&name);
+            all.push((dedicated_spec(name, preset, port, recorded), Vec::new()));
+        }
+    }
+    start_order(all)
+}
+
+/// `specs` ordered so that each comes after what it depends on (a stable topological
+/// order; a cycle, which validation refuses, keeps the rest as listed).
+fn start_order(mut rest: Vec<(HostSpec, Vec<String>)>) -> Vec<HostSpec> {
+    let mut out = Vec::with_capacity(rest.len());
+    while !rest.is_empty() {
+        let names: std::collections::BTreeSet<&str> =
+            rest.iter().map(|(s, _)| s.name.as_str()).collect();
+        let next = rest
+            .iter()
+            .position(|(_, deps)| deps.iter().all(|d| !names.contains(d.as_str())))
+            .unwrap_or(0);
+        out.push(rest.remove(next).0);
+    }
+    out
 }
 
 /// Every infrastructure service the services declared for `host` need: what [`needs`]
@@ -123,6 +321,7 @@ fn default_ports(spec: &InfraService) -> BTreeMap<String, u16> {
     match spec.preset {
         Some(Preset::Postgres) => [("tcp".to_owned(), 5432)].into(),
         Some(Preset::Redis) => [("tcp".to_owned(), 6379)].into(),
+        Some(Preset::Mysql) => [("tcp".to_owned(), 3306)].into(),
         None => BTreeMap::new(),
     }
 }

@@ -5,9 +5,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::daemon::run;
-use super::{AppLayer, Endpoint, err, password_path};
+use super::{AppLayer, Endpoint, err};
 use crate::AgentError;
 use crate::secrets::Refusal;
+use deploy_manifest::model::Dialect;
 
 /// Where Debian installs PostgreSQL: `<major>/bin/` for each installed major version.
 const PG_ROOT: &str = "/usr/lib/postgresql";
@@ -238,24 +239,6 @@ fn plan_sql(service: &str, plan: &DatabasePlan) -> String {
 }
 
 impl AppLayer<'_> {
-    fn password_file(&self, service: &str) -> Result<PathBuf, AgentError> {
-        self.generated_dir()?;
-        Ok(password_path(self.secrets_dir, service))
-    }
-
-    /// The password this host's agent generated for `service`, if it keeps one.
-    fn kept_password(&self, service: &str) -> Result<Option<String>, AgentError> {
-        let path = self.password_file(service)?;
-        match crate::secrets::read_checked(&path, self.owner_uid) {
-            Ok(p) => Ok(Some(p.trim().to_owned()).filter(|p| !p.is_empty())),
-            Err(crate::secrets::Refusal::Missing) => Ok(None),
-            Err(r) => Err(err(
-                service,
-                format!("{}: {}", path.display(), r.explain(&path, self.owner_uid)),
-            )),
-        }
-    }
-
     /// psql connected as the cluster's administrator to the `postgres` database: peer
     /// authentication over the preset's socket, or, for an external server, the admin
     /// credentials in `<secrets>/infra-<name>.env` (checked like every secret file; no
@@ -330,7 +313,10 @@ impl AppLayer<'_> {
         infra_name: &str,
     ) -> Result<String, AgentError> {
         let what = format!("{service}: database");
-        if let Some(why) = deploy_manifest::validate::reserved_database_name(service) {
+        if let Some(why) = deploy_manifest::validate::reserved_database_name(
+            service,
+            deploy_manifest::model::Dialect::Postgres,
+        ) {
             return Err(err(
                 &what,
                 format!(
@@ -338,7 +324,7 @@ impl AppLayer<'_> {
                 ),
             ));
         }
-        let kept = self.kept_password(service)?;
+        let kept = self.kept_password(service, Dialect::Postgres)?;
         let found = run(
             &what,
             &mut self.psql(ep, infra_name)?,
@@ -360,25 +346,14 @@ impl AppLayer<'_> {
         let password = match kept {
             Some(p) if !plan.create_role => p,
             kept => {
-                let password = match kept {
-                    Some(p) => p,
-                    None => {
-                        let mut bytes = [0u8; 24];
-                        std::fs::File::open("/dev/urandom")
-                            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
-                            .map_err(|e| err(service, format!("reading /dev/urandom: {e}")))?;
-                        deploy_manifest::hex(&bytes)
-                    }
-                };
+                let password = kept.map_or_else(super::app::new_password, Ok)?;
                 let sql = format!(
                     "ALTER ROLE {} PASSWORD {};\n",
                     sql_ident(service),
                     sql_literal(&password)
                 );
                 run(&what, &mut self.psql(ep, infra_name)?, Some(sql.as_bytes()))?;
-                let path = self.password_file(service)?;
-                deploy_manifest::fsutil::write_atomically(&path, password.as_bytes(), 0o600)
-                    .map_err(|e| err(service, format!("{}: {e}", path.display())))?;
+                self.keep_password(service, Dialect::Postgres, &password)?;
                 password
             }
         };

@@ -7,8 +7,23 @@ use super::{Endpoint, err};
 use crate::AgentError;
 
 /// `REDIS_URL` for DB `index` of `ep`.
-pub fn redis_url(ep: &Endpoint, index: u32) -> String {
-    format!("redis://{}:{}/{index}", ep.host, ep.port().unwrap_or(6379))
+pub fn redis_url(ep: &Endpoint, password: Option<&str>, index: u32) -> String {
+    let auth = password.map(|p| format!(":{p}@")).unwrap_or_default();
+    format!(
+        "redis://{auth}{}:{}/{index}",
+        ep.host,
+        ep.port().unwrap_or(6379)
+    )
+}
+
+/// Whether the Redis of `spec` asks for a password (`config: {"password": true}`; a
+/// dedicated one always does): the agent makes one, the server requires it.
+pub fn password_wanted(spec: &deploy_manifest::model::InfraService) -> bool {
+    spec.config
+        .as_ref()
+        .and_then(|c| c.get("password"))
+        .and_then(serde_json::Value::as_bool)
+        == Some(true)
 }
 
 /// The hash in Redis's DB 0 that holds the DB index of every service: field = service
@@ -93,6 +108,7 @@ fn parse_index_hash(reply: crate::resp::Reply) -> Result<BTreeMap<String, u32>, 
 /// never give one index twice. Every connect, read and write has a timeout.
 pub fn redis_index(
     ep: &Endpoint,
+    password: Option<&str>,
     service: &str,
     known: &BTreeMap<String, u32>,
 ) -> Result<(u32, BTreeMap<String, u32>), AgentError> {
@@ -101,6 +117,9 @@ pub fn redis_index(
     let fail = |detail: String| err(&format!("{service}: redis index"), detail);
     let mut conn = Conn::connect(&ep.host, port, REDIS_TIMEOUT).map_err(|e| fail(e.to_string()))?;
     let mut call = |args: &[&str]| conn.call(args).map_err(|e| fail(e.to_string()));
+    if let Some(p) = password {
+        call(&["AUTH", p])?;
+    }
     for _ in 0..10 {
         call(&["WATCH", REDIS_INDEX_KEY])?;
         let mut in_redis = parse_index_hash(call(&["HGETALL", REDIS_INDEX_KEY])?).map_err(fail)?;

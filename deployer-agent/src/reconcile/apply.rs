@@ -377,6 +377,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 InfraState {
                     unit: step.unit.clone(),
                     unit_file: step.unit_file.clone(),
+                    ports: step.keep_ports.clone(),
                 },
             );
         }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use deploy_manifest::history::{self, Phase, Phases};
 
-use deploy_manifest::model::{Exec, Manifest, Release, RunAs, Service};
+use deploy_manifest::model::{Exec, InfraService, Manifest, Release, RunAs, Service};
 use deploy_manifest::store::ObjectStore;
 use futures_util::StreamExt;
 use tracing::Instrument;
@@ -216,10 +216,17 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         let mut traces = vec![Trace::default(); jobs.len()];
         let mut outcomes: Vec<Option<Ended>> = Vec::new();
         let mut ready = Vec::new();
+        // This host's infrastructure as it runs now (a dedicated server's port as the
+        // infrastructure steps before recorded it).
+        let infra: BTreeMap<String, InfraService> =
+            crate::infra::host_specs(manifest, &self.config.host, &state.infra)
+                .into_iter()
+                .map(|h| (h.name, h.spec))
+                .collect();
         for (i, job) in jobs.iter().enumerate() {
             let preparing = Instant::now();
             let prepared = self
-                .prepare(job, manifest, state, infra_failed, &mut traces[i])
+                .prepare(job, manifest, &infra, state, infra_failed, &mut traces[i])
                 .await;
             traces[i].took += preparing.elapsed();
             outcomes.push(match prepared {
@@ -433,6 +440,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         &self,
         job: &Job<'_>,
         manifest: &Manifest,
+        infra: &BTreeMap<String, InfraService>,
         state: &mut State,
         infra_failed: &BTreeMap<String, String>,
         trace: &mut Trace,
@@ -454,7 +462,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         let provisioning = Instant::now();
         let generated = self
             .host
-            .app_env(service, manifest, &mut state.redis_indexes);
+            .app_env(service, manifest, infra, &mut state.redis_indexes);
         timed(&mut trace.phases, Phase::Infrastructure, provisioning);
         let generated = match generated {
             Ok(g) => g,
