@@ -809,7 +809,15 @@ mod schema_drift {
                 ),
             ],
             infrastructure: Some(Infrastructure {
-                services: [("db".to_owned(), infra_service())].into(),
+                // Not depending on itself (the requirement's `dependsOn` names it).
+                services: [(
+                    "db".to_owned(),
+                    InfraService {
+                        depends_on: vec![],
+                        ..infra_service()
+                    },
+                )]
+                .into(),
             }),
             rollout: Some(FleetRollout {
                 labels: [("eu".to_owned(), vec!["biz".to_owned()])].into(),

@@ -959,3 +959,298 @@ fn zero_downtime_through_caddy_on_the_system_manager() {
         assert_eq!(ours, [unit], "only the serving generation is left");
     });
 }
+
+/// Connect to the MySQL database of `url` (`mysql://user:password@host:port/db`) as its user
+/// and run `sql`.
+fn mysql_as(url: &str, db: &str, sql: &str) -> Output {
+    let rest = url.strip_prefix("mysql://").expect("a mysql:// URL");
+    let (auth, at) = rest.split_once('@').unwrap();
+    let (user, password) = auth.split_once(':').unwrap();
+    let (hostport, _) = at.split_once('/').unwrap();
+    let (host, port) = hostport.split_once(':').unwrap();
+    Command::new("mariadb")
+        .args([
+            "--no-defaults",
+            "--batch",
+            "--skip-column-names",
+            "-h",
+            host,
+            "-P",
+            port,
+            "-u",
+            user,
+            db,
+            "-e",
+            sql,
+        ])
+        .env("MYSQL_PWD", password)
+        .output()
+        .unwrap()
+}
+
+/// The value of `key` in the environment of `unit`'s main process.
+fn env_of(unit: &str, key: &str) -> String {
+    let (_, environ) = main_process(unit);
+    environ
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("{unit} has no {key}"))
+        .to_owned()
+}
+
+/// Seed 001's shorthands beyond `true`, with the real servers under the system manager:
+/// `database: {"dialect": "mysql"}` (a MariaDB preset, a user and database per service),
+/// `database: {"dedicated": true}` (a PostgreSQL server of the service's own) and
+/// `redis: {"dedicated": true}` (a Redis of its own, behind a password). Each service writes
+/// through the env it was given; a second full run restarts nothing and keeps every
+/// credential; with its own credentials, one service reaches neither another's MySQL
+/// database nor its Redis; a MySQL user deployer did not make is refused and left as it is.
+#[test]
+fn mysql_and_dedicated_servers_on_the_system_manager() {
+    on_system_manager(|| {
+        let fx = Fixture::file();
+        let repo = tempfile::tempdir().unwrap();
+        let my = free_port();
+        let (p_shop, p_crm, p_ledger) = (free_port(), free_port(), free_port());
+        fx.dm(&["init"]).ok();
+        let infra = json!({"services": {"my": {"preset": "mysql", "ports": {"tcp": my}}}});
+        fx.dm(&["set-infrastructure", &infra.to_string()]).ok();
+        let app = repo.path().join("app");
+        let write = |rel: &str, text: &str| {
+            let p = app.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, text).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        };
+        write("bin/hello", include_str!("../../examples/hello/bin/hello"));
+        write("VERSION", "v1");
+        // Split mysql://user:password@host:port/db the way a shell can.
+        write(
+            "bin/mysql-app",
+            "#!/bin/sh\nset -e\nu=${DATABASE_URL#mysql://}\nuser=${u%%:*}; r=${u#*:}; pw=${r%%@*}; r=${r#*@}\nhost=${r%%:*}; r=${r#*:}; port=${r%%/*}; db=${r#*/}\nMYSQL_PWD=$pw mariadb --no-defaults -h \"$host\" -P \"$port\" -u \"$user\" \"$db\" -e \"create table if not exists visits (v varchar(20)); insert into visits values ('$(cat VERSION)')\"\nexec python3 bin/hello\n",
+        );
+        write(
+            "bin/ledger-app",
+            "#!/bin/sh\nset -e\npsql \"$DATABASE_URL\" -v ON_ERROR_STOP=1 -q -c \"create table if not exists entries (v text); insert into entries values ('$(cat VERSION)')\"\nredis-cli -u \"$REDIS_URL\" --no-auth-warning set greeting \"hi from $(cat VERSION)\" | grep -qx OK\nexec python3 bin/hello\n",
+        );
+        std::fs::write(
+            repo.path().join("deploy.toml"),
+            "[namespaces.\"Biz/App.py\"]\ncommand = \"true\"\noutput = \"app\"\n",
+        )
+        .unwrap();
+        let services = [
+            (
+                "shop",
+                p_shop,
+                "bin/mysql-app",
+                json!({"database": {"dialect": "mysql"}}),
+            ),
+            (
+                "crm",
+                p_crm,
+                "bin/mysql-app",
+                json!({"database": {"dialect": "mysql"}}),
+            ),
+            (
+                "ledger",
+                p_ledger,
+                "bin/ledger-app",
+                json!({"database": {"dedicated": true}, "redis": {"dedicated": true}}),
+            ),
+        ];
+        for (name, port, cmd, infra) in &services {
+            let s = json!({
+                "name": name, "namespace": if *name == "shop" { "Biz/App.py" } else { "Biz/Other.py" },
+                "artifact": {"storePath": "/nix/store/placeholder"}, "hosts": ["biz"],
+                "exec": {"command": cmd},
+                "env": {"PORT": port.to_string()},
+                "health": {"http": {"path": "/healthz"}, "timeout": "60s", "interval": "200ms"},
+                "infrastructure": infra
+            });
+            fx.dm(&["add-service", &s.to_string()]).ok();
+        }
+        run_in(repo.path(), "push.sh", &["Biz/App.py"], &fx.env).ok();
+        let m: Value = serde_json::from_slice(&fx.dm(&["show"]).ok().stdout).unwrap();
+        let artifact = m["services"][0]["artifact"].to_string();
+        for name in ["crm", "ledger"] {
+            fx.dm(&["set-artifact", name, &artifact]).ok();
+        }
+
+        let out = run_checked(|args| agent(&fx, args));
+        assert!(out.status.success(), "{}", out.stderr_str());
+        for (name, port, _, _) in &services {
+            assert_eq!(body(*port).as_deref(), Some("hello from v1\n"), "{name}");
+        }
+        // MariaDB runs as its own account; each service wrote through its DATABASE_URL.
+        let id = Command::new("id").args(["-u", "mysql"]).output().unwrap();
+        assert_eq!(
+            main_process("deployer-infra-my.service").0,
+            id.stdout_str().trim()
+        );
+        let url = |svc: &str| env_of(&format!("{svc}.service"), "DATABASE_URL");
+        let (shop_url, crm_url) = (url("shop"), url("crm"));
+        assert!(
+            shop_url.starts_with(&format!("mysql://shop:"))
+                && shop_url.ends_with(&format!("@127.0.0.1:{my}/shop")),
+            "{shop_url}"
+        );
+        let visits = mysql_as(&shop_url, "shop", "select v from visits");
+        assert_eq!(visits.stdout_str().trim(), "v1", "{}", visits.stderr_str());
+        // With its own credentials, crm reaches neither shop's database nor its tables.
+        let denied = mysql_as(&crm_url, "shop", "select v from visits");
+        assert!(
+            !denied.status.success() && denied.stderr_str().contains("Access denied"),
+            "{}",
+            denied.stderr_str()
+        );
+        let denied = mysql_as(&crm_url, "crm", "select v from shop.visits");
+        assert!(!denied.status.success(), "{}", denied.stdout_str());
+
+        // ledger: a PostgreSQL and a Redis of its own, on ports the agent picked and kept.
+        let st = state();
+        let pg = st["infra"]["ledger-database"]["ports"]["tcp"]
+            .as_u64()
+            .expect("a picked port");
+        let rp = st["infra"]["ledger-redis"]["ports"]["tcp"]
+            .as_u64()
+            .expect("a picked port");
+        let ledger_url = url("ledger");
+        assert!(
+            ledger_url.ends_with(&format!("@127.0.0.1:{pg}/ledger")),
+            "{ledger_url}"
+        );
+        let entries = psql_at(
+            Path::new("/var/lib/deployer/infra/ledger-database/run"),
+            pg as u16,
+            "ledger",
+            "select v from entries",
+        );
+        assert_eq!(
+            entries.stdout_str().trim(),
+            "v1",
+            "{}",
+            entries.stderr_str()
+        );
+        let redis_url = env_of("ledger.service", "REDIS_URL");
+        assert!(
+            redis_url.starts_with("redis://default:")
+                && redis_url.ends_with(&format!("@127.0.0.1:{rp}/0")),
+            "{redis_url}"
+        );
+        let redis = |args: &[&str]| {
+            Command::new("redis-cli")
+                .args(["-p", &rp.to_string(), "--no-auth-warning"])
+                .args(args)
+                .output()
+                .unwrap()
+                .stdout_str()
+                .trim()
+                .to_owned()
+        };
+        // Without its password (what any other service has), its Redis answers nothing.
+        assert!(redis(&["get", "greeting"]).contains("NOAUTH"));
+        let password = redis_url
+            .trim_start_matches("redis://default:")
+            .split('@')
+            .next()
+            .unwrap()
+            .to_owned();
+        assert_eq!(redis(&["-a", &password, "get", "greeting"]), "hi from v1");
+        // The password is in no unit file and not in the state.
+        let unit =
+            std::fs::read_to_string("/run/systemd/system/deployer-infra-ledger-redis.service")
+                .unwrap();
+        deployer_tests::assert_not_leaked(
+            &password,
+            &[
+                unit,
+                serde_json::to_string(&st).unwrap(),
+                out.stdout_str(),
+                out.stderr_str(),
+            ],
+        );
+
+        // A full run again (another service's env changed): nothing restarts, every
+        // credential and port stays.
+        let pids: Vec<String> = [
+            "deployer-infra-my",
+            "deployer-infra-ledger-database",
+            "deployer-infra-ledger-redis",
+            "shop",
+            "ledger",
+        ]
+        .iter()
+        .map(|u| systemctl(&["show", "-p", "MainPID", "--value", &format!("{u}.service")]))
+        .collect();
+        fx.dm(&["update-service", "crm", r#"{"env": {"GREETING": "again"}}"#])
+            .ok();
+        let out = run_checked(|args| agent(&fx, args));
+        assert!(out.status.success(), "{}", out.stderr_str());
+        let after: Vec<String> = [
+            "deployer-infra-my",
+            "deployer-infra-ledger-database",
+            "deployer-infra-ledger-redis",
+            "shop",
+            "ledger",
+        ]
+        .iter()
+        .map(|u| systemctl(&["show", "-p", "MainPID", "--value", &format!("{u}.service")]))
+        .collect();
+        assert_eq!(pids, after);
+        assert_eq!(
+            url("crm"),
+            crm_url,
+            "crm redeployed with the same credentials"
+        );
+        assert_eq!(url("shop"), shop_url);
+        assert_eq!(
+            state()["infra"]["ledger-database"]["ports"]["tcp"].as_u64(),
+            Some(pg)
+        );
+
+        // A MySQL user made by hand is someone else's: refused, left as it is.
+        let root = |sql: &str| {
+            Command::new("mariadb")
+                .args([
+                    "--no-defaults",
+                    "--socket=/var/lib/deployer/infra/my/run/mysqld.sock",
+                    "-u",
+                    "root",
+                    "--batch",
+                    "--skip-column-names",
+                    "-e",
+                    sql,
+                ])
+                .output()
+                .unwrap()
+        };
+        root("CREATE USER 'alien'@'%' IDENTIFIED BY 'theirs'").ok();
+        let s = json!({
+            "name": "alien", "artifact": m["services"][0]["artifact"].clone(), "hosts": ["biz"],
+            "exec": {"command": "bin/mysql-app"}, "env": {"PORT": free_port().to_string()},
+            "infrastructure": {"database": {"dialect": "mysql"}}
+        });
+        fx.dm(&["add-service", &s.to_string()]).ok();
+        let out = agent(&fx, &["run", "--once"]);
+        out.fails_with(8, "user \"alien\" exists and was not created by deployer");
+        let still = mysql_as(
+            "mysql://alien:theirs@127.0.0.1:0/x"
+                .replace(":0/", &format!(":{my}/"))
+                .as_str(),
+            "",
+            "select 1",
+        );
+        assert_eq!(
+            still.stdout_str().trim(),
+            "1",
+            "its password is untouched: {}",
+            still.stderr_str()
+        );
+        assert_eq!(
+            root("select count(*) from information_schema.SCHEMATA where SCHEMA_NAME = 'alien'")
+                .stdout_str()
+                .trim(),
+            "0"
+        );
+    });
+}

@@ -6,9 +6,11 @@ use std::time::Duration;
 use super::{Endpoint, err};
 use crate::AgentError;
 
-/// `REDIS_URL` for DB `index` of `ep`.
+/// `REDIS_URL` for DB `index` of `ep`. A password goes with the user `default` (Redis 6's
+/// name for the `requirepass` user): some clients (redis-cli 7.0) send an empty user name
+/// as one and are refused.
 pub fn redis_url(ep: &Endpoint, password: Option<&str>, index: u32) -> String {
-    let auth = password.map(|p| format!(":{p}@")).unwrap_or_default();
+    let auth = password.map(|p| format!("default:{p}@")).unwrap_or_default();
     format!(
         "redis://{auth}{}:{}/{index}",
         ep.host,
