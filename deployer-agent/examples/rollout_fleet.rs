@@ -65,6 +65,7 @@ fn generation(m: &Manifest) -> Generation {
         artifact: s.artifact.clone(),
         path: String::new(),
         spec_hash: spec_hash(s),
+        infra_hash: None,
         version: m.version.clone(),
         deployed_at: String::new(),
         unit_hash: String::new(),

@@ -134,6 +134,10 @@ pub struct Deploy {
     pub release: bool,
     /// Infrastructure it needs (started by `Infra` steps before it).
     pub infra: Vec<String>,
+    /// What its generated env file is made from ([`infra::endpoints_hash`]), recorded
+    /// with the generation.
+    #[serde(skip)]
+    pub infra_hash: Option<String>,
     /// The route to the new generation, switched to once it is healthy.
     pub route: Option<RouteState>,
     /// Units of this service no state records (what may have served before a lost state):
@@ -174,6 +178,9 @@ pub enum Reason {
     SettingsChanged,
     /// Its rollout was aborted: back to the version this host ran before.
     Reverted,
+    /// Infrastructure it is connected to changed (moved, or gone): its env file is made
+    /// again.
+    InfraChanged,
     /// Its unit file changed on the host and the one recorded for it is gone: it cannot be
     /// put back, so the manifest's spec is deployed again.
     RecordLost,
@@ -186,6 +193,9 @@ impl fmt::Display for Reason {
             Reason::NewArtifact => "new artifact",
             Reason::SettingsChanged => "service settings changed",
             Reason::Reverted => "its rollout was aborted: back to the version it ran before",
+            Reason::InfraChanged => {
+                "infrastructure it is connected to changed: its connection settings are made again"
+            }
             Reason::RecordLost => {
                 "its unit file changed and the one recorded for it is gone: deployed again"
             }
@@ -443,10 +453,14 @@ pub async fn plan<H: Host>(
     let mut services = Vec::new();
     let mut wanted = BTreeSet::new();
     let mut gates = Vec::new();
+    let specs: BTreeMap<String, infra::HostSpec> = host_specs
+        .iter()
+        .map(|h| (h.name.clone(), h.clone()))
+        .collect();
     for s in &desired {
-        let needs = infra::needs(s, manifest);
+        let needs = needs_of(s, manifest, &specs);
         if let Ok(needs) = &needs {
-            wanted.extend(needs.iter().cloned());
+            wanted.extend(needs.infra.iter().cloned());
         }
         // Rolled out in waves: the gate says whether this host deploys it now.
         let entry = state.services.get(&s.name);
@@ -474,9 +488,9 @@ pub async fn plan<H: Host>(
             (Some(Gate::Revert { reason }), Some(v)) => {
                 let step = match &v.previous {
                     Ok(Some((before, version))) => {
-                        let needs = infra::needs(before, manifest);
+                        let needs = needs_of(before, manifest, &specs);
                         if let Ok(needs) = &needs {
-                            wanted.extend(needs.iter().cloned());
+                            wanted.extend(needs.infra.iter().cloned());
                         }
                         let step = service_step(
                             before,
@@ -664,10 +678,29 @@ fn infra_step(name: &str, unit: &str, spec: &InfraService) -> InfraStep {
     }
 }
 
+/// What a service needs of the host's infrastructure: the infrastructure services, and the
+/// hash of what its env file is made from ([`infra::endpoints_hash`]).
+pub struct Needs {
+    pub infra: Vec<String>,
+    pub hash: Option<String>,
+}
+
+/// [`Needs`] of `s`, or why they cannot be told.
+fn needs_of(
+    s: &Service,
+    manifest: &Manifest,
+    specs: &BTreeMap<String, infra::HostSpec>,
+) -> Result<Needs, AgentError> {
+    Ok(Needs {
+        infra: infra::needs(s, manifest)?,
+        hash: infra::endpoints_hash(s, manifest, specs),
+    })
+}
+
 /// The step of one declared service; `needs`: the infrastructure it needs.
 async fn service_step<H: Host>(
     s: &Service,
-    needs: Result<Vec<String>, AgentError>,
+    needs: Result<Needs, AgentError>,
     state: &State,
     (host, seen): (&H, &Seen),
     ports: &mut Ports,
@@ -695,9 +728,16 @@ async fn service_step<H: Host>(
             };
         }
     }
+    // Deployed before infrastructure hashes were kept, or its needs cannot be told now:
+    // its connection settings are taken as they are.
+    let infra_same = |c: &Generation| match &needs {
+        Ok(n) => c.infra_hash.is_none() || n.hash == c.infra_hash,
+        Err(_) => true,
+    };
     let mut lost = false;
     if let (Some(entry), Some(c)) = (entry, current)
         && c.spec_hash == hash
+        && infra_same(c)
     {
         let keep = keep_step(&s.name, entry, c, host, seen, retire_after).await;
         // Changed on the host, and the recorded file to put back is gone: deployed again.
@@ -730,8 +770,8 @@ async fn service_step<H: Host>(
         service: s.name.clone(),
         reason,
     };
-    let infra = match needs {
-        Ok(needs) => needs,
+    let (infra, infra_hash) = match needs {
+        Ok(needs) => (needs.infra, needs.hash),
         Err(e) => return wait(e.to_string()),
     };
     let zero = host.has_proxy() && s.http.as_ref().and_then(|h| h.zero_downtime) == Some(true);
@@ -808,6 +848,7 @@ async fn service_step<H: Host>(
         Some(_) if lost => Reason::RecordLost,
         None => Reason::New,
         Some(c) if c.artifact != s.artifact => Reason::NewArtifact,
+        Some(c) if c.spec_hash == hash => Reason::InfraChanged,
         Some(_) => Reason::SettingsChanged,
     };
     let mut retire_after = retire_after.remove(&s.name).unwrap_or_default();
@@ -824,6 +865,7 @@ async fn service_step<H: Host>(
         port,
         release,
         infra,
+        infra_hash,
         route: s.http.as_ref().map(|h| RouteState {
             domain: h.domain.to_ascii_lowercase(),
             path: deploy_manifest::validate::route_path(&h.path),

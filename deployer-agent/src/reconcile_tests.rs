@@ -932,6 +932,59 @@ async fn a_dedicated_server_gets_a_port_once_and_keeps_it() {
     assert!(!b.state.infra.contains_key("a-redis"));
 }
 
+/// The phantom-endpoint janitor: a service's env file is made from its infrastructure's
+/// endpoints; when one moves, the services connected to it (and only those) are deployed
+/// again, once, so none keeps a stale address.
+#[tokio::test]
+async fn a_moved_endpoint_redeploys_its_users_once() {
+    let mut b = Bench::new(false);
+    let shared =
+        |port: u16| json!({"services": {"cache": {"preset": "redis", "ports": {"tcp": port}}}});
+    let services = [
+        (
+            "a",
+            "/nix/store/a-v1",
+            json!({"infrastructure": {"redis": true}}),
+        ),
+        ("b", "/nix/store/b-v1", json!({})),
+    ];
+    let (_, report) = b.run(&manifest(&services, shared(6379))).await;
+    assert!(report.ok(), "{report:?}");
+    let first = b.state.services["a"]
+        .current
+        .as_ref()
+        .unwrap()
+        .infra_hash
+        .clone();
+    assert!(first.is_some());
+    assert!(
+        b.state.services["b"]
+            .current
+            .as_ref()
+            .unwrap()
+            .infra_hash
+            .is_none()
+    );
+
+    let (plan, report) = b.run(&manifest(&services, shared(6390))).await;
+    assert_eq!(kinds(&plan), ["infra cache", "deploy a", "keep b"]);
+    assert_eq!(deploy(&plan, "a").reason, crate::plan::Reason::InfraChanged);
+    assert!(report.ok(), "{report:?}");
+    let log = b.host().world().log.clone();
+    assert!(
+        log.contains(&"env a: redis cache:6390".to_owned()),
+        "{log:?}"
+    );
+    assert_ne!(
+        b.state.services["a"].current.as_ref().unwrap().infra_hash,
+        first
+    );
+
+    // Once: the next run keeps it.
+    let (plan, _) = b.run(&manifest(&services, shared(6390))).await;
+    assert_eq!(kinds(&plan), ["infra cache", "keep a", "keep b"]);
+}
+
 #[tokio::test]
 async fn infrastructure_that_does_not_start_holds_back_its_dependants_only() {
     let mut b = Bench::new(false);

@@ -208,6 +208,11 @@ pub struct Generation {
     pub path: String,
     /// sha256 of the service's manifest entry: any change to it is a new generation.
     pub spec_hash: String,
+    /// What its generated env file was made from beyond its spec
+    /// ([`crate::infra::endpoints_hash`]); none when it uses no infrastructure (or was
+    /// deployed by an older agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub infra_hash: Option<String>,
     /// The manifest version it came from.
     pub version: Option<String>,
     pub deployed_at: String,
@@ -767,6 +772,7 @@ mod tests {
             artifact: Artifact::StorePath("/nix/store/a".into()),
             path: "/nix/store/a".into(),
             spec_hash: "s".into(),
+            infra_hash: None,
             version: None,
             deployed_at: String::new(),
             unit_hash: a.clone(),
@@ -858,6 +864,7 @@ mod tests {
             }),
             path: "/var/lib/deployer/store/x".into(),
             spec_hash: "b".repeat(64),
+            infra_hash: Some("d".repeat(64)),
             version: Some("manifest-20261122T140000Z-3f2a9c1d".into()),
             deployed_at: "2026-11-22T14:00:00Z".into(),
             unit_hash: "d".repeat(64),

@@ -1090,7 +1090,7 @@ fn mysql_and_dedicated_servers_on_the_system_manager() {
         let url = |svc: &str| env_of(&format!("{svc}.service"), "DATABASE_URL");
         let (shop_url, crm_url) = (url("shop"), url("crm"));
         assert!(
-            shop_url.starts_with(&format!("mysql://shop:"))
+            shop_url.starts_with("mysql://shop:")
                 && shop_url.ends_with(&format!("@127.0.0.1:{my}/shop")),
             "{shop_url}"
         );

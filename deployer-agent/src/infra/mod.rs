@@ -301,6 +301,50 @@ fn start_order(mut rest: Vec<(HostSpec, Vec<String>)>) -> Vec<HostSpec> {
     out
 }
 
+/// What `service`'s generated env file is made from, beyond the service's own spec: where
+/// each infrastructure service it is bound to answers (host, ports, external or not, whether
+/// a password is asked) and, for its requirements, their env and secrets: hashed. `None`
+/// when it uses no infrastructure. A kept port (a dedicated server's, picked once) is left
+/// out: it does not change while the server is kept. When this changes (a shared server
+/// moved, a requirement's endpoint gone), the service is deployed again, so no stale or
+/// phantom endpoint stays in its env file.
+pub fn endpoints_hash(
+    service: &Service,
+    manifest: &Manifest,
+    specs: &BTreeMap<String, HostSpec>,
+) -> Option<String> {
+    let b = binding(service, manifest).ok()?;
+    let bound = b
+        .database
+        .iter()
+        .map(|(n, d)| (n, Some(d.name())))
+        .chain(b.redis.iter().map(|(n, _)| (n, None)))
+        .chain(b.owned.iter().map(|(_, n)| (n, None)));
+    let mut parts = Vec::new();
+    for (name, dialect) in bound {
+        let Some(h) = specs.get(name) else {
+            parts.push(serde_json::json!({"name": name, "missing": true}));
+            continue;
+        };
+        let ep = endpoint(name, &h.spec);
+        parts.push(serde_json::json!({
+            "name": name,
+            "dialect": dialect,
+            "host": ep.host,
+            "ports": if h.keeps_port { BTreeMap::new() } else { ep.ports },
+            "external": h.spec.external.is_some(),
+            "password": redis::password_wanted(&h.spec),
+            "env": h.spec.env,
+            "secrets": h.spec.secrets,
+        }));
+    }
+    (!parts.is_empty()).then(|| {
+        use sha2::Digest;
+        let text = serde_json::Value::Array(parts).to_string();
+        deploy_manifest::hex(&sha2::Sha256::digest(text.as_bytes()))
+    })
+}
+
 /// Every infrastructure service the services declared for `host` need: what [`needs`]
 /// says of each.
 pub fn needed_on(

@@ -230,7 +230,10 @@ fn plan_sql(service: &str, plan: &DatabasePlan) -> String {
         sql.push_str(&format!("COMMENT ON ROLE {q} IS {m};\n"));
     }
     if plan.create_database {
-        sql.push_str(&format!("CREATE DATABASE {q} OWNER {q};\n"));
+        // PostgreSQL lets every role connect to a new database; only its owner may.
+        sql.push_str(&format!(
+            "CREATE DATABASE {q} OWNER {q};\nREVOKE ALL ON DATABASE {q} FROM PUBLIC;\n"
+        ));
     }
     if plan.mark_database {
         sql.push_str(&format!("COMMENT ON DATABASE {q} IS {m};\n"));
@@ -426,6 +429,10 @@ mod tests {
         // No statement of a plan carries anything but names and the mark.
         let sql = plan_sql("app", &all);
         assert!(sql.contains("CREATE ROLE \"app\" LOGIN;"), "{sql}");
+        assert!(
+            sql.contains("REVOKE ALL ON DATABASE \"app\" FROM PUBLIC;"),
+            "{sql}"
+        );
         assert!(!sql.to_ascii_uppercase().contains("PASSWORD"), "{sql}");
         assert!(
             sql.contains("COMMENT ON DATABASE \"app\" IS 'deployer:app'"),

@@ -10,7 +10,9 @@ use crate::AgentError;
 /// name for the `requirepass` user): some clients (redis-cli 7.0) send an empty user name
 /// as one and are refused.
 pub fn redis_url(ep: &Endpoint, password: Option<&str>, index: u32) -> String {
-    let auth = password.map(|p| format!("default:{p}@")).unwrap_or_default();
+    let auth = password
+        .map(|p| format!("default:{p}@"))
+        .unwrap_or_default();
     format!(
         "redis://{auth}{}:{}/{index}",
         ep.host,

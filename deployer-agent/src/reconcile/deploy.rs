@@ -548,6 +548,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 artifact: service.artifact.clone(),
                 path: artifact.display().to_string(),
                 spec_hash: spec_hash(service),
+                infra_hash: d.infra_hash.clone(),
                 version: manifest.version.clone(),
                 deployed_at: String::new(),
                 unit_hash,
