@@ -1147,7 +1147,20 @@ impl fmt::Display for Plan {
                 }
                 Step::Infra(i) => match &i.error {
                     Some(e) => writeln!(f, "  infra   {}: cannot start: {e}", i.name)?,
-                    None => writeln!(f, "  infra   {}: {}", i.name, i.condition)?,
+                    None if i.keep_ports.is_empty() => {
+                        writeln!(f, "  infra   {}: {}", i.name, i.condition)?
+                    }
+                    None => {
+                        let ports: Vec<String> =
+                            i.keep_ports.values().map(u16::to_string).collect();
+                        writeln!(
+                            f,
+                            "  infra   {}: {} (port {}, picked once and kept)",
+                            i.name,
+                            i.condition,
+                            ports.join(", ")
+                        )?
+                    }
                 },
                 Step::StopInfra { name, .. } => writeln!(
                     f,

@@ -876,6 +876,11 @@ async fn a_dedicated_server_gets_a_port_once_and_keeps_it() {
     let port = |b: &Bench, name: &str| b.state.infra[name].ports["tcp"];
     let (pa, pb) = (port(&b, "a-redis"), port(&b, "b-redis"));
     assert_ne!(pa, pb, "two servers, two ports");
+    let printed = plan.to_string();
+    assert!(
+        printed.contains(&format!("start (port {pa}, picked once and kept)")),
+        "{printed}"
+    );
     assert!((20000..=20003).contains(&pa) && (20000..=20003).contains(&pb));
     let unit = b.file("deployer-infra-a-redis.service").unwrap();
     assert!(unit.contains(&format!("\"--port\" \"{pa}\"")), "{unit}");
