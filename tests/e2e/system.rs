@@ -1172,31 +1172,24 @@ fn mysql_and_dedicated_servers_on_the_system_manager() {
 
         // A full run again (another service's env changed): nothing restarts, every
         // credential and port stays.
-        let pids: Vec<String> = [
-            "deployer-infra-my",
-            "deployer-infra-ledger-database",
-            "deployer-infra-ledger-redis",
-            "shop",
-            "ledger",
-        ]
-        .iter()
-        .map(|u| systemctl(&["show", "-p", "MainPID", "--value", &format!("{u}.service")]))
-        .collect();
+        let pids = || -> Vec<String> {
+            [
+                "deployer-infra-my",
+                "deployer-infra-ledger-database",
+                "deployer-infra-ledger-redis",
+                "shop",
+                "ledger",
+            ]
+            .iter()
+            .map(|u| systemctl(&["show", "-p", "MainPID", "--value", &format!("{u}.service")]))
+            .collect()
+        };
+        let before = pids();
         fx.dm(&["update-service", "crm", r#"{"env": {"GREETING": "again"}}"#])
             .ok();
         let out = run_checked(|args| agent(&fx, args));
         assert!(out.status.success(), "{}", out.stderr_str());
-        let after: Vec<String> = [
-            "deployer-infra-my",
-            "deployer-infra-ledger-database",
-            "deployer-infra-ledger-redis",
-            "shop",
-            "ledger",
-        ]
-        .iter()
-        .map(|u| systemctl(&["show", "-p", "MainPID", "--value", &format!("{u}.service")]))
-        .collect();
-        assert_eq!(pids, after);
+        assert_eq!(before, pids());
         assert_eq!(
             url("crm"),
             crm_url,

@@ -204,18 +204,7 @@ fn probe_sql(service: &str) -> String {
 }
 
 fn parse_probe(out: &str) -> Result<(RoleFound, DatabaseFound), String> {
-    let (mut user, mut database) = (RoleFound::Absent, DatabaseFound::Absent);
-    for line in out.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        match line {
-            "user:ours" => user = RoleFound::Ours,
-            "user:unmarked" => user = RoleFound::Unmarked,
-            "user:superuser" => user = RoleFound::Superuser,
-            "database:ours" => database = DatabaseFound::Ours,
-            "database:foreign" => database = DatabaseFound::Foreign,
-            other => return Err(format!("unexpected answer from mariadb: {other:?}")),
-        }
-    }
-    Ok((user, database))
+    super::postgres::parse_found(out, "user", "mariadb")
 }
 
 /// The statements that carry out `plan` (no password in any of them): each object is
@@ -420,6 +409,7 @@ mod tests {
             Ok((RoleFound::Ours, DatabaseFound::Foreign))
         );
         assert!(parse_probe("user:what\n").is_err());
+        assert!(parse_probe("role:ours\n").is_err(), "MySQL speaks of users");
         assert_eq!(sql_literal(r"a'b\c"), r"'a\'b\\c'");
         assert_eq!(sql_ident("a`b"), "`a``b`");
         let probe = probe_sql("app");

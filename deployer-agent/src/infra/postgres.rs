@@ -202,16 +202,28 @@ fn probe_sql(service: &str) -> String {
 }
 
 fn parse_probe(out: &str) -> Result<(RoleFound, DatabaseFound), String> {
+    parse_found(out, "role", "psql")
+}
+
+/// What a probe query printed (by `tool`): lines `<account>:<ours|unmarked|superuser>` and
+/// `database:<ours|owned|foreign>`, none for what is absent; anything else is an error.
+pub(super) fn parse_found(
+    out: &str,
+    account: &str,
+    tool: &str,
+) -> Result<(RoleFound, DatabaseFound), String> {
     let (mut role, mut database) = (RoleFound::Absent, DatabaseFound::Absent);
     for line in out.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        match line {
-            "role:ours" => role = RoleFound::Ours,
-            "role:unmarked" => role = RoleFound::Unmarked,
-            "role:superuser" => role = RoleFound::Superuser,
-            "database:ours" => database = DatabaseFound::Ours,
-            "database:owned" => database = DatabaseFound::OwnedByRole,
-            "database:foreign" => database = DatabaseFound::Foreign,
-            other => return Err(format!("unexpected answer from psql: {other:?}")),
+        let unexpected = || format!("unexpected answer from {tool}: {line:?}");
+        let (what, found) = line.split_once(':').ok_or_else(unexpected)?;
+        match (what == account, what, found) {
+            (true, _, "ours") => role = RoleFound::Ours,
+            (true, _, "unmarked") => role = RoleFound::Unmarked,
+            (true, _, "superuser") => role = RoleFound::Superuser,
+            (false, "database", "ours") => database = DatabaseFound::Ours,
+            (false, "database", "owned") => database = DatabaseFound::OwnedByRole,
+            (false, "database", "foreign") => database = DatabaseFound::Foreign,
+            _ => return Err(unexpected()),
         }
     }
     Ok((role, database))
