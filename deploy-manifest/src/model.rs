@@ -92,6 +92,25 @@ impl Manifest {
         self.services.iter().find(|s| s.name == name)
     }
 
+    /// The infrastructure service `dep`, in a `dependsOn` of one of `service`'s own
+    /// requirements, names: the shared one of that name if there is one (as it always
+    /// has), else the service's own requirement `<service>-<dep>`.
+    pub fn dependency_name(&self, service: &Service, dep: &str) -> String {
+        let shared = self
+            .infrastructure
+            .as_ref()
+            .is_some_and(|i| i.services.contains_key(dep));
+        let own = service
+            .infrastructure
+            .as_ref()
+            .is_some_and(|i| i.services.contains_key(dep));
+        if own && !shared {
+            format!("{}-{dep}", service.name)
+        } else {
+            dep.to_owned()
+        }
+    }
+
     pub fn service_mut(&mut self, name: &str) -> Option<&mut Service> {
         self.services.iter_mut().find(|s| s.name == name)
     }
@@ -474,6 +493,21 @@ pub struct ServiceInfrastructure {
 }
 
 impl ServiceInfrastructure {
+    /// The presets of the dedicated servers it asks for: a server of its own runs as
+    /// infrastructure `<service>-<preset>` (so a change of dialect is another server, never
+    /// the other one's data directory).
+    pub fn dedicated(&self) -> Vec<Preset> {
+        let database = self
+            .database()
+            .filter(DatabaseNeed::dedicated)
+            .map(|d| d.dialect().preset());
+        let redis = self
+            .redis()
+            .filter(RedisNeed::dedicated)
+            .map(|_| Preset::Redis);
+        database.into_iter().chain(redis).collect()
+    }
+
     /// The database it asks for, if any (`true` is the defaults).
     pub fn database(&self) -> Option<DatabaseNeed> {
         self.database.as_ref().and_then(Need::wanted)
@@ -627,6 +661,17 @@ pub enum Preset {
     Redis,
     /// MariaDB (or MySQL): `mariadbd`, else `mysqld`.
     Mysql,
+}
+
+impl Preset {
+    /// Its name in a manifest (`postgres`, `redis`, `mysql`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Postgres => "postgres",
+            Preset::Redis => "redis",
+            Preset::Mysql => "mysql",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

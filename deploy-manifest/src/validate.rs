@@ -244,19 +244,17 @@ fn check_rules(m: &Manifest, origin: &str) -> Result<(), Invalid> {
         let Some(infra) = &s.infrastructure else {
             continue;
         };
-        // A dedicated database or Redis runs as `<service>-database` / `<service>-redis`.
-        let dedicated = [
-            ("database", infra.database().is_some_and(|d| d.dedicated())),
-            ("redis", infra.redis().is_some_and(|r| r.dedicated())),
-        ];
-        let owned = dedicated
-            .iter()
-            .filter(|(_, on)| *on)
-            .map(|(what, _)| {
-                (
-                    *what,
-                    format!("services[{i}] ({}).infrastructure.{what}", s.name),
-                )
+        // A dedicated server runs as `<service>-<preset>`.
+        let owned = infra
+            .dedicated()
+            .into_iter()
+            .map(|p| {
+                let what = match p {
+                    crate::model::Preset::Redis => "redis",
+                    _ => "database",
+                };
+                let here = format!("services[{i}] ({}).infrastructure.{what}", s.name);
+                (p.name(), here)
             })
             .chain(infra.services.keys().map(|req| {
                 let here = format!("services[{i}] ({}).infrastructure.services.{req}", s.name);
@@ -309,7 +307,7 @@ fn check_rules(m: &Manifest, origin: &str) -> Result<(), Invalid> {
 }
 
 /// A circle in the infrastructure's `dependsOn` (shared services by name, a service's own
-/// requirements as `<service>-<req>`, whose `dependsOn` names a sibling first), if any.
+/// requirements as `<service>-<req>`: [`Manifest::dependency_name`]), if any.
 fn dependency_cycle(m: &Manifest) -> Option<Vec<String>> {
     let mut edges: std::collections::BTreeMap<String, Vec<String>> = m
         .infrastructure
@@ -320,13 +318,7 @@ fn dependency_cycle(m: &Manifest) -> Option<Vec<String>> {
     for s in &m.services {
         for infra in s.infrastructure.iter() {
             for (req, spec) in &infra.services {
-                let deps = spec
-                    .depends_on
-                    .iter()
-                    .map(|d| match infra.services.contains_key(d) {
-                        true => format!("{}-{d}", s.name),
-                        false => d.clone(),
-                    });
+                let deps = spec.depends_on.iter().map(|d| m.dependency_name(s, d));
                 edges.insert(format!("{}-{req}", s.name), deps.collect());
             }
         }
@@ -896,7 +888,7 @@ mod tests {
         );
     }
 
-    /// The shorthand objects: a dedicated server is `<service>-database` / `<service>-redis`
+    /// The shorthand objects: a dedicated server is `<service>-<preset>`
     /// (so it cannot share a name with a requirement), a port is for a dedicated server
     /// only, and a MySQL database may not take MySQL's own names.
     #[test]
@@ -917,12 +909,12 @@ mod tests {
         let p = problems(with(
             "a",
             json!({"database": {"dedicated": true},
-                   "services": {"database": {"command": ["/bin/true"]}}}),
+                   "services": {"postgres": {"command": ["/bin/true"]}}}),
         ));
         assert_eq!(
             p,
             [
-                "services[0] (a).infrastructure.services.database: runs as infrastructure service \"a-database\", which is also services[0] (a).infrastructure.database; rename one of them"
+                "services[0] (a).infrastructure.services.postgres: runs as infrastructure service \"a-postgres\", which is also services[0] (a).infrastructure.database; rename one of them"
             ]
         );
         let p = problems(with("a", json!({"redis": {"port": 6380}})));

@@ -757,9 +757,15 @@ async fn service_step<H: Host>(
             keep => return keep,
         }
     }
+    // A failure is tried again when the spec or the endpoints it is connected to change
+    // (a failure recorded by an older agent: when the spec changes).
+    let same_infra = |f: &crate::state::Failure| match &needs {
+        Ok(n) => f.infra_hash.is_none() || f.infra_hash == n.hash,
+        Err(_) => true,
+    };
     if let Some(f) = entry
         .and_then(|e| e.failed.as_ref())
-        .filter(|f| f.spec_hash == hash && !forgiven)
+        .filter(|f| f.spec_hash == hash && same_infra(f) && !forgiven)
     {
         return Step::Skip {
             service: s.name.clone(),

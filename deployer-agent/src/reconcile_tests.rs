@@ -988,6 +988,18 @@ async fn a_moved_endpoint_redeploys_its_users_once() {
     // Once: the next run keeps it.
     let (plan, _) = b.run(&manifest(&services, shared(6390))).await;
     assert_eq!(kinds(&plan), ["infra cache", "keep a", "keep b"]);
+
+    // Moved again while a is broken: that deploy fails and is not retried as long as
+    // nothing changes; when the endpoint moves once more, it is tried again.
+    b.host().world().unhealthy.insert("a.service".into());
+    let (_, report) = b.run(&manifest(&services, shared(6391))).await;
+    assert!(!report.ok(), "{report:?}");
+    let (plan, _) = b.run(&manifest(&services, shared(6391))).await;
+    assert_eq!(kinds(&plan), ["infra cache", "skip a", "keep b"]);
+    b.host().world().unhealthy.clear();
+    let (plan, report) = b.run(&manifest(&services, shared(6392))).await;
+    assert_eq!(kinds(&plan), ["infra cache", "deploy a", "keep b"]);
+    assert!(report.ok(), "{report:?}");
 }
 
 #[tokio::test]

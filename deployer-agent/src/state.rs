@@ -243,6 +243,10 @@ pub struct RouteState {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Failure {
     pub spec_hash: String,
+    /// The endpoints it was to be connected to ([`Generation::infra_hash`]): when they
+    /// change, it is tried again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub infra_hash: Option<String>,
     pub artifact: Artifact,
     pub version: Option<String>,
     pub error: String,
@@ -901,6 +905,7 @@ mod tests {
                     health: Health::Unhealthy,
                     failed: Some(Failure {
                         spec_hash: "c".repeat(64),
+                        infra_hash: Some("e".repeat(64)),
                         artifact: Artifact::StorePath("/nix/store/x".into()),
                         version: None,
                         error: "unhealthy".into(),

@@ -1108,7 +1108,7 @@ fn mysql_and_dedicated_servers_on_the_system_manager() {
 
         // ledger: a PostgreSQL and a Redis of its own, on ports the agent picked and kept.
         let st = state();
-        let pg = st["infra"]["ledger-database"]["ports"]["tcp"]
+        let pg = st["infra"]["ledger-postgres"]["ports"]["tcp"]
             .as_u64()
             .expect("a picked port");
         let rp = st["infra"]["ledger-redis"]["ports"]["tcp"]
@@ -1120,7 +1120,7 @@ fn mysql_and_dedicated_servers_on_the_system_manager() {
             "{ledger_url}"
         );
         let entries = psql_at(
-            Path::new("/var/lib/deployer/infra/ledger-database/run"),
+            Path::new("/var/lib/deployer/infra/ledger-postgres/run"),
             pg as u16,
             "ledger",
             "select v from entries",
@@ -1175,7 +1175,7 @@ fn mysql_and_dedicated_servers_on_the_system_manager() {
         let pids = || -> Vec<String> {
             [
                 "deployer-infra-my",
-                "deployer-infra-ledger-database",
+                "deployer-infra-ledger-postgres",
                 "deployer-infra-ledger-redis",
                 "shop",
                 "ledger",
@@ -1197,7 +1197,7 @@ fn mysql_and_dedicated_servers_on_the_system_manager() {
         );
         assert_eq!(url("shop"), shop_url);
         assert_eq!(
-            state()["infra"]["ledger-database"]["ports"]["tcp"].as_u64(),
+            state()["infra"]["ledger-postgres"]["ports"]["tcp"].as_u64(),
             Some(pg)
         );
 

@@ -419,14 +419,14 @@ impl Host for MemoryHost {
         &self,
         service: &Service,
         manifest: &Manifest,
-        infra: &BTreeMap<String, InfraService>,
+        infra: &BTreeMap<String, crate::infra::HostSpec>,
         _indexes: &mut BTreeMap<String, u32>,
     ) -> Result<Option<PathBuf>, AgentError> {
         let binding = crate::infra::binding(service, manifest)?;
         let at = |name: &String| {
             let port = infra
                 .get(name)
-                .map(|spec| crate::infra::endpoint(name, spec))
+                .and_then(|h| crate::infra::endpoint_of(name, h).ok())
                 .and_then(|ep| ep.port());
             format!(
                 "{name}:{}",

@@ -93,7 +93,7 @@ pub trait Host {
         &self,
         service: &Service,
         manifest: &Manifest,
-        infra: &std::collections::BTreeMap<String, InfraService>,
+        infra: &std::collections::BTreeMap<String, crate::infra::HostSpec>,
         indexes: &mut std::collections::BTreeMap<String, u32>,
     ) -> Result<Option<PathBuf>, AgentError>;
     /// Whether a database of `service`'s was provisioned here (its password is kept).

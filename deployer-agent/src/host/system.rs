@@ -283,7 +283,7 @@ impl<M: ServiceManager> Host for SystemHost<M> {
         &self,
         service: &Service,
         manifest: &Manifest,
-        infra: &BTreeMap<String, InfraService>,
+        infra: &BTreeMap<String, infra::HostSpec>,
         indexes: &mut BTreeMap<String, u32>,
     ) -> Result<Option<PathBuf>, AgentError> {
         let layer = infra::AppLayer {
@@ -361,7 +361,7 @@ impl<M: ServiceManager> Host for SystemHost<M> {
         own.extend(infra::password_paths(&self.config.secrets_dir, service));
         own.push(infra::redis_password_path(
             &self.config.secrets_dir,
-            &infra::dedicated_name(service, "redis"),
+            &infra::dedicated_name(service, deploy_manifest::model::Preset::Redis),
         ));
         for path in own {
             if let Some(text) = read(&path)? {

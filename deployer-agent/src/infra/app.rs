@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use deploy_manifest::model::{Dialect, InfraService, Manifest, Service};
+use deploy_manifest::model::{Dialect, Manifest, Service};
 
 use super::redis::{redis_index, redis_url};
-use super::{Endpoint, endpoint, err};
+use super::{Endpoint, err};
 use crate::AgentError;
 
 /// Where the agent keeps what it generates for services (env files, database passwords).
@@ -45,6 +45,18 @@ pub fn new_password() -> Result<String, AgentError> {
     Ok(deploy_manifest::hex(&bytes))
 }
 
+/// `e` without `secret` in its text: a server's error may quote the statement that
+/// carried it.
+pub fn redact(e: AgentError, secret: &str) -> AgentError {
+    match e {
+        AgentError::Infra { what, detail } => AgentError::Infra {
+            what,
+            detail: detail.replace(secret, "<password>"),
+        },
+        other => other,
+    }
+}
+
 /// The password kept in `path` (checked like every secret file), if there is one.
 pub fn read_password(path: &Path, owner_uid: u32) -> Result<Option<String>, AgentError> {
     match crate::secrets::read_checked(path, owner_uid) {
@@ -78,21 +90,17 @@ impl AppLayer<'_> {
         &self,
         service: &Service,
         manifest: &Manifest,
-        infra: &BTreeMap<String, InfraService>,
+        infra: &BTreeMap<String, super::HostSpec>,
         indexes: &mut BTreeMap<String, u32>,
     ) -> Result<Option<PathBuf>, AgentError> {
         // A reserved name (`deployer`, `infra-*`) would reach the agent's own files.
         crate::secrets::check_service_name(&service.name, self.secrets_dir)?;
         let binding = super::binding(service, manifest)?;
         let at = |name: &str| {
-            let spec = infra
+            let h = infra
                 .get(name)
                 .ok_or_else(|| err(name, "is not declared for this host"))?;
-            let ep = endpoint(name, spec);
-            match ep.port() {
-                Some(_) => Ok((spec, ep)),
-                None => Err(err(name, "has no port yet; the next run gives it one")),
-            }
+            Ok::<_, AgentError>((&h.spec, super::endpoint_of(name, h)?))
         };
         let mut vars = BTreeMap::new();
         if let Some((name, dialect)) = &binding.database {
@@ -129,10 +137,7 @@ impl AppLayer<'_> {
             );
         }
         for (_, full) in &binding.owned {
-            let spec = infra
-                .get(full)
-                .ok_or_else(|| err(full, "is not declared for this host"))?;
-            let ep = endpoint(full, spec);
+            let (spec, ep) = at(full)?;
             for (k, v) in &spec.env {
                 let (value, _) = resolve(
                     &service.name,

@@ -299,10 +299,21 @@ fn write_redis_conf(
     owner: Option<&str>,
 ) -> Result<(), AgentError> {
     let path = super::redis_password_path(secrets_dir, name);
+    let conf = redis_conf(root);
+    // The password file lost: the running server's is in its config file (root's to
+    // read), and is kept, so that the server and its clients keep agreeing.
+    let in_conf = || {
+        let text = std::fs::read_to_string(&conf).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("requirepass \""))
+            .and_then(|p| p.strip_suffix('"'))
+            .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_hexdigit()))
+            .map(str::to_owned)
+    };
     let password = match super::app::read_password(&path, owner_uid)? {
         Some(p) => p,
         None => {
-            let p = super::app::new_password()?;
+            let p = in_conf().map_or_else(super::app::new_password, Ok)?;
             let dir = path.parent().expect("in the generated directory");
             std::fs::create_dir_all(dir)
                 .map_err(|e| err(name, format!("{}: {e}", dir.display())))?;
@@ -313,7 +324,6 @@ fn write_redis_conf(
             p
         }
     };
-    let conf = redis_conf(root);
     let text = format!("# Written by deployer-agent.\nrequirepass \"{password}\"\n");
     if std::fs::read_to_string(&conf).ok().as_deref() != Some(text.as_str()) {
         deploy_manifest::fsutil::write_atomically(&conf, text.as_bytes(), 0o600)

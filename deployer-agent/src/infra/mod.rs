@@ -68,7 +68,7 @@ fn err(what: &str, detail: impl Into<String>) -> AgentError {
 /// Which infrastructure service gives `service` what it asks for (seed 001's shorthands).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Binding {
-    /// `database`: the server (a shared preset, or its own `<service>-database`) and its
+    /// `database`: the server (a shared preset, or its own `<service>-<preset>`) and its
     /// dialect.
     pub database: Option<(String, Dialect)>,
     /// `redis`: the server (the shared preset, or its own `<service>-redis`) and whether it
@@ -78,10 +78,11 @@ pub struct Binding {
     pub owned: Vec<(String, String)>,
 }
 
-/// The name of `service`'s dedicated database or Redis server (`what`: `database`,
-/// `redis`), an infrastructure service of its own like its requirements.
-pub fn dedicated_name(service: &str, what: &str) -> String {
-    crate::names::owned_infra(service, what)
+/// The name of `service`'s dedicated server of `preset` (`<service>-postgres`,
+/// `-mysql`, `-redis`), infrastructure of its own like its requirements; by preset, so
+/// that another dialect is another server with its own data directory.
+pub fn dedicated_name(service: &str, preset: Preset) -> String {
+    crate::names::owned_infra(service, preset.name())
 }
 
 /// The shared infrastructure service of `preset`: the first one the manifest declares.
@@ -111,12 +112,12 @@ pub fn binding(service: &Service, manifest: &Manifest) -> Result<Binding, AgentE
     };
     if let Some(db) = infra.database() {
         let dialect = db.dialect();
+        let preset = dialect.preset();
         let name = if db.dedicated() {
-            dedicated_name(&service.name, "database")
+            dedicated_name(&service.name, preset)
         } else {
-            let preset = dialect.preset();
             shared(manifest, preset)
-                .ok_or_else(|| missing("database", preset_name(preset)))?
+                .ok_or_else(|| missing("database", preset.name()))?
                 .0
                 .clone()
         };
@@ -124,7 +125,7 @@ pub fn binding(service: &Service, manifest: &Manifest) -> Result<Binding, AgentE
     }
     if let Some(redis) = infra.redis() {
         let name = if redis.dedicated() {
-            dedicated_name(&service.name, "redis")
+            dedicated_name(&service.name, Preset::Redis)
         } else {
             shared(manifest, Preset::Redis)
                 .ok_or_else(|| missing("redis", "redis"))?
@@ -139,14 +140,6 @@ pub fn binding(service: &Service, manifest: &Manifest) -> Result<Binding, AgentE
         .map(|req| (req.clone(), crate::names::owned_infra(&service.name, req)))
         .collect();
     Ok(out)
-}
-
-fn preset_name(preset: Preset) -> &'static str {
-    match preset {
-        Preset::Postgres => "postgres",
-        Preset::Redis => "redis",
-        Preset::Mysql => "mysql",
-    }
 }
 
 /// The infrastructure services `service` needs: what gives it its database and Redis, its
@@ -170,19 +163,17 @@ pub fn needs(service: &Service, manifest: &Manifest) -> Result<Vec<String>, Agen
         if !out.insert(name.clone()) {
             continue;
         }
-        // An own requirement's `dependsOn` names a sibling first, else a shared one; a
-        // shared one's names shared ones.
+        // An own requirement's `dependsOn` names a shared one, else a sibling
+        // ([`Manifest::dependency_name`]); a shared one's names shared ones.
         let sibling = own
             .iter()
             .find(|(req, _)| crate::names::owned_infra(&service.name, req) == name);
         match sibling {
-            Some((_, spec)) => todo.extend(spec.depends_on.iter().map(|dep| {
-                if own.contains_key(dep) {
-                    crate::names::owned_infra(&service.name, dep)
-                } else {
-                    dep.clone()
-                }
-            })),
+            Some((_, spec)) => todo.extend(
+                spec.depends_on
+                    .iter()
+                    .map(|dep| manifest.dependency_name(service, dep)),
+            ),
             None => todo.extend(
                 manifest
                     .infrastructure
@@ -259,25 +250,17 @@ pub fn host_specs(
             let deps = s_req
                 .depends_on
                 .iter()
-                .map(|dep| match infra.services.contains_key(dep) {
-                    true => crate::names::owned_infra(&s.name, dep),
-                    false => dep.clone(),
-                })
+                .map(|dep| manifest.dependency_name(s, dep))
                 .collect();
             all.push((spec(crate::names::owned_infra(&s.name, req), s_req), deps));
         }
-        let dedicated = [
-            infra
-                .database()
-                .filter(|d| d.dedicated())
-                .map(|d| ("database", d.dialect().preset(), d.port)),
-            infra
-                .redis()
-                .filter(|r| r.dedicated())
-                .map(|r| ("redis", Preset::Redis, r.port)),
-        ];
-        for (what, preset, port) in dedicated.into_iter().flatten() {
-            let name = dedicated_name(&s.name, what);
+        let declared_port = |p: Preset| match p {
+            Preset::Redis => infra.redis().and_then(|r| r.port),
+            _ => infra.database().and_then(|d| d.port),
+        };
+        for preset in infra.dedicated() {
+            let port = declared_port(preset);
+            let name = dedicated_name(&s.name, preset);
             let recorded = recorded.get(&name);
             all.push((dedicated_spec(name, preset, port, recorded), Vec::new()));
         }
@@ -370,6 +353,19 @@ fn default_ports(spec: &InfraService) -> BTreeMap<String, u16> {
     }
 }
 
+/// Where the infrastructure service of `h` answers; an error for a dedicated server whose
+/// port has not been picked yet (never the preset's default port, which is the shared
+/// server's).
+pub fn endpoint_of(name: &str, h: &HostSpec) -> Result<Endpoint, AgentError> {
+    if h.keeps_port && h.spec.ports.is_empty() {
+        return Err(err(
+            name,
+            "has no port yet (it is picked when the server first starts); the next run retries",
+        ));
+    }
+    Ok(endpoint(name, &h.spec))
+}
+
 /// Resolve where `name` answers (without starting anything).
 pub fn endpoint(name: &str, spec: &InfraService) -> Endpoint {
     let (host, ports, unit) = match &spec.external {
@@ -424,6 +420,10 @@ mod tests {
         )
         .unwrap();
         let needed = needed_on(&m, "biz").unwrap();
+        // In a's requirements, `queue` names the shared one; `search`, a's own.
+        let a = &m.services[0];
+        assert_eq!(m.dependency_name(a, "queue"), "queue");
+        assert_eq!(m.dependency_name(a, "search"), "a-search");
         assert_eq!(
             needed.iter().map(String::as_str).collect::<Vec<_>>(),
             ["a-search", "db", "queue"]

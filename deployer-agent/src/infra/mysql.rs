@@ -61,6 +61,17 @@ pub fn server_argv(
     as_user: Option<&str>,
 ) -> Result<Vec<String>, AgentError> {
     let run = root.join("run");
+    // A Unix socket's path holds at most 107 bytes.
+    let sock = socket(root);
+    if sock.as_os_str().len() > 107 {
+        return Err(err(
+            "mysql",
+            format!(
+                "its socket {} would be longer than a Unix socket path can be (107 bytes); use a shorter --state-dir or service name",
+                sock.display()
+            ),
+        ));
+    }
     let mut argv = vec![
         tool("mariadbd")?.display().to_string(),
         "--no-defaults".into(),
@@ -124,6 +135,17 @@ fn sql_ident(s: &str) -> String {
     format!("`{}`", s.replace('`', "``"))
 }
 
+/// A database name as a `GRANT … ON <db>.*` pattern: there `_` and `%` are wildcards
+/// (`my_app` would also match `my-app`'s database, and `deploye_` the agent's own
+/// `deployer`), so they are escaped to stand for themselves.
+fn grant_db(s: &str) -> String {
+    sql_ident(
+        &s.replace('\\', "\\\\")
+            .replace('_', "\\_")
+            .replace('%', "\\%"),
+    )
+}
+
 /// The account of a service: every host (`%`), so that an external server is reached
 /// from this host too.
 fn account(service: &str) -> String {
@@ -135,7 +157,7 @@ fn account(service: &str) -> String {
 pub struct MysqlPlan {
     /// Record the user as ours, then create it (locked until it has a password).
     pub create_user: bool,
-    /// Record the database as ours, then create it and grant it to the user.
+    /// Record the database as ours, then create it.
     pub create_database: bool,
 }
 
@@ -157,7 +179,7 @@ pub fn plan_mysql(
     match user {
         RoleFound::Superuser => {
             return Err(format!(
-                "user {service:?} exists with global privileges; the agent never hands such a user to a service or changes its password; rename the service"
+                "user {service:?} exists with global privileges (on every database, or to manage the server); the agent never hands such a user to a service or changes its password; rename the service"
             ));
         }
         RoleFound::Unmarked => {
@@ -183,6 +205,10 @@ pub fn plan_mysql(
     })
 }
 
+/// True for an account with any privilege at the global level (on every database, or over
+/// the server itself): the privilege columns MariaDB's and MySQL's `mysql.user` share.
+const GLOBAL_PRIVILEGE: &str = "GREATEST(Select_priv, Insert_priv, Update_priv, Delete_priv, Create_priv, Drop_priv, Reload_priv, Shutdown_priv, Process_priv, File_priv, Grant_priv, References_priv, Index_priv, Alter_priv, Show_db_priv, Super_priv, Create_tmp_table_priv, Lock_tables_priv, Execute_priv, Repl_slave_priv, Repl_client_priv, Create_view_priv, Show_view_priv, Create_routine_priv, Alter_routine_priv, Create_user_priv, Event_priv, Trigger_priv) = 'Y'";
+
 /// Where ownership is recorded; made if missing.
 const OWNED_TABLE: &str = "CREATE DATABASE IF NOT EXISTS deployer;\n\
      CREATE TABLE IF NOT EXISTS deployer.owned (kind VARCHAR(16) NOT NULL, name VARCHAR(128) NOT NULL, PRIMARY KEY (kind, name));\n";
@@ -196,7 +222,7 @@ fn probe_sql(service: &str) -> String {
     };
     format!(
         "{OWNED_TABLE}\
-         SELECT CONCAT('user:', CASE WHEN MAX(Super_priv = 'Y' OR Grant_priv = 'Y') THEN 'superuser' WHEN {} THEN 'ours' ELSE 'unmarked' END) FROM mysql.user WHERE User = {n} HAVING COUNT(*) > 0;\n\
+         SELECT CONCAT('user:', CASE WHEN MAX({GLOBAL_PRIVILEGE}) THEN 'superuser' WHEN {} THEN 'ours' ELSE 'unmarked' END) FROM mysql.user WHERE User = {n} HAVING COUNT(*) > 0;\n\
          SELECT CONCAT('database:', IF({}, 'ours', 'foreign')) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = {n};\n",
         ours("user"),
         ours("database"),
@@ -219,7 +245,7 @@ fn plan_sql(service: &str, plan: &MysqlPlan) -> String {
     }
     if plan.create_database {
         sql.push_str(&format!(
-            "INSERT IGNORE INTO deployer.owned VALUES ('database', {n});\nCREATE DATABASE IF NOT EXISTS {q};\nGRANT ALL PRIVILEGES ON {q}.* TO {a};\n"
+            "INSERT IGNORE INTO deployer.owned VALUES ('database', {n});\nCREATE DATABASE IF NOT EXISTS {q};\n"
         ));
     }
     sql
@@ -314,24 +340,17 @@ impl AppLayer<'_> {
                 Some(plan_sql(service, &plan).as_bytes()),
             )?;
         }
-        let password = match kept {
-            Some(p) if !plan.create_user => p,
-            kept => {
-                let password = kept.map_or_else(super::app::new_password, Ok)?;
-                let sql = format!(
-                    "ALTER USER {} IDENTIFIED BY {} ACCOUNT UNLOCK;\n",
-                    account(service),
-                    sql_literal(&password)
-                );
-                run(
-                    &what,
-                    &mut self.mariadb(ep, infra_name)?,
-                    Some(sql.as_bytes()),
-                )?;
-                self.keep_password(service, dialect, &password)?;
-                password
-            }
-        };
+        // Both are ours now. Their password, unlock and grant are set at every deploy:
+        // idempotent, and what a run killed halfway (or a user dropped and made again by
+        // hand) left undone is done.
+        let password = kept.map_or_else(super::app::new_password, Ok)?;
+        run(
+            &what,
+            &mut self.mariadb(ep, infra_name)?,
+            Some(access_sql(service, &password).as_bytes()),
+        )
+        .map_err(|e| super::app::redact(e, &password))?;
+        self.keep_password(service, dialect, &password)?;
         Ok(format!(
             "mysql://{service}:{password}@{}:{}/{service}",
             ep.host,
@@ -340,9 +359,35 @@ impl AppLayer<'_> {
     }
 }
 
+/// The statements that give `service`'s user (ours) its password and its database (ours),
+/// and only that database.
+fn access_sql(service: &str, password: &str) -> String {
+    let a = account(service);
+    format!(
+        "ALTER USER {a} IDENTIFIED BY {} ACCOUNT UNLOCK;\nGRANT ALL PRIVILEGES ON {}.* TO {a};\n",
+        sql_literal(password),
+        grant_db(service)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `_` in a database name is a wildcard in a grant: escaped, a service's grant covers
+    /// its own database only (`my_app` not `my-app`'s, `deploye_` not `deployer`).
+    #[test]
+    fn a_grant_names_one_database() {
+        assert_eq!(grant_db("my_app"), r"`my\_app`");
+        assert_eq!(grant_db("a%b"), r"`a\%b`");
+        assert_eq!(grant_db("plain-name"), "`plain-name`");
+        let sql = access_sql("deploye_", "p4ss");
+        assert!(
+            sql.contains(r"GRANT ALL PRIVILEGES ON `deploye\_`.* TO 'deploye_'@'%'"),
+            "{sql}"
+        );
+        assert!(sql.contains("IDENTIFIED BY 'p4ss' ACCOUNT UNLOCK"), "{sql}");
+    }
 
     #[test]
     fn mysql_plans_touch_only_what_deployer_made() {
@@ -392,10 +437,7 @@ mod tests {
             sql.find("INSERT IGNORE INTO deployer.owned VALUES ('user'") < sql.find("CREATE USER"),
             "{sql}"
         );
-        assert!(
-            sql.contains("GRANT ALL PRIVILEGES ON `app`.* TO 'app'@'%'"),
-            "{sql}"
-        );
+        assert!(!sql.contains("GRANT"), "granted with the password: {sql}");
     }
 
     #[test]

@@ -229,27 +229,31 @@ pub(super) fn parse_found(
     Ok((role, database))
 }
 
-/// The statements that carry out `plan` (no password in any of them). A new role gets its
-/// mark in the same transaction, so a crash never leaves an unmarked role of ours.
-fn plan_sql(service: &str, plan: &DatabasePlan) -> String {
+/// The statements that carry out `plan`, run at every deploy. A new role gets its mark
+/// and its `password` (the only statement that carries one) in the same transaction, so a
+/// crash never leaves an unmarked role of ours, or one without its password. The database
+/// is closed to every other role (PostgreSQL lets `PUBLIC` connect), also one made by an
+/// earlier agent, or left open by a run killed after it was made.
+fn plan_sql(service: &str, plan: &DatabasePlan, password: Option<&str>) -> String {
     let (q, m) = (sql_ident(service), sql_literal(&ownership_mark(service)));
     let mut sql = String::new();
     if plan.create_role {
+        let with = password
+            .map(|p| format!(" PASSWORD {}", sql_literal(p)))
+            .unwrap_or_default();
         sql.push_str(&format!(
-            "BEGIN;\nCREATE ROLE {q} LOGIN;\nCOMMENT ON ROLE {q} IS {m};\nCOMMIT;\n"
+            "BEGIN;\nCREATE ROLE {q} LOGIN{with};\nCOMMENT ON ROLE {q} IS {m};\nCOMMIT;\n"
         ));
     } else if plan.mark_role {
         sql.push_str(&format!("COMMENT ON ROLE {q} IS {m};\n"));
     }
     if plan.create_database {
-        // PostgreSQL lets every role connect to a new database; only its owner may.
-        sql.push_str(&format!(
-            "CREATE DATABASE {q} OWNER {q};\nREVOKE ALL ON DATABASE {q} FROM PUBLIC;\n"
-        ));
+        sql.push_str(&format!("CREATE DATABASE {q} OWNER {q};\n"));
     }
     if plan.mark_database {
         sql.push_str(&format!("COMMENT ON DATABASE {q} IS {m};\n"));
     }
+    sql.push_str(&format!("REVOKE ALL ON DATABASE {q} FROM PUBLIC;\n"));
     sql
 }
 
@@ -350,28 +354,33 @@ impl AppLayer<'_> {
             .map_err(|e| err(&what, format!("in {infra_name}: {e}")))?;
         if plan != DatabasePlan::default() {
             tracing::info!(?plan, "creating or marking the service's role and database");
-            run(
-                &what,
-                &mut self.psql(ep, infra_name)?,
-                Some(plan_sql(service, &plan).as_bytes()),
-            )?;
         }
-        // A password is sent only to a role known to be ours: one just created (with the
-        // kept password if there is one) or one whose password file was lost.
-        let password = match kept {
-            Some(p) if !plan.create_role => p,
-            kept => {
-                let password = kept.map_or_else(super::app::new_password, Ok)?;
-                let sql = format!(
-                    "ALTER ROLE {} PASSWORD {};\n",
-                    sql_ident(service),
-                    sql_literal(&password)
-                );
-                run(&what, &mut self.psql(ep, infra_name)?, Some(sql.as_bytes()))?;
-                self.keep_password(service, Dialect::Postgres, &password)?;
-                password
-            }
+        // A password is sent only to a role known to be ours: one created now, in the
+        // transaction that creates it (the kept one, if this host has one: a new server for
+        // an old service), or one whose password file was lost.
+        let (password, fresh) = match kept {
+            Some(p) if !plan.create_role => (p, false),
+            kept => (kept.map_or_else(super::app::new_password, Ok)?, true),
         };
+        let sql = plan_sql(
+            service,
+            &plan,
+            plan.create_role.then_some(password.as_str()),
+        );
+        run(&what, &mut self.psql(ep, infra_name)?, Some(sql.as_bytes()))
+            .map_err(|e| super::app::redact(e, &password))?;
+        if fresh && !plan.create_role {
+            let sql = format!(
+                "ALTER ROLE {} PASSWORD {};\n",
+                sql_ident(service),
+                sql_literal(&password)
+            );
+            run(&what, &mut self.psql(ep, infra_name)?, Some(sql.as_bytes()))
+                .map_err(|e| super::app::redact(e, &password))?;
+        }
+        if fresh {
+            self.keep_password(service, Dialect::Postgres, &password)?;
+        }
         Ok(format!(
             "postgres://{service}:{password}@{}:{}/{service}",
             ep.host,
@@ -438,8 +447,9 @@ mod tests {
             let e = plan_database("app", R::Superuser, D::Absent, kept).unwrap_err();
             assert!(e.contains("superuser"), "{e}");
         }
-        // No statement of a plan carries anything but names and the mark.
-        let sql = plan_sql("app", &all);
+        // No statement of a plan carries anything but names and the mark, but a new role's
+        // password, in the transaction that creates it.
+        let sql = plan_sql("app", &all, None);
         assert!(sql.contains("CREATE ROLE \"app\" LOGIN;"), "{sql}");
         assert!(
             sql.contains("REVOKE ALL ON DATABASE \"app\" FROM PUBLIC;"),
@@ -449,6 +459,16 @@ mod tests {
         assert!(
             sql.contains("COMMENT ON DATABASE \"app\" IS 'deployer:app'"),
             "{sql}"
+        );
+        let sql = plan_sql("app", &all, Some("pw"));
+        assert!(
+            sql.contains("BEGIN;\nCREATE ROLE \"app\" LOGIN PASSWORD 'pw';\nCOMMENT ON ROLE"),
+            "{sql}"
+        );
+        // Nothing to create: the database is still closed to other roles, every time.
+        assert_eq!(
+            plan_sql("app", &DatabasePlan::default(), None),
+            "REVOKE ALL ON DATABASE \"app\" FROM PUBLIC;\n"
         );
     }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use deploy_manifest::history::{self, Phase, Phases};
 
-use deploy_manifest::model::{Exec, InfraService, Manifest, Release, RunAs, Service};
+use deploy_manifest::model::{Exec, Manifest, Release, RunAs, Service};
 use deploy_manifest::store::ObjectStore;
 use futures_util::StreamExt;
 use tracing::Instrument;
@@ -218,10 +218,10 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         let mut ready = Vec::new();
         // This host's infrastructure as it runs now (a dedicated server's port as the
         // infrastructure steps before recorded it).
-        let infra: BTreeMap<String, InfraService> =
+        let infra: BTreeMap<String, crate::infra::HostSpec> =
             crate::infra::host_specs(manifest, &self.config.host, &state.infra)
                 .into_iter()
-                .map(|h| (h.name, h.spec))
+                .map(|h| (h.name.clone(), h))
                 .collect();
         for (i, job) in jobs.iter().enumerate() {
             let preparing = Instant::now();
@@ -440,7 +440,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         &self,
         job: &Job<'_>,
         manifest: &Manifest,
-        infra: &BTreeMap<String, InfraService>,
+        infra: &BTreeMap<String, crate::infra::HostSpec>,
         state: &mut State,
         infra_failed: &BTreeMap<String, String>,
         trace: &mut Trace,
@@ -722,6 +722,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
                 entry.rollbacks += 1;
                 entry.failed = Some(Failure {
                     spec_hash: spec_hash(service),
+                    infra_hash: d.infra_hash.clone(),
                     artifact: service.artifact.clone(),
                     version: manifest.version.clone(),
                     error: message.clone(),
