@@ -1046,7 +1046,7 @@ fn mysql_and_dedicated_servers_on_the_system_manager() {
                 json!({"database": {"dialect": "mysql"}}),
             ),
             (
-                "crm",
+                "sh_p",
                 p_crm,
                 "bin/mysql-app",
                 json!({"database": {"dialect": "mysql"}}),
@@ -1072,7 +1072,7 @@ fn mysql_and_dedicated_servers_on_the_system_manager() {
         run_in(repo.path(), "push.sh", &["Biz/App.py"], &fx.env).ok();
         let m: Value = serde_json::from_slice(&fx.dm(&["show"]).ok().stdout).unwrap();
         let artifact = m["services"][0]["artifact"].to_string();
-        for name in ["crm", "ledger"] {
+        for name in ["sh_p", "ledger"] {
             fx.dm(&["set-artifact", name, &artifact]).ok();
         }
 
@@ -1088,7 +1088,7 @@ fn mysql_and_dedicated_servers_on_the_system_manager() {
             id.stdout_str().trim()
         );
         let url = |svc: &str| env_of(&format!("{svc}.service"), "DATABASE_URL");
-        let (shop_url, crm_url) = (url("shop"), url("crm"));
+        let (shop_url, crm_url) = (url("shop"), url("sh_p"));
         assert!(
             shop_url.starts_with("mysql://shop:")
                 && shop_url.ends_with(&format!("@127.0.0.1:{my}/shop")),
@@ -1096,14 +1096,15 @@ fn mysql_and_dedicated_servers_on_the_system_manager() {
         );
         let visits = mysql_as(&shop_url, "shop", "select v from visits");
         assert_eq!(visits.stdout_str().trim(), "v1", "{}", visits.stderr_str());
-        // With its own credentials, crm reaches neither shop's database nor its tables.
+        // With its own credentials, sh_p reaches neither shop's database nor its tables (`_`
+        // is a wildcard in a MySQL grant: `sh_p`'s must not cover `shop`).
         let denied = mysql_as(&crm_url, "shop", "select v from visits");
         assert!(
             !denied.status.success() && denied.stderr_str().contains("Access denied"),
             "{}",
             denied.stderr_str()
         );
-        let denied = mysql_as(&crm_url, "crm", "select v from shop.visits");
+        let denied = mysql_as(&crm_url, "sh_p", "select v from shop.visits");
         assert!(!denied.status.success(), "{}", denied.stdout_str());
 
         // ledger: a PostgreSQL and a Redis of its own, on ports the agent picked and kept.
@@ -1185,15 +1186,19 @@ fn mysql_and_dedicated_servers_on_the_system_manager() {
             .collect()
         };
         let before = pids();
-        fx.dm(&["update-service", "crm", r#"{"env": {"GREETING": "again"}}"#])
-            .ok();
+        fx.dm(&[
+            "update-service",
+            "sh_p",
+            r#"{"env": {"GREETING": "again"}}"#,
+        ])
+        .ok();
         let out = run_checked(|args| agent(&fx, args));
         assert!(out.status.success(), "{}", out.stderr_str());
         assert_eq!(before, pids());
         assert_eq!(
-            url("crm"),
+            url("sh_p"),
             crm_url,
-            "crm redeployed with the same credentials"
+            "sh_p redeployed with the same credentials"
         );
         assert_eq!(url("shop"), shop_url);
         assert_eq!(
