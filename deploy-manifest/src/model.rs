@@ -663,6 +663,60 @@ pub enum Preset {
     Mysql,
 }
 
+/// `config` of a `postgres` preset (seed 001: databases, extensions, version).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// Databases made in the cluster besides each service's own (`{"main": {}}`).
+    #[serde(default)]
+    pub databases: BTreeMap<String, NamedDatabase>,
+    /// Extensions created in the database of each service that uses this server.
+    #[serde(default)]
+    pub extensions: Vec<String>,
+    /// The PostgreSQL major version to run (`"15"`): its server binaries must be installed.
+    #[serde(default)]
+    pub version: Option<String>,
+}
+
+/// A database named in a preset's `databases`; no settings yet (`{}`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamedDatabase {}
+
+/// `config` of a `redis` preset.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `maxmemory`, e.g. `256mb`.
+    #[serde(default)]
+    pub maxmemory: Option<String>,
+    /// `maxmemory-policy`, e.g. `allkeys-lru`.
+    #[serde(default)]
+    pub maxmemory_policy: Option<String>,
+    /// The server requires a password (the agent makes it; a dedicated Redis always does).
+    #[serde(default)]
+    pub password: Option<bool>,
+}
+
+impl InfraService {
+    /// Its `config` read as a `postgres` preset's (`{}` when absent).
+    pub fn postgres_config(&self) -> Result<PostgresConfig, String> {
+        preset_config(self.config.as_ref())
+    }
+
+    /// Its `config` read as a `redis` preset's (`{}` when absent).
+    pub fn redis_config(&self) -> Result<RedisConfig, String> {
+        preset_config(self.config.as_ref())
+    }
+}
+
+fn preset_config<T: Default + serde::de::DeserializeOwned>(v: Option<&Value>) -> Result<T, String> {
+    match v {
+        None => Ok(T::default()),
+        Some(v) => serde_json::from_value(v.clone()).map_err(|e| e.to_string()),
+    }
+}
+
 impl Preset {
     /// Its name in a manifest (`postgres`, `redis`, `mysql`).
     pub fn name(self) -> &'static str {

@@ -272,6 +272,36 @@ fn check_rules(m: &Manifest, origin: &str) -> Result<(), Invalid> {
             }
         }
     }
+    // Preset settings, wherever a preset is declared.
+    let with_database: BTreeSet<&str> = m
+        .services
+        .iter()
+        .filter(|s| {
+            s.infrastructure
+                .as_ref()
+                .and_then(|i| i.database())
+                .is_some()
+        })
+        .map(|s| s.name.as_str())
+        .collect();
+    let shared = m
+        .infrastructure
+        .iter()
+        .flat_map(|i| &i.services)
+        .map(|(n, spec)| (format!("infrastructure.services.{n}"), spec));
+    let owned = m.services.iter().enumerate().flat_map(|(i, s)| {
+        s.infrastructure.iter().flat_map(move |inf| {
+            inf.services.iter().map(move |(r, spec)| {
+                (
+                    format!("services[{i}] ({}).infrastructure.services.{r}", s.name),
+                    spec,
+                )
+            })
+        })
+    });
+    for (at, spec) in shared.chain(owned) {
+        preset_config_rules(&format!("{at}.config"), spec, &with_database, &mut problems);
+    }
     if let Some(cycle) = dependency_cycle(m) {
         problems.push(Problem {
             field: "infrastructure".into(),
@@ -304,6 +334,114 @@ fn check_rules(m: &Manifest, origin: &str) -> Result<(), Invalid> {
         }
     }
     Invalid::check(origin, problems)
+}
+
+/// A preset's `config`: only what that preset knows, each value checked (it reaches a
+/// command line or SQL); a custom service has none.
+fn preset_config_rules(
+    at: &str,
+    spec: &crate::model::InfraService,
+    with_database: &BTreeSet<&str>,
+    problems: &mut Vec<Problem>,
+) {
+    use crate::model::Preset;
+    let mut problem = |message: String| {
+        problems.push(Problem {
+            field: at.to_owned(),
+            message,
+        })
+    };
+    let Some(config) = &spec.config else {
+        return;
+    };
+    let name_like = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    };
+    match spec.preset {
+        Some(Preset::Postgres) => match spec.postgres_config() {
+            Err(e) => problem(format!(
+                "{e} (a postgres preset takes databases, extensions, version)"
+            )),
+            Ok(c) => {
+                for db in c.databases.keys() {
+                    if !name_like(db) {
+                        problem(format!(
+                            "database name {db:?}: lower-case letters, digits, '_' and '-', at most 63"
+                        ));
+                    } else if let Some(why) =
+                        reserved_database_name(db, crate::model::Dialect::Postgres)
+                    {
+                        problem(format!("database name {db:?}: {why}"));
+                    } else if with_database.contains(db.as_str()) {
+                        problem(format!(
+                            "database {db:?} is also the database of service {db:?}; name it otherwise"
+                        ));
+                    }
+                }
+                for ext in &c.extensions {
+                    if !name_like(ext) {
+                        problem(format!(
+                            "extension {ext:?}: lower-case letters, digits, '_' and '-', at most 63"
+                        ));
+                    }
+                }
+                if let Some(v) = &c.version
+                    && !((1..=3).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_digit()))
+                {
+                    problem(format!(
+                        "version {v:?}: a PostgreSQL major version, e.g. \"15\""
+                    ));
+                }
+            }
+        },
+        Some(Preset::Redis) => match spec.redis_config() {
+            Err(e) => problem(format!(
+                "{e} (a redis preset takes maxmemory, maxmemoryPolicy, password)"
+            )),
+            Ok(c) => {
+                if let Some(m) = &c.maxmemory {
+                    let lower = m.to_ascii_lowercase();
+                    let digits = lower.trim_end_matches(['b', 'k', 'm', 'g']);
+                    let unit = &lower[digits.len()..];
+                    if digits.is_empty()
+                        || !digits.bytes().all(|b| b.is_ascii_digit())
+                        || !["", "b", "k", "kb", "m", "mb", "g", "gb"].contains(&unit)
+                    {
+                        problem(format!("maxmemory {m:?}: a size such as 256mb or 1gb"));
+                    }
+                }
+                const POLICIES: [&str; 8] = [
+                    "noeviction",
+                    "allkeys-lru",
+                    "allkeys-lfu",
+                    "allkeys-random",
+                    "volatile-lru",
+                    "volatile-lfu",
+                    "volatile-random",
+                    "volatile-ttl",
+                ];
+                if let Some(p) = &c.maxmemory_policy
+                    && !POLICIES.contains(&p.as_str())
+                {
+                    problem(format!(
+                        "maxmemoryPolicy {p:?}: one of {}",
+                        POLICIES.join(", ")
+                    ));
+                }
+            }
+        },
+        Some(Preset::Mysql) | None => {
+            if config.as_object().is_some_and(|o| !o.is_empty()) {
+                problem(match spec.preset {
+                    Some(_) => "the mysql preset takes no settings yet".to_owned(),
+                    None => "config is for presets; a custom service has none".to_owned(),
+                });
+            }
+        }
+    }
 }
 
 /// A circle in the infrastructure's `dependsOn` (shared services by name, a service's own
@@ -942,6 +1080,83 @@ mod tests {
         ] {
             assert!(!problems(with("a", bad.clone())).is_empty(), "{bad}");
         }
+    }
+
+    /// A preset's settings reach a command line or SQL: only what the preset knows, each
+    /// value checked.
+    #[test]
+    fn preset_settings_are_checked() {
+        let with = |preset: &str, config: Value| {
+            let mut s = seed_service();
+            s["infrastructure"] = json!({"database": true});
+            json!({"schemaVersion": 1, "services": [s],
+                "infrastructure": {"services": {"x": {"preset": preset, "config": config}}}})
+        };
+        let name = seed_service()["name"].as_str().unwrap().to_owned();
+        for ok in [
+            with(
+                "postgres",
+                json!({"databases": {"main": {}, "ledger": {}}, "extensions": ["pgcrypto", "uuid-ossp"], "version": "15"}),
+            ),
+            with(
+                "redis",
+                json!({"maxmemory": "256mb", "maxmemoryPolicy": "allkeys-lru"}),
+            ),
+            with("redis", json!({"maxmemory": "1GB", "password": true})),
+            with("mysql", json!({})),
+        ] {
+            assert_eq!(problems(ok.clone()), Vec::<String>::new(), "{ok}");
+        }
+        for (bad, says) in [
+            (
+                with("postgres", json!({"databases": ["main"]})),
+                "invalid type",
+            ),
+            (with("postgres", json!({"database": {}})), "unknown field"),
+            (
+                with("postgres", json!({"databases": {"main": {"owner": "x"}}})),
+                "unknown field",
+            ),
+            (
+                with("postgres", json!({"databases": {"Main; DROP": {}}})),
+                "database name",
+            ),
+            (
+                with("postgres", json!({"databases": {"postgres": {}}})),
+                "superuser",
+            ),
+            (
+                with("postgres", json!({"databases": {name.clone(): {}}})),
+                "also the database of service",
+            ),
+            (
+                with("postgres", json!({"extensions": ["x\"; drop"]})),
+                "extension",
+            ),
+            (
+                with("postgres", json!({"version": "15.4"})),
+                "major version",
+            ),
+            (with("redis", json!({"maxmemory": "lots"})), "a size"),
+            (with("redis", json!({"maxmemory": "10 --save x"})), "a size"),
+            (with("redis", json!({"maxmemoryPolicy": "lru"})), "one of"),
+            (with("mysql", json!({"databases": {}})), "no settings"),
+        ] {
+            let p = problems(bad.clone());
+            assert!(
+                p.iter()
+                    .any(|m| m.contains("infrastructure.services.x.config") && m.contains(says)),
+                "{bad}: {p:?}"
+            );
+        }
+        let mut s = seed_service();
+        s["infrastructure"] =
+            json!({"services": {"side": {"command": ["/bin/side"], "config": {"a": 1}}}});
+        let p = problems(json!({"schemaVersion": 1, "services": [s]}));
+        assert!(
+            p.iter().any(|m| m.contains("config is for presets")),
+            "{p:?}"
+        );
     }
 
     #[test]

@@ -99,9 +99,13 @@ fn postgres_and_redis_for_services() {
     let repo = tempfile::tempdir().unwrap();
     let (pg, rp, p1, p2) = (free_port(), free_port(), free_port(), free_port());
     fx.dm(&["init"]).ok();
+    // Preset settings (seed 001): named databases, extensions and the major version;
+    // Redis's memory policy.
     let infra = json!({"services": {
-        "db": {"preset": "postgres", "ports": {"tcp": pg}},
-        "cache": {"preset": "redis", "ports": {"tcp": rp}}
+        "db": {"preset": "postgres", "ports": {"tcp": pg},
+               "config": {"databases": {"main": {}, "ledger": {}}, "extensions": ["pgcrypto"], "version": "15"}},
+        "cache": {"preset": "redis", "ports": {"tcp": rp},
+                  "config": {"maxmemory": "64mb", "maxmemoryPolicy": "allkeys-lru"}}
     }});
     fx.dm(&["set-infrastructure", &infra.to_string()]).ok();
     for (name, port, cmd, db) in [
@@ -140,6 +144,43 @@ fn postgres_and_redis_for_services() {
             .trim(),
         "v1"
     );
+    let query = |db: &str, sql: &str| psql(&host, pg, db, sql).ok().stdout_str().trim().to_owned();
+    assert_eq!(
+        query(
+            "postgres",
+            "select string_agg(datname, ',' order by datname) from pg_database where datname in ('main', 'ledger')"
+        ),
+        "ledger,main"
+    );
+    assert_eq!(
+        query(
+            "app",
+            "select extname from pg_extension where extname = 'pgcrypto'"
+        ),
+        "pgcrypto"
+    );
+    assert_eq!(
+        query("app", "select length(digest('x', 'sha256'))"),
+        "32",
+        "usable by the service's database"
+    );
+    assert_eq!(
+        query("postgres", "show server_version_num").get(..2),
+        Some("15")
+    );
+    let config_get = |key: &str| {
+        Command::new("redis-cli")
+            .args(["-p", &rp.to_string(), "config", "get", key])
+            .output()
+            .unwrap()
+            .stdout_str()
+            .lines()
+            .nth(1)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(config_get("maxmemory-policy"), "allkeys-lru");
+    assert_eq!(config_get("maxmemory"), (64 * 1024 * 1024).to_string());
     let state = host.state();
     let (i1, i2) = (
         state["redisIndexes"]["app"].as_u64().unwrap(),
@@ -209,6 +250,36 @@ fn postgres_and_redis_for_services() {
         .trim(),
         "1"
     );
+
+    // An extension added to the preset's config: the service that uses that server is
+    // deployed again once and gets it; the one that does not is untouched.
+    let (app_pid, app2_pid) = (
+        main_pid(&host, "app.service"),
+        main_pid(&host, "app2.service"),
+    );
+    let mut more = infra.clone();
+    more["services"]["db"]["config"]["extensions"] = json!(["pgcrypto", "citext"]);
+    fx.dm(&["set-infrastructure", &more.to_string()]).ok();
+    host.run_once(&fx).ok();
+    assert_eq!(
+        psql(
+            &host,
+            pg,
+            "app",
+            "select extname from pg_extension where extname = 'citext'"
+        )
+        .ok()
+        .stdout_str()
+        .trim(),
+        "citext"
+    );
+    assert_ne!(main_pid(&host, "app.service"), app_pid);
+    assert_eq!(main_pid(&host, "app2.service"), app2_pid);
+    let app_pid = main_pid(&host, "app.service");
+    fx.dm(&["update-service", "app2", r#"{"env": {"AGAIN": "1"}}"#])
+        .ok();
+    host.run_once(&fx).ok();
+    assert_eq!(main_pid(&host, "app.service"), app_pid, "once");
 
     // A failing migration: the deploy stops, v1 keeps serving.
     build(repo.path(), "v2", true);

@@ -104,9 +104,12 @@ impl AppLayer<'_> {
         };
         let mut vars = BTreeMap::new();
         if let Some((name, dialect)) = &binding.database {
-            let (_, ep) = at(name)?;
+            let (spec, ep) = at(name)?;
             let url = match dialect {
-                Dialect::Postgres => self.database_url(&service.name, &ep, name)?,
+                Dialect::Postgres => {
+                    let config = spec.postgres_config().map_err(|e| err(name, e))?;
+                    self.database_url(&service.name, &ep, name, &config)?
+                }
                 Dialect::Mysql => self.mysql_url(&service.name, &ep, name)?,
             };
             vars.insert("DATABASE_URL".to_owned(), url);

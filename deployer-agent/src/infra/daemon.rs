@@ -64,6 +64,25 @@ fn preset_account(preset: Option<Preset>) -> Option<&'static str> {
     }
 }
 
+/// The PostgreSQL major version a postgres preset's config asks for.
+fn version(spec: &InfraService) -> Result<Option<String>, AgentError> {
+    let config = spec.postgres_config().map_err(|e| err("postgres", e))?;
+    Ok(config.version)
+}
+
+/// `redis-server` options from a redis preset's config (checked by validation).
+fn redis_options(spec: &InfraService) -> Result<Vec<String>, AgentError> {
+    let config = spec.redis_config().map_err(|e| err("redis", e))?;
+    let mut out = Vec::new();
+    if let Some(m) = config.maxmemory {
+        out.extend(["--maxmemory".to_owned(), m]);
+    }
+    if let Some(p) = config.maxmemory_policy {
+        out.extend(["--maxmemory-policy".to_owned(), p]);
+    }
+    Ok(out)
+}
+
 /// The config file of a password-protected Redis: it holds the password, so it is the
 /// server's account's alone (0600), in its directory, never on a command line.
 fn redis_conf(root: &Path) -> PathBuf {
@@ -98,7 +117,10 @@ fn command(
     let port = ep.port().unwrap_or(0).to_string();
     let argv = match spec.preset {
         Some(Preset::Postgres) => vec![
-            cluster_bin(&data)?.join("postgres").display().to_string(),
+            cluster_bin(&data, version(spec)?.as_deref())?
+                .join("postgres")
+                .display()
+                .to_string(),
             "-D".into(),
             data.display().to_string(),
             "-k".into(),
@@ -126,6 +148,7 @@ fn command(
                 "--daemonize".into(),
                 "no".into(),
             ])
+            .chain(redis_options(spec)?)
             .collect(),
         // A user manager runs it as root: the server switches to its account itself.
         Some(Preset::Mysql) => super::mysql::server_argv(
@@ -267,7 +290,7 @@ pub fn prepare(
     }
     mkdir(&run_dir, 0o755)?;
     chown(&run_dir)?;
-    let bin = cluster_bin(&data)?;
+    let bin = cluster_bin(&data, version(spec)?.as_deref())?;
     if !data.join("PG_VERSION").exists() {
         tracing::info!(infra = name, "initialising the database cluster (initdb)");
         run(

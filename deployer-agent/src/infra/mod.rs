@@ -286,7 +286,8 @@ fn start_order(mut rest: Vec<(HostSpec, Vec<String>)>) -> Vec<HostSpec> {
 
 /// What `service`'s generated env file is made from, beyond the service's own spec: where
 /// each infrastructure service it is bound to answers (host, ports, external or not, whether
-/// a password is asked) and, for its requirements, their env and secrets: hashed. `None`
+/// a password is asked), the preset's config (what a deploy makes in it, e.g. extensions)
+/// and, for its requirements, their env and secrets: hashed. `None`
 /// when it uses no infrastructure. A kept port (a dedicated server's, picked once) is left
 /// out: it does not change while the server is kept. When this changes (a shared server
 /// moved, a requirement's endpoint gone), the service is deployed again, so no stale or
@@ -317,6 +318,8 @@ pub fn endpoints_hash(
             "ports": if h.keeps_port { BTreeMap::new() } else { ep.ports },
             "external": h.spec.external.is_some(),
             "password": redis::password_wanted(&h.spec),
+            // What the preset makes for its users (named databases, extensions).
+            "config": h.spec.config,
             "env": h.spec.env,
             "secrets": h.spec.secrets,
         }));

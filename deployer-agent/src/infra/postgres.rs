@@ -8,7 +8,7 @@ use super::daemon::run;
 use super::{AppLayer, Endpoint, err};
 use crate::AgentError;
 use crate::secrets::Refusal;
-use deploy_manifest::model::Dialect;
+use deploy_manifest::model::{Dialect, PostgresConfig};
 
 /// Where Debian installs PostgreSQL: `<major>/bin/` for each installed major version.
 const PG_ROOT: &str = "/usr/lib/postgresql";
@@ -16,21 +16,32 @@ const PG_ROOT: &str = "/usr/lib/postgresql";
 /// The newest PostgreSQL server binaries on this host (Debian layout), or `$DEPLOYER_PG_BIN`.
 /// For the client tools (`psql`, `pg_isready`), and `initdb` of a new cluster.
 pub fn pg_bin() -> Result<PathBuf, AgentError> {
-    bin_override().map_or_else(|| server_bin(Path::new(PG_ROOT), None), Ok)
+    bin_override().map_or_else(|| server_bin(Path::new(PG_ROOT), None, None), Ok)
 }
 
 /// The server binaries for the cluster in `data`: the major version its `initdb` ran
 /// (`PG_VERSION`), since a server refuses another major's data directory; for a new cluster,
-/// the newest. `$DEPLOYER_PG_BIN` overrides both.
-pub fn cluster_bin(data: &Path) -> Result<PathBuf, AgentError> {
-    bin_override().map_or_else(|| server_bin(Path::new(PG_ROOT), Some(data)), Ok)
+/// `version` (the preset's `config.version`) or else the newest. `$DEPLOYER_PG_BIN` overrides
+/// all of it.
+pub fn cluster_bin(data: &Path, version: Option<&str>) -> Result<PathBuf, AgentError> {
+    let wanted = version
+        .map(|v| {
+            v.parse::<u32>()
+                .map_err(|_| err("postgres", format!("version {v:?} is not a major version")))
+        })
+        .transpose()?;
+    bin_override().map_or_else(|| server_bin(Path::new(PG_ROOT), Some(data), wanted), Ok)
 }
 
 fn bin_override() -> Option<PathBuf> {
     std::env::var_os("DEPLOYER_PG_BIN").map(PathBuf::from)
 }
 
-fn server_bin(root: &Path, data: Option<&Path>) -> Result<PathBuf, AgentError> {
+fn server_bin(
+    root: &Path,
+    data: Option<&Path>,
+    wanted: Option<u32>,
+) -> Result<PathBuf, AgentError> {
     let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir(root)
         .into_iter()
         .flatten()
@@ -42,10 +53,21 @@ fn server_bin(root: &Path, data: Option<&Path>) -> Result<PathBuf, AgentError> {
         })
         .collect();
     versions.sort();
-    let major = match data.map(cluster_major).transpose() {
+    let found = match data.map(cluster_major).transpose() {
         Ok(major) => major.flatten(),
         Err(e) => return Err(err("postgres", e)),
     };
+    if let (Some(found), Some(wanted)) = (found, wanted)
+        && found != wanted
+    {
+        return Err(err(
+            "postgres",
+            format!(
+                "the cluster's data is PostgreSQL {found} and the preset's config asks for {wanted}; upgrade the cluster (pg_upgrade) to {wanted} first, or set \"version\": \"{found}\""
+            ),
+        ));
+    }
+    let major = found.or(wanted);
     match major {
         Some(major) => versions
             .into_iter()
@@ -55,7 +77,7 @@ fn server_bin(root: &Path, data: Option<&Path>) -> Result<PathBuf, AgentError> {
                 err(
                     "postgres",
                     format!(
-                        "the cluster's data is PostgreSQL {major}, and {}/{major}/bin/postgres is not installed; install that major version again (apt-get install postgresql-{major}), or upgrade the cluster to an installed one (pg_upgrade) first",
+                        "PostgreSQL {major} is wanted (the cluster's data, or the preset's config.version) and {}/{major}/bin/postgres is not installed; install it (apt-get install postgresql-{major}), or upgrade the cluster to an installed one (pg_upgrade) first",
                         root.display()
                     ),
                 )
@@ -258,11 +280,68 @@ fn plan_sql(service: &str, plan: &DatabasePlan, password: Option<&str>) -> Strin
 }
 
 impl AppLayer<'_> {
+    /// The databases the preset's `config.databases` names, made if absent (owned by the
+    /// administrator, marked `deployer:preset`); one of that name made by someone else is
+    /// left as it is: it exists, as asked.
+    fn preset_databases(
+        &self,
+        ep: &Endpoint,
+        infra_name: &str,
+        config: &PostgresConfig,
+    ) -> Result<(), AgentError> {
+        if config.databases.is_empty() {
+            return Ok(());
+        }
+        let what = format!("{infra_name}: config.databases");
+        let names: Vec<String> = config.databases.keys().map(|d| sql_literal(d)).collect();
+        let found = run(
+            &what,
+            &mut self.psql(ep, infra_name)?,
+            Some(
+                format!(
+                    "SELECT datname FROM pg_database WHERE datname IN ({});\n",
+                    names.join(", ")
+                )
+                .as_bytes(),
+            ),
+        )?;
+        let found: std::collections::BTreeSet<&str> = found.lines().map(str::trim).collect();
+        let sql: String = config
+            .databases
+            .keys()
+            .filter(|d| !found.contains(d.as_str()))
+            .map(|d| {
+                format!(
+                    "CREATE DATABASE {q};\nCOMMENT ON DATABASE {q} IS 'deployer:preset';\n",
+                    q = sql_ident(d)
+                )
+            })
+            .collect();
+        if !sql.is_empty() {
+            tracing::info!(
+                infra = infra_name,
+                "creating the databases its config names"
+            );
+            run(&what, &mut self.psql(ep, infra_name)?, Some(sql.as_bytes()))?;
+        }
+        Ok(())
+    }
+
     /// psql connected as the cluster's administrator to the `postgres` database: peer
     /// authentication over the preset's socket, or, for an external server, the admin
     /// credentials in `<secrets>/infra-<name>.env` (checked like every secret file; no
     /// service can name that file).
     fn psql(&self, ep: &Endpoint, infra_name: &str) -> Result<Command, AgentError> {
+        self.psql_in(ep, infra_name, "postgres")
+    }
+
+    /// [`Self::psql`] connected to `database`.
+    fn psql_in(
+        &self,
+        ep: &Endpoint,
+        infra_name: &str,
+        database: &str,
+    ) -> Result<Command, AgentError> {
         let port = ep.port().unwrap_or(5432).to_string();
         let mut cmd = match &ep.unit {
             Some(_) => {
@@ -307,7 +386,7 @@ impl AppLayer<'_> {
             "-v",
             "ON_ERROR_STOP=1",
             "-d",
-            "postgres",
+            database,
         ]);
         // A server that does not answer, or a statement stuck on a lock, does not hold the
         // run (the admin credentials file may set its own).
@@ -330,6 +409,7 @@ impl AppLayer<'_> {
         service: &str,
         ep: &Endpoint,
         infra_name: &str,
+        config: &PostgresConfig,
     ) -> Result<String, AgentError> {
         let what = format!("{service}: database");
         if let Some(why) = deploy_manifest::validate::reserved_database_name(
@@ -380,6 +460,28 @@ impl AppLayer<'_> {
         }
         if fresh {
             self.keep_password(service, Dialect::Postgres, &password)?;
+        }
+        self.preset_databases(ep, infra_name, config)?;
+        if !config.extensions.is_empty() {
+            let sql: String = config
+                .extensions
+                .iter()
+                .map(|x| format!("CREATE EXTENSION IF NOT EXISTS {};\n", sql_ident(x)))
+                .collect();
+            run(
+                &what,
+                &mut self.psql_in(ep, infra_name, service)?,
+                Some(sql.as_bytes()),
+            )
+            .map_err(|e| {
+                err(
+                    &what,
+                    format!(
+                        "creating the extensions {:?} of {infra_name}'s config: {e}; install the server's extension packages (postgresql-contrib) or remove them from the config",
+                        config.extensions
+                    ),
+                )
+            })?;
         }
         Ok(format!(
             "postgres://{service}:{password}@{}:{}/{service}",
@@ -500,15 +602,30 @@ mod tests {
         }
         let bin = |v: &str| root.path().join(v).join("bin");
         let data = tempfile::tempdir().unwrap();
-        let server = |data| server_bin(root.path(), data).map_err(|e| e.to_string());
+        let server = |data| server_bin(root.path(), data, None).map_err(|e| e.to_string());
+        let wanting = |data, v| server_bin(root.path(), data, Some(v)).map_err(|e| e.to_string());
         assert_eq!(server(None).unwrap(), bin("15"), "the newest for the tools");
         assert_eq!(
             server(Some(data.path())).unwrap(),
             bin("15"),
             "a new cluster"
         );
+        // config.version picks a new cluster's major, or says it is missing.
+        assert_eq!(wanting(Some(data.path()), 14).unwrap(), bin("14"));
+        let e = wanting(Some(data.path()), 16).unwrap_err();
+        assert!(
+            e.contains("PostgreSQL 16") && e.contains("postgresql-16"),
+            "{e}"
+        );
         std::fs::write(data.path().join("PG_VERSION"), "14\n").unwrap();
         assert_eq!(server(Some(data.path())).unwrap(), bin("14"));
+        assert_eq!(wanting(Some(data.path()), 14).unwrap(), bin("14"));
+        // A cluster is never run by another major than its own, whatever the config says.
+        let e = wanting(Some(data.path()), 15).unwrap_err();
+        assert!(
+            e.contains("PostgreSQL 14") && e.contains("asks for 15") && e.contains("pg_upgrade"),
+            "{e}"
+        );
         std::fs::write(data.path().join("PG_VERSION"), "13\n").unwrap();
         let e = server(Some(data.path())).unwrap_err();
         assert!(

@@ -23,11 +23,7 @@ pub fn redis_url(ep: &Endpoint, password: Option<&str>, index: u32) -> String {
 /// Whether the Redis of `spec` asks for a password (`config: {"password": true}`; a
 /// dedicated one always does): the agent makes one, the server requires it.
 pub fn password_wanted(spec: &deploy_manifest::model::InfraService) -> bool {
-    spec.config
-        .as_ref()
-        .and_then(|c| c.get("password"))
-        .and_then(serde_json::Value::as_bool)
-        == Some(true)
+    spec.redis_config().is_ok_and(|c| c.password == Some(true))
 }
 
 /// The hash in Redis's DB 0 that holds the DB index of every service: field = service
