@@ -33,6 +33,7 @@ let
     ++ lib.optionals (cfg.notifyCommand != null) [ "--notify-command" cfg.notifyCommand ]
     ++ lib.optionals (cfg.notifyUrl != null) [ "--notify-url" cfg.notifyUrl ]
     ++ lib.optionals (cfg.metricsFile != null) [ "--metrics-file" cfg.metricsFile ]
+    ++ lib.optionals (cfg.mode != null) [ "--mode" cfg.mode ]
     ++ cfg.extraArgs ++ [ "run" "--once" ];
 in
 {
@@ -146,6 +147,13 @@ in
       default = null;
       example = "/var/lib/prometheus-node-exporter-text-files/deployer.prom";
       description = "Write Prometheus metrics here after every run (node_exporter's textfile collector).";
+    };
+
+    mode = mkOption {
+      type = types.nullOr (types.strMatching "[a-z0-9][a-z0-9_-]{0,62}");
+      default = null;
+      example = "regtest";
+      description = "This host's mode: picks the command variant of infrastructure that declares variants (seed 001's networkMode).";
     };
 
     extraArgs = mkOption {

@@ -613,6 +613,51 @@ impl Dialect {
 pub struct Infrastructure {
     #[serde(default)]
     pub services: BTreeMap<String, InfraService>,
+    /// What differs on some hosts (seed 001's per-stack `serviceOverrides`), in order: a
+    /// later entry wins where two set the same field.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overrides: Vec<InfraOverrides>,
+}
+
+/// The infrastructure of some hosts: those named, and those of the labels named
+/// (`rollout.labels`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InfraOverrides {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
+    /// By infrastructure name: a shared one, and every service's own requirement of that
+    /// name; or `<service>/<requirement>`, that service's only (which wins over the plain
+    /// name).
+    pub services: BTreeMap<String, ServiceOverride>,
+}
+
+/// How one infrastructure service differs on those hosts (seed 001's `IServiceOverride`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceOverride {
+    /// Not provisioned there: not started, its env not given, nothing waits for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled: Option<bool>,
+    /// An existing server there instead of provisioning one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<External>,
+    /// Another command (a custom service's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// Other preset settings (the whole `config`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<Value>,
+}
+
+/// One of a custom service's command variants (seed 001's `networkMode` variants), picked
+/// by the host's mode (`deployer-agent --mode`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Variant {
+    pub command: Vec<String>,
 }
 
 /// One infrastructure service: a preset (`postgres`, `redis`) or a full requirement in
@@ -652,6 +697,11 @@ pub struct InfraService {
     pub startup_timeout: Option<Span>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external: Option<External>,
+    /// Commands by host mode (`regtest`, `testnet`, …): the host's mode picks one. A host
+    /// without a mode runs `command`; one whose mode no variant names runs nothing (it is an
+    /// error, never another mode's command).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub variants: BTreeMap<String, Variant>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -799,6 +849,13 @@ mod schema_drift {
                 host: "10.0.1.5".into(),
                 ports: [("http".to_owned(), 9200)].into(),
             }),
+            variants: [(
+                "regtest".to_owned(),
+                Variant {
+                    command: vec!["/usr/bin/search".into(), "--regtest".into()],
+                },
+            )]
+            .into(),
         }
     }
 
@@ -917,6 +974,26 @@ mod schema_drift {
                     },
                 )]
                 .into(),
+                overrides: vec![InfraOverrides {
+                    hosts: vec!["biz".into()],
+                    labels: vec!["eu".into()],
+                    services: [
+                        (
+                            "db".to_owned(),
+                            ServiceOverride {
+                                disabled: Some(false),
+                                external: Some(External {
+                                    host: "10.0.1.6".into(),
+                                    ports: [("tcp".to_owned(), 5433)].into(),
+                                }),
+                                command: Some(vec!["/usr/bin/db".into()]),
+                                config: Some(serde_json::json!({"databases": {"main": {}}})),
+                            },
+                        ),
+                        ("nix/search".to_owned(), ServiceOverride::default()),
+                    ]
+                    .into(),
+                }],
             }),
             rollout: Some(FleetRollout {
                 labels: [("eu".to_owned(), vec!["biz".to_owned()])].into(),

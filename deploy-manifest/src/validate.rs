@@ -301,7 +301,16 @@ fn check_rules(m: &Manifest, origin: &str) -> Result<(), Invalid> {
     });
     for (at, spec) in shared.chain(owned) {
         preset_config_rules(&format!("{at}.config"), spec, &with_database, &mut problems);
+        for (mode, v) in &spec.variants {
+            if !v.command.first().is_some_and(|c| c.starts_with('/')) {
+                problems.push(Problem {
+                    field: format!("{at}.variants.{mode}.command"),
+                    message: "must start with an absolute path".into(),
+                });
+            }
+        }
     }
+    overrides_rules(m, &with_database, &mut problems);
     if let Some(cycle) = dependency_cycle(m) {
         problems.push(Problem {
             field: "infrastructure".into(),
@@ -334,6 +343,105 @@ fn check_rules(m: &Manifest, origin: &str) -> Result<(), Invalid> {
         }
     }
     Invalid::check(origin, problems)
+}
+
+/// `infrastructure.overrides`: each entry says which hosts (names, or labels that exist),
+/// each key names infrastructure that exists (`<name>`: shared, or some service's own
+/// requirement; `<service>/<requirement>`), and what it sets is checked like the
+/// declaration it changes.
+fn overrides_rules(m: &Manifest, with_database: &BTreeSet<&str>, problems: &mut Vec<Problem>) {
+    let Some(infra) = &m.infrastructure else {
+        return;
+    };
+    let labels = m.rollout.as_ref().map(|r| &r.labels);
+    for (i, entry) in infra.overrides.iter().enumerate() {
+        let at = format!("infrastructure.overrides[{i}]");
+        let problem = |problems: &mut Vec<Problem>, field: String, message: String| {
+            problems.push(Problem { field, message })
+        };
+        if entry.hosts.is_empty() && entry.labels.is_empty() {
+            problem(
+                problems,
+                at.clone(),
+                "give hosts or labels: the hosts it applies to".into(),
+            );
+        }
+        for label in &entry.labels {
+            if !labels.is_some_and(|l| l.contains_key(label)) {
+                problem(
+                    problems,
+                    format!("{at}.labels"),
+                    format!("unknown label {label:?}: define it in rollout.labels"),
+                );
+            }
+        }
+        for (key, o) in &entry.services {
+            let field = format!("{at}.services.{key}");
+            // What the key names: (where, its declaration).
+            let targets: Vec<&crate::model::InfraService> = match key.split_once('/') {
+                Some((app, req)) => m
+                    .service(app)
+                    .and_then(|s| s.infrastructure.as_ref())
+                    .and_then(|i| i.services.get(req))
+                    .into_iter()
+                    .collect(),
+                None => infra
+                    .services
+                    .get(key)
+                    .into_iter()
+                    .chain(
+                        m.services
+                            .iter()
+                            .filter_map(|s| s.infrastructure.as_ref()?.services.get(key)),
+                    )
+                    .collect(),
+            };
+            if targets.is_empty() {
+                problem(
+                    problems,
+                    field.clone(),
+                    format!(
+                        "names no infrastructure: {key:?} is neither a shared one nor a service's own requirement{}",
+                        if key.contains('/') {
+                            " (<service>/<requirement>)"
+                        } else {
+                            ""
+                        }
+                    ),
+                );
+            }
+            if o.disabled == Some(true) && o.external.is_some() {
+                problem(
+                    problems,
+                    field.clone(),
+                    "disabled and external at once: give one".into(),
+                );
+            }
+            if let Some(cmd) = &o.command
+                && !cmd.first().is_some_and(|c| c.starts_with('/'))
+            {
+                problem(
+                    problems,
+                    format!("{field}.command"),
+                    "must start with an absolute path".into(),
+                );
+            }
+            if o.config.is_some() {
+                for t in targets {
+                    let changed = crate::model::InfraService {
+                        config: o.config.clone(),
+                        ..t.clone()
+                    };
+                    preset_config_rules(
+                        &format!("{field}.config"),
+                        &changed,
+                        with_database,
+                        problems,
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// A preset's `config`: only what that preset knows, each value checked (it reaches a
@@ -1157,6 +1265,63 @@ mod tests {
             p.iter().any(|m| m.contains("config is for presets")),
             "{p:?}"
         );
+    }
+
+    /// `infrastructure.overrides` names hosts or labels that exist and infrastructure that
+    /// exists, and what it sets is checked like the declaration it changes.
+    #[test]
+    fn overrides_are_checked() {
+        let mut s = seed_service();
+        s["infrastructure"] = json!({"services": {"side": {"command": ["/bin/side"]}}});
+        let name = s["name"].as_str().unwrap().to_owned();
+        let with = |overrides: Value| {
+            json!({"schemaVersion": 1, "services": [s.clone()],
+                "rollout": {"labels": {"eu": ["biz"]}},
+                "infrastructure": {"services": {"db": {"preset": "postgres"}}, "overrides": overrides}})
+        };
+        let ok = with(json!([
+            {"hosts": ["biz"], "services": {"db": {"external": {"host": "10.0.0.1"}}, "side": {"disabled": true}}},
+            {"labels": ["eu"], "services": {format!("{name}/side"): {"command": ["/bin/side", "--dev"]},
+                                             "db": {"config": {"extensions": ["citext"]}}}}
+        ]));
+        assert_eq!(problems(ok), Vec::<String>::new());
+        for (bad, says) in [
+            (
+                json!([{"services": {"db": {"disabled": true}}}]),
+                "give hosts or labels",
+            ),
+            (
+                json!([{"labels": ["us"], "services": {"db": {"disabled": true}}}]),
+                "unknown label \"us\"",
+            ),
+            (
+                json!([{"hosts": ["biz"], "services": {"search": {"disabled": true}}}]),
+                "names no infrastructure",
+            ),
+            (
+                json!([{"hosts": ["biz"], "services": {"other/side": {"disabled": true}}}]),
+                "names no infrastructure",
+            ),
+            (
+                json!([{"hosts": ["biz"], "services": {"db": {"disabled": true, "external": {"host": "h"}}}}]),
+                "at once",
+            ),
+            (
+                json!([{"hosts": ["biz"], "services": {"side": {"command": ["side"]}}}]),
+                "absolute path",
+            ),
+            (
+                json!([{"hosts": ["biz"], "services": {"db": {"config": {"version": "x"}}}}]),
+                "major version",
+            ),
+            (
+                json!([{"hosts": ["biz"], "services": {"db": {"port": 1}}}]),
+                "not allowed",
+            ),
+        ] {
+            let p = problems(with(bad.clone()));
+            assert!(p.iter().any(|m| m.contains(says)), "{bad}: {p:?}");
+        }
     }
 
     #[test]

@@ -56,6 +56,7 @@ fn config(host: &str, store: &str) -> AgentConfig {
         store_deadline: Duration::from_secs(60),
         history_keep: deploy_manifest::history::DEFAULT_KEEP,
         notify: Default::default(),
+        mode: None,
     }
 }
 

@@ -37,6 +37,9 @@ pub struct AgentConfig {
     pub history_keep: usize,
     /// Where each event goes besides the history (`--notify-command`, `--notify-url`).
     pub notify: crate::notify::Notify,
+    /// This host's mode (`--mode`, e.g. `regtest`): picks a custom infrastructure
+    /// service's command variant.
+    pub mode: Option<String>,
 }
 
 impl AgentConfig {
@@ -83,6 +86,7 @@ pub struct ConfigFile {
     pub history_keep: Option<usize>,
     pub notify_command: Option<String>,
     pub notify_url: Option<String>,
+    pub mode: Option<String>,
 }
 
 /// A size in a config file: a number of bytes, or a string such as "16GiB" or "512 MiB".
@@ -188,6 +192,16 @@ pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     Ok((a, b))
 }
 
+/// A host mode as variants name them (`^[a-z0-9][a-z0-9_-]{0,62}$`).
+pub fn valid_mode(m: &str) -> bool {
+    let b = m.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_' || *c == b'-')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,5 +223,17 @@ mod tests {
         assert_eq!(file.max_unpacked_bytes.unwrap().bytes(), Ok(1 << 30));
         let file: ConfigFile = toml::from_str("max-unpacked-bytes = 4096").unwrap();
         assert_eq!(file.max_unpacked_bytes.unwrap().bytes(), Ok(4096));
+    }
+
+    #[test]
+    fn a_mode_is_a_name() {
+        let file: ConfigFile = toml::from_str("mode = \"regtest\"").unwrap();
+        assert_eq!(file.mode.as_deref(), Some("regtest"));
+        for ok in ["regtest", "main-net", "v2_test"] {
+            assert!(valid_mode(ok), "{ok}");
+        }
+        for bad in ["", "Main", "main net", "-x", "a/b", &"m".repeat(64)] {
+            assert!(!valid_mode(bad), "{bad}");
+        }
     }
 }

@@ -104,6 +104,10 @@ struct Cli {
     /// history`); older ones are deleted. Default 200.
     #[arg(long, global = true, env = "DEPLOYER_HISTORY_KEEP")]
     history_keep: Option<usize>,
+    /// This host's mode, e.g. regtest: picks the command variant of infrastructure that
+    /// declares `variants` (seed 001's networkMode).
+    #[arg(long, global = true, env = "DEPLOYER_MODE")]
+    mode: Option<String>,
     /// Run this shell command for each event (deploy, rollback, failure, removal, rollout
     /// abort), the event's JSON on its stdin; killed after 30 s. Never delays a deploy.
     #[arg(long, global = true, env = "DEPLOYER_NOTIFY_COMMAND")]
@@ -304,6 +308,14 @@ fn config(cli: &Cli, interval: Option<Duration>) -> Result<AgentConfig, AgentErr
             cli.notify_url.clone().or(file.notify_url),
         )
         .map_err(bad)?,
+        mode: match cli.mode.clone().or(file.mode) {
+            Some(m) if !deployer_agent::config::valid_mode(&m) => {
+                return Err(bad(format!(
+                    "mode {m:?}: lower-case letters, digits, '_' and '-', at most 63"
+                )));
+            }
+            m => m,
+        },
     })
 }
 

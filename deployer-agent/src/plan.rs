@@ -393,14 +393,16 @@ pub async fn plan<H: Host>(
     let me = config.host.as_str();
     let desired = desired(manifest, me);
     // None when some service's needs cannot be told: then no infrastructure is stopped.
-    let needed = infra::needed_on(manifest, me).ok();
+    // The infrastructure as this host has it (`infrastructure.overrides` applied).
+    let eff = infra::for_host(manifest, me);
+    let needed = infra::needed_on(&eff, me).ok();
 
     // Units of ours no state records: retired after the routes are applied (one may be a
     // generation the proxy still sends traffic to, from a run killed during its drain),
     // or, of a service that may be served by them, once that service is healthy again.
     let known = known_units(state);
     let found = found_units(host).await;
-    let host_specs = infra::host_specs(manifest, me, &state.infra);
+    let host_specs = infra::host_specs(&eff, me, &state.infra);
     let infra_units: Vec<String> = host_specs
         .iter()
         .map(|h| names::infra_unit(&h.name))
@@ -458,7 +460,7 @@ pub async fn plan<H: Host>(
         .map(|h| (h.name.clone(), h.clone()))
         .collect();
     for s in &desired {
-        let needs = needs_of(s, manifest, &specs);
+        let needs = needs_of(eff.service(&s.name).unwrap_or(s), &eff, &specs);
         if let Ok(needs) = &needs {
             wanted.extend(needs.infra.iter().cloned());
         }
@@ -488,7 +490,7 @@ pub async fn plan<H: Host>(
             (Some(Gate::Revert { reason }), Some(v)) => {
                 let step = match &v.previous {
                     Ok(Some((before, version))) => {
-                        let needs = needs_of(before, manifest, &specs);
+                        let needs = needs_of(before, &eff, &specs);
                         if let Ok(needs) = &needs {
                             wanted.extend(needs.infra.iter().cloned());
                         }

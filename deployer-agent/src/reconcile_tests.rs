@@ -42,6 +42,7 @@ fn config(dir: &std::path::Path, host: &str, store: &std::path::Path) -> AgentCo
         store_deadline: std::time::Duration::from_secs(10),
         history_keep: deploy_manifest::history::DEFAULT_KEEP,
         notify: Default::default(),
+        mode: None,
     }
 }
 
@@ -1000,6 +1001,110 @@ async fn a_moved_endpoint_redeploys_its_users_once() {
     let (plan, report) = b.run(&manifest(&services, shared(6392))).await;
     assert_eq!(kinds(&plan), ["infra cache", "deploy a", "keep b"]);
     assert!(report.ok(), "{report:?}");
+}
+
+/// `infrastructure.overrides` (seed 001's serviceOverrides): on the hosts an entry names,
+/// a shared service becomes external, every service's requirement of a name gets another
+/// command, and `<service>/<requirement>` disables one service's only; other hosts keep
+/// the declarations.
+#[tokio::test]
+async fn overrides_change_infrastructure_on_the_hosts_they_name() {
+    let shared = json!({
+        "services": {"search": {"command": ["/bin/search"], "ports": {"http": 9200}}},
+        "overrides": [{"hosts": [ME], "services": {
+            "search": {"external": {"host": "10.0.1.5", "ports": {"http": 9200}}},
+            "cache": {"command": ["/bin/cache-dev"]},
+            "b/cache": {"disabled": true}}}]});
+    let own = json!({"infrastructure": {"services": {
+        "cache": {"command": ["/bin/cache"], "dependsOn": ["search"]}}}});
+    let services = [
+        ("a", "/nix/store/a-v1", own.clone()),
+        ("b", "/nix/store/b-v1", own),
+    ];
+    let m = manifest(&services, shared);
+
+    let mut b = Bench::new(false);
+    let (plan, report) = b.run(&m).await;
+    assert_eq!(kinds(&plan), ["infra a-cache", "deploy a", "deploy b"]);
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(deploy(&plan, "a").infra, ["a-cache", "search"]);
+    assert!(
+        deploy(&plan, "b").infra.is_empty(),
+        "b's cache is disabled here"
+    );
+    let unit = b.file("deployer-infra-a-cache.service").unwrap();
+    assert!(unit.contains("/bin/cache-dev"), "{unit}");
+    assert!(!b.active("deployer-infra-search.service"), "external here");
+
+    // Another host: the declarations as they are.
+    let dir = tempfile::tempdir().unwrap();
+    let store = b
+        .agent
+        .config
+        .store
+        .trim_start_matches("file://")
+        .to_owned();
+    let mut other = Bench::on("other", std::path::Path::new(&store), false, dir);
+    let m = deploy_manifest::validate::manifest_from_value(
+        {
+            let mut v = serde_json::to_value(&m).unwrap();
+            for s in v["services"].as_array_mut().unwrap() {
+                s["hosts"] = json!(["other"]);
+            }
+            v
+        },
+        "test",
+    )
+    .unwrap();
+    let (plan, report) = other.run(&m).await;
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(
+        kinds(&plan),
+        [
+            "infra search",
+            "infra a-cache",
+            "infra b-cache",
+            "deploy a",
+            "deploy b"
+        ]
+    );
+    let unit = other.file("deployer-infra-a-cache.service").unwrap();
+    assert!(unit.contains("\"/bin/cache\""), "{unit}");
+}
+
+/// Command variants (seed 001's networkMode): the host's mode picks one; a mode without a
+/// variant starts nothing (never another mode's command) and holds back its dependant.
+#[tokio::test]
+async fn the_hosts_mode_picks_a_command_variant() {
+    let own = json!({"infrastructure": {"services": {"node": {"variants": {
+        "regtest": {"command": ["/bin/node", "--regtest"]},
+        "mainnet": {"command": ["/bin/node", "--mainnet"]}}}}}});
+    let m = manifest(&[("a", "/nix/store/a-v1", own)], Value::Null);
+    for (mode, expect) in [
+        (Some("regtest"), Ok("--regtest")),
+        (Some("mainnet"), Ok("--mainnet")),
+        (Some("testnet"), Err("no variant for it")),
+        (None, Err("give this host one (--mode)")),
+    ] {
+        let mut b = Bench::new(false);
+        b.agent.config.mode = mode.map(str::to_owned);
+        let (plan, report) = b.run(&m).await;
+        assert_eq!(kinds(&plan), ["infra a-node", "deploy a"]);
+        match expect {
+            Ok(arg) => {
+                assert!(report.ok(), "{mode:?}: {report:?}");
+                let unit = b.file("deployer-infra-a-node.service").unwrap();
+                assert!(unit.contains(arg), "{mode:?}: {unit}");
+            }
+            Err(says) => {
+                assert!(!report.ok(), "{mode:?}");
+                let text = format!("{report:?}");
+                assert!(text.contains(says), "{mode:?}: {text}");
+                assert!(b.file("deployer-infra-a-node.service").is_none());
+                assert!(!b.active("a.service"), "its dependant waits");
+            }
+        }
+    }
 }
 
 #[tokio::test]

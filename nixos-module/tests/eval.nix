@@ -22,6 +22,7 @@ let
       nullOr = t: { name = "null or ${t.name}"; check = v: v == null || t.check v; };
       listOf = t: { name = "list of ${t.name}"; check = v: builtins.isList v && builtins.all t.check v; };
       ints.positive = { name = "positive integer"; check = v: builtins.isInt v && v > 0; };
+      strMatching = re: { name = "string matching ${re}"; check = v: builtins.isString v && builtins.match re v != null; };
     };
   };
   pkgs = {

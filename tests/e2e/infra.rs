@@ -966,3 +966,88 @@ fn redis_indexes_survive_the_loss_of_state() {
     assert_eq!(redis_url(&host, "abe"), abe);
     assert_eq!(redis_cli(&["-u", &abe, "get", "owner"]), "abe");
 }
+
+/// Seed 001's stack settings on real units: `infrastructure.overrides` makes one service's
+/// requirement external on this host (no unit, its env points at the existing server), and
+/// the host's mode (`--mode`) picks a requirement's command variant: the daemon that runs is
+/// that variant's. The same manifest on a host in another mode, or with no override, would
+/// run the other (the decision tables cover those).
+#[test]
+fn overrides_and_variants_pick_what_the_host_says() {
+    let fx = Fixture::file();
+    let mut host = Host::new();
+    host.flags = vec!["--mode".into(), "regtest".into()];
+    let repo = tempfile::tempdir().unwrap();
+    let (np, sp, port) = (free_port(), free_port(), free_port());
+    // What each variant serves says which one runs.
+    let served = tempfile::tempdir().unwrap();
+    for mode in ["regtest", "mainnet"] {
+        std::fs::create_dir(served.path().join(mode)).unwrap();
+        std::fs::write(served.path().join(mode).join("mode"), mode).unwrap();
+    }
+    let variant = |mode: &str| {
+        let dir = served.path().join(mode).display().to_string();
+        json!({"command": ["/usr/bin/python3", "-m", "http.server", np.to_string(),
+                           "--bind", "127.0.0.1", "--directory", dir]})
+    };
+    fx.dm(&["init"]).ok();
+    let service = json!({
+        "name": "app", "namespace": "Biz/App.py",
+        "artifact": {"storePath": "/nix/store/placeholder"}, "hosts": ["biz"],
+        "exec": {"command": "bin/hello"}, "env": {"PORT": port.to_string()},
+        "health": {"http": {"path": "/healthz"}, "timeout": "30s", "interval": "200ms"},
+        "infrastructure": {"services": {
+            "node": {"ports": {"rpc": np}, "env": {"NODE_URL": "http://${host}:${port:rpc}"},
+                     "variants": {"regtest": variant("regtest"), "mainnet": variant("mainnet")},
+                     "healthCheck": {"http": {"path": "/mode"}}},
+            "search": {"command": ["/usr/bin/python3", "-m", "http.server", sp.to_string()],
+                       "ports": {"http": sp}, "env": {"SEARCH_URL": "http://${host}:${port:http}"}}
+        }}
+    });
+    fx.dm(&["add-service", &service.to_string()]).ok();
+    // An override names what exists (a typo would silently not apply).
+    let infra = json!({"services": {}, "overrides": [{"hosts": ["biz"], "services": {
+        "app/search": {"external": {"host": "127.0.0.1", "ports": {"http": sp}}}}}]});
+    fx.dm(&["set-infrastructure", &infra.to_string()]).ok();
+    build(repo.path(), "v1", false);
+    run_in(repo.path(), "push.sh", &["Biz/App.py"], &fx.env).ok();
+    host.run_once(&fx).ok();
+    assert_eq!(body(port).as_deref(), Some("hello from v1\n"));
+
+    // The regtest variant runs, and the service was told where.
+    assert_eq!(host.is_active("deployer-infra-app-node"), "active");
+    let mode = deployer_tests::http_get(np, "/mode").map(|(_, b)| b);
+    assert_eq!(mode.as_deref(), Some("regtest"));
+    let env = std::fs::read_to_string(host.dir.path().join("secrets/deployer/app.env")).unwrap();
+    assert!(
+        env.contains(&format!("NODE_URL=\"http://127.0.0.1:{np}\"")),
+        "{env}"
+    );
+    // search is external on this host: no unit, the existing server's address.
+    assert!(!host.unit_file("deployer-infra-app-search").exists());
+    assert_ne!(host.is_active("deployer-infra-app-search"), "active");
+    assert!(
+        env.contains(&format!("SEARCH_URL=\"http://127.0.0.1:{sp}\"")),
+        "{env}"
+    );
+
+    // The host's mode changes: the other variant replaces it.
+    host.flags = vec!["--mode".into(), "mainnet".into()];
+    fx.dm(&["update-service", "app", r#"{"env": {"AGAIN": "1"}}"#])
+        .ok();
+    host.run_once(&fx).ok();
+    let mode = deployer_tests::eventually(10, || {
+        deployer_tests::http_get(np, "/mode")
+            .map(|(_, b)| b)
+            .filter(|b| b == "mainnet")
+    });
+    assert_eq!(mode.as_deref(), Some("mainnet"));
+
+    // A mode no variant names starts nothing and says so; what runs keeps running.
+    host.flags = vec!["--mode".into(), "testnet".into()];
+    fx.dm(&["update-service", "app", r#"{"env": {"AGAIN": "2"}}"#])
+        .ok();
+    let out = host.run_once(&fx);
+    out.fails_with(8, "no variant for it");
+    assert_eq!(body(port).as_deref(), Some("hello from v1\n"));
+}

@@ -71,6 +71,7 @@ fn module_options_defaults_and_units() {
             "hostName",
             "interval",
             "metricsFile",
+            "mode",
             "nixTrustedKeysFile",
             "notifyCommand",
             "notifyUrl",
@@ -177,13 +178,13 @@ fn module_settings_flow_into_the_units() {
     );
     // Notifications, history and metrics settings become flags.
     let told = eval_ok(
-        r#"{ enable = true; store = "s3://b/p"; notifyCommand = "logger -t deployer"; notifyUrl = "http://127.0.0.1:9/hook"; historyKeep = 50; metricsFile = "/var/lib/m/deployer.prom"; }"#,
+        r#"{ enable = true; store = "s3://b/p"; notifyCommand = "logger -t deployer"; notifyUrl = "http://127.0.0.1:9/hook"; historyKeep = 50; metricsFile = "/var/lib/m/deployer.prom"; mode = "regtest"; }"#,
     );
     let exec = told["config"]["systemd"]["services"]["deployer"]["serviceConfig"]["ExecStart"]
         .as_str()
         .unwrap();
     assert!(
-        exec.contains("'--history-keep' '50' '--notify-command' 'logger -t deployer' '--notify-url' 'http://127.0.0.1:9/hook' '--metrics-file' '/var/lib/m/deployer.prom' 'run' '--once'"),
+        exec.contains("'--history-keep' '50' '--notify-command' 'logger -t deployer' '--notify-url' 'http://127.0.0.1:9/hook' '--metrics-file' '/var/lib/m/deployer.prom' '--mode' 'regtest' 'run' '--once'"),
         "{exec}"
     );
     // An empty store is an assertion failure.
@@ -215,6 +216,10 @@ fn module_rejects_bad_settings() {
         (
             r#"{ enable = true; store = "s3://b/p"; historyKeep = 0; }"#,
             "services.deployer.historyKeep",
+        ),
+        (
+            r#"{ enable = true; store = "s3://b/p"; mode = "Main Net"; }"#,
+            "services.deployer.mode",
         ),
     ] {
         let out = eval(settings);

@@ -64,6 +64,41 @@ fn preset_account(preset: Option<Preset>) -> Option<&'static str> {
     }
 }
 
+/// The command a custom service runs on a host in `mode`: its variant for that mode, or,
+/// on a host without a mode, `command`. A mode no variant names is an error (never another
+/// mode's command: a testnet node must not start on mainnet).
+fn variant(name: &str, spec: &InfraService, mode: Option<&str>) -> Result<Vec<String>, AgentError> {
+    let known = || spec.variants.keys().cloned().collect::<Vec<_>>().join(", ");
+    match mode {
+        Some(m) if !spec.variants.is_empty() => spec
+            .variants
+            .get(m)
+            .map(|v| v.command.clone())
+            .ok_or_else(|| {
+                err(
+                    name,
+                    format!(
+                        "this host's mode is {m:?} and the service has no variant for it (it has: {}); add one, or run the host in one of those modes (--mode)",
+                        known()
+                    ),
+                )
+            }),
+        _ => spec.command.clone().ok_or_else(|| match spec.variants.is_empty() {
+            true => err(
+                name,
+                "a custom infrastructure service needs \"command\" (or \"external\")",
+            ),
+            false => err(
+                name,
+                format!(
+                    "it has command variants ({}) and no \"command\" for a host without a mode; give this host one (--mode)",
+                    known()
+                ),
+            ),
+        }),
+    }
+}
+
 /// The PostgreSQL major version a postgres preset's config asks for.
 fn version(spec: &InfraService) -> Result<Option<String>, AgentError> {
     let config = spec.postgres_config().map_err(|e| err("postgres", e))?;
@@ -111,6 +146,7 @@ fn command(
     ep: &Endpoint,
     state_dir: &Path,
     system: bool,
+    mode: Option<&str>,
 ) -> Result<(Vec<String>, PathBuf), AgentError> {
     let root = crate::names::infra_dir(state_dir, name);
     let data = root.join("data");
@@ -158,12 +194,7 @@ fn command(
             (!system).then_some("mysql"),
         )?,
         None => {
-            let argv = spec.command.clone().ok_or_else(|| {
-                err(
-                    name,
-                    "a custom infrastructure service needs \"command\" (or \"external\")",
-                )
-            })?;
+            let argv = variant(name, spec, mode)?;
             if !argv[0].starts_with('/') {
                 return Err(err(
                     name,
@@ -189,7 +220,14 @@ pub fn unit_file(
     let ep = endpoint(name, spec);
     let unit = crate::names::infra_unit(name);
     let system = !config.user;
-    let (mut argv, data) = command(name, spec, &ep, &config.state_dir, system)?;
+    let (mut argv, data) = command(
+        name,
+        spec,
+        &ep,
+        &config.state_dir,
+        system,
+        config.mode.as_deref(),
+    )?;
     let account = preset_account(spec.preset);
     if !system && spec.preset == Some(Preset::Postgres) {
         // initdb and postgres refuse to run as root.

@@ -65,6 +65,106 @@ fn err(what: &str, detail: impl Into<String>) -> AgentError {
     }
 }
 
+/// The manifest as `host`'s infrastructure sees it: `infrastructure.overrides` entries that
+/// name this host (or one of its labels) applied in order, a plain name's first (to the
+/// shared service and every service's own requirement of that name), then
+/// `<service>/<requirement>` ones (the more specific wins); a disabled one is gone. The
+/// services' own specs (and so their spec hashes) are not what changes here: only
+/// infrastructure declarations. Borrowed when nothing applies.
+pub fn for_host<'m>(manifest: &'m Manifest, host: &str) -> std::borrow::Cow<'m, Manifest> {
+    use std::borrow::Cow;
+    let Some(infra) = &manifest.infrastructure else {
+        return Cow::Borrowed(manifest);
+    };
+    let labels = manifest.rollout.as_ref().map(|r| &r.labels);
+    let applies = |e: &&deploy_manifest::model::InfraOverrides| {
+        e.hosts.iter().any(|h| h == host)
+            || e.labels.iter().any(|l| {
+                labels
+                    .and_then(|ls| ls.get(l))
+                    .is_some_and(|hs| hs.iter().any(|h| h == host))
+            })
+    };
+    let entries: Vec<_> = infra.overrides.iter().filter(applies).collect();
+    if entries.is_empty() {
+        return Cow::Borrowed(manifest);
+    }
+    let mut m = manifest.clone();
+    // (service or None for shared, name) → disabled, as the last entry that says says.
+    let mut disabled: BTreeMap<(Option<String>, String), bool> = BTreeMap::new();
+    for scoped in [false, true] {
+        for entry in &entries {
+            for (key, o) in entry
+                .services
+                .iter()
+                .filter(|(k, _)| k.contains('/') == scoped)
+            {
+                let mut targets: Vec<(Option<String>, String)> = Vec::new();
+                match key.split_once('/') {
+                    Some((app, req)) => targets.push((Some(app.to_owned()), req.to_owned())),
+                    None => {
+                        targets.push((None, key.clone()));
+                        for s in &m.services {
+                            if s.infrastructure
+                                .as_ref()
+                                .is_some_and(|i| i.services.contains_key(key))
+                            {
+                                targets.push((Some(s.name.clone()), key.clone()));
+                            }
+                        }
+                    }
+                }
+                for (app, name) in targets {
+                    let spec = match &app {
+                        None => m
+                            .infrastructure
+                            .as_mut()
+                            .and_then(|i| i.services.get_mut(&name)),
+                        Some(app) => m
+                            .service_mut(app)
+                            .and_then(|s| s.infrastructure.as_mut())
+                            .and_then(|i| i.services.get_mut(&name)),
+                    };
+                    let Some(spec) = spec else {
+                        continue;
+                    };
+                    if let Some(e) = &o.external {
+                        spec.external = Some(e.clone());
+                    }
+                    if let Some(c) = &o.command {
+                        spec.command = Some(c.clone());
+                        spec.variants.clear();
+                    }
+                    if let Some(c) = &o.config {
+                        spec.config = Some(c.clone());
+                    }
+                    if let Some(d) = o.disabled {
+                        disabled.insert((app, name), d);
+                    }
+                }
+            }
+        }
+    }
+    for ((app, name), off) in disabled {
+        if !off {
+            continue;
+        }
+        match app {
+            None => {
+                if let Some(i) = m.infrastructure.as_mut() {
+                    i.services.remove(&name);
+                }
+            }
+            Some(app) => {
+                if let Some(i) = m.service_mut(&app).and_then(|s| s.infrastructure.as_mut()) {
+                    i.services.remove(&name);
+                }
+            }
+        }
+    }
+    Cow::Owned(m)
+}
+
 /// Which infrastructure service gives `service` what it asks for (seed 001's shorthands).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Binding {
@@ -106,7 +206,7 @@ pub fn binding(service: &Service, manifest: &Manifest) -> Result<Binding, AgentE
         err(
             &service.name,
             format!(
-                "declares a shared {what} but the manifest's infrastructure.services has no {{\"preset\": \"{preset}\"}}; declare one, or give the service its own (\"{what}\": {{\"dedicated\": true}})"
+                "declares a shared {what} but there is no {{\"preset\": \"{preset}\"}} for this host (none in infrastructure.services, or disabled here by infrastructure.overrides); declare one, or give the service its own (\"{what}\": {{\"dedicated\": true}})"
             ),
         )
     };
@@ -168,10 +268,19 @@ pub fn needs(service: &Service, manifest: &Manifest) -> Result<Vec<String>, Agen
         let sibling = own
             .iter()
             .find(|(req, _)| crate::names::owned_infra(&service.name, req) == name);
+        // What is not declared for this host (disabled by an override) is not needed.
+        let declared = |dep: &String| {
+            own.contains_key(dep)
+                || manifest
+                    .infrastructure
+                    .as_ref()
+                    .is_some_and(|i| i.services.contains_key(dep))
+        };
         match sibling {
             Some((_, spec)) => todo.extend(
                 spec.depends_on
                     .iter()
+                    .filter(|d| declared(d))
                     .map(|dep| manifest.dependency_name(service, dep)),
             ),
             None => todo.extend(
@@ -179,7 +288,7 @@ pub fn needs(service: &Service, manifest: &Manifest) -> Result<Vec<String>, Agen
                     .infrastructure
                     .iter()
                     .filter_map(|i| i.services.get(&name))
-                    .flat_map(|s| s.depends_on.iter().cloned()),
+                    .flat_map(|s| s.depends_on.iter().filter(|d| declared(d)).cloned()),
             ),
         }
     }

@@ -218,15 +218,24 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         let mut ready = Vec::new();
         // This host's infrastructure as it runs now (a dedicated server's port as the
         // infrastructure steps before recorded it).
+        // The infrastructure as this host has it (`infrastructure.overrides` applied).
+        let eff = crate::infra::for_host(manifest, &self.config.host);
         let infra: BTreeMap<String, crate::infra::HostSpec> =
-            crate::infra::host_specs(manifest, &self.config.host, &state.infra)
+            crate::infra::host_specs(&eff, &self.config.host, &state.infra)
                 .into_iter()
                 .map(|h| (h.name.clone(), h))
                 .collect();
         for (i, job) in jobs.iter().enumerate() {
             let preparing = Instant::now();
             let prepared = self
-                .prepare(job, manifest, &infra, state, infra_failed, &mut traces[i])
+                .prepare(
+                    job,
+                    manifest,
+                    (&eff, &infra),
+                    state,
+                    infra_failed,
+                    &mut traces[i],
+                )
                 .await;
             traces[i].took += preparing.elapsed();
             outcomes.push(match prepared {
@@ -440,7 +449,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         &self,
         job: &Job<'_>,
         manifest: &Manifest,
-        infra: &BTreeMap<String, crate::infra::HostSpec>,
+        (eff, infra): (&Manifest, &BTreeMap<String, crate::infra::HostSpec>),
         state: &mut State,
         infra_failed: &BTreeMap<String, String>,
         trace: &mut Trace,
@@ -460,9 +469,12 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             return Err(Undone::Refused(error));
         }
         let provisioning = Instant::now();
-        let generated = self
-            .host
-            .app_env(service, manifest, infra, &mut state.redis_indexes);
+        let generated = self.host.app_env(
+            eff.service(&service.name).unwrap_or(service),
+            eff,
+            infra,
+            &mut state.redis_indexes,
+        );
         timed(&mut trace.phases, Phase::Infrastructure, provisioning);
         let generated = match generated {
             Ok(g) => g,
