@@ -56,6 +56,21 @@ fi
 export DEPLOYER_MOTO="$PWD/.venv-s3/bin/moto_server"
 echo "ok: $DEPLOYER_MOTO"
 
+step "Garage (the garage preset's S3 server), built once into a cache"
+garage_version=2.5.0
+tools="${DEPLOYER_TOOLS:-$HOME/.cache/deployer-tools}"
+garage="$tools/garage-$garage_version/bin/garage"
+if [[ ! -x $garage ]]; then
+  echo "building garage $garage_version (once; about 6 minutes on 2 cores)"
+  CARGO_TARGET_DIR="$tools/garage-build" cargo install garage --version "$garage_version" \
+    --locked --no-default-features --features bundled-libs,lmdb \
+    --root "$tools/garage-$garage_version" --quiet
+  rm -rf "$tools/garage-build"
+fi
+# Where the agent looks for it (a service's sandbox hides /root).
+cmp -s "$garage" /usr/local/bin/garage || install -m 755 "$garage" /usr/local/bin/garage
+echo "ok: $(/usr/local/bin/garage --version | head -1)"
+
 step "rust components"
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 cargo --version

@@ -487,6 +487,12 @@ pub struct ServiceInfrastructure {
     /// Injects `REDIS_URL`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<Need<RedisNeed>>,
+    /// `true`: a bucket of its own (named after the service) on the shared object store
+    /// (the `garage` preset); or `{"bucket": "uploads", "quota": "10gb"}`. Injects
+    /// `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` (a key that reaches
+    /// that bucket only), `AWS_REGION` and `S3_BUCKET`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<Need<S3Need>>,
     /// Custom requirements (seed 001's `IServiceRequirement`), by name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub services: BTreeMap<String, InfraService>,
@@ -516,6 +522,11 @@ impl ServiceInfrastructure {
     /// The Redis it asks for, if any.
     pub fn redis(&self) -> Option<RedisNeed> {
         self.redis.as_ref().and_then(Need::wanted)
+    }
+
+    /// The bucket it asks for, if any.
+    pub fn s3(&self) -> Option<S3Need> {
+        self.s3.as_ref().and_then(Need::wanted)
     }
 }
 
@@ -562,6 +573,48 @@ impl DatabaseNeed {
     pub fn dialect(&self) -> Dialect {
         self.dialect.unwrap_or(Dialect::Postgres)
     }
+}
+
+/// `s3: {…}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct S3Need {
+    /// The bucket's name as the service sees it (default: the service's name). It is the
+    /// service's own: another service's bucket of the same name is another bucket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<String>,
+    /// The most the bucket may hold, e.g. `10gb` (SI units: kb, mb, gb, tb; or kib, mib,
+    /// gib, tib).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<String>,
+}
+
+impl S3Need {
+    /// The bucket's name for `service`.
+    pub fn bucket(&self, service: &str) -> String {
+        self.bucket.clone().unwrap_or_else(|| service.to_owned())
+    }
+}
+
+/// A size such as `10gb` or `512MiB`, in bytes; `None` if it is not one.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let lower = s.trim().to_ascii_lowercase();
+    let digits = lower.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit = lower[digits.len()..].trim();
+    let n: u64 = digits.trim().parse().ok()?;
+    let factor: u64 = match unit {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        _ => return None,
+    };
+    n.checked_mul(factor)
 }
 
 /// `redis: {…}`.
@@ -711,6 +764,8 @@ pub enum Preset {
     Redis,
     /// MariaDB (or MySQL): `mariadbd`, else `mysqld`.
     Mysql,
+    /// Garage, a self-hosted S3 server: `s3: true`.
+    Garage,
 }
 
 /// `config` of a `postgres` preset (seed 001: databases, extensions, version).
@@ -733,6 +788,27 @@ pub struct PostgresConfig {
 #[serde(deny_unknown_fields)]
 pub struct NamedDatabase {}
 
+/// `config` of a `garage` preset.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GarageConfig {
+    /// Buckets made on the server besides each service's own (global names, no key: the
+    /// operator's to hand out).
+    #[serde(default)]
+    pub buckets: Vec<String>,
+}
+
+/// Whether `name` is an S3 bucket name: 3 to 63 of lower-case letters, digits, '-' and
+/// '.', starting and ending with a letter or digit.
+pub fn is_bucket_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    (3..=63).contains(&b.len())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'.')
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+}
+
 /// `config` of a `redis` preset.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -751,6 +827,11 @@ pub struct RedisConfig {
 impl InfraService {
     /// Its `config` read as a `postgres` preset's (`{}` when absent).
     pub fn postgres_config(&self) -> Result<PostgresConfig, String> {
+        preset_config(self.config.as_ref())
+    }
+
+    /// Its `config` read as a `garage` preset's (`{}` when absent).
+    pub fn garage_config(&self) -> Result<GarageConfig, String> {
         preset_config(self.config.as_ref())
     }
 
@@ -774,6 +855,7 @@ impl Preset {
             Preset::Postgres => "postgres",
             Preset::Redis => "redis",
             Preset::Mysql => "mysql",
+            Preset::Garage => "garage",
         }
     }
 }
@@ -901,6 +983,14 @@ mod schema_drift {
                     Need::Spec(RedisNeed {
                         dedicated: Some(true),
                         port: Some(6380),
+                    })
+                } else {
+                    Need::Flag(true)
+                }),
+                s3: Some(if name == "nix" {
+                    Need::Spec(S3Need {
+                        bucket: Some("uploads".into()),
+                        quota: Some("10gb".into()),
                     })
                 } else {
                     Need::Flag(true)

@@ -541,6 +541,16 @@ fn preset_config_rules(
                 }
             }
         },
+        Some(Preset::Garage) => match spec.garage_config() {
+            Err(e) => problem(format!("{e} (a garage preset takes buckets)")),
+            Ok(c) => {
+                for b in &c.buckets {
+                    if !crate::model::is_bucket_name(b) {
+                        problem(format!("bucket {b:?}: 3 to 63 of a-z, 0-9, '-' and '.'"));
+                    }
+                }
+            }
+        },
         Some(Preset::Mysql) | None => {
             if config.as_object().is_some_and(|o| !o.is_empty()) {
                 problem(match spec.preset {
@@ -885,6 +895,30 @@ fn isolation_rules(s: &crate::model::Service, at: &str, problems: &mut Vec<Probl
                 db.dialect().name()
             ),
         );
+    }
+    if let Some(s3) = s.infrastructure.as_ref().and_then(|i| i.s3()) {
+        let bucket = s3.bucket(&s.name);
+        if !crate::model::is_bucket_name(&bucket) {
+            problem(
+                format!("{at}.infrastructure.s3.bucket"),
+                match &s3.bucket {
+                    Some(_) => {
+                        format!("{bucket:?} is not a bucket name: 3 to 63 of a-z, 0-9, '-' and '.'")
+                    }
+                    None => format!(
+                        "the service's name {bucket:?} is not a bucket name (3 to 63 of a-z, 0-9, '-' and '.'): give s3.bucket"
+                    ),
+                },
+            );
+        }
+        if let Some(q) = &s3.quota
+            && crate::model::parse_size(q).is_none_or(|n| n == 0)
+        {
+            problem(
+                format!("{at}.infrastructure.s3.quota"),
+                format!("{q:?} is not a size such as 10gb or 512MiB"),
+            );
+        }
     }
     let redis = s.infrastructure.as_ref().and_then(|i| i.redis());
     let shared_port = [

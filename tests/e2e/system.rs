@@ -1252,3 +1252,195 @@ fn mysql_and_dedicated_servers_on_the_system_manager() {
         );
     });
 }
+
+/// `curl` an S3 request signed with the credentials in `env` (a service's environment).
+fn s3_as(env: &str, method: &str, path: &str, body: Option<&[u8]>) -> (u16, String) {
+    let var = |k: &str| {
+        env.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("no {k}"))
+            .to_owned()
+    };
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "-w", "\n%{http_code}", "-X", method])
+        .args(["--aws-sigv4", &format!("aws:amz:{}:s3", var("AWS_REGION"))])
+        .args([
+            "--user",
+            &format!(
+                "{}:{}",
+                var("AWS_ACCESS_KEY_ID"),
+                var("AWS_SECRET_ACCESS_KEY")
+            ),
+        ])
+        .args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD"])
+        .arg(format!("{}{path}", var("AWS_ENDPOINT_URL")));
+    let file = tempfile::NamedTempFile::new().unwrap();
+    if let Some(b) = body {
+        std::fs::write(file.path(), b).unwrap();
+        cmd.arg("--data-binary")
+            .arg(format!("@{}", file.path().display()));
+    }
+    let out = cmd.output().unwrap().stdout_str();
+    let (text, code) = out.rsplit_once('\n').unwrap();
+    (code.trim().parse().unwrap(), text.to_owned())
+}
+
+/// `s3: {"bucket": …, "quota": …}` and `s3: true` on a real Garage run by the agent under
+/// the system manager: each service writes to its bucket through the env it was given
+/// (`AWS_*`, `S3_BUCKET`); the quota is enforced by the server; one service's key reaches
+/// no other service's bucket, even one of the same name; a second full run restarts nothing
+/// and keeps the credentials; the secret key is in no unit file and not in the state.
+#[test]
+fn s3_buckets_on_garage_on_the_system_manager() {
+    on_system_manager(|| {
+        let fx = Fixture::file();
+        let repo = tempfile::tempdir().unwrap();
+        let (s3, rpc, admin) = (free_port(), free_port(), free_port());
+        let (p_shop, p_media) = (free_port(), free_port());
+        fx.dm(&["init"]).ok();
+        let infra = json!({"services": {"store": {"preset": "garage",
+            "ports": {"s3": s3, "rpc": rpc, "admin": admin}, "config": {"buckets": ["shared-assets"]}}}});
+        fx.dm(&["set-infrastructure", &infra.to_string()]).ok();
+        let app = repo.path().join("app");
+        let write = |rel: &str, text: &str| {
+            let p = app.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, text).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        };
+        write("bin/hello", include_str!("../../examples/hello/bin/hello"));
+        write("VERSION", "v1");
+        // The service writes one object to its bucket with what it was given.
+        write(
+            "bin/s3-app",
+            "#!/bin/sh\nset -e\ncat VERSION > /tmp/visit\ncode=$(curl -s -o /dev/null -w '%{http_code}' -X PUT --aws-sigv4 \"aws:amz:$AWS_REGION:s3\" --user \"$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY\" -H 'x-amz-content-sha256: UNSIGNED-PAYLOAD' --data-binary @/tmp/visit \"$AWS_ENDPOINT_URL/$S3_BUCKET/visit\")\n[ \"$code\" = 200 ] || { echo \"PUT answered $code\" >&2; exit 1; }\nexec python3 bin/hello\n",
+        );
+        std::fs::write(
+            repo.path().join("deploy.toml"),
+            "[namespaces.\"Biz/App.py\"]\ncommand = \"true\"\noutput = \"app\"\n",
+        )
+        .unwrap();
+        for (name, port, s3_need) in [
+            ("shop", p_shop, json!({"bucket": "uploads", "quota": "3kb"})),
+            ("media", p_media, json!(true)),
+        ] {
+            let s = json!({
+                "name": name, "namespace": if name == "shop" { "Biz/App.py" } else { "Biz/Other.py" },
+                "artifact": {"storePath": "/nix/store/placeholder"}, "hosts": ["biz"],
+                "exec": {"command": "bin/s3-app"},
+                "env": {"PORT": port.to_string()},
+                "health": {"http": {"path": "/healthz"}, "timeout": "60s", "interval": "200ms"},
+                "infrastructure": {"s3": s3_need}
+            });
+            fx.dm(&["add-service", &s.to_string()]).ok();
+        }
+        run_in(repo.path(), "push.sh", &["Biz/App.py"], &fx.env).ok();
+        let m: Value = serde_json::from_slice(&fx.dm(&["show"]).ok().stdout).unwrap();
+        fx.dm(&[
+            "set-artifact",
+            "media",
+            &m["services"][0]["artifact"].to_string(),
+        ])
+        .ok();
+
+        let out = run_checked(|args| agent(&fx, args));
+        assert!(out.status.success(), "{}", out.stderr_str());
+        assert_eq!(body(p_shop).as_deref(), Some("hello from v1\n"));
+        assert_eq!(body(p_media).as_deref(), Some("hello from v1\n"));
+        let (_, shop) = main_process("shop.service");
+        let (_, media) = main_process("media.service");
+        assert!(shop.contains("S3_BUCKET=uploads\n") && media.contains("S3_BUCKET=media\n"));
+        assert!(
+            shop.contains(&format!("AWS_ENDPOINT_URL=http://127.0.0.1:{s3}\n")),
+            "{shop}"
+        );
+        // Each wrote to its own bucket.
+        assert_eq!(
+            s3_as(&shop, "GET", "/uploads/visit", None),
+            (200, "v1".into())
+        );
+        assert_eq!(
+            s3_as(&media, "GET", "/media/visit", None),
+            (200, "v1".into())
+        );
+        // The quota holds: 3 kB in all.
+        let (code, text) = s3_as(&shop, "PUT", "/uploads/big", Some(&[7u8; 3500]));
+        assert_eq!(code, 403, "{text}");
+        assert!(text.contains("quota"), "{text}");
+        assert_eq!(
+            s3_as(&shop, "PUT", "/uploads/small", Some(&[7u8; 1000])).0,
+            200
+        );
+        // media's key reaches neither shop's bucket nor its objects.
+        let (code, _) = s3_as(&media, "GET", "/uploads/visit", None);
+        assert!(code == 403 || code == 404, "{code}");
+        let (code, _) = s3_as(&media, "GET", "/uploads?list-type=2", None);
+        assert!(code == 403 || code == 404, "{code}");
+        // The preset's config made its bucket (asked through the admin API).
+        let kept = std::fs::read_to_string("/var/lib/deployer-secrets/deployer/infra-store.garage")
+            .unwrap();
+        let token = kept
+            .lines()
+            .find_map(|l| l.strip_prefix("admin_token="))
+            .unwrap();
+        let asked = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-H"])
+            .arg(format!("Authorization: Bearer {token}"))
+            .arg(format!(
+                "http://127.0.0.1:{admin}/v2/GetBucketInfo?globalAlias=shared-assets"
+            ))
+            .output()
+            .unwrap();
+        assert_eq!(asked.stdout_str(), "200");
+
+        // The secret key stays out of unit files and the state.
+        let secret = shop
+            .lines()
+            .find_map(|l| l.strip_prefix("AWS_SECRET_ACCESS_KEY="))
+            .unwrap()
+            .to_owned();
+        let unit = std::fs::read_to_string("/run/systemd/system/shop.service").unwrap();
+        deployer_tests::assert_not_leaked(
+            &secret,
+            &[
+                unit,
+                serde_json::to_string(&state()).unwrap(),
+                out.stdout_str(),
+                out.stderr_str(),
+            ],
+        );
+
+        // A full run again: nothing restarts, the credentials stay.
+        let pids = || -> Vec<String> {
+            ["deployer-infra-store", "shop", "media"]
+                .iter()
+                .map(|u| systemctl(&["show", "-p", "MainPID", "--value", &format!("{u}.service")]))
+                .collect()
+        };
+        let before = pids();
+        fx.dm(&[
+            "set-artifact",
+            "media",
+            &m["services"][0]["artifact"].to_string(),
+        ])
+        .ok();
+        fx.dm(&["update-service", "media", r#"{"env": {"AGAIN": "1"}}"#])
+            .ok();
+        let out = run_checked(|args| agent(&fx, args));
+        assert!(out.status.success(), "{}", out.stderr_str());
+        let after = pids();
+        assert_eq!(before[..2], after[..2], "the server and shop run on");
+        let (_, media2) = main_process("media.service");
+        let key = |env: &str| {
+            env.lines()
+                .find(|l| l.starts_with("AWS_ACCESS_KEY_ID="))
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(key(&media2), key(&media), "the same key");
+        assert_eq!(
+            s3_as(&media2, "GET", "/media/visit", None),
+            (200, "v1".into())
+        );
+    });
+}

@@ -139,6 +139,13 @@ impl AppLayer<'_> {
                 redis_url(&ep, password.as_deref(), index),
             );
         }
+        if let (Some(name), Some(need)) = (
+            &binding.s3,
+            service.infrastructure.as_ref().and_then(|i| i.s3()),
+        ) {
+            let (spec, ep) = at(name)?;
+            vars.extend(self.s3_env(&service.name, &need, spec, &ep, name)?);
+        }
         for (_, full) in &binding.owned {
             let (spec, ep) = at(full)?;
             for (k, v) in &spec.env {

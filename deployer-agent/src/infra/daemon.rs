@@ -60,7 +60,8 @@ fn preset_account(preset: Option<Preset>) -> Option<&'static str> {
         Some(Preset::Postgres) => Some("postgres"),
         Some(Preset::Redis) => Some("redis"),
         Some(Preset::Mysql) => Some("mysql"),
-        None => None,
+        // No distribution packages Garage with an account: root, sandboxed.
+        Some(Preset::Garage) | None => None,
     }
 }
 
@@ -193,6 +194,7 @@ fn command(
             ep.port().unwrap_or(0),
             (!system).then_some("mysql"),
         )?,
+        Some(Preset::Garage) => super::garage::server_argv(&root)?,
         None => {
             let argv = variant(name, spec, mode)?;
             if !argv[0].starts_with('/') {
@@ -234,7 +236,8 @@ pub fn unit_file(
         let runuser = ["/usr/sbin/runuser", "-u", "postgres", "--"];
         argv.splice(0..0, runuser.map(str::to_owned));
     }
-    let sandbox = (system && account.is_some()).then(|| crate::unit::Sandbox {
+    let garage = spec.preset == Some(Preset::Garage);
+    let sandbox = (system && (account.is_some() || garage)).then(|| crate::unit::Sandbox {
         state_directory: None,
         writable: vec![crate::names::infra_dir(&config.state_dir, name)],
         hidden: config.hidden_from_services(),
@@ -282,6 +285,9 @@ pub fn prepare(
     };
     mkdir(&root, 0o755)?;
     mkdir(&data, 0o700)?;
+    if spec.preset == Some(Preset::Garage) {
+        return super::garage::prepare(name, spec, &root, (secrets_dir, owner_uid));
+    }
     let postgres = spec.preset == Some(Preset::Postgres);
     let mysql = spec.preset == Some(Preset::Mysql);
     let redis_password = spec.preset == Some(Preset::Redis) && super::redis::password_wanted(spec);

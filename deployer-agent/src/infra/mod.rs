@@ -20,6 +20,7 @@
 
 pub mod app;
 pub mod daemon;
+pub mod garage;
 pub mod mysql;
 pub mod postgres;
 pub mod redis;
@@ -174,6 +175,8 @@ pub struct Binding {
     /// `redis`: the server (the shared preset, or its own `<service>-redis`) and whether it
     /// is the service's own (then the whole server, behind a password).
     pub redis: Option<(String, bool)>,
+    /// `s3`: the object store (the shared `garage` preset).
+    pub s3: Option<String>,
     /// Its own requirements: `(req, <service>-<req>)`.
     pub owned: Vec<(String, String)>,
 }
@@ -203,10 +206,14 @@ pub fn binding(service: &Service, manifest: &Manifest) -> Result<Binding, AgentE
         return Ok(out);
     };
     let missing = |what: &str, preset: &str| {
+        let own = match what {
+            "s3" => String::new(),
+            _ => format!(", or give the service its own (\"{what}\": {{\"dedicated\": true}})"),
+        };
         err(
             &service.name,
             format!(
-                "declares a shared {what} but there is no {{\"preset\": \"{preset}\"}} for this host (none in infrastructure.services, or disabled here by infrastructure.overrides); declare one, or give the service its own (\"{what}\": {{\"dedicated\": true}})"
+                "declares a shared {what} but there is no {{\"preset\": \"{preset}\"}} for this host (none in infrastructure.services, or disabled here by infrastructure.overrides); declare one{own}"
             ),
         )
     };
@@ -234,6 +241,13 @@ pub fn binding(service: &Service, manifest: &Manifest) -> Result<Binding, AgentE
         };
         out.redis = Some((name, redis.dedicated()));
     }
+    if infra.s3().is_some() {
+        let name = shared(manifest, Preset::Garage)
+            .ok_or_else(|| missing("s3", "garage"))?
+            .0
+            .clone();
+        out.s3 = Some(name);
+    }
     out.owned = infra
         .services
         .keys()
@@ -251,6 +265,7 @@ pub fn needs(service: &Service, manifest: &Manifest) -> Result<Vec<String>, Agen
         .into_iter()
         .map(|(n, _)| n)
         .chain(b.redis.into_iter().map(|(n, _)| n))
+        .chain(b.s3)
         .chain(b.owned.into_iter().map(|(_, n)| n))
         .collect();
     let own = service
@@ -412,6 +427,7 @@ pub fn endpoints_hash(
         .iter()
         .map(|(n, d)| (n, Some(d.name())))
         .chain(b.redis.iter().map(|(n, _)| (n, None)))
+        .chain(b.s3.iter().map(|n| (n, None)))
         .chain(b.owned.iter().map(|(_, n)| (n, None)));
     let mut parts = Vec::new();
     for (name, dialect) in bound {
@@ -461,6 +477,7 @@ fn default_ports(spec: &InfraService) -> BTreeMap<String, u16> {
         Some(Preset::Postgres) => [("tcp".to_owned(), 5432)].into(),
         Some(Preset::Redis) => [("tcp".to_owned(), 6379)].into(),
         Some(Preset::Mysql) => [("tcp".to_owned(), 3306)].into(),
+        Some(Preset::Garage) => garage::default_ports(),
         None => BTreeMap::new(),
     }
 }
