@@ -700,9 +700,22 @@ pub struct ServiceOverride {
     /// Another command (a custom service's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<Vec<String>>,
-    /// Other preset settings (the whole `config`).
+    /// Other preset settings: its keys replace the declaration's of the same name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<Value>,
+}
+
+/// An override's `config` over the declaration's: its keys replace the declaration's of the
+/// same name, the others stay (an override of `maxmemory` keeps `password`).
+pub fn merge_config(base: Option<&Value>, over: &Value) -> Value {
+    match (base, over) {
+        (Some(Value::Object(b)), Value::Object(o)) => {
+            let mut out = b.clone();
+            out.extend(o.clone());
+            Value::Object(out)
+        }
+        _ => over.clone(),
+    }
 }
 
 /// One of a custom service's command variants (seed 001's `networkMode` variants), picked

@@ -429,7 +429,10 @@ fn overrides_rules(m: &Manifest, with_database: &BTreeSet<&str>, problems: &mut 
             if o.config.is_some() {
                 for t in targets {
                     let changed = crate::model::InfraService {
-                        config: o.config.clone(),
+                        config: o
+                            .config
+                            .as_ref()
+                            .map(|c| crate::model::merge_config(t.config.as_ref(), c)),
                         ..t.clone()
                     };
                     preset_config_rules(

@@ -460,7 +460,12 @@ pub async fn plan<H: Host>(
         .map(|h| (h.name.clone(), h.clone()))
         .collect();
     for s in &desired {
-        let needs = needs_of(eff.service(&s.name).unwrap_or(s), &eff, &specs);
+        let needs = needs_of(
+            eff.service(&s.name).unwrap_or(s),
+            &eff,
+            &specs,
+            config.mode.as_deref(),
+        );
         if let Ok(needs) = &needs {
             wanted.extend(needs.infra.iter().cloned());
         }
@@ -490,7 +495,9 @@ pub async fn plan<H: Host>(
             (Some(Gate::Revert { reason }), Some(v)) => {
                 let step = match &v.previous {
                     Ok(Some((before, version))) => {
-                        let needs = needs_of(before, &eff, &specs);
+                        let returned = infra::with_service_for_host(manifest, before, me);
+                        let own = returned.service(&before.name).unwrap_or(before);
+                        let needs = needs_of(own, &returned, &specs, config.mode.as_deref());
                         if let Ok(needs) = &needs {
                             wanted.extend(needs.infra.iter().cloned());
                         }
@@ -692,10 +699,11 @@ fn needs_of(
     s: &Service,
     manifest: &Manifest,
     specs: &BTreeMap<String, infra::HostSpec>,
+    mode: Option<&str>,
 ) -> Result<Needs, AgentError> {
     Ok(Needs {
         infra: infra::needs(s, manifest)?,
-        hash: infra::endpoints_hash(s, manifest, specs),
+        hash: infra::endpoints_hash(s, manifest, specs, mode),
     })
 }
 

@@ -1072,6 +1072,56 @@ async fn overrides_change_infrastructure_on_the_hosts_they_name() {
     assert!(unit.contains("\"/bin/cache\""), "{unit}");
 }
 
+/// A host whose mode changes runs the other variant from the next full run: the service
+/// that uses it is deployed again with it (never the old mode's command left running).
+#[tokio::test]
+async fn a_new_mode_replaces_the_running_variant() {
+    let own = json!({"infrastructure": {"services": {"node": {"variants": {
+        "regtest": {"command": ["/bin/node", "--regtest"]},
+        "mainnet": {"command": ["/bin/node", "--mainnet"]}}}}}});
+    let m = manifest(&[("a", "/nix/store/a-v1", own)], Value::Null);
+    let mut b = Bench::new(false);
+    b.agent.config.mode = Some("regtest".into());
+    b.run(&m).await;
+    b.agent.config.mode = Some("mainnet".into());
+    let (plan, report) = b.run(&m).await;
+    assert_eq!(kinds(&plan), ["infra a-node", "deploy a"]);
+    assert_eq!(deploy(&plan, "a").reason, crate::plan::Reason::InfraChanged);
+    assert!(report.ok(), "{report:?}");
+    let unit = b.file("deployer-infra-a-node.service").unwrap();
+    assert!(
+        unit.contains("--mainnet") && !unit.contains("--regtest"),
+        "{unit}"
+    );
+    let (plan, _) = b.run(&m).await;
+    assert_eq!(kinds(&plan), ["infra a-node", "keep a"]);
+}
+
+/// An override's `config` changes the keys it names and keeps the others: a shared Redis
+/// that asks for a password keeps it where an override sets its memory.
+#[tokio::test]
+async fn an_override_config_keeps_what_it_does_not_name() {
+    let shared = json!({
+        "services": {"cache": {"preset": "redis", "config": {"password": true}}},
+        "overrides": [{"hosts": [ME], "services": {"cache": {"config": {"maxmemory": "64mb"}}}}]});
+    let m = manifest(
+        &[(
+            "a",
+            "/nix/store/a-v1",
+            json!({"infrastructure": {"redis": true}}),
+        )],
+        shared,
+    );
+    let mut b = Bench::new(false);
+    let (_, report) = b.run(&m).await;
+    assert!(report.ok(), "{report:?}");
+    let unit = b.file("deployer-infra-cache.service").unwrap();
+    assert!(
+        unit.contains("redis.conf") && unit.contains("\"64mb\""),
+        "{unit}"
+    );
+}
+
 /// Command variants (seed 001's networkMode): the host's mode picks one; a mode without a
 /// variant starts nothing (never another mode's command) and holds back its dependant.
 #[tokio::test]

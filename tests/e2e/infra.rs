@@ -119,10 +119,9 @@ fn postgres_and_redis_for_services() {
             "env": {"PORT": port.to_string()},
             "http": {"domain": format!("{name}.test"), "internalPort": port},
             "health": {"http": {"path": "/healthz"}, "timeout": "30s", "interval": "200ms"},
-            "infrastructure": {"redis": true}
+            "infrastructure": {"redis": true, "database": true}
         });
         if db {
-            s["infrastructure"]["database"] = json!(true);
             s["release"] = json!({"command": "bin/migrate"});
         }
         fx.dm(&["add-service", &s.to_string()]).ok();
@@ -159,10 +158,35 @@ fn postgres_and_redis_for_services() {
         ),
         "pgcrypto"
     );
+    // The service uses it unqualified, as its own role; it can create nothing where the
+    // extensions live (their install scripts run as superuser).
+    let env = std::fs::read_to_string(host.dir.path().join("secrets/deployer/app.env")).unwrap();
+    let url = env
+        .lines()
+        .find_map(|l| l.strip_prefix("DATABASE_URL="))
+        .unwrap()
+        .trim_matches('"')
+        .to_owned();
+    let as_app = |sql: &str| {
+        Command::new("psql")
+            .args(["-X", "-tA", &url, "-c", sql])
+            .output()
+            .unwrap()
+    };
     assert_eq!(
-        query("app", "select length(digest('x', 'sha256'))"),
-        "32",
-        "usable by the service's database"
+        as_app("select length(digest('x', 'sha256'))")
+            .ok()
+            .stdout_str()
+            .trim(),
+        "32"
+    );
+    let planted = as_app(
+        "create function deployer_extensions.gen_salt(text) returns text language sql as 'select 1::text'",
+    );
+    assert!(
+        !planted.status.success() && planted.stderr_str().contains("permission denied"),
+        "{}",
+        planted.stderr_str()
     );
     assert_eq!(
         query("postgres", "show server_version_num").get(..2),
@@ -179,6 +203,27 @@ fn postgres_and_redis_for_services() {
             .unwrap_or_default()
             .to_owned()
     };
+    // app2's role cannot even connect to app's database (nor app's to app2's).
+    let app2_password = std::fs::read_to_string(
+        host.dir
+            .path()
+            .join("secrets/deployer/app2.postgres-password"),
+    )
+    .unwrap();
+    let other = Command::new("psql")
+        .env("PGPASSWORD", app2_password.trim())
+        .args(["-X", "-h", "127.0.0.1", "-p", &pg.to_string(), "-U", "app2"])
+        .args(["-d", "app", "-tAc", "select count(*) from visits"])
+        .output()
+        .unwrap();
+    assert!(
+        !other.status.success()
+            && other
+                .stderr_str()
+                .contains("permission denied for database"),
+        "{}",
+        other.stderr_str()
+    );
     assert_eq!(config_get("maxmemory-policy"), "allkeys-lru");
     assert_eq!(config_get("maxmemory"), (64 * 1024 * 1024).to_string());
     let state = host.state();
@@ -251,8 +296,8 @@ fn postgres_and_redis_for_services() {
         "1"
     );
 
-    // An extension added to the preset's config: the service that uses that server is
-    // deployed again once and gets it; the one that does not is untouched.
+    // An extension added to the preset's config: the services that use that server are
+    // deployed again, once, and their databases get it.
     let (app_pid, app2_pid) = (
         main_pid(&host, "app.service"),
         main_pid(&host, "app2.service"),
@@ -273,8 +318,20 @@ fn postgres_and_redis_for_services() {
         .trim(),
         "citext"
     );
+    assert_eq!(
+        psql(
+            &host,
+            pg,
+            "app2",
+            "select extname from pg_extension where extname = 'citext'"
+        )
+        .ok()
+        .stdout_str()
+        .trim(),
+        "citext"
+    );
     assert_ne!(main_pid(&host, "app.service"), app_pid);
-    assert_eq!(main_pid(&host, "app2.service"), app2_pid);
+    assert_ne!(main_pid(&host, "app2.service"), app2_pid);
     let app_pid = main_pid(&host, "app.service");
     fx.dm(&["update-service", "app2", r#"{"env": {"AGAIN": "1"}}"#])
         .ok();
@@ -296,16 +353,18 @@ fn postgres_and_redis_for_services() {
         "{failed}"
     );
 
-    // Removed: the unit goes, the database stays and is reported as orphaned. Postgres,
-    // needed by no other service here, is stopped; its data stays.
+    // Removed (both): the units go, the databases stay and are reported as orphaned.
+    // Postgres, needed by no other service here, is stopped; its data stays.
     let m: Value = serde_json::from_slice(&fx.dm(&["show"]).ok().stdout).unwrap();
     let app_spec = m["services"][0].clone();
     assert_eq!(app_spec["name"], json!("app"));
     fx.dm(&["remove-service", "app"]).ok();
+    fx.dm(&["remove-service", "app2"]).ok();
     host.run_once(&fx).ok();
     assert!(!host.unit_file("app").exists());
     let orphans = host.state()["orphans"].to_string();
-    assert!(orphans.contains("database app"), "{orphans}");
+    assert!(orphans.contains("database app "), "{orphans}");
+    assert!(orphans.contains("database app2"), "{orphans}");
     assert!(orphans.contains(&format!("redis index {i1}")), "{orphans}");
     assert!(orphans.contains("infrastructure db"), "{orphans}");
     assert_ne!(

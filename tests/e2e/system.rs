@@ -1012,6 +1012,7 @@ fn mysql_and_dedicated_servers_on_the_system_manager() {
         let repo = tempfile::tempdir().unwrap();
         let my = free_port();
         let (p_shop, p_crm, p_ledger) = (free_port(), free_port(), free_port());
+        let p_vault = free_port();
         fx.dm(&["init"]).ok();
         let infra = json!({"services": {"my": {"preset": "mysql", "ports": {"tcp": my}}}});
         fx.dm(&["set-infrastructure", &infra.to_string()]).ok();
@@ -1057,6 +1058,12 @@ fn mysql_and_dedicated_servers_on_the_system_manager() {
                 "bin/ledger-app",
                 json!({"database": {"dedicated": true}, "redis": {"dedicated": true}}),
             ),
+            (
+                "vault",
+                p_vault,
+                "bin/mysql-app",
+                json!({"database": {"dedicated": true, "dialect": "mysql"}}),
+            ),
         ];
         for (name, port, cmd, infra) in &services {
             let s = json!({
@@ -1072,7 +1079,7 @@ fn mysql_and_dedicated_servers_on_the_system_manager() {
         run_in(repo.path(), "push.sh", &["Biz/App.py"], &fx.env).ok();
         let m: Value = serde_json::from_slice(&fx.dm(&["show"]).ok().stdout).unwrap();
         let artifact = m["services"][0]["artifact"].to_string();
-        for name in ["sh_p", "ledger"] {
+        for name in ["sh_p", "ledger", "vault"] {
             fx.dm(&["set-artifact", name, &artifact]).ok();
         }
 
@@ -1106,6 +1113,19 @@ fn mysql_and_dedicated_servers_on_the_system_manager() {
         );
         let denied = mysql_as(&crm_url, "sh_p", "select v from shop.visits");
         assert!(!denied.status.success(), "{}", denied.stdout_str());
+
+        // vault: a MariaDB of its own, on a port the agent picked.
+        let vault_port = state()["infra"]["vault-mysql"]["ports"]["tcp"]
+            .as_u64()
+            .expect("a picked port");
+        let vault_url = url("vault");
+        assert!(
+            vault_url.ends_with(&format!("@127.0.0.1:{vault_port}/vault")),
+            "{vault_url}"
+        );
+        assert_ne!(vault_port, u64::from(my));
+        let visits = mysql_as(&vault_url, "vault", "select v from visits");
+        assert_eq!(visits.stdout_str().trim(), "v1", "{}", visits.stderr_str());
 
         // ledger: a PostgreSQL and a Redis of its own, on ports the agent picked and kept.
         let st = state();
@@ -1178,8 +1198,10 @@ fn mysql_and_dedicated_servers_on_the_system_manager() {
                 "deployer-infra-my",
                 "deployer-infra-ledger-postgres",
                 "deployer-infra-ledger-redis",
+                "deployer-infra-vault-mysql",
                 "shop",
                 "ledger",
+                "vault",
             ]
             .iter()
             .map(|u| systemctl(&["show", "-p", "MainPID", "--value", &format!("{u}.service")]))
@@ -1295,11 +1317,11 @@ fn s3_buckets_on_garage_on_the_system_manager() {
     on_system_manager(|| {
         let fx = Fixture::file();
         let repo = tempfile::tempdir().unwrap();
-        let (s3, rpc, admin) = (free_port(), free_port(), free_port());
+        let (s3, rpc) = (free_port(), free_port());
         let (p_shop, p_media) = (free_port(), free_port());
         fx.dm(&["init"]).ok();
         let infra = json!({"services": {"store": {"preset": "garage",
-            "ports": {"s3": s3, "rpc": rpc, "admin": admin}, "config": {"buckets": ["shared-assets"]}}}});
+            "ports": {"s3": s3, "rpc": rpc}, "config": {"buckets": ["shared-assets"]}}}});
         fx.dm(&["set-infrastructure", &infra.to_string()]).ok();
         let app = repo.path().join("app");
         let write = |rel: &str, text: &str| {
@@ -1376,21 +1398,35 @@ fn s3_buckets_on_garage_on_the_system_manager() {
         assert!(code == 403 || code == 404, "{code}");
         let (code, _) = s3_as(&media, "GET", "/uploads?list-type=2", None);
         assert!(code == 403 || code == 404, "{code}");
-        // The preset's config made its bucket (asked through the admin API).
+        // The preset's config made its bucket (asked through the admin API, a socket only
+        // root reaches).
         let kept = std::fs::read_to_string("/var/lib/deployer-secrets/deployer/infra-store.garage")
             .unwrap();
         let token = kept
             .lines()
             .find_map(|l| l.strip_prefix("admin_token="))
             .unwrap();
+        let socket = "/var/lib/deployer/infra/store/admin/admin.sock";
         let asked = Command::new("curl")
-            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-H"])
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--unix-socket",
+                socket,
+            ])
+            .arg("-H")
             .arg(format!("Authorization: Bearer {token}"))
-            .arg(format!(
-                "http://127.0.0.1:{admin}/v2/GetBucketInfo?globalAlias=shared-assets"
-            ))
+            .arg("http://localhost/v2/GetBucketInfo?globalAlias=shared-assets")
             .output()
             .unwrap();
+        let mode = std::fs::metadata("/var/lib/deployer/infra/store/admin")
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700, "only root reaches the admin socket");
         assert_eq!(asked.stdout_str(), "200");
 
         // The secret key stays out of unit files and the state.

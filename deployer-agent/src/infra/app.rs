@@ -146,8 +146,16 @@ impl AppLayer<'_> {
             let (spec, ep) = at(name)?;
             vars.extend(self.s3_env(&service.name, &need, spec, &ep, name)?);
         }
-        for (_, full) in &binding.owned {
-            let (spec, ep) = at(full)?;
+        for (req, full) in &binding.owned {
+            // Not among this host's (a version being returned to declared it): as declared.
+            let own = service
+                .infrastructure
+                .as_ref()
+                .and_then(|i| i.services.get(req));
+            let (spec, ep) = match (infra.get(full), own) {
+                (None, Some(spec)) => (spec, super::endpoint(full, spec)),
+                _ => at(full)?,
+            };
             for (k, v) in &spec.env {
                 let (value, _) = resolve(
                     &service.name,

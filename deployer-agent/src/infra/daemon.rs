@@ -250,7 +250,10 @@ pub fn unit_file(
         user: account.clone(),
         group: account,
         dynamic_user: false,
-        environment: Default::default(),
+        environment: match spec.preset {
+            Some(Preset::Garage) => super::garage::unit_environment(spec),
+            _ => Default::default(),
+        },
         environment_files: Vec::new(),
         log_file: config
             .user

@@ -3,9 +3,11 @@
 //! under the name the service asked for (a local alias: another service's bucket of the
 //! same name is another bucket, and no other key reaches it), with its quota.
 //!
-//! The server is driven through its admin API (JSON over HTTP on loopback, a bearer token
-//! the agent generated), with a small client of our own: the calls are few, synchronous
-//! like the rest of the app layer, and each has a timeout.
+//! The server is driven through its admin API (JSON over HTTP, a bearer token the agent
+//! generated), with a small client of our own: the calls are few, synchronous like the rest
+//! of the app layer, and each has a deadline. The preset's admin API listens on a Unix
+//! socket in a root-only directory, not on a port: whatever held a port first would be
+//! handed the token.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -19,11 +21,28 @@ use serde_json::{Value, json};
 use super::{AppLayer, Endpoint, err};
 use crate::AgentError;
 
-/// Its ports unless the manifest says otherwise: the S3 API, the cluster RPC, the admin API.
+/// Its ports unless the manifest says otherwise: the S3 API and the cluster RPC (the admin
+/// API is a socket; an `external` server's is its `admin` port).
 pub fn default_ports() -> BTreeMap<String, u16> {
-    [("s3", 3900), ("rpc", 3901), ("admin", 3903)]
+    [("s3", 3900), ("rpc", 3901)]
         .map(|(k, p)| (k.to_owned(), p))
         .into()
+}
+
+/// The preset's admin API socket, in a directory only root enters.
+pub fn admin_socket(root: &Path) -> PathBuf {
+    root.join("admin").join("admin.sock")
+}
+
+/// What the unit says of the server's config (no secret): a change to it restarts the
+/// server, which reads its ports from its config file only.
+pub fn unit_environment(spec: &InfraService) -> BTreeMap<String, String> {
+    let ports = match spec.ports.is_empty() {
+        true => default_ports(),
+        false => spec.ports.clone(),
+    };
+    let text: Vec<String> = ports.iter().map(|(k, p)| format!("{k}={p}")).collect();
+    [("DEPLOYER_PORTS".to_owned(), text.join(","))].into()
 }
 
 /// The region a Garage preset answers as.
@@ -145,6 +164,14 @@ pub fn prepare(
     for dir in [data.join("meta"), data.join("blocks")] {
         std::fs::create_dir_all(&dir).map_err(|e| err(name, format!("{}: {e}", dir.display())))?;
     }
+    let socket = admin_socket(root);
+    let admin_dir = socket.parent().expect("in its directory");
+    std::fs::create_dir_all(admin_dir)
+        .and_then(|()| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(admin_dir, std::fs::Permissions::from_mode(0o700))
+        })
+        .map_err(|e| err(name, format!("{}: {e}", admin_dir.display())))?;
     let s = load_secrets(name, root, secrets)?;
     let ports = match spec.ports.is_empty() {
         true => default_ports(),
@@ -154,7 +181,7 @@ pub fn prepare(
         ports.get(k).copied().ok_or_else(|| {
             err(
                 name,
-                format!("a garage preset needs ports s3, rpc and admin; {k:?} is missing"),
+                format!("a garage preset needs ports s3 and rpc; {k:?} is missing"),
             )
         })
     };
@@ -174,13 +201,13 @@ pub fn prepare(
          root_domain = \".s3.garage.localhost\"\n\
          \n\
          [admin]\n\
-         api_bind_addr = \"127.0.0.1:{admin}\"\n\
+         api_bind_addr = \"{socket}\"\n\
          admin_token = \"{admin_token}\"\n",
         meta = data.join("meta").display(),
         blocks = data.join("blocks").display(),
         rpc = port("rpc")?,
         s3 = port("s3")?,
-        admin = port("admin")?,
+        socket = socket.display(),
         rpc_secret = s.rpc,
         admin_token = s.admin,
     );
@@ -192,38 +219,82 @@ pub fn prepare(
     Ok(())
 }
 
-/// One admin API call: `method` `/v2/<call>` with a JSON body, on `host:port`, the token as
-/// bearer; the status and the JSON answer. Connecting, writing and reading each time out;
-/// an answer over 4 MiB is refused.
+/// Where an admin API answers: the preset's socket, or an external server's port.
+#[derive(Debug, Clone)]
+enum Target {
+    Socket(PathBuf),
+    Tcp(String, u16),
+}
+
+/// The most an answer may be.
+const MAX_ANSWER: usize = 4 << 20;
+
+/// A stream to talk HTTP over.
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+/// One admin API call: `method` `/v2/<call>` with a JSON body, the token as bearer; the
+/// status and the answer. The whole call has 15 s (each read and write 10 s); an answer
+/// over 4 MiB is refused.
 fn call(
-    (host, port): (&str, u16),
+    target: &Target,
     token: &str,
     method: &str,
     path: &str,
     body: Option<&Value>,
 ) -> Result<(u16, Value), String> {
     const TIMEOUT: Duration = Duration::from_secs(10);
-    let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
-        .map_err(|e| format!("{host}:{port}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("{host}:{port}: no address"))?;
-    let mut stream =
-        TcpStream::connect_timeout(&addr, TIMEOUT).map_err(|e| format!("{addr}: {e}"))?;
-    stream.set_read_timeout(Some(TIMEOUT)).ok();
-    stream.set_write_timeout(Some(TIMEOUT)).ok();
+    let deadline = Instant::now() + Duration::from_secs(15);
     let body = body.map(Value::to_string).unwrap_or_default();
+    let host = match target {
+        Target::Socket(_) => "localhost".to_owned(),
+        Target::Tcp(h, p) if h.contains(':') => format!("[{h}]:{p}"),
+        Target::Tcp(h, p) => format!("{h}:{p}"),
+    };
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    stream
-        .write_all(request.as_bytes())
-        .map_err(|e| format!("{addr}: {e}"))?;
-    let mut raw = Vec::new();
-    stream
-        .take(4 << 20)
-        .read_to_end(&mut raw)
-        .map_err(|e| format!("{addr}: {e}"))?;
+    let exchange = |stream: &mut dyn ReadWrite| -> Result<Vec<u8>, String> {
+        stream
+            .write_all(request.as_bytes())
+            .map_err(|e| e.to_string())?;
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 16 << 10];
+        loop {
+            if Instant::now() > deadline {
+                return Err("no whole answer within 15 s".into());
+            }
+            match stream.read(&mut buf) {
+                Ok(0) => return Ok(raw),
+                Ok(n) => raw.extend_from_slice(&buf[..n]),
+                Err(e) => return Err(e.to_string()),
+            }
+            if raw.len() > MAX_ANSWER {
+                return Err("an answer over 4 MiB".into());
+            }
+        }
+    };
+    let raw = match target {
+        Target::Socket(path) => {
+            let mut s = std::os::unix::net::UnixStream::connect(path)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            s.set_read_timeout(Some(TIMEOUT)).ok();
+            s.set_write_timeout(Some(TIMEOUT)).ok();
+            exchange(&mut s).map_err(|e| format!("{}: {e}", path.display()))?
+        }
+        Target::Tcp(h, p) => {
+            let addr = std::net::ToSocketAddrs::to_socket_addrs(&(h.as_str(), *p))
+                .map_err(|e| format!("{host}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("{host}: no address"))?;
+            let mut s =
+                TcpStream::connect_timeout(&addr, TIMEOUT).map_err(|e| format!("{host}: {e}"))?;
+            s.set_read_timeout(Some(TIMEOUT)).ok();
+            s.set_write_timeout(Some(TIMEOUT)).ok();
+            exchange(&mut s).map_err(|e| format!("{host}: {e}"))?
+        }
+    };
     parse_response(&raw)
 }
 
@@ -273,27 +344,34 @@ fn parse_response(raw: &[u8]) -> Result<(u16, Value), String> {
 }
 
 /// The admin API of one Garage server.
-struct Admin<'a> {
-    addr: (&'a str, u16),
+struct Admin {
+    target: Target,
     token: String,
     what: String,
+    /// Ours (the preset): the agent gives it its layout and waits for it to be healthy.
+    local: bool,
 }
 
-impl Admin<'_> {
+impl Admin {
     fn call(
         &self,
         method: &str,
         path: &str,
         body: Option<Value>,
     ) -> Result<(u16, Value), AgentError> {
-        call(self.addr, &self.token, method, path, body.as_ref())
+        call(&self.target, &self.token, method, path, body.as_ref())
             .map_err(|e| err(&self.what, format!("admin API {path}: {e}")))
     }
 
-    /// A call that must succeed.
+    /// A call that must succeed with a JSON object or array: anything else (a proxy's
+    /// page, a cut-off answer) is an error, never an empty list.
     fn ok(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, AgentError> {
         match self.call(method, path, body)? {
-            (200, v) => Ok(v),
+            (200, v @ (Value::Object(_) | Value::Array(_))) => Ok(v),
+            (200, v) => Err(err(
+                &self.what,
+                format!("admin API {path} answered 200 without JSON: {v}"),
+            )),
             (status, v) => Err(err(
                 &self.what,
                 format!("admin API {path} answered {status}: {v}"),
@@ -414,19 +492,26 @@ impl AppLayer<'_> {
     ) -> Result<BTreeMap<String, String>, AgentError> {
         let what = format!("{service}: s3");
         let ports = |k: &str| ep.ports.get(k).copied();
-        let (Some(s3), Some(admin_port)) = (ports("s3"), ports("admin")) else {
-            return Err(err(
-                &what,
-                format!("{infra_name} has no s3 and admin ports"),
-            ));
+        let Some(s3) = ports("s3") else {
+            return Err(err(&what, format!("{infra_name} has no s3 port")));
         };
-        let token = match &ep.unit {
-            Some(_) => admin_token(
-                infra_name,
-                self.state_dir,
-                (self.secrets_dir, self.owner_uid),
-            )?,
+        let (target, token) = match &ep.unit {
+            Some(_) => {
+                let root = crate::names::infra_dir(self.state_dir, infra_name);
+                let token = admin_token(
+                    infra_name,
+                    self.state_dir,
+                    (self.secrets_dir, self.owner_uid),
+                )?;
+                (Target::Socket(admin_socket(&root)), token)
+            }
             None => {
+                let Some(admin_port) = ports("admin") else {
+                    return Err(err(
+                        &what,
+                        format!("the external {infra_name} has no admin port"),
+                    ));
+                };
                 // External: its admin token in <secrets>/infra-<name>.env.
                 let path = self.secrets_dir.join(format!("infra-{infra_name}.env"));
                 let text = crate::secrets::read_checked(&path, self.owner_uid).map_err(|r| {
@@ -439,7 +524,8 @@ impl AppLayer<'_> {
                         ),
                     )
                 })?;
-                text.lines()
+                let token = text
+                    .lines()
                     .find_map(|l| l.strip_prefix("GARAGE_ADMIN_TOKEN="))
                     .map(|t| t.trim().trim_matches('"').to_owned())
                     .ok_or_else(|| {
@@ -447,22 +533,35 @@ impl AppLayer<'_> {
                             infra_name,
                             format!("no GARAGE_ADMIN_TOKEN in {}", path.display()),
                         )
-                    })?
+                    })?;
+                (Target::Tcp(ep.host.clone(), admin_port), token)
             }
         };
         let admin = Admin {
-            addr: (&ep.host, admin_port),
+            target,
             token,
             what: what.clone(),
+            local: ep.unit.is_some(),
         };
-        admin.ensure_layout()?;
-        // The buckets the preset's config names: global names, no key.
+        // An external cluster's layout is its operator's.
+        if admin.local {
+            admin.ensure_layout()?;
+        }
+        // The buckets the preset's config names: global names (checked: a-z, 0-9, '-',
+        // '.'), no key.
         let config = spec.garage_config().map_err(|e| err(infra_name, e))?;
         for b in &config.buckets {
-            let (status, _) =
-                admin.call("GET", &format!("/v2/GetBucketInfo?globalAlias={b}"), None)?;
-            if status == 404 {
-                admin.ok("POST", "/v2/CreateBucket", Some(json!({"globalAlias": b})))?;
+            match admin.call("GET", &format!("/v2/GetBucketInfo?globalAlias={b}"), None)? {
+                (200, _) => {}
+                (404, _) => {
+                    admin.ok("POST", "/v2/CreateBucket", Some(json!({"globalAlias": b})))?;
+                }
+                (status, v) => {
+                    return Err(err(
+                        &what,
+                        format!("bucket {b:?}: the admin API answered {status}: {v}"),
+                    ));
+                }
             }
         }
         let name = key_name(service);
@@ -475,6 +574,12 @@ impl AppLayer<'_> {
             .filter(|k| k["name"] == name.as_str())
         {
             let id = k["id"].as_str().unwrap_or_default();
+            if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                return Err(err(
+                    &what,
+                    format!("the server lists a key with the id {id:?}"),
+                ));
+            }
             keys.push(admin.ok(
                 "GET",
                 &format!("/v2/GetKeyInfo?id={id}&showSecretKey=true"),
@@ -523,13 +628,26 @@ impl AppLayer<'_> {
             }
         };
         if let Some(max) = plan.set_quota {
+            // A bucket id is hex; what else its quotas say (maxObjects) is kept.
+            if !bucket.bytes().all(|b| b.is_ascii_hexdigit()) || bucket.is_empty() {
+                return Err(err(
+                    &what,
+                    format!("the server gave the bucket the id {bucket:?}"),
+                ));
+            }
+            let info = admin.ok("GET", &format!("/v2/GetBucketInfo?id={bucket}"), None)?;
             admin.ok(
                 "POST",
                 &format!("/v2/UpdateBucket?id={bucket}"),
-                Some(json!({"quotas": {"maxSize": max, "maxObjects": null}})),
+                Some(
+                    json!({"quotas": {"maxSize": max, "maxObjects": info["quotas"]["maxObjects"]}}),
+                ),
             )?;
         }
-        let url = format!("http://{}:{s3}", ep.host);
+        let url = match ep.host.contains(':') {
+            true => format!("http://[{}]:{s3}", ep.host),
+            false => format!("http://{}:{s3}", ep.host),
+        };
         Ok([
             ("AWS_ENDPOINT_URL", url.clone()),
             ("AWS_ENDPOINT_URL_S3", url),

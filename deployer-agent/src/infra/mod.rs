@@ -137,7 +137,10 @@ pub fn for_host<'m>(manifest: &'m Manifest, host: &str) -> std::borrow::Cow<'m, 
                         spec.variants.clear();
                     }
                     if let Some(c) = &o.config {
-                        spec.config = Some(c.clone());
+                        spec.config = Some(deploy_manifest::model::merge_config(
+                            spec.config.as_ref(),
+                            c,
+                        ));
                     }
                     if let Some(d) = o.disabled {
                         disabled.insert((app, name), d);
@@ -164,6 +167,17 @@ pub fn for_host<'m>(manifest: &'m Manifest, host: &str) -> std::borrow::Cow<'m, 
         }
     }
     Cow::Owned(m)
+}
+
+/// [`for_host`] of `manifest` with `service` in it: the manifest's own, or an earlier
+/// version of it that a revert returns to (whose requirements the overrides change too).
+pub fn with_service_for_host(manifest: &Manifest, service: &Service, host: &str) -> Manifest {
+    let mut m = manifest.clone();
+    match m.service_mut(&service.name) {
+        Some(s) => *s = service.clone(),
+        None => m.services.push(service.clone()),
+    }
+    for_host(&m, host).into_owned()
 }
 
 /// Which infrastructure service gives `service` what it asks for (seed 001's shorthands).
@@ -420,6 +434,7 @@ pub fn endpoints_hash(
     service: &Service,
     manifest: &Manifest,
     specs: &BTreeMap<String, HostSpec>,
+    mode: Option<&str>,
 ) -> Option<String> {
     let b = binding(service, manifest).ok()?;
     let bound = b
@@ -436,18 +451,29 @@ pub fn endpoints_hash(
             continue;
         };
         let ep = endpoint(name, &h.spec);
-        parts.push(serde_json::json!({
+        let mut part = serde_json::json!({
             "name": name,
             "dialect": dialect,
             "host": ep.host,
             "ports": if h.keeps_port { BTreeMap::new() } else { ep.ports },
             "external": h.spec.external.is_some(),
             "password": redis::password_wanted(&h.spec),
-            // What the preset makes for its users (named databases, extensions).
-            "config": h.spec.config,
             "env": h.spec.env,
             "secrets": h.spec.secrets,
-        }));
+        });
+        // What the preset makes for its users (named databases, extensions), and what a
+        // custom one runs (an override's command, the variant of this host's mode): a
+        // change to either is made with its users' next deploy, so it is one.
+        if let Some(c) = &h.spec.config {
+            part["config"] = c.clone();
+        }
+        if h.spec.preset.is_none() {
+            part["command"] = serde_json::json!(h.spec.command);
+            if !h.spec.variants.is_empty() {
+                part["variant"] = serde_json::json!(mode.and_then(|m| h.spec.variants.get(m)));
+            }
+        }
+        parts.push(part);
     }
     (!parts.is_empty()).then(|| {
         use sha2::Digest;

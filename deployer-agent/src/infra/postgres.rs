@@ -251,6 +251,34 @@ pub(super) fn parse_found(
     Ok((role, database))
 }
 
+/// The schema a service's extensions go into, in its database: the administrator's, the
+/// service may use it and not create in it.
+pub const EXTENSION_SCHEMA: &str = "deployer_extensions";
+
+/// The statements that create `extensions` in `service`'s database, run there as the
+/// administrator. Not into `public`, which the service owns: an extension's install script
+/// runs as superuser, and objects the service planted where the script looks would run
+/// with it. They go into [`EXTENSION_SCHEMA`], the administrator's (refused if someone
+/// else made a schema of that name), which the service's role has on its `search_path`.
+fn extensions_sql(service: &str, extensions: &[String]) -> String {
+    let (s, q) = (sql_ident(EXTENSION_SCHEMA), sql_ident(service));
+    let mut sql = format!(
+        "CREATE SCHEMA IF NOT EXISTS {s} AUTHORIZATION CURRENT_USER;\n\
+         DO $$ BEGIN IF (SELECT nspowner FROM pg_namespace WHERE nspname = {name}) <> (SELECT oid FROM pg_roles WHERE rolname = current_user) THEN RAISE EXCEPTION 'schema {EXTENSION_SCHEMA} is not the administrator''s (someone else made it): drop it'; END IF; END $$;\n\
+         REVOKE ALL ON SCHEMA {s} FROM PUBLIC;\n\
+         GRANT USAGE ON SCHEMA {s} TO {q};\n\
+         ALTER ROLE {q} IN DATABASE {q} SET search_path = \"$user\", public, {s};\n",
+        name = sql_literal(EXTENSION_SCHEMA)
+    );
+    for x in extensions {
+        sql.push_str(&format!(
+            "CREATE EXTENSION IF NOT EXISTS {} SCHEMA {s};\n",
+            sql_ident(x)
+        ));
+    }
+    sql
+}
+
 /// The statements that carry out `plan`, run at every deploy. A new role gets its mark
 /// and its `password` (the only statement that carries one) in the same transaction, so a
 /// crash never leaves an unmarked role of ours, or one without its password. The database
@@ -463,15 +491,10 @@ impl AppLayer<'_> {
         }
         self.preset_databases(ep, infra_name, config)?;
         if !config.extensions.is_empty() {
-            let sql: String = config
-                .extensions
-                .iter()
-                .map(|x| format!("CREATE EXTENSION IF NOT EXISTS {};\n", sql_ident(x)))
-                .collect();
             run(
                 &what,
                 &mut self.psql_in(ep, infra_name, service)?,
-                Some(sql.as_bytes()),
+                Some(extensions_sql(service, &config.extensions).as_bytes()),
             )
             .map_err(|e| {
                 err(
@@ -572,6 +595,24 @@ mod tests {
             plan_sql("app", &DatabasePlan::default(), None),
             "REVOKE ALL ON DATABASE \"app\" FROM PUBLIC;\n"
         );
+    }
+
+    #[test]
+    fn extensions_go_into_the_administrators_schema() {
+        let sql = extensions_sql("app", &["pgcrypto".into()]);
+        assert!(
+            sql.contains(
+                "CREATE EXTENSION IF NOT EXISTS \"pgcrypto\" SCHEMA \"deployer_extensions\";"
+            ),
+            "{sql}"
+        );
+        assert!(sql.contains("AUTHORIZATION CURRENT_USER"), "{sql}");
+        assert!(
+            sql.contains("GRANT USAGE ON SCHEMA \"deployer_extensions\" TO \"app\""),
+            "{sql}"
+        );
+        assert!(!sql.contains("GRANT CREATE"), "{sql}");
+        assert!(sql.contains("is not the administrator"), "{sql}");
     }
 
     #[test]

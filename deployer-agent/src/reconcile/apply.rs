@@ -439,9 +439,14 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             }
             _ => None,
         };
+        // Garage's admin API is a socket; its S3 port says it runs.
+        let tcp = match spec.preset {
+            Some(deploy_manifest::model::Preset::Garage) => ep.ports.get("s3").copied(),
+            _ => ep.port(),
+        };
         Ok(Probes {
             http: None,
-            tcp: ep.port(),
+            tcp,
             exec,
             timeout: ep.startup_timeout,
             interval: Duration::from_millis(200),

@@ -469,12 +469,19 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
             return Err(Undone::Refused(error));
         }
         let provisioning = Instant::now();
-        let generated = self.host.app_env(
-            eff.service(&service.name).unwrap_or(service),
-            eff,
-            infra,
-            &mut state.redis_indexes,
-        );
+        // The service as this host has it; a version being returned to is not the
+        // manifest's, and gets the overrides too.
+        let returned;
+        let (eff, own) = match manifest.service(&service.name) == Some(service) {
+            true => (eff, eff.service(&service.name).unwrap_or(service)),
+            false => {
+                returned =
+                    crate::infra::with_service_for_host(manifest, service, &self.config.host);
+                let own = returned.service(&service.name).unwrap_or(service);
+                (&returned, own)
+            }
+        };
+        let generated = self.host.app_env(own, eff, infra, &mut state.redis_indexes);
         timed(&mut trace.phases, Phase::Infrastructure, provisioning);
         let generated = match generated {
             Ok(g) => g,
