@@ -66,6 +66,9 @@ pub struct State {
     /// The ETag `manifest.json` had then: the next poll sends it as `If-None-Match`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest_etag: Option<String>,
+    /// The host's mode (`--mode`) at the last full run: another one plans in full again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_poll: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -887,6 +890,7 @@ mod tests {
             host: "biz".into(),
             manifest_version: Some("manifest-20261122T140000Z-3f2a9c1d".into()),
             manifest_etag: Some("\"e\"".into()),
+            mode: Some("regtest".into()),
             manifest_created_at: Some("2026-11-22T14:00:00Z".into()),
             manifest_sequence: Some(7),
             manifest_expires: Some("2026-12-22T14:00:00Z".into()),

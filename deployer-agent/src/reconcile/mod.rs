@@ -223,12 +223,21 @@ pub(crate) fn now() -> String {
 }
 
 impl<S: ObjectStore, H: Host> Agent<S, H> {
+    /// The ETag to poll with: none (a full plan) when this host's mode changed since the
+    /// last full run, which picks other command variants from the same manifest.
+    fn etag(&self, state: &State) -> Option<String> {
+        match state.mode == self.config.mode {
+            true => state.manifest_etag.clone(),
+            false => None,
+        }
+    }
+
     /// What the next run would do, acting on nothing: the same poll (the ETag the last
     /// run saw, the same trust checks) and the same plan as `run_once`.
     pub async fn next_plan(&self) -> Result<Plan, AgentError> {
         let state = State::load(&self.config.state_dir, &self.config.host)?;
         Ok(
-            match self.poll(&state, state.manifest_etag.as_deref()).await? {
+            match self.poll(&state, self.etag(&state).as_deref()).await? {
                 Polled::Unchanged => plan_unchanged(&state, &self.host).await,
                 Polled::Changed { manifest, .. } => {
                     let rollouts = self.gather(&manifest, &state, false).await;
@@ -292,7 +301,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
     ) -> Result<RunReport, AgentError> {
         state.host = self.config.host.clone();
         state.last_poll = Some(now());
-        let etag = state.manifest_etag.clone();
+        let etag = self.etag(state);
         let polled = self.poll(state, etag.as_deref()).await;
         let (manifest, etag) = match polled {
             Ok(Polled::Changed { manifest, etag }) => match self.accept(&manifest, state) {
@@ -333,6 +342,7 @@ impl<S: ObjectStore, H: Host> Agent<S, H> {
         // staged rollout this host takes part in goes on (its gates change without the
         // manifest).
         state.manifest_etag = (!report.retry() && !rolling).then_some(etag);
+        state.mode = self.config.mode.clone();
         state.last_error = report.failure();
         if report.ok() {
             state.last_success = Some(now());
