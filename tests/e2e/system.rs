@@ -960,6 +960,26 @@ fn zero_downtime_through_caddy_on_the_system_manager() {
     });
 }
 
+/// A repository whose `Biz/App.py` builds `app/`: the hello server, `VERSION` v1 and
+/// `scripts` (path, text), executable.
+fn app_repo(scripts: &[(&str, &str)]) -> tempfile::TempDir {
+    let repo = tempfile::tempdir().unwrap();
+    let app = repo.path().join("app");
+    let hello = ("bin/hello", include_str!("../../examples/hello/bin/hello"));
+    for (rel, text) in [hello, ("VERSION", "v1")].iter().chain(scripts) {
+        let p = app.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::write(
+        repo.path().join("deploy.toml"),
+        "[namespaces.\"Biz/App.py\"]\ncommand = \"true\"\noutput = \"app\"\n",
+    )
+    .unwrap();
+    repo
+}
+
 /// Connect to the MySQL database of `url` (`mysql://user:password@host:port/db`) as its user
 /// and run `sql`.
 fn mysql_as(url: &str, db: &str, sql: &str) -> Output {
@@ -1009,36 +1029,23 @@ fn env_of(unit: &str, key: &str) -> String {
 fn mysql_and_dedicated_servers_on_the_system_manager() {
     on_system_manager(|| {
         let fx = Fixture::file();
-        let repo = tempfile::tempdir().unwrap();
         let my = free_port();
         let (p_shop, p_crm, p_ledger) = (free_port(), free_port(), free_port());
         let p_vault = free_port();
         fx.dm(&["init"]).ok();
         let infra = json!({"services": {"my": {"preset": "mysql", "ports": {"tcp": my}}}});
         fx.dm(&["set-infrastructure", &infra.to_string()]).ok();
-        let app = repo.path().join("app");
-        let write = |rel: &str, text: &str| {
-            let p = app.join(rel);
-            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-            std::fs::write(&p, text).unwrap();
-            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-        };
-        write("bin/hello", include_str!("../../examples/hello/bin/hello"));
-        write("VERSION", "v1");
-        // Split mysql://user:password@host:port/db the way a shell can.
-        write(
-            "bin/mysql-app",
-            "#!/bin/sh\nset -e\nu=${DATABASE_URL#mysql://}\nuser=${u%%:*}; r=${u#*:}; pw=${r%%@*}; r=${r#*@}\nhost=${r%%:*}; r=${r#*:}; port=${r%%/*}; db=${r#*/}\nMYSQL_PWD=$pw mariadb --no-defaults -h \"$host\" -P \"$port\" -u \"$user\" \"$db\" -e \"create table if not exists visits (v varchar(20)); insert into visits values ('$(cat VERSION)')\"\nexec python3 bin/hello\n",
-        );
-        write(
-            "bin/ledger-app",
-            "#!/bin/sh\nset -e\npsql \"$DATABASE_URL\" -v ON_ERROR_STOP=1 -q -c \"create table if not exists entries (v text); insert into entries values ('$(cat VERSION)')\"\nredis-cli -u \"$REDIS_URL\" --no-auth-warning set greeting \"hi from $(cat VERSION)\" | grep -qx OK\nexec python3 bin/hello\n",
-        );
-        std::fs::write(
-            repo.path().join("deploy.toml"),
-            "[namespaces.\"Biz/App.py\"]\ncommand = \"true\"\noutput = \"app\"\n",
-        )
-        .unwrap();
+        let repo = app_repo(&[
+            // Split mysql://user:password@host:port/db the way a shell can.
+            (
+                "bin/mysql-app",
+                "#!/bin/sh\nset -e\nu=${DATABASE_URL#mysql://}\nuser=${u%%:*}; r=${u#*:}; pw=${r%%@*}; r=${r#*@}\nhost=${r%%:*}; r=${r#*:}; port=${r%%/*}; db=${r#*/}\nMYSQL_PWD=$pw mariadb --no-defaults -h \"$host\" -P \"$port\" -u \"$user\" \"$db\" -e \"create table if not exists visits (v varchar(20)); insert into visits values ('$(cat VERSION)')\"\nexec python3 bin/hello\n",
+            ),
+            (
+                "bin/ledger-app",
+                "#!/bin/sh\nset -e\npsql \"$DATABASE_URL\" -v ON_ERROR_STOP=1 -q -c \"create table if not exists entries (v text); insert into entries values ('$(cat VERSION)')\"\nredis-cli -u \"$REDIS_URL\" --no-auth-warning set greeting \"hi from $(cat VERSION)\" | grep -qx OK\nexec python3 bin/hello\n",
+            ),
+        ]);
         let services = [
             (
                 "shop",
@@ -1316,32 +1323,19 @@ fn s3_as(env: &str, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Stri
 fn s3_buckets_on_garage_on_the_system_manager() {
     on_system_manager(|| {
         let fx = Fixture::file();
-        let repo = tempfile::tempdir().unwrap();
         let (s3, rpc) = (free_port(), free_port());
         let (p_shop, p_media) = (free_port(), free_port());
         fx.dm(&["init"]).ok();
         let infra = json!({"services": {"store": {"preset": "garage",
             "ports": {"s3": s3, "rpc": rpc}, "config": {"buckets": ["shared-assets"]}}}});
         fx.dm(&["set-infrastructure", &infra.to_string()]).ok();
-        let app = repo.path().join("app");
-        let write = |rel: &str, text: &str| {
-            let p = app.join(rel);
-            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-            std::fs::write(&p, text).unwrap();
-            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-        };
-        write("bin/hello", include_str!("../../examples/hello/bin/hello"));
-        write("VERSION", "v1");
-        // The service writes one object to its bucket with what it was given.
-        write(
-            "bin/s3-app",
-            "#!/bin/sh\nset -e\ncat VERSION > /tmp/visit\ncode=$(curl -s -o /dev/null -w '%{http_code}' -X PUT --aws-sigv4 \"aws:amz:$AWS_REGION:s3\" --user \"$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY\" -H 'x-amz-content-sha256: UNSIGNED-PAYLOAD' --data-binary @/tmp/visit \"$AWS_ENDPOINT_URL/$S3_BUCKET/visit\")\n[ \"$code\" = 200 ] || { echo \"PUT answered $code\" >&2; exit 1; }\nexec python3 bin/hello\n",
-        );
-        std::fs::write(
-            repo.path().join("deploy.toml"),
-            "[namespaces.\"Biz/App.py\"]\ncommand = \"true\"\noutput = \"app\"\n",
-        )
-        .unwrap();
+        let repo = app_repo(&[
+            // The service writes one object to its bucket with what it was given.
+            (
+                "bin/s3-app",
+                "#!/bin/sh\nset -e\ncat VERSION > /tmp/visit\ncode=$(curl -s -o /dev/null -w '%{http_code}' -X PUT --aws-sigv4 \"aws:amz:$AWS_REGION:s3\" --user \"$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY\" -H 'x-amz-content-sha256: UNSIGNED-PAYLOAD' --data-binary @/tmp/visit \"$AWS_ENDPOINT_URL/$S3_BUCKET/visit\")\n[ \"$code\" = 200 ] || { echo \"PUT answered $code\" >&2; exit 1; }\nexec python3 bin/hello\n",
+            ),
+        ]);
         for (name, port, s3_need) in [
             ("shop", p_shop, json!({"bucket": "uploads", "quota": "3kb"})),
             ("media", p_media, json!(true)),
