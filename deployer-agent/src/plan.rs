@@ -738,11 +738,12 @@ async fn service_step<H: Host>(
             };
         }
     }
-    // Deployed before infrastructure hashes were kept, or its needs cannot be told now:
-    // its connection settings are taken as they are.
+    // Deployed before infrastructure hashes were kept: its connection settings are taken
+    // as they are. Its needs cannot be told now (a shared server it is bound to is gone or
+    // disabled here): it waits, running what it runs, and the run says why.
     let infra_same = |c: &Generation| match &needs {
         Ok(n) => c.infra_hash.is_none() || n.hash == c.infra_hash,
-        Err(_) => true,
+        Err(_) => false,
     };
     let mut lost = false;
     if let (Some(entry), Some(c)) = (entry, current)

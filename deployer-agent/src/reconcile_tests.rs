@@ -1097,6 +1097,34 @@ async fn a_new_mode_replaces_the_running_variant() {
     assert_eq!(kinds(&plan), ["infra a-node", "keep a"]);
 }
 
+/// A shared server a running service is bound to, disabled on this host by an override:
+/// the service keeps running and the run says why, every run, until the manifest agrees
+/// with itself again.
+#[tokio::test]
+async fn a_disabled_server_its_service_is_bound_to_is_reported() {
+    let shared = json!({"services": {"cache": {"preset": "redis"}}});
+    let a = [(
+        "a",
+        "/nix/store/a-v1",
+        json!({"infrastructure": {"redis": true}}),
+    )];
+    let mut b = Bench::new(false);
+    let (_, report) = b.run(&manifest(&a, shared.clone())).await;
+    assert!(report.ok(), "{report:?}");
+    let mut disabled = shared;
+    disabled["overrides"] = json!([{"hosts": [ME], "services": {"cache": {"disabled": true}}}]);
+    let (plan, report) = b.run(&manifest(&a, disabled)).await;
+    // What the host needs cannot be told while it disagrees: nothing is stopped either.
+    assert_eq!(kinds(&plan), ["wait a"]);
+    let text = format!("{report:?}");
+    assert!(
+        text.contains("disabled here by infrastructure.overrides"),
+        "{text}"
+    );
+    assert!(!report.ok());
+    assert!(b.active("a.service"), "it keeps running");
+}
+
 /// An override's `config` changes the keys it names and keeps the others: a shared Redis
 /// that asks for a password keeps it where an override sets its memory.
 #[tokio::test]
