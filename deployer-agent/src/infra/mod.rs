@@ -116,17 +116,9 @@ pub fn for_host<'m>(manifest: &'m Manifest, host: &str) -> std::borrow::Cow<'m, 
                     }
                 }
                 for (app, name) in targets {
-                    let spec = match &app {
-                        None => m
-                            .infrastructure
-                            .as_mut()
-                            .and_then(|i| i.services.get_mut(&name)),
-                        Some(app) => m
-                            .service_mut(app)
-                            .and_then(|s| s.infrastructure.as_mut())
-                            .and_then(|i| i.services.get_mut(&name)),
-                    };
-                    let Some(spec) = spec else {
+                    let Some(spec) =
+                        declarations(&mut m, app.as_deref()).and_then(|d| d.get_mut(&name))
+                    else {
                         continue;
                     };
                     if let Some(e) = &o.external {
@@ -150,23 +142,26 @@ pub fn for_host<'m>(manifest: &'m Manifest, host: &str) -> std::borrow::Cow<'m, 
         }
     }
     for ((app, name), off) in disabled {
-        if !off {
-            continue;
-        }
-        match app {
-            None => {
-                if let Some(i) = m.infrastructure.as_mut() {
-                    i.services.remove(&name);
-                }
-            }
-            Some(app) => {
-                if let Some(i) = m.service_mut(&app).and_then(|s| s.infrastructure.as_mut()) {
-                    i.services.remove(&name);
-                }
-            }
+        if let Some(d) = declarations(&mut m, app.as_deref()).filter(|_| off) {
+            d.remove(&name);
         }
     }
     Cow::Owned(m)
+}
+
+/// The infrastructure declarations of service `app`'s own requirements, or with `None` the
+/// shared ones.
+fn declarations<'m>(
+    m: &'m mut Manifest,
+    app: Option<&str>,
+) -> Option<&'m mut BTreeMap<String, InfraService>> {
+    match app {
+        None => m.infrastructure.as_mut().map(|i| &mut i.services),
+        Some(app) => m
+            .service_mut(app)
+            .and_then(|s| s.infrastructure.as_mut())
+            .map(|i| &mut i.services),
+    }
 }
 
 /// [`for_host`] of `manifest` with `service` in it: the manifest's own, or an earlier
@@ -193,6 +188,17 @@ pub struct Binding {
     pub s3: Option<String>,
     /// Its own requirements: `(req, <service>-<req>)`.
     pub owned: Vec<(String, String)>,
+}
+
+impl Binding {
+    /// Every infrastructure service it is bound to, with the dialect a database speaks.
+    pub fn servers(&self) -> impl Iterator<Item = (&String, Option<Dialect>)> {
+        let database = self.database.iter().map(|(n, d)| (n, Some(*d)));
+        let redis = self.redis.iter().map(|(n, _)| (n, None));
+        let s3 = self.s3.iter().map(|n| (n, None));
+        let owned = self.owned.iter().map(|(_, n)| (n, None));
+        database.chain(redis).chain(s3).chain(owned)
+    }
 }
 
 /// The name of `service`'s dedicated server of `preset` (`<service>-postgres`,
@@ -273,20 +279,23 @@ pub fn binding(service: &Service, manifest: &Manifest) -> Result<Binding, AgentE
 /// The infrastructure services `service` needs: what gives it its database and Redis, its
 /// own requirements (`<service>-<req>`), and everything those depend on, transitively.
 pub fn needs(service: &Service, manifest: &Manifest) -> Result<Vec<String>, AgentError> {
-    let b = binding(service, manifest)?;
-    let mut todo: Vec<String> = b
-        .database
-        .into_iter()
-        .map(|(n, _)| n)
-        .chain(b.redis.into_iter().map(|(n, _)| n))
-        .chain(b.s3)
-        .chain(b.owned.into_iter().map(|(_, n)| n))
+    let mut todo: Vec<String> = binding(service, manifest)?
+        .servers()
+        .map(|(n, _)| n.clone())
         .collect();
     let own = service
         .infrastructure
         .iter()
         .flat_map(|i| &i.services)
         .collect::<BTreeMap<_, _>>();
+    // What is not declared for this host (disabled by an override) is not needed.
+    let declared = |dep: &String| {
+        own.contains_key(dep)
+            || manifest
+                .infrastructure
+                .as_ref()
+                .is_some_and(|i| i.services.contains_key(dep))
+    };
     let mut out = std::collections::BTreeSet::new();
     while let Some(name) = todo.pop() {
         if !out.insert(name.clone()) {
@@ -297,14 +306,6 @@ pub fn needs(service: &Service, manifest: &Manifest) -> Result<Vec<String>, Agen
         let sibling = own
             .iter()
             .find(|(req, _)| crate::names::owned_infra(&service.name, req) == name);
-        // What is not declared for this host (disabled by an override) is not needed.
-        let declared = |dep: &String| {
-            own.contains_key(dep)
-                || manifest
-                    .infrastructure
-                    .as_ref()
-                    .is_some_and(|i| i.services.contains_key(dep))
-        };
         match sibling {
             Some((_, spec)) => todo.extend(
                 spec.depends_on
@@ -437,15 +438,9 @@ pub fn endpoints_hash(
     mode: Option<&str>,
 ) -> Option<String> {
     let b = binding(service, manifest).ok()?;
-    let bound = b
-        .database
-        .iter()
-        .map(|(n, d)| (n, Some(d.name())))
-        .chain(b.redis.iter().map(|(n, _)| (n, None)))
-        .chain(b.s3.iter().map(|n| (n, None)))
-        .chain(b.owned.iter().map(|(_, n)| (n, None)));
     let mut parts = Vec::new();
-    for (name, dialect) in bound {
+    for (name, dialect) in b.servers() {
+        let dialect = dialect.map(Dialect::name);
         let Some(h) = specs.get(name) else {
             parts.push(serde_json::json!({"name": name, "missing": true}));
             continue;
@@ -475,11 +470,8 @@ pub fn endpoints_hash(
         }
         parts.push(part);
     }
-    (!parts.is_empty()).then(|| {
-        use sha2::Digest;
-        let text = serde_json::Value::Array(parts).to_string();
-        deploy_manifest::hex(&sha2::Sha256::digest(text.as_bytes()))
-    })
+    (!parts.is_empty())
+        .then(|| crate::unit::text_hash(&serde_json::Value::Array(parts).to_string()))
 }
 
 /// Every infrastructure service the services declared for `host` need: what [`needs`]
