@@ -13,8 +13,37 @@ use super::{Endpoint, err};
 use crate::AgentError;
 
 /// Where the agent keeps what it generates for services (env files, database passwords).
-fn generated_dir(secrets_dir: &Path) -> PathBuf {
+pub(super) fn generated_dir(secrets_dir: &Path) -> PathBuf {
     secrets_dir.join("deployer")
+}
+
+/// [`generated_dir`] (or `dir`, the same), made (mode 700) if it is not there.
+fn make_generated_dir(dir: PathBuf) -> Result<PathBuf, AgentError> {
+    std::fs::create_dir_all(&dir).map_err(|e| err("secrets", e.to_string()))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| err("secrets", e.to_string()))?;
+    Ok(dir)
+}
+
+/// Keep `text`, a secret the agent made, at `path` in [`generated_dir`] (the directory
+/// mode 700, the file 600, written atomically).
+pub(super) fn keep_generated(path: &Path, text: &str, what: &str) -> Result<(), AgentError> {
+    make_generated_dir(
+        path.parent()
+            .expect("in the generated directory")
+            .to_owned(),
+    )?;
+    deploy_manifest::fsutil::write_atomically(path, text.as_bytes(), 0o600)
+        .map_err(|e| err(what, format!("{}: {e}", path.display())))
+}
+
+/// Write a server's config file `path` (mode 600) when it does not already say `text`.
+pub(super) fn write_if_changed(path: &Path, text: &str, what: &str) -> Result<(), AgentError> {
+    if std::fs::read_to_string(path).ok().as_deref() == Some(text) {
+        return Ok(());
+    }
+    deploy_manifest::fsutil::write_atomically(path, text.as_bytes(), 0o600)
+        .map_err(|e| err(what, format!("{}: {e}", path.display())))
 }
 
 /// Where the database password the agent generated for `service` is kept.
@@ -38,7 +67,12 @@ pub fn redis_password_path(secrets_dir: &Path, infra_name: &str) -> PathBuf {
 
 /// A new password: 24 random bytes, hex.
 pub fn new_password() -> Result<String, AgentError> {
-    let mut bytes = [0u8; 24];
+    random_secret(24)
+}
+
+/// `n` random bytes from the kernel, hex.
+pub(super) fn random_secret(n: usize) -> Result<String, AgentError> {
+    let mut bytes = vec![0u8; n];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
         .map_err(|e| err("password", format!("reading /dev/urandom: {e}")))?;
@@ -221,18 +255,39 @@ impl AppLayer<'_> {
         dialect: Dialect,
         password: &str,
     ) -> Result<(), AgentError> {
-        self.generated_dir()?;
         let path = password_path(self.secrets_dir, service, dialect);
-        deploy_manifest::fsutil::write_atomically(&path, password.as_bytes(), 0o600)
-            .map_err(|e| err(service, format!("{}: {e}", path.display())))
+        keep_generated(&path, password, service)
     }
 
     pub(super) fn generated_dir(&self) -> Result<PathBuf, AgentError> {
-        let dir = generated_dir(self.secrets_dir);
-        std::fs::create_dir_all(&dir).map_err(|e| err("secrets", e.to_string()))?;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| err("secrets", e.to_string()))?;
-        Ok(dir)
+        make_generated_dir(generated_dir(self.secrets_dir))
+    }
+
+    /// The admin credentials of the external server `infra_name`: the `KEY=value` lines of
+    /// `<secrets>/infra-<name>.env` (checked like every secret file; no service can name
+    /// it), values unquoted; `wanted` says what the operator writes there.
+    pub(super) fn admin_credentials(
+        &self,
+        infra_name: &str,
+        wanted: &str,
+    ) -> Result<(PathBuf, Vec<(String, String)>), AgentError> {
+        let path = self.secrets_dir.join(format!("infra-{infra_name}.env"));
+        let text = crate::secrets::read_checked(&path, self.owner_uid).map_err(|r| {
+            err(
+                infra_name,
+                format!(
+                    "admin credentials {}: {}; write {wanted} there (mode 600)",
+                    path.display(),
+                    r.explain(&path, self.owner_uid)
+                ),
+            )
+        })?;
+        let pairs = text
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.trim().to_owned(), v.trim().trim_matches('"').to_owned()))
+            .collect();
+        Ok((path, pairs))
     }
 
     /// Write the generated env file of `service` (mode 600); `None` when there is nothing.

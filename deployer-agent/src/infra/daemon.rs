@@ -384,21 +384,12 @@ fn write_redis_conf(
         Some(p) => p,
         None => {
             let p = in_conf().map_or_else(super::app::new_password, Ok)?;
-            let dir = path.parent().expect("in the generated directory");
-            std::fs::create_dir_all(dir)
-                .map_err(|e| err(name, format!("{}: {e}", dir.display())))?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-                .map_err(|e| err(name, format!("{}: {e}", dir.display())))?;
-            deploy_manifest::fsutil::write_atomically(&path, p.as_bytes(), 0o600)
-                .map_err(|e| err(name, format!("{}: {e}", path.display())))?;
+            super::app::keep_generated(&path, &p, name)?;
             p
         }
     };
     let text = format!("# Written by deployer-agent.\nrequirepass \"{password}\"\n");
-    if std::fs::read_to_string(&conf).ok().as_deref() != Some(text.as_str()) {
-        deploy_manifest::fsutil::write_atomically(&conf, text.as_bytes(), 0o600)
-            .map_err(|e| err(name, format!("{}: {e}", conf.display())))?;
-    }
+    super::app::write_if_changed(&conf, &text, name)?;
     if let Some(owner) = owner {
         let (uid, gid) = crate::accounts::user(owner)
             .ok_or_else(|| err(name, format!("no `{owner}` system account")))?;

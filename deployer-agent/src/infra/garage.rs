@@ -87,9 +87,7 @@ pub fn server_argv(root: &Path) -> Result<Vec<String>, AgentError> {
 
 /// Where the agent keeps a Garage preset's RPC secret and admin token.
 pub fn secrets_path(secrets_dir: &Path, name: &str) -> PathBuf {
-    secrets_dir
-        .join("deployer")
-        .join(format!("infra-{name}.garage"))
+    super::app::generated_dir(secrets_dir).join(format!("infra-{name}.garage"))
 }
 
 /// The RPC secret and admin token of the preset `name`: kept in the secrets directory,
@@ -130,19 +128,12 @@ fn load_secrets(
         Some(s) => s,
         None => Secrets {
             // 32 bytes, hex: what Garage asks of an RPC secret.
-            rpc: format!(
-                "{}{}",
-                super::app::new_password()?,
-                &super::app::new_password()?[..16]
-            ),
+            rpc: super::app::random_secret(32)?,
             admin: super::app::new_password()?,
         },
     };
-    let dir = path.parent().expect("in the generated directory");
-    std::fs::create_dir_all(dir).map_err(|e| err(name, format!("{}: {e}", dir.display())))?;
     let text = format!("rpc_secret={}\nadmin_token={}\n", s.rpc, s.admin);
-    deploy_manifest::fsutil::write_atomically(&path, text.as_bytes(), 0o600)
-        .map_err(|e| err(name, format!("{}: {e}", path.display())))?;
+    super::app::keep_generated(&path, &text, name)?;
     Ok(s)
 }
 
@@ -211,12 +202,7 @@ pub fn prepare(
         rpc_secret = s.rpc,
         admin_token = s.admin,
     );
-    let conf = conf_path(root);
-    if std::fs::read_to_string(&conf).ok().as_deref() != Some(text.as_str()) {
-        deploy_manifest::fsutil::write_atomically(&conf, text.as_bytes(), 0o600)
-            .map_err(|e| err(name, format!("{}: {e}", conf.display())))?;
-    }
-    Ok(())
+    super::app::write_if_changed(&conf_path(root), &text, name)
 }
 
 /// Where an admin API answers: the preset's socket, or an external server's port.
@@ -513,21 +499,10 @@ impl AppLayer<'_> {
                     ));
                 };
                 // External: its admin token in <secrets>/infra-<name>.env.
-                let path = self.secrets_dir.join(format!("infra-{infra_name}.env"));
-                let text = crate::secrets::read_checked(&path, self.owner_uid).map_err(|r| {
-                    err(
-                        infra_name,
-                        format!(
-                            "admin token {}: {}; write GARAGE_ADMIN_TOKEN=… there (mode 600)",
-                            path.display(),
-                            r.explain(&path, self.owner_uid)
-                        ),
-                    )
-                })?;
-                let token = text
-                    .lines()
-                    .find_map(|l| l.strip_prefix("GARAGE_ADMIN_TOKEN="))
-                    .map(|t| t.trim().trim_matches('"').to_owned())
+                let (path, admin) = self.admin_credentials(infra_name, "GARAGE_ADMIN_TOKEN=…")?;
+                let token = admin
+                    .into_iter()
+                    .find_map(|(k, v)| (k == "GARAGE_ADMIN_TOKEN").then_some(v))
                     .ok_or_else(|| {
                         err(
                             infra_name,

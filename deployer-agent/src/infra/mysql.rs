@@ -266,26 +266,14 @@ impl AppLayer<'_> {
                     .arg(format!("--socket={}", socket(&root).display()));
             }
             None => {
-                let admin = self.secrets_dir.join(format!("infra-{infra_name}.env"));
-                let text = crate::secrets::read_checked(&admin, self.owner_uid).map_err(|r| {
-                    err(
-                        infra_name,
-                        format!(
-                            "admin credentials {}: {}; write MYSQL_USER=… and MYSQL_PWD=… there (mode 600)",
-                            admin.display(),
-                            r.explain(&admin, self.owner_uid)
-                        ),
-                    )
-                })?;
-                for line in text.lines() {
-                    match line
-                        .split_once('=')
-                        .map(|(k, v)| (k.trim(), v.trim().trim_matches('"')))
-                    {
-                        Some(("MYSQL_USER", v)) => {
+                let (_, admin) =
+                    self.admin_credentials(infra_name, "MYSQL_USER=… and MYSQL_PWD=…")?;
+                for (k, v) in &admin {
+                    match k.as_str() {
+                        "MYSQL_USER" => {
                             cmd.arg(format!("--user={v}"));
                         }
-                        Some(("MYSQL_PWD", v)) => {
+                        "MYSQL_PWD" => {
                             cmd.env("MYSQL_PWD", v);
                         }
                         _ => {}

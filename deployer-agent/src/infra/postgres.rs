@@ -383,24 +383,10 @@ impl AppLayer<'_> {
             }
             None => {
                 // External: admin credentials (PGUSER, PGPASSWORD, …) from the secrets dir.
-                let admin = self.secrets_dir.join(format!("infra-{infra_name}.env"));
-                let text = crate::secrets::read_checked(&admin, self.owner_uid).map_err(|r| {
-                    err(
-                        infra_name,
-                        format!(
-                            "admin credentials {}: {}; write PGUSER=… and PGPASSWORD=… there (mode 600)",
-                            admin.display(),
-                            r.explain(&admin, self.owner_uid)
-                        ),
-                    )
-                })?;
+                let (_, admin) = self.admin_credentials(infra_name, "PGUSER=… and PGPASSWORD=…")?;
                 let mut c = Command::new("psql");
-                for line in text.lines() {
-                    if let Some((k, v)) = line.split_once('=')
-                        && k.trim().starts_with("PG")
-                    {
-                        c.env(k.trim(), v.trim().trim_matches('"'));
-                    }
+                for (k, v) in admin.iter().filter(|(k, _)| k.starts_with("PG")) {
+                    c.env(k, v);
                 }
                 c.args(["-h", &ep.host, "-p", &port]);
                 c
