@@ -398,3 +398,30 @@ fn write_redis_conf(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The Redis password file moved aside (or lost): the password the running server has,
+    /// in its config file, is taken back, never a new one the server would refuse.
+    #[test]
+    fn a_lost_redis_password_is_taken_back_from_the_servers_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, secrets) = (dir.path().join("infra/c"), dir.path().join("secrets"));
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&secrets).unwrap();
+        let uid = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(dir.path()).unwrap());
+        write_redis_conf("c", &root, (&secrets, uid), None).unwrap();
+        let path = super::super::redis_password_path(&secrets, "c");
+        let first = std::fs::read_to_string(&path).unwrap();
+        let conf = std::fs::read_to_string(redis_conf(&root)).unwrap();
+        assert!(conf.contains(&format!("requirepass \"{first}\"")), "{conf}");
+        std::fs::rename(&path, dir.path().join("aside")).unwrap();
+        write_redis_conf("c", &root, (&secrets, uid), None).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), first);
+        assert_eq!(std::fs::read_to_string(redis_conf(&root)).unwrap(), conf);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+}

@@ -641,6 +641,28 @@ impl AppLayer<'_> {
 mod tests {
     use super::*;
 
+    /// Garage's secrets file moved aside: the RPC secret and admin token the server has, in
+    /// its config, are taken back, so the agent can still talk to it.
+    #[test]
+    fn lost_secrets_are_taken_back_from_the_servers_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, secrets) = (dir.path().join("infra/s"), dir.path().join("secrets"));
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&secrets).unwrap();
+        let uid = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(dir.path()).unwrap());
+        prepare("s", &InfraService::default(), &root, (&secrets, uid)).unwrap();
+        let conf = std::fs::read_to_string(conf_path(&root)).unwrap();
+        let first = load_secrets("s", &root, (&secrets, uid)).unwrap();
+        assert_eq!(first.rpc.len(), 64, "32 bytes, hex");
+        assert!(conf.contains(&first.admin) && conf.contains(&first.rpc));
+        let path = secrets_path(&secrets, "s");
+        std::fs::rename(&path, dir.path().join("aside")).unwrap();
+        prepare("s", &InfraService::default(), &root, (&secrets, uid)).unwrap();
+        let again = load_secrets("s", &root, (&secrets, uid)).unwrap();
+        assert_eq!((again.rpc, again.admin), (first.rpc, first.admin));
+        assert_eq!(std::fs::read_to_string(conf_path(&root)).unwrap(), conf);
+    }
+
     #[test]
     fn answers_parse_with_a_length_or_in_chunks() {
         let plain = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 9\r\n\r\n{\"a\": 1}\n";
